@@ -1,0 +1,72 @@
+//! Names, ports, marks and routing numbers used by both the kernel and the user side.
+
+/// Hash map: enrolled workload IP ([`crate::WorkloadKey`]) → [`crate::WorkloadValue`].
+pub const MAP_WORKLOADS: &str = "MP_WORKLOADS";
+/// SOCKMAP of the proxy's listening sockets, indexed by [`crate::Listener::slot`].
+pub const MAP_LISTENERS: &str = "MP_LISTENERS";
+/// Per-CPU array of `u64` datapath counters, indexed by [`crate::Counter`].
+pub const MAP_COUNTERS: &str = "MP_COUNTERS";
+/// Every map meshpath pins, in a stable order.
+pub const PINNED_MAPS: [&str; 3] = [MAP_WORKLOADS, MAP_LISTENERS, MAP_COUNTERS];
+
+/// TC classifier for pod-facing veths and uplinks (ingress).
+pub const PROG_TC_INGRESS: &str = "mp_tc_ingress";
+/// sk_lookup dispatcher into the proxy's listeners.
+pub const PROG_SK_LOOKUP: &str = "mp_sk_lookup";
+
+/// Capacity of [`MAP_WORKLOADS`]: IPs of enrolled workloads on one node.
+pub const MAX_WORKLOADS: u32 = 65_536;
+
+/// Root of meshpath's pins on bpffs; each node gets `<root>/<node>/`.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+pub const PIN_DIR: &str = "/sys/fs/bpf/meshpath";
+/// Sub-directory of a node's pin dir that holds its pinned links.
+pub const PIN_LINKS_SUBDIR: &str = "links";
+/// Pin name of the sk_lookup link inside [`PIN_LINKS_SUBDIR`].
+pub const PIN_SK_LOOKUP_LINK: &str = "sk_lookup";
+/// Prefix of TC link pins inside [`PIN_LINKS_SUBDIR`]; the interface index follows.
+pub const PIN_TC_LINK_PREFIX: &str = "tc_ingress_if";
+
+/// Captured outbound traffic of enrolled pods.
+pub const PORT_OUTBOUND: u16 = 15001;
+/// Inbound plaintext to enrolled pods.
+pub const PORT_INBOUND_PLAIN: u16 = 15006;
+/// Inbound HBONE (mTLS HTTP/2 CONNECT) to enrolled pods; also the port peers dial.
+pub const PORT_HBONE: u16 = 15008;
+/// Readiness endpoint (`/healthz/ready`).
+pub const PORT_READINESS: u16 = 15021;
+
+/// SO_MARK on every socket the proxy opens itself, as Istio's ztunnel does.
+pub const PROXY_MARK: u32 = 0x539;
+/// Bits compared with [`PROXY_MARK`] to recognise the proxy's own packets.
+pub const PROXY_MARK_MASK: u32 = 0xfff;
+/// Mark the TC classifier ORs into captured packets; routed by [`CAPTURE_MASK`] to
+/// [`ROUTE_TABLE`]. Disjoint from [`PROXY_MARK`] (and from kube-proxy's 0x4000/0x8000),
+/// so the proxy's own sockets can never match the capture rule.
+pub const CAPTURE_MARK: u32 = 0x2000;
+pub const CAPTURE_MASK: u32 = 0x2000;
+/// Routing table holding `local default dev lo` for captured packets.
+pub const ROUTE_TABLE: u32 = 1519;
+/// Priority of the `fwmark CAPTURE_MARK/CAPTURE_MASK lookup ROUTE_TABLE` rule.
+pub const RULE_PRIORITY: u32 = 1519;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_mark_is_disjoint_from_proxy_mark() {
+        assert_eq!(CAPTURE_MARK & PROXY_MARK, 0);
+        assert_eq!(CAPTURE_MASK & PROXY_MARK, 0);
+        assert_eq!(CAPTURE_MARK & CAPTURE_MASK, CAPTURE_MARK);
+    }
+
+    #[test]
+    fn kernel_object_names_fit_bpf_obj_name_len() {
+        // BPF_OBJ_NAME_LEN is 16 including the NUL: longer names are truncated by the kernel
+        // and would no longer match what userspace looks up.
+        for name in PINNED_MAPS.iter().chain([PROG_TC_INGRESS, PROG_SK_LOOKUP].iter()) {
+            assert!(name.len() < 16, "{name} is too long for the kernel");
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! The readiness endpoint (`GET /healthz/ready` on 15021), as Istio's probes expect.
+//! Deliberately tiny: one status line per request, no keep-alive.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+#[error("binding the readiness endpoint on {addr}: {source}")]
+pub struct AdminError {
+    addr: SocketAddr,
+    source: std::io::Error,
+}
+
+/// Set once the daemon serves traffic.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::SeqCst);
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+pub async fn bind(port: u16) -> Result<TcpListener, AdminError> {
+    // Kubelet probes a hostNetwork pod on the node's address, so listen on all of them.
+    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    TcpListener::bind(addr).await.map_err(|source| AdminError { addr, source })
+}
+
+pub async fn serve(listener: TcpListener, ready: Readiness, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let (mut stream, _) = tokio::select! {
+            _ = shutdown.changed() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(_) => continue,
+            },
+        };
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = tokio::time::timeout(std::time::Duration::from_secs(2), stream.read(&mut buf)).await;
+            let Ok(Ok(n)) = n else { return };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("");
+            let (status, body) = match (path, ready.get()) {
+                ("/healthz/ready", true) => ("200 OK", "ready\n"),
+                ("/healthz/ready", false) => ("503 Service Unavailable", "not ready\n"),
+                _ => ("404 Not Found", "not found\n"),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(resp.as_bytes()).await;
+        });
+    }
+}

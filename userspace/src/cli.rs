@@ -1,0 +1,181 @@
+//! Command line. Every flag is also an environment variable (`MESHPATH_*`), which is how a
+//! DaemonSet sets them.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+
+use crate::lab::{self, Lab, smoke};
+use crate::node::{self, NodeConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "meshpath", version, about = "eBPF datapath and node proxy for an ambient service mesh")]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "MESHPATH_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node daemon in the current network namespace.
+    Node(NodeArgs),
+    /// Remove every rule, route, attachment and pin meshpath made for a node.
+    Uninstall {
+        /// Node whose datapath to remove.
+        #[arg(long, env = "MESHPATH_NODE", default_value_t = hostname())]
+        node: String,
+        #[arg(long, env = "MESHPATH_READINESS_PORT", default_value_t = meshpath_common::names::PORT_READINESS)]
+        readiness_port: u16,
+    },
+    /// Build a two-node lab of network namespaces and run meshpath in it.
+    Lab(LabArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Name of this node (the pin directory /sys/fs/bpf/meshpath/<node>).
+    #[arg(long, env = "MESHPATH_NODE", default_value_t = hostname())]
+    pub node: String,
+    /// YAML file listing the enrolled workloads; changes are applied live.
+    #[arg(long, env = "MESHPATH_WORKLOADS")]
+    pub workloads: PathBuf,
+    /// Interfaces to classify on (default: every non-loopback interface, as they come).
+    #[arg(long = "interface", env = "MESHPATH_INTERFACES", value_delimiter = ',')]
+    pub interfaces: Vec<String>,
+    /// Pod networks; outbound connections to them keep the client pod's source IP.
+    #[arg(long = "pod-cidr", env = "MESHPATH_POD_CIDRS", value_delimiter = ',')]
+    pub pod_cidrs: Vec<IpNet>,
+    /// Append one JSON line per finished connection to this file.
+    #[arg(long, env = "MESHPATH_ACCESS_LOG")]
+    pub access_log: Option<PathBuf>,
+    #[arg(long, env = "MESHPATH_READINESS_PORT", default_value_t = meshpath_common::names::PORT_READINESS)]
+    pub readiness_port: u16,
+    /// How often the workload file and the interfaces are checked for changes.
+    #[arg(long, env = "MESHPATH_POLL_INTERVAL_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub poll_interval_ms: u64,
+    /// Timeout for upstream connects.
+    #[arg(long, env = "MESHPATH_CONNECT_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub connect_timeout_secs: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct LabArgs {
+    /// Send traffic in every direction, print what went where, tear down; non-zero exit on
+    /// any failure.
+    #[arg(long)]
+    pub smoke: bool,
+    /// Remove namespaces and pins that crashed labs left behind, then exit.
+    #[arg(long, conflicts_with = "smoke")]
+    pub cleanup: bool,
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
+}
+
+pub fn init_tracing(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Node(a) => {
+            let cfg = NodeConfig {
+                node: a.node,
+                workloads: a.workloads,
+                interfaces: a.interfaces,
+                pod_cidrs: a.pod_cidrs,
+                access_log: a.access_log,
+                readiness_port: a.readiness_port,
+                poll_interval: Duration::from_millis(a.poll_interval_ms),
+                connect_timeout: Duration::from_secs(a.connect_timeout_secs),
+            };
+            runtime()?.block_on(node::run(cfg, shutdown_signal()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Uninstall { node, readiness_port } => {
+            let report = runtime()?.block_on(node::uninstall(&node, readiness_port))?;
+            println!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lab(a) => run_lab(a),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    let which = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = which, "shutting down");
+}
+
+fn run_lab(a: LabArgs) -> anyhow::Result<ExitCode> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!("the lab creates network namespaces and loads eBPF programs: run it as root");
+    }
+    if a.cleanup {
+        let removed = lab::sweep()?;
+        println!("removed {} leftover(s){}", removed.len(), removed.iter().map(|r| format!("\n  {r}")).collect::<String>());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bin = std::env::current_exe().context("locating the meshpath binary")?;
+    eprintln!("building the lab (2 nodes, 4 pods)...");
+    let mut lab = Lab::build(&bin)?;
+    eprintln!("starting meshpath on both nodes...");
+    lab.start_daemons()?;
+    if a.smoke {
+        eprintln!("sending traffic...");
+        let outcomes = smoke::run_all(&lab)?;
+        println!("{}", smoke::table(&outcomes));
+        for (i, _) in lab.nodes.iter().enumerate() {
+            let c = lab.counters(i)?;
+            println!("node {} datapath counters: {}", i + 1, serde_json::to_string(&c)?);
+        }
+        let failed = outcomes.iter().filter(|o| !o.ok).count();
+        eprintln!("tearing the lab down...");
+        let problems = lab.teardown();
+        for p in &problems {
+            eprintln!("teardown: {p}");
+        }
+        println!("{} passed, {} failed", outcomes.len() - failed, failed);
+        return Ok(if failed == 0 && problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+    }
+    println!("{}", lab.describe());
+    println!("meshpath runs in both nodes; press Ctrl-C to stop and tear the lab down.");
+    let rt = runtime()?;
+    rt.block_on(shutdown_signal());
+    eprintln!("tearing the lab down...");
+    for p in lab.teardown() {
+        eprintln!("teardown: {p}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,419 @@
+//! Loads meshpath's eBPF object, pins its maps and links under the node's bpffs directory,
+//! attaches the programs and gives typed access to the maps.
+//!
+//! Pins outlive the daemon on purpose: when it stops, the TC and sk_lookup programs stay
+//! attached and, with no listener left in the SOCKMAP, enrolled traffic is dropped instead
+//! of bypassing the proxy. A restarted daemon picks the pins up again.
+
+mod sys;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, SockMap};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::TcAttachOptions;
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, SkLookup, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use meshpath_common::names::{
+    BPFFS_ROOT, MAP_COUNTERS, MAP_LISTENERS, MAP_WORKLOADS, PIN_DIR, PIN_LINKS_SUBDIR,
+    PIN_SK_LOOKUP_LINK, PIN_TC_LINK_PREFIX, PROG_SK_LOOKUP, PROG_TC_INGRESS,
+};
+use meshpath_common::{Counter, Listener, WorkloadKey, WorkloadValue};
+use sys::{PodKey, PodValue};
+
+/// The compiled eBPF object, built by `build.rs`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshpath-ebpf.o"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Forwards the programs' `aya_log` records to the `log` facade (and so to `tracing`).
+pub type EbpfLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("invalid node name {0:?}: use a DNS-1123 name (lowercase letters, digits, '-' and '.')")]
+    NodeName(String),
+    #[error("bpffs at {BPFFS_ROOT}: {0}")]
+    Bpffs(String),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: ProgramError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("the eBPF object has no {kind} named {name}")]
+    Missing { kind: &'static str, name: &'static str },
+    #[error("this kernel lacks {feature}, which meshpath needs")]
+    KernelFeature { feature: &'static str },
+    #[error("pinning {path}: {source}")]
+    Pin { path: PathBuf, source: aya::pin::PinError },
+    #[error("pinned link {path}: {source}")]
+    Link { path: PathBuf, source: aya::programs::links::LinkError },
+}
+
+type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {
+    move |source| DatapathError::Io { path: path.to_owned(), source }
+}
+
+/// Node names become directory names on bpffs: accept only DNS-1123 subdomains.
+pub fn validate_node_name(node: &str) -> Result<()> {
+    let ok = !node.is_empty()
+        && node.len() <= 253
+        && node.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !node.starts_with(['-', '.'])
+        && !node.ends_with(['-', '.'])
+        && !node.contains("..");
+    if ok { Ok(()) } else { Err(DatapathError::NodeName(node.to_owned())) }
+}
+
+/// `/sys/fs/bpf/meshpath/<node>`.
+pub fn node_pin_dir(node: &str) -> Result<PathBuf> {
+    validate_node_name(node)?;
+    Ok(Path::new(PIN_DIR).join(node))
+}
+
+/// Mounts bpffs on /sys/fs/bpf unless it is already there (it is not by default on
+/// every distribution, nor inside some containers).
+pub fn ensure_bpffs() -> Result<()> {
+    let root = Path::new(BPFFS_ROOT);
+    let is_bpffs = |p: &Path| {
+        nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false)
+    };
+    if is_bpffs(root) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(root).map_err(io_err(root))?;
+    nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|e| DatapathError::Bpffs(format!("not mounted and mounting it failed: {e}")))?;
+    if !is_bpffs(root) {
+        return Err(DatapathError::Bpffs("mounted, but statfs does not report bpffs".into()));
+    }
+    tracing::info!(path = BPFFS_ROOT, "mounted bpffs");
+    Ok(())
+}
+
+/// Sum of a counter over all CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    pub classified: u64,
+    pub steered: u64,
+    pub missing_socket: u64,
+    pub spoof_dropped: u64,
+    pub malformed: u64,
+}
+
+impl Counters {
+    pub fn get(&self, c: Counter) -> u64 {
+        match c {
+            Counter::Classified => self.classified,
+            Counter::Steered => self.steered,
+            Counter::MissingSocket => self.missing_socket,
+            Counter::SpoofDropped => self.spoof_dropped,
+            Counter::Malformed => self.malformed,
+        }
+    }
+
+    fn slot(&mut self, c: Counter) -> &mut u64 {
+        match c {
+            Counter::Classified => &mut self.classified,
+            Counter::Steered => &mut self.steered,
+            Counter::MissingSocket => &mut self.missing_socket,
+            Counter::SpoofDropped => &mut self.spoof_dropped,
+            Counter::Malformed => &mut self.malformed,
+        }
+    }
+}
+
+/// Opens the pinned counters of a node without loading anything (for tests and `status`).
+pub fn read_pinned_counters(node: &str) -> Result<Counters> {
+    let path = node_pin_dir(node)?.join(MAP_COUNTERS);
+    let data = MapData::from_pin(&path).map_err(|source| DatapathError::Map { name: MAP_COUNTERS, source })?;
+    let map: PerCpuArray<_, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+        .map_err(|source| DatapathError::Map { name: MAP_COUNTERS, source })?;
+    sum_counters(&map)
+}
+
+fn sum_counters<T: std::borrow::Borrow<MapData>>(map: &PerCpuArray<T, u64>) -> Result<Counters> {
+    let mut out = Counters::default();
+    for c in Counter::ALL {
+        let values = map.get(&c.index(), 0).map_err(|source| DatapathError::Map { name: MAP_COUNTERS, source })?;
+        *out.slot(c) = values.iter().sum();
+    }
+    Ok(out)
+}
+
+/// A loaded and attached datapath for one node.
+pub struct Datapath {
+    // Field order matters for drop: links and maps are closed before the object.
+    tc_links: BTreeMap<u32, PinnedLink>,
+    _sk_lookup_link: PinnedLink,
+    workloads: BpfHashMap<MapData, PodKey, PodValue>,
+    listeners: SockMap<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    _logger: Option<EbpfLogger>,
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+impl Datapath {
+    /// Loads the object with its maps pinned under the node's directory (reusing pins a
+    /// previous instance left), loads the programs and attaches sk_lookup to the current
+    /// network namespace. TC attachments are made per interface with [`Self::attach_tc`].
+    pub fn load(node: &str) -> Result<Self> {
+        if !aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0)) {
+            return Err(DatapathError::KernelFeature { feature: "TCX (Linux 6.6)" });
+        }
+        ensure_bpffs()?;
+        let pin_dir = node_pin_dir(node)?;
+        let links_dir = pin_dir.join(PIN_LINKS_SUBDIR);
+        std::fs::create_dir_all(&links_dir).map_err(io_err(&links_dir))?;
+
+        let map_paths: Vec<(&'static str, PathBuf)> =
+            [MAP_WORKLOADS, MAP_LISTENERS, MAP_COUNTERS].into_iter().map(|m| (m, pin_dir.join(m))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        // Kernel-side warnings (spoof drops, missing sockets) reach our tracing output.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "eBPF logging unavailable");
+                None
+            }
+        };
+
+        let tc: &mut SchedClassifier = program(&mut ebpf, PROG_TC_INGRESS)?;
+        tc.load().map_err(|source| DatapathError::Program { name: PROG_TC_INGRESS, source })?;
+
+        let sk: &mut SkLookup = program(&mut ebpf, PROG_SK_LOOKUP)?;
+        sk.load().map_err(|source| DatapathError::Program { name: PROG_SK_LOOKUP, source })?;
+        let netns_path = Path::new("/proc/self/ns/net");
+        let netns = File::open(netns_path).map_err(io_err(netns_path))?;
+        let id = sk.attach(netns).map_err(|source| DatapathError::Program { name: PROG_SK_LOOKUP, source })?;
+        let link: FdLink = sk.take_link(id).map_err(|source| DatapathError::Program { name: PROG_SK_LOOKUP, source })?.into();
+        let sk_lookup_link = replace_pin(link, &links_dir.join(PIN_SK_LOOKUP_LINK))?;
+
+        let workloads = BpfHashMap::try_from(take_map(&mut ebpf, MAP_WORKLOADS)?)
+            .map_err(|source| DatapathError::Map { name: MAP_WORKLOADS, source })?;
+        let listeners = SockMap::try_from(take_map(&mut ebpf, MAP_LISTENERS)?)
+            .map_err(|source| DatapathError::Map { name: MAP_LISTENERS, source })?;
+        let counters = PerCpuArray::try_from(take_map(&mut ebpf, MAP_COUNTERS)?)
+            .map_err(|source| DatapathError::Map { name: MAP_COUNTERS, source })?;
+
+        tracing::info!(pin_dir = %pin_dir.display(), "datapath loaded; sk_lookup attached to this network namespace");
+        Ok(Self {
+            tc_links: BTreeMap::new(),
+            _sk_lookup_link: sk_lookup_link,
+            workloads,
+            listeners,
+            counters,
+            _logger: logger,
+            ebpf,
+            pin_dir,
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Takes the eBPF logger out so the caller can drain it asynchronously.
+    pub fn take_logger(&mut self) -> Option<EbpfLogger> {
+        self._logger.take()
+    }
+
+    fn tc_pin_path(&self, ifindex: u32) -> PathBuf {
+        self.pin_dir.join(PIN_LINKS_SUBDIR).join(format!("{PIN_TC_LINK_PREFIX}{ifindex}"))
+    }
+
+    /// Interfaces this instance has attached to.
+    pub fn attached_interfaces(&self) -> BTreeSet<u32> {
+        self.tc_links.keys().copied().collect()
+    }
+
+    /// Attaches the TC classifier at the head of `ifname`'s TCX ingress chain (so no
+    /// other program can redirect enrolled traffic past it) and pins the link. An older
+    /// pinned link for the same interface is released only after the new one is in place.
+    pub fn attach_tc(&mut self, ifindex: u32, ifname: &str) -> Result<()> {
+        if self.tc_links.contains_key(&ifindex) {
+            return Ok(());
+        }
+        let pin = self.tc_pin_path(ifindex);
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, PROG_TC_INGRESS)?;
+        let id = tc
+            .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::first()))
+            .map_err(|source| DatapathError::Program { name: PROG_TC_INGRESS, source })?;
+        let link = tc.take_link(id).map_err(|source| DatapathError::Program { name: PROG_TC_INGRESS, source })?;
+        let link = FdLink::try_from(link).map_err(|source| DatapathError::Link { path: pin.clone(), source })?;
+        let pinned = replace_pin(link, &pin)?;
+        self.tc_links.insert(ifindex, pinned);
+        tracing::info!(ifname, ifindex, "attached TC classifier (tcx ingress)");
+        Ok(())
+    }
+
+    /// Removes TC link pins of interfaces that no longer exist (their links are defunct)
+    /// and forgets them.
+    pub fn prune_tc(&mut self, existing: &BTreeSet<u32>) -> Result<()> {
+        self.tc_links.retain(|ifindex, _| existing.contains(ifindex));
+        for (ifindex, path) in pinned_tc_links(&self.pin_dir)? {
+            if !existing.contains(&ifindex) {
+                remove_file_if_exists(&path)?;
+                tracing::info!(ifindex, "interface gone; removed its TC link pin");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn upsert_workload(&mut self, ip: std::net::IpAddr, ifindex: u32) -> Result<()> {
+        self.workloads
+            .insert(PodKey(WorkloadKey::from(ip)), PodValue(WorkloadValue::new(ifindex)), 0)
+            .map_err(|source| DatapathError::Map { name: MAP_WORKLOADS, source })
+    }
+
+    pub fn remove_workload(&mut self, ip: std::net::IpAddr) -> Result<()> {
+        match self.workloads.remove(&PodKey(WorkloadKey::from(ip))) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(DatapathError::Map { name: MAP_WORKLOADS, source }),
+        }
+    }
+
+    /// Current content of the workload map: IP → ifindex.
+    pub fn workloads(&self) -> Result<BTreeMap<std::net::IpAddr, u32>> {
+        self.workloads
+            .iter()
+            .map(|r| r.map(|(k, v)| (std::net::IpAddr::from(k.0), v.0.ifindex)))
+            .collect::<Result<_, _>>()
+            .map_err(|source| DatapathError::Map { name: MAP_WORKLOADS, source })
+    }
+
+    /// Registers a listening socket so sk_lookup can steer into it.
+    pub fn register_listener<S: AsRawFd>(&mut self, listener: Listener, ipv6: bool, socket: &S) -> Result<()> {
+        self.listeners
+            .set(listener.slot(ipv6), socket, 0)
+            .map_err(|source| DatapathError::Map { name: MAP_LISTENERS, source })
+    }
+
+    pub fn counters(&self) -> Result<Counters> {
+        sum_counters(&self.counters)
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let p = ebpf.program_mut(name).ok_or(DatapathError::Missing { kind: "program", name })?;
+    p.try_into().map_err(|source| DatapathError::Program { name, source })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name).ok_or(DatapathError::Missing { kind: "map", name })
+}
+
+/// Pins `link` at `path`, releasing whatever link was pinned there before. The new link is
+/// held by our fd throughout, so the attachment point is never left without a program.
+fn replace_pin(link: FdLink, path: &Path) -> Result<PinnedLink> {
+    remove_file_if_exists(path)?;
+    link.pin(path).map_err(|source| DatapathError::Pin { path: path.to_owned(), source })
+}
+
+fn remove_file_if_exists(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(DatapathError::Io { path: path.to_owned(), source: e }),
+    }
+}
+
+/// TC link pins in a node's directory: (ifindex, path).
+fn pinned_tc_links(pin_dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
+    let dir = pin_dir.join(PIN_LINKS_SUBDIR);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(DatapathError::Io { path: dir, source: e }),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err(&dir))?;
+        let name = entry.file_name();
+        if let Some(ifindex) = name.to_str().and_then(|n| n.strip_prefix(PIN_TC_LINK_PREFIX)).and_then(|i| i.parse().ok()) {
+            out.push((ifindex, entry.path()));
+        }
+    }
+    Ok(out)
+}
+
+/// What `uninstall` removed from bpffs.
+#[derive(Debug, Default)]
+pub struct Unpinned {
+    pub links: usize,
+    pub maps: usize,
+}
+
+/// Removes every pin of a node: links first (which detaches the programs), then maps,
+/// then the directories. Idempotent.
+pub fn unpin_all(node: &str) -> Result<Unpinned> {
+    let pin_dir = node_pin_dir(node)?;
+    let mut report = Unpinned::default();
+    if !pin_dir.exists() {
+        return Ok(report);
+    }
+    for (_, path) in pinned_tc_links(&pin_dir)? {
+        remove_file_if_exists(&path)?;
+        report.links += 1;
+    }
+    let sk = pin_dir.join(PIN_LINKS_SUBDIR).join(PIN_SK_LOOKUP_LINK);
+    if sk.exists() {
+        remove_file_if_exists(&sk)?;
+        report.links += 1;
+    }
+    for map in [MAP_WORKLOADS, MAP_LISTENERS, MAP_COUNTERS] {
+        let p = pin_dir.join(map);
+        if p.exists() {
+            remove_file_if_exists(&p)?;
+            report.maps += 1;
+        }
+    }
+    // Anything else left (e.g. from a newer version) is ours too: the directory is.
+    std::fs::remove_dir_all(&pin_dir).map_err(io_err(&pin_dir))?;
+    // The shared root goes with the last node; fails harmlessly while others remain.
+    let _ = std::fs::remove_dir(PIN_DIR);
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_are_safe_path_components() {
+        for ok in ["node1", "kind-worker.example", "a"] {
+            assert!(validate_node_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "../etc", "Node1", "a/b", "-x", "x.", "a..b", "with space"] {
+            assert!(validate_node_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn embedded_object_defines_the_shared_names() {
+        let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("embedded object parses");
+        for map in [MAP_WORKLOADS, MAP_LISTENERS, MAP_COUNTERS] {
+            assert!(obj.maps.contains_key(map), "object lacks map {map}: {:?}", obj.maps.keys().collect::<Vec<_>>());
+        }
+        for prog in [PROG_TC_INGRESS, PROG_SK_LOOKUP] {
+            assert!(obj.programs.contains_key(prog), "object lacks program {prog}");
+        }
+    }
+}

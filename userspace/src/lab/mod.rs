@@ -1,0 +1,487 @@
+//! A two-node lab of network namespaces on one kernel, for running meshpath with no
+//! cluster around (`meshpath lab`, `cargo xtask run`) and for the integration tests.
+//!
+//! ```text
+//!  pod a (enrolled)   pod b              pod c (enrolled)   pod d
+//!  10.244.1.10        10.244.1.11        10.244.2.10        10.244.2.11
+//!      | vpa              | vpb              | vpc              | vpd
+//!  +---------- node 1 ---------+  ul0    +---------- node 2 ---------+
+//!  | meshpath node             |---------| meshpath node             |
+//!  +---------------------------+         +---------------------------+
+//! ```
+//!
+//! Pods sit behind routed veths with /32 (/128) host routes and a link-local gateway on the
+//! node side of each veth, as Calico and kindnet wire them. The underlay link has no route out of the lab.
+
+pub mod smoke;
+pub mod traffic;
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::datapath;
+use crate::proxy::access_log::{self, ConnectionRecord};
+
+/// Every lab namespace and node name starts with this, so leftovers can be swept.
+pub const LAB_PREFIX: &str = "mplab";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("`{cmd}` failed: {stderr}")]
+    Command { cmd: String, stderr: String },
+    #[error("running `{cmd}`: {source}")]
+    Spawn { cmd: String, source: std::io::Error },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("node {node}: {reason}\n--- last lines of {log} ---\n{tail}")]
+    Daemon { node: String, reason: String, log: String, tail: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+type Result<T, E = LabError> = std::result::Result<T, E>;
+
+/// One pod of the lab.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    /// Short name: a, b, c, d.
+    pub name: &'static str,
+    /// Index into [`Lab::nodes`].
+    pub node: usize,
+    pub enrolled: bool,
+    pub netns: String,
+    pub v4: IpAddr,
+    pub v6: IpAddr,
+    /// Host-side veth name in the node namespace.
+    pub host_if: String,
+}
+
+/// One node: a network namespace running `meshpath node`.
+#[derive(Debug)]
+pub struct Node {
+    /// Namespace name and meshpath node name (they are the same).
+    pub name: String,
+    pub underlay_v4: IpAddr,
+    pub underlay_v6: IpAddr,
+    pub daemon: Option<Child>,
+}
+
+pub struct Lab {
+    pub id: String,
+    pub dir: PathBuf,
+    pub binary: PathBuf,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    namespaces: Vec<String>,
+    keep_dir: bool,
+}
+
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+/// IPv4 and IPv6 pod networks of the lab (what `--pod-cidr` is set to).
+pub const POD_CIDRS: [&str; 2] = ["10.244.0.0/16", "fd00:244::/32"];
+
+impl Lab {
+    /// Builds the namespaces and links (no daemons yet). On error everything created so
+    /// far is removed again.
+    pub fn build(binary: &Path) -> Result<Self> {
+        let id = format!("{LAB_PREFIX}{}x{}", std::process::id(), NEXT_LAB.fetch_add(1, Ordering::Relaxed));
+        let dir = std::env::temp_dir().join(&id);
+        std::fs::create_dir_all(&dir)?;
+        let node_name = |n: usize| format!("{id}-n{n}");
+        let nodes = (1..=2)
+            .map(|n| Node {
+                name: node_name(n),
+                underlay_v4: format!("192.168.250.{n}").parse().expect("valid"),
+                underlay_v6: format!("fd00:250::{n}").parse().expect("valid"),
+                daemon: None,
+            })
+            .collect();
+        let pods = [("a", 0, true, 10), ("b", 0, false, 11), ("c", 1, true, 10), ("d", 1, false, 11)]
+            .into_iter()
+            .map(|(name, node, enrolled, host)| Pod {
+                name,
+                node,
+                enrolled,
+                netns: format!("{id}-{name}"),
+                v4: format!("10.244.{}.{host}", node + 1).parse().expect("valid"),
+                v6: format!("fd00:244:{}::{host}", node + 1).parse().expect("valid"),
+                host_if: format!("vp{name}"),
+            })
+            .collect();
+        let mut lab = Lab {
+            id,
+            binary: binary.to_owned(),
+            dir,
+            nodes,
+            pods,
+            namespaces: Vec::new(),
+            keep_dir: std::env::var_os("MESHPATH_LAB_KEEP").is_some(),
+        };
+        lab.wire()?;
+        lab.write_workloads(&lab.pods.iter().filter(|p| p.enrolled).map(|p| p.name).collect::<Vec<_>>())?;
+        Ok(lab)
+    }
+
+    fn add_netns(&mut self, name: &str) -> Result<()> {
+        ip(&["netns", "add", name])?;
+        self.namespaces.push(name.to_owned());
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        // No duplicate address detection: addresses are usable at once.
+        sysctls(name, &[("net/ipv6/conf/all/accept_dad", "0"), ("net/ipv6/conf/default/accept_dad", "0")])
+    }
+
+    fn wire(&mut self) -> Result<()> {
+        for i in 0..self.nodes.len() {
+            let n = self.nodes[i].name.clone();
+            self.add_netns(&n)?;
+            sysctls(&n, &[("net/ipv4/ip_forward", "1"), ("net/ipv6/conf/all/forwarding", "1")])?;
+        }
+        let (n1, n2) = (self.nodes[0].name.clone(), self.nodes[1].name.clone());
+        ip(&["link", "add", "ul0", "netns", &n1, "type", "veth", "peer", "name", "ul0", "netns", &n2])?;
+        for (i, node) in self.nodes.iter().enumerate() {
+            let ns = &node.name;
+            ip(&["-n", ns, "addr", "add", &format!("{}/24", node.underlay_v4), "dev", "ul0"])?;
+            ip(&["-n", ns, "addr", "add", &format!("{}/64", node.underlay_v6), "dev", "ul0", "nodad"])?;
+            ip(&["-n", ns, "link", "set", "ul0", "up"])?;
+            let peer = &self.nodes[1 - i];
+            ip(&["-n", ns, "route", "add", &format!("10.244.{}.0/24", 2 - i), "via", &peer.underlay_v4.to_string()])?;
+            ip(&["-n", ns, "-6", "route", "add", &format!("fd00:244:{}::/64", 2 - i), "via", &peer.underlay_v6.to_string()])?;
+        }
+        for p in self.pods.clone() {
+            self.add_netns(&p.netns)?;
+            let node = &self.nodes[p.node].name;
+            ip(&["link", "add", &p.host_if, "netns", node, "type", "veth", "peer", "name", "eth0", "netns", &p.netns])?;
+            // Pod side: its /32 and /128, a link-local gateway behind the veth.
+            let pn = p.netns.as_str();
+            ip(&["-n", pn, "addr", "add", &format!("{}/32", p.v4), "dev", "eth0"])?;
+            ip(&["-n", pn, "addr", "add", &format!("{}/128", p.v6), "dev", "eth0", "nodad"])?;
+            ip(&["-n", pn, "link", "set", "eth0", "up"])?;
+            ip(&["-n", pn, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
+            ip(&["-n", pn, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
+            ip(&["-n", pn, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"])?;
+            // Node side: the gateway addresses live on every pod veth (as kindnet does).
+            ip(&["-n", node, "link", "set", &p.host_if, "up"])?;
+            ip(&["-n", node, "addr", "add", "169.254.1.1/32", "dev", &p.host_if, "scope", "link"])?;
+            ip(&["-n", node, "addr", "add", "fe80::1/64", "dev", &p.host_if, "nodad"])?;
+            ip(&["-n", node, "route", "add", &format!("{}/32", p.v4), "dev", &p.host_if])?;
+            ip(&["-n", node, "-6", "route", "add", &format!("{}/128", p.v6), "dev", &p.host_if])?;
+        }
+        Ok(())
+    }
+
+    pub fn workloads_path(&self) -> PathBuf {
+        self.dir.join("workloads.yaml")
+    }
+
+    pub fn access_log_path(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("n{}-access.jsonl", node + 1))
+    }
+
+    pub fn daemon_log_path(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("n{}.log", node + 1))
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("lab has no pod {name}"))
+    }
+
+    /// The workload file with the given pods enrolled.
+    pub fn workloads_yaml(&self, enrolled: &[&str]) -> String {
+        let mut y = String::from("workloads:\n");
+        for p in self.pods.iter().filter(|p| enrolled.contains(&p.name)) {
+            let _ = write!(
+                y,
+                "  - name: pod-{n}\n    namespace: lab\n    serviceAccount: sa-{n}\n    node: {node}\n    ips: [{v4}, \"{v6}\"]\n",
+                n = p.name,
+                node = self.nodes[p.node].name,
+                v4 = p.v4,
+                v6 = p.v6
+            );
+        }
+        y
+    }
+
+    /// Atomically replaces the workload file (the daemons pick it up on their next poll).
+    pub fn write_workloads(&self, enrolled: &[&str]) -> Result<()> {
+        self.write_workloads_text(&self.workloads_yaml(enrolled))
+    }
+
+    pub fn write_workloads_text(&self, text: &str) -> Result<()> {
+        let tmp = self.dir.join(".workloads.yaml.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.workloads_path())?;
+        Ok(())
+    }
+
+    /// The command line that runs the daemon of `node` inside its namespace.
+    pub fn daemon_command(&self, node: usize) -> Command {
+        let n = &self.nodes[node];
+        let mut cmd = Command::new("nsenter");
+        // Only the network namespace: the daemon must see the host's bpffs, where its pins
+        // outlive it.
+        cmd.arg(format!("--net=/run/netns/{}", n.name))
+            .arg(&self.binary)
+            .args(["node", "--node", &n.name, "--workloads"])
+            .arg(self.workloads_path())
+            .arg("--access-log")
+            .arg(self.access_log_path(node))
+            .args(["--poll-interval-ms", "100"]);
+        for c in POD_CIDRS {
+            cmd.args(["--pod-cidr", c]);
+        }
+        cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+        cmd
+    }
+
+    /// Starts `node`'s daemon and waits until it reports ready.
+    pub fn start_daemon(&mut self, node: usize) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.daemon_log_path(node))?;
+        let mut cmd = self.daemon_command(node);
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        let child = cmd.spawn().map_err(|source| LabError::Spawn { cmd: format!("{cmd:?}"), source })?;
+        self.nodes[node].daemon = Some(child);
+        self.wait_ready(node, Duration::from_secs(30))
+    }
+
+    pub fn start_daemons(&mut self) -> Result<()> {
+        (0..self.nodes.len()).try_for_each(|n| self.start_daemon(n))
+    }
+
+    fn wait_ready(&mut self, node: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let ns = self.nodes[node].name.clone();
+        loop {
+            if let Some(child) = self.nodes[node].daemon.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.nodes[node].daemon = None;
+                return Err(self.daemon_error(node, format!("daemon exited during start-up ({status})")));
+            }
+            if readiness(&ns).unwrap_or(false) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(self.daemon_error(node, format!("not ready after {timeout:?}")));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn daemon_error(&self, node: usize, reason: String) -> LabError {
+        let log = self.daemon_log_path(node);
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(15).collect();
+        LabError::Daemon {
+            node: self.nodes[node].name.clone(),
+            reason,
+            log: log.display().to_string(),
+            tail: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+        }
+    }
+
+    /// Stops `node`'s daemon: SIGTERM (clean) or SIGKILL, and waits for it.
+    pub fn stop_daemon(&mut self, node: usize, kill: bool) -> Result<Option<std::process::ExitStatus>> {
+        let Some(mut child) = self.nodes[node].daemon.take() else { return Ok(None) };
+        // nsenter execs the daemon, so the child's pid is the daemon's.
+        let sig = if kill { nix::sys::signal::Signal::SIGKILL } else { nix::sys::signal::Signal::SIGTERM };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, sig);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Ok(Some(child.wait()?));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Access-log records of `node` so far.
+    pub fn records(&self, node: usize) -> Result<Vec<ConnectionRecord>> {
+        Ok(access_log::read_records(&self.access_log_path(node))?)
+    }
+
+    /// Waits up to `timeout` for a record on `node` matching `pred`.
+    pub fn wait_record(
+        &self,
+        node: usize,
+        timeout: Duration,
+        pred: impl Fn(&ConnectionRecord) -> bool,
+    ) -> Result<Option<ConnectionRecord>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(r) = self.records(node)?.into_iter().find(|r| pred(r)) {
+                return Ok(Some(r));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Datapath counters of `node`, read from its pinned map.
+    pub fn counters(&self, node: usize) -> Result<datapath::Counters> {
+        datapath::read_pinned_counters(&self.nodes[node].name).map_err(|e| LabError::Other(e.to_string()))
+    }
+
+    /// Runs `meshpath uninstall` for `node` inside its namespace.
+    pub fn uninstall(&self, node: usize) -> Result<String> {
+        let n = &self.nodes[node].name;
+        run(Command::new("nsenter").arg(format!("--net=/run/netns/{n}")).arg(&self.binary).args(["uninstall", "--node", n]))
+    }
+
+    /// A socket address of `pod` in the given family.
+    pub fn addr(&self, pod: &str, v6: bool, port: u16) -> SocketAddr {
+        let p = self.pod(pod);
+        SocketAddr::new(if v6 { p.v6 } else { p.v4 }, port)
+    }
+
+    /// How to reach the pods by hand while the lab runs.
+    pub fn describe(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "lab {} (files in {})", self.id, self.dir.display());
+        for (i, n) in self.nodes.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "  node {}: netns {}  pins /sys/fs/bpf/meshpath/{}  log {}",
+                i + 1,
+                n.name,
+                n.name,
+                self.daemon_log_path(i).display()
+            );
+        }
+        for p in &self.pods {
+            let _ = writeln!(
+                s,
+                "  pod {} on node {} ({}): {} {}  ->  ip netns exec {} <command>",
+                p.name,
+                p.node + 1,
+                if p.enrolled { "enrolled" } else { "not enrolled" },
+                p.v4,
+                p.v6,
+                p.netns
+            );
+        }
+        s
+    }
+
+    /// Stops the daemons, uninstalls meshpath from both nodes and deletes every namespace.
+    /// Also run on drop; calling it twice is harmless.
+    pub fn teardown(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for n in 0..self.nodes.len() {
+            if let Err(e) = self.stop_daemon(n, false) {
+                problems.push(format!("stopping node {}: {e}", n + 1));
+            }
+        }
+        for n in 0..self.nodes.len() {
+            if self.namespaces.contains(&self.nodes[n].name)
+                && let Err(e) = self.uninstall(n)
+            {
+                problems.push(format!("uninstalling node {}: {e}", n + 1));
+            }
+            // Pins live on the host's bpffs, not in the namespace: make sure they go.
+            if let Err(e) = datapath::unpin_all(&self.nodes[n].name) {
+                problems.push(format!("unpinning node {}: {e}", n + 1));
+            }
+        }
+        for ns in std::mem::take(&mut self.namespaces).into_iter().rev() {
+            if let Err(e) = ip(&["netns", "del", &ns]) {
+                problems.push(e.to_string());
+            }
+        }
+        if !self.keep_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+        problems
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for p in self.teardown() {
+            eprintln!("lab teardown: {p}");
+        }
+    }
+}
+
+/// Whether the daemon in `ns` answers 200 on its readiness endpoint.
+pub fn readiness(ns: &str) -> std::io::Result<bool> {
+    use std::io::{Read, Write};
+    traffic::in_netns(ns, || -> std::io::Result<bool> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], meshpath_common::names::PORT_READINESS));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        s.write_all(b"GET /healthz/ready HTTP/1.0\r\n\r\n")?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        Ok(resp.starts_with("HTTP/1.1 200"))
+    })?
+}
+
+fn sysctls(ns: &str, kv: &[(&str, &str)]) -> Result<()> {
+    traffic::in_netns(ns, || -> std::io::Result<()> {
+        for (k, v) in kv {
+            let path = format!("/proc/sys/{k}");
+            std::fs::write(&path, v).map_err(|e| std::io::Error::new(e.kind(), format!("{path}: {e}")))?;
+        }
+        Ok(())
+    })??;
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let text = format!("{cmd:?}").replace('"', "");
+    let out = cmd.stdin(Stdio::null()).output().map_err(|source| LabError::Spawn { cmd: text.clone(), source })?;
+    if !out.status.success() {
+        return Err(LabError::Command { cmd: text, stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Removes what crashed labs left: their processes, namespaces and pins.
+pub fn sweep() -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let list = ip(&["netns", "list"])?;
+    let stale: Vec<String> = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(LAB_PREFIX))
+        .map(str::to_owned)
+        .collect();
+    for ns in &stale {
+        if let Ok(pids) = ip(&["netns", "pids", ns]) {
+            for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    for ns in stale {
+        ip(&["netns", "del", &ns])?;
+        removed.push(format!("netns {ns}"));
+    }
+    if let Ok(entries) = std::fs::read_dir(meshpath_common::names::PIN_DIR) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(LAB_PREFIX) {
+                datapath::unpin_all(&name).map_err(|e| LabError::Other(e.to_string()))?;
+                removed.push(format!("pins of {name}"));
+            }
+        }
+    }
+    Ok(removed)
+}

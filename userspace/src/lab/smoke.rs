@@ -1,0 +1,234 @@
+//! The lab's traffic matrix: real connections in every direction that matters, each checked
+//! against the evidence the proxies recorded. Used by `meshpath lab --smoke` and the tests.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use super::traffic::{self, EchoServer};
+use super::{Lab, Result};
+use crate::proxy::access_log::ConnectionRecord;
+
+/// Port the lab's echo servers listen on (besides the HBONE port).
+pub const APP_PORT: u16 = 8080;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a refused path is given before it counts as blocked.
+const BLOCKED_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Which proxies a connection is expected to pass: (node index, listener role).
+pub type Hops = &'static [(usize, &'static str)];
+
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub from: &'static str,
+    pub to: &'static str,
+    pub v6: bool,
+    pub port: u16,
+    pub expect: Expect,
+}
+
+#[derive(Clone, Debug)]
+pub enum Expect {
+    /// Delivered intact, through exactly these proxy hops, and the server sees the client's IP.
+    Through(Hops),
+    /// The connection must not succeed (and must reach no server).
+    Blocked,
+}
+
+/// An outcome row of the smoke table.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub scenario: Scenario,
+    pub path: String,
+    pub server_saw: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// The matrix `lab --smoke` runs.
+pub fn matrix() -> Vec<Scenario> {
+    use Expect::*;
+    let s = |name, from, to, v6, port, expect| Scenario { name, from, to, v6, port, expect };
+    vec![
+        s("enrolled -> enrolled, other node", "a", "c", false, APP_PORT, Through(&[(0, "outbound"), (1, "inbound_plain")])),
+        s("enrolled -> enrolled, other node (v6)", "a", "c", true, APP_PORT, Through(&[(0, "outbound"), (1, "inbound_plain")])),
+        s("enrolled -> enrolled :15008", "a", "c", false, 15008, Through(&[(0, "outbound"), (1, "hbone")])),
+        s("enrolled -> plain, other node", "a", "d", false, APP_PORT, Through(&[(0, "outbound")])),
+        s("enrolled -> plain, same node", "a", "b", false, APP_PORT, Through(&[(0, "outbound")])),
+        s("enrolled -> plain, same node (v6)", "a", "b", true, APP_PORT, Through(&[(0, "outbound")])),
+        s("plain -> enrolled, same node", "b", "a", false, APP_PORT, Through(&[(0, "inbound_plain")])),
+        s("plain -> enrolled, other node", "d", "a", false, APP_PORT, Through(&[(0, "inbound_plain")])),
+        s("plain -> enrolled, other node (v6)", "d", "a", true, APP_PORT, Through(&[(0, "inbound_plain")])),
+        s("plain -> plain, other node", "b", "d", false, APP_PORT, Through(&[])),
+    ]
+}
+
+/// Echo servers on every pod, on the app port and the HBONE port.
+pub fn start_servers(lab: &Lab) -> Result<Vec<EchoServer>> {
+    let mut servers = Vec::new();
+    for p in &lab.pods {
+        for port in [APP_PORT, 15008] {
+            servers.push(EchoServer::start(&p.netns, port)?);
+        }
+    }
+    Ok(servers)
+}
+
+/// Runs one scenario and checks it against the access logs.
+pub fn run(lab: &Lab, sc: &Scenario) -> Result<Outcome> {
+    let from = lab.pod(sc.from);
+    let dst = lab.addr(sc.to, sc.v6, sc.port);
+    let payload = traffic::payload(64 * 1024 + 17);
+    let res = traffic::exchange(&from.netns, None, dst, &payload, CONNECT_TIMEOUT);
+    let mut out = Outcome { scenario: sc.clone(), path: String::new(), server_saw: "-".into(), ok: false, detail: String::new() };
+    match (&sc.expect, res) {
+        (Expect::Blocked, Err(e)) => {
+            out.ok = true;
+            out.path = "blocked".into();
+            out.detail = e.to_string();
+        }
+        (Expect::Blocked, Ok(x)) => {
+            out.path = "delivered".into();
+            out.server_saw = x.server_saw.ip().to_string();
+            out.detail = "expected the connection to fail".into();
+        }
+        (Expect::Through(_), Err(e)) => {
+            out.path = "failed".into();
+            out.detail = e.to_string();
+        }
+        (Expect::Through(hops), Ok(x)) => {
+            out.server_saw = x.server_saw.ip().to_string();
+            let (path, problems) = follow(lab, x.client, dst, hops)?;
+            out.path = if path.is_empty() { "direct".into() } else { path.join(" > ") };
+            let mut problems = problems;
+            if !x.echoed_intact {
+                problems.push("payload came back altered".into());
+            }
+            if x.server_saw.ip() != x.client.ip() {
+                problems.push(format!("server saw {} instead of the client {}", x.server_saw.ip(), x.client.ip()));
+            }
+            out.ok = problems.is_empty();
+            out.detail = problems.join("; ");
+        }
+    }
+    Ok(out)
+}
+
+/// Follows a connection through the proxies' access logs: the first hop is keyed by the
+/// client's address, each further hop by the previous hop's upstream source.
+fn follow(
+    lab: &Lab,
+    client: std::net::SocketAddr,
+    dst: std::net::SocketAddr,
+    hops: Hops,
+) -> Result<(Vec<String>, Vec<String>)> {
+    let mut path = Vec::new();
+    let mut problems = Vec::new();
+    let mut src = client;
+    let mut srcs = vec![client];
+    for (node, role) in hops {
+        let found = lab.wait_record(*node, Duration::from_secs(3), |r| r.src == src && r.orig_dst == dst)?;
+        match found {
+            Some(r) => {
+                path.push(format!("n{}:{}", node + 1, r.listener));
+                check_record(&r, role, &mut problems);
+                match r.upstream_src {
+                    Some(u) => {
+                        src = u;
+                        srcs.push(u);
+                    }
+                    None => break,
+                }
+            }
+            None => {
+                problems.push(format!("no record on node {} of {src} -> {dst}", node + 1));
+                break;
+            }
+        }
+    }
+    // Nothing else may have proxied it: no record of any hop's source on another node.
+    for node in 0..lab.nodes.len() {
+        if hops.iter().any(|(n, _)| *n == node) {
+            continue;
+        }
+        if let Some(r) = lab.records(node)?.into_iter().find(|r| srcs.contains(&r.src) && r.orig_dst == dst) {
+            problems.push(format!("unexpected hop n{}:{}", node + 1, r.listener));
+        }
+    }
+    Ok((path, problems))
+}
+
+fn check_record(r: &ConnectionRecord, role: &str, problems: &mut Vec<String>) {
+    if r.listener != role {
+        problems.push(format!("expected listener {role}, got {}", r.listener));
+    }
+    if r.outcome != "ok" {
+        problems.push(format!("proxy outcome {}", r.outcome));
+    }
+}
+
+/// Sends a connection from `from` with a forged source address; returns whether it failed.
+pub fn spoof(lab: &Lab, from: &str, forged: IpAddr, to: &str) -> Result<Outcome> {
+    let sc = Scenario {
+        name: "spoofed source (b claims a's IP)",
+        from: "b",
+        to: "c",
+        v6: forged.is_ipv6(),
+        port: APP_PORT,
+        expect: Expect::Blocked,
+    };
+    let node = lab.pod(from).node;
+    let before = lab.counters(node)?.spoof_dropped;
+    let res = traffic::exchange(&lab.pod(from).netns, Some(forged), lab.addr(to, forged.is_ipv6(), APP_PORT), b"x", BLOCKED_TIMEOUT);
+    let after = lab.counters(node)?.spoof_dropped;
+    let mut out = Outcome { scenario: sc, path: String::new(), server_saw: "-".into(), ok: false, detail: String::new() };
+    match res {
+        Ok(x) => {
+            out.path = "delivered".into();
+            out.server_saw = x.server_saw.ip().to_string();
+            out.detail = "a forged source got through".into();
+        }
+        Err(_) if after > before => {
+            out.ok = true;
+            out.path = format!("dropped on n{} (spoof_dropped +{})", node + 1, after - before);
+        }
+        Err(e) => {
+            out.path = "failed".into();
+            out.detail = format!("failed ({e}) but spoof_dropped did not move");
+        }
+    }
+    Ok(out)
+}
+
+/// The whole smoke run: servers up, every scenario, the spoof check.
+pub fn run_all(lab: &Lab) -> Result<Vec<Outcome>> {
+    let _servers = start_servers(lab)?;
+    let mut outcomes = Vec::new();
+    for sc in matrix() {
+        outcomes.push(run(lab, &sc)?);
+    }
+    let a = lab.pod("a").clone();
+    outcomes.push(spoof(lab, "b", a.v4, "c")?);
+    Ok(outcomes)
+}
+
+/// A fixed-width table of outcomes.
+pub fn table(outcomes: &[Outcome]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{:<40} {:<6} {:<30} {:<22} {}", "scenario", "pods", "path (proxy hops)", "server saw", "result");
+    let _ = writeln!(s, "{}", "-".repeat(110));
+    for o in outcomes {
+        let _ = writeln!(
+            s,
+            "{:<40} {:<6} {:<30} {:<22} {}{}",
+            o.scenario.name,
+            format!("{}->{}", o.scenario.from, o.scenario.to),
+            o.path,
+            o.server_saw,
+            if o.ok { "PASS" } else { "FAIL" },
+            if o.detail.is_empty() || o.ok { String::new() } else { format!("  ({})", o.detail) }
+        );
+    }
+    s
+}

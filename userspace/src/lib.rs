@@ -1,0 +1,17 @@
+//! meshpath: an eBPF datapath and node proxy for sidecarless (ambient) service meshes.
+//!
+//! - [`datapath`] loads, pins and attaches the eBPF programs and owns their maps;
+//! - [`routing`] installs the capture rule and local table over rtnetlink;
+//! - [`proxy`] accepts steered connections and relays them;
+//! - [`node`] is the per-node daemon tying them together;
+//! - [`workloads`] reads the workload file;
+//! - [`lab`] builds a two-node lab of network namespaces for running and testing all of it.
+
+pub mod admin;
+pub mod cli;
+pub mod datapath;
+pub mod lab;
+pub mod node;
+pub mod proxy;
+pub mod routing;
+pub mod workloads;

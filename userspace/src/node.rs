@@ -1,0 +1,244 @@
+//! `meshpath node`: the per-node daemon. It owns the datapath of the network namespace it
+//! runs in, keeps the workload map in step with the workload file, and runs the proxy.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::sync::watch;
+
+use crate::admin::{self, Readiness};
+use crate::datapath::{self, Datapath, DatapathError};
+use crate::proxy::{self, Proxy, ProxyConfig, WorkloadIndex, access_log::AccessLog};
+use crate::routing::{self, Routing, RoutingError};
+use crate::workloads::{WorkloadFile, WorkloadsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Routing(#[from] RoutingError),
+    #[error(transparent)]
+    Workloads(#[from] WorkloadsError),
+    #[error(transparent)]
+    Proxy(#[from] proxy::ProxyError),
+    #[error(transparent)]
+    AccessLog(#[from] proxy::access_log::AccessLogError),
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+    #[error("interface {0:?} does not exist in this network namespace")]
+    NoSuchInterface(String),
+    #[error("a meshpath daemon still serves this network namespace (its readiness port answers); stop it first")]
+    DaemonRunning,
+}
+
+/// Settings of the node daemon.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node: String,
+    pub workloads: PathBuf,
+    /// Interfaces to attach the classifier to; empty means every non-loopback interface,
+    /// including ones that appear later.
+    pub interfaces: Vec<String>,
+    pub pod_cidrs: Vec<IpNet>,
+    pub access_log: Option<PathBuf>,
+    pub readiness_port: u16,
+    pub poll_interval: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// Runs until `shutdown` resolves. On return the listeners are closed, so enrolled traffic
+/// fails closed, while programs, maps and routing stay in the kernel for the next instance.
+pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
+    datapath::validate_node_name(&cfg.node)?;
+    // Validate everything cheap before touching the kernel.
+    let file = WorkloadFile::load(&cfg.workloads)?;
+    let log = AccessLog::open(cfg.access_log.as_deref())?;
+    let admin_listener = admin::bind(cfg.readiness_port).await?;
+    let listeners = proxy::bind_listeners()?;
+
+    let routing = Routing::connect()?;
+    let mut dp = Datapath::load(&cfg.node)?;
+    routing.install_capture().await?;
+
+    let proxy = Proxy::new(
+        ProxyConfig { node: cfg.node.clone(), pod_cidrs: cfg.pod_cidrs.clone(), connect_timeout: cfg.connect_timeout },
+        log,
+    );
+    proxy.set_workloads(WorkloadIndex::from_file(&file));
+    for l in &listeners {
+        dp.register_listener(l.role, l.ipv6, &l.socket)?;
+    }
+    tracing::info!(count = listeners.len(), "proxy listeners registered in the SOCKMAP");
+
+    let mut rec = Reconciler { cfg: &cfg, routing, dp, file, unresolved: BTreeMap::new() };
+    rec.reconcile().await?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(logger) = rec.dp.take_logger() {
+        spawn_ebpf_log_drain(logger, stop_rx.clone());
+    }
+    let ready = Readiness::default();
+    let admin_task = tokio::spawn(admin::serve(admin_listener, ready.clone(), stop_rx.clone()));
+    let proxy_task = tokio::spawn(proxy.clone().serve(listeners, stop_rx.clone()));
+    ready.set(true);
+    tracing::info!(node = %cfg.node, workloads = %cfg.workloads.display(), "node ready");
+
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(cfg.poll_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_text = std::fs::read(&cfg.workloads).ok();
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tick.tick() => {}
+        }
+        // A changed file is applied whole or not at all.
+        let text = std::fs::read(&cfg.workloads).ok();
+        if text != last_text {
+            last_text = text;
+            match WorkloadFile::load(&cfg.workloads) {
+                Ok(f) => {
+                    tracing::info!(workloads = f.workloads.len(), "workload file changed; applying");
+                    proxy.set_workloads(WorkloadIndex::from_file(&f));
+                    rec.file = f;
+                }
+                Err(e) => tracing::error!("rejected workload file, keeping the running state: {e}"),
+            }
+        }
+        if let Err(e) = rec.reconcile().await {
+            tracing::error!("reconcile failed (will retry): {e}");
+        }
+    }
+
+    ready.set(false);
+    let _ = stop_tx.send(true);
+    let _ = proxy_task.await;
+    let _ = admin_task.await;
+    tracing::info!(
+        pin_dir = %rec.dp.pin_dir().display(),
+        "stopped; the datapath stays pinned and drops enrolled traffic until a daemon takes over (`meshpath uninstall` removes it)"
+    );
+    Ok(())
+}
+
+struct Reconciler<'a> {
+    cfg: &'a NodeConfig,
+    routing: Routing,
+    dp: Datapath,
+    file: WorkloadFile,
+    /// Workload IPs whose interface could not be found, with the last reason logged.
+    unresolved: BTreeMap<IpAddr, String>,
+}
+
+impl Reconciler<'_> {
+    /// Makes the kernel match the desired state: the classifier on every interface it
+    /// should be on, then the workload map. The classifier goes first so an IP is never in
+    /// the map while its interface lacks the program.
+    async fn reconcile(&mut self) -> Result<(), NodeError> {
+        let ifaces = self.routing.interfaces().await?;
+        let names = routing::names_by_index(&ifaces);
+        let wanted: Vec<_> = if self.cfg.interfaces.is_empty() {
+            ifaces.iter().filter(|i| !i.loopback).collect()
+        } else {
+            let mut v = Vec::new();
+            for name in &self.cfg.interfaces {
+                v.push(ifaces.iter().find(|i| &i.name == name).ok_or_else(|| NodeError::NoSuchInterface(name.clone()))?);
+            }
+            v
+        };
+        for i in &wanted {
+            self.dp.attach_tc(i.index, &i.name)?;
+        }
+        let existing: BTreeSet<u32> = ifaces.iter().map(|i| i.index).collect();
+        self.dp.prune_tc(&existing)?;
+        let attached = self.dp.attached_interfaces();
+
+        // Desired map: this node's workload IPs → the interface the kernel routes them to.
+        let mut desired: BTreeMap<IpAddr, (u32, String)> = BTreeMap::new();
+        let mut still_unresolved = BTreeMap::new();
+        for w in self.file.on_node(&self.cfg.node) {
+            for ip in &w.ips {
+                let ip = ip.to_canonical();
+                let problem = match self.routing.interface_for(ip).await? {
+                    Some(ifx) if attached.contains(&ifx) => {
+                        desired.insert(ip, (ifx, w.id()));
+                        continue;
+                    }
+                    Some(ifx) => format!(
+                        "routed via {} which meshpath is not attached to (see --interfaces)",
+                        names.get(&ifx).map(String::as_str).unwrap_or("?")
+                    ),
+                    None => "no device route to it on this node (is its veth up?)".to_string(),
+                };
+                if self.unresolved.get(&ip) != Some(&problem) {
+                    tracing::warn!(workload = %w.id(), %ip, "not enrolled yet: {problem}");
+                }
+                still_unresolved.insert(ip, problem);
+            }
+        }
+        self.unresolved = still_unresolved;
+
+        let current = self.dp.workloads()?;
+        for ip in current.keys() {
+            if !desired.contains_key(ip) {
+                self.dp.remove_workload(*ip)?;
+                tracing::info!(%ip, "unenrolled");
+            }
+        }
+        for (ip, (ifx, id)) in &desired {
+            if current.get(ip) != Some(ifx) {
+                self.dp.upsert_workload(*ip, *ifx)?;
+                let ifname = names.get(ifx).map(String::as_str).unwrap_or("?");
+                tracing::info!(workload = %id, %ip, interface = ifname, ifindex = ifx, "enrolled");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Drains the eBPF log buffer on a thread of its own (it is a plain fd to poll).
+fn spawn_ebpf_log_drain(mut logger: datapath::EbpfLogger, stop: watch::Receiver<bool>) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let spawned = std::thread::Builder::new().name("ebpf-log".into()).spawn(move || {
+        while !*stop.borrow() {
+            let ready = {
+                let mut fds = [PollFd::new(logger.as_fd(), PollFlags::POLLIN)];
+                poll(&mut fds, PollTimeout::from(500u16))
+            };
+            match ready {
+                Ok(n) if n > 0 => logger.flush(),
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "polling eBPF logs failed; kernel-side log lines are no longer shown");
+                    return;
+                }
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the eBPF log thread");
+    }
+}
+
+/// `meshpath uninstall`: removes every rule, route, attachment and pin of `node` from the
+/// current network namespace and bpffs.
+pub async fn uninstall(node: &str, readiness_port: u16) -> Result<String, NodeError> {
+    datapath::validate_node_name(node)?;
+    if std::net::TcpStream::connect_timeout(&(std::net::Ipv4Addr::LOCALHOST, readiness_port).into(), Duration::from_millis(300))
+        .is_ok()
+    {
+        return Err(NodeError::DaemonRunning);
+    }
+    let routing = Routing::connect()?;
+    let (rules, routes) = routing.remove_capture().await?;
+    let pins = datapath::unpin_all(node)?;
+    Ok(format!(
+        "removed {rules} routing rule(s), {routes} route(s), {} link pin(s) (detaching their programs) and {} map pin(s) of node {node}",
+        pins.links, pins.maps
+    ))
+}

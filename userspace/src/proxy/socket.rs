@@ -1,0 +1,56 @@
+//! Socket set-up for the proxy: transparent listeners and upstream connections.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use meshpath_common::names::PROXY_MARK;
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// A listening socket for `port` on the loopback address of the family. sk_lookup hands it
+/// connections for any address, so it never needs to be reachable on its own address;
+/// binding loopback keeps it off the network and makes a second daemon on the node fail
+/// with "address in use" instead of silently fighting over the SOCKMAP.
+///
+/// IP_TRANSPARENT lets it accept connections whose destination is not a local address.
+pub fn transparent_listener(ipv6: bool, port: u16) -> io::Result<TcpListener> {
+    let (domain, ip) = if ipv6 {
+        (Domain::IPV6, IpAddr::V6(Ipv6Addr::LOCALHOST))
+    } else {
+        (Domain::IPV4, IpAddr::V4(Ipv4Addr::LOCALHOST))
+    };
+    let s = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if ipv6 {
+        s.set_only_v6(true)?;
+    }
+    // IP_TRANSPARENT and IPV6_TRANSPARENT set the same socket flag; Linux accepts the
+    // SOL_IP option on IPv6 sockets.
+    s.set_ip_transparent_v4(true)?;
+    s.bind(&SocketAddr::new(ip, port).into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
+}
+
+/// Connects to `dst` with the proxy's mark, optionally from `source` (a non-local address:
+/// the original client), within `timeout`.
+pub async fn connect_upstream(dst: SocketAddr, source: Option<IpAddr>, timeout: std::time::Duration) -> io::Result<TcpStream> {
+    let sock = if dst.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let s = SockRef::from(&sock);
+    s.set_mark(PROXY_MARK)?;
+    s.set_tcp_nodelay(true)?;
+    if let Some(src) = source {
+        s.set_ip_transparent_v4(true)?;
+        sock.bind(SocketAddr::new(src, 0))?;
+    }
+    match tokio::time::timeout(timeout, sock.connect(dst)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect to {dst} timed out after {timeout:?}"))),
+    }
+}
+
+/// Makes the next close of `stream` send a RST instead of a FIN, so a reset on one side of
+/// a relay reaches the other side as a reset.
+pub fn reset_on_close(stream: &TcpStream) {
+    let _ = SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
+}

@@ -1,0 +1,255 @@
+//! The node's kernel routing state meshpath owns, managed over rtnetlink (no `ip`
+//! subprocesses): the capture rule and local table, plus interface discovery.
+//!
+//! Captured packets carry [`CAPTURE_MARK`]; the rule sends them to [`ROUTE_TABLE`], whose
+//! only route is `local default dev lo`, so they are delivered to this host even when their
+//! destination is a pod or another node. sk_lookup then picks the proxy's socket.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use futures::TryStreamExt;
+use meshpath_common::names::{CAPTURE_MARK, CAPTURE_MASK, ROUTE_TABLE, RULE_PRIORITY};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteScope, RouteType};
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    #[error("opening a netlink socket: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("netlink {what}: {source}")]
+    Netlink { what: String, source: rtnetlink::Error },
+    #[error("no interface named {0}")]
+    NoSuchInterface(String),
+}
+
+type Result<T, E = RoutingError> = std::result::Result<T, E>;
+
+fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> RoutingError {
+    let what = what.into();
+    move |source| RoutingError::Netlink { what, source }
+}
+
+/// The errno inside a netlink error, if it is one.
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+const EEXIST: i32 = libc::EEXIST;
+const ENOENT: i32 = libc::ENOENT;
+const ESRCH: i32 = libc::ESRCH;
+const ENETUNREACH: i32 = libc::ENETUNREACH;
+const EHOSTUNREACH: i32 = libc::EHOSTUNREACH;
+
+/// A netlink connection in the calling thread's network namespace.
+#[derive(Clone)]
+pub struct Routing {
+    handle: Handle,
+}
+
+/// An interface of this namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub index: u32,
+    pub name: String,
+    pub loopback: bool,
+}
+
+impl Routing {
+    /// Opens the connection; must be called inside a tokio runtime.
+    pub fn connect() -> Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(RoutingError::Connect)?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    pub async fn interfaces(&self) -> Result<Vec<Interface>> {
+        let mut links = self.handle.link().get().execute();
+        let mut out = Vec::new();
+        while let Some(msg) = links.try_next().await.map_err(nl("listing links"))? {
+            let name = msg.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            });
+            if let Some(name) = name {
+                out.push(Interface {
+                    index: msg.header.index,
+                    name,
+                    loopback: msg.header.flags.contains(LinkFlags::Loopback),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The interface the kernel routes `ip` through (what `ip route get <ip>` says), if the
+    /// route is a device route and not via a gateway. This is how a pod's host-side veth
+    /// is found without guessing from names.
+    pub async fn interface_for(&self, ip: IpAddr) -> Result<Option<u32>> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = family(ip);
+        msg.header.destination_prefix_length = if ip.is_ipv4() { 32 } else { 128 };
+        msg.attributes.push(RouteAttribute::Destination(ip.into()));
+        let mut routes = self.handle.route().get(msg).execute();
+        let route = match routes.try_next().await {
+            Ok(r) => r,
+            Err(e) if matches!(errno(&e), Some(ENETUNREACH | EHOSTUNREACH | ESRCH | ENOENT)) => return Ok(None),
+            Err(e) => return Err(nl(format!("route lookup for {ip}"))(e)),
+        };
+        let Some(route) = route else { return Ok(None) };
+        if route.header.kind != RouteType::Unicast {
+            return Ok(None);
+        }
+        let mut oif = None;
+        for a in &route.attributes {
+            match a {
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                RouteAttribute::Gateway(_) | RouteAttribute::Via(_) => return Ok(None),
+                _ => {}
+            }
+        }
+        Ok(oif)
+    }
+
+    async fn loopback_index(&self) -> Result<u32> {
+        self.interfaces()
+            .await?
+            .into_iter()
+            .find(|i| i.loopback)
+            .map(|i| i.index)
+            .ok_or_else(|| RoutingError::NoSuchInterface("lo".into()))
+    }
+
+    /// Installs the capture rule and the local routes of [`ROUTE_TABLE`] for both families.
+    /// Idempotent: what already exists is kept.
+    pub async fn install_capture(&self) -> Result<()> {
+        let lo = self.loopback_index().await?;
+        for v6 in [false, true] {
+            let fam = if v6 { "IPv6" } else { "IPv4" };
+            let rule = self.handle.rule().add().priority(RULE_PRIORITY).table_id(ROUTE_TABLE).action(RuleAction::ToTable);
+            let added = if v6 {
+                let mut r = rule.v6().fw_mark(CAPTURE_MARK);
+                r.message_mut().attributes.push(RuleAttribute::FwMask(CAPTURE_MASK));
+                r.execute().await
+            } else {
+                let mut r = rule.v4().fw_mark(CAPTURE_MARK);
+                r.message_mut().attributes.push(RuleAttribute::FwMask(CAPTURE_MASK));
+                r.execute().await
+            };
+            ok_if_exists(added).map_err(nl(format!("adding the {fam} capture rule")))?;
+
+            let route = if v6 {
+                RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(Ipv6Addr::UNSPECIFIED, 0).build_local(lo)
+            } else {
+                RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(Ipv4Addr::UNSPECIFIED, 0).build_local(lo)
+            };
+            ok_if_exists(self.handle.route().add(route).execute().await)
+                .map_err(nl(format!("adding the {fam} local route to table {ROUTE_TABLE}")))?;
+        }
+        tracing::info!(
+            mark = format_args!("{CAPTURE_MARK:#x}/{CAPTURE_MASK:#x}"),
+            table = ROUTE_TABLE,
+            priority = RULE_PRIORITY,
+            "capture routing installed"
+        );
+        Ok(())
+    }
+
+    /// meshpath's rules (by priority and table) in both families.
+    pub async fn capture_rules(&self) -> Result<Vec<RuleMessage>> {
+        let mut out = Vec::new();
+        for v in [IpVersion::V4, IpVersion::V6] {
+            let mut rules = self.handle.rule().get(v).execute();
+            while let Some(r) = rules.try_next().await.map_err(nl("listing rules"))? {
+                if is_capture_rule(&r) {
+                    out.push(r);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Routes in [`ROUTE_TABLE`], both families.
+    pub async fn capture_routes(&self) -> Result<Vec<RouteMessage>> {
+        let mut out = Vec::new();
+        for fam in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut msg = RouteMessage::default();
+            msg.header.address_family = fam;
+            let mut routes = self.handle.route().get(msg).execute();
+            while let Some(r) = routes.try_next().await.map_err(nl("listing routes"))? {
+                if route_table(&r) == ROUTE_TABLE {
+                    out.push(r);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the capture rules and the table's routes. Returns how many were removed.
+    pub async fn remove_capture(&self) -> Result<(usize, usize)> {
+        let rules = self.capture_rules().await?;
+        let n_rules = rules.len();
+        for r in rules {
+            ok_if_missing(self.handle.rule().del(r).execute().await).map_err(nl("deleting a capture rule"))?;
+        }
+        let routes = self.capture_routes().await?;
+        let n_routes = routes.len();
+        for r in routes {
+            ok_if_missing(self.handle.route().del(r).execute().await).map_err(nl("deleting a capture route"))?;
+        }
+        Ok((n_rules, n_routes))
+    }
+}
+
+trait BuildLocal {
+    fn build_local(self, lo: u32) -> RouteMessage;
+}
+
+impl<T> BuildLocal for RouteMessageBuilder<T> {
+    fn build_local(self, lo: u32) -> RouteMessage {
+        self.table_id(ROUTE_TABLE).kind(RouteType::Local).scope(RouteScope::Host).output_interface(lo).build()
+    }
+}
+
+fn family(ip: IpAddr) -> AddressFamily {
+    if ip.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 }
+}
+
+fn is_capture_rule(r: &RuleMessage) -> bool {
+    let attr = |f: fn(&RuleAttribute) -> Option<u32>| r.attributes.iter().find_map(f);
+    let table = attr(|a| if let RuleAttribute::Table(t) = a { Some(*t) } else { None }).unwrap_or(r.header.table as u32);
+    let prio = attr(|a| if let RuleAttribute::Priority(p) = a { Some(*p) } else { None });
+    table == ROUTE_TABLE && prio == Some(RULE_PRIORITY)
+}
+
+fn route_table(r: &RouteMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| if let RouteAttribute::Table(t) = a { Some(*t) } else { None })
+        .unwrap_or(r.header.table as u32)
+}
+
+fn ok_if_exists(r: std::result::Result<(), rtnetlink::Error>) -> std::result::Result<(), rtnetlink::Error> {
+    match r {
+        Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
+        other => other,
+    }
+}
+
+fn ok_if_missing(r: std::result::Result<(), rtnetlink::Error>) -> std::result::Result<(), rtnetlink::Error> {
+    match r {
+        Err(e) if matches!(errno(&e), Some(ENOENT | ESRCH)) => Ok(()),
+        other => other,
+    }
+}
+
+/// Interface indexes by name, for messages.
+pub fn names_by_index(ifaces: &[Interface]) -> BTreeMap<u32, String> {
+    ifaces.iter().map(|i| (i.index, i.name.clone())).collect()
+}
