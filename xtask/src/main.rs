@@ -1,1 +1,192 @@
-fn main(){}
+//! Developer tasks: `cargo xtask setup | build | run | lab | test`.
+//!
+//! Every task sets up what it needs first (the eBPF toolchain, bpffs) and says what it is
+//! doing, so a fresh machine needs nothing but `cargo xtask test`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// Debian packages the build and the lab need. `libstd-rust-web-dev-bpf` ships a prebuilt
+/// `core` for bpfel-unknown-none matching Debian's rustc, so no nightly is needed.
+const DEBIAN_PACKAGES: &[&str] =
+    &["llvm-22-dev", "rustc-web", "libstd-rust-web-dev-bpf", "bpftool", "iproute2", "util-linux"];
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain (Debian packages and bpf-linker); does nothing if present.
+    Setup,
+    /// Build meshpath (userspace with the eBPF object embedded).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run meshpath: in the namespace lab when no Kubernetes config is around.
+    Run,
+    /// Build the two-node lab and run meshpath in it (`--smoke`: send traffic, report, tear down).
+    Lab {
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// Run every test: unit tests and the kernel tests in throwaway namespaces.
+    Test {
+        /// Extra arguments for the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    match task {
+        Task::Setup => setup(),
+        Task::Build { release } => {
+            setup()?;
+            build(release).map(|_| ())
+        }
+        Task::Run => {
+            setup()?;
+            if let Some(kubeconfig) = kubeconfig() {
+                bail!(
+                    "found a Kubernetes config at {}, but the Kubernetes mode is not built yet; \
+                     unset KUBECONFIG (or move it away) to run the namespace lab",
+                    kubeconfig.display()
+                );
+            }
+            require_root("the lab")?;
+            let bin = build(false)?;
+            step("starting the lab (Ctrl-C stops it and tears it down)");
+            status(Command::new(bin).arg("lab"))
+        }
+        Task::Lab { smoke } => {
+            setup()?;
+            require_root("the lab")?;
+            let bin = build(false)?;
+            let mut cmd = Command::new(bin);
+            cmd.arg("lab");
+            if smoke {
+                cmd.arg("--smoke");
+            }
+            status(&mut cmd)
+        }
+        Task::Test { args } => {
+            setup()?;
+            require_root("the kernel tests")?;
+            let bin = build(false)?;
+            // A crashed earlier run may have left namespaces or pins behind.
+            status(Command::new(&bin).args(["lab", "--cleanup"]))?;
+            step("running unit and kernel tests");
+            let mut cmd = cargo();
+            cmd.args(["test", "--workspace", "--exclude", "meshpath-ebpf"]);
+            if !args.is_empty() {
+                cmd.arg("--").args(&args);
+            }
+            let result = status(&mut cmd);
+            status(Command::new(&bin).args(["lab", "--cleanup"]))?;
+            result
+        }
+    }
+}
+
+fn step(msg: &str) {
+    eprintln!("==> {msg}");
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ is in the workspace").to_owned()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let st = cmd.status().with_context(|| format!("running {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed ({st})");
+    }
+    Ok(())
+}
+
+fn require_root(what: &str) -> Result<()> {
+    let uid = Command::new("id").arg("-u").output().context("running id -u")?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        bail!("{what} needs root (network namespaces, eBPF): run as root");
+    }
+    Ok(())
+}
+
+fn kubeconfig() -> Option<PathBuf> {
+    if let Some(k) = std::env::var_os("KUBECONFIG").filter(|k| !k.is_empty()) {
+        return Some(PathBuf::from(k));
+    }
+    let home = std::env::var_os("HOME")?;
+    let p = Path::new(&home).join(".kube/config");
+    p.exists().then_some(p)
+}
+
+/// Installs what is missing, and only that.
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES.iter().copied().filter(|p| !deb_installed(p)).collect();
+    if !missing.is_empty() {
+        step(&format!("installing Debian packages: {}", missing.join(" ")));
+        status(Command::new("apt-get").args(["update", "-q"]))?;
+        status(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if !bpf_linker_ok() {
+        step(&format!("installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"));
+        let mut c = cargo();
+        c.args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", LLVM_PREFIX);
+        status(&mut c)?;
+    }
+    Ok(())
+}
+
+fn deb_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new("bpf-linker").arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+/// Builds the meshpath binary and returns its path.
+fn build(release: bool) -> Result<PathBuf> {
+    step(&format!("building meshpath ({})", if release { "release" } else { "debug" }));
+    let mut c = cargo();
+    c.args(["build", "--package", "meshpath"]);
+    if release {
+        c.arg("--release");
+    }
+    status(&mut c)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    Ok(target.join(if release { "release" } else { "debug" }).join("meshpath"))
+}

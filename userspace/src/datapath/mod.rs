@@ -141,6 +141,24 @@ pub fn read_pinned_counters(node: &str) -> Result<Counters> {
     sum_counters(&map)
 }
 
+/// Opens the pinned workload map of a node without loading anything: IP → ifindex.
+pub fn read_pinned_workloads(node: &str) -> Result<BTreeMap<std::net::IpAddr, u32>> {
+    let path = node_pin_dir(node)?.join(MAP_WORKLOADS);
+    let data = MapData::from_pin(&path).map_err(|source| DatapathError::Map { name: MAP_WORKLOADS, source })?;
+    let map: BpfHashMap<_, PodKey, PodValue> = BpfHashMap::try_from(aya::maps::Map::HashMap(data))
+        .map_err(|source| DatapathError::Map { name: MAP_WORKLOADS, source })?;
+    workload_entries(&map)
+}
+
+fn workload_entries<T: std::borrow::Borrow<MapData>>(
+    map: &BpfHashMap<T, PodKey, PodValue>,
+) -> Result<BTreeMap<std::net::IpAddr, u32>> {
+    map.iter()
+        .map(|r| r.map(|(k, v)| (std::net::IpAddr::from(k.0), v.0.ifindex)))
+        .collect::<Result<_, _>>()
+        .map_err(|source| DatapathError::Map { name: MAP_WORKLOADS, source })
+}
+
 fn sum_counters<T: std::borrow::Borrow<MapData>>(map: &PerCpuArray<T, u64>) -> Result<Counters> {
     let mut out = Counters::default();
     for c in Counter::ALL {
@@ -289,11 +307,7 @@ impl Datapath {
 
     /// Current content of the workload map: IP → ifindex.
     pub fn workloads(&self) -> Result<BTreeMap<std::net::IpAddr, u32>> {
-        self.workloads
-            .iter()
-            .map(|r| r.map(|(k, v)| (std::net::IpAddr::from(k.0), v.0.ifindex)))
-            .collect::<Result<_, _>>()
-            .map_err(|source| DatapathError::Map { name: MAP_WORKLOADS, source })
+        workload_entries(&self.workloads)
     }
 
     /// Registers a listening socket so sk_lookup can steer into it.

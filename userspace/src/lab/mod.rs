@@ -333,6 +333,11 @@ impl Lab {
         datapath::read_pinned_counters(&self.nodes[node].name).map_err(|e| LabError::Other(e.to_string()))
     }
 
+    /// The pinned workload map of `node`: IP → ifindex.
+    pub fn workload_map(&self, node: usize) -> Result<std::collections::BTreeMap<IpAddr, u32>> {
+        datapath::read_pinned_workloads(&self.nodes[node].name).map_err(|e| LabError::Other(e.to_string()))
+    }
+
     /// Runs `meshpath uninstall` for `node` inside its namespace.
     pub fn uninstall(&self, node: usize) -> Result<String> {
         let n = &self.nodes[node].name;
@@ -372,6 +377,79 @@ impl Lab {
             );
         }
         s
+    }
+
+    /// Everything of meshpath's still present for `node`: policy rules, routes in its table,
+    /// TC qdiscs, filters and TCX programs on any interface, and bpffs pins. Empty after
+    /// `meshpath uninstall`.
+    pub fn leftovers(&self, node: usize) -> Result<Vec<String>> {
+        use meshpath_common::names::{PROG_TC_INGRESS, ROUTE_TABLE};
+        let ns = self.nodes[node].name.clone();
+        let mut found = Vec::new();
+        let table = ROUTE_TABLE.to_string();
+        for fam in ["-4", "-6"] {
+            for l in ip(&["-n", &ns, fam, "rule", "show"])?.lines() {
+                if l.split_whitespace().any(|w| w == table) {
+                    found.push(format!("rule: {}", l.trim()));
+                }
+            }
+            for l in ip(&["-n", &ns, fam, "route", "show", "table", &table])?.lines() {
+                found.push(format!("route in table {table}: {}", l.trim()));
+            }
+        }
+        for l in run(Command::new("tc").args(["-n", &ns, "qdisc", "show"]))?.lines() {
+            if l.contains("clsact") || l.contains("qdisc ingress") {
+                found.push(format!("qdisc: {}", l.trim()));
+            }
+        }
+        let ifaces: Vec<String> = ip(&["-n", &ns, "-o", "link", "show"])?
+            .lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
+            .filter(|n| !n.is_empty())
+            .collect();
+        for ifname in &ifaces {
+            for dir in ["ingress", "egress"] {
+                let out = run(Command::new("tc").args(["-n", &ns, "filter", "show", "dev", ifname, dir]))?;
+                if !out.trim().is_empty() {
+                    found.push(format!("tc filter on {ifname} {dir}: {}", out.trim()));
+                }
+            }
+        }
+        let tcx = traffic::in_netns(&ns, || -> Vec<String> {
+            let mut v = Vec::new();
+            for ifname in &ifaces {
+                for at in [aya::programs::TcAttachType::Ingress, aya::programs::TcAttachType::Egress] {
+                    if let Ok((_, progs)) = aya::programs::SchedClassifier::query_tcx(ifname, at) {
+                        v.extend(
+                            progs
+                                .iter()
+                                .filter(|p| p.name_as_str() == Some(PROG_TC_INGRESS))
+                                .map(|p| format!("tcx program {PROG_TC_INGRESS} (id {}) on {ifname} {at:?}", p.id())),
+                        );
+                    }
+                }
+            }
+            v
+        })?;
+        found.extend(tcx);
+        let pins = datapath::node_pin_dir(&ns).map_err(|e| LabError::Other(e.to_string()))?;
+        if pins.exists() {
+            found.push(format!("pins: {}", pins.display()));
+        }
+        Ok(found)
+    }
+
+    /// Number of meshpath classifiers attached to `ifname` of `node` (TCX ingress).
+    pub fn tcx_attachments(&self, node: usize, ifname: &str) -> Result<usize> {
+        let ns = self.nodes[node].name.clone();
+        let n = traffic::in_netns(&ns, || {
+            aya::programs::SchedClassifier::query_tcx(ifname, aya::programs::TcAttachType::Ingress).map(|(_, progs)| {
+                progs.iter().filter(|p| p.name_as_str() == Some(meshpath_common::names::PROG_TC_INGRESS)).count()
+            })
+        })?
+        .map_err(|e| LabError::Other(format!("querying tcx on {ifname}: {e}")))?;
+        Ok(n)
     }
 
     /// Stops the daemons, uninstalls meshpath from both nodes and deletes every namespace.

@@ -1,0 +1,207 @@
+//! The datapath on the real kernel, in throwaway network-namespace labs (root needed).
+//! Each test builds its own lab with its own namespaces and pins, so they run in parallel;
+//! the lab tears itself down on drop, also when an assertion fails.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use meshpath::lab::smoke::{self, APP_PORT};
+use meshpath::lab::{Lab, traffic};
+
+fn started_lab() -> Result<Lab> {
+    let mut lab = Lab::build(Path::new(env!("CARGO_BIN_EXE_meshpath"))).context("building the lab")?;
+    lab.start_daemons().context("starting the daemons")?;
+    Ok(lab)
+}
+
+/// One request/response from pod `from` to pod `to` (IPv4, app port).
+fn send(lab: &Lab, from: &str, to: &str, timeout: Duration) -> std::io::Result<traffic::Exchange> {
+    traffic::exchange(&lab.pod(from).netns, None, lab.addr(to, false, APP_PORT), &traffic::payload(4096), timeout)
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn traffic_matrix_goes_through_the_proxy_and_spoofing_is_dropped() -> Result<()> {
+    let lab = started_lab()?;
+    let outcomes = smoke::run_all(&lab)?;
+    let table = smoke::table(&outcomes);
+    println!("{table}");
+    ensure!(outcomes.iter().all(|o| o.ok), "some paths misbehaved:\n{table}");
+    // The matrix covers each direction the issue names.
+    ensure!(outcomes.len() == smoke::matrix().len() + 1);
+    let c = lab.counters(0)?;
+    ensure!(c.classified > 0 && c.steered > 0 && c.spoof_dropped > 0, "node 1 counters did not move: {c:?}");
+    Ok(())
+}
+
+/// With the proxy gone (killed or stopped), the enrolled pods' traffic must fail rather
+/// than flow directly; a restarted daemon picks up the pinned state without duplicates.
+fn fails_closed_then_resumes(kill: bool) -> Result<()> {
+    let mut lab = started_lab()?;
+    let _servers = smoke::start_servers(&lab)?;
+    send(&lab, "a", "c", Duration::from_secs(3)).context("baseline a -> c")?;
+    let before = lab.counters(0)?;
+
+    let status = lab.stop_daemon(0, kill)?.context("daemon was running")?;
+    if !kill {
+        ensure!(status.success(), "clean stop exited with {status}");
+    }
+    // Outbound from the enrolled pod, inbound to it from the other node and from its
+    // neighbour: all must fail, and nothing may reach a server.
+    for (from, to) in [("a", "c"), ("a", "d"), ("d", "a"), ("b", "a")] {
+        let r = send(&lab, from, to, Duration::from_millis(1500));
+        ensure!(r.is_err(), "{from} -> {to} bypassed the stopped proxy: {r:?}");
+    }
+    let during = lab.counters(0)?;
+    ensure!(during.missing_socket >= before.missing_socket + 4, "missing_socket did not count the refusals: {before:?} -> {during:?}");
+    // The pinned datapath stayed attached.
+    ensure!(lab.tcx_attachments(0, "vpa")? == 1, "classifier detached from vpa after stop");
+    // Non-enrolled pairs are untouched.
+    send(&lab, "b", "d", Duration::from_secs(3)).context("b -> d while node 1's proxy is down")?;
+
+    lab.start_daemon(0)?;
+    let x = send(&lab, "a", "c", Duration::from_secs(3)).context("a -> c after restart")?;
+    ensure!(x.echoed_intact && x.server_saw.ip() == x.client.ip());
+    let client = x.client;
+    ensure!(
+        lab.wait_record(0, Duration::from_secs(3), |r| r.src == client)?.is_some(),
+        "restarted proxy did not record a -> c"
+    );
+    // Same maps (counters kept counting), one classifier per interface, no duplicates.
+    let after = lab.counters(0)?;
+    ensure!(after.steered > during.steered && after.classified >= during.classified, "counters reset: {during:?} -> {after:?}");
+    for ifname in ["vpa", "vpb", "ul0"] {
+        ensure!(lab.tcx_attachments(0, ifname)? == 1, "{ifname} has a duplicate or missing classifier after restart");
+    }
+    let links: Vec<_> = std::fs::read_dir(Path::new("/sys/fs/bpf/meshpath").join(&lab.nodes[0].name).join("links"))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    ensure!(links.iter().filter(|l| l.as_str() == "sk_lookup").count() == 1, "sk_lookup pins: {links:?}");
+    Ok(())
+}
+
+#[test]
+fn killed_proxy_fails_closed_and_restart_resumes_on_pinned_state() -> Result<()> {
+    fails_closed_then_resumes(true)
+}
+
+#[test]
+fn stopped_proxy_fails_closed_and_restart_resumes_on_pinned_state() -> Result<()> {
+    fails_closed_then_resumes(false)
+}
+
+#[test]
+fn uninstall_removes_every_rule_attachment_and_pin() -> Result<()> {
+    let mut lab = started_lab()?;
+    let _servers = smoke::start_servers(&lab)?;
+    ensure!(!lab.leftovers(0)?.is_empty(), "leftovers() sees nothing while meshpath runs");
+
+    // Refused while the daemon runs: uninstalling under it would be a bypass it cannot see.
+    let err = lab.uninstall(0).expect_err("uninstall must refuse while the daemon runs").to_string();
+    ensure!(err.contains("still serves"), "unexpected refusal: {err}");
+
+    for n in 0..2 {
+        lab.stop_daemon(n, false)?;
+        let report = lab.uninstall(n)?;
+        println!("node {}: {report}", n + 1);
+        let left = lab.leftovers(n)?;
+        ensure!(left.is_empty(), "node {} still holds: {left:#?}", n + 1);
+    }
+    // A second uninstall is a no-op, not an error.
+    lab.uninstall(0)?;
+    // With meshpath gone, traffic of the formerly enrolled pod flows directly.
+    let x = send(&lab, "a", "c", Duration::from_secs(3)).context("a -> c after uninstall")?;
+    ensure!(x.echoed_intact);
+    let client = x.client;
+    ensure!(lab.records(0)?.iter().all(|r| r.src != client), "a proxy recorded traffic after uninstall");
+    Ok(())
+}
+
+#[test]
+fn workload_file_changes_apply_live_and_bad_files_change_nothing() -> Result<()> {
+    let lab = started_lab()?;
+    let _servers = smoke::start_servers(&lab)?;
+    let a: IpAddr = lab.pod("a").v4;
+
+    // Unenrol a: its traffic goes direct within a second.
+    lab.write_workloads(&["c"])?;
+    wait_until("a to leave node 1's map", Duration::from_secs(2), || Ok(!lab.workload_map(0)?.contains_key(&a)))?;
+    let x = send(&lab, "a", "d", Duration::from_secs(3))?;
+    let client = x.client;
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(lab.records(0)?.iter().all(|r| r.src != client), "unenrolled pod still proxied");
+
+    // Enrol it again, now also b.
+    lab.write_workloads(&["a", "b", "c"])?;
+    wait_until("a and b in node 1's map", Duration::from_secs(2), || {
+        let m = lab.workload_map(0)?;
+        Ok(m.contains_key(&a) && m.contains_key(&lab.pod("b").v4))
+    })?;
+    let good = lab.workload_map(0)?;
+
+    // Bad edits: rejected with a clear message, map and capture unchanged.
+    let log = lab.daemon_log_path(0);
+    let bad_files = [
+        ("broken YAML", "workloads: [".to_string()),
+        ("duplicate IP", lab.workloads_yaml(&["a", "b", "c"]).replace(&lab.pod("b").v4.to_string(), &a.to_string())),
+        ("unknown field", lab.workloads_yaml(&["a"]).replace("namespace: lab", "namespace: lab\n    colour: blue")),
+    ];
+    for (what, text) in bad_files {
+        let before = std::fs::read_to_string(&log)?.matches("rejected workload file").count();
+        lab.write_workloads_text(&text)?;
+        wait_until(&format!("the daemon to reject the {what} file"), Duration::from_secs(3), || {
+            Ok(std::fs::read_to_string(&log)?.matches("rejected workload file").count() > before)
+        })?;
+        ensure!(lab.workload_map(0)? == good, "{what}: the map changed");
+        let x = send(&lab, "a", "d", Duration::from_secs(3))?;
+        let client = x.client;
+        ensure!(
+            lab.wait_record(0, Duration::from_secs(3), |r| r.src == client)?.is_some(),
+            "{what}: a's traffic is no longer captured"
+        );
+    }
+    let line = std::fs::read_to_string(&log)?.lines().filter(|l| l.contains("rejected workload file")).last().unwrap_or_default().to_string();
+    ensure!(line.contains("workloads.yaml"), "the message does not name the file: {line}");
+    Ok(())
+}
+
+fn meshpath(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_meshpath")).args(args).output().expect("runs")
+}
+
+#[test]
+fn bad_input_gives_one_clear_line_and_no_backtrace() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("meshpath-badinput-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "workloads:\n  - name: x\n    ips: [not-an-ip]\n")?;
+    let cases: [(&[&str], &str); 4] = [
+        (&["node", "--node", "n1", "--workloads", "/nonexistent/w.yaml"], "/nonexistent/w.yaml"),
+        (&["node", "--node", "n1", "--workloads", bad.to_str().unwrap()], "bad.yaml"),
+        (&["node", "--node", "../etc", "--workloads", bad.to_str().unwrap()], "invalid node name"),
+        (&["uninstall", "--node", "UPPER"], "invalid node name"),
+    ];
+    for (args, needle) in cases {
+        let out = meshpath(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("meshpath: error:")).collect();
+        ensure!(!out.status.success(), "{args:?} succeeded");
+        ensure!(errors.len() == 1 && errors[0].contains(needle), "{args:?}: wanted one error line naming {needle:?}, got:\n{stderr}");
+        ensure!(!stderr.contains("panicked") && !stderr.contains("stack backtrace"), "{args:?} panicked:\n{stderr}");
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
