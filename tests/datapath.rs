@@ -12,7 +12,13 @@ use meshpath::lab::smoke::{self, APP_PORT};
 use meshpath::lab::{Lab, traffic};
 
 fn started_lab() -> Result<Lab> {
+    started_lab_with(&[])
+}
+
+/// A lab whose daemons get `args` on top of the lab's own.
+fn started_lab_with(args: &[&str]) -> Result<Lab> {
     let mut lab = Lab::build(Path::new(env!("CARGO_BIN_EXE_meshpath"))).context("building the lab")?;
+    lab.daemon_args = args.iter().map(|a| a.to_string()).collect();
     lab.start_daemons().context("starting the daemons")?;
     Ok(lab)
 }
@@ -49,10 +55,9 @@ fn traffic_matrix_goes_through_the_proxy_and_spoofing_is_dropped() -> Result<()>
 
 /// With the proxy gone (killed or stopped), the enrolled pods' traffic must fail rather
 /// than flow directly; a restarted daemon picks up the pinned state without duplicates.
-fn fails_closed_then_resumes(kill: bool) -> Result<()> {
-    let mut lab = started_lab()?;
-    let _servers = smoke::start_servers(&lab)?;
-    send(&lab, "a", "c", Duration::from_secs(3)).context("baseline a -> c")?;
+fn fails_closed_then_resumes(lab: &mut Lab, kill: bool) -> Result<()> {
+    let _servers = smoke::start_servers(lab)?;
+    send(lab, "a", "c", Duration::from_secs(3)).context("baseline a -> c")?;
     let before = lab.counters(0)?;
 
     let status = lab.stop_daemon(0, kill)?.context("daemon was running")?;
@@ -62,18 +67,18 @@ fn fails_closed_then_resumes(kill: bool) -> Result<()> {
     // Outbound from the enrolled pod, inbound to it from the other node and from its
     // neighbour: all must fail, and nothing may reach a server.
     for (from, to) in [("a", "c"), ("a", "d"), ("d", "a"), ("b", "a")] {
-        let r = send(&lab, from, to, Duration::from_millis(1500));
+        let r = send(lab, from, to, Duration::from_millis(1500));
         ensure!(r.is_err(), "{from} -> {to} bypassed the stopped proxy: {r:?}");
     }
     let during = lab.counters(0)?;
     ensure!(during.missing_socket >= before.missing_socket + 4, "missing_socket did not count the refusals: {before:?} -> {during:?}");
     // The pinned datapath stayed attached.
-    ensure!(lab.tcx_attachments(0, "vpa")? == 1, "classifier detached from vpa after stop");
+    ensure!(lab.classifiers(0, "vpa")? == 1, "classifier detached from vpa after stop");
     // Non-enrolled pairs are untouched.
-    send(&lab, "b", "d", Duration::from_secs(3)).context("b -> d while node 1's proxy is down")?;
+    send(lab, "b", "d", Duration::from_secs(3)).context("b -> d while node 1's proxy is down")?;
 
     lab.start_daemon(0)?;
-    let x = send(&lab, "a", "c", Duration::from_secs(3)).context("a -> c after restart")?;
+    let x = send(lab, "a", "c", Duration::from_secs(3)).context("a -> c after restart")?;
     ensure!(x.echoed_intact && x.server_saw.ip() == x.client.ip());
     let client = x.client;
     ensure!(
@@ -84,7 +89,7 @@ fn fails_closed_then_resumes(kill: bool) -> Result<()> {
     let after = lab.counters(0)?;
     ensure!(after.steered > during.steered && after.classified >= during.classified, "counters reset: {during:?} -> {after:?}");
     for ifname in ["vpa", "vpb", "ul0"] {
-        ensure!(lab.tcx_attachments(0, ifname)? == 1, "{ifname} has a duplicate or missing classifier after restart");
+        ensure!(lab.classifiers(0, ifname)? == 1, "{ifname} has a duplicate or missing classifier after restart");
     }
     let links: Vec<_> = std::fs::read_dir(Path::new("/sys/fs/bpf/meshpath").join(&lab.nodes[0].name).join("links"))?
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
@@ -95,12 +100,34 @@ fn fails_closed_then_resumes(kill: bool) -> Result<()> {
 
 #[test]
 fn killed_proxy_fails_closed_and_restart_resumes_on_pinned_state() -> Result<()> {
-    fails_closed_then_resumes(true)
+    fails_closed_then_resumes(&mut started_lab()?, true)
 }
 
 #[test]
 fn stopped_proxy_fails_closed_and_restart_resumes_on_pinned_state() -> Result<()> {
-    fails_closed_then_resumes(false)
+    fails_closed_then_resumes(&mut started_lab()?, false)
+}
+
+/// The clsact/netlink attachment older kernels get, forced on this one: same traffic, same
+/// fail-closed restart (the filter's program is swapped in place), and a clean uninstall.
+#[test]
+fn netlink_attach_mode_captures_fails_closed_and_uninstalls_cleanly() -> Result<()> {
+    let mut lab = started_lab_with(&["--tc-attach", "netlink"])?;
+    ensure!(lab.classifiers(0, "vpa")? == 1, "no classifier on vpa");
+    let filters = Command::new("tc").args(["-n", &lab.nodes[0].name, "filter", "show", "dev", "vpa", "ingress"]).output()?;
+    let filters = String::from_utf8_lossy(&filters.stdout);
+    ensure!(filters.contains("mp_tc_ingress") && filters.contains("pref 1519"), "not a cls_bpf filter: {filters}");
+    let outcomes = smoke::run_all(&lab)?;
+    let table = smoke::table(&outcomes);
+    ensure!(outcomes.iter().all(|o| o.ok), "netlink mode misbehaved:\n{table}");
+    fails_closed_then_resumes(&mut lab, true)?;
+    for n in 0..2 {
+        lab.stop_daemon(n, false)?;
+        println!("node {}: {}", n + 1, lab.uninstall(n)?);
+        let left = lab.leftovers(n)?;
+        ensure!(left.is_empty(), "node {} still holds: {left:#?}", n + 1);
+    }
+    Ok(())
 }
 
 #[test]

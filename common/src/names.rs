@@ -27,6 +27,13 @@ pub const PIN_SK_LOOKUP_LINK: &str = "sk_lookup";
 /// Prefix of TC link pins inside [`PIN_LINKS_SUBDIR`]; the interface index follows.
 pub const PIN_TC_LINK_PREFIX: &str = "tc_ingress_if";
 
+/// Legacy (clsact/netlink) attachment of the classifier, for kernels without TCX: filter
+/// priority (lower runs first; the kernel's default is 49152) and handle.
+pub const TC_FILTER_PRIORITY: u16 = 1519;
+pub const TC_FILTER_HANDLE: u16 = 1;
+/// Node state that cannot live on bpffs (which holds only pins): `<dir>/<node>/`.
+pub const STATE_DIR: &str = "/run/meshpath";
+
 /// Captured outbound traffic of enrolled pods.
 pub const PORT_OUTBOUND: u16 = 15001;
 /// Inbound plaintext to enrolled pods.

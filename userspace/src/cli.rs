@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
+use crate::datapath::AttachMode;
 use crate::lab::{self, Lab, smoke};
 use crate::node::{self, NodeConfig};
 
@@ -69,6 +70,17 @@ pub struct NodeArgs {
     /// Timeout for upstream connects.
     #[arg(long, env = "MESHPATH_CONNECT_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
     pub connect_timeout_secs: u64,
+    /// How to attach the TC classifier: TCX where the kernel has it (auto), or force one.
+    #[arg(long, env = "MESHPATH_TC_ATTACH", default_value = "auto")]
+    pub tc_attach: TcAttach,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum TcAttach {
+    Auto,
+    Tcx,
+    /// clsact qdisc + cls_bpf filter over netlink (kernels before 6.6).
+    Netlink,
 }
 
 #[derive(Debug, Args)]
@@ -107,6 +119,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 readiness_port: a.readiness_port,
                 poll_interval: Duration::from_millis(a.poll_interval_ms),
                 connect_timeout: Duration::from_secs(a.connect_timeout_secs),
+                attach_mode: match a.tc_attach {
+                    TcAttach::Auto => AttachMode::detect(),
+                    TcAttach::Tcx => AttachMode::Tcx,
+                    TcAttach::Netlink => AttachMode::Netlink,
+                },
             };
             runtime()?.block_on(node::run(cfg, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use tokio::sync::watch;
 
 use crate::admin::{self, Readiness};
-use crate::datapath::{self, Datapath, DatapathError};
+use crate::datapath::{self, AttachMode, Datapath, DatapathError};
 use crate::proxy::{self, Proxy, ProxyConfig, WorkloadIndex, access_log::AccessLog};
 use crate::routing::{self, Routing, RoutingError};
 use crate::workloads::{WorkloadFile, WorkloadsError};
@@ -48,6 +48,7 @@ pub struct NodeConfig {
     pub readiness_port: u16,
     pub poll_interval: Duration,
     pub connect_timeout: Duration,
+    pub attach_mode: AttachMode,
 }
 
 /// Runs until `shutdown` resolves. On return the listeners are closed, so enrolled traffic
@@ -61,7 +62,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let listeners = proxy::bind_listeners()?;
 
     let routing = Routing::connect()?;
-    let mut dp = Datapath::load(&cfg.node)?;
+    let mut dp = Datapath::load(&cfg.node, cfg.attach_mode)?;
     routing.install_capture().await?;
 
     let proxy = Proxy::new(
@@ -236,9 +237,17 @@ pub async fn uninstall(node: &str, readiness_port: u16) -> Result<String, NodeEr
     }
     let routing = Routing::connect()?;
     let (rules, routes) = routing.remove_capture().await?;
+    let names = routing::names_by_index(&routing.interfaces().await?);
+    let (qdiscs, filters) = datapath::detach_netlink_filters(node, |i| names.get(&i).cloned())?;
+    for ifindex in &qdiscs {
+        routing.delete_clsact(*ifindex).await?;
+    }
     let pins = datapath::unpin_all(node)?;
     Ok(format!(
-        "removed {rules} routing rule(s), {routes} route(s), {} link pin(s) (detaching their programs) and {} map pin(s) of node {node}",
-        pins.links, pins.maps
+        "removed {rules} routing rule(s), {routes} route(s), {} link pin(s) (detaching their programs), {filters} tc filter(s), \
+         {} clsact qdisc(s) and {} map pin(s) of node {node}",
+        pins.links,
+        qdiscs.len(),
+        pins.maps
     ))
 }

@@ -207,6 +207,18 @@ impl Routing {
     }
 }
 
+impl Routing {
+    /// Deletes the clsact qdisc of `ifindex` (with whatever filters it still holds).
+    pub async fn delete_clsact(&self, ifindex: u32) -> Result<()> {
+        use rtnetlink::packet_route::tc::TcHandle;
+        let handle = self.handle.clone();
+        let mut req = handle.qdisc().del(ifindex as i32);
+        req.message_mut().header.parent = TcHandle::CLSACT;
+        req.message_mut().header.handle = TcHandle { major: 0xffff, minor: 0 };
+        ok_if_missing(req.execute().await).map_err(nl(format!("deleting the clsact qdisc of ifindex {ifindex}")))
+    }
+}
+
 trait BuildLocal {
     fn build_local(self, lo: u32) -> RouteMessage;
 }

@@ -101,7 +101,7 @@ fn run(task: Task) -> Result<()> {
             if !args.is_empty() {
                 cmd.arg("--").args(&args);
             }
-            let result = status(&mut cmd);
+            let result = run_tests(&mut cmd);
             status(Command::new(&bin).args(["lab", "--cleanup"]))?;
             result
         }
@@ -125,6 +125,36 @@ fn cargo() -> Command {
 fn status(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let st = cmd.status().with_context(|| format!("running {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed ({st})");
+    }
+    Ok(())
+}
+
+/// Runs cargo test, echoing its output, and ends with one summary line over every test
+/// binary (cargo's own last line is often an empty doc-test run).
+fn run_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let shown = format!("{cmd:?}");
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().with_context(|| format!("running {shown}"))?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word))
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+            ignored += count(" ignored");
+        }
+    }
+    let st = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
     if !st.success() {
         bail!("{shown} failed ({st})");
     }

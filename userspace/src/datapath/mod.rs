@@ -15,12 +15,13 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, SockMap};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::tc::TcAttachOptions;
+use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, SkLookup, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use meshpath_common::names::{
     BPFFS_ROOT, MAP_COUNTERS, MAP_LISTENERS, MAP_WORKLOADS, PIN_DIR, PIN_LINKS_SUBDIR,
-    PIN_SK_LOOKUP_LINK, PIN_TC_LINK_PREFIX, PROG_SK_LOOKUP, PROG_TC_INGRESS,
+    PIN_SK_LOOKUP_LINK, PIN_TC_LINK_PREFIX, PROG_SK_LOOKUP, PROG_TC_INGRESS, STATE_DIR,
+    TC_FILTER_HANDLE, TC_FILTER_PRIORITY,
 };
 use meshpath_common::{Counter, Listener, WorkloadKey, WorkloadValue};
 use sys::{PodKey, PodValue};
@@ -100,6 +101,40 @@ pub fn ensure_bpffs() -> Result<()> {
     Ok(())
 }
 
+/// How the TC classifier is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// TCX links (Linux 6.6+): pinned, replaced atomically, shown by BPF_PROG_QUERY.
+    Tcx,
+    /// A cls_bpf filter on a clsact qdisc, over netlink: for older kernels. The filter
+    /// lives until removed; restarts swap its program in place.
+    Netlink,
+}
+
+impl AttachMode {
+    pub fn kernel_has_tcx() -> bool {
+        aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+    }
+
+    /// TCX where the kernel has it, netlink otherwise.
+    pub fn detect() -> Self {
+        if Self::kernel_has_tcx() { AttachMode::Tcx } else { AttachMode::Netlink }
+    }
+}
+
+/// A classifier attachment this instance made or took over.
+enum TcAttachment {
+    Tcx(#[allow(dead_code, reason = "held for its fd; the pin keeps the link")] PinnedLink),
+    Netlink,
+}
+
+/// `/run/meshpath/<node>/clsact/`: one file per interface holding a netlink filter of ours,
+/// saying whether we also created its clsact qdisc (and so may remove it on uninstall).
+fn netlink_state_dir(node: &str) -> Result<PathBuf> {
+    validate_node_name(node)?;
+    Ok(Path::new(STATE_DIR).join(node).join("clsact"))
+}
+
 /// Sum of a counter over all CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Counters {
@@ -171,7 +206,9 @@ fn sum_counters<T: std::borrow::Borrow<MapData>>(map: &PerCpuArray<T, u64>) -> R
 /// A loaded and attached datapath for one node.
 pub struct Datapath {
     // Field order matters for drop: links and maps are closed before the object.
-    tc_links: BTreeMap<u32, PinnedLink>,
+    tc_links: BTreeMap<u32, TcAttachment>,
+    mode: AttachMode,
+    node: String,
     _sk_lookup_link: PinnedLink,
     workloads: BpfHashMap<MapData, PodKey, PodValue>,
     listeners: SockMap<MapData>,
@@ -185,9 +222,9 @@ impl Datapath {
     /// Loads the object with its maps pinned under the node's directory (reusing pins a
     /// previous instance left), loads the programs and attaches sk_lookup to the current
     /// network namespace. TC attachments are made per interface with [`Self::attach_tc`].
-    pub fn load(node: &str) -> Result<Self> {
-        if !aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0)) {
-            return Err(DatapathError::KernelFeature { feature: "TCX (Linux 6.6)" });
+    pub fn load(node: &str, mode: AttachMode) -> Result<Self> {
+        if mode == AttachMode::Tcx && !AttachMode::kernel_has_tcx() {
+            return Err(DatapathError::KernelFeature { feature: "TCX (Linux 6.6; use the netlink attach mode)" });
         }
         ensure_bpffs()?;
         let pin_dir = node_pin_dir(node)?;
@@ -231,6 +268,8 @@ impl Datapath {
         tracing::info!(pin_dir = %pin_dir.display(), "datapath loaded; sk_lookup attached to this network namespace");
         Ok(Self {
             tc_links: BTreeMap::new(),
+            mode,
+            node: node.to_owned(),
             _sk_lookup_link: sk_lookup_link,
             workloads,
             listeners,
@@ -259,13 +298,28 @@ impl Datapath {
         self.tc_links.keys().copied().collect()
     }
 
-    /// Attaches the TC classifier at the head of `ifname`'s TCX ingress chain (so no
-    /// other program can redirect enrolled traffic past it) and pins the link. An older
-    /// pinned link for the same interface is released only after the new one is in place.
+    /// Attaches the TC classifier to `ifname`'s ingress, ahead of other programs so none can
+    /// redirect enrolled traffic past it. An attachment a previous instance left is replaced
+    /// without a moment where the interface has no classifier.
     pub fn attach_tc(&mut self, ifindex: u32, ifname: &str) -> Result<()> {
         if self.tc_links.contains_key(&ifindex) {
             return Ok(());
         }
+        let attachment = match self.mode {
+            AttachMode::Tcx => TcAttachment::Tcx(self.attach_tcx(ifindex, ifname)?),
+            AttachMode::Netlink => {
+                self.attach_netlink(ifindex, ifname)?;
+                TcAttachment::Netlink
+            }
+        };
+        self.tc_links.insert(ifindex, attachment);
+        tracing::info!(ifname, ifindex, mode = ?self.mode, "attached TC classifier (ingress)");
+        Ok(())
+    }
+
+    /// TCX: a new link at the head of the chain, pinned in place of the old one, which is
+    /// released only once the new one runs.
+    fn attach_tcx(&mut self, ifindex: u32, ifname: &str) -> Result<PinnedLink> {
         let pin = self.tc_pin_path(ifindex);
         let tc: &mut SchedClassifier = program(&mut self.ebpf, PROG_TC_INGRESS)?;
         let id = tc
@@ -273,9 +327,43 @@ impl Datapath {
             .map_err(|source| DatapathError::Program { name: PROG_TC_INGRESS, source })?;
         let link = tc.take_link(id).map_err(|source| DatapathError::Program { name: PROG_TC_INGRESS, source })?;
         let link = FdLink::try_from(link).map_err(|source| DatapathError::Link { path: pin.clone(), source })?;
-        let pinned = replace_pin(link, &pin)?;
-        self.tc_links.insert(ifindex, pinned);
-        tracing::info!(ifname, ifindex, "attached TC classifier (tcx ingress)");
+        replace_pin(link, &pin)
+    }
+
+    /// Netlink: swaps the program of our existing filter in place, or creates the filter
+    /// (and the clsact qdisc if the interface has none).
+    fn attach_netlink(&mut self, ifindex: u32, ifname: &str) -> Result<()> {
+        let state = netlink_state_dir(&self.node)?;
+        std::fs::create_dir_all(&state).map_err(io_err(&state))?;
+        let marker = state.join(ifindex.to_string());
+        let created_qdisc = match tc::qdisc_add_clsact(ifname) {
+            Ok(()) => true,
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
+            Err(e) => return Err(DatapathError::Program { name: PROG_TC_INGRESS, source: e.into() }),
+        };
+        // Remember a qdisc we created before anything can fail, so uninstall removes it.
+        if created_qdisc || !marker.exists() {
+            std::fs::write(&marker, if created_qdisc { "qdisc-created\n" } else { "qdisc-existing\n" })
+                .map_err(io_err(&marker))?;
+        }
+        let handle = TcHandle::new(0, TC_FILTER_HANDLE);
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, PROG_TC_INGRESS)?;
+        let prog_err = |source| DatapathError::Program { name: PROG_TC_INGRESS, source };
+        let existing = SchedClassifierLink::attached(ifname, TcAttachType::Ingress, TC_FILTER_PRIORITY, handle, None)
+            .map_err(io_err(Path::new(ifname)))?;
+        let id = match tc.attach_to_link(existing) {
+            Ok(id) => id,
+            Err(_) => tc
+                .attach_with_options(
+                    ifname,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::Netlink(NlOptions { priority: TC_FILTER_PRIORITY, handle, classid: None }),
+                )
+                .map_err(prog_err)?,
+        };
+        // The filter must outlive this process (fail closed): forget the handle, whose drop
+        // would detach it. `meshpath uninstall` removes it.
+        std::mem::forget(tc.take_link(id).map_err(prog_err)?);
         Ok(())
     }
 
@@ -283,6 +371,12 @@ impl Datapath {
     /// and forgets them.
     pub fn prune_tc(&mut self, existing: &BTreeSet<u32>) -> Result<()> {
         self.tc_links.retain(|ifindex, _| existing.contains(ifindex));
+        // Netlink filters and qdiscs go with their interface; only our note of them stays.
+        for (ifindex, path) in netlink_filters(&self.node)? {
+            if !existing.contains(&ifindex) {
+                remove_file_if_exists(&path)?;
+            }
+        }
         for (ifindex, path) in pinned_tc_links(&self.pin_dir)? {
             if !existing.contains(&ifindex) {
                 remove_file_if_exists(&path)?;
@@ -366,6 +460,54 @@ fn pinned_tc_links(pin_dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
         }
     }
     Ok(out)
+}
+
+/// Interfaces that hold a netlink filter of `node`: (ifindex, state file).
+fn netlink_filters(node: &str) -> Result<Vec<(u32, PathBuf)>> {
+    let dir = netlink_state_dir(node)?;
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(DatapathError::Io { path: dir, source: e }),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err(&dir))?;
+        if let Some(ifindex) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
+            out.push((ifindex, entry.path()));
+        }
+    }
+    Ok(out)
+}
+
+/// Removes `node`'s netlink filters. `ifname_of` maps an ifindex of this namespace to its
+/// name. Returns the interfaces whose clsact qdisc meshpath created (for the caller to
+/// remove, now that our filter is gone) and the number of filters removed.
+pub fn detach_netlink_filters(node: &str, ifname_of: impl Fn(u32) -> Option<String>) -> Result<(Vec<u32>, usize)> {
+    let mut qdiscs = Vec::new();
+    let mut removed = 0;
+    for (ifindex, path) in netlink_filters(node)? {
+        if let Some(ifname) = ifname_of(ifindex) {
+            let handle = TcHandle::new(0, TC_FILTER_HANDLE);
+            if let Ok(link) = SchedClassifierLink::attached(&ifname, TcAttachType::Ingress, TC_FILTER_PRIORITY, handle, None) {
+                use aya::programs::links::Link as _;
+                // Already gone is fine: uninstall is idempotent.
+                if link.detach().is_ok() {
+                    removed += 1;
+                }
+            }
+            if std::fs::read_to_string(&path).is_ok_and(|s| s.starts_with("qdisc-created")) {
+                qdiscs.push(ifindex);
+            }
+        }
+        remove_file_if_exists(&path)?;
+    }
+    let node_state = Path::new(STATE_DIR).join(node);
+    if node_state.exists() {
+        std::fs::remove_dir_all(&node_state).map_err(io_err(&node_state))?;
+    }
+    let _ = std::fs::remove_dir(STATE_DIR);
+    Ok((qdiscs, removed))
 }
 
 /// What `uninstall` removed from bpffs.

@@ -76,6 +76,8 @@ pub struct Lab {
     pub binary: PathBuf,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
+    /// Extra arguments for every `meshpath node` the lab starts.
+    pub daemon_args: Vec<String>,
     namespaces: Vec<String>,
     keep_dir: bool,
 }
@@ -119,6 +121,7 @@ impl Lab {
             dir,
             nodes,
             pods,
+            daemon_args: Vec::new(),
             namespaces: Vec::new(),
             keep_dir: std::env::var_os("MESHPATH_LAB_KEEP").is_some(),
         };
@@ -234,6 +237,7 @@ impl Lab {
         for c in POD_CIDRS {
             cmd.args(["--pod-cidr", c]);
         }
+        cmd.args(&self.daemon_args);
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         cmd
     }
@@ -437,19 +441,25 @@ impl Lab {
         if pins.exists() {
             found.push(format!("pins: {}", pins.display()));
         }
+        let state = Path::new(meshpath_common::names::STATE_DIR).join(&ns);
+        if state.exists() {
+            found.push(format!("state: {}", state.display()));
+        }
         Ok(found)
     }
 
-    /// Number of meshpath classifiers attached to `ifname` of `node` (TCX ingress).
-    pub fn tcx_attachments(&self, node: usize, ifname: &str) -> Result<usize> {
+    /// Number of meshpath classifiers on `ifname` of `node`: TCX programs plus cls_bpf
+    /// filters running it.
+    pub fn classifiers(&self, node: usize, ifname: &str) -> Result<usize> {
+        use meshpath_common::names::PROG_TC_INGRESS;
         let ns = self.nodes[node].name.clone();
-        let n = traffic::in_netns(&ns, || {
-            aya::programs::SchedClassifier::query_tcx(ifname, aya::programs::TcAttachType::Ingress).map(|(_, progs)| {
-                progs.iter().filter(|p| p.name_as_str() == Some(meshpath_common::names::PROG_TC_INGRESS)).count()
-            })
+        let tcx = traffic::in_netns(&ns, || {
+            aya::programs::SchedClassifier::query_tcx(ifname, aya::programs::TcAttachType::Ingress)
+                .map(|(_, progs)| progs.iter().filter(|p| p.name_as_str() == Some(PROG_TC_INGRESS)).count())
         })?
         .map_err(|e| LabError::Other(format!("querying tcx on {ifname}: {e}")))?;
-        Ok(n)
+        let filters = run(Command::new("tc").args(["-n", &ns, "filter", "show", "dev", ifname, "ingress"]))?;
+        Ok(tcx + filters.lines().filter(|l| l.contains(PROG_TC_INGRESS)).count())
     }
 
     /// Stops the daemons, uninstalls meshpath from both nodes and deletes every namespace.
