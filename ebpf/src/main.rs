@@ -9,8 +9,8 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, sk_action},
-    macros::{classifier, map, sk_lookup},
-    maps::{HashMap, PerCpuArray, SockMap},
+    btf_maps::{HashMap, PerCpuArray, SockMap},
+    macros::{btf_map, classifier, sk_lookup},
     programs::{SkLookupContext, TcContext},
 };
 use aya_log_ebpf::warn;
@@ -20,14 +20,16 @@ use meshpath_common::{
     packet::{self, IPPROTO_TCP, Packet, Verdict},
 };
 
-#[map]
-static MP_WORKLOADS: HashMap<WorkloadKey, WorkloadValue> = HashMap::with_max_entries(MAX_WORKLOADS, 0);
+// BTF-defined maps: their key and value types travel with them, so bpftool (and
+// `meshpath map`) can print entries as typed structs.
+#[btf_map]
+static MP_WORKLOADS: HashMap<WorkloadKey, WorkloadValue, { MAX_WORKLOADS as usize }> = HashMap::new();
 
-#[map]
-static MP_LISTENERS: SockMap = SockMap::with_max_entries(Listener::SLOTS, 0);
+#[btf_map]
+static MP_LISTENERS: SockMap<{ Listener::SLOTS as usize }> = SockMap::new();
 
-#[map]
-static MP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+#[btf_map]
+static MP_COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;

@@ -445,35 +445,25 @@ fn remove_file_if_exists(path: &Path) -> Result<()> {
 
 /// TC link pins in a node's directory: (ifindex, path).
 fn pinned_tc_links(pin_dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
-    let dir = pin_dir.join(PIN_LINKS_SUBDIR);
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(DatapathError::Io { path: dir, source: e }),
-    };
-    let mut out = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io_err(&dir))?;
-        let name = entry.file_name();
-        if let Some(ifindex) = name.to_str().and_then(|n| n.strip_prefix(PIN_TC_LINK_PREFIX)).and_then(|i| i.parse().ok()) {
-            out.push((ifindex, entry.path()));
-        }
-    }
-    Ok(out)
+    per_interface_entries(&pin_dir.join(PIN_LINKS_SUBDIR), PIN_TC_LINK_PREFIX)
 }
 
 /// Interfaces that hold a netlink filter of `node`: (ifindex, state file).
 fn netlink_filters(node: &str) -> Result<Vec<(u32, PathBuf)>> {
-    let dir = netlink_state_dir(node)?;
-    let entries = match std::fs::read_dir(&dir) {
+    per_interface_entries(&netlink_state_dir(node)?, "")
+}
+
+/// Entries of `dir` named `<prefix><ifindex>`: (ifindex, path). A missing dir is empty.
+fn per_interface_entries(dir: &Path, prefix: &str) -> Result<Vec<(u32, PathBuf)>> {
+    let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(DatapathError::Io { path: dir, source: e }),
+        Err(e) => return Err(DatapathError::Io { path: dir.to_owned(), source: e }),
     };
     let mut out = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(io_err(&dir))?;
-        if let Some(ifindex) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
+        let entry = entry.map_err(io_err(dir))?;
+        if let Some(ifindex) = entry.file_name().to_str().and_then(|n| n.strip_prefix(prefix)).and_then(|i| i.parse().ok()) {
             out.push((ifindex, entry.path()));
         }
     }
