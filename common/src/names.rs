@@ -2,12 +2,15 @@
 
 /// Hash map: enrolled workload IP ([`crate::WorkloadKey`]) → [`crate::WorkloadValue`].
 pub const MAP_WORKLOADS: &str = "MP_WORKLOADS";
+/// Hash map: ifindex of a host-side veth with an enrolled workload behind it → 0. TCP from
+/// such an interface must carry one of the workload's enrolled IPs.
+pub const MAP_WORKLOAD_IFS: &str = "MP_WORKLOAD_IFS";
 /// SOCKMAP of the proxy's listening sockets, indexed by [`crate::Listener::slot`].
 pub const MAP_LISTENERS: &str = "MP_LISTENERS";
 /// Per-CPU array of `u64` datapath counters, indexed by [`crate::Counter`].
 pub const MAP_COUNTERS: &str = "MP_COUNTERS";
 /// Every map meshpath pins, in a stable order.
-pub const PINNED_MAPS: [&str; 3] = [MAP_WORKLOADS, MAP_LISTENERS, MAP_COUNTERS];
+pub const PINNED_MAPS: [&str; 4] = [MAP_WORKLOADS, MAP_WORKLOAD_IFS, MAP_LISTENERS, MAP_COUNTERS];
 
 /// TC classifier for pod-facing veths and uplinks (ingress).
 pub const PROG_TC_INGRESS: &str = "mp_tc_ingress";

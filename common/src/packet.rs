@@ -125,21 +125,26 @@ pub enum Verdict {
     DropMalformed,
 }
 
-/// Decides a packet's fate. `src`/`dst` are the workload-map entries of its addresses.
+/// Decides a packet's fate. `src`/`dst` are the workload-map entries of its addresses;
+/// `from_workload_if` says whether it arrived on the veth of an enrolled workload.
 #[inline(always)]
 pub fn classify(
     flow: &Flow,
     mark: u32,
     ingress_ifindex: u32,
+    from_workload_if: bool,
     src: Option<WorkloadValue>,
     dst: Option<WorkloadValue>,
 ) -> Verdict {
-    if let Some(s) = src {
+    match src {
         // Identity is derived from the source IP, so this check comes before anything else
         // and applies to every protocol.
-        if s.ifindex != ingress_ifindex {
-            return Verdict::DropSpoofed;
-        }
+        Some(s) if s.ifindex != ingress_ifindex => return Verdict::DropSpoofed,
+        // TCP from an enrolled workload's veth with a source that is not one of its enrolled
+        // IPs (an IPv6 link-local, an unlisted secondary address) would escape capture.
+        // Other protocols (neighbour discovery, ICMP) keep working.
+        None if from_workload_if && flow.proto == IPPROTO_TCP => return Verdict::DropSpoofed,
+        _ => {}
     }
     if src.is_none() && dst.is_none() {
         return Verdict::Pass;
@@ -247,40 +252,51 @@ mod tests {
 
     #[test]
     fn tcp_from_or_to_an_enrolled_workload_is_captured() {
-        assert_eq!(classify(&flow(IPPROTO_TCP), 0, POD_IF, Some(POD), None), Verdict::Capture);
-        assert_eq!(classify(&flow(IPPROTO_TCP), 0, OTHER_IF, None, Some(POD)), Verdict::Capture);
-        assert_eq!(classify(&flow(IPPROTO_TCP), 0, POD_IF, Some(POD), Some(WorkloadValue::new(3))), Verdict::Capture);
+        assert_eq!(classify(&flow(IPPROTO_TCP), 0, POD_IF, true, Some(POD), None), Verdict::Capture);
+        assert_eq!(classify(&flow(IPPROTO_TCP), 0, OTHER_IF, false, None, Some(POD)), Verdict::Capture);
+        assert_eq!(classify(&flow(IPPROTO_TCP), 0, POD_IF, true, Some(POD), Some(WorkloadValue::new(3))), Verdict::Capture);
     }
 
     #[test]
     fn non_enrolled_and_non_tcp_traffic_passes() {
-        assert_eq!(classify(&flow(IPPROTO_TCP), 0, POD_IF, None, None), Verdict::Pass);
-        assert_eq!(classify(&flow(17), 0, POD_IF, Some(POD), None), Verdict::Pass);
-        assert_eq!(classify(&flow(1), 0, OTHER_IF, None, Some(POD)), Verdict::Pass);
+        assert_eq!(classify(&flow(IPPROTO_TCP), 0, POD_IF, false, None, None), Verdict::Pass);
+        assert_eq!(classify(&flow(17), 0, POD_IF, true, Some(POD), None), Verdict::Pass);
+        assert_eq!(classify(&flow(1), 0, OTHER_IF, false, None, Some(POD)), Verdict::Pass);
     }
 
     #[test]
     fn the_proxys_own_packets_pass() {
-        assert_eq!(classify(&flow(IPPROTO_TCP), PROXY_MARK, OTHER_IF, None, Some(POD)), Verdict::Pass);
-        assert_eq!(classify(&flow(IPPROTO_TCP), 0x7000 | PROXY_MARK, OTHER_IF, None, Some(POD)), Verdict::Pass);
+        assert_eq!(classify(&flow(IPPROTO_TCP), PROXY_MARK, OTHER_IF, false, None, Some(POD)), Verdict::Pass);
+        assert_eq!(classify(&flow(IPPROTO_TCP), 0x7000 | PROXY_MARK, OTHER_IF, false, None, Some(POD)), Verdict::Pass);
         // Sharing some bits with the proxy mark is not enough.
-        assert_eq!(classify(&flow(IPPROTO_TCP), 0x100, OTHER_IF, None, Some(POD)), Verdict::Capture);
+        assert_eq!(classify(&flow(IPPROTO_TCP), 0x100, OTHER_IF, false, None, Some(POD)), Verdict::Capture);
     }
 
     #[test]
     fn enrolled_source_on_the_wrong_interface_is_dropped_for_any_protocol() {
         for proto in [IPPROTO_TCP, 17, 1, IPPROTO_UNKNOWN] {
-            assert_eq!(classify(&flow(proto), 0, OTHER_IF, Some(POD), None), Verdict::DropSpoofed);
+            assert_eq!(classify(&flow(proto), 0, OTHER_IF, false, Some(POD), None), Verdict::DropSpoofed);
             // Even a proxy-looking mark does not excuse a spoofed source.
-            assert_eq!(classify(&flow(proto), PROXY_MARK, OTHER_IF, Some(POD), None), Verdict::DropSpoofed);
+            assert_eq!(classify(&flow(proto), PROXY_MARK, OTHER_IF, false, Some(POD), None), Verdict::DropSpoofed);
         }
     }
 
     #[test]
     fn unparseable_traffic_of_enrolled_workloads_is_dropped() {
-        assert_eq!(classify(&flow(IPPROTO_UNKNOWN), 0, POD_IF, Some(POD), None), Verdict::DropMalformed);
-        assert_eq!(classify(&flow(IPPROTO_UNKNOWN), 0, OTHER_IF, None, Some(POD)), Verdict::DropMalformed);
-        assert_eq!(classify(&flow(IPPROTO_UNKNOWN), 0, OTHER_IF, None, None), Verdict::Pass);
+        assert_eq!(classify(&flow(IPPROTO_UNKNOWN), 0, POD_IF, true, Some(POD), None), Verdict::DropMalformed);
+        assert_eq!(classify(&flow(IPPROTO_UNKNOWN), 0, OTHER_IF, false, None, Some(POD)), Verdict::DropMalformed);
+        assert_eq!(classify(&flow(IPPROTO_UNKNOWN), 0, OTHER_IF, false, None, None), Verdict::Pass);
+    }
+
+    #[test]
+    fn tcp_from_a_workload_veth_with_an_unenrolled_source_is_dropped() {
+        // e.g. an IPv6 link-local source, or an address the workload file does not list.
+        assert_eq!(classify(&flow(IPPROTO_TCP), 0, POD_IF, true, None, None), Verdict::DropSpoofed);
+        assert_eq!(classify(&flow(IPPROTO_TCP), 0, POD_IF, true, None, Some(POD)), Verdict::DropSpoofed);
+        // Neighbour discovery and other non-TCP traffic still pass.
+        assert_eq!(classify(&flow(58), 0, POD_IF, true, None, None), Verdict::Pass);
+        // Its enrolled source is captured as usual.
+        assert_eq!(classify(&flow(IPPROTO_TCP), 0, POD_IF, true, Some(POD), None), Verdict::Capture);
     }
 
     #[test]

@@ -26,6 +26,9 @@ use meshpath_common::{
 static MP_WORKLOADS: HashMap<WorkloadKey, WorkloadValue, { MAX_WORKLOADS as usize }> = HashMap::new();
 
 #[btf_map]
+static MP_WORKLOAD_IFS: HashMap<u32, u32, { MAX_WORKLOADS as usize }> = HashMap::new();
+
+#[btf_map]
 static MP_LISTENERS: SockMap<{ Listener::SLOTS as usize }> = SockMap::new();
 
 #[btf_map]
@@ -82,7 +85,8 @@ fn try_tc_ingress(ctx: &TcContext) -> i32 {
     };
     // SAFETY: `skb` is the context pointer the kernel handed to this program.
     let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
-    match packet::classify(&flow, mark, ifindex, workload(&flow.src), workload(&flow.dst)) {
+    let from_workload_if = MP_WORKLOAD_IFS.get_ptr(&ifindex).is_some();
+    match packet::classify(&flow, mark, ifindex, from_workload_if, workload(&flow.src), workload(&flow.dst)) {
         Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Capture => {
             ctx.set_mark(packet::captured_mark(mark));

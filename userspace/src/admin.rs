@@ -41,7 +41,11 @@ pub async fn serve(listener: TcpListener, ready: Readiness, mut shutdown: watch:
             _ = shutdown.changed() => return,
             r = listener.accept() => match r {
                 Ok(c) => c,
-                Err(_) => continue,
+                Err(_) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
             },
         };
         let ready = ready.clone();

@@ -55,15 +55,18 @@ pub struct NodeConfig {
 /// fails closed, while programs, maps and routing stay in the kernel for the next instance.
 pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
     datapath::validate_node_name(&cfg.node)?;
-    // Validate everything cheap before touching the kernel.
-    let file = WorkloadFile::load(&cfg.workloads)?;
+    // Validate everything cheap before touching the kernel. The bytes parsed here are the
+    // ones later edits are compared with, so an edit made during start-up is not missed.
+    let (file, mut last_text) = WorkloadFile::load_with_text(&cfg.workloads)?;
     let log = AccessLog::open(cfg.access_log.as_deref())?;
     let admin_listener = admin::bind(cfg.readiness_port).await?;
     let listeners = proxy::bind_listeners()?;
 
     let routing = Routing::connect()?;
     let mut dp = Datapath::load(&cfg.node, cfg.attach_mode)?;
-    routing.install_capture().await?;
+    if routing.install_capture().await? {
+        tracing::info!("capture routing installed");
+    }
 
     let proxy = Proxy::new(
         ProxyConfig { node: cfg.node.clone(), pod_cidrs: cfg.pod_cidrs.clone(), connect_timeout: cfg.connect_timeout },
@@ -91,17 +94,16 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(cfg.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_text = std::fs::read(&cfg.workloads).ok();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => {}
         }
         // A changed file is applied whole or not at all.
-        let text = std::fs::read(&cfg.workloads).ok();
+        let text = std::fs::read_to_string(&cfg.workloads).unwrap_or_default();
         if text != last_text {
             last_text = text;
-            match WorkloadFile::load(&cfg.workloads) {
+            match WorkloadFile::parse(&last_text, &cfg.workloads.display().to_string()) {
                 Ok(f) => {
                     tracing::info!(workloads = f.workloads.len(), "workload file changed; applying");
                     proxy.set_workloads(WorkloadIndex::from_file(&f));
@@ -151,8 +153,14 @@ impl Reconciler<'_> {
             }
             v
         };
+        // Someone may have flushed our rule or routes: put them back (idempotent).
+        self.routing.install_capture().await?;
         for i in &wanted {
-            self.dp.attach_tc(i.index, &i.name)?;
+            // An interface can vanish between listing and attaching (pod churn): skip it,
+            // the next pass sees the new state.
+            if let Err(e) = self.dp.attach_tc(i.index, &i.name) {
+                tracing::warn!(interface = %i.name, "attaching the classifier failed (will retry): {e}");
+            }
         }
         let existing: BTreeSet<u32> = ifaces.iter().map(|i| i.index).collect();
         self.dp.prune_tc(&existing)?;
@@ -183,6 +191,11 @@ impl Reconciler<'_> {
         }
         self.unresolved = still_unresolved;
 
+        // Interface flags go after their IPs on the way in and before them on the way out,
+        // so a workload's own TCP is never dropped as coming from an unenrolled source.
+        let wanted_ifs: BTreeSet<u32> = desired.values().map(|(ifx, _)| *ifx).collect();
+        let keep_ifs = self.dp.workload_interfaces()?.intersection(&wanted_ifs).copied().collect();
+        self.dp.set_workload_interfaces(&keep_ifs)?;
         let current = self.dp.workloads()?;
         for ip in current.keys() {
             if !desired.contains_key(ip) {
@@ -197,6 +210,7 @@ impl Reconciler<'_> {
                 tracing::info!(workload = %id, %ip, interface = ifname, ifindex = ifx, "enrolled");
             }
         }
+        self.dp.set_workload_interfaces(&wanted_ifs)?;
         Ok(())
     }
 }

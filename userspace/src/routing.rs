@@ -127,8 +127,15 @@ impl Routing {
     }
 
     /// Installs the capture rule and the local routes of [`ROUTE_TABLE`] for both families.
-    /// Idempotent: what already exists is kept.
-    pub async fn install_capture(&self) -> Result<()> {
+    /// Idempotent: what already exists is kept. Returns whether anything was missing.
+    pub async fn install_capture(&self) -> Result<bool> {
+        let present = self.capture_rules().await?.len() + self.capture_routes().await?.len();
+        if present >= 4 {
+            return Ok(false);
+        }
+        if present > 0 {
+            tracing::warn!(present, "capture rule or routes were removed behind meshpath's back; restoring them");
+        }
         let lo = self.loopback_index().await?;
         for v6 in [false, true] {
             let fam = if v6 { "IPv6" } else { "IPv4" };
@@ -156,9 +163,9 @@ impl Routing {
             mark = format_args!("{CAPTURE_MARK:#x}/{CAPTURE_MASK:#x}"),
             table = ROUTE_TABLE,
             priority = RULE_PRIORITY,
-            "capture routing installed"
+            "capture rule and local routes in place"
         );
-        Ok(())
+        Ok(true)
     }
 
     /// meshpath's rules (by priority and table) in both families.

@@ -59,9 +59,14 @@ pub struct WorkloadFile {
 
 impl WorkloadFile {
     pub fn load(path: &Path) -> Result<Self, WorkloadsError> {
+        Self::load_with_text(path).map(|(f, _)| f)
+    }
+
+    /// Like [`Self::load`], also returning the text that was parsed.
+    pub fn load_with_text(path: &Path) -> Result<(Self, String), WorkloadsError> {
         let p = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| WorkloadsError::Read { path: p.clone(), source })?;
-        Self::parse(&text, &p)
+        Ok((Self::parse(&text, &p)?, text))
     }
 
     /// Parses and validates; `origin` names the source in errors.

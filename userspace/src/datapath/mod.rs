@@ -19,8 +19,8 @@ use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, T
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, SkLookup, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use meshpath_common::names::{
-    BPFFS_ROOT, MAP_COUNTERS, MAP_LISTENERS, MAP_WORKLOADS, PIN_DIR, PIN_LINKS_SUBDIR,
-    PIN_SK_LOOKUP_LINK, PIN_TC_LINK_PREFIX, PROG_SK_LOOKUP, PROG_TC_INGRESS, STATE_DIR,
+    BPFFS_ROOT, MAP_COUNTERS, MAP_LISTENERS, MAP_WORKLOAD_IFS, MAP_WORKLOADS, PIN_DIR, PIN_LINKS_SUBDIR,
+    PIN_SK_LOOKUP_LINK, PIN_TC_LINK_PREFIX, PINNED_MAPS, PROG_SK_LOOKUP, PROG_TC_INGRESS, STATE_DIR,
     TC_FILTER_HANDLE, TC_FILTER_PRIORITY,
 };
 use meshpath_common::{Counter, Listener, WorkloadKey, WorkloadValue};
@@ -211,6 +211,7 @@ pub struct Datapath {
     node: String,
     _sk_lookup_link: PinnedLink,
     workloads: BpfHashMap<MapData, PodKey, PodValue>,
+    workload_ifs: BpfHashMap<MapData, u32, u32>,
     listeners: SockMap<MapData>,
     counters: PerCpuArray<MapData, u64>,
     _logger: Option<EbpfLogger>,
@@ -232,7 +233,7 @@ impl Datapath {
         std::fs::create_dir_all(&links_dir).map_err(io_err(&links_dir))?;
 
         let map_paths: Vec<(&'static str, PathBuf)> =
-            [MAP_WORKLOADS, MAP_LISTENERS, MAP_COUNTERS].into_iter().map(|m| (m, pin_dir.join(m))).collect();
+            PINNED_MAPS.into_iter().map(|m| (m, pin_dir.join(m))).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
@@ -260,6 +261,8 @@ impl Datapath {
 
         let workloads = BpfHashMap::try_from(take_map(&mut ebpf, MAP_WORKLOADS)?)
             .map_err(|source| DatapathError::Map { name: MAP_WORKLOADS, source })?;
+        let workload_ifs = BpfHashMap::try_from(take_map(&mut ebpf, MAP_WORKLOAD_IFS)?)
+            .map_err(|source| DatapathError::Map { name: MAP_WORKLOAD_IFS, source })?;
         let listeners = SockMap::try_from(take_map(&mut ebpf, MAP_LISTENERS)?)
             .map_err(|source| DatapathError::Map { name: MAP_LISTENERS, source })?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, MAP_COUNTERS)?)
@@ -272,6 +275,7 @@ impl Datapath {
             node: node.to_owned(),
             _sk_lookup_link: sk_lookup_link,
             workloads,
+            workload_ifs,
             listeners,
             counters,
             _logger: logger,
@@ -399,6 +403,27 @@ impl Datapath {
         }
     }
 
+    /// Interfaces currently flagged as workload veths.
+    pub fn workload_interfaces(&self) -> Result<BTreeSet<u32>> {
+        self.workload_ifs.keys().collect::<Result<_, _>>().map_err(|source| DatapathError::Map { name: MAP_WORKLOAD_IFS, source })
+    }
+
+    /// Makes the set of workload interfaces exactly `wanted`.
+    pub fn set_workload_interfaces(&mut self, wanted: &BTreeSet<u32>) -> Result<()> {
+        let err = |source| DatapathError::Map { name: MAP_WORKLOAD_IFS, source };
+        let current = self.workload_interfaces()?;
+        for i in wanted.difference(&current) {
+            self.workload_ifs.insert(*i, 0, 0).map_err(err)?;
+        }
+        for i in current.difference(wanted) {
+            match self.workload_ifs.remove(i) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(err(source)),
+            }
+        }
+        Ok(())
+    }
+
     /// Current content of the workload map: IP → ifindex.
     pub fn workloads(&self) -> Result<BTreeMap<std::net::IpAddr, u32>> {
         workload_entries(&self.workloads)
@@ -524,7 +549,7 @@ pub fn unpin_all(node: &str) -> Result<Unpinned> {
         remove_file_if_exists(&sk)?;
         report.links += 1;
     }
-    for map in [MAP_WORKLOADS, MAP_LISTENERS, MAP_COUNTERS] {
+    for map in PINNED_MAPS {
         let p = pin_dir.join(map);
         if p.exists() {
             remove_file_if_exists(&p)?;
@@ -555,7 +580,7 @@ mod tests {
     #[test]
     fn embedded_object_defines_the_shared_names() {
         let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("embedded object parses");
-        for map in [MAP_WORKLOADS, MAP_LISTENERS, MAP_COUNTERS] {
+        for map in PINNED_MAPS {
             assert!(obj.maps.contains_key(map), "object lacks map {map}: {:?}", obj.maps.keys().collect::<Vec<_>>());
         }
         for prog in [PROG_TC_INGRESS, PROG_SK_LOOKUP] {

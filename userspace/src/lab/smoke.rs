@@ -168,12 +168,13 @@ fn check_record(r: &ConnectionRecord, role: &str, problems: &mut Vec<String>) {
     }
 }
 
-/// Sends a connection from `from` with a forged source address; returns whether it failed.
-pub fn spoof(lab: &Lab, from: &str, forged: IpAddr, to: &str) -> Result<Outcome> {
+/// Sends a connection from `from` with a forged source address; passes when it fails and
+/// the node counted a spoof drop.
+pub fn spoof(lab: &Lab, name: &'static str, from: &'static str, forged: IpAddr, to: &'static str) -> Result<Outcome> {
     let sc = Scenario {
-        name: "spoofed source (b claims a's IP)",
-        from: "b",
-        to: "c",
+        name,
+        from,
+        to,
         v6: forged.is_ipv6(),
         port: APP_PORT,
         expect: Expect::Blocked,
@@ -209,7 +210,10 @@ pub fn run_all(lab: &Lab) -> Result<Vec<Outcome>> {
         outcomes.push(run(lab, &sc)?);
     }
     let a = lab.pod("a").clone();
-    outcomes.push(spoof(lab, "b", a.v4, "c")?);
+    outcomes.push(spoof(lab, "spoofed source (b claims a's IP)", "b", a.v4, "c")?);
+    // An enrolled pod using an address it is not enrolled with would escape capture.
+    let unlisted: IpAddr = "10.244.1.99".parse().expect("valid");
+    outcomes.push(spoof(lab, "enrolled pod, unlisted source IP", "a", unlisted, "d")?);
     Ok(outcomes)
 }
 

@@ -77,7 +77,7 @@ pub fn bind_listeners() -> Result<Vec<BoundListener>, ProxyError> {
         for ipv6 in [false, true] {
             match socket::transparent_listener(ipv6, role.port()) {
                 Ok(socket) => out.push(BoundListener { role, ipv6, socket }),
-                Err(e) if ipv6 && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                Err(e) if ipv6 && matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)) => {
                     tracing::warn!(listener = role.name(), "no IPv6 loopback: IPv6 traffic of enrolled pods will be refused");
                 }
                 Err(source) => return Err(ProxyError::Listen { what: role.name(), port: role.port(), source }),
