@@ -92,6 +92,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     tracing::info!(node = %cfg.node, workloads = %cfg.workloads.display(), "node ready");
 
     tokio::pin!(shutdown);
+    let mut read_failed = false;
     let mut tick = tokio::time::interval(cfg.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -99,17 +100,28 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
             _ = &mut shutdown => break,
             _ = tick.tick() => {}
         }
-        // A changed file is applied whole or not at all.
-        let text = std::fs::read_to_string(&cfg.workloads).unwrap_or_default();
-        if text != last_text {
-            last_text = text;
-            match WorkloadFile::parse(&last_text, &cfg.workloads.display().to_string()) {
-                Ok(f) => {
-                    tracing::info!(workloads = f.workloads.len(), "workload file changed; applying");
-                    proxy.set_workloads(WorkloadIndex::from_file(&f));
-                    rec.file = f;
+        // A changed file is applied whole or not at all; an unreadable one changes nothing
+        // (reading it as empty would unenrol every workload).
+        match std::fs::read_to_string(&cfg.workloads) {
+            Err(e) => {
+                if !read_failed {
+                    tracing::error!("cannot read {}, keeping the running state: {e}", cfg.workloads.display());
+                    read_failed = true;
                 }
-                Err(e) => tracing::error!("rejected workload file, keeping the running state: {e}"),
+            }
+            Ok(text) => {
+                read_failed = false;
+                if text != last_text {
+                    last_text = text;
+                    match WorkloadFile::parse(&last_text, &cfg.workloads.display().to_string()) {
+                        Ok(f) => {
+                            tracing::info!(workloads = f.workloads.len(), "workload file changed; applying");
+                            proxy.set_workloads(WorkloadIndex::from_file(&f));
+                            rec.file = f;
+                        }
+                        Err(e) => tracing::error!("rejected workload file, keeping the running state: {e}"),
+                    }
+                }
             }
         }
         if let Err(e) = rec.reconcile().await {
