@@ -63,10 +63,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let listeners = proxy::bind_listeners()?;
 
     let routing = Routing::connect()?;
+    // The capture rule and routes are installed by the first reconcile pass below.
     let mut dp = Datapath::load(&cfg.node, cfg.attach_mode)?;
-    if routing.install_capture().await? {
-        tracing::info!("capture routing installed");
-    }
 
     let proxy = Proxy::new(
         ProxyConfig { node: cfg.node.clone(), pod_cidrs: cfg.pod_cidrs.clone(), connect_timeout: cfg.connect_timeout },

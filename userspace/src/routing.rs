@@ -129,8 +129,10 @@ impl Routing {
     /// Installs the capture rule and the local routes of [`ROUTE_TABLE`] for both families.
     /// Idempotent: what already exists is kept. Returns whether anything was missing.
     pub async fn install_capture(&self) -> Result<bool> {
+        // One rule and one local route per family.
+        const COMPLETE: usize = 4;
         let present = self.capture_rules().await?.len() + self.capture_routes().await?.len();
-        if present >= 4 {
+        if present >= COMPLETE {
             return Ok(false);
         }
         if present > 0 {
@@ -166,6 +168,16 @@ impl Routing {
             "capture rule and local routes in place"
         );
         Ok(true)
+    }
+
+    /// Deletes the clsact qdisc of `ifindex` (with whatever filters it still holds).
+    pub async fn delete_clsact(&self, ifindex: u32) -> Result<()> {
+        use rtnetlink::packet_route::tc::TcHandle;
+        let handle = self.handle.clone();
+        let mut req = handle.qdisc().del(ifindex as i32);
+        req.message_mut().header.parent = TcHandle::CLSACT;
+        req.message_mut().header.handle = TcHandle { major: 0xffff, minor: 0 };
+        ok_if_missing(req.execute().await).map_err(nl(format!("deleting the clsact qdisc of ifindex {ifindex}")))
     }
 
     /// meshpath's rules (by priority and table) in both families.
@@ -211,18 +223,6 @@ impl Routing {
             ok_if_missing(self.handle.route().del(r).execute().await).map_err(nl("deleting a capture route"))?;
         }
         Ok((n_rules, n_routes))
-    }
-}
-
-impl Routing {
-    /// Deletes the clsact qdisc of `ifindex` (with whatever filters it still holds).
-    pub async fn delete_clsact(&self, ifindex: u32) -> Result<()> {
-        use rtnetlink::packet_route::tc::TcHandle;
-        let handle = self.handle.clone();
-        let mut req = handle.qdisc().del(ifindex as i32);
-        req.message_mut().header.parent = TcHandle::CLSACT;
-        req.message_mut().header.handle = TcHandle { major: 0xffff, minor: 0 };
-        ok_if_missing(req.execute().await).map_err(nl(format!("deleting the clsact qdisc of ifindex {ifindex}")))
     }
 }
 
