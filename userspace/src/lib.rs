@@ -2,7 +2,8 @@
 //!
 //! - [`datapath`] loads, pins and attaches the eBPF programs and owns their maps;
 //! - [`routing`] installs the capture rule and local table over rtnetlink;
-//! - [`proxy`] accepts steered connections and relays them;
+//! - [`proxy`] accepts steered connections and relays them, across nodes inside HBONE;
+//! - [`identity`] holds workload identities and their certificates, [`tls`] the mTLS set-up;
 //! - [`node`] is the per-node daemon tying them together;
 //! - [`workloads`] reads the workload file;
 //! - [`lab`] builds a two-node lab of network namespaces for running and testing all of it.
@@ -10,8 +11,10 @@
 pub mod admin;
 pub mod cli;
 pub mod datapath;
+pub mod identity;
 pub mod lab;
 pub mod node;
 pub mod proxy;
 pub mod routing;
+pub mod tls;
 pub mod workloads;

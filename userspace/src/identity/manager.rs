@@ -1,0 +1,198 @@
+//! Caches workload certificates and renews them before they expire.
+//!
+//! The first request for an identity fetches synchronously; after that the cached
+//! certificate is served and a background task replaces it once its `refresh_at` passes.
+//! A failed renewal keeps the old certificate (it is still valid) and retries with backoff.
+//! Established TLS sessions never depend on the certificate after the handshake, so a
+//! renewal drops no connection.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use super::{CertificateProvider, Identity, IdentityError, WorkloadCertificate};
+
+/// Retry delays after a failed renewal: doubling from the first to the last.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+/// How often the renewal task looks for due certificates.
+const SWEEP: Duration = Duration::from_millis(500);
+
+struct Entry {
+    cert: Arc<WorkloadCertificate>,
+    next_try: SystemTime,
+    failures: u32,
+}
+
+pub struct CertificateManager {
+    provider: Box<dyn CertificateProvider>,
+    trust_domain: String,
+    cache: Mutex<HashMap<Identity, Entry>>,
+    /// Serialises first fetches so N connections of a new identity mint one certificate.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+impl CertificateManager {
+    pub fn new(provider: Box<dyn CertificateProvider>, trust_domain: &str) -> Arc<Self> {
+        Arc::new(Self {
+            provider,
+            trust_domain: trust_domain.into(),
+            cache: Mutex::default(),
+            fetching: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn provider_name(&self) -> &'static str {
+        self.provider.name()
+    }
+
+    fn cached(&self, id: &Identity) -> Option<Arc<WorkloadCertificate>> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.get(id).filter(|e| e.cert.not_after > SystemTime::now()).map(|e| e.cert.clone())
+    }
+
+    /// A valid certificate for `id`.
+    pub async fn get(&self, id: &Identity) -> Result<Arc<WorkloadCertificate>, IdentityError> {
+        if let Some(c) = self.cached(id) {
+            return Ok(c);
+        }
+        let _one_at_a_time = self.fetching.lock().await;
+        if let Some(c) = self.cached(id) {
+            return Ok(c);
+        }
+        let cert = Arc::new(self.provider.fetch(id).await?);
+        tracing::info!(identity = %id, serial = %cert.serial(), provider = self.provider.name(), "workload certificate issued");
+        self.store(id, cert.clone());
+        Ok(cert)
+    }
+
+    fn store(&self, id: &Identity, cert: Arc<WorkloadCertificate>) {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.insert(id.clone(), Entry { next_try: cert.refresh_at, cert, failures: 0 });
+    }
+
+    /// Forgets identities no longer in `keep` (workloads that left the mesh).
+    pub fn retain(&self, keep: impl Fn(&Identity) -> bool) {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).retain(|id, _| keep(id));
+    }
+
+    /// Renews due certificates until `stop` changes.
+    pub async fn run_renewals(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(SWEEP) => {}
+            }
+            self.renew_due().await;
+        }
+    }
+
+    /// One renewal pass over the cache.
+    pub async fn renew_due(&self) {
+        let now = SystemTime::now();
+        let due: Vec<(Identity, Arc<WorkloadCertificate>)> = {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            cache.iter().filter(|(_, e)| e.next_try <= now).map(|(id, e)| (id.clone(), e.cert.clone())).collect()
+        };
+        for (id, old) in due {
+            let result = self.provider.fetch(&id).await;
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(entry) = cache.get_mut(&id) else { continue };
+            match result {
+                Ok(new) if new.chain == old.chain => {
+                    // Files unchanged: only the next check moves.
+                    entry.next_try = new.refresh_at;
+                    entry.failures = 0;
+                }
+                Ok(new) => {
+                    tracing::info!(identity = %id, old_serial = %old.serial(), serial = %new.serial(), "workload certificate renewed");
+                    *entry = Entry { next_try: new.refresh_at, cert: Arc::new(new), failures: 0 };
+                }
+                Err(e) => {
+                    entry.failures += 1;
+                    let delay = RETRY_FIRST.saturating_mul(1 << entry.failures.min(8)).min(RETRY_MAX);
+                    entry.next_try = SystemTime::now() + delay;
+                    let expires_in = old.not_after.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+                    tracing::warn!(identity = %id, retry_in = ?delay, ?expires_in, "renewing the workload certificate failed, keeping the current one: {e}");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::BoxFuture;
+    use crate::identity::ca::BuiltinCa;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A CA that counts its fetches and can be told to fail.
+    struct Counting {
+        ca: BuiltinCa,
+        ttl: Duration,
+        fetches: AtomicU32,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl CertificateProvider for Arc<Counting> {
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+        fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCertificate, IdentityError>> {
+            Box::pin(async move {
+                self.fetches.fetch_add(1, Ordering::SeqCst);
+                if self.fail.load(Ordering::SeqCst) {
+                    return Err(IdentityError::Ca("told to fail".into()));
+                }
+                self.ca.mint(id, self.ttl)
+            })
+        }
+    }
+
+    fn setup(ttl: Duration) -> (Arc<Counting>, Arc<CertificateManager>) {
+        let p = Arc::new(Counting {
+            ca: BuiltinCa::open(None, "cluster.local", ttl).unwrap(),
+            ttl,
+            fetches: AtomicU32::new(0),
+            fail: Default::default(),
+        });
+        (p.clone(), CertificateManager::new(Box::new(p), "cluster.local"))
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_requests_fetch_once() {
+        let (p, m) = setup(Duration::from_secs(3600));
+        let id = Identity::new("cluster.local", "ns", "sa");
+        let certs = futures::future::join_all((0..16).map(|_| m.get(&id))).await;
+        assert_eq!(p.fetches.load(Ordering::SeqCst), 1);
+        let first = certs[0].as_ref().unwrap();
+        assert!(certs.iter().all(|c| Arc::ptr_eq(c.as_ref().unwrap(), first)));
+        m.renew_due().await;
+        assert_eq!(p.fetches.load(Ordering::SeqCst), 1, "nothing is due an hour before half-life");
+    }
+
+    #[tokio::test]
+    async fn renews_at_half_life_and_keeps_the_old_one_when_renewal_fails() {
+        // Minted certificates start 60 s in the past, so a 60 s TTL is at half-life at once.
+        let (p, m) = setup(Duration::from_secs(60));
+        let id = Identity::new("cluster.local", "ns", "sa");
+        let first = m.get(&id).await.unwrap();
+        p.fail.store(true, Ordering::SeqCst);
+        m.renew_due().await;
+        assert!(Arc::ptr_eq(&m.get(&id).await.unwrap(), &first), "a failed renewal must keep the valid certificate");
+        p.fail.store(false, Ordering::SeqCst);
+        // The retry waits for its backoff; make it due now.
+        m.cache.lock().unwrap().get_mut(&id).unwrap().next_try = SystemTime::now();
+        m.renew_due().await;
+        let second = m.get(&id).await.unwrap();
+        assert_ne!(second.serial(), first.serial());
+        assert_eq!(p.fetches.load(Ordering::SeqCst), 3);
+    }
+}
