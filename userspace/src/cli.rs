@@ -11,7 +11,8 @@ use ipnet::IpNet;
 
 use crate::datapath::AttachMode;
 use crate::lab::{self, Lab, smoke};
-use crate::node::{self, NodeConfig};
+use crate::node::{self, CertSource, NodeConfig};
+use crate::proxy::PlaintextPolicy;
 
 #[derive(Debug, Parser)]
 #[command(name = "meshpath", version, about = "eBPF datapath and node proxy for an ambient service mesh")]
@@ -73,6 +74,35 @@ pub struct NodeArgs {
     /// How to attach the TC classifier: TCX where the kernel has it (auto), or force one.
     #[arg(long, env = "MESHPATH_TC_ATTACH", default_value = "auto")]
     pub tc_attach: TcAttach,
+    /// Trust domain of workload identities (spiffe://<trust-domain>/ns/<ns>/sa/<sa>).
+    #[arg(long, env = "MESHPATH_TRUST_DOMAIN", default_value = "cluster.local", value_parser = parse_trust_domain)]
+    pub trust_domain: String,
+    /// Built-in CA: directory of its root (root-cert.pem, root-key.pem), created there if
+    /// absent. Without it (and without --cert-dir) the root lives in memory and only this
+    /// node trusts it.
+    #[arg(long, env = "MESHPATH_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// Read workload certificates from <dir>/<namespace>/<service-account>/ instead of
+    /// minting them (cert-chain.pem, key.pem, root-cert.pem; reloaded when they change).
+    #[arg(long, env = "MESHPATH_CERT_DIR", conflicts_with = "ca_dir")]
+    pub cert_dir: Option<PathBuf>,
+    /// Lifetime of certificates the built-in CA mints; they are renewed at half-life.
+    #[arg(long, env = "MESHPATH_CERT_TTL_SECS", default_value_t = 24 * 3600, value_parser = clap::value_parser!(u64).range(10..=365 * 24 * 3600))]
+    pub cert_ttl_secs: u64,
+    /// Plaintext connections to enrolled pods: deliver them (permissive) or refuse them (strict).
+    #[arg(long, env = "MESHPATH_INBOUND_PLAINTEXT", default_value = "permissive")]
+    pub inbound_plaintext: PlaintextPolicy,
+    /// Close HBONE connections that carried no stream for this long.
+    #[arg(long, env = "MESHPATH_HBONE_IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub hbone_idle_timeout_secs: u64,
+}
+
+fn parse_trust_domain(s: &str) -> Result<String, String> {
+    crate::identity::Identity::new(s, "ns", "sa")
+        .to_string()
+        .parse::<crate::identity::Identity>()
+        .map(|_| s.to_owned())
+        .map_err(|_| format!("{s:?} is not a trust domain (letters, digits, '-', '.', '_')"))
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -124,6 +154,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     TcAttach::Tcx => AttachMode::Tcx,
                     TcAttach::Netlink => AttachMode::Netlink,
                 },
+                trust_domain: a.trust_domain,
+                certificates: match a.cert_dir {
+                    Some(dir) => CertSource::Files { dir },
+                    None => CertSource::BuiltinCa { dir: a.ca_dir, ttl: Duration::from_secs(a.cert_ttl_secs) },
+                },
+                plaintext: a.inbound_plaintext,
+                hbone_idle_timeout: Duration::from_secs(a.hbone_idle_timeout_secs),
             };
             runtime()?.block_on(node::run(cfg, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)

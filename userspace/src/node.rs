@@ -11,7 +11,9 @@ use tokio::sync::watch;
 
 use crate::admin::{self, Readiness};
 use crate::datapath::{self, AttachMode, Datapath, DatapathError};
-use crate::proxy::{self, Proxy, ProxyConfig, WorkloadIndex, access_log::AccessLog};
+use crate::identity::manager::CertificateManager;
+use crate::identity::{CertificateProvider, IdentityError, ca, files};
+use crate::proxy::{self, PlaintextPolicy, Proxy, ProxyConfig, WorkloadIndex, access_log::AccessLog};
 use crate::routing::{self, Routing, RoutingError};
 use crate::workloads::{WorkloadFile, WorkloadsError};
 
@@ -29,6 +31,8 @@ pub enum NodeError {
     AccessLog(#[from] proxy::access_log::AccessLogError),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
     #[error("interface {0:?} does not exist in this network namespace")]
     NoSuchInterface(String),
     #[error("a meshpath daemon still serves this network namespace (its readiness port answers); stop it first")]
@@ -49,6 +53,35 @@ pub struct NodeConfig {
     pub poll_interval: Duration,
     pub connect_timeout: Duration,
     pub attach_mode: AttachMode,
+    pub trust_domain: String,
+    pub certificates: CertSource,
+    pub plaintext: PlaintextPolicy,
+    pub hbone_idle_timeout: Duration,
+}
+
+/// Where workload certificates come from.
+#[derive(Clone, Debug)]
+pub enum CertSource {
+    /// The built-in CA, with its root in `dir` (created there if absent) or in memory.
+    BuiltinCa { dir: Option<PathBuf>, ttl: Duration },
+    /// `<dir>/<namespace>/<service-account>/{cert-chain,key,root-cert}.pem`.
+    Files { dir: PathBuf },
+}
+
+impl CertSource {
+    fn provider(&self, trust_domain: &str) -> Result<Box<dyn CertificateProvider>, IdentityError> {
+        Ok(match self {
+            CertSource::BuiltinCa { dir, ttl } => {
+                let ca = ca::BuiltinCa::open(dir.as_deref(), trust_domain, *ttl)?;
+                tracing::info!(root = %ca.origin, ttl = ?ttl, "workload certificates come from the built-in CA");
+                Box::new(ca::CaProvider(ca))
+            }
+            CertSource::Files { dir } => {
+                tracing::info!(dir = %dir.display(), "workload certificates come from files");
+                Box::new(files::FileProvider::new(dir)?)
+            }
+        })
+    }
 }
 
 /// Runs until `shutdown` resolves. On return the listeners are closed, so enrolled traffic
@@ -59,6 +92,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     // ones later edits are compared with, so an edit made during start-up is not missed.
     let (file, mut last_text) = WorkloadFile::load_with_text(&cfg.workloads)?;
     let log = AccessLog::open(cfg.access_log.as_deref())?;
+    let certs = CertificateManager::new(cfg.certificates.provider(&cfg.trust_domain)?, &cfg.trust_domain);
     let admin_listener = admin::bind(cfg.readiness_port).await?;
     let listeners = proxy::bind_listeners()?;
 
@@ -67,10 +101,17 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let mut dp = Datapath::load(&cfg.node, cfg.attach_mode)?;
 
     let proxy = Proxy::new(
-        ProxyConfig { node: cfg.node.clone(), pod_cidrs: cfg.pod_cidrs.clone(), connect_timeout: cfg.connect_timeout },
+        ProxyConfig {
+            node: cfg.node.clone(),
+            pod_cidrs: cfg.pod_cidrs.clone(),
+            connect_timeout: cfg.connect_timeout,
+            plaintext: cfg.plaintext,
+            hbone_idle_timeout: cfg.hbone_idle_timeout,
+        },
         log,
+        certs,
     );
-    proxy.set_workloads(WorkloadIndex::from_file(&file));
+    proxy.set_workloads(WorkloadIndex::from_file(&file, &cfg.trust_domain));
     for l in &listeners {
         dp.register_listener(l.role, l.ipv6, &l.socket)?;
     }
@@ -114,7 +155,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
                     match WorkloadFile::parse(&last_text, &cfg.workloads.display().to_string()) {
                         Ok(f) => {
                             tracing::info!(workloads = f.workloads.len(), "workload file changed; applying");
-                            proxy.set_workloads(WorkloadIndex::from_file(&f));
+                            proxy.set_workloads(WorkloadIndex::from_file(&f, &cfg.trust_domain));
                             rec.file = f;
                         }
                         Err(e) => tracing::error!("rejected workload file, keeping the running state: {e}"),

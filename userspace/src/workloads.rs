@@ -93,6 +93,12 @@ impl WorkloadFile {
                     return Err(invalid(index, format!("{field} is empty")));
                 }
             }
+            // Namespace and service account become a SPIFFE ID: they must be name-like.
+            for (field, value) in [("namespace", &w.namespace), ("serviceAccount", &w.service_account)] {
+                if !crate::identity::valid_segment(value) {
+                    return Err(invalid(index, format!("{field} {value:?} may only hold letters, digits, '-', '.' and '_'")));
+                }
+            }
             if w.ips.is_empty() {
                 return Err(invalid(index, format!("{} has no ips", w.id())));
             }
@@ -175,6 +181,7 @@ workloads:
         assert!(err(&GOOD.replace("10.244.2.10", "10.244.2.300")).contains("w.yaml"));
         assert!(err(&GOOD.replace("sa-c", "\"\"")).contains("serviceAccount is empty"));
         assert!(err(&GOOD.replace("ips: [10.244.2.10]", "ips: []")).contains("has no ips"));
+        assert!(err(&GOOD.replace("sa-c", "sa/c")).contains("serviceAccount \"sa/c\" may only hold"));
         assert!(err(&GOOD.replace("10.244.2.10", "127.0.0.1")).contains("cannot be a workload address"));
         assert!(err(&GOOD.replace("name: c", "name: a")).contains("listed twice"));
         assert!(err(&GOOD.replace("node: node2", "node: node2\n    color: blue")).contains("unknown field"));

@@ -66,7 +66,7 @@ impl FromStr for Identity {
 }
 
 /// A path segment of a SPIFFE ID: non-empty, no characters that would change its meaning.
-fn valid_segment(s: &str) -> bool {
+pub(crate) fn valid_segment(s: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }
 

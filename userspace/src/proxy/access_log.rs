@@ -23,6 +23,12 @@ pub struct ConnectionRecord {
     /// Workload identities, when known.
     pub src_workload: Option<String>,
     pub dst_workload: Option<String>,
+    /// SPIFFE identities: proven by the peer's certificate on HBONE, taken from the
+    /// workload index elsewhere.
+    pub src_identity: Option<String>,
+    pub dst_identity: Option<String>,
+    /// Whether the bytes crossed the network inside mutual TLS.
+    pub mtls: bool,
     /// Local address of the upstream connection, when one was made.
     pub upstream_src: Option<SocketAddr>,
     /// Bytes from client to upstream, and back.
@@ -67,6 +73,9 @@ impl AccessLog {
             orig_dst = %r.orig_dst,
             src_workload = r.src_workload.as_deref().unwrap_or("-"),
             dst_workload = r.dst_workload.as_deref().unwrap_or("-"),
+            src_identity = r.src_identity.as_deref().unwrap_or("-"),
+            dst_identity = r.dst_identity.as_deref().unwrap_or("-"),
+            mtls = r.mtls,
             bytes_sent = r.bytes_sent,
             bytes_received = r.bytes_received,
             duration_ms = r.duration_ms,

@@ -1,16 +1,25 @@
-//! The node proxy: accepts the connections sk_lookup steers into its listeners and relays
-//! them to their original destination.
+//! The node proxy: accepts the connections sk_lookup steers into its listeners.
+//!
+//! - [`outbound`] (15001): a captured connection of an enrolled pod. To an enrolled pod on
+//!   another node it goes inside HBONE; to one on this node it is handed over locally; to
+//!   anything else it is passed through as plain TCP.
+//! - [`inbound`] (15008 and 15006): HBONE tunnels from other nodes, and plaintext
+//!   connections to enrolled pods (permitted or refused by the plaintext policy).
 //!
 //! The accepted socket's local address *is* the original destination (sk_lookup assigns
 //! the connection to our socket without rewriting it), and its peer is the real client.
 //! Upstream connections carry the proxy mark so the datapath never captures them again.
 
 pub mod access_log;
+pub mod h2;
+pub mod inbound;
+pub mod outbound;
+pub mod pool;
 pub mod socket;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
@@ -18,8 +27,11 @@ use meshpath_common::Listener;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::identity::Identity;
+use crate::identity::manager::CertificateManager;
 use crate::workloads::WorkloadFile;
 use access_log::{AccessLog, ConnectionRecord};
+use pool::Pool;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -27,6 +39,15 @@ pub enum ProxyError {
     Listen { what: &'static str, port: u16, source: std::io::Error },
     #[error(transparent)]
     AccessLog(#[from] access_log::AccessLogError),
+}
+
+/// What happens to plaintext connections to enrolled pods (the 15006 listener).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlaintextPolicy {
+    /// Deliver them, recorded as not mTLS (Istio's default, PeerAuthentication PERMISSIVE).
+    Permissive,
+    /// Refuse them: enrolled pods accept only mTLS (PeerAuthentication STRICT).
+    Strict,
 }
 
 /// How upstream connections are made.
@@ -38,27 +59,49 @@ pub struct ProxyConfig {
     /// destinations are reached from the node's own address so NAT on the way out works.
     pub pod_cidrs: Vec<IpNet>,
     pub connect_timeout: Duration,
+    pub plaintext: PlaintextPolicy,
+    /// HBONE connections without streams for this long are closed.
+    pub hbone_idle_timeout: Duration,
 }
 
-/// What the proxy knows about workloads: `namespace/name` by IP, on any node.
+/// A workload as the proxy needs it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct WorkloadInfo {
+    /// `namespace/name`.
+    pub id: String,
+    pub node: String,
+    pub identity: Identity,
+}
+
+/// What the proxy knows about workloads, by IP, on every node.
 #[derive(Debug, Default)]
 pub struct WorkloadIndex {
-    by_ip: BTreeMap<IpAddr, String>,
+    by_ip: BTreeMap<IpAddr, Arc<WorkloadInfo>>,
 }
 
 impl WorkloadIndex {
-    pub fn from_file(f: &WorkloadFile) -> Self {
-        Self {
-            by_ip: f
-                .by_ip()
-                .into_iter()
-                .map(|(ip, w)| (ip, w.id()))
-                .collect(),
+    pub fn from_file(f: &WorkloadFile, trust_domain: &str) -> Self {
+        let mut by_ip = BTreeMap::new();
+        for w in &f.workloads {
+            let info = Arc::new(WorkloadInfo {
+                id: w.id(),
+                node: w.node.clone(),
+                identity: Identity::new(trust_domain, &w.namespace, &w.service_account),
+            });
+            for ip in &w.ips {
+                by_ip.insert(ip.to_canonical(), info.clone());
+            }
         }
+        Self { by_ip }
     }
 
-    fn get(&self, ip: IpAddr) -> Option<String> {
-        self.by_ip.get(&ip).cloned()
+    pub fn get(&self, ip: IpAddr) -> Option<&Arc<WorkloadInfo>> {
+        self.by_ip.get(&ip.to_canonical())
+    }
+
+    /// Identities of the workloads on `node`.
+    pub fn identities_on(&self, node: &str) -> BTreeSet<Identity> {
+        self.by_ip.values().filter(|w| w.node == node).map(|w| w.identity.clone()).collect()
     }
 }
 
@@ -91,24 +134,50 @@ pub struct Proxy {
     cfg: ProxyConfig,
     index: RwLock<Arc<WorkloadIndex>>,
     log: AccessLog,
+    certs: Arc<CertificateManager>,
+    pool: Arc<Pool>,
+    /// TLS server configurations of local workloads, rebuilt when their certificate changes.
+    server_tls: Mutex<HashMap<Identity, inbound::ServerTls>>,
 }
 
 impl Proxy {
-    pub fn new(cfg: ProxyConfig, log: AccessLog) -> Arc<Self> {
-        Arc::new(Self { cfg, index: RwLock::new(Arc::default()), log })
+    pub fn new(cfg: ProxyConfig, log: AccessLog, certs: Arc<CertificateManager>) -> Arc<Self> {
+        let pool = Pool::new(cfg.hbone_idle_timeout);
+        Arc::new(Self { cfg, index: RwLock::new(Arc::default()), log, certs, pool, server_tls: Mutex::default() })
     }
 
-    pub fn set_workloads(&self, index: WorkloadIndex) {
+    /// Replaces the workload index. Certificates of workloads that left this node are
+    /// forgotten; those of new ones are fetched now, so their first connection does not wait
+    /// and a provider problem shows in the log at once.
+    pub fn set_workloads(self: &Arc<Self>, index: WorkloadIndex) {
+        let local = index.identities_on(&self.cfg.node);
         *self.index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index);
+        self.certs.retain(|id| local.contains(id));
+        self.server_tls.lock().unwrap_or_else(|p| p.into_inner()).retain(|id, _| local.contains(id));
+        let certs = self.certs.clone();
+        tokio::spawn(async move {
+            for id in local {
+                if let Err(e) = certs.get(&id).await {
+                    tracing::error!(identity = %id, "no certificate for a local workload; its mTLS connections will fail: {e}");
+                }
+            }
+        });
     }
 
     fn index(&self) -> Arc<WorkloadIndex> {
         self.index.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// HBONE pool occupancy.
+    pub fn pool_stats(&self) -> pool::PoolStats {
+        self.pool.stats()
+    }
+
     /// Accepts on every listener until `shutdown` changes; then the listeners are
     /// closed, which also removes them from the SOCKMAP.
     pub async fn serve(self: Arc<Self>, listeners: Vec<BoundListener>, shutdown: watch::Receiver<bool>) {
+        tokio::spawn(self.pool.clone().run_evictions(shutdown.clone()));
+        tokio::spawn(self.certs.clone().run_renewals(shutdown.clone()));
         let tasks: Vec<_> = listeners
             .into_iter()
             .map(|l| tokio::spawn(self.clone().accept_loop(l, shutdown.clone())))
@@ -137,9 +206,6 @@ impl Proxy {
     }
 
     async fn handle(self: Arc<Self>, role: Listener, mut client: TcpStream, peer: SocketAddr) {
-        let started = Instant::now();
-        let start_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-        let src = canonical(peer);
         let orig_dst = match client.local_addr() {
             Ok(a) => canonical(a),
             Err(e) => {
@@ -147,44 +213,68 @@ impl Proxy {
                 return;
             }
         };
+        let _ = client.set_nodelay(true);
+        let mut rec = self.record(role, canonical(peer), orig_dst);
+        let started = Instant::now();
+        // Only a connection made straight to our loopback address gets here without
+        // sk_lookup: that is a call to the proxy itself, never a workload's traffic.
+        let result = if orig_dst.ip().is_loopback() {
+            Err("refused: direct connection to a proxy port".to_string())
+        } else {
+            match role {
+                Listener::Outbound => outbound::handle(&self, &mut client, &mut rec).await,
+                Listener::InboundPlain => inbound::plaintext(&self, &mut client, &mut rec).await,
+                // HBONE connections carry many streams, each with its own record.
+                Listener::Hbone => return inbound::hbone(self, client, rec).await,
+            }
+        };
+        if result.is_err() {
+            socket::reset_on_close(&client);
+        }
+        self.finish(rec, started, result);
+    }
+
+    /// A record for a connection from `src` to `orig_dst`, with the workloads filled in.
+    fn record(&self, role: Listener, src: SocketAddr, orig_dst: SocketAddr) -> ConnectionRecord {
         let index = self.index();
-        let mut rec = ConnectionRecord {
-            start_ms,
+        let (s, d) = (index.get(src.ip()), index.get(orig_dst.ip()));
+        ConnectionRecord {
+            start_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
             duration_ms: 0,
             node: self.cfg.node.clone(),
             listener: role.name().into(),
             src,
             orig_dst,
-            src_workload: index.get(src.ip()),
-            dst_workload: index.get(orig_dst.ip()),
+            src_workload: s.map(|w| w.id.clone()),
+            dst_workload: d.map(|w| w.id.clone()),
+            src_identity: None,
+            dst_identity: None,
+            mtls: false,
             upstream_src: None,
             bytes_sent: 0,
             bytes_received: 0,
             outcome: String::new(),
-        };
-        let _ = client.set_nodelay(true);
-        rec.outcome = match self.relay(role, &mut client, &mut rec).await {
-            Ok(()) => "ok".into(),
-            Err(e) => {
-                socket::reset_on_close(&client);
-                e
-            }
-        };
+        }
+    }
+
+    fn finish(&self, mut rec: ConnectionRecord, started: Instant, result: Result<(), String>) {
         rec.duration_ms = started.elapsed().as_millis() as u64;
+        rec.outcome = match result {
+            Ok(()) => "ok".into(),
+            Err(e) => e,
+        };
         self.log.record(&rec);
     }
 
-    async fn relay(&self, role: Listener, client: &mut TcpStream, rec: &mut ConnectionRecord) -> Result<(), String> {
-        // Only a connection made straight to our loopback address gets here without
-        // sk_lookup: that is a call to the proxy itself, never a workload's traffic.
-        if rec.orig_dst.ip().is_loopback() {
-            return Err("refused: direct connection to a proxy port".into());
-        }
-        let source = match role {
-            Listener::Outbound if !self.is_pod_ip(rec.orig_dst.ip()) => None,
-            _ => Some(rec.src.ip()),
-        };
-        let mut upstream = socket::connect_upstream(rec.orig_dst, source, self.cfg.connect_timeout)
+    /// Plain TCP to `dst`, from `source` (a client's IP, transparently) or from the node.
+    async fn relay_plain(
+        &self,
+        client: &mut TcpStream,
+        dst: SocketAddr,
+        source: Option<IpAddr>,
+        rec: &mut ConnectionRecord,
+    ) -> Result<(), String> {
+        let mut upstream = socket::connect_upstream(dst, source, self.cfg.connect_timeout)
             .await
             .map_err(|e| format!("upstream connect failed: {e}"))?;
         rec.upstream_src = upstream.local_addr().ok().map(canonical);
@@ -202,11 +292,16 @@ impl Proxy {
     }
 
     fn is_pod_ip(&self, ip: IpAddr) -> bool {
-        self.cfg.pod_cidrs.iter().any(|n| n.contains(&ip)) || self.index().by_ip.contains_key(&ip)
+        self.cfg.pod_cidrs.iter().any(|n| n.contains(&ip)) || self.index().get(ip).is_some()
     }
 }
 
 /// IPv4-mapped IPv6 socket addresses as plain IPv4.
-fn canonical(a: SocketAddr) -> SocketAddr {
+pub fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// Ports of the proxy itself: a tunnel or hand-over to one of them would loop.
+pub fn is_proxy_port(port: u16) -> bool {
+    Listener::ALL.iter().any(|l| l.port() == port)
 }

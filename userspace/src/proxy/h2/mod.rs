@@ -1,0 +1,146 @@
+//! HTTP/2 for HBONE: the settings ztunnel uses, PING keepalive, and the relay between a TCP
+//! connection and a CONNECT stream.
+
+pub mod client;
+pub mod server;
+
+use std::future::poll_fn;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::socket;
+
+/// Flow-control windows and frame size (ztunnel's values): large enough that one stream can
+/// fill a fast link without waiting for WINDOW_UPDATEs.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const MAX_FRAME_SIZE: u32 = 1024 * 1024;
+/// Streams a client opens on one connection before opening another.
+pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
+/// What a server accepts per connection (more than clients use, as in ztunnel).
+pub const SERVER_MAX_STREAMS: u32 = 200;
+/// PING every interval; a connection whose PONG takes longer than the timeout is dead.
+pub const PING_INTERVAL: Duration = Duration::from_secs(10);
+pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Bytes read from TCP per DATA frame at most.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Pings the peer until a PONG does not come back in time; returns why it stopped.
+pub async fn keepalive(mut pp: h2::PingPong) -> String {
+    loop {
+        tokio::time::sleep(PING_INTERVAL).await;
+        match tokio::time::timeout(PING_TIMEOUT, pp.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return format!("ping failed: {e}"),
+            Err(_) => return format!("no PONG within {PING_TIMEOUT:?}"),
+        }
+    }
+}
+
+/// How a relay ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The TCP side reset or failed; the stream was reset towards the peer.
+    #[error("tcp side: {0}")]
+    Tcp(std::io::Error),
+    /// The stream was reset (or its connection died); the TCP side was reset.
+    #[error("stream reset: {0}")]
+    Stream(h2::Error),
+}
+
+/// Bytes moved by a relay, both ways: `sent` from TCP into the stream.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Relayed {
+    pub sent: u64,
+    pub received: u64,
+}
+
+/// Relays between `tcp` and a CONNECT stream until both directions are done.
+///
+/// End of data is passed on as end of data (FIN ↔ END_STREAM), each direction on its own,
+/// so half-closed connections work. A reset on one side becomes a reset on the other:
+/// RST_STREAM(CANCEL) towards the peer, a TCP RST towards the local socket.
+pub async fn relay(tcp: &mut TcpStream, mut send: SendStream<Bytes>, mut recv: RecvStream) -> (Relayed, Result<(), RelayError>) {
+    let mut n = Relayed::default();
+    let result = {
+        let (mut rd, mut wr) = tcp.split();
+        let up = tcp_to_stream(&mut rd, &mut send, &mut n.sent);
+        let down = stream_to_tcp(&mut recv, &mut wr, &mut n.received);
+        tokio::try_join!(up, down).map(|_| ())
+    };
+    match &result {
+        Ok(()) => {}
+        Err(RelayError::Tcp(_)) => send.send_reset(h2::Reason::CANCEL),
+        Err(RelayError::Stream(_)) => {
+            socket::reset_on_close(tcp);
+            send.send_reset(h2::Reason::CANCEL);
+        }
+    }
+    (n, result)
+}
+
+async fn tcp_to_stream(
+    rd: &mut tokio::net::tcp::ReadHalf<'_>,
+    send: &mut SendStream<Bytes>,
+    count: &mut u64,
+) -> Result<(), RelayError> {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        buf.reserve(READ_CHUNK);
+        // While waiting for the local side, notice a reset of the stream: the local side
+        // may never send again.
+        let read = tokio::select! {
+            r = rd.read_buf(&mut buf) => r,
+            r = poll_fn(|cx| send.poll_reset(cx)) => return Err(RelayError::Stream(match r {
+                Ok(reason) => h2::Error::from(reason),
+                Err(e) => e,
+            })),
+        };
+        match read {
+            Ok(0) => {
+                send.send_data(Bytes::new(), true).map_err(RelayError::Stream)?;
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(e) => return Err(RelayError::Tcp(e)),
+        }
+        let mut chunk = buf.split().freeze();
+        while !chunk.is_empty() {
+            send.reserve_capacity(chunk.len());
+            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(n)) => n,
+                Some(Err(e)) => return Err(RelayError::Stream(e)),
+                None => return Err(RelayError::Stream(h2::Error::from(h2::Reason::STREAM_CLOSED))),
+            };
+            let part = chunk.split_to(granted.min(chunk.len()));
+            *count += part.len() as u64;
+            send.send_data(part, false).map_err(RelayError::Stream)?;
+        }
+    }
+}
+
+async fn stream_to_tcp(
+    recv: &mut RecvStream,
+    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+    count: &mut u64,
+) -> Result<(), RelayError> {
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(RelayError::Stream)?;
+        wr.write_all(&chunk).await.map_err(RelayError::Tcp)?;
+        *count += chunk.len() as u64;
+        // Window credit goes back only once the bytes are written: TCP back-pressure
+        // reaches the sender.
+        let _ = recv.flow_control().release_capacity(chunk.len());
+    }
+    match wr.shutdown().await {
+        Ok(()) => Ok(()),
+        // The local side already closed both ways: nothing left to tell it.
+        Err(e) if e.kind() == std::io::ErrorKind::NotConnected => Ok(()),
+        Err(e) => Err(RelayError::Tcp(e)),
+    }
+}

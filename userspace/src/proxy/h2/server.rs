@@ -1,0 +1,64 @@
+//! The server end of an HBONE connection: accepts CONNECT streams and hands each to a
+//! handler task, pinging the client to notice a dead peer.
+
+use std::future::Future;
+
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Request, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{CONNECTION_WINDOW, MAX_FRAME_SIZE, SERVER_MAX_STREAMS, STREAM_WINDOW, keepalive};
+
+/// Serves HTTP/2 on `io` until the client goes away; each request runs `handler` on a task
+/// of its own. Returns the number of streams accepted.
+pub async fn serve<T, H, F>(io: T, label: &str, handler: H) -> Result<u64, h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    H: Fn(Request<RecvStream>, SendResponse<Bytes>) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_concurrent_streams(SERVER_MAX_STREAMS)
+        .max_header_list_size(64 * 1024)
+        .max_send_buffer_size(400 * 1024)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let ping = conn.ping_pong();
+    let alive = async {
+        match ping {
+            Some(pp) => keepalive(pp).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(alive);
+    let mut streams = 0;
+    let mut dead = false;
+    loop {
+        tokio::select! {
+            req = conn.accept() => match req {
+                Some(Ok((req, respond))) => {
+                    streams += 1;
+                    tokio::spawn(handler(req, respond));
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Ok(streams),
+            },
+            why = &mut alive, if !dead => {
+                tracing::warn!(conn = %label, "closing HBONE connection: {why}");
+                conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                dead = true;
+            }
+        }
+    }
+}
+
+/// Answers a stream with `status` and no body.
+pub fn reject(mut respond: SendResponse<Bytes>, status: StatusCode) {
+    let resp = Response::builder().status(status).body(()).expect("a status-only response is valid");
+    let _ = respond.send_response(resp, true);
+}

@@ -1,0 +1,195 @@
+//! The inbound listeners: HBONE (15008) from other nodes' proxies, and plaintext (15006)
+//! from clients outside the mesh.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use tokio::net::TcpStream;
+
+use super::access_log::ConnectionRecord;
+use super::{PlaintextPolicy, Proxy, WorkloadIndex, WorkloadInfo, canonical, is_proxy_port, socket};
+use crate::identity::WorkloadCertificate;
+use crate::tls;
+
+/// A local workload's TLS server configuration and the certificate it was built from.
+pub(super) struct ServerTls {
+    cert: Arc<WorkloadCertificate>,
+    config: Arc<rustls::ServerConfig>,
+}
+
+/// Plaintext to an enrolled pod: delivered with the client's address, or refused.
+pub(super) async fn plaintext(p: &Proxy, client: &mut TcpStream, rec: &mut ConnectionRecord) -> Result<(), String> {
+    if let Some(w) = p.index().get(rec.orig_dst.ip()) {
+        rec.dst_identity = Some(w.identity.to_string());
+    }
+    match p.cfg.plaintext {
+        PlaintextPolicy::Strict => Err("refused: plaintext to an enrolled workload (strict mTLS)".into()),
+        PlaintextPolicy::Permissive => p.relay_plain(client, rec.orig_dst, Some(rec.src.ip()), rec).await,
+    }
+}
+
+/// One HBONE connection: TLS as the dialed workload, then one task per CONNECT stream.
+/// `rec` describes the connection; it is logged only if the connection fails before its
+/// first stream, each stream logging a record of its own.
+pub(super) async fn hbone(p: Arc<Proxy>, tcp: TcpStream, mut rec: ConnectionRecord) {
+    let started = Instant::now();
+    let dialed = rec.orig_dst;
+    let index = p.index();
+    // The connection was dialed to a pod's IP; we answer as that pod.
+    let local = match index.get(dialed.ip()) {
+        Some(w) if w.node == p.cfg.node => w.clone(),
+        _ => {
+            socket::reset_on_close(&tcp);
+            return p.finish(rec, started, Err(format!("refused: no local workload has {}", dialed.ip())));
+        }
+    };
+    rec.dst_identity = Some(local.identity.to_string());
+    let config = match server_tls(&p, &local).await {
+        Ok(c) => c,
+        Err(e) => return p.finish(rec, started, Err(e)),
+    };
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+    let tls = match tokio::time::timeout(p.cfg.connect_timeout, accept).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return p.finish(rec, started, Err(format!("refused: TLS handshake failed: {e}"))),
+        Err(_) => return p.finish(rec, started, Err("refused: TLS handshake timed out".into())),
+    };
+    let peer_id = tls::peer_identity(tls.get_ref().1.peer_certificates());
+    rec.src_identity = peer_id.map(|i| i.to_string());
+    rec.mtls = true;
+    let label = format!("{} -> {dialed}", rec.src);
+    let template = rec.clone();
+    let served = super::h2::server::serve(tls, &label, |req, respond| {
+        stream(p.clone(), index.clone(), local.clone(), template.clone(), req, respond)
+    })
+    .await;
+    match served {
+        Ok(0) => p.finish(rec, started, Err("closed without a CONNECT".into())),
+        Ok(_) => {}
+        Err(e) => tracing::info!(conn = %label, "HBONE connection ended: {e}"),
+    }
+}
+
+/// The TLS configuration for `w`, built once per certificate.
+async fn server_tls(p: &Proxy, w: &WorkloadInfo) -> Result<Arc<rustls::ServerConfig>, String> {
+    let cert = p.certs.get(&w.identity).await.map_err(|e| format!("refused: no certificate for {}: {e}", w.identity))?;
+    let mut cache = p.server_tls.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(s) = cache.get(&w.identity).filter(|s| Arc::ptr_eq(&s.cert, &cert)) {
+        return Ok(s.config.clone());
+    }
+    let config = tls::server_config(&cert).map_err(|e| format!("refused: {e}"))?;
+    cache.insert(w.identity.clone(), ServerTls { cert, config: config.clone() });
+    Ok(config)
+}
+
+/// One CONNECT stream: checked, connected upstream with the client's address, relayed.
+async fn stream(
+    p: Arc<Proxy>,
+    index: Arc<WorkloadIndex>,
+    local: Arc<WorkloadInfo>,
+    mut rec: ConnectionRecord,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let started = Instant::now();
+    let target = match check_request(req.method(), req.uri(), rec.orig_dst.ip(), &index, &p.cfg.node) {
+        Ok(t) => t,
+        Err((status, why)) => {
+            super::h2::server::reject(respond, status);
+            return p.finish(rec, started, Err(format!("{} {why}", status.as_u16())));
+        }
+    };
+    rec.orig_dst = target;
+    rec.dst_workload = Some(local.id.clone());
+    // The outer connection comes from the client pod's IP (the peer proxy dials from it):
+    // the app sees its real client.
+    let upstream = socket::connect_upstream(target, Some(rec.src.ip()), p.cfg.connect_timeout).await;
+    let mut upstream = match upstream {
+        Ok(u) => u,
+        Err(e) => {
+            super::h2::server::reject(respond, StatusCode::SERVICE_UNAVAILABLE);
+            return p.finish(rec, started, Err(format!("503 upstream connect failed: {e}")));
+        }
+    };
+    rec.upstream_src = upstream.local_addr().ok().map(canonical);
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(s) => s,
+        Err(e) => return p.finish(rec, started, Err(format!("stream gone before the 200: {e}"))),
+    };
+    let (n, result) = super::h2::relay(&mut upstream, send, req.into_body()).await;
+    // On this side the stream is what arrives from the client.
+    rec.bytes_sent = n.received;
+    rec.bytes_received = n.sent;
+    p.finish(rec, started, result.map_err(|e| format!("reset: {e}")));
+}
+
+/// Validates a CONNECT request the way ztunnel does; the error carries the status to send.
+pub fn check_request(
+    method: &Method,
+    uri: &http::Uri,
+    dialed: IpAddr,
+    index: &WorkloadIndex,
+    node: &str,
+) -> Result<SocketAddr, (StatusCode, String)> {
+    if method != Method::CONNECT {
+        return Err((StatusCode::BAD_REQUEST, format!("method {method} is not CONNECT")));
+    }
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
+    let target: SocketAddr = authority
+        .parse()
+        .map(canonical)
+        .map_err(|_| (StatusCode::BAD_REQUEST, format!("authority {authority:?} is not IP:port")))?;
+    if target.ip() != dialed.to_canonical() {
+        return Err((StatusCode::BAD_REQUEST, format!("authority {target} does not match the dialed address {dialed}")));
+    }
+    if is_proxy_port(target.port()) {
+        return Err((StatusCode::SERVICE_UNAVAILABLE, format!("self-call to proxy port {}", target.port())));
+    }
+    match index.get(target.ip()) {
+        Some(w) if w.node == node => Ok(target),
+        _ => Err((StatusCode::SERVICE_UNAVAILABLE, format!("no local workload has {}", target.ip()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workloads::WorkloadFile;
+
+    fn index() -> WorkloadIndex {
+        let f = WorkloadFile::parse(
+            "workloads:\n  - {name: a, namespace: ns, serviceAccount: sa, node: n1, ips: [10.0.0.1, \"fd00::1\"]}\n  \
+             - {name: c, namespace: ns, serviceAccount: sc, node: n2, ips: [10.0.0.3]}\n",
+            "t",
+        )
+        .unwrap();
+        WorkloadIndex::from_file(&f, "td")
+    }
+
+    fn check(method: Method, authority: &str, dialed: &str) -> Result<SocketAddr, StatusCode> {
+        let uri: http::Uri = authority.parse().unwrap_or_default();
+        check_request(&method, &uri, dialed.parse().unwrap(), &index(), "n1").map_err(|(s, _)| s)
+    }
+
+    #[test]
+    fn status_codes_follow_ztunnel() {
+        assert_eq!(check(Method::CONNECT, "10.0.0.1:8080", "10.0.0.1"), Ok("10.0.0.1:8080".parse().unwrap()));
+        assert_eq!(check(Method::CONNECT, "[fd00::1]:80", "fd00::1"), Ok("[fd00::1]:80".parse().unwrap()));
+        assert_eq!(check(Method::GET, "10.0.0.1:8080", "10.0.0.1"), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(check(Method::POST, "10.0.0.1:8080", "10.0.0.1"), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(check(Method::CONNECT, "web.shop:8080", "10.0.0.1"), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(check(Method::CONNECT, "10.0.0.1", "10.0.0.1"), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(check(Method::CONNECT, "10.0.0.9:8080", "10.0.0.1"), Err(StatusCode::BAD_REQUEST));
+        for port in [15001, 15006, 15008] {
+            assert_eq!(check(Method::CONNECT, &format!("10.0.0.1:{port}"), "10.0.0.1"), Err(StatusCode::SERVICE_UNAVAILABLE));
+        }
+        // Known, but on another node; and not known at all.
+        assert_eq!(check(Method::CONNECT, "10.0.0.3:80", "10.0.0.3"), Err(StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!(check(Method::CONNECT, "10.0.0.7:80", "10.0.0.7"), Err(StatusCode::SERVICE_UNAVAILABLE));
+    }
+}

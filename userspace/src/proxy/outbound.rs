@@ -1,0 +1,107 @@
+//! The outbound listener (15001): connections of this node's enrolled pods.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use meshpath_common::names::PORT_HBONE;
+use tokio::net::TcpStream;
+
+use super::h2::client::{ClientError, H2Client};
+use super::pool::PoolKey;
+use super::{Proxy, WorkloadInfo, canonical, is_proxy_port, socket};
+use crate::identity::IdentityError;
+use crate::tls::{self, TlsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneConnectError {
+    #[error("no certificate for {identity}: {source}")]
+    Identity { identity: String, source: IdentityError },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("connecting to {dst}: {source}")]
+    Connect { dst: SocketAddr, source: std::io::Error },
+    #[error("TLS handshake with {dst}: {source}")]
+    Handshake { dst: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    H2(#[from] ClientError),
+}
+
+/// Routes one captured connection by what its destination is.
+pub(super) async fn handle(p: &Proxy, client: &mut TcpStream, rec: &mut super::ConnectionRecord) -> Result<(), String> {
+    let index = p.index();
+    let src = index.get(rec.src.ip()).cloned();
+    let dst = index.get(rec.orig_dst.ip()).cloned();
+    let Some(dst) = dst else {
+        // Not in the mesh: plain TCP, as ambient does. Pod destinations keep the client's
+        // address (the reply comes back through this node); others leave from the node's.
+        let source = p.is_pod_ip(rec.orig_dst.ip()).then_some(rec.src.ip());
+        return p.relay_plain(client, rec.orig_dst, source, rec).await;
+    };
+    // The datapath only captures enrolled sources, so a miss is a race with an unenrolment:
+    // without the client's identity nothing can be presented.
+    let src = src.ok_or("refused: the source is not an enrolled workload")?;
+    rec.src_identity = Some(src.identity.to_string());
+    rec.dst_identity = Some(dst.identity.to_string());
+    if is_proxy_port(rec.orig_dst.port()) {
+        return Err(format!("refused: port {} belongs to the proxy", rec.orig_dst.port()));
+    }
+    if dst.node == p.cfg.node {
+        // Same node: the bytes never leave this host's memory and the kernel vouches for
+        // the source (the classifier drops enrolled IPs arriving from a foreign interface),
+        // so the hand-over is direct and TLS would only encrypt a memory copy.
+        return p.relay_plain(client, rec.orig_dst, Some(rec.src.ip()), rec).await;
+    }
+    hbone(p, client, rec, &src, &dst).await
+}
+
+/// Tunnels the connection to the destination's node inside HBONE.
+async fn hbone(
+    p: &Proxy,
+    client: &mut TcpStream,
+    rec: &mut super::ConnectionRecord,
+    src: &Arc<WorkloadInfo>,
+    dst: &Arc<WorkloadInfo>,
+) -> Result<(), String> {
+    let key = PoolKey {
+        src_id: src.identity.clone(),
+        dst_id: dst.identity.clone(),
+        dst: SocketAddr::new(rec.orig_dst.ip(), PORT_HBONE),
+        src_ip: rec.src.ip(),
+    };
+    let lease = p.pool.checkout(&key, || connect(p, &key)).await.map_err(|e| format!("hbone: {e}"))?;
+    rec.mtls = true;
+    rec.upstream_src = Some(canonical(lease.conn.client.local));
+    let (send, recv) =
+        lease.conn.client.connect(rec.orig_dst, rec.src).await.map_err(|e| format!("hbone CONNECT {}: {e}", rec.orig_dst))?;
+    let (n, result) = super::h2::relay(client, send, recv).await;
+    rec.bytes_sent = n.sent;
+    rec.bytes_received = n.received;
+    result.map_err(|e| format!("reset: {e}"))
+}
+
+/// A new HBONE connection for `key`: TCP from the client pod's IP to `podIP:15008`, TLS with
+/// the source workload's certificate, then HTTP/2.
+async fn connect(p: &Proxy, key: &PoolKey) -> Result<H2Client, HboneConnectError> {
+    let cert = p
+        .certs
+        .get(&key.src_id)
+        .await
+        .map_err(|source| HboneConnectError::Identity { identity: key.src_id.to_string(), source })?;
+    let config = tls::client_config(&cert, &key.dst_id)?;
+    let tcp = socket::connect_upstream(key.dst, Some(key.src_ip), p.cfg.connect_timeout)
+        .await
+        .map_err(|source| HboneConnectError::Connect { dst: key.dst, source })?;
+    let local = tcp.local_addr().map_err(|source| HboneConnectError::Connect { dst: key.dst, source })?;
+    let handshake = tokio_rustls::TlsConnector::from(config).connect(tls::server_name(), tcp);
+    let stream = match tokio::time::timeout(p.cfg.connect_timeout, handshake).await {
+        Ok(r) => r.map_err(|source| HboneConnectError::Handshake { dst: key.dst, source })?,
+        Err(_) => {
+            let source = std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
+            return Err(HboneConnectError::Handshake { dst: key.dst, source });
+        }
+    };
+    let label = format!("{local}->{} ({} -> {})", key.dst, key.src_id, key.dst_id);
+    let client = H2Client::handshake(stream, local, label.clone()).await?;
+    tracing::debug!(conn = %label, "HBONE connection established");
+    Ok(client)
+}

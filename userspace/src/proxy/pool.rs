@@ -1,0 +1,157 @@
+//! The HBONE connection pool: captured connections with the same source identity,
+//! destination identity, destination and source IP share HTTP/2 connections, up to
+//! [`MAX_STREAMS_PER_CONNECTION`](super::h2::MAX_STREAMS_PER_CONNECTION) streams each.
+//! Connections unused for the idle timeout are closed.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::h2::client::H2Client;
+use crate::identity::Identity;
+
+/// What makes two captured connections able to share an HBONE connection (ztunnel's key).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub src_id: Identity,
+    pub dst_id: Identity,
+    /// The peer's HBONE address, `podIP:15008`.
+    pub dst: SocketAddr,
+    /// The client pod's IP: the outer connection's source.
+    pub src_ip: IpAddr,
+}
+
+pub struct PooledConnection {
+    pub client: H2Client,
+    /// Sequence number, for logs and tests.
+    pub id: u64,
+    active: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+/// A stream's claim on a pooled connection; released on drop.
+pub struct Lease {
+    pub conn: Arc<PooledConnection>,
+    /// Whether the connection already existed.
+    pub reused: bool,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.conn.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.conn.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
+    }
+}
+
+/// Pool occupancy, for metrics and logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub connections: usize,
+    pub streams: usize,
+}
+
+pub struct Pool {
+    idle_timeout: Duration,
+    conns: Mutex<HashMap<PoolKey, Vec<Arc<PooledConnection>>>>,
+    /// One connect at a time per key, so a burst of new streams opens one connection.
+    connecting: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    next_id: AtomicU64,
+}
+
+impl Pool {
+    pub fn new(idle_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self { idle_timeout, conns: Mutex::default(), connecting: Mutex::default(), next_id: AtomicU64::new(1) })
+    }
+
+    /// A stream slot on a connection for `key`: an existing one with room, or a new one
+    /// made by `connect`.
+    pub async fn checkout<F, Fut, E>(&self, key: &PoolKey, connect: F) -> Result<Lease, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<H2Client, E>>,
+    {
+        if let Some(lease) = self.reserve(key) {
+            return Ok(lease);
+        }
+        let gate = {
+            let mut c = self.connecting.lock().unwrap_or_else(|p| p.into_inner());
+            c.entry(key.clone()).or_default().clone()
+        };
+        let _turn = gate.lock().await;
+        // Whoever held the gate before us may have made a connection with room.
+        if let Some(lease) = self.reserve(key) {
+            return Ok(lease);
+        }
+        let client = connect().await?;
+        let conn = Arc::new(PooledConnection {
+            client,
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            active: AtomicUsize::new(1),
+            idle_since: Mutex::new(Instant::now()),
+        });
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().push(conn.clone());
+        Ok(Lease { conn, reused: false })
+    }
+
+    fn reserve(&self, key: &PoolKey) -> Option<Lease> {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        // Counts only grow under this lock, so check-then-add cannot overshoot.
+        let conn = conns
+            .get(key)?
+            .iter()
+            .find(|c| !c.client.is_closed() && c.active.load(Ordering::Acquire) < c.client.stream_limit())?
+            .clone();
+        conn.active.fetch_add(1, Ordering::AcqRel);
+        Some(Lease { conn, reused: true })
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.values().flatten().fold(PoolStats::default(), |s, c| PoolStats {
+            connections: s.connections + 1,
+            streams: s.streams + c.active.load(Ordering::Acquire),
+        })
+    }
+
+    /// Drops closed connections and those idle for longer than the timeout. Dropping the
+    /// last handle makes h2 send GOAWAY and close the connection.
+    pub fn evict(&self) -> usize {
+        let now = Instant::now();
+        let mut evicted = 0;
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.retain(|_, list| {
+            list.retain(|c| {
+                let idle = c.active.load(Ordering::Acquire) == 0
+                    && now.duration_since(*c.idle_since.lock().unwrap_or_else(|p| p.into_inner())) >= self.idle_timeout;
+                let keep = !(idle || c.client.is_closed());
+                evicted += usize::from(!keep);
+                keep
+            });
+            !list.is_empty()
+        });
+        let mut connecting = self.connecting.lock().unwrap_or_else(|p| p.into_inner());
+        connecting.retain(|k, gate| conns.contains_key(k) || Arc::strong_count(gate) > 1);
+        evicted
+    }
+
+    /// Evicts periodically until `stop` changes.
+    pub async fn run_evictions(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let period = (self.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            let n = self.evict();
+            if n > 0 {
+                tracing::debug!(evicted = n, "closed idle HBONE connections");
+            }
+        }
+    }
+}
