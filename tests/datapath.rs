@@ -5,49 +5,25 @@
 use std::net::IpAddr;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use meshpath::lab::smoke::{self, APP_PORT};
-use meshpath::lab::{Lab, traffic};
+use meshpath::lab::Lab;
+use meshpath::lab::smoke;
 
-fn started_lab() -> Result<Lab> {
-    started_lab_with(&[])
-}
-
-/// A lab whose daemons get `args` on top of the lab's own.
-fn started_lab_with(args: &[&str]) -> Result<Lab> {
-    let mut lab = Lab::build(Path::new(env!("CARGO_BIN_EXE_meshpath"))).context("building the lab")?;
-    lab.daemon_args = args.iter().map(|a| a.to_string()).collect();
-    lab.start_daemons().context("starting the daemons")?;
-    Ok(lab)
-}
-
-/// One request/response from pod `from` to pod `to` (IPv4, app port).
-fn send(lab: &Lab, from: &str, to: &str, timeout: Duration) -> std::io::Result<traffic::Exchange> {
-    traffic::exchange(&lab.pod(from).netns, None, lab.addr(to, false, APP_PORT), &traffic::payload(4096), timeout)
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f()? {
-            return Ok(());
-        }
-        ensure!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+mod support;
+use support::{send, started_lab, started_lab_with, wait_until};
 
 #[test]
 fn traffic_matrix_goes_through_the_proxy_and_spoofing_is_dropped() -> Result<()> {
     let lab = started_lab()?;
-    let outcomes = smoke::run_all(&lab)?;
+    let smoke::Smoke { outcomes, evidence } = smoke::run_all(&lab)?;
+    println!("TLS evidence: {}", evidence.summary());
     let table = smoke::table(&outcomes);
     println!("{table}");
     ensure!(outcomes.iter().all(|o| o.ok), "some paths misbehaved:\n{table}");
     // The matrix covers each direction the issue names.
-    ensure!(outcomes.len() == smoke::matrix().len() + 2);
+    ensure!(outcomes.len() == smoke::matrix().len() + 5);
     let c = lab.counters(0)?;
     ensure!(c.classified > 0 && c.steered > 0 && c.spoof_dropped > 0, "node 1 counters did not move: {c:?}");
     Ok(())
@@ -117,7 +93,8 @@ fn netlink_attach_mode_captures_fails_closed_and_uninstalls_cleanly() -> Result<
     let filters = Command::new("tc").args(["-n", &lab.nodes[0].name, "filter", "show", "dev", "vpa", "ingress"]).output()?;
     let filters = String::from_utf8_lossy(&filters.stdout);
     ensure!(filters.contains("mp_tc_ingress") && filters.contains("pref 1519"), "not a cls_bpf filter: {filters}");
-    let outcomes = smoke::run_all(&lab)?;
+    let smoke::Smoke { outcomes, evidence } = smoke::run_all(&lab)?;
+    println!("TLS evidence: {}", evidence.summary());
     let table = smoke::table(&outcomes);
     ensure!(outcomes.iter().all(|o| o.ok), "netlink mode misbehaved:\n{table}");
     fails_closed_then_resumes(&mut lab, true)?;
@@ -215,11 +192,13 @@ fn bad_input_gives_one_clear_line_and_no_backtrace() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let bad = dir.join("bad.yaml");
     std::fs::write(&bad, "workloads:\n  - name: x\n    ips: [not-an-ip]\n")?;
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["node", "--node", "n1", "--workloads", "/nonexistent/w.yaml"], "/nonexistent/w.yaml"),
         (&["node", "--node", "n1", "--workloads", bad.to_str().unwrap()], "bad.yaml"),
         (&["node", "--node", "../etc", "--workloads", bad.to_str().unwrap()], "invalid node name"),
         (&["uninstall", "--node", "UPPER"], "invalid node name"),
+        (&["node", "--node", "n1", "--workloads", bad.to_str().unwrap(), "--trust-domain", "a/b"], "is not a trust domain"),
+        (&["node", "--node", "n1", "--workloads", "/dev/null", "--cert-dir", "/nonexistent/certs"], "/nonexistent/certs: not a directory"),
     ];
     for (args, needle) in cases {
         let out = meshpath(args);

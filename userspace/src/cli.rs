@@ -202,14 +202,15 @@ fn run_lab(a: LabArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let bin = std::env::current_exe().context("locating the meshpath binary")?;
-    eprintln!("building the lab (2 nodes, 4 pods)...");
+    eprintln!("building the lab (2 nodes, 5 pods)...");
     let mut lab = Lab::build(&bin)?;
     eprintln!("starting meshpath on both nodes...");
     lab.start_daemons()?;
     if a.smoke {
         eprintln!("sending traffic...");
-        let outcomes = smoke::run_all(&lab)?;
+        let smoke::Smoke { outcomes, evidence } = smoke::run_all(&lab)?;
         println!("{}", smoke::table(&outcomes));
+        println!("TLS evidence (capture on node 1's underlay while a -> c ran): {}", evidence.summary());
         for (i, _) in lab.nodes.iter().enumerate() {
             let c = lab.counters(i)?;
             println!("node {} datapath counters: {}", i + 1, serde_json::to_string(&c)?);

@@ -69,25 +69,45 @@ pub fn server_config(cert: &WorkloadCertificate) -> Result<Arc<ServerConfig>, Tl
 /// accepts only a server proving `expected`.
 pub fn client_config(cert: &WorkloadCertificate, expected: &Identity) -> Result<Arc<ClientConfig>, TlsError> {
     let err = |source| TlsError::Config { identity: cert.identity.to_string(), source };
+    let cfg = client_builder(&roots(cert)?, expected, &cert.identity)?.with_client_auth_cert(cert.chain.clone(), cert.key()).map_err(err)?;
+    Ok(finish_client(cfg))
+}
+
+/// A client that presents no certificate: what a non-mesh client looks like to an HBONE
+/// server. Only the lab uses it, to show such clients are refused.
+pub fn anonymous_client_config(roots: &[CertificateDer<'static>], expected: &Identity) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut store = RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).map_err(|e| TlsError::Roots { identity: expected.to_string(), reason: e.to_string() })?;
+    }
+    Ok(finish_client(client_builder(&Arc::new(store), expected, expected)?.with_no_client_auth()))
+}
+
+fn client_builder(
+    roots: &Arc<RootCertStore>,
+    expected: &Identity,
+    me: &Identity,
+) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, TlsError> {
     let provider = provider();
     let verifier = Arc::new(IdentityVerifier {
-        roots: roots(cert)?,
+        roots: roots.clone(),
         expected: expected.clone(),
         algorithms: provider.signature_verification_algorithms,
     });
-    let mut cfg = ClientConfig::builder_with_provider(provider)
+    Ok(ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(err)?
+        .map_err(|source| TlsError::Config { identity: me.to_string(), source })?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(cert.chain.clone(), cert.key())
-        .map_err(err)?;
+        .with_custom_certificate_verifier(verifier))
+}
+
+fn finish_client(mut cfg: ClientConfig) -> Arc<ClientConfig> {
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     // The destination is an IP and the identity is checked on the SAN: SNI would only leak
     // the address. Resumption is off as in ztunnel: every connection proves its identity.
     cfg.enable_sni = false;
     cfg.resumption = rustls::client::Resumption::disabled();
-    Ok(Arc::new(cfg))
+    Arc::new(cfg)
 }
 
 /// The name handed to the TLS client: unused for verification (see [`IdentityVerifier`])

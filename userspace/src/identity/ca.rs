@@ -83,7 +83,11 @@ impl BuiltinCa {
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer).map_err(ca_err)?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        WorkloadCertificate::new(id.clone(), vec![cert.der().clone()], key, vec![self.root.clone()])
+        let mut cert = WorkloadCertificate::new(id.clone(), vec![cert.der().clone()], key, vec![self.root.clone()])?;
+        // Half-life counted from issuance: the back-dating for clock skew must not make a
+        // short-lived certificate due at once.
+        cert.refresh_at = start + ttl / 2;
+        Ok(cert)
     }
 }
 

@@ -180,10 +180,11 @@ mod tests {
 
     #[tokio::test]
     async fn renews_at_half_life_and_keeps_the_old_one_when_renewal_fails() {
-        // Minted certificates start 60 s in the past, so a 60 s TTL is at half-life at once.
         let (p, m) = setup(Duration::from_secs(60));
         let id = Identity::new("cluster.local", "ns", "sa");
         let first = m.get(&id).await.unwrap();
+        assert!(first.refresh_at > SystemTime::now() + Duration::from_secs(25), "half-life is counted from issuance");
+        m.cache.lock().unwrap().get_mut(&id).unwrap().next_try = SystemTime::now();
         p.fail.store(true, Ordering::SeqCst);
         m.renew_due().await;
         assert!(Arc::ptr_eq(&m.get(&id).await.unwrap(), &first), "a failed renewal must keep the valid certificate");

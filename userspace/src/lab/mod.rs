@@ -2,17 +2,22 @@
 //! cluster around (`meshpath lab`, `cargo xtask run`) and for the integration tests.
 //!
 //! ```text
-//!  pod a (enrolled)   pod b              pod c (enrolled)   pod d
-//!  10.244.1.10        10.244.1.11        10.244.2.10        10.244.2.11
-//!      | vpa              | vpb              | vpc              | vpd
-//!  +---------- node 1 ---------+  ul0    +---------- node 2 ---------+
-//!  | meshpath node             |---------| meshpath node             |
-//!  +---------------------------+         +---------------------------+
+//!  pod a (enrolled)  pod b        pod e (enrolled)   pod c (enrolled)   pod d
+//!  10.244.1.10       10.244.1.11  10.244.1.12        10.244.2.10        10.244.2.11
+//!      | vpa             | vpb        | vpe                | vpc              | vpd
+//!  +------------------ node 1 ------------+  ul0    +---------- node 2 ---------+
+//!  | meshpath node (plaintext permissive) |---------| meshpath node (strict)    |
+//!  +--------------------------------------+         +---------------------------+
 //! ```
+//!
+//! Both nodes get their certificates from one built-in CA whose root lives in the lab's
+//! directory; enrolled pods talk across nodes inside HBONE.
 //!
 //! Pods sit behind routed veths with /32 (/128) host routes and a link-local gateway on the
 //! node side of each veth, as Calico and kindnet wire them. The underlay link has no route out of the lab.
 
+pub mod capture;
+pub mod hbone_client;
 pub mod smoke;
 pub mod traffic;
 
@@ -78,6 +83,12 @@ pub struct Lab {
     pub pods: Vec<Pod>,
     /// Extra arguments for every `meshpath node` the lab starts.
     pub daemon_args: Vec<String>,
+    /// Extra arguments per node (after `daemon_args`). Node 2 refuses plaintext by default,
+    /// so the lab shows both policies.
+    pub node_args: Vec<Vec<String>>,
+    /// Whether daemons get `--ca-dir` (the lab's shared CA). Off when a test brings its
+    /// own certificates with `--cert-dir`.
+    pub use_builtin_ca: bool,
     namespaces: Vec<String>,
     keep_dir: bool,
 }
@@ -103,7 +114,7 @@ impl Lab {
                 daemon: None,
             })
             .collect();
-        let pods = [("a", 0, true, 10), ("b", 0, false, 11), ("c", 1, true, 10), ("d", 1, false, 11)]
+        let pods = [("a", 0, true, 10), ("b", 0, false, 11), ("e", 0, true, 12), ("c", 1, true, 10), ("d", 1, false, 11)]
             .into_iter()
             .map(|(name, node, enrolled, host)| Pod {
                 name,
@@ -122,6 +133,8 @@ impl Lab {
             nodes,
             pods,
             daemon_args: Vec::new(),
+            node_args: vec![vec![], vec!["--inbound-plaintext".into(), "strict".into()]],
+            use_builtin_ca: true,
             namespaces: Vec::new(),
             keep_dir: std::env::var_os("MESHPATH_LAB_KEEP").is_some(),
         };
@@ -185,6 +198,19 @@ impl Lab {
         self.dir.join(format!("n{}-access.jsonl", node + 1))
     }
 
+    /// The built-in CA's root directory, shared by both nodes.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+
+    /// The trust domain of the lab's identities.
+    pub const TRUST_DOMAIN: &'static str = "cluster.local";
+
+    /// The SPIFFE identity the lab gives `pod`.
+    pub fn identity(&self, pod: &str) -> crate::identity::Identity {
+        crate::identity::Identity::new(Self::TRUST_DOMAIN, "lab", &format!("sa-{pod}"))
+    }
+
     pub fn daemon_log_path(&self, node: usize) -> PathBuf {
         self.dir.join(format!("n{}.log", node + 1))
     }
@@ -233,11 +259,15 @@ impl Lab {
             .arg(self.workloads_path())
             .arg("--access-log")
             .arg(self.access_log_path(node))
-            .args(["--poll-interval-ms", "100"]);
+            .args(["--poll-interval-ms", "100", "--trust-domain", Self::TRUST_DOMAIN]);
+        if self.use_builtin_ca {
+            cmd.arg("--ca-dir").arg(self.ca_dir());
+        }
         for c in POD_CIDRS {
             cmd.args(["--pod-cidr", c]);
         }
         cmd.args(&self.daemon_args);
+        cmd.args(self.node_args.get(node).into_iter().flatten());
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         cmd
     }
@@ -357,7 +387,7 @@ impl Lab {
     /// How to reach the pods by hand while the lab runs.
     pub fn describe(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "lab {} (files in {})", self.id, self.dir.display());
+        let _ = writeln!(s, "lab {} (files in {}, CA root in {})", self.id, self.dir.display(), self.ca_dir().display());
         for (i, n) in self.nodes.iter().enumerate() {
             let _ = writeln!(
                 s,

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use super::capture::{Capture, TlsEvidence, tls_evidence};
 use super::traffic::{self, EchoServer};
 use super::{Lab, Result};
 use crate::proxy::access_log::ConnectionRecord;
@@ -51,15 +52,20 @@ pub fn matrix() -> Vec<Scenario> {
     use Expect::*;
     let s = |name, from, to, v6, port, expect| Scenario { name, from, to, v6, port, expect };
     vec![
-        s("enrolled -> enrolled, other node", "a", "c", false, APP_PORT, Through(&[(0, "outbound"), (1, "inbound_plain")])),
-        s("enrolled -> enrolled, other node (v6)", "a", "c", true, APP_PORT, Through(&[(0, "outbound"), (1, "inbound_plain")])),
-        s("enrolled -> enrolled :15008", "a", "c", false, 15008, Through(&[(0, "outbound"), (1, "hbone")])),
+        s("enrolled -> enrolled, other node (HBONE)", "a", "c", false, APP_PORT, Through(&[(0, "outbound"), (1, "hbone")])),
+        s("enrolled -> enrolled, other node (HBONE v6)", "a", "c", true, APP_PORT, Through(&[(0, "outbound"), (1, "hbone")])),
+        s("enrolled -> enrolled, back (HBONE)", "c", "a", false, APP_PORT, Through(&[(1, "outbound"), (0, "hbone")])),
+        s("enrolled -> enrolled, same node", "a", "e", false, APP_PORT, Through(&[(0, "outbound")])),
+        s("enrolled -> enrolled, same node (v6)", "e", "a", true, APP_PORT, Through(&[(0, "outbound")])),
+        s("enrolled -> enrolled :15008 (self-call)", "a", "c", false, 15008, Blocked),
         s("enrolled -> plain, other node", "a", "d", false, APP_PORT, Through(&[(0, "outbound")])),
         s("enrolled -> plain, same node", "a", "b", false, APP_PORT, Through(&[(0, "outbound")])),
         s("enrolled -> plain, same node (v6)", "a", "b", true, APP_PORT, Through(&[(0, "outbound")])),
         s("plain -> enrolled, same node", "b", "a", false, APP_PORT, Through(&[(0, "inbound_plain")])),
         s("plain -> enrolled, other node", "d", "a", false, APP_PORT, Through(&[(0, "inbound_plain")])),
         s("plain -> enrolled, other node (v6)", "d", "a", true, APP_PORT, Through(&[(0, "inbound_plain")])),
+        s("plain -> enrolled, strict node", "d", "c", false, APP_PORT, Blocked),
+        s("plain -> enrolled, strict node, other node", "b", "c", false, APP_PORT, Blocked),
         s("plain -> plain, other node", "b", "d", false, APP_PORT, Through(&[])),
     ]
 }
@@ -99,9 +105,10 @@ pub fn run(lab: &Lab, sc: &Scenario) -> Result<Outcome> {
         }
         (Expect::Through(hops), Ok(x)) => {
             out.server_saw = x.server_saw.ip().to_string();
-            let (path, problems) = follow(lab, x.client, dst, hops)?;
+            let (records, mut problems) = follow(lab, x.client, dst, hops)?;
+            let path: Vec<String> = records.iter().map(|(n, r)| format!("n{}:{}", n + 1, r.listener)).collect();
             out.path = if path.is_empty() { "direct".into() } else { path.join(" > ") };
-            let mut problems = problems;
+            check_security(lab, sc, &records, &mut problems);
             if !x.echoed_intact {
                 problems.push("payload came back altered".into());
             }
@@ -122,7 +129,7 @@ fn follow(
     client: std::net::SocketAddr,
     dst: std::net::SocketAddr,
     hops: Hops,
-) -> Result<(Vec<String>, Vec<String>)> {
+) -> Result<(Vec<(usize, ConnectionRecord)>, Vec<String>)> {
     let mut path = Vec::new();
     let mut problems = Vec::new();
     let mut src = client;
@@ -131,9 +138,10 @@ fn follow(
         let found = lab.wait_record(*node, Duration::from_secs(3), |r| r.src == src && r.orig_dst == dst)?;
         match found {
             Some(r) => {
-                path.push(format!("n{}:{}", node + 1, r.listener));
                 check_record(&r, role, &mut problems);
-                match r.upstream_src {
+                let next = r.upstream_src;
+                path.push((*node, r));
+                match next {
                     Some(u) => {
                         src = u;
                         srcs.push(u);
@@ -157,6 +165,25 @@ fn follow(
         }
     }
     Ok((path, problems))
+}
+
+/// Identities and mTLS as the path implies: a tunnelled connection is mTLS on both hops and
+/// the receiving side saw the client pod's own identity; anything else is not mTLS.
+fn check_security(lab: &Lab, sc: &Scenario, records: &[(usize, ConnectionRecord)], problems: &mut Vec<String>) {
+    let tunnelled = records.iter().any(|(_, r)| r.listener == "hbone");
+    let want_src = lab.pod(sc.from).enrolled.then(|| lab.identity(sc.from).to_string());
+    let want_dst = lab.pod(sc.to).enrolled.then(|| lab.identity(sc.to).to_string());
+    for (node, r) in records {
+        if r.mtls != tunnelled {
+            problems.push(format!("n{}:{} recorded mtls={}", node + 1, r.listener, r.mtls));
+        }
+        if r.listener == "hbone" && r.src_identity != want_src {
+            problems.push(format!("n{} saw client identity {:?}, want {want_src:?}", node + 1, r.src_identity));
+        }
+        if r.dst_identity.is_some() && r.dst_identity != want_dst {
+            problems.push(format!("n{}:{} destination identity {:?}, want {want_dst:?}", node + 1, r.listener, r.dst_identity));
+        }
+    }
 }
 
 fn check_record(r: &ConnectionRecord, role: &str, problems: &mut Vec<String>) {
@@ -202,10 +229,73 @@ pub fn spoof(lab: &Lab, name: &'static str, from: &'static str, forged: IpAddr, 
     Ok(out)
 }
 
-/// The whole smoke run: servers up, every scenario, the spoof check.
-pub fn run_all(lab: &Lab) -> Result<Vec<Outcome>> {
+/// What one smoke run showed.
+pub struct Smoke {
+    pub outcomes: Vec<Outcome>,
+    /// The underlay capture taken while enrolled pods talked across nodes.
+    pub evidence: TlsEvidence,
+}
+
+/// Plaintext that must never show on the underlay while enrolled pods talk.
+pub const MARKER: &[u8] = b"MESHPATH-PLAINTEXT-MARKER";
+
+/// `n` concurrent connections a -> c while the underlay of node 1 is captured: each must
+/// arrive intact with a's address, the underlay must carry TLS records only, and all of
+/// them must share one HBONE connection.
+pub fn hbone_evidence(lab: &Lab, n: usize) -> Result<(Vec<Outcome>, TlsEvidence)> {
+    let capture = Capture::start(&lab.nodes[0].name, "ul0")?;
+    let payload: Vec<u8> = MARKER.iter().chain(traffic::payload(32 * 1024).iter()).chain(MARKER).copied().collect();
+    let (a, dst) = (lab.pod("a").netns.clone(), lab.addr("c", false, APP_PORT));
+    let results: Vec<std::io::Result<traffic::Exchange>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n).map(|_| s.spawn(|| traffic::exchange(&a, None, dst, &payload, CONNECT_TIMEOUT))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(std::io::Error::other("client thread panicked")))).collect()
+    });
+    // Let the last ACKs and the close reach the capture.
+    std::thread::sleep(Duration::from_millis(200));
+    let evidence = tls_evidence(&capture.stop()?, MARKER);
+
+    let row = |name: &'static str, ok: bool, path: String, detail: String| Outcome {
+        scenario: Scenario { name, from: "a", to: "c", v6: false, port: APP_PORT, expect: Expect::Through(&[]) },
+        path,
+        server_saw: "-".into(),
+        ok,
+        detail,
+    };
+    let bad: Vec<String> = results
+        .iter()
+        .filter_map(|r| match r {
+            Ok(x) if x.echoed_intact && x.server_saw.ip() == x.client.ip() => None,
+            Ok(x) => Some(format!("intact={} server saw {}", x.echoed_intact, x.server_saw)),
+            Err(e) => Some(e.to_string()),
+        })
+        .collect();
+    let mut rows = vec![row(
+        "concurrent connections, intact",
+        bad.is_empty(),
+        format!("{}/{n} intact, client IP kept", n - bad.len()),
+        bad.join("; "),
+    )];
+    let app = evidence.tls_records.get(&23).copied().unwrap_or(0);
+    rows.push(row(
+        "underlay carries TLS records only",
+        evidence.tls_only() && app > 0,
+        format!("{} TLS records, {} bytes", evidence.tls_records.values().sum::<usize>(), evidence.payload_bytes),
+        evidence.summary(),
+    ));
+    rows.push(row(
+        "concurrent connections share one TLS conn",
+        evidence.hbone_flows == 1 && evidence.hbone_connects <= 1,
+        format!("{n} streams on {} TLS connection(s)", evidence.hbone_flows),
+        evidence.summary(),
+    ));
+    Ok((rows, evidence))
+}
+
+/// The whole smoke run: servers up, the HBONE evidence, every scenario, the spoof check.
+pub fn run_all(lab: &Lab) -> Result<Smoke> {
     let _servers = start_servers(lab)?;
-    let mut outcomes = Vec::new();
+    // First, while no HBONE connection exists yet, so its opening is in the capture.
+    let (mut outcomes, evidence) = hbone_evidence(lab, 8)?;
     for sc in matrix() {
         outcomes.push(run(lab, &sc)?);
     }
@@ -214,18 +304,18 @@ pub fn run_all(lab: &Lab) -> Result<Vec<Outcome>> {
     // An enrolled pod using an address it is not enrolled with would escape capture.
     let unlisted: IpAddr = "10.244.1.99".parse().expect("valid");
     outcomes.push(spoof(lab, "enrolled pod, unlisted source IP", "a", unlisted, "d")?);
-    Ok(outcomes)
+    Ok(Smoke { outcomes, evidence })
 }
 
 /// A fixed-width table of outcomes.
 pub fn table(outcomes: &[Outcome]) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "{:<40} {:<6} {:<30} {:<22} {}", "scenario", "pods", "path (proxy hops)", "server saw", "result");
-    let _ = writeln!(s, "{}", "-".repeat(110));
+    let _ = writeln!(s, "{:<44} {:<6} {:<32} {:<22} {}", "scenario", "pods", "path (proxy hops)", "server saw", "result");
+    let _ = writeln!(s, "{}", "-".repeat(116));
     for o in outcomes {
         let _ = writeln!(
             s,
-            "{:<40} {:<6} {:<30} {:<22} {}{}",
+            "{:<44} {:<6} {:<32} {:<22} {}{}",
             o.scenario.name,
             format!("{}->{}", o.scenario.from, o.scenario.to),
             o.path,

@@ -101,7 +101,10 @@ pub fn read_records(path: &Path) -> std::io::Result<Vec<ConnectionRecord>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    text.lines()
+    // A line still being written has no newline yet: leave it for the next read.
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
         .collect()

@@ -140,10 +140,15 @@ pub fn check_request(
         return Err((StatusCode::BAD_REQUEST, format!("method {method} is not CONNECT")));
     }
     let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
-    let target: SocketAddr = authority
-        .parse()
-        .map(canonical)
-        .map_err(|_| (StatusCode::BAD_REQUEST, format!("authority {authority:?} is not IP:port")))?;
+    let target: SocketAddr = match authority.parse() {
+        Ok(a) => canonical(a),
+        // ztunnel takes `name:port` as a service hostname and answers 503 when it knows
+        // no such service; meshpath resolves no hostnames, so every one is unknown.
+        Err(_) if uri.port_u16().is_some() && uri.host().is_some_and(|h| !h.is_empty()) => {
+            return Err((StatusCode::SERVICE_UNAVAILABLE, format!("no service {authority:?}")));
+        }
+        Err(_) => return Err((StatusCode::BAD_REQUEST, format!("authority {authority:?} is not IP:port"))),
+    };
     if target.ip() != dialed.to_canonical() {
         return Err((StatusCode::BAD_REQUEST, format!("authority {target} does not match the dialed address {dialed}")));
     }
@@ -182,7 +187,7 @@ mod tests {
         assert_eq!(check(Method::CONNECT, "[fd00::1]:80", "fd00::1"), Ok("[fd00::1]:80".parse().unwrap()));
         assert_eq!(check(Method::GET, "10.0.0.1:8080", "10.0.0.1"), Err(StatusCode::BAD_REQUEST));
         assert_eq!(check(Method::POST, "10.0.0.1:8080", "10.0.0.1"), Err(StatusCode::BAD_REQUEST));
-        assert_eq!(check(Method::CONNECT, "web.shop:8080", "10.0.0.1"), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(check(Method::CONNECT, "web.shop:8080", "10.0.0.1"), Err(StatusCode::SERVICE_UNAVAILABLE));
         assert_eq!(check(Method::CONNECT, "10.0.0.1", "10.0.0.1"), Err(StatusCode::BAD_REQUEST));
         assert_eq!(check(Method::CONNECT, "10.0.0.9:8080", "10.0.0.1"), Err(StatusCode::BAD_REQUEST));
         for port in [15001, 15006, 15008] {

@@ -1,0 +1,44 @@
+//! Helpers shared by the kernel test files: labs with their daemons up, one-shot traffic,
+//! polling.
+
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use meshpath::lab::smoke::APP_PORT;
+use meshpath::lab::{Lab, traffic};
+
+pub fn started_lab() -> Result<Lab> {
+    started_lab_with(&[])
+}
+
+/// A lab whose daemons get `args` on top of the lab's own.
+pub fn started_lab_with(args: &[&str]) -> Result<Lab> {
+    let mut lab = built_lab()?;
+    lab.daemon_args = args.iter().map(|a| a.to_string()).collect();
+    lab.start_daemons().context("starting the daemons")?;
+    Ok(lab)
+}
+
+/// A lab with no daemons started yet.
+pub fn built_lab() -> Result<Lab> {
+    Lab::build(Path::new(env!("CARGO_BIN_EXE_meshpath"))).context("building the lab")
+}
+
+/// One request/response from pod `from` to pod `to` (IPv4, app port).
+pub fn send(lab: &Lab, from: &str, to: &str, timeout: Duration) -> std::io::Result<traffic::Exchange> {
+    traffic::exchange(&lab.pod(from).netns, None, lab.addr(to, false, APP_PORT), &traffic::payload(4096), timeout)
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
