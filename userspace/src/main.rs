@@ -1,9 +1,20 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use clap::error::ErrorKind;
 
 fn main() -> ExitCode {
-    let cli = meshpath::cli::Cli::parse();
+    let cli = match meshpath::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) => e.exit(),
+        Err(e) => {
+            // Same one-line shape as every other error; clap's usage hint adds nothing here.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("meshpath: error: {} (see --help)", first.strip_prefix("error: ").unwrap_or(first));
+            return ExitCode::from(2);
+        }
+    };
     meshpath::cli::init_tracing(&cli);
     match meshpath::cli::run(cli) {
         Ok(code) => code,

@@ -97,7 +97,8 @@ fn run(task: Task) -> Result<()> {
             status(Command::new(&bin).args(["lab", "--cleanup"]))?;
             step("running unit and kernel tests");
             let mut cmd = cargo();
-            cmd.args(["test", "--workspace", "--exclude", "meshpath-ebpf"]);
+            // Every test binary runs even when an earlier one fails: one report shows all failures.
+            cmd.args(["test", "--no-fail-fast", "--workspace", "--exclude", "meshpath-ebpf"]);
             if !args.is_empty() {
                 cmd.arg("--").args(&args);
             }
