@@ -48,6 +48,9 @@ impl Capture {
                 let ifindex = nix::net::if_::if_nametoindex(ifname.as_str()).map_err(std::io::Error::from)? as usize;
                 let fd = socket::socket(AddressFamily::Packet, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::EthAll)
                     .map_err(std::io::Error::from)?;
+                // Room for bursts of 64 KiB GSO segments: a full buffer drops packets, and
+                // dropped bytes are bytes not checked.
+                socket::setsockopt(&fd, sockopt::RcvBufForce, &(16 << 20)).map_err(std::io::Error::from)?;
                 // A short timeout lets the loop notice `stop`.
                 socket::setsockopt(&fd, sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(0, 100_000))
                     .map_err(std::io::Error::from)?;
@@ -188,6 +191,13 @@ pub fn tls_evidence(segments: &[Segment], marker: &[u8]) -> TlsEvidence {
     ev.hbone_flows = flows.len();
     for ((src, dst), by_seq) in streams {
         let bytes = contiguous(&by_seq);
+        // Bytes from the first sequence number to the end of the furthest segment.
+        let first = by_seq.keys().next().copied().unwrap_or(0);
+        let captured = by_seq.iter().map(|(seq, d)| seq.wrapping_sub(first) as usize + d.len()).max().unwrap_or(0);
+        if captured > bytes.len() {
+            // A hole (a segment the capture missed) leaves bytes after it unchecked.
+            ev.violations.push(format!("{src} -> {dst}: {} captured bytes after a gap could not be checked", captured - bytes.len()));
+        }
         if let Err(e) = walk_records(&bytes, &mut ev.tls_records) {
             ev.violations.push(format!("{src} -> {dst}: {e}"));
         }
@@ -268,6 +278,14 @@ mod tests {
         assert!(ev.tls_only(), "{:?}", ev.violations);
         assert_eq!(ev.tls_records.get(&23), Some(&2));
         assert_eq!(ev.hbone_flows, 1);
+    }
+
+    #[test]
+    fn a_gap_in_the_capture_is_reported_not_ignored() {
+        let r = record(23, &[1; 100]);
+        let segs = [seg("10.0.0.1:40000", "10.0.0.2:15008", 1, &r[..50]), seg("10.0.0.1:40000", "10.0.0.2:15008", 80, &r[79..])];
+        let ev = tls_evidence(&segs, b"SECRET");
+        assert!(!ev.tls_only() && ev.violations[0].contains("could not be checked"), "{:?}", ev.violations);
     }
 
     #[test]

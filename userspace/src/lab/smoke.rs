@@ -91,7 +91,13 @@ pub fn run(lab: &Lab, sc: &Scenario) -> Result<Outcome> {
     match (&sc.expect, res) {
         (Expect::Blocked, Err(e)) => {
             out.ok = true;
-            out.path = "blocked".into();
+            // Where it was refused, if a proxy recorded it: the hop furthest along.
+            let refusal = (0..lab.nodes.len()).rev().find_map(|n| {
+                let r = lab.records(n).ok()?.into_iter().rev().find(|r| r.orig_dst == dst && r.outcome != "ok")?;
+                let why = r.outcome.trim_start_matches("refused: ");
+                Some(format!("n{}: {}", n + 1, why.chars().take(34).collect::<String>()))
+            });
+            out.path = refusal.unwrap_or_else(|| "blocked".into());
             out.detail = e.to_string();
         }
         (Expect::Blocked, Ok(x)) => {
@@ -310,12 +316,12 @@ pub fn run_all(lab: &Lab) -> Result<Smoke> {
 /// A fixed-width table of outcomes.
 pub fn table(outcomes: &[Outcome]) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "{:<44} {:<6} {:<32} {:<22} {}", "scenario", "pods", "path (proxy hops)", "server saw", "result");
-    let _ = writeln!(s, "{}", "-".repeat(116));
+    let _ = writeln!(s, "{:<44} {:<6} {:<36} {:<16} {}", "scenario", "pods", "path (proxy hops)", "server saw", "result");
+    let _ = writeln!(s, "{}", "-".repeat(114));
     for o in outcomes {
         let _ = writeln!(
             s,
-            "{:<44} {:<6} {:<32} {:<22} {}{}",
+            "{:<44} {:<6} {:<36} {:<16} {}{}",
             o.scenario.name,
             format!("{}->{}", o.scenario.from, o.scenario.to),
             o.path,

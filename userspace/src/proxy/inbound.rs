@@ -28,7 +28,7 @@ pub(super) async fn plaintext(p: &Proxy, client: &mut TcpStream, rec: &mut Conne
         rec.dst_identity = Some(w.identity.to_string());
     }
     match p.cfg.plaintext {
-        PlaintextPolicy::Strict => Err("refused: plaintext to an enrolled workload (strict mTLS)".into()),
+        PlaintextPolicy::Strict => Err("refused: plaintext (strict mTLS)".into()),
         PlaintextPolicy::Permissive => p.relay_plain(client, rec.orig_dst, Some(rec.src.ip()), rec).await,
     }
 }
@@ -65,7 +65,7 @@ pub(super) async fn hbone(p: Arc<Proxy>, tcp: TcpStream, mut rec: ConnectionReco
     let label = format!("{} -> {dialed}", rec.src);
     let template = rec.clone();
     let served = super::h2::server::serve(tls, &label, |req, respond| {
-        stream(p.clone(), index.clone(), local.clone(), template.clone(), req, respond)
+        stream(p.clone(), local.clone(), template.clone(), req, respond)
     })
     .await;
     match served {
@@ -90,14 +90,14 @@ async fn server_tls(p: &Proxy, w: &WorkloadInfo) -> Result<Arc<rustls::ServerCon
 /// One CONNECT stream: checked, connected upstream with the client's address, relayed.
 async fn stream(
     p: Arc<Proxy>,
-    index: Arc<WorkloadIndex>,
     local: Arc<WorkloadInfo>,
     mut rec: ConnectionRecord,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
     let started = Instant::now();
-    let target = match check_request(req.method(), req.uri(), rec.orig_dst.ip(), &index, &p.cfg.node) {
+    // The index of now, not of the connection's start: a workload that left since gets 503.
+    let target = match check_request(req.method(), req.uri(), rec.orig_dst.ip(), &p.index(), &p.cfg.node) {
         Ok(t) => t,
         Err((status, why)) => {
             super::h2::server::reject(respond, status);

@@ -42,10 +42,12 @@ pub(super) async fn handle(p: &Proxy, client: &mut TcpStream, rec: &mut super::C
     let src = src.ok_or("refused: the source is not an enrolled workload")?;
     rec.src_identity = Some(src.identity.to_string());
     rec.dst_identity = Some(dst.identity.to_string());
-    if is_proxy_port(rec.orig_dst.port()) {
-        return Err(format!("refused: port {} belongs to the proxy", rec.orig_dst.port()));
-    }
     if dst.node == p.cfg.node {
+        // A hand-over to one of our own ports would loop (across nodes the peer refuses
+        // it with 503, as ztunnel does).
+        if is_proxy_port(rec.orig_dst.port()) {
+            return Err(format!("refused: port {} belongs to the proxy", rec.orig_dst.port()));
+        }
         // Same node: the bytes never leave this host's memory and the kernel vouches for
         // the source (the classifier drops enrolled IPs arriving from a foreign interface),
         // so the hand-over is direct and TLS would only encrypt a memory copy.
