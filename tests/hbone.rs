@@ -26,7 +26,7 @@ fn lab_ca(lab: &Lab) -> Result<BuiltinCa> {
 }
 
 /// Sends `probes` from pod d to c's HBONE port as `cert`, expecting c's identity.
-fn probe_c(lab: &Lab, cert: &WorkloadCertificate, probes: &[Probe]) -> Result<Vec<Answer>> {
+fn probe_c(lab: &Lab, cert: &WorkloadCertificate, probes: &[Probe]) -> Result<hbone_client::Probed> {
     let config = tls::client_config(cert, &lab.identity("c"))?;
     Ok(hbone_client::probe(&lab.pod("d").netns, config, lab.addr("c", false, 15008), probes, b"hello through HBONE", Duration::from_secs(15))?)
 }
@@ -52,7 +52,7 @@ fn bad_requests_get_ztunnel_status_codes_and_the_server_keeps_serving() -> Resul
     let mut probes: Vec<Probe> = cases.iter().map(|(_, p, _)| p.clone()).collect();
     // The same connection still serves a good request afterwards.
     probes.push(Probe::connect(SocketAddr::new(c, APP_PORT)));
-    let answers = probe_c(&lab, &cert, &probes)?;
+    let answers = probe_c(&lab, &cert, &probes)?.answers;
     for ((what, _, want), got) in cases.iter().zip(&answers) {
         ensure!(*got == Answer::Status(*want, None), "{what}: wanted {want}, got {got:?}");
     }
@@ -91,21 +91,21 @@ fn peers_without_a_valid_identity_are_refused() -> Result<()> {
     let cases = [
         ("another trust domain", config_of(&other_domain)?, "not in trust domain cluster.local"),
         ("an expired certificate", config_of(&expired)?, "certificate expired"),
-        ("a certificate from another CA", config_of(&foreign)?, "invalid peer certificate"),
+        ("a certificate from another CA", config_of(&foreign)?, "UnknownIssuer"),
         ("no client certificate", tls::anonymous_client_config(&[ca.root().clone()], &lab.identity("c"))?, "no certificate"),
     ];
     for (what, config, reason) in cases {
         let answers = hbone_client::probe(&lab.pod("d").netns, config, lab.addr("c", false, 15008), &[good.clone()], b"x", Duration::from_secs(10));
         let refused = match &answers {
             Err(_) => true,
-            Ok(a) => matches!(a[0], Answer::Failed(_)),
+            Ok(p) => matches!(p.answers[0], Answer::Failed(_)),
         };
         ensure!(refused, "a client with {what} got through: {answers:?}");
         let record = lab.wait_record(1, Duration::from_secs(3), |r| r.outcome.contains("TLS handshake failed") && r.outcome.contains(reason))?;
         ensure!(record.is_some(), "node 2 has no refusal naming {reason:?} for {what}: {:#?}", lab.records(1)?);
     }
     // A valid peer still gets in.
-    let answers = probe_c(&lab, &ca.mint(&d, HOUR)?, &[good])?;
+    let answers = probe_c(&lab, &ca.mint(&d, HOUR)?, &[good])?.answers;
     ensure!(matches!(answers[0], Answer::Status(200, Some(_))), "valid client refused: {answers:?}");
     Ok(())
 }
@@ -152,9 +152,22 @@ fn reset_watcher(ns: &str, port: u16) -> Result<std::sync::mpsc::Receiver<(std::
     Ok(rx)
 }
 
+/// In `ns`, accepts one connection on `port`, reads what comes, then resets it.
+fn resetting_server(ns: &str, port: u16) -> Result<std::thread::JoinHandle<()>> {
+    let listener = traffic::in_netns(ns, || std::net::TcpListener::bind(("::", port)))??;
+    Ok(std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let _ = s.read(&mut [0u8; 64]);
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        }
+    }))
+}
+
 #[test]
 fn a_reset_on_one_side_resets_the_other_side_promptly() -> Result<()> {
     let lab = started_lab()?;
+    // Client resets: the server across the tunnel must see a reset, not an end of data.
     let rx = reset_watcher(&lab.pod("c").netns, 9090)?;
     let dst = lab.addr("c", false, 9090);
     traffic::in_netns(&lab.pod("a").netns, || -> std::io::Result<()> {
@@ -171,13 +184,49 @@ fn a_reset_on_one_side_resets_the_other_side_promptly() -> Result<()> {
     ensure!(after < Duration::from_secs(3), "the reset took {after:?} to arrive");
     let r = lab.wait_record(0, Duration::from_secs(3), |r| r.orig_dst == dst)?.context("no record on node 1")?;
     ensure!(r.outcome.starts_with("reset"), "node 1 recorded {:?}", r.outcome);
+
+    // Server resets: the client must see a reset too (stream reset -> TCP RST on node 1).
+    let server = resetting_server(&lab.pod("c").netns, 9091)?;
+    let dst = lab.addr("c", false, 9091);
+    let (kind, took) = traffic::in_netns(&lab.pod("a").netns, || -> std::io::Result<(std::io::ErrorKind, Duration)> {
+        let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"hello")?;
+        let start = Instant::now();
+        let kind = match s.read(&mut [0u8; 64]) {
+            Ok(0) => std::io::ErrorKind::UnexpectedEof,
+            Ok(_) => std::io::ErrorKind::InvalidData,
+            Err(e) => e.kind(),
+        };
+        Ok((kind, start.elapsed()))
+    })??;
+    let _ = server.join();
+    ensure!(kind == std::io::ErrorKind::ConnectionReset, "client saw {kind:?}, not a reset");
+    ensure!(took < Duration::from_secs(3), "the reset took {took:?} to arrive");
     Ok(())
+}
+
+/// Serials of `id`'s certificates in `node`'s log, in order (issued, then each renewal).
+fn serials(lab: &Lab, node: usize, id: &Identity) -> Result<Vec<String>> {
+    let log = std::fs::read_to_string(lab.daemon_log_path(node))?;
+    let id = format!("identity={id} ");
+    Ok(log
+        .lines()
+        .filter(|l| l.contains(&id) && (l.contains("certificate issued") || l.contains("certificate renewed")))
+        .filter_map(|l| l.split(" serial=").nth(1)?.split_whitespace().next().map(str::to_owned))
+        .collect())
+}
+
+/// Waits until `node` holds no HBONE connection (with a short idle timeout), so the next
+/// connection makes a fresh TLS handshake.
+fn wait_pool_empty(lab: &Lab, node: usize) -> Result<()> {
+    wait_until("idle HBONE connections to close", Duration::from_secs(5), || Ok(hbone_connections(lab, node)? == 0))
 }
 
 #[test]
 fn certificates_renew_at_half_life_without_dropping_live_connections() -> Result<()> {
-    // 12 s certificates renew after 6 s.
-    let lab = started_lab_with(&["--cert-ttl-secs", "12"])?;
+    // 12 s certificates renew after 6 s; HBONE connections close after 1 s idle.
+    let lab = started_lab_with(&["--cert-ttl-secs", "12", "--hbone-idle-timeout-secs", "1"])?;
     let _servers = smoke::start_servers(&lab)?;
     let dst = lab.addr("c", false, APP_PORT);
     let payload = traffic::payload(8192);
@@ -200,27 +249,44 @@ fn certificates_renew_at_half_life_without_dropping_live_connections() -> Result
         ensure!(log.contains("workload certificate renewed"), "node {} did not renew:\n{log}", node + 1);
         ensure!(!log.contains("PRIVATE KEY"), "a private key reached node {}'s log", node + 1);
     }
-    // New connections after the renewal work too.
+    // A new TLS handshake now gets a renewed certificate: c's server presents one of the
+    // serials node 2 renewed to, not the first.
+    wait_pool_empty(&lab, 0)?;
+    let c_serials = serials(&lab, 1, &lab.identity("c"))?;
+    let probed = probe_c(&lab, &lab_ca(&lab)?.mint(&lab.identity("d"), HOUR)?, &[Probe::connect(dst)])?;
+    let now = serials(&lab, 1, &lab.identity("c"))?;
+    ensure!(c_serials.len() >= 2, "no renewal of c's certificate logged: {c_serials:?}");
+    ensure!(probed.server_serial != c_serials[0] && now.contains(&probed.server_serial), "server presented {} (serials {now:?})", probed.server_serial);
+    ensure!(matches!(probed.answers[0], Answer::Status(200, Some(_))), "{:?}", probed.answers);
+    // And pod traffic over a fresh HBONE connection works with the renewed certificates.
     let x = send(&lab, "a", "c", Duration::from_secs(3))?;
     ensure!(x.echoed_intact);
     Ok(())
 }
 
-/// Writes `id`'s certificate files under `dir` from `ca`; returns the leaf's serial.
-fn write_cert_files(ca: &BuiltinCa, dir: &std::path::Path, id: &Identity) -> Result<String> {
+/// Writes `id`'s certificate files under `dir` as a Kubernetes Secret volume does: the files
+/// are symlinks into `..data`, itself a symlink swapped atomically to a new directory, so a
+/// reader never mixes old and new files. `key` overrides the private key's PEM. Returns the
+/// leaf's serial.
+fn write_cert_files(ca: &BuiltinCa, dir: &std::path::Path, id: &Identity, key: Option<&str>) -> Result<String> {
+    use std::os::unix::fs::symlink;
     let c = ca.mint(id, HOUR)?;
     let d = dir.join(&id.namespace).join(&id.service_account);
-    std::fs::create_dir_all(&d)?;
-    // Written as a Secret volume would be: the new file appears whole.
-    for (name, text) in [
-        (KEY_FILE, pem_encode("PRIVATE KEY", c.key().secret_der())),
-        (CERT_CHAIN_FILE, pem_encode("CERTIFICATE", &c.chain[0])),
-        (ROOT_CERT_FILE, pem_encode("CERTIFICATE", ca.root())),
-    ] {
-        let tmp = d.join(format!(".{name}"));
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, d.join(name))?;
+    let version = format!("..{}", c.serial().replace(':', ""));
+    std::fs::create_dir_all(d.join(&version))?;
+    let key = key.map(str::to_owned).unwrap_or_else(|| pem_encode("PRIVATE KEY", c.key().secret_der()));
+    for (name, text) in
+        [(KEY_FILE, key), (CERT_CHAIN_FILE, pem_encode("CERTIFICATE", &c.chain[0])), (ROOT_CERT_FILE, pem_encode("CERTIFICATE", ca.root()))]
+    {
+        std::fs::write(d.join(&version).join(name), text)?;
+        if std::fs::symlink_metadata(d.join(name)).is_err() {
+            symlink(format!("..data/{name}"), d.join(name))?;
+        }
     }
+    let tmp = d.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    symlink(&version, &tmp)?;
+    std::fs::rename(&tmp, d.join("..data"))?;
     Ok(c.serial())
 }
 
@@ -230,9 +296,9 @@ fn certificates_from_files_work_and_are_reloaded_when_they_change() -> Result<()
     let certs = lab.dir.join("certs");
     let ca = BuiltinCa::open(Some(&lab.dir.join("file-ca")), Lab::TRUST_DOMAIN, HOUR)?;
     for pod in ["a", "c", "e"] {
-        write_cert_files(&ca, &certs, &lab.identity(pod))?;
+        write_cert_files(&ca, &certs, &lab.identity(pod), None)?;
     }
-    lab.daemon_args = vec!["--cert-dir".into(), certs.display().to_string()];
+    lab.daemon_args = vec!["--cert-dir".into(), certs.display().to_string(), "--hbone-idle-timeout-secs".into(), "1".into()];
     lab.use_builtin_ca = false;
     lab.start_daemons()?;
     let _servers = smoke::start_servers(&lab)?;
@@ -241,19 +307,28 @@ fn certificates_from_files_work_and_are_reloaded_when_they_change() -> Result<()
     let client = x.client;
     let r = lab.wait_record(0, Duration::from_secs(3), |r| r.src == client)?.context("no record")?;
     ensure!(r.mtls, "a -> c was not tunnelled: {r:?}");
+    let d_cert = ca.mint(&lab.identity("d"), HOUR)?;
+    let dst = lab.addr("c", false, APP_PORT);
 
-    let serial = write_cert_files(&ca, &certs, &lab.identity("c"))?;
+    // Rotated files are picked up: a fresh handshake shows the new certificate.
+    let serial = write_cert_files(&ca, &certs, &lab.identity("c"), None)?;
     wait_until("node 2 to reload c's certificate", Duration::from_secs(6), || {
         Ok(std::fs::read_to_string(lab.daemon_log_path(1))?.lines().any(|l| l.contains("renewed") && l.contains(&serial)))
     })?;
-    let x = send(&lab, "a", "c", Duration::from_secs(3))?;
-    ensure!(x.echoed_intact, "traffic after the reload failed");
-    // A broken key file is refused and the last good certificate stays in use.
-    let key = certs.join("lab").join("sa-c").join(KEY_FILE);
-    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")?;
-    wait_until("node 2 to report the broken key", Duration::from_secs(6), || {
-        Ok(std::fs::read_to_string(lab.daemon_log_path(1))?.contains("renewing the workload certificate failed"))
+    let probed = probe_c(&lab, &d_cert, &[Probe::connect(dst)])?;
+    ensure!(probed.server_serial == serial, "server presented {}, not the reloaded {serial}", probed.server_serial);
+    wait_pool_empty(&lab, 0)?;
+    ensure!(send(&lab, "a", "c", Duration::from_secs(3))?.echoed_intact, "traffic after the reload failed");
+
+    // A broken key is refused and the last good certificate stays in use.
+    let broken = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+    write_cert_files(&ca, &certs, &lab.identity("c"), Some(broken))?;
+    wait_until("node 2 to refuse the broken key", Duration::from_secs(6), || {
+        Ok(std::fs::read_to_string(lab.daemon_log_path(1))?.lines().any(|l| l.contains("renewing the workload certificate failed") && l.contains("private key unusable")))
     })?;
+    let probed = probe_c(&lab, &d_cert, &[Probe::connect(dst)])?;
+    ensure!(probed.server_serial == serial, "server presented {} after the broken update, not the last good {serial}", probed.server_serial);
+    wait_pool_empty(&lab, 0)?;
     send(&lab, "a", "c", Duration::from_secs(3)).context("traffic with the last good certificate")?;
     Ok(())
 }

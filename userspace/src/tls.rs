@@ -116,9 +116,10 @@ pub fn server_name() -> ServerName<'static> {
     ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into())
 }
 
-/// The first SPIFFE identity of a peer's leaf certificate.
-pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<Identity> {
-    identities_in(certs?.first()?).ok()?.into_iter().next()
+/// The peer's SPIFFE identity in `trust_domain` (the one the server's verifier accepted),
+/// from its leaf certificate.
+pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>, trust_domain: &str) -> Option<Identity> {
+    identities_in(certs?.first()?).ok()?.into_iter().find(|id| id.trust_domain == trust_domain)
 }
 
 fn bad_cert(reason: String) -> rustls::Error {
@@ -274,7 +275,7 @@ mod tests {
                 let mut t = acceptor.accept(b).await.map_err(|e| e.to_string())?;
                 let mut one = [0u8; 1];
                 t.read_exact(&mut one).await.map_err(|e| e.to_string())?;
-                Ok::<_, String>(peer_identity(t.get_ref().1.peer_certificates()))
+                Ok::<_, String>(peer_identity(t.get_ref().1.peer_certificates(), &server.identity.trust_domain))
             }
         );
         (c, s)

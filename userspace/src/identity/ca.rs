@@ -144,10 +144,12 @@ fn write_root(dir: &Path, root: &CertificateDer<'_>, issuer: &Issuer<'_, KeyPair
     for (name, text, mode) in [(ROOT_KEY_FILE, key_pem, 0o600), (ROOT_CERT_FILE, cert_pem, 0o644)] {
         let path = dir.join(name);
         let tmp = dir.join(format!(".{name}.tmp"));
+        // A fresh file, never an existing one or a symlink: the mode must apply.
+        let _ = std::fs::remove_file(&tmp);
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .mode(mode)
             .open(&tmp)
             .map_err(|e| io_err(&tmp, e))?;

@@ -25,6 +25,7 @@ pub const ROOT_CERT_FILE: &str = "root-cert.pem";
 /// How often files of identities in use are read again.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
+#[derive(Clone)]
 pub struct FileProvider {
     dir: PathBuf,
 }
@@ -59,7 +60,8 @@ impl FileProvider {
             reason: format!("no usable private key: {e}"),
         })?;
         let mut cert = WorkloadCertificate::new(id.clone(), chain, key, roots)?;
-        cert.refresh_at = (SystemTime::now() + RELOAD_INTERVAL).min(cert.refresh_at.max(SystemTime::now()));
+        // Whoever writes the files renews them; we only look again.
+        cert.refresh_at = SystemTime::now() + RELOAD_INTERVAL;
         Ok(cert)
     }
 }
@@ -70,8 +72,12 @@ impl CertificateProvider for FileProvider {
     }
 
     fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCertificate, IdentityError>> {
-        // Small local files: reading them inline is cheaper than a trip to the blocking pool.
-        Box::pin(async move { self.load(id) })
+        let (me, id) = (self.clone(), id.clone());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || me.load(&id))
+                .await
+                .unwrap_or_else(|e| Err(IdentityError::Ca(format!("reading certificate files: {e}"))))
+        })
     }
 }
 

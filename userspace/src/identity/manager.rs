@@ -30,8 +30,9 @@ pub struct CertificateManager {
     provider: Box<dyn CertificateProvider>,
     trust_domain: String,
     cache: Mutex<HashMap<Identity, Entry>>,
-    /// Serialises first fetches so N connections of a new identity mint one certificate.
-    fetching: tokio::sync::Mutex<()>,
+    /// One first fetch at a time per identity, so N connections of a new identity get one
+    /// certificate, and a slow fetch of one identity holds up no other.
+    fetching: Mutex<HashMap<Identity, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl CertificateManager {
@@ -40,7 +41,7 @@ impl CertificateManager {
             provider,
             trust_domain: trust_domain.into(),
             cache: Mutex::default(),
-            fetching: tokio::sync::Mutex::new(()),
+            fetching: Mutex::default(),
         })
     }
 
@@ -62,11 +63,14 @@ impl CertificateManager {
         if let Some(c) = self.cached(id) {
             return Ok(c);
         }
-        let _one_at_a_time = self.fetching.lock().await;
+        let gate = self.fetching.lock().unwrap_or_else(|p| p.into_inner()).entry(id.clone()).or_default().clone();
+        let _one_at_a_time = gate.lock().await;
         if let Some(c) = self.cached(id) {
             return Ok(c);
         }
-        let cert = Arc::new(self.provider.fetch(id).await?);
+        let fetched = self.provider.fetch(id).await;
+        self.fetching.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, g| Arc::strong_count(g) > 1);
+        let cert = Arc::new(fetched?);
         tracing::info!(identity = %id, serial = %cert.serial(), provider = self.provider.name(), "workload certificate issued");
         self.store(id, cert.clone());
         Ok(cert)
@@ -105,7 +109,7 @@ impl CertificateManager {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             let Some(entry) = cache.get_mut(&id) else { continue };
             match result {
-                Ok(new) if new.chain == old.chain => {
+                Ok(new) if new.chain == old.chain && new.roots == old.roots => {
                     // Files unchanged: only the next check moves.
                     entry.next_try = new.refresh_at;
                     entry.failures = 0;

@@ -36,11 +36,20 @@ impl Probe {
     }
 }
 
+/// What one probe connection showed.
+#[derive(Clone, Debug)]
+pub struct Probed {
+    /// Serial number of the certificate the server presented.
+    pub server_serial: String,
+    /// One per probe, in order.
+    pub answers: Vec<Answer>,
+}
+
 /// From network namespace `ns`, opens one HBONE connection to `dst` with `config` and sends
 /// `probes` one after the other on it. After a 200, `payload` is sent and the whole answer
 /// read back. The whole exchange is bounded by `timeout`.
-pub fn probe(ns: &str, config: Arc<ClientConfig>, dst: SocketAddr, probes: &[Probe], payload: &[u8], timeout: Duration) -> io::Result<Vec<Answer>> {
-    in_netns(ns, || -> io::Result<Vec<Answer>> {
+pub fn probe(ns: &str, config: Arc<ClientConfig>, dst: SocketAddr, probes: &[Probe], payload: &[u8], timeout: Duration) -> io::Result<Probed> {
+    in_netns(ns, || -> io::Result<Probed> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async {
             match tokio::time::timeout(timeout, run(config, dst, probes, payload)).await {
@@ -51,14 +60,21 @@ pub fn probe(ns: &str, config: Arc<ClientConfig>, dst: SocketAddr, probes: &[Pro
     })?
 }
 
-async fn run(config: Arc<ClientConfig>, dst: SocketAddr, probes: &[Probe], payload: &[u8]) -> io::Result<Vec<Answer>> {
+async fn run(config: Arc<ClientConfig>, dst: SocketAddr, probes: &[Probe], payload: &[u8]) -> io::Result<Probed> {
     let tcp = tokio::net::TcpStream::connect(dst).await?;
     let tls = tokio_rustls::TlsConnector::from(config).connect(tls::server_name(), tcp).await?;
+    let server_serial = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| x509_parser::parse_x509_certificate(c).ok().map(|(_, c)| c.tbs_certificate.raw_serial_as_string()))
+        .unwrap_or_default();
     let (send, conn) = match h2::client::handshake(tls).await {
         Ok(x) => x,
         // A server that refused our certificate says so with an alert right after the
         // handshake; it surfaces here.
-        Err(e) => return Ok(probes.iter().map(|_| Answer::Failed(e.to_string())).collect()),
+        Err(e) => return Ok(Probed { server_serial, answers: probes.iter().map(|_| Answer::Failed(e.to_string())).collect() }),
     };
     let driver = tokio::spawn(async move {
         let _ = conn.await;
@@ -69,7 +85,7 @@ async fn run(config: Arc<ClientConfig>, dst: SocketAddr, probes: &[Probe], paylo
     }
     drop(send);
     driver.abort();
-    Ok(answers)
+    Ok(Probed { server_serial, answers })
 }
 
 async fn one(send: h2::client::SendRequest<Bytes>, p: &Probe, payload: &[u8]) -> Answer {

@@ -59,12 +59,20 @@ pub(super) async fn hbone(p: Arc<Proxy>, tcp: TcpStream, mut rec: ConnectionReco
         Ok(Err(e)) => return p.finish(rec, started, Err(format!("refused: TLS handshake failed: {e}"))),
         Err(_) => return p.finish(rec, started, Err("refused: TLS handshake timed out".into())),
     };
-    let peer_id = tls::peer_identity(tls.get_ref().1.peer_certificates());
-    rec.src_identity = peer_id.map(|i| i.to_string());
+    let peer_id = tls::peer_identity(tls.get_ref().1.peer_certificates(), &local.identity.trust_domain);
+    rec.src_identity = peer_id.as_ref().map(ToString::to_string);
+    // The app will see the tunnel's source IP as its client: an IP of a known workload must
+    // belong to the identity the peer just proved, or one workload could speak as another.
+    if let Some(owner) = index.get(rec.src.ip())
+        && Some(&owner.identity) != peer_id.as_ref()
+    {
+        let why = format!("refused: {} belongs to {}, not to the client's identity", rec.src.ip(), owner.identity);
+        return p.finish(rec, started, Err(why));
+    }
     rec.mtls = true;
     let label = format!("{} -> {dialed}", rec.src);
     let template = rec.clone();
-    let served = super::h2::server::serve(tls, &label, |req, respond| {
+    let served = super::h2::server::serve(tls, &label, p.cfg.connect_timeout, |req, respond| {
         stream(p.clone(), local.clone(), template.clone(), req, respond)
     })
     .await;
@@ -97,7 +105,7 @@ async fn stream(
 ) {
     let started = Instant::now();
     // The index of now, not of the connection's start: a workload that left since gets 503.
-    let target = match check_request(req.method(), req.uri(), rec.orig_dst.ip(), &p.index(), &p.cfg.node) {
+    let target = match check_request(req.method(), req.uri(), rec.orig_dst.ip(), &local.identity, &p.index(), &p.cfg.node) {
         Ok(t) => t,
         Err((status, why)) => {
             super::h2::server::reject(respond, status);
@@ -129,10 +137,13 @@ async fn stream(
 }
 
 /// Validates a CONNECT request the way ztunnel does; the error carries the status to send.
+/// `serving` is the identity this connection's TLS presented: a stream may only reach a
+/// workload that still has it (an IP can pass to another pod while a connection lives).
 pub fn check_request(
     method: &Method,
     uri: &http::Uri,
     dialed: IpAddr,
+    serving: &crate::identity::Identity,
     index: &WorkloadIndex,
     node: &str,
 ) -> Result<SocketAddr, (StatusCode, String)> {
@@ -156,7 +167,8 @@ pub fn check_request(
         return Err((StatusCode::SERVICE_UNAVAILABLE, format!("self-call to proxy port {}", target.port())));
     }
     match index.get(target.ip()) {
-        Some(w) if w.node == node => Ok(target),
+        Some(w) if w.node == node && w.identity == *serving => Ok(target),
+        Some(w) if w.node == node => Err((StatusCode::SERVICE_UNAVAILABLE, format!("{} is now {}, not {serving}", target.ip(), w.identity))),
         _ => Err((StatusCode::SERVICE_UNAVAILABLE, format!("no local workload has {}", target.ip()))),
     }
 }
@@ -178,7 +190,8 @@ mod tests {
 
     fn check(method: Method, authority: &str, dialed: &str) -> Result<SocketAddr, StatusCode> {
         let uri: http::Uri = authority.parse().unwrap_or_default();
-        check_request(&method, &uri, dialed.parse().unwrap(), &index(), "n1").map_err(|(s, _)| s)
+        let serving = crate::identity::Identity::new("td", "ns", "sa");
+        check_request(&method, &uri, dialed.parse().unwrap(), &serving, &index(), "n1").map_err(|(s, _)| s)
     }
 
     #[test]
@@ -196,5 +209,10 @@ mod tests {
         // Known, but on another node; and not known at all.
         assert_eq!(check(Method::CONNECT, "10.0.0.3:80", "10.0.0.3"), Err(StatusCode::SERVICE_UNAVAILABLE));
         assert_eq!(check(Method::CONNECT, "10.0.0.7:80", "10.0.0.7"), Err(StatusCode::SERVICE_UNAVAILABLE));
+        // The IP now belongs to a workload with another identity than the one presented.
+        let uri: http::Uri = "10.0.0.1:80".parse().unwrap();
+        let other = crate::identity::Identity::new("td", "ns", "someone-else");
+        let r = check_request(&Method::CONNECT, &uri, "10.0.0.1".parse().unwrap(), &other, &index(), "n1");
+        assert_eq!(r.map_err(|(s, _)| s), Err(StatusCode::SERVICE_UNAVAILABLE));
     }
 }

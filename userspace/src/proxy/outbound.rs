@@ -70,11 +70,19 @@ async fn hbone(
         dst: SocketAddr::new(rec.orig_dst.ip(), PORT_HBONE),
         src_ip: rec.src.ip(),
     };
-    let lease = p.pool.checkout(&key, || connect(p, &key)).await.map_err(|e| format!("hbone: {e}"))?;
+    // A pooled connection can start draining (GOAWAY) just as we pick it: then it is marked
+    // and the next checkout opens or picks another. Once is enough.
+    let mut retried = false;
+    let (lease, send, recv) = loop {
+        let lease = p.pool.checkout(&key, || connect(p, &key)).await.map_err(|e| format!("hbone: {e}"))?;
+        match lease.conn.client.connect(rec.orig_dst, rec.src, p.cfg.connect_timeout).await {
+            Ok((send, recv)) => break (lease, send, recv),
+            Err(ClientError::Unavailable(_)) if !retried => retried = true,
+            Err(e) => return Err(format!("hbone CONNECT {}: {e}", rec.orig_dst)),
+        }
+    };
     rec.mtls = true;
     rec.upstream_src = Some(canonical(lease.conn.client.local));
-    let (send, recv) =
-        lease.conn.client.connect(rec.orig_dst, rec.src).await.map_err(|e| format!("hbone CONNECT {}: {e}", rec.orig_dst))?;
     let (n, result) = super::h2::relay(client, send, recv).await;
     rec.bytes_sent = n.sent;
     rec.bytes_received = n.received;

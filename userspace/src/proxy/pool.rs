@@ -59,9 +59,16 @@ pub struct PoolStats {
 pub struct Pool {
     idle_timeout: Duration,
     conns: Mutex<HashMap<PoolKey, Vec<Arc<PooledConnection>>>>,
-    /// One connect at a time per key, so a burst of new streams opens one connection.
-    connecting: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// One connect at a time per key, so a burst of new streams opens one connection. The
+    /// gate keeps the last failure, so those who queued behind a failed connect fail at
+    /// once with its error instead of each trying (and timing out) in turn.
+    connecting: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<Option<Failure>>>>>,
     next_id: AtomicU64,
+}
+
+struct Failure {
+    at: Instant,
+    error: String,
 }
 
 impl Pool {
@@ -70,11 +77,12 @@ impl Pool {
     }
 
     /// A stream slot on a connection for `key`: an existing one with room, or a new one
-    /// made by `connect`.
-    pub async fn checkout<F, Fut, E>(&self, key: &PoolKey, connect: F) -> Result<Lease, E>
+    /// made by `connect`. The error is the connect's, as text (it may be shared).
+    pub async fn checkout<F, Fut, E>(&self, key: &PoolKey, connect: F) -> Result<Lease, String>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<H2Client, E>>,
+        E: std::fmt::Display,
     {
         if let Some(lease) = self.reserve(key) {
             return Ok(lease);
@@ -83,12 +91,25 @@ impl Pool {
             let mut c = self.connecting.lock().unwrap_or_else(|p| p.into_inner());
             c.entry(key.clone()).or_default().clone()
         };
-        let _turn = gate.lock().await;
-        // Whoever held the gate before us may have made a connection with room.
+        let queued = Instant::now();
+        let mut last_failure = gate.lock().await;
+        // Whoever held the gate before us may have made a connection with room, or failed
+        // to while we waited.
         if let Some(lease) = self.reserve(key) {
             return Ok(lease);
         }
-        let client = connect().await?;
+        if let Some(f) = last_failure.as_ref().filter(|f| f.at >= queued) {
+            return Err(f.error.clone());
+        }
+        let client = match connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                let error = e.to_string();
+                *last_failure = Some(Failure { at: Instant::now(), error: error.clone() });
+                return Err(error);
+            }
+        };
+        *last_failure = None;
         let conn = Arc::new(PooledConnection {
             client,
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -153,5 +174,79 @@ impl Pool {
                 tracing::debug!(evicted = n, "closed idle HBONE connections");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    fn key() -> PoolKey {
+        let id = Identity::new("td", "ns", "sa");
+        PoolKey { src_id: id.clone(), dst_id: id, dst: "10.0.0.2:15008".parse().unwrap(), src_ip: "10.0.0.1".parse().unwrap() }
+    }
+
+    /// An HTTP/2 client over an in-memory pipe to a server that only keeps the connection up.
+    async fn client() -> Result<H2Client, String> {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            if let Ok(mut conn) = ::h2::server::handshake(b).await {
+                while conn.accept().await.is_some() {}
+            }
+        });
+        H2Client::handshake(a, "127.0.0.1:1".parse().unwrap(), "test".into()).await.map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn a_burst_shares_one_connection_up_to_the_stream_limit() {
+        let pool = Pool::new(Duration::from_secs(60));
+        let connects = AtomicU32::new(0);
+        let connect = || async {
+            connects.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            client().await
+        };
+        let leases = {
+            let k = key();
+            futures::future::join_all((0..150).map(|_| pool.checkout(&k, connect))).await
+        };
+        let leases: Vec<Lease> = leases.into_iter().map(Result::unwrap).collect();
+        assert_eq!(connects.load(Ordering::SeqCst), 2, "150 streams need two connections of 100");
+        assert_eq!(pool.stats(), PoolStats { connections: 2, streams: 150 });
+        assert_eq!(leases.iter().filter(|l| !l.reused).count(), 2);
+        drop(leases);
+        assert_eq!(pool.stats(), PoolStats { connections: 2, streams: 0 });
+        // Idle ones stay until the timeout.
+        assert_eq!(pool.evict(), 0);
+    }
+
+    #[tokio::test]
+    async fn waiters_behind_a_failed_connect_fail_with_its_error_at_once() {
+        let pool = Pool::new(Duration::from_secs(60));
+        let connects = AtomicU32::new(0);
+        let failing = || async {
+            connects.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err::<H2Client, _>("connection refused")
+        };
+        let results = {
+            let k = key();
+            futures::future::join_all((0..10).map(|_| pool.checkout(&k, failing))).await
+        };
+        assert!(results.iter().all(|r| r.as_ref().err().map(String::as_str) == Some("connection refused")));
+        assert_eq!(connects.load(Ordering::SeqCst), 1, "the queued callers must not retry one by one");
+        // A later caller tries again.
+        assert!(pool.checkout(&key(), client).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn idle_and_closed_connections_are_evicted() {
+        let pool = Pool::new(Duration::ZERO);
+        let lease = pool.checkout(&key(), client).await.unwrap();
+        assert_eq!(pool.evict(), 0, "a connection with a stream is never idle");
+        drop(lease);
+        assert_eq!(pool.evict(), 1);
+        assert_eq!(pool.stats(), PoolStats::default());
     }
 }

@@ -15,8 +15,14 @@ use super::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREA
 pub enum ClientError {
     #[error("HTTP/2 handshake: {0}")]
     Handshake(h2::Error),
+    /// The connection takes no new streams (GOAWAY, refused stream, dead connection):
+    /// another connection may.
+    #[error("connection unusable: {0}")]
+    Unavailable(h2::Error),
     #[error("HTTP/2: {0}")]
     H2(#[from] h2::Error),
+    #[error("no response within {0:?}")]
+    Timeout(std::time::Duration),
     #[error("peer answered {0}")]
     Status(StatusCode),
     #[error("bad CONNECT request: {0}")]
@@ -82,11 +88,12 @@ impl H2Client {
         self.send.current_max_send_streams().min(MAX_STREAMS_PER_CONNECTION)
     }
 
-    /// Opens a CONNECT stream to `authority` and waits for the 200.
+    /// Opens a CONNECT stream to `authority` and waits up to `timeout` for the 200.
     pub async fn connect(
         &self,
         authority: std::net::SocketAddr,
         forwarded_for: std::net::SocketAddr,
+        timeout: std::time::Duration,
     ) -> Result<(SendStream<Bytes>, RecvStream), ClientError> {
         let req = Request::builder()
             .method(Method::CONNECT)
@@ -94,9 +101,20 @@ impl H2Client {
             .uri(authority.to_string())
             .header("forwarded", format!("for=\"{forwarded_for}\""))
             .body(())?;
-        let mut send = self.send.clone().ready().await?;
-        let (response, stream) = send.send_request(req, false)?;
-        let response = response.await?;
+        // A failure before the request is out means this connection is draining or dead:
+        // mark it so the pool hands out no more streams on it.
+        let unavailable = |e: h2::Error| {
+            self.closed.store(true, Ordering::Release);
+            ClientError::Unavailable(e)
+        };
+        let mut send = self.send.clone().ready().await.map_err(unavailable)?;
+        let (response, stream) = send.send_request(req, false).map_err(unavailable)?;
+        let response = match tokio::time::timeout(timeout, response).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) if e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_go_away() => return Err(unavailable(e)),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(ClientError::Timeout(timeout)),
+        };
         if response.status() != StatusCode::OK {
             return Err(ClientError::Status(response.status()));
         }

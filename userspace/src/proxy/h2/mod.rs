@@ -96,10 +96,13 @@ async fn tcp_to_stream(
         // may never send again.
         let read = tokio::select! {
             r = rd.read_buf(&mut buf) => r,
-            r = poll_fn(|cx| send.poll_reset(cx)) => return Err(RelayError::Stream(match r {
-                Ok(reason) => h2::Error::from(reason),
-                Err(e) => e,
-            })),
+            r = poll_fn(|cx| send.poll_reset(cx)) => return match r {
+                // The peer wants no more data but did not fail (HTTP/2 allows that after a
+                // complete answer): stop sending, as ztunnel reads it.
+                Ok(h2::Reason::NO_ERROR) => Ok(()),
+                Ok(reason) => Err(RelayError::Stream(h2::Error::from(reason))),
+                Err(e) => Err(RelayError::Stream(e)),
+            },
         };
         match read {
             Ok(0) => {
@@ -130,7 +133,12 @@ async fn stream_to_tcp(
     count: &mut u64,
 ) -> Result<(), RelayError> {
     while let Some(chunk) = recv.data().await {
-        let chunk = chunk.map_err(RelayError::Stream)?;
+        let chunk = match chunk {
+            Ok(c) => c,
+            // Reset without error: end of data, not a failure.
+            Err(e) if e.reason() == Some(h2::Reason::NO_ERROR) => break,
+            Err(e) => return Err(RelayError::Stream(e)),
+        };
         wr.write_all(&chunk).await.map_err(RelayError::Tcp)?;
         *count += chunk.len() as u64;
         // Window credit goes back only once the bytes are written: TCP back-pressure

@@ -12,22 +12,25 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::{CONNECTION_WINDOW, MAX_FRAME_SIZE, SERVER_MAX_STREAMS, STREAM_WINDOW, keepalive};
 
 /// Serves HTTP/2 on `io` until the client goes away; each request runs `handler` on a task
-/// of its own. Returns the number of streams accepted.
-pub async fn serve<T, H, F>(io: T, label: &str, handler: H) -> Result<u64, h2::Error>
+/// of its own. Returns the number of streams accepted. A client that does not complete the
+/// HTTP/2 handshake within `handshake_timeout` is dropped.
+pub async fn serve<T, H, F>(io: T, label: &str, handshake_timeout: std::time::Duration, handler: H) -> Result<u64, h2::Error>
 where
     T: AsyncRead + AsyncWrite + Unpin,
     H: Fn(Request<RecvStream>, SendResponse<Bytes>) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
-    let mut conn = h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_concurrent_streams(SERVER_MAX_STREAMS)
         .max_header_list_size(64 * 1024)
         .max_send_buffer_size(400 * 1024)
-        .handshake::<_, Bytes>(io)
-        .await?;
+        .handshake::<_, Bytes>(io);
+    let mut conn = tokio::time::timeout(handshake_timeout, handshake)
+        .await
+        .map_err(|_| h2::Error::from(h2::Reason::SETTINGS_TIMEOUT))??;
     let ping = conn.ping_pong();
     let alive = async {
         match ping {
