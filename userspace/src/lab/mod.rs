@@ -570,14 +570,24 @@ fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Removes what crashed labs left: their processes, namespaces and pins.
+/// Whether `name` belongs to a lab whose creating process is gone. Lab names carry the
+/// creator's pid (`mplab<pid>x<n>`), so a sweep leaves running labs alone.
+fn is_stale(name: &str) -> bool {
+    let Some(pid) = name.strip_prefix(LAB_PREFIX).and_then(|r| r.split('x').next()).and_then(|p| p.parse::<u32>().ok()) else {
+        return false;
+    };
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes what crashed labs left: their processes, namespaces and pins. Labs of running
+/// processes are left alone.
 pub fn sweep() -> Result<Vec<String>> {
     let mut removed = Vec::new();
     let list = ip(&["netns", "list"])?;
     let stale: Vec<String> = list
         .lines()
         .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(LAB_PREFIX))
+        .filter(|n| n.starts_with(LAB_PREFIX) && is_stale(n))
         .map(str::to_owned)
         .collect();
     for ns in &stale {
@@ -595,7 +605,7 @@ pub fn sweep() -> Result<Vec<String>> {
     if let Ok(entries) = std::fs::read_dir(meshpath_common::names::PIN_DIR) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(LAB_PREFIX) {
+            if name.starts_with(LAB_PREFIX) && is_stale(&name) {
                 datapath::unpin_all(&name).map_err(|e| LabError::Other(e.to_string()))?;
                 removed.push(format!("pins of {name}"));
             }
