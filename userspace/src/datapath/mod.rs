@@ -7,6 +7,9 @@
 
 mod sys;
 
+/// Raw BPF syscalls for inspecting any map (used by `meshpath map` and `status`).
+pub use sys::bpf;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;

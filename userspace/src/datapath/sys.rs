@@ -1,5 +1,6 @@
 //! The loader's one module with `unsafe`: marking meshpath's shared map types as plain old
-//! data for aya. Everything else in userspace is safe code.
+//! data for aya, and the few raw BPF syscalls aya does not offer (reading any map byte for
+//! byte, its BTF). Everything else in userspace is safe code.
 
 use meshpath_common::{WorkloadKey, WorkloadValue};
 
@@ -19,3 +20,163 @@ unsafe impl aya::Pod for PodKey {}
 // SAFETY: `WorkloadValue` is `#[repr(C)]` of two `u32` with no padding (checked by the
 // layout test in meshpath-common); every bit pattern is valid.
 unsafe impl aya::Pod for PodValue {}
+
+/// Raw BPF syscalls for inspecting maps by id, fd or pin (aya covers loading, not reading
+/// arbitrary maps byte for byte, nor their BTF ids). Each takes or returns owned buffers;
+/// the pointers handed to the kernel never outlive the call.
+pub mod bpf {
+    use std::ffi::CString;
+    use std::io;
+    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+    use std::path::Path;
+
+    pub use aya_obj::generated::{bpf_btf_info, bpf_map_info};
+
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_MAP_GET_NEXT_ID: libc::c_long = 12;
+    const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_BTF_GET_FD_BY_ID: libc::c_long = 19;
+
+    /// The prefix of `union bpf_attr` each command reads; the kernel takes a shorter attr
+    /// and zero-fills the rest.
+    #[repr(C)]
+    #[derive(Default)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value_or_next_key: u64,
+        flags: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct IdAttr {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+
+    fn sys<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+        // SAFETY: `attr` is a live, properly sized `repr(C)` prefix of `union bpf_attr` for
+        // `cmd`; any pointers inside it point to buffers the caller keeps alive for the call.
+        let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T as *mut libc::c_void, size_of::<T>() as u32) };
+        if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+    }
+
+    fn owned_fd(r: libc::c_long) -> OwnedFd {
+        // SAFETY: the kernel just returned this new file descriptor to us; nothing else owns it.
+        unsafe { OwnedFd::from_raw_fd(r as i32) }
+    }
+
+    /// The value under `key` into `value` (sized by the caller: value size, or the per-CPU
+    /// size). `Ok(false)` when there is no such key.
+    pub fn map_lookup(fd: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+        let mut a = ElemAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            key: key.as_ptr() as u64,
+            value_or_next_key: value.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        match sys(BPF_MAP_LOOKUP_ELEM, &mut a) {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The key after `key` (the first key with `None`) into `next`; `Ok(false)` at the end.
+    pub fn map_next_key(fd: BorrowedFd<'_>, key: Option<&[u8]>, next: &mut [u8]) -> io::Result<bool> {
+        let mut a = ElemAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            key: key.map_or(0, |k| k.as_ptr() as u64),
+            value_or_next_key: next.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        match sys(BPF_MAP_GET_NEXT_KEY, &mut a) {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The id of the next map after `id` in the kernel, `None` after the last.
+    pub fn next_map_id(id: u32) -> io::Result<Option<u32>> {
+        let mut a = IdAttr { id, ..Default::default() };
+        match sys(BPF_MAP_GET_NEXT_ID, &mut a) {
+            Ok(_) => Ok(Some(a.next_id)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn map_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+        let mut a = IdAttr { id, ..Default::default() };
+        sys(BPF_MAP_GET_FD_BY_ID, &mut a).map(owned_fd)
+    }
+
+    pub fn btf_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+        let mut a = IdAttr { id, ..Default::default() };
+        sys(BPF_BTF_GET_FD_BY_ID, &mut a).map(owned_fd)
+    }
+
+    /// Opens a pinned BPF object.
+    pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let mut a = ObjGetAttr { pathname: c.as_ptr() as u64, ..Default::default() };
+        sys(BPF_OBJ_GET, &mut a).map(owned_fd)
+    }
+
+    /// The info structs of the kernel ABI: integers only, so all zeroes is a valid value.
+    pub trait Info: Copy {}
+    impl Info for bpf_map_info {}
+    impl Info for bpf_btf_info {}
+
+    fn zeroed<T: Info>() -> T {
+        // SAFETY: `Info` types are plain `repr(C)` structs of integers; zero is valid for each.
+        unsafe { std::mem::zeroed() }
+    }
+
+    fn info<T: Info>(fd: BorrowedFd<'_>) -> io::Result<T> {
+        let mut info = zeroed::<T>();
+        let mut a = InfoAttr { bpf_fd: fd.as_raw_fd() as u32, info_len: size_of::<T>() as u32, info: &mut info as *mut T as u64 };
+        sys(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
+        Ok(info)
+    }
+
+    /// `bpf_map_info` of a map fd (fails with EINVAL for other kinds of fd).
+    pub fn map_info(fd: BorrowedFd<'_>) -> io::Result<bpf_map_info> {
+        info(fd)
+    }
+
+    /// The raw BTF blob of a BTF object fd.
+    pub fn btf_data(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+        let size = info::<bpf_btf_info>(fd)?.btf_size;
+        let mut data = vec![0u8; size as usize];
+        let mut bi = bpf_btf_info { btf: data.as_mut_ptr() as u64, btf_size: size, ..zeroed() };
+        let mut a = InfoAttr { bpf_fd: fd.as_raw_fd() as u32, info_len: size_of::<bpf_btf_info>() as u32, info: &mut bi as *mut _ as u64 };
+        sys(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
+        data.truncate(bi.btf_size as usize);
+        Ok(data)
+    }
+}
