@@ -45,6 +45,8 @@ pub const PORT_INBOUND_PLAIN: u16 = 15006;
 pub const PORT_HBONE: u16 = 15008;
 /// Readiness endpoint (`/healthz/ready`).
 pub const PORT_READINESS: u16 = 15021;
+/// Prometheus metrics (`/metrics`), as ztunnel's.
+pub const PORT_METRICS: u16 = 15020;
 
 /// SO_MARK on every socket the proxy opens itself, as Istio's ztunnel does.
 pub const PROXY_MARK: u32 = 0x539;

@@ -7,9 +7,13 @@
 #![no_std]
 #![no_main]
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, sk_action},
-    btf_maps::{HashMap, PerCpuArray, SockMap},
+    EbpfContext as _,
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_map_type, sk_action},
+    btf_maps::{HashMap, PerCpuArray},
+    helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release},
     macros::{btf_map, classifier, sk_lookup},
     programs::{SkLookupContext, TcContext},
 };
@@ -29,10 +33,50 @@ static MP_WORKLOADS: HashMap<WorkloadKey, WorkloadValue, { MAX_WORKLOADS as usiz
 static MP_WORKLOAD_IFS: HashMap<u32, u32, { MAX_WORKLOADS as usize }> = HashMap::new();
 
 #[btf_map]
-static MP_LISTENERS: SockMap<{ Listener::SLOTS as usize }> = SockMap::new();
+static MP_LISTENERS: ListenerMap<{ Listener::SLOTS as usize }> = ListenerMap::new();
 
 #[btf_map]
 static MP_COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
+
+/// A SOCKMAP with 8-byte values. Userspace then reads a slot as the socket's cookie, or
+/// ENOENT when it is empty (with 4-byte values every read fails alike with ENOSPC), which is
+/// how `meshpath status` tells a registered listener from a missing one. aya-ebpf's
+/// `SockMap` fixes 4-byte values, so the BTF map definition is spelled out here, in
+/// libbpf's layout: each field's pointee encodes one attribute.
+#[repr(C)]
+struct ListenerMap<const N: usize> {
+    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SOCKMAP as usize],
+    key: *const u32,
+    value: *const u64,
+    max_entries: *const [i32; N],
+}
+
+// SAFETY: the fields are never dereferenced; they only carry types into BTF. The kernel
+// owns the map behind this symbol and synchronises access to it.
+unsafe impl<const N: usize> Sync for ListenerMap<N> {}
+
+impl<const N: usize> ListenerMap<N> {
+    const fn new() -> Self {
+        Self { r#type: core::ptr::null(), key: core::ptr::null(), value: core::ptr::null(), max_entries: core::ptr::null() }
+    }
+
+    /// Hands the connection of `ctx` to the socket in slot `index`; `false` when the slot
+    /// is empty or the socket refuses it.
+    #[inline(always)]
+    fn assign(&self, ctx: &SkLookupContext, index: u32) -> bool {
+        // SAFETY: `self` is the map the loader created for this symbol and `index` a live
+        // u32 key; the helper returns a referenced socket or null.
+        let sk = unsafe { bpf_map_lookup_elem(self as *const Self as *mut c_void, &index as *const u32 as *const c_void) };
+        if sk.is_null() {
+            return false;
+        }
+        // SAFETY: `sk` is the non-null socket just looked up; it is released exactly once.
+        let ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk, 0) };
+        // SAFETY: as above; the reference taken by the lookup is dropped here.
+        unsafe { bpf_sk_release(sk) };
+        ret == 0
+    }
+}
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -151,12 +195,12 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     let Some(listener) = Listener::steer(src_enrolled, dst_enrolled, local_port as u16) else {
         return sk_action::SK_PASS;
     };
-    match MP_LISTENERS.redirect_sk_lookup(ctx, listener.slot(family == AF_INET6), 0) {
-        Ok(()) => {
+    match MP_LISTENERS.assign(ctx, listener.slot(family == AF_INET6)) {
+        true => {
             count(Counter::Steered);
             sk_action::SK_PASS
         }
-        Err(_) => {
+        false => {
             count(Counter::MissingSocket);
             warn!(ctx, "no proxy socket for listener slot {}: connection dropped", listener.slot(family == AF_INET6));
             sk_action::SK_DROP

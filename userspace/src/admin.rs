@@ -1,5 +1,6 @@
-//! The readiness endpoint (`GET /healthz/ready` on 15021), as Istio's probes expect.
-//! Deliberately tiny: one status line per request, no keep-alive.
+//! The admin endpoints: readiness (`GET /healthz/ready`, on 15021 as Istio's probes expect)
+//! and Prometheus metrics (`GET /metrics`, on 15020). Deliberately tiny: one response per
+//! connection, no keep-alive; both ports answer both paths.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -35,7 +36,14 @@ pub async fn bind(port: u16) -> Result<TcpListener, AdminError> {
     TcpListener::bind(addr).await.map_err(|source| AdminError { addr, source })
 }
 
-pub async fn serve(listener: TcpListener, ready: Readiness, mut shutdown: watch::Receiver<bool>) {
+/// What the endpoints answer from.
+#[derive(Clone)]
+pub struct Routes {
+    pub ready: Readiness,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+pub async fn serve(listener: TcpListener, routes: Routes, mut shutdown: watch::Receiver<bool>) {
     loop {
         let (mut stream, _) = tokio::select! {
             _ = shutdown.changed() => return,
@@ -48,20 +56,24 @@ pub async fn serve(listener: TcpListener, ready: Readiness, mut shutdown: watch:
                 }
             },
         };
-        let ready = ready.clone();
+        let routes = routes.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             let n = tokio::time::timeout(std::time::Duration::from_secs(2), stream.read(&mut buf)).await;
             let Ok(Ok(n)) = n else { return };
             let req = String::from_utf8_lossy(&buf[..n]);
             let path = req.split_whitespace().nth(1).unwrap_or("");
-            let (status, body) = match (path, ready.get()) {
-                ("/healthz/ready", true) => ("200 OK", "ready\n"),
-                ("/healthz/ready", false) => ("503 Service Unavailable", "not ready\n"),
-                _ => ("404 Not Found", "not found\n"),
+            let plain = "text/plain";
+            let (status, content_type, body) = match (path, routes.ready.get()) {
+                ("/healthz/ready", true) => ("200 OK", plain, "ready\n".to_string()),
+                ("/healthz/ready", false) => ("503 Service Unavailable", plain, "not ready\n".to_string()),
+                ("/metrics" | "/stats/prometheus", _) => {
+                    ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", routes.metrics.render())
+                }
+                _ => ("404 Not Found", plain, "not found\n".to_string()),
             };
             let resp = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = stream.write_all(resp.as_bytes()).await;

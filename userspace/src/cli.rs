@@ -42,8 +42,24 @@ pub enum Command {
         #[arg(long, env = "MESHPATH_READINESS_PORT", default_value_t = meshpath_common::names::PORT_READINESS)]
         readiness_port: u16,
     },
+    /// Show what meshpath has attached, enrolled and registered for a node, and its counters.
+    Status {
+        #[arg(long, env = "MESHPATH_NODE", default_value_t = hostname())]
+        node: String,
+        /// The workload file, to name the workload behind each IP.
+        #[arg(long, env = "MESHPATH_WORKLOADS")]
+        workloads: Option<PathBuf>,
+        #[arg(short = 'o', long, default_value = "text")]
+        output: Output,
+    },
     /// Build a two-node lab of network namespaces and run meshpath in it.
     Lab(LabArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Args)]
@@ -65,6 +81,9 @@ pub struct NodeArgs {
     pub access_log: Option<PathBuf>,
     #[arg(long, env = "MESHPATH_READINESS_PORT", default_value_t = meshpath_common::names::PORT_READINESS)]
     pub readiness_port: u16,
+    /// Port of the Prometheus endpoint (`/metrics`), on every address of the node.
+    #[arg(long, env = "MESHPATH_METRICS_PORT", default_value_t = meshpath_common::names::PORT_METRICS)]
+    pub metrics_port: u16,
     /// How often the workload file and the interfaces are checked for changes.
     #[arg(long, env = "MESHPATH_POLL_INTERVAL_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub poll_interval_ms: u64,
@@ -149,6 +168,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 pod_cidrs: a.pod_cidrs,
                 access_log: a.access_log,
                 readiness_port: a.readiness_port,
+                metrics_port: a.metrics_port,
                 poll_interval: Duration::from_millis(a.poll_interval_ms),
                 connect_timeout: Duration::from_secs(a.connect_timeout_secs),
                 attach_mode: match a.tc_attach {
@@ -170,6 +190,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Uninstall { node, readiness_port } => {
             let report = runtime()?.block_on(node::uninstall(&node, readiness_port))?;
             println!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { node, workloads, output } => {
+            let status = runtime()?.block_on(crate::status::collect(&node, workloads.as_deref()))?;
+            match output {
+                Output::Text => print!("{}", status.text()),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Lab(a) => run_lab(a),

@@ -13,6 +13,7 @@ use crate::admin::{self, Readiness};
 use crate::datapath::{self, AttachMode, Datapath, DatapathError};
 use crate::identity::manager::CertificateManager;
 use crate::identity::{CertificateProvider, IdentityError, ca, files};
+use crate::metrics::{self, Metrics};
 use crate::proxy::{self, PlaintextPolicy, Proxy, ProxyConfig, WorkloadIndex, access_log::AccessLog};
 use crate::routing::{self, Routing, RoutingError};
 use crate::workloads::{WorkloadFile, WorkloadsError};
@@ -50,6 +51,7 @@ pub struct NodeConfig {
     pub pod_cidrs: Vec<IpNet>,
     pub access_log: Option<PathBuf>,
     pub readiness_port: u16,
+    pub metrics_port: u16,
     pub poll_interval: Duration,
     pub connect_timeout: Duration,
     pub attach_mode: AttachMode,
@@ -94,6 +96,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let log = AccessLog::open(cfg.access_log.as_deref())?;
     let certs = CertificateManager::new(cfg.certificates.provider(&cfg.trust_domain)?, &cfg.trust_domain);
     let admin_listener = admin::bind(cfg.readiness_port).await?;
+    let metrics_listener = admin::bind(cfg.metrics_port).await?;
+    let metrics = Metrics::new();
     let listeners = proxy::bind_listeners()?;
 
     let routing = Routing::connect()?;
@@ -110,7 +114,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         },
         log,
         certs,
+        metrics.clone(),
     );
+    metrics.set_sources(ScrapeSources { node: cfg.node.clone(), proxy: proxy.clone() });
     proxy.set_workloads(WorkloadIndex::from_file(&file, &cfg.trust_domain));
     for l in &listeners {
         dp.register_listener(l.role, l.ipv6, &l.socket)?;
@@ -125,7 +131,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         spawn_ebpf_log_drain(logger, stop_rx.clone());
     }
     let ready = Readiness::default();
-    let admin_task = tokio::spawn(admin::serve(admin_listener, ready.clone(), stop_rx.clone()));
+    let routes = admin::Routes { ready: ready.clone(), metrics };
+    let admin_task = tokio::spawn(admin::serve(admin_listener, routes.clone(), stop_rx.clone()));
+    let metrics_task = tokio::spawn(admin::serve(metrics_listener, routes, stop_rx.clone()));
     let proxy_task = tokio::spawn(proxy.clone().serve(listeners, stop_rx.clone()));
     ready.set(true);
     tracing::info!(node = %cfg.node, workloads = %cfg.workloads.display(), "node ready");
@@ -172,11 +180,30 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let _ = stop_tx.send(true);
     let _ = proxy_task.await;
     let _ = admin_task.await;
+    let _ = metrics_task.await;
     tracing::info!(
         pin_dir = %rec.dp.pin_dir().display(),
         "stopped; the datapath stays pinned and drops enrolled traffic until a daemon takes over (`meshpath uninstall` removes it)"
     );
     Ok(())
+}
+
+/// Scrape-time figures: the pinned counters (read through the pin, so a scrape needs no
+/// handle on the loader) and the proxy's pool.
+struct ScrapeSources {
+    node: String,
+    proxy: std::sync::Arc<Proxy>,
+}
+
+impl metrics::Sources for ScrapeSources {
+    fn datapath_counters(&self) -> Option<Vec<(&'static str, u64)>> {
+        let c = datapath::read_pinned_counters(&self.node).ok()?;
+        Some(meshpath_common::Counter::ALL.iter().map(|k| (k.name(), c.get(*k))).collect())
+    }
+
+    fn pool(&self) -> proxy::pool::PoolStats {
+        self.proxy.pool_stats()
+    }
 }
 
 struct Reconciler<'a> {

@@ -16,7 +16,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, SockMap};
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, SkLookup, TcAttachType};
@@ -215,7 +215,8 @@ pub struct Datapath {
     _sk_lookup_link: PinnedLink,
     workloads: BpfHashMap<MapData, PodKey, PodValue>,
     workload_ifs: BpfHashMap<MapData, u32, u32>,
-    listeners: SockMap<MapData>,
+    /// A SOCKMAP with 8-byte values, which aya's `SockMap` does not take: written raw.
+    listeners: MapData,
     counters: PerCpuArray<MapData, u64>,
     _logger: Option<EbpfLogger>,
     ebpf: Ebpf,
@@ -266,8 +267,10 @@ impl Datapath {
             .map_err(|source| DatapathError::Map { name: MAP_WORKLOADS, source })?;
         let workload_ifs = BpfHashMap::try_from(take_map(&mut ebpf, MAP_WORKLOAD_IFS)?)
             .map_err(|source| DatapathError::Map { name: MAP_WORKLOAD_IFS, source })?;
-        let listeners = SockMap::try_from(take_map(&mut ebpf, MAP_LISTENERS)?)
-            .map_err(|source| DatapathError::Map { name: MAP_LISTENERS, source })?;
+        let listeners = match take_map(&mut ebpf, MAP_LISTENERS)? {
+            aya::maps::Map::SockMap(m) => m,
+            _ => return Err(DatapathError::Missing { kind: "SOCKMAP", name: MAP_LISTENERS }),
+        };
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, MAP_COUNTERS)?)
             .map_err(|source| DatapathError::Map { name: MAP_COUNTERS, source })?;
 
@@ -434,9 +437,11 @@ impl Datapath {
 
     /// Registers a listening socket so sk_lookup can steer into it.
     pub fn register_listener<S: AsRawFd>(&mut self, listener: Listener, ipv6: bool, socket: &S) -> Result<()> {
-        self.listeners
-            .set(listener.slot(ipv6), socket, 0)
-            .map_err(|source| DatapathError::Map { name: MAP_LISTENERS, source })
+        use std::os::fd::AsFd;
+        // An 8-byte SOCKMAP value is the socket's fd on update (and its cookie on lookup).
+        let fd = socket.as_raw_fd() as u64;
+        bpf::map_update(self.listeners.fd().as_fd(), &listener.slot(ipv6).to_ne_bytes(), &fd.to_ne_bytes())
+            .map_err(|e| DatapathError::Io { path: self.pin_dir.join(MAP_LISTENERS), source: e })
     }
 
     pub fn counters(&self) -> Result<Counters> {
@@ -469,6 +474,44 @@ fn remove_file_if_exists(path: &Path) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(DatapathError::Io { path: path.to_owned(), source: e }),
     }
+}
+
+/// What a node's pins and state say is attached, for `meshpath status`.
+#[derive(Clone, Debug, Default)]
+pub struct Attachments {
+    /// Interfaces with a pinned TCX link of the classifier.
+    pub tcx: Vec<u32>,
+    /// Interfaces with a netlink (cls_bpf) filter of the classifier.
+    pub netlink: Vec<u32>,
+    /// Whether the sk_lookup link is pinned.
+    pub sk_lookup: bool,
+}
+
+pub fn attachments(node: &str) -> Result<Attachments> {
+    let dir = node_pin_dir(node)?;
+    let mut tcx: Vec<u32> = pinned_tc_links(&dir)?.into_iter().map(|(i, _)| i).collect();
+    let mut netlink: Vec<u32> = netlink_filters(node)?.into_iter().map(|(i, _)| i).collect();
+    tcx.sort_unstable();
+    netlink.sort_unstable();
+    let sk_lookup = dir.join(PIN_LINKS_SUBDIR).join(PIN_SK_LOOKUP_LINK).exists();
+    Ok(Attachments { tcx, netlink, sk_lookup })
+}
+
+/// Which listener slots of a node's pinned SOCKMAP hold a socket. Its values are 8 bytes, so
+/// a lookup returns the socket's cookie for a filled slot and ENOENT for an empty one.
+pub fn registered_listeners(node: &str) -> Result<Vec<(Listener, bool, bool)>> {
+    let path = node_pin_dir(node)?.join(MAP_LISTENERS);
+    let fd = bpf::obj_get(&path).map_err(io_err(&path))?;
+    let mut out = Vec::new();
+    for role in Listener::ALL {
+        for ipv6 in [false, true] {
+            let key = role.slot(ipv6).to_ne_bytes();
+            let registered = bpf::map_lookup(std::os::fd::AsFd::as_fd(&fd), &key, &mut [0u8; 8])
+                .map_err(|e| DatapathError::Io { path: path.clone(), source: e })?;
+            out.push((role, ipv6, registered));
+        }
+    }
+    Ok(out)
 }
 
 /// TC link pins in a node's directory: (ifindex, path).

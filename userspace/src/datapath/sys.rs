@@ -33,6 +33,7 @@ pub mod bpf {
     pub use aya_obj::generated::{bpf_btf_info, bpf_map_info};
 
     const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
     const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_MAP_GET_NEXT_ID: libc::c_long = 12;
@@ -102,6 +103,17 @@ pub mod bpf {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// Sets `key` to `value` (`BPF_ANY`).
+    pub fn map_update(fd: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
+        let mut a = ElemAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            key: key.as_ptr() as u64,
+            value_or_next_key: value.as_ptr() as u64,
+            ..Default::default()
+        };
+        sys(BPF_MAP_UPDATE_ELEM, &mut a).map(|_| ())
     }
 
     /// The key after `key` (the first key with `None`) into `next`; `Ok(false)` at the end.

@@ -374,8 +374,13 @@ impl Lab {
 
     /// Runs `meshpath uninstall` for `node` inside its namespace.
     pub fn uninstall(&self, node: usize) -> Result<String> {
+        self.meshpath(node, &["uninstall", "--node", &self.nodes[node].name])
+    }
+
+    /// Runs the meshpath binary with `args` inside `node`'s namespace; its stdout.
+    pub fn meshpath(&self, node: usize, args: &[&str]) -> Result<String> {
         let n = &self.nodes[node].name;
-        run(Command::new("nsenter").arg(format!("--net=/run/netns/{n}")).arg(&self.binary).args(["uninstall", "--node", n]))
+        run(Command::new("nsenter").arg(format!("--net=/run/netns/{n}")).arg(&self.binary).args(args))
     }
 
     /// A socket address of `pod` in the given family.
@@ -534,15 +539,20 @@ impl Drop for Lab {
 
 /// Whether the daemon in `ns` answers 200 on its readiness endpoint.
 pub fn readiness(ns: &str) -> std::io::Result<bool> {
+    Ok(http_get(ns, meshpath_common::names::PORT_READINESS, "/healthz/ready")?.starts_with("HTTP/1.1 200"))
+}
+
+/// `GET path` on 127.0.0.1:`port` inside `ns`: the whole response, status line included.
+pub fn http_get(ns: &str, port: u16, path: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};
-    traffic::in_netns(ns, || -> std::io::Result<bool> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], meshpath_common::names::PORT_READINESS));
+    traffic::in_netns(ns, || -> std::io::Result<String> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
-        s.set_read_timeout(Some(Duration::from_secs(1)))?;
-        s.write_all(b"GET /healthz/ready HTTP/1.0\r\n\r\n")?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
         let mut resp = String::new();
         s.read_to_string(&mut resp)?;
-        Ok(resp.starts_with("HTTP/1.1 200"))
+        Ok(resp)
     })?
 }
 

@@ -36,6 +36,9 @@ pub struct ConnectionRecord {
     pub bytes_received: u64,
     /// `ok`, or what went wrong.
     pub outcome: String,
+    /// Whether the connection was counted as opened in the metrics (so its close is too).
+    #[serde(skip)]
+    pub opened: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -29,7 +29,10 @@ pub(super) async fn plaintext(p: &Proxy, client: &mut TcpStream, rec: &mut Conne
     }
     match p.cfg.plaintext {
         PlaintextPolicy::Strict => Err("refused: plaintext (strict mTLS)".into()),
-        PlaintextPolicy::Permissive => p.relay_plain(client, rec.orig_dst, Some(rec.src.ip()), rec).await,
+        PlaintextPolicy::Permissive => {
+            p.open(rec);
+            p.relay_plain(client, rec.orig_dst, Some(rec.src.ip()), rec).await
+        }
     }
 }
 
@@ -114,6 +117,7 @@ async fn stream(
     };
     rec.orig_dst = target;
     rec.dst_workload = Some(local.id.clone());
+    p.open(&mut rec);
     // The outer connection comes from the client pod's IP (the peer proxy dials from it):
     // the app sees its real client.
     let upstream = socket::connect_upstream(target, Some(rec.src.ip()), p.cfg.connect_timeout).await;

@@ -29,6 +29,7 @@ use tokio::sync::watch;
 
 use crate::identity::Identity;
 use crate::identity::manager::CertificateManager;
+use crate::metrics::{Metrics, TcpLabels};
 use crate::workloads::WorkloadFile;
 use access_log::{AccessLog, ConnectionRecord};
 use pool::Pool;
@@ -134,6 +135,7 @@ pub struct Proxy {
     cfg: ProxyConfig,
     index: RwLock<Arc<WorkloadIndex>>,
     log: AccessLog,
+    metrics: Arc<Metrics>,
     certs: Arc<CertificateManager>,
     pool: Arc<Pool>,
     /// TLS server configurations of local workloads, rebuilt when their certificate changes.
@@ -141,9 +143,9 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(cfg: ProxyConfig, log: AccessLog, certs: Arc<CertificateManager>) -> Arc<Self> {
+    pub fn new(cfg: ProxyConfig, log: AccessLog, certs: Arc<CertificateManager>, metrics: Arc<Metrics>) -> Arc<Self> {
         let pool = Pool::new(cfg.hbone_idle_timeout);
-        Arc::new(Self { cfg, index: RwLock::new(Arc::default()), log, certs, pool, server_tls: Mutex::default() })
+        Arc::new(Self { cfg, index: RwLock::new(Arc::default()), log, metrics, certs, pool, server_tls: Mutex::default() })
     }
 
     /// Replaces the workload index. Certificates of workloads that left this node are
@@ -254,7 +256,14 @@ impl Proxy {
             bytes_sent: 0,
             bytes_received: 0,
             outcome: String::new(),
+            opened: false,
         }
+    }
+
+    /// Counts the connection as opened, once its path (and so its labels) is known.
+    fn open(&self, rec: &mut ConnectionRecord) {
+        self.metrics.opened(&TcpLabels::of(rec));
+        rec.opened = true;
     }
 
     fn finish(&self, mut rec: ConnectionRecord, started: Instant, result: Result<(), String>) {
@@ -263,6 +272,9 @@ impl Proxy {
             Ok(()) => "ok".into(),
             Err(e) => e,
         };
+        if rec.opened {
+            self.metrics.closed(&TcpLabels::of(&rec), &rec);
+        }
         self.log.record(&rec);
     }
 

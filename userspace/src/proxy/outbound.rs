@@ -35,6 +35,7 @@ pub(super) async fn handle(p: &Proxy, client: &mut TcpStream, rec: &mut super::C
         // Not in the mesh: plain TCP, as ambient does. Pod destinations keep the client's
         // address (the reply comes back through this node); others leave from the node's.
         let source = p.is_pod_ip(rec.orig_dst.ip()).then_some(rec.src.ip());
+        p.open(rec);
         return p.relay_plain(client, rec.orig_dst, source, rec).await;
     };
     // The datapath only captures enrolled sources, so a miss is a race with an unenrolment:
@@ -48,6 +49,7 @@ pub(super) async fn handle(p: &Proxy, client: &mut TcpStream, rec: &mut super::C
         if is_proxy_port(rec.orig_dst.port()) {
             return Err(format!("refused: port {} belongs to the proxy", rec.orig_dst.port()));
         }
+        p.open(rec);
         // Same node: the bytes never leave this host's memory and the kernel vouches for
         // the source (the classifier drops enrolled IPs arriving from a foreign interface),
         // so the hand-over is direct and TLS would only encrypt a memory copy.
@@ -70,6 +72,8 @@ async fn hbone(
         dst: SocketAddr::new(rec.orig_dst.ip(), PORT_HBONE),
         src_ip: rec.src.ip(),
     };
+    rec.mtls = true;
+    p.open(rec);
     // A pooled connection can start draining (GOAWAY) just as we pick it: then it is marked
     // and the next checkout opens or picks another. Once is enough.
     let mut retried = false;
@@ -81,7 +85,6 @@ async fn hbone(
             Err(e) => return Err(format!("hbone CONNECT {}: {e}", rec.orig_dst)),
         }
     };
-    rec.mtls = true;
     rec.upstream_src = Some(canonical(lease.conn.client.local));
     let (n, result) = super::h2::relay(client, send, recv).await;
     rec.bytes_sent = n.sent;

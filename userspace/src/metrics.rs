@@ -1,0 +1,209 @@
+//! Prometheus metrics, served on 15020 `/metrics`: Istio's TCP metrics with its standard
+//! labels (as far as meshpath knows them), the datapath's kernel counters, and the HBONE
+//! pool's occupancy.
+
+use std::sync::{Arc, OnceLock};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::proxy::access_log::ConnectionRecord;
+use crate::proxy::pool::PoolStats;
+
+/// Istio's standard labels for TCP metrics, those meshpath can fill. Unknown values are
+/// `unknown`, as Istio writes them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// `source` on the client's node (outbound), `destination` on the server's.
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub request_protocol: &'static str,
+    /// `mutual_tls` or `none`.
+    pub connection_security_policy: &'static str,
+}
+
+impl TcpLabels {
+    pub fn of(rec: &ConnectionRecord) -> Self {
+        let split = |w: &Option<String>| match w.as_deref().and_then(|w| w.split_once('/')) {
+            Some((ns, name)) => (name.to_owned(), ns.to_owned()),
+            None => ("unknown".to_owned(), "unknown".to_owned()),
+        };
+        let (source_workload, source_workload_namespace) = split(&rec.src_workload);
+        let (destination_workload, destination_workload_namespace) = split(&rec.dst_workload);
+        let principal = |p: &Option<String>| p.clone().unwrap_or_else(|| "unknown".into());
+        Self {
+            reporter: if rec.listener == meshpath_common::Listener::Outbound.name() { "source" } else { "destination" },
+            source_workload,
+            source_workload_namespace,
+            source_principal: principal(&rec.src_identity),
+            destination_workload,
+            destination_workload_namespace,
+            destination_principal: principal(&rec.dst_identity),
+            request_protocol: "tcp",
+            connection_security_policy: if rec.mtls { "mutual_tls" } else { "none" },
+        }
+    }
+}
+
+/// Where the scrape-time figures come from.
+pub trait Sources: Send + Sync + 'static {
+    /// The datapath's kernel counters, by name.
+    fn datapath_counters(&self) -> Option<Vec<(&'static str, u64)>>;
+    fn pool(&self) -> PoolStats;
+}
+
+pub struct Metrics {
+    registry: Registry,
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    sent: Family<TcpLabels, Counter>,
+    received: Family<TcpLabels, Counter>,
+    sources: Arc<OnceLock<Box<dyn Sources>>>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::default();
+        let (opened, closed, sent, received) = (Family::default(), Family::default(), Family::default(), Family::default());
+        registry.register("istio_tcp_connections_opened", "Total TCP connections opened", opened.clone());
+        registry.register("istio_tcp_connections_closed", "Total TCP connections closed", closed.clone());
+        // Istio's meaning: "sent" is the response (server to client), "received" the request.
+        registry.register("istio_tcp_sent_bytes", "Bytes sent during response of TCP connections", sent.clone());
+        registry.register("istio_tcp_received_bytes", "Bytes received during request of TCP connections", received.clone());
+        let sources: Arc<OnceLock<Box<dyn Sources>>> = Arc::default();
+        registry.register_collector(Box::new(ScrapeTime(sources.clone())));
+        Arc::new(Self { registry, opened, closed, sent, received, sources })
+    }
+
+    /// Tells the metrics where the datapath and the pool are (once, when they exist).
+    pub fn set_sources(&self, s: impl Sources) {
+        let _ = self.sources.set(Box::new(s));
+    }
+
+    pub fn opened(&self, labels: &TcpLabels) {
+        self.opened.get_or_create(labels).inc();
+    }
+
+    /// A connection ended: `rec.bytes_sent` went from client to server (the request).
+    pub fn closed(&self, labels: &TcpLabels, rec: &ConnectionRecord) {
+        self.closed.get_or_create(labels).inc();
+        self.received.get_or_create(labels).inc_by(rec.bytes_sent);
+        self.sent.get_or_create(labels).inc_by(rec.bytes_received);
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!("encoding metrics failed: {e}");
+        }
+        out
+    }
+}
+
+#[derive(Debug)]
+struct ScrapeTime(Arc<OnceLock<Box<dyn Sources>>>);
+
+impl std::fmt::Debug for dyn Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sources")
+    }
+}
+
+impl Collector for ScrapeTime {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(s) = self.0.get() else { return Ok(()) };
+        if let Some(counters) = s.datapath_counters() {
+            for (name, value) in counters {
+                let c = ConstCounter::new(value);
+                let help = format!("Datapath kernel counter {name} (summed over CPUs)");
+                c.encode(encoder.encode_descriptor(&format!("meshpath_datapath_{name}"), &help, None, c.metric_type())?)?;
+            }
+        }
+        let pool = s.pool();
+        for (name, help, v) in [
+            ("meshpath_hbone_pool_connections", "HBONE connections in the outbound pool", pool.connections),
+            ("meshpath_hbone_pool_streams", "Streams open on pooled HBONE connections", pool.streams),
+        ] {
+            let g = ConstGauge::new(v as i64);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(listener: &str, mtls: bool) -> ConnectionRecord {
+        ConnectionRecord {
+            start_ms: 0,
+            duration_ms: 1,
+            node: "n1".into(),
+            listener: listener.into(),
+            src: "10.0.0.1:1000".parse().unwrap(),
+            orig_dst: "10.0.0.2:80".parse().unwrap(),
+            src_workload: Some("shop/web-0".into()),
+            dst_workload: None,
+            src_identity: Some("spiffe://td/ns/shop/sa/web".into()),
+            dst_identity: None,
+            mtls,
+            upstream_src: None,
+            bytes_sent: 100,
+            bytes_received: 2000,
+            outcome: "ok".into(),
+            opened: true,
+        }
+    }
+
+    #[test]
+    fn istio_names_and_labels() {
+        let m = Metrics::new();
+        let r = rec("outbound", true);
+        let l = TcpLabels::of(&r);
+        m.opened(&l);
+        m.closed(&l, &r);
+        let text = m.render();
+        let want = r#"{reporter="source",source_workload="web-0",source_workload_namespace="shop",source_principal="spiffe://td/ns/shop/sa/web",destination_workload="unknown",destination_workload_namespace="unknown",destination_principal="unknown",request_protocol="tcp",connection_security_policy="mutual_tls"}"#;
+        for line in [
+            format!("istio_tcp_connections_opened_total{want} 1"),
+            format!("istio_tcp_connections_closed_total{want} 1"),
+            format!("istio_tcp_received_bytes_total{want} 100"),
+            format!("istio_tcp_sent_bytes_total{want} 2000"),
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
+        assert_eq!(TcpLabels::of(&rec("hbone", true)).reporter, "destination");
+        assert_eq!(TcpLabels::of(&rec("inbound_plain", false)).connection_security_policy, "none");
+    }
+
+    struct Fixed;
+    impl Sources for Fixed {
+        fn datapath_counters(&self) -> Option<Vec<(&'static str, u64)>> {
+            Some(vec![("steered", 7)])
+        }
+        fn pool(&self) -> PoolStats {
+            PoolStats { connections: 2, streams: 3 }
+        }
+    }
+
+    #[test]
+    fn scrape_time_figures() {
+        let m = Metrics::new();
+        m.set_sources(Fixed);
+        let text = m.render();
+        for line in ["meshpath_datapath_steered_total 7", "meshpath_hbone_pool_connections 2", "meshpath_hbone_pool_streams 3"] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! `meshpath status`: what meshpath has put into this network namespace and bpffs for a
+//! node, read from the kernel (not from the daemon), so it also works while the daemon is
+//! down: attachments, enrolled workloads, listener sockets and the SOCKMAP, counters.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use meshpath_common::names::PROG_TC_INGRESS;
+use serde::Serialize;
+
+use crate::datapath::{self, Counters, DatapathError};
+use crate::routing::{self, Routing, RoutingError};
+use crate::workloads::{WorkloadFile, WorkloadsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Routing(#[from] RoutingError),
+    #[error(transparent)]
+    Workloads(#[from] WorkloadsError),
+    #[error("no meshpath datapath for node {node} (nothing pinned in {dir}); is the node name right?")]
+    NotInstalled { node: String, dir: String },
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub node: String,
+    pub pin_dir: String,
+    pub attachments: Vec<Attachment>,
+    pub workloads: Vec<EnrolledIp>,
+    pub listeners: Vec<ListenerState>,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Attachment {
+    pub program: &'static str,
+    /// `tc` or `sk_lookup`.
+    pub hook: &'static str,
+    /// The interface, for TC; sk_lookup hooks the whole network namespace.
+    pub interface: Option<String>,
+    pub ifindex: Option<u32>,
+    pub direction: Option<&'static str>,
+    /// `tcx`, `netlink` (cls_bpf on clsact) or `link` (sk_lookup's netns link).
+    pub mode: &'static str,
+    /// For TCX: whether the kernel still reports the program on the interface.
+    pub live: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EnrolledIp {
+    pub ip: IpAddr,
+    pub ifindex: u32,
+    pub interface: Option<String>,
+    /// `namespace/name`, when a workload file was given.
+    pub workload: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ListenerState {
+    pub role: &'static str,
+    pub address: SocketAddr,
+    /// A socket listens on the address in this namespace.
+    pub listening: bool,
+    /// Its SOCKMAP slot holds a socket: sk_lookup can steer to it.
+    pub registered: bool,
+}
+
+/// Gathers the status of `node` in the current network namespace.
+pub async fn collect(node: &str, workloads: Option<&Path>) -> Result<Status, StatusError> {
+    datapath::validate_node_name(node)?;
+    let dir = datapath::node_pin_dir(node)?;
+    if !dir.exists() {
+        return Err(StatusError::NotInstalled { node: node.into(), dir: dir.display().to_string() });
+    }
+    let ifaces = Routing::connect()?.interfaces().await?;
+    let names = routing::names_by_index(&ifaces);
+    let att = datapath::attachments(node)?;
+
+    let mut attachments = Vec::new();
+    if att.sk_lookup {
+        attachments.push(Attachment {
+            program: meshpath_common::names::PROG_SK_LOOKUP,
+            hook: "sk_lookup",
+            interface: None,
+            ifindex: None,
+            direction: None,
+            mode: "link",
+            live: true,
+        });
+    }
+    for (mode, list) in [("tcx", &att.tcx), ("netlink", &att.netlink)] {
+        for &ifindex in list {
+            let name = names.get(&ifindex).cloned();
+            let live = match (&name, mode) {
+                (Some(n), "tcx") => SchedClassifier::query_tcx(n.as_str(), TcAttachType::Ingress)
+                    .map(|(_, progs)| progs.iter().any(|p| p.name_as_str() == Some(PROG_TC_INGRESS)))
+                    .unwrap_or(false),
+                (Some(_), _) => true,
+                (None, _) => false,
+            };
+            attachments.push(Attachment {
+                program: PROG_TC_INGRESS,
+                hook: "tc",
+                interface: name,
+                ifindex: Some(ifindex),
+                direction: Some("ingress"),
+                mode,
+                live,
+            });
+        }
+    }
+
+    let owners: BTreeMap<IpAddr, String> = match workloads {
+        Some(p) => WorkloadFile::load(p)?.by_ip().into_iter().map(|(ip, w)| (ip, w.id())).collect(),
+        None => BTreeMap::new(),
+    };
+    let workloads = datapath::read_pinned_workloads(node)?
+        .into_iter()
+        .map(|(ip, ifindex)| EnrolledIp { ip, ifindex, interface: names.get(&ifindex).cloned(), workload: owners.get(&ip).cloned() })
+        .collect();
+
+    let listening = listening_sockets();
+    let listeners = datapath::registered_listeners(node)?
+        .into_iter()
+        .map(|(role, ipv6, registered)| {
+            let ip = if ipv6 { IpAddr::V6(Ipv6Addr::LOCALHOST) } else { IpAddr::V4(Ipv4Addr::LOCALHOST) };
+            let address = SocketAddr::new(ip, role.port());
+            ListenerState { role: role.name(), address, listening: listening.contains(&address), registered }
+        })
+        .collect();
+
+    Ok(Status {
+        node: node.into(),
+        pin_dir: dir.display().to_string(),
+        attachments,
+        workloads,
+        listeners,
+        counters: datapath::read_pinned_counters(node)?,
+    })
+}
+
+/// Listening TCP sockets of this network namespace, from /proc/net/tcp{,6}.
+fn listening_sockets() -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+        let Ok(text) = std::fs::read_to_string(file) else { continue };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // Columns: sl, local_address, rem_address, st, ...; st 0A is LISTEN.
+            if cols.get(3) == Some(&"0A")
+                && let Some(addr) = cols.get(1).and_then(|a| parse_proc_addr(a, v6))
+            {
+                out.push(addr);
+            }
+        }
+    }
+    out
+}
+
+/// `0100007F:3A99` (IPv4) or 32 hex digits `:port` (IPv6), each 32-bit word in host order.
+fn parse_proc_addr(s: &str, v6: bool) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> =
+        (0..ip.len() / 8).map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok()).collect::<Option<_>>()?;
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let ip = match (v6, bytes.len()) {
+        (false, 4) => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
+        (true, 16) => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+impl Status {
+    /// The human form.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "node {}  (pins {})", self.node, self.pin_dir);
+        let _ = writeln!(s, "\nattached programs");
+        for a in &self.attachments {
+            let place = match (&a.interface, a.ifindex) {
+                (Some(n), Some(i)) => format!("{n} (ifindex {i}) {}", a.direction.unwrap_or("")),
+                (None, Some(i)) => format!("ifindex {i} (interface gone)"),
+                _ => "this network namespace".into(),
+            };
+            let live = if a.live { "" } else { "  NOT ATTACHED" };
+            let _ = writeln!(s, "  {:<14} {:<10} {:<28} {}{live}", a.program, a.hook, place, a.mode);
+        }
+        let _ = writeln!(s, "\nenrolled workload IPs ({})", self.workloads.len());
+        for w in &self.workloads {
+            let _ = writeln!(
+                s,
+                "  {:<40} {:<12} {}",
+                w.ip,
+                w.interface.as_deref().unwrap_or("?"),
+                w.workload.as_deref().unwrap_or("")
+            );
+        }
+        let _ = writeln!(s, "\nproxy listeners");
+        for l in &self.listeners {
+            let _ = writeln!(
+                s,
+                "  {:<14} {:<18} {:<14} {}",
+                l.role,
+                l.address.to_string(),
+                if l.listening { "listening" } else { "not listening" },
+                if l.registered { "in SOCKMAP" } else { "NOT in SOCKMAP (its traffic is dropped)" }
+            );
+        }
+        let c = &self.counters;
+        let _ = writeln!(
+            s,
+            "\ndatapath counters\n  classified {}  steered {}  missing_socket {}  spoof_dropped {}  malformed {}",
+            c.classified, c.steered, c.missing_socket, c.spoof_dropped, c.malformed
+        );
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_net_tcp_addresses() {
+        assert_eq!(parse_proc_addr("0100007F:3A99", false), Some("127.0.0.1:15001".parse().unwrap()));
+        assert_eq!(parse_proc_addr("00000000000000000000000001000000:3A9E", true), Some("[::1]:15006".parse().unwrap()));
+        assert_eq!(parse_proc_addr("garbage", false), None);
+        assert_eq!(parse_proc_addr("0100007F:3A99", true), None);
+    }
+}
