@@ -52,6 +52,15 @@ pub enum Command {
         #[arg(short = 'o', long, default_value = "text")]
         output: Output,
     },
+    /// Create a root for the built-in CA in a directory (root-cert.pem, root-key.pem), to
+    /// share between nodes, e.g. as the meshpath-ca Secret.
+    CaInit {
+        /// Directory to create the root in; an existing root there is kept.
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local", value_parser = parse_trust_domain)]
+        trust_domain: String,
+    },
     /// Build a two-node lab of network namespaces and run meshpath in it.
     Lab(LabArgs),
 }
@@ -67,9 +76,10 @@ pub struct NodeArgs {
     /// Name of this node (the pin directory /sys/fs/bpf/meshpath/<node>).
     #[arg(long, env = "MESHPATH_NODE", default_value_t = hostname())]
     pub node: String,
-    /// YAML file listing the enrolled workloads; changes are applied live.
+    /// YAML file listing the enrolled workloads; changes are applied live. Without it,
+    /// meshpath follows the Kubernetes API (KUBECONFIG, ~/.kube/config or in-cluster).
     #[arg(long, env = "MESHPATH_WORKLOADS")]
-    pub workloads: PathBuf,
+    pub workloads: Option<PathBuf>,
     /// Interfaces to classify on (default: every non-loopback interface, as they come).
     #[arg(long = "interface", env = "MESHPATH_INTERFACES", value_delimiter = ',')]
     pub interfaces: Vec<String>,
@@ -163,7 +173,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Node(a) => {
             let cfg = NodeConfig {
                 node: a.node,
-                workloads: a.workloads,
+                source: match a.workloads {
+                    Some(path) => node::Source::File(path),
+                    None => node::Source::Kubernetes,
+                },
                 interfaces: a.interfaces,
                 pod_cidrs: a.pod_cidrs,
                 access_log: a.access_log,
@@ -198,6 +211,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Output::Text => print!("{}", status.text()),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CaInit { dir, trust_domain } => {
+            let existed = dir.join(crate::identity::ca::ROOT_KEY_FILE).exists();
+            crate::identity::ca::BuiltinCa::open(Some(&dir), &trust_domain, Duration::from_secs(3600))?;
+            let verb = if existed { "kept the existing" } else { "created a" };
+            println!("{verb} CA root in {} ({} and {}, the key readable by its owner only)", dir.display(), crate::identity::ca::ROOT_CERT_FILE, crate::identity::ca::ROOT_KEY_FILE);
             Ok(ExitCode::SUCCESS)
         }
         Command::Lab(a) => run_lab(a),

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod cli;
 pub mod datapath;
 pub mod identity;
+pub mod k8s;
 pub mod lab;
 pub mod metrics;
 pub mod node;

@@ -155,6 +155,7 @@ mod tests {
             orig_dst: "10.0.0.2:80".parse().unwrap(),
             src_workload: Some("shop/web-0".into()),
             dst_workload: None,
+            dst_service: None,
             src_identity: Some("spiffe://td/ns/shop/sa/web".into()),
             dst_identity: None,
             mtls,

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -16,6 +17,8 @@ use crate::identity::{CertificateProvider, IdentityError, ca, files};
 use crate::metrics::{self, Metrics};
 use crate::proxy::{self, PlaintextPolicy, Proxy, ProxyConfig, WorkloadIndex, access_log::AccessLog};
 use crate::routing::{self, Routing, RoutingError};
+use crate::k8s::services::ServiceTable;
+use crate::k8s::{self, ClusterState, K8sError};
 use crate::workloads::{WorkloadFile, WorkloadsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +39,10 @@ pub enum NodeError {
     Identity(#[from] IdentityError),
     #[error("interface {0:?} does not exist in this network namespace")]
     NoSuchInterface(String),
+    #[error(transparent)]
+    Kubernetes(#[from] K8sError),
+    #[error("the Kubernetes watchers stopped before the first sync")]
+    Sync,
     #[error("a meshpath daemon still serves this network namespace (its readiness port answers); stop it first")]
     DaemonRunning,
 }
@@ -44,7 +51,7 @@ pub enum NodeError {
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub node: String,
-    pub workloads: PathBuf,
+    pub source: Source,
     /// Interfaces to attach the classifier to; empty means every non-loopback interface,
     /// including ones that appear later.
     pub interfaces: Vec<String>,
@@ -86,13 +93,45 @@ impl CertSource {
     }
 }
 
+/// Where the desired state comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A workload file, polled for changes.
+    File(PathBuf),
+    /// The Kubernetes API (KUBECONFIG, ~/.kube/config or in-cluster).
+    Kubernetes,
+}
+
+/// The desired-state source as the main loop follows it.
+enum Desired {
+    File { path: PathBuf, last_text: String, read_failed: bool },
+    Kubernetes(watch::Receiver<Option<Arc<ClusterState>>>),
+    /// The watchers ended (only on shutdown): nothing more will come.
+    Ended,
+}
+
+/// Waits for the next cluster state; never resolves for a file.
+async fn cluster_changed(d: &mut Desired) -> bool {
+    match d {
+        Desired::Kubernetes(rx) => rx.changed().await.is_ok(),
+        _ => std::future::pending().await,
+    }
+}
+
 /// Runs until `shutdown` resolves. On return the listeners are closed, so enrolled traffic
 /// fails closed, while programs, maps and routing stay in the kernel for the next instance.
 pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
     datapath::validate_node_name(&cfg.node)?;
     // Validate everything cheap before touching the kernel. The bytes parsed here are the
     // ones later edits are compared with, so an edit made during start-up is not missed.
-    let (file, mut last_text) = WorkloadFile::load_with_text(&cfg.workloads)?;
+    let initial_file = match &cfg.source {
+        Source::File(path) => Some(WorkloadFile::load_with_text(path)?),
+        Source::Kubernetes => None,
+    };
+    let client = match cfg.source {
+        Source::Kubernetes => Some(k8s::client().await?),
+        Source::File(_) => None,
+    };
     let log = AccessLog::open(cfg.access_log.as_deref())?;
     let certs = CertificateManager::new(cfg.certificates.provider(&cfg.trust_domain)?, &cfg.trust_domain);
     let admin_listener = admin::bind(cfg.readiness_port).await?;
@@ -101,7 +140,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let listeners = proxy::bind_listeners()?;
 
     let routing = Routing::connect()?;
-    // The capture rule and routes are installed by the first reconcile pass below.
+    // The capture rule and routes are installed by the first reconcile pass below. Until
+    // then a restarted node keeps capturing with the pinned maps (and drops that traffic:
+    // no listener is registered yet).
     let mut dp = Datapath::load(&cfg.node, cfg.attach_mode)?;
 
     let proxy = Proxy::new(
@@ -117,59 +158,109 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         metrics.clone(),
     );
     metrics.set_sources(ScrapeSources { node: cfg.node.clone(), proxy: proxy.clone() });
-    proxy.set_workloads(WorkloadIndex::from_file(&file, &cfg.trust_domain));
-    for l in &listeners {
-        dp.register_listener(l.role, l.ipv6, &l.socket)?;
-    }
-    tracing::info!(count = listeners.len(), "proxy listeners registered in the SOCKMAP");
 
-    let mut rec = Reconciler { cfg: &cfg, routing, dp, file, unresolved: BTreeMap::new() };
-    rec.reconcile().await?;
-
+    // Probes get answers (503 until ready) while the first state is awaited.
     let (stop_tx, stop_rx) = watch::channel(false);
-    if let Some(logger) = rec.dp.take_logger() {
+    if let Some(logger) = dp.take_logger() {
         spawn_ebpf_log_drain(logger, stop_rx.clone());
     }
     let ready = Readiness::default();
     let routes = admin::Routes { ready: ready.clone(), metrics };
     let admin_task = tokio::spawn(admin::serve(admin_listener, routes.clone(), stop_rx.clone()));
     let metrics_task = tokio::spawn(admin::serve(metrics_listener, routes, stop_rx.clone()));
+    tokio::pin!(shutdown);
+
+    let (mut desired, file, services) = match (initial_file, client) {
+        (Some((file, last_text)), _) => {
+            let Source::File(path) = cfg.source.clone() else { unreachable!("a file was read") };
+            (Desired::File { path, last_text, read_failed: false }, file, ServiceTable::new())
+        }
+        (None, Some(client)) => {
+            let mut rx = k8s::start(client, stop_rx.clone());
+            tracing::info!("waiting for the first full list of pods, namespaces, services and endpoint slices");
+            let state = loop {
+                tokio::select! {
+                    _ = &mut shutdown => {
+                        let _ = stop_tx.send(true);
+                        let _ = tokio::join!(admin_task, metrics_task);
+                        tracing::info!("stopped before the first sync; the pinned datapath is unchanged");
+                        return Ok(());
+                    }
+                    r = rx.changed() => {
+                        if r.is_err() {
+                            return Err(NodeError::Sync);
+                        }
+                        if let Some(s) = rx.borrow_and_update().clone() {
+                            break s;
+                        }
+                    }
+                }
+            };
+            (Desired::Kubernetes(rx), state.workloads.clone(), state.services.clone())
+        }
+        (None, None) => unreachable!("a source is always set up"),
+    };
+    proxy.set_workloads(WorkloadIndex::new(&file, services, &cfg.trust_domain));
+    for l in &listeners {
+        dp.register_listener(l.role, l.ipv6, &l.socket)?;
+    }
+    tracing::info!(count = listeners.len(), "proxy listeners registered in the SOCKMAP");
+
+    let mut rec = Reconciler { cfg: &cfg, routing, dp, file, unresolved: BTreeMap::new() };
+    // Stale entries of a previous run go here, before the node reports ready.
+    rec.reconcile().await?;
     let proxy_task = tokio::spawn(proxy.clone().serve(listeners, stop_rx.clone()));
     ready.set(true);
-    tracing::info!(node = %cfg.node, workloads = %cfg.workloads.display(), "node ready");
+    tracing::info!(node = %cfg.node, source = ?cfg.source, "node ready");
 
-    tokio::pin!(shutdown);
-    let mut read_failed = false;
     let mut tick = tokio::time::interval(cfg.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let cluster_event = tokio::select! {
             _ = &mut shutdown => break,
-            _ = tick.tick() => {}
-        }
-        // A changed file is applied whole or not at all; an unreadable one changes nothing
-        // (reading it as empty would unenrol every workload).
-        match std::fs::read_to_string(&cfg.workloads) {
-            Err(e) => {
-                if !read_failed {
-                    tracing::error!("cannot read {}, keeping the running state: {e}", cfg.workloads.display());
-                    read_failed = true;
+            _ = tick.tick() => false,
+            alive = cluster_changed(&mut desired) => {
+                if !alive {
+                    tracing::error!("the Kubernetes watchers stopped; keeping the last state");
+                    desired = Desired::Ended;
+                }
+                alive
+            }
+        };
+        match &mut desired {
+            Desired::Kubernetes(rx) if cluster_event => {
+                if let Some(state) = rx.borrow_and_update().clone() {
+                    proxy.set_workloads(WorkloadIndex::new(&state.workloads, state.services.clone(), &cfg.trust_domain));
+                    rec.file = state.workloads.clone();
                 }
             }
-            Ok(text) => {
-                read_failed = false;
-                if text != last_text {
-                    last_text = text;
-                    match WorkloadFile::parse(&last_text, &cfg.workloads.display().to_string()) {
-                        Ok(f) => {
-                            tracing::info!(workloads = f.workloads.len(), "workload file changed; applying");
-                            proxy.set_workloads(WorkloadIndex::from_file(&f, &cfg.trust_domain));
-                            rec.file = f;
+            Desired::File { path, last_text, read_failed } => {
+                // A changed file is applied whole or not at all; an unreadable one changes
+                // nothing (reading it as empty would unenrol every workload).
+                match std::fs::read_to_string(&*path) {
+                    Err(e) => {
+                        if !*read_failed {
+                            tracing::error!("cannot read {}, keeping the running state: {e}", path.display());
+                            *read_failed = true;
                         }
-                        Err(e) => tracing::error!("rejected workload file, keeping the running state: {e}"),
+                    }
+                    Ok(text) => {
+                        *read_failed = false;
+                        if text != *last_text {
+                            *last_text = text;
+                            match WorkloadFile::parse(last_text, &path.display().to_string()) {
+                                Ok(f) => {
+                                    tracing::info!(workloads = f.workloads.len(), "workload file changed; applying");
+                                    proxy.set_workloads(WorkloadIndex::new(&f, ServiceTable::new(), &cfg.trust_domain));
+                                    rec.file = f;
+                                }
+                                Err(e) => tracing::error!("rejected workload file, keeping the running state: {e}"),
+                            }
+                        }
                     }
                 }
             }
+            _ => {}
         }
         if let Err(e) = rec.reconcile().await {
             tracing::error!("reconcile failed (will retry): {e}");

@@ -23,6 +23,9 @@ pub struct ConnectionRecord {
     /// Workload identities, when known.
     pub src_workload: Option<String>,
     pub dst_workload: Option<String>,
+    /// The service (`namespace/name`) when the destination was a service address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_service: Option<String>,
     /// SPIFFE identities: proven by the peer's certificate on HBONE, taken from the
     /// workload index elsewhere.
     pub src_identity: Option<String>,
@@ -76,6 +79,7 @@ impl AccessLog {
             orig_dst = %r.orig_dst,
             src_workload = r.src_workload.as_deref().unwrap_or("-"),
             dst_workload = r.dst_workload.as_deref().unwrap_or("-"),
+            dst_service = r.dst_service.as_deref().unwrap_or("-"),
             src_identity = r.src_identity.as_deref().unwrap_or("-"),
             dst_identity = r.dst_identity.as_deref().unwrap_or("-"),
             mtls = r.mtls,

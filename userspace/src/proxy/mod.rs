@@ -28,6 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::identity::Identity;
+use crate::k8s::services::ServiceTable;
 use crate::identity::manager::CertificateManager;
 use crate::metrics::{Metrics, TcpLabels};
 use crate::workloads::WorkloadFile;
@@ -74,13 +75,31 @@ pub struct WorkloadInfo {
     pub identity: Identity,
 }
 
-/// What the proxy knows about workloads, by IP, on every node.
+/// What the proxy knows about workloads, by IP, on every node, and about services.
 #[derive(Debug, Default)]
 pub struct WorkloadIndex {
     by_ip: BTreeMap<IpAddr, Arc<WorkloadInfo>>,
+    services: ServiceTable,
+    /// Round-robin position over each service's endpoints.
+    next_endpoint: std::sync::atomic::AtomicUsize,
 }
 
 impl WorkloadIndex {
+    pub fn new(f: &WorkloadFile, services: ServiceTable, trust_domain: &str) -> Self {
+        Self { services, ..Self::from_file(f, trust_domain) }
+    }
+
+    /// The service at `addr` (a cluster IP and port) and one of its ready endpoints, taken in
+    /// turn; `Some((service, None))` when it has none.
+    pub fn resolve_service(&self, addr: SocketAddr) -> Option<(&str, Option<SocketAddr>)> {
+        let b = self.services.get(&canonical(addr))?;
+        if b.endpoints.is_empty() {
+            return Some((&b.service, None));
+        }
+        let i = self.next_endpoint.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some((&b.service, Some(b.endpoints[i % b.endpoints.len()])))
+    }
+
     pub fn from_file(f: &WorkloadFile, trust_domain: &str) -> Self {
         let mut by_ip = BTreeMap::new();
         for w in &f.workloads {
@@ -93,7 +112,7 @@ impl WorkloadIndex {
                 by_ip.insert(ip.to_canonical(), info.clone());
             }
         }
-        Self { by_ip }
+        Self { by_ip, ..Default::default() }
     }
 
     pub fn get(&self, ip: IpAddr) -> Option<&Arc<WorkloadInfo>> {
@@ -249,6 +268,7 @@ impl Proxy {
             orig_dst,
             src_workload: s.map(|w| w.id.clone()),
             dst_workload: d.map(|w| w.id.clone()),
+            dst_service: None,
             src_identity: None,
             dst_identity: None,
             mtls: false,

@@ -29,14 +29,23 @@ pub enum HboneConnectError {
 /// Routes one captured connection by what its destination is.
 pub(super) async fn handle(p: &Proxy, client: &mut TcpStream, rec: &mut super::ConnectionRecord) -> Result<(), String> {
     let index = p.index();
+    // A service address (seen before any DNAT) leads to one of its ready endpoints.
+    let target = match index.resolve_service(rec.orig_dst) {
+        None => rec.orig_dst,
+        Some((service, endpoint)) => {
+            rec.dst_service = Some(service.to_owned());
+            endpoint.ok_or_else(|| format!("refused: service {service} has no ready endpoint"))?
+        }
+    };
+    rec.dst_workload = index.get(target.ip()).map(|w| w.id.clone());
     let src = index.get(rec.src.ip()).cloned();
-    let dst = index.get(rec.orig_dst.ip()).cloned();
+    let dst = index.get(target.ip()).cloned();
     let Some(dst) = dst else {
         // Not in the mesh: plain TCP, as ambient does. Pod destinations keep the client's
         // address (the reply comes back through this node); others leave from the node's.
-        let source = p.is_pod_ip(rec.orig_dst.ip()).then_some(rec.src.ip());
+        let source = p.is_pod_ip(target.ip()).then_some(rec.src.ip());
         p.open(rec);
-        return p.relay_plain(client, rec.orig_dst, source, rec).await;
+        return p.relay_plain(client, target, source, rec).await;
     };
     // The datapath only captures enrolled sources, so a miss is a race with an unenrolment:
     // without the client's identity nothing can be presented.
@@ -46,16 +55,16 @@ pub(super) async fn handle(p: &Proxy, client: &mut TcpStream, rec: &mut super::C
     if dst.node == p.cfg.node {
         // A hand-over to one of our own ports would loop (across nodes the peer refuses
         // it with 503, as ztunnel does).
-        if is_proxy_port(rec.orig_dst.port()) {
-            return Err(format!("refused: port {} belongs to the proxy", rec.orig_dst.port()));
+        if is_proxy_port(target.port()) {
+            return Err(format!("refused: port {} belongs to the proxy", target.port()));
         }
         p.open(rec);
         // Same node: the bytes never leave this host's memory and the kernel vouches for
         // the source (the classifier drops enrolled IPs arriving from a foreign interface),
         // so the hand-over is direct and TLS would only encrypt a memory copy.
-        return p.relay_plain(client, rec.orig_dst, Some(rec.src.ip()), rec).await;
+        return p.relay_plain(client, target, Some(rec.src.ip()), rec).await;
     }
-    hbone(p, client, rec, &src, &dst).await
+    hbone(p, client, rec, target, &src, &dst).await
 }
 
 /// Tunnels the connection to the destination's node inside HBONE.
@@ -63,13 +72,14 @@ async fn hbone(
     p: &Proxy,
     client: &mut TcpStream,
     rec: &mut super::ConnectionRecord,
+    target: SocketAddr,
     src: &Arc<WorkloadInfo>,
     dst: &Arc<WorkloadInfo>,
 ) -> Result<(), String> {
     let key = PoolKey {
         src_id: src.identity.clone(),
         dst_id: dst.identity.clone(),
-        dst: SocketAddr::new(rec.orig_dst.ip(), PORT_HBONE),
+        dst: SocketAddr::new(target.ip(), PORT_HBONE),
         src_ip: rec.src.ip(),
     };
     rec.mtls = true;
@@ -79,10 +89,10 @@ async fn hbone(
     let mut retried = false;
     let (lease, send, recv) = loop {
         let lease = p.pool.checkout(&key, || connect(p, &key)).await.map_err(|e| format!("hbone: {e}"))?;
-        match lease.conn.client.connect(rec.orig_dst, rec.src, p.cfg.connect_timeout).await {
+        match lease.conn.client.connect(target, rec.src, p.cfg.connect_timeout).await {
             Ok((send, recv)) => break (lease, send, recv),
             Err(ClientError::Unavailable(_)) if !retried => retried = true,
-            Err(e) => return Err(format!("hbone CONNECT {}: {e}", rec.orig_dst)),
+            Err(e) => return Err(format!("hbone CONNECT {target}: {e}")),
         }
     };
     rec.upstream_src = Some(canonical(lease.conn.client.local));
