@@ -32,8 +32,16 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Run meshpath: in the namespace lab when no Kubernetes config is around.
-    Run,
+    /// Run meshpath: as this host's node daemon when a Kubernetes config is around
+    /// (KUBECONFIG or ~/.kube/config), else in the namespace lab.
+    Run {
+        /// Node name to run as with Kubernetes (default: the hostname).
+        #[arg(long)]
+        node: Option<String>,
+        /// Extra arguments for `meshpath node` (Kubernetes mode).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
     /// Build the two-node lab and run meshpath in it (`--smoke`: send traffic, report, tear down).
     Lab {
         #[arg(long)]
@@ -64,14 +72,21 @@ fn run(task: Task) -> Result<()> {
             setup()?;
             build(release).map(|_| ())
         }
-        Task::Run => {
+        Task::Run { node, args } => {
             setup()?;
             if let Some(kubeconfig) = kubeconfig() {
-                bail!(
-                    "found a Kubernetes config at {}, but the Kubernetes mode is not built yet; \
-                     unset KUBECONFIG (or move it away) to run the namespace lab",
-                    kubeconfig.display()
-                );
+                require_root("the node daemon")?;
+                let bin = build(false)?;
+                let mut cmd = Command::new(bin);
+                cmd.arg("node").env("KUBECONFIG", &kubeconfig);
+                if let Some(n) = node {
+                    cmd.args(["--node", &n]);
+                }
+                step(&format!("running the node daemon on this host, following the cluster of {} (Ctrl-C stops it)", kubeconfig.display()));
+                return status(cmd.args(&args));
+            }
+            if node.is_some() || !args.is_empty() {
+                bail!("--node and daemon arguments apply to the Kubernetes mode; no KUBECONFIG or ~/.kube/config was found");
             }
             require_root("the lab")?;
             let bin = build(false)?;

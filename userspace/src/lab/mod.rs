@@ -16,7 +16,9 @@
 //! Pods sit behind routed veths with /32 (/128) host routes and a link-local gateway on the
 //! node side of each veth, as Calico and kindnet wire them. The underlay link has no route out of the lab.
 
+pub mod apiserver;
 pub mod capture;
+pub mod cluster;
 pub mod hbone_client;
 pub mod smoke;
 pub mod traffic;

@@ -1,0 +1,134 @@
+//! The lab as a Kubernetes cluster: its namespaces, pods and services as API objects, for
+//! the in-process API server ([`super::apiserver`]) that daemons in Kubernetes mode follow.
+//!
+//! Namespace `lab` is enrolled (`istio.io/dataplane-mode=ambient`) and holds pods a, c and e;
+//! namespace `plain` is not and holds b and d. Service `lab/web` (10.96.0.10:80, target port
+//! named `http`) leads to c:8080; service `plain/echo` (10.96.0.20:80) to d:8080.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::Lab;
+use crate::k8s::enrol::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL};
+use crate::k8s::services::SERVICE_NAME_LABEL;
+
+/// Namespace of the lab's enrolled pods (the one their identities carry).
+pub const MESH_NAMESPACE: &str = "lab";
+/// Namespace of the lab's other pods.
+pub const PLAIN_NAMESPACE: &str = "plain";
+/// `lab/web`: its cluster IP and port, and the app port behind it (on c).
+pub const WEB_SERVICE: &str = "10.96.0.10:80";
+/// `plain/echo`: its cluster IP and port (on d).
+pub const ECHO_SERVICE: &str = "10.96.0.20:80";
+
+fn meta(name: &str, namespace: Option<&str>, labels: &[(&str, &str)]) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: namespace.map(Into::into),
+        labels: (!labels.is_empty()).then(|| labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+        ..Default::default()
+    }
+}
+
+pub fn namespace(name: &str, ambient: bool) -> Namespace {
+    let labels: &[(&str, &str)] = if ambient { &[(DATAPLANE_MODE_LABEL, DATAPLANE_MODE_AMBIENT)] } else { &[] };
+    Namespace { metadata: meta(name, None, labels), ..Default::default() }
+}
+
+impl Lab {
+    /// The namespace a lab pod lives in: enrolled pods in `lab`, the others in `plain`.
+    pub fn pod_namespace(&self, pod: &str) -> &'static str {
+        if self.pod(pod).enrolled { MESH_NAMESPACE } else { PLAIN_NAMESPACE }
+    }
+
+    /// The API object of lab pod `name` (`pod-<name>`, service account `sa-<name>`), running
+    /// on its node with its two IPs.
+    pub fn pod_object(&self, name: &str) -> Pod {
+        let p = self.pod(name);
+        Pod {
+            metadata: meta(&format!("pod-{name}"), Some(self.pod_namespace(name)), &[("app", name)]),
+            spec: Some(PodSpec {
+                node_name: Some(self.nodes[p.node].name.clone()),
+                service_account_name: Some(format!("sa-{name}")),
+                containers: vec![k8s_openapi::api::core::v1::Container { name: "app".into(), ..Default::default() }],
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some("Running".into()),
+                pod_ip: Some(p.v4.to_string()),
+                pod_ips: Some(vec![PodIP { ip: p.v4.to_string() }, PodIP { ip: p.v6.to_string() }]),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// A Service with one port named `http` whose target port is the name `http`, and its
+    /// EndpointSlice, which resolves that name to `app_port` on `backends` (all ready).
+    pub fn service_objects(&self, namespace: &str, name: &str, addr: SocketAddr, backends: &[&str], app_port: u16) -> (Service, EndpointSlice) {
+        let svc = Service {
+            metadata: meta(name, Some(namespace), &[]),
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(addr.ip().to_string()),
+                cluster_ips: Some(vec![addr.ip().to_string()]),
+                ports: Some(vec![ServicePort {
+                    name: Some("http".into()),
+                    port: i32::from(addr.port()),
+                    target_port: Some(IntOrString::String("http".into())),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let endpoints = backends
+            .iter()
+            .map(|b| Endpoint {
+                addresses: vec![self.pod(b).v4.to_string()],
+                conditions: Some(EndpointConditions { ready: Some(true), ..Default::default() }),
+                node_name: Some(self.nodes[self.pod(b).node].name.clone()),
+                ..Default::default()
+            })
+            .collect();
+        let slice = EndpointSlice {
+            metadata: meta(&format!("{name}-1"), Some(namespace), &[(SERVICE_NAME_LABEL, name)]),
+            address_type: "IPv4".into(),
+            ports: Some(vec![EndpointPort { name: Some("http".into()), port: Some(i32::from(app_port)), protocol: Some("TCP".into()), ..Default::default() }]),
+            endpoints: Some(endpoints),
+        };
+        (svc, slice)
+    }
+
+    /// Everything the lab's cluster starts with.
+    pub fn cluster_objects(&self) -> ClusterObjects {
+        let app = super::smoke::APP_PORT;
+        ClusterObjects {
+            namespaces: vec![namespace(MESH_NAMESPACE, true), namespace(PLAIN_NAMESPACE, false)],
+            pods: self.pods.iter().map(|p| self.pod_object(p.name)).collect(),
+            services: vec![
+                self.service_objects(MESH_NAMESPACE, "web", WEB_SERVICE.parse().expect("valid"), &["c"], app),
+                self.service_objects(PLAIN_NAMESPACE, "echo", ECHO_SERVICE.parse().expect("valid"), &["d"], app),
+            ],
+        }
+    }
+
+    /// The IPs the lab's cluster enrols on `node` (for comparing with the pinned map).
+    pub fn enrolled_ips(&self, node: usize, pods: &[&str]) -> BTreeMap<IpAddr, String> {
+        pods.iter()
+            .filter(|p| self.pod(p).node == node)
+            .flat_map(|p| [self.pod(p).v4, self.pod(p).v6].map(|ip| (ip, self.pod(p).host_if.clone())))
+            .collect()
+    }
+}
+
+/// The lab's cluster as API objects.
+pub struct ClusterObjects {
+    pub namespaces: Vec<Namespace>,
+    pub pods: Vec<Pod>,
+    pub services: Vec<(Service, EndpointSlice)>,
+}
