@@ -38,10 +38,10 @@ impl Tool {
             None
         };
         let many = fds.len() > 1;
-        if let (Some(which), true) = (wtr, many) {
-            if let Some((w, out)) = self.writer(which) {
-                w.start_array(out);
-            }
+        if let (Some(which), true) = (wtr, many)
+            && let Some((w, out)) = self.writer(which)
+        {
+            w.start_array(out);
         }
         // One buffer for all maps (see `InfoBuf`); bpftool's result starts as failure and
         // is the last map's dump result once one info read succeeded.
@@ -63,10 +63,10 @@ impl Tool {
                 break;
             }
         }
-        if let (Some(which), true) = (wtr, many) {
-            if let Some((w, out)) = self.writer(which) {
-                w.end_array(out);
-            }
+        if let (Some(which), true) = (wtr, many)
+            && let Some((w, out)) = self.writer(which)
+        {
+            w.end_array(out);
         }
         if let Some(w) = self.btf_wtr.take() {
             w.finish(&mut self.out);

@@ -143,10 +143,10 @@ pub fn run(args: MapArgs) -> ExitCode {
         Ok(()) => 0,
         Err(Reported(code)) => code,
     };
-    if let Some(w) = &tool.json {
-        if !tool.skip_json_end {
-            w.finish(&mut tool.out);
-        }
+    if let Some(w) = &tool.json
+        && !tool.skip_json_end
+    {
+        w.finish(&mut tool.out);
     }
     // A closed pipe (`| head`) is not worth an error of its own.
     let _ = io::stdout().write_all(tool.out.as_bytes());
@@ -542,15 +542,17 @@ fn strtoul(s: &str) -> Option<u64> {
 fn glibc_dirname(path: &str) -> (String, String) {
     let b = path.as_bytes();
     let mut last = b.iter().rposition(|c| *c == b'/');
-    if let Some(ls) = last {
-        if ls != 0 && ls == b.len() - 1 {
-            let mut runp = ls;
-            while runp != 0 && b[runp - 1] == b'/' {
-                runp -= 1;
-            }
-            if runp != 0 {
-                last = b[..runp].iter().rposition(|c| *c == b'/');
-            }
+    // A trailing slash: the last slash that matters is the one before it.
+    if let Some(ls) = last
+        && ls != 0
+        && ls == b.len() - 1
+    {
+        let mut runp = ls;
+        while runp != 0 && b[runp - 1] == b'/' {
+            runp -= 1;
+        }
+        if runp != 0 {
+            last = b[..runp].iter().rposition(|c| *c == b'/');
         }
     }
     match last {
@@ -568,8 +570,7 @@ fn glibc_dirname(path: &str) -> (String, String) {
 }
 
 fn is_bpffs(path: &str) -> bool {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
 /// `libbpf_num_possible_cpus`: how many CPUs /sys/devices/system/cpu/possible lists.
