@@ -53,9 +53,12 @@ fn meshpath(mode: &[&str], args: &[&str]) -> Result<Run> {
     run(Command::new(env!("CARGO_BIN_EXE_meshpath")).arg("map").args(mode).args(args))
 }
 
-/// Both tools on the same maps: stdout byte for byte and the exit status. `tries` > 1 for
-/// output that other tests' labs change concurrently (the kernel's list of maps, maps found
-/// by name): one identical pair out of `tries` is required.
+/// Tries for output that other tests' labs change while this runs (the kernel's list of
+/// maps, every lab's maps of one name): one identical pair out of these is required.
+const CHURN: usize = 30;
+
+/// Both tools on the same maps: stdout byte for byte and the exit status, in `tries`
+/// attempts (1 for this lab's own maps, which hold still between the two runs).
 fn same(mode: &[&str], args: &[&str], tries: usize) -> Result<Run> {
     let mut last = None;
     for _ in 0..tries {
@@ -65,7 +68,7 @@ fn same(mode: &[&str], args: &[&str], tries: usize) -> Result<Run> {
             return Ok(m);
         }
         last = Some((b, m));
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(200));
     }
     let (b, m) = last.context("no tries")?;
     bail!(
@@ -111,13 +114,13 @@ fn compare_every_pinned_map(dir: &Path) -> Result<()> {
         let path = path.to_str().context("path")?;
         let id = map_id(Path::new(path))?.to_string();
         for mode in MODES {
-            same(mode, &["dump", "pinned", path], 3)?;
-            same(mode, &["show", "pinned", path], 3)?;
-            same(mode, &["dump", "id", &id], 3)?;
-            same(mode, &["show", "id", &id], 3)?;
+            same(mode, &["dump", "pinned", path], 1)?;
+            same(mode, &["show", "pinned", path], 1)?;
+            same(mode, &["dump", "id", &id], 1)?;
+            same(mode, &["show", "id", &id], 1)?;
             // Every lab of this machine has maps of these names: a moving set.
-            same(mode, &["dump", "name", name], 20)?;
-            same(mode, &["show", "name", name], 20)?;
+            same(mode, &["dump", "name", name], CHURN)?;
+            same(mode, &["show", "name", name], CHURN)?;
         }
     }
     Ok(())
@@ -148,16 +151,33 @@ fn dumps_and_shows_match_bpftool_for_every_pinned_map() -> Result<()> {
     // buffer, and Linux 6.18 leaves a BTF-less map's BTF fields as the buffer had them, so
     // there it shows the previous map's: the whole-list comparisons below cover that.)
     let sockmap_id = map_id(&dir.join(MAP_LISTENERS))?.to_string();
-    let shown = same(&[], &["show", "id", &sockmap_id], 3)?;
+    let shown = same(&[], &["show", "id", &sockmap_id], 1)?;
     ensure!(!shown.stdout.contains("btf_id"), "{}", shown.stdout);
 
-    // Other tests create and remove maps while this runs: each whole-kernel list gets a
-    // few tries, and one identical pair is enough.
+    // Other tests create and remove maps while this runs: each whole-kernel list gets
+    // several tries, and one identical pair is enough.
     for mode in MODES {
-        same(mode, &["list"], 10)?;
-        same(mode, &["show"], 10)?;
-        same(mode, &[], 10)?;
+        same(mode, &["list"], CHURN)?;
+        same(mode, &["show"], CHURN)?;
+        same(mode, &[], CHURN)?;
     }
+    // And in that list the SOCKMAP carries whatever btf_id the map listed before it had.
+    let list = same(&[], &["list"], CHURN)?.stdout;
+    // One block per map: its header line and the tab-indented lines after it.
+    let mut blocks: Vec<String> = Vec::new();
+    for line in list.split_inclusive('\n') {
+        match blocks.last_mut() {
+            Some(last) if line.starts_with('\t') => last.push_str(line),
+            _ => blocks.push(line.to_owned()),
+        }
+    }
+    let btf_id = |block: &str| block.split_whitespace().skip_while(|w| *w != "btf_id").nth(1).map(str::to_owned);
+    let at = blocks.iter().position(|b| b.starts_with(&format!("{sockmap_id}: sockmap"))).context("our SOCKMAP is not listed")?;
+    // (The first map listed gets the buffer fresh; kernels before 6.18 clear it each time.)
+    let before = at.checked_sub(1).map_or("", |i| blocks[i].as_str());
+    let carries = aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 18, 0));
+    let expected = if carries { btf_id(before) } else { None };
+    ensure!(btf_id(&blocks[at]) == expected, "btf_id not as bpftool shows it:\n{before}{}", blocks[at]);
 
     // A pin that is not a map.
     let link = dir.join("links").join("sk_lookup");
