@@ -458,14 +458,12 @@ impl InfoBuf {
     }
 }
 
-pub const MAP_TYPE_HASH: u32 = 1;
 pub const MAP_TYPE_PROG_ARRAY: u32 = 3;
 pub const MAP_TYPE_PERCPU_HASH: u32 = 5;
 pub const MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 pub const MAP_TYPE_LRU_PERCPU_HASH: u32 = 10;
 pub const MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
 pub const MAP_TYPE_HASH_OF_MAPS: u32 = 13;
-pub const MAP_TYPE_SOCKMAP: u32 = 15;
 pub const MAP_TYPE_REUSEPORT_SOCKARRAY: u32 = 20;
 pub const MAP_TYPE_PERCPU_CGROUP_STORAGE: u32 = 21;
 
@@ -574,7 +572,7 @@ fn is_bpffs(path: &str) -> bool {
 }
 
 /// `libbpf_num_possible_cpus`: how many CPUs /sys/devices/system/cpu/possible lists.
-pub fn possible_cpus() -> Result<usize, i32> {
+fn possible_cpus() -> Result<usize, i32> {
     let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").map_err(|e| errno_of(&e))?;
     parse_cpu_list(&text).ok_or(libc::EINVAL)
 }
