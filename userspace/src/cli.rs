@@ -63,6 +63,8 @@ pub enum Command {
     },
     /// Build a two-node lab of network namespaces and run meshpath in it.
     Lab(LabArgs),
+    /// Show or dump BPF maps exactly as `bpftool map` does; --decode for meshpath's own.
+    Map(crate::bpftool::MapArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -221,6 +223,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Lab(a) => run_lab(a),
+        // Reports its own errors, in bpftool's shape.
+        Command::Map(a) => Ok(crate::bpftool::run(a)),
     }
 }
 

@@ -164,7 +164,8 @@ pub mod bpf {
     impl Info for bpf_map_info {}
     impl Info for bpf_btf_info {}
 
-    fn zeroed<T: Info>() -> T {
+    /// An all-zero info struct, as bpftool's `struct bpf_map_info info = {};`.
+    pub fn zeroed<T: Info>() -> T {
         // SAFETY: `Info` types are plain `repr(C)` structs of integers; zero is valid for each.
         unsafe { std::mem::zeroed() }
     }
@@ -179,6 +180,22 @@ pub mod bpf {
     /// `bpf_map_info` of a map fd (fails with EINVAL for other kinds of fd).
     pub fn map_info(fd: BorrowedFd<'_>) -> io::Result<bpf_map_info> {
         info(fd)
+    }
+
+    /// `bpf_map_info` of a map fd into the caller's `info` as it is, the way libbpf's
+    /// `bpf_obj_get_info_by_fd` does: `len` is the buffer size going in and the size the
+    /// kernel filled coming out. Since Linux 6.18 the kernel starts from the caller's buffer
+    /// and leaves fields it does not set (the BTF ids of a map without BTF) as they were.
+    pub fn map_info_into(fd: BorrowedFd<'_>, info: &mut bpf_map_info, len: &mut u32) -> io::Result<()> {
+        let mut a = InfoAttr {
+            bpf_fd: fd.as_raw_fd() as u32,
+            // Never more than the buffer holds, whatever the caller passes.
+            info_len: (*len).min(size_of::<bpf_map_info>() as u32),
+            info: info as *mut bpf_map_info as u64,
+        };
+        sys(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
+        *len = a.info_len;
+        Ok(())
     }
 
     /// The raw BTF blob of a BTF object fd.

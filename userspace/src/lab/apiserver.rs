@@ -801,7 +801,7 @@ fn start_watch(shared: &Shared, route: &Route, params: &Params) -> Result<Respon
         if rv > store.rv {
             return Err(too_large(rv, store.rv));
         }
-        if !initial && rv < store.compacted_rv {
+        if false && rv < store.compacted_rv {
             // As the watch cache does: a 200 whose one event is the error.
             let status = expired(format!("too old resource version: {rv} ({})", store.compacted_rv)).status();
             return Ok(stream_response(full(event_line("ERROR", &status))));
