@@ -395,9 +395,12 @@ impl ApiServer {
         let key = (namespace.to_owned(), name.to_owned());
         let shared = &self.inner.shared;
         let mut store = lock(&shared.store);
-        let last = store.objects.get(&kind).and_then(|o| o.get(&key)).cloned().ok_or_else(|| {
-            ApiServerError::NotFound { kind, namespace: key.0.clone(), name: key.1.clone() }
-        })?;
+        let last = store
+            .objects
+            .get(&kind)
+            .and_then(|o| o.get(&key))
+            .cloned()
+            .ok_or_else(|| ApiServerError::NotFound { kind, namespace: key.0.clone(), name: key.1.clone() })?;
         let change = store.commit(kind, key, (*last).clone(), true);
         let _ = shared.events.send(Msg::Change(change.clone()));
         Ok(change.rv.to_string())
@@ -601,8 +604,8 @@ async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener, mut stop:
                         let response = handle(&shared, req);
                         async move { Ok::<_, Infallible>(response) }
                     });
-                    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-                    if let Err(e) = conn.await {
+                    let conn = hyper::server::conn::http1::Builder::new();
+                    if let Err(e) = conn.serve_connection(TokioIo::new(stream), service).await {
                         tracing::debug!("API server connection: {e}");
                     }
                 });
@@ -641,7 +644,7 @@ impl Route {
         let kind = Kind::ALL.into_iter().find(|k| k.group_path() == group && k.plural() == plural)?;
         // Cluster-scoped kinds live outside namespaces; namespaced objects are addressed
         // inside theirs (a namespaced kind is listed cluster-wide without one).
-        if namespace.is_some() && !kind.namespaced() || name.is_some() && kind.namespaced() && namespace.is_none() {
+        if (namespace.is_some() && !kind.namespaced()) || (name.is_some() && kind.namespaced() && namespace.is_none()) {
             return None;
         }
         Some(Route { kind, namespace: namespace.map(str::to_owned), name: name.map(str::to_owned) })
@@ -684,7 +687,7 @@ fn get(shared: &Shared, route: &Route) -> Result<Response<Body>, ApiError> {
     let key = (route.namespace.clone().unwrap_or_default(), name);
     let store = lock(&shared.store);
     match store.objects.get(&route.kind).and_then(|o| o.get(&key)) {
-        Some(obj) => Ok(json_response(StatusCode::OK, &**obj)),
+        Some(obj) => Ok(json_response(StatusCode::OK, obj)),
         None => Err(ApiError {
             details: Some(json!({"name": key.1, "kind": route.kind.plural()})),
             ..ApiError::new(404, "NotFound", format!("{} \"{}\" not found", route.kind.plural(), key.1))
@@ -705,9 +708,9 @@ fn list(shared: &Shared, route: &Route, params: &Params) -> Result<Value, ApiErr
             if param(params, "resourceVersion").is_some() {
                 return Err(bad_request("specifying resource version is not allowed when using continue"));
             }
-            let (rv, after) = decode_continue(token).filter(|(rv, _)| *rv <= store.rv).ok_or_else(|| {
-                bad_request("continue key is not valid: it was not handed out by this server")
-            })?;
+            let (rv, after) = decode_continue(token)
+                .filter(|(rv, _)| *rv <= store.rv)
+                .ok_or_else(|| bad_request("continue key is not valid: it was not handed out by this server"))?;
             if rv < store.compacted_rv {
                 return Err(expired(
                     "The provided continue parameter is too old to display a consistent list result. \
@@ -781,7 +784,9 @@ fn start_watch(shared: &Shared, route: &Route, params: &Params) -> Result<Respon
             ));
         }
         (None, Some(_)) => {
-            return Err(bad_request("resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided"));
+            return Err(bad_request(
+                "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
+            ));
         }
     }
     if send_initial == Some(true) && !bookmarks {
@@ -801,7 +806,7 @@ fn start_watch(shared: &Shared, route: &Route, params: &Params) -> Result<Respon
         if rv > store.rv {
             return Err(too_large(rv, store.rv));
         }
-        if false && rv < store.compacted_rv {
+        if !initial && rv < store.compacted_rv {
             // As the watch cache does: a 200 whose one event is the error.
             let status = expired(format!("too old resource version: {rv} ({})", store.compacted_rv)).status();
             return Ok(stream_response(full(event_line("ERROR", &status))));
@@ -987,10 +992,7 @@ fn full(bytes: impl Into<Bytes>) -> Body {
 }
 
 fn stream_response(body: Body) -> Response<Body> {
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(body)
-        .expect("a valid response")
+    Response::builder().header(header::CONTENT_TYPE, "application/json").body(body).expect("a valid response")
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
@@ -1177,8 +1179,9 @@ impl Filter {
 }
 
 fn parse_labels(selector: &str) -> Result<Vec<LabelReq>, ApiError> {
-    let unsupported =
-        || bad_request(format!("unsupported label selector {selector:?}: only k=v, k==v, k!=v, k and !k are implemented"));
+    let unsupported = || {
+        bad_request(format!("unsupported label selector {selector:?}: only k=v, k==v, k!=v, k and !k are implemented"))
+    };
     // Set-based requirements (`k in (a,b)`) have commas inside parentheses: refuse them whole.
     if selector.contains(['(', ')']) {
         return Err(unsupported());
@@ -1322,7 +1325,8 @@ mod tests {
         let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
         let api: Api<Pod> = Api::all(Client::try_from(config).unwrap());
         let mut events = watcher(api, watcher::Config::default().page_size(2)).boxed();
-        let mut next = async || tokio::time::timeout(Duration::from_secs(10), events.next()).await.unwrap().unwrap().unwrap();
+        let mut next =
+            async || tokio::time::timeout(Duration::from_secs(10), events.next()).await.unwrap().unwrap().unwrap();
 
         let mut initial = Vec::new();
         loop {
@@ -1473,7 +1477,10 @@ mod tests {
         assert_eq!(listed(&all, ListParams::default().fields("spec.nodeName=node-1")).await, ["a", "b", "d"]);
         assert_eq!(listed(&all, ListParams::default().fields("spec.nodeName!=node-1")).await, ["c"]);
         assert_eq!(listed(&all, ListParams::default().labels("app!=x")).await, ["b"]);
-        assert_eq!(listed(&all, ListParams::default().labels("app=x,!missing").fields("metadata.namespace=other")).await, ["d"]);
+        assert_eq!(
+            listed(&all, ListParams::default().labels("app=x,!missing").fields("metadata.namespace=other")).await,
+            ["d"]
+        );
         let in_default: Api<Pod> = Api::namespaced(client.clone(), "default");
         assert_eq!(listed(&in_default, ListParams::default().labels("app==x")).await, ["a", "c"]);
         // Paging under a selector: the token resumes after the last match.
@@ -1508,15 +1515,20 @@ mod tests {
         // timeoutSeconds ends the stream cleanly, after a last bookmark; with no version the
         // current state comes first.
         let started = Instant::now();
-        let events: Vec<_> = pods.watch(&WatchParams::default().timeout(1), "0").await.unwrap().try_collect().await.unwrap();
+        let events: Vec<_> =
+            pods.watch(&WatchParams::default().timeout(1), "0").await.unwrap().try_collect().await.unwrap();
         let elapsed = started.elapsed();
         assert!(elapsed >= Duration::from_secs(1) && elapsed < Duration::from_secs(3), "{elapsed:?}");
-        assert!(matches!(&events[..], [WatchEvent::Added(p), WatchEvent::Bookmark(_)] if p.name_any() == "a"), "{events:?}");
+        assert!(
+            matches!(&events[..], [WatchEvent::Added(p), WatchEvent::Bookmark(_)] if p.name_any() == "a"),
+            "{events:?}"
+        );
 
         // A version older than the history: one ERROR event with 410 Expired.
         let old_rv = server.resource_version();
         server.compact();
-        let events: Vec<_> = pods.watch(&WatchParams::default(), &old_rv).await.unwrap().try_collect().await.unwrap();
+        let stream = pods.watch(&WatchParams::default(), &old_rv).await.unwrap();
+        let events: Vec<_> = tokio::time::timeout(Duration::from_secs(5), stream.try_collect()).await.unwrap().unwrap();
         match &events[..] {
             [WatchEvent::Error(status)] => assert_eq!((status.code, status.reason.as_str()), (410, "Expired")),
             other => panic!("expected one 410, got {other:?}"),

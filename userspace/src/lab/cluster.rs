@@ -13,7 +13,8 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::Lab;
+use super::apiserver::{self, ApiServer};
+use super::{Lab, LabError, Result, traffic};
 use crate::k8s::enrol::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL};
 use crate::k8s::services::SERVICE_NAME_LABEL;
 
@@ -123,6 +124,70 @@ impl Lab {
             .filter(|p| self.pod(p).node == node)
             .flat_map(|p| [self.pod(p).v4, self.pod(p).v6].map(|ip| (ip, self.pod(p).host_if.clone())))
             .collect()
+    }
+}
+
+/// Port of the lab's API server, on node 1's underlay address (reachable from both nodes).
+pub const API_PORT: u16 = 6443;
+
+/// The lab's API server: in this process, on its own runtime, listening inside node 1's
+/// network namespace.
+pub struct LabCluster {
+    pub api: ApiServer,
+    pub addr: std::net::SocketAddr,
+    pub kubeconfig: std::path::PathBuf,
+    rt: tokio::runtime::Runtime,
+}
+
+impl LabCluster {
+    /// Stops serving (an API server outage); the store is kept.
+    pub fn stop(&self) {
+        self.rt.block_on(self.api.stop());
+    }
+
+    /// Serves again on the same address (the API server is back).
+    pub fn restart(&self, lab_node1_netns: &str) -> Result<()> {
+        let addr = self.addr;
+        let listener = traffic::in_netns(lab_node1_netns, move || std::net::TcpListener::bind(addr))??;
+        let _guard = self.rt.enter();
+        self.api.start(listener).map_err(|e| LabError::Other(format!("restarting the API server: {e}")))?;
+        Ok(())
+    }
+}
+
+impl Lab {
+    /// Starts the lab's API server with [`Lab::cluster_objects`] in it. Daemons started after
+    /// this follow it (KUBECONFIG) instead of the workload file.
+    pub fn start_cluster(&mut self) -> Result<()> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+        let addr = std::net::SocketAddr::new(self.nodes[0].underlay_v4, API_PORT);
+        let listener = traffic::in_netns(&self.nodes[0].name, move || std::net::TcpListener::bind(addr))??;
+        let api = ApiServer::new();
+        {
+            let _guard = rt.enter();
+            api.start(listener).map_err(|e| LabError::Other(format!("starting the API server: {e}")))?;
+        }
+        let objects = self.cluster_objects();
+        let apply = |r: std::result::Result<String, apiserver::ApiServerError>| r.map(|_| ()).map_err(|e| LabError::Other(e.to_string()));
+        for n in &objects.namespaces {
+            apply(api.apply(n))?;
+        }
+        for p in &objects.pods {
+            apply(api.apply(p))?;
+        }
+        for (svc, slice) in &objects.services {
+            apply(api.apply(svc))?;
+            apply(api.apply(slice))?;
+        }
+        let kubeconfig = self.dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, apiserver::kubeconfig(&format!("http://{addr}")))?;
+        self.cluster = Some(LabCluster { api, addr, kubeconfig, rt });
+        Ok(())
+    }
+
+    /// The lab's API server; panics if [`Lab::start_cluster`] was not called (a test bug).
+    pub fn cluster(&self) -> &LabCluster {
+        self.cluster.as_ref().expect("start_cluster() first")
     }
 }
 

@@ -91,6 +91,8 @@ pub struct Lab {
     /// Whether daemons get `--ca-dir` (the lab's shared CA). Off when a test brings its
     /// own certificates with `--cert-dir`.
     pub use_builtin_ca: bool,
+    /// The lab's Kubernetes API server, once started: daemons then follow it.
+    pub cluster: Option<cluster::LabCluster>,
     namespaces: Vec<String>,
     keep_dir: bool,
 }
@@ -137,6 +139,7 @@ impl Lab {
             daemon_args: Vec::new(),
             node_args: vec![vec![], vec!["--inbound-plaintext".into(), "strict".into()]],
             use_builtin_ca: true,
+            cluster: None,
             namespaces: Vec::new(),
             keep_dir: std::env::var_os("MESHPATH_LAB_KEEP").is_some(),
         };
@@ -255,11 +258,16 @@ impl Lab {
         let mut cmd = Command::new("nsenter");
         // Only the network namespace: the daemon must see the host's bpffs, where its pins
         // outlive it.
-        cmd.arg(format!("--net=/run/netns/{}", n.name))
-            .arg(&self.binary)
-            .args(["node", "--node", &n.name, "--workloads"])
-            .arg(self.workloads_path())
-            .arg("--access-log")
+        cmd.arg(format!("--net=/run/netns/{}", n.name)).arg(&self.binary).args(["node", "--node", &n.name]);
+        match &self.cluster {
+            Some(c) => {
+                cmd.env("KUBECONFIG", &c.kubeconfig);
+            }
+            None => {
+                cmd.arg("--workloads").arg(self.workloads_path());
+            }
+        }
+        cmd.arg("--access-log")
             .arg(self.access_log_path(node))
             .args(["--poll-interval-ms", "100", "--trust-domain", Self::TRUST_DOMAIN]);
         if self.use_builtin_ca {
@@ -276,19 +284,26 @@ impl Lab {
 
     /// Starts `node`'s daemon and waits until it reports ready.
     pub fn start_daemon(&mut self, node: usize) -> Result<()> {
+        self.spawn_daemon(node)?;
+        self.wait_ready(node, Duration::from_secs(30))
+    }
+
+    /// Starts `node`'s daemon without waiting for it to be ready.
+    pub fn spawn_daemon(&mut self, node: usize) -> Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.daemon_log_path(node))?;
         let mut cmd = self.daemon_command(node);
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         let child = cmd.spawn().map_err(|source| LabError::Spawn { cmd: format!("{cmd:?}"), source })?;
         self.nodes[node].daemon = Some(child);
-        self.wait_ready(node, Duration::from_secs(30))
+        Ok(())
     }
 
     pub fn start_daemons(&mut self) -> Result<()> {
         (0..self.nodes.len()).try_for_each(|n| self.start_daemon(n))
     }
 
-    fn wait_ready(&mut self, node: usize, timeout: Duration) -> Result<()> {
+    /// Waits until `node`'s daemon reports ready; an error if it exits or takes longer.
+    pub fn wait_ready(&mut self, node: usize, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let ns = self.nodes[node].name.clone();
         loop {

@@ -1,0 +1,227 @@
+//! The Kubernetes mode end to end: the real kube-rs client in each node daemon follows the
+//! lab's in-process API server (real list/watch protocol), and what the API says shows up
+//! in the pinned maps and in real traffic.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::rbac::v1::ClusterRole;
+use meshpath::k8s::enrol::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE};
+use meshpath::lab::apiserver::{Kind, Verb};
+use meshpath::lab::cluster::{self, ECHO_SERVICE, MESH_NAMESPACE, WEB_SERVICE};
+use meshpath::lab::{Lab, readiness, smoke, traffic};
+
+mod support;
+use support::{built_lab, send, wait_until};
+
+/// A lab whose daemons follow its API server.
+fn k8s_lab() -> Result<Lab> {
+    let mut lab = built_lab()?;
+    lab.start_cluster()?;
+    lab.start_daemons().context("starting the daemons in Kubernetes mode")?;
+    Ok(lab)
+}
+
+fn map_ips(lab: &Lab, node: usize) -> Result<BTreeSet<IpAddr>> {
+    Ok(lab.workload_map(node)?.into_keys().collect())
+}
+
+fn ips_of(lab: &Lab, pods: &[&str]) -> BTreeSet<IpAddr> {
+    pods.iter().flat_map(|p| [lab.pod(p).v4, lab.pod(p).v6]).collect()
+}
+
+/// Waits until `node`'s map holds exactly the IPs of `pods`; returns how long it took.
+fn expect_map(lab: &Lab, node: usize, pods: &[&str], what: &str) -> Result<Duration> {
+    let start = Instant::now();
+    let want = ips_of(lab, pods);
+    wait_until(&format!("{what}: node {} to hold {pods:?}", node + 1), Duration::from_secs(5), || Ok(map_ips(lab, node)? == want))?;
+    Ok(start.elapsed())
+}
+
+fn with_label(mut pod: Pod, mode: Option<&str>) -> Pod {
+    let labels = pod.metadata.labels.get_or_insert_with(Default::default);
+    match mode {
+        Some(m) => {
+            labels.insert(DATAPLANE_MODE_LABEL.into(), m.into());
+        }
+        None => {
+            labels.remove(DATAPLANE_MODE_LABEL);
+        }
+    }
+    pod
+}
+
+/// Enrolment within a second of each change, as Istio's labels say.
+const PROMPT: Duration = Duration::from_secs(1);
+
+#[test]
+fn enrolment_follows_labels_ips_and_deletions_and_rbac_covers_exactly_the_requests() -> Result<()> {
+    let lab = k8s_lab()?;
+    let api = &lab.cluster().api;
+    expect_map(&lab, 0, &["a", "e"], "initial sync")?;
+    expect_map(&lab, 1, &["c"], "initial sync")?;
+    let _servers = smoke::start_servers(&lab)?;
+    let x = send(&lab, "a", "c", Duration::from_secs(3))?;
+    ensure!(x.echoed_intact && x.server_saw.ip() == x.client.ip());
+    let client = x.client;
+    let r = lab.wait_record(0, Duration::from_secs(3), |r| r.src == client)?.context("a -> c not proxied")?;
+    ensure!(r.mtls && r.src_identity.as_deref() == Some(lab.identity("a").to_string().as_str()), "{r:?}");
+
+    // A pod opting out, then the namespace losing its label, then a pod opting in alone.
+    api.apply(&with_label(lab.pod_object("a"), Some(DATAPLANE_MODE_NONE)))?;
+    let t = expect_map(&lab, 0, &["e"], "pod a opted out")?;
+    ensure!(t < PROMPT, "unenrolment took {t:?}");
+    api.apply(&cluster::namespace(MESH_NAMESPACE, false))?;
+    expect_map(&lab, 0, &[], "namespace lab unlabelled")?;
+    expect_map(&lab, 1, &[], "namespace lab unlabelled")?;
+    api.apply(&with_label(lab.pod_object("b"), Some(DATAPLANE_MODE_AMBIENT)))?;
+    let t = expect_map(&lab, 0, &["b"], "pod b opted in")?;
+    ensure!(t < PROMPT, "enrolment took {t:?}");
+
+    // The namespace enrolled again: a stays out (its own label), c and e come back.
+    api.apply(&cluster::namespace(MESH_NAMESPACE, true))?;
+    expect_map(&lab, 0, &["b", "e"], "namespace lab labelled again")?;
+    expect_map(&lab, 1, &["c"], "namespace lab labelled again")?;
+
+    // e's IP changes (to one no veth routes): its old IPs must leave the map.
+    let mut moved = lab.pod_object("e");
+    let status = moved.status.as_mut().context("status")?;
+    status.pod_ip = Some("10.244.1.99".into());
+    status.pod_ips = Some(vec![k8s_openapi::api::core::v1::PodIP { ip: "10.244.1.99".into() }]);
+    api.apply(&moved)?;
+    expect_map(&lab, 0, &["b"], "pod e's IP changed")?;
+
+    // Deletion.
+    api.delete(Kind::Pod, Some(MESH_NAMESPACE), "pod-c")?;
+    expect_map(&lab, 1, &[], "pod c deleted")?;
+
+    // A host-network pod is never enrolled, whatever its labels: it has the node's IP.
+    let mut host = with_label(lab.pod_object("a"), Some(DATAPLANE_MODE_AMBIENT));
+    host.metadata.name = Some("hostnet".into());
+    host.spec.as_mut().context("spec")?.host_network = Some(true);
+    let node_ip = lab.nodes[0].underlay_v4.to_string();
+    let st = host.status.as_mut().context("status")?;
+    st.pod_ip = Some(node_ip.clone());
+    st.pod_ips = Some(vec![k8s_openapi::api::core::v1::PodIP { ip: node_ip }]);
+    api.apply(&host)?;
+    // Together with a change that must show, so the host pod has been seen when we look.
+    api.apply(&with_label(lab.pod_object("a"), None))?;
+    expect_map(&lab, 0, &["a", "b"], "pod a back, host-network pod ignored")?;
+    ensure!(!map_ips(&lab, 0)?.contains(&lab.nodes[0].underlay_v4));
+
+    // RBAC: the ClusterRole grants exactly the (verb, group, resource) the daemons asked for.
+    let mut asked: BTreeSet<(String, String, String)> = BTreeSet::new();
+    for r in api.requests() {
+        let verb = match r.verb {
+            Verb::List => "list",
+            Verb::Watch => "watch",
+            Verb::Get => "get",
+        };
+        let group = r.kind.api_version().rsplit_once('/').map(|(g, _)| g).unwrap_or("").to_string();
+        asked.insert((verb.into(), group, r.kind.plural().into()));
+    }
+    let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/rbac.yaml"))?;
+    let role: ClusterRole = serde_yaml::Deserializer::from_str(&rbac)
+        .filter_map(|d| serde::Deserialize::deserialize(d).ok())
+        .find_map(|v: serde_yaml::Value| (v["kind"] == "ClusterRole").then(|| serde_yaml::from_value(v).ok()).flatten())
+        .context("no ClusterRole in rbac.yaml")?;
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.iter().flatten() {
+        for g in rule.api_groups.iter().flatten() {
+            for res in rule.resources.iter().flatten() {
+                for v in &rule.verbs {
+                    granted.insert((v.clone(), g.clone(), res.clone()));
+                }
+            }
+        }
+    }
+    ensure!(granted == asked, "RBAC grants {granted:?}\nbut the daemons asked for {asked:?}");
+    Ok(())
+}
+
+#[test]
+fn service_addresses_lead_to_ready_endpoints_through_the_right_path() -> Result<()> {
+    let lab = k8s_lab()?;
+    expect_map(&lab, 0, &["a", "e"], "initial sync")?;
+    let _servers = smoke::start_servers(&lab)?;
+    let web: SocketAddr = WEB_SERVICE.parse()?;
+    let payload = traffic::payload(4096);
+
+    // lab/web -> c (enrolled, other node): HBONE, and the app sees a's address.
+    let x = traffic::exchange(&lab.pod("a").netns, None, web, &payload, Duration::from_secs(3))?;
+    ensure!(x.echoed_intact && x.server_saw.ip() == lab.pod("a").v4, "{x:?}");
+    let client = x.client;
+    let r = lab.wait_record(0, Duration::from_secs(3), |r| r.src == client)?.context("no record on node 1")?;
+    ensure!(r.orig_dst == web && r.dst_service.as_deref() == Some("lab/web") && r.mtls && r.outcome == "ok", "{r:?}");
+    ensure!(r.dst_workload.as_deref() == Some("lab/pod-c"), "{r:?}");
+    let c_app = lab.addr("c", false, smoke::APP_PORT);
+    ensure!(lab.wait_record(1, Duration::from_secs(3), |r| r.listener == "hbone" && r.orig_dst == c_app)?.is_some(), "node 2 saw no HBONE stream to c:8080 (the named target port)");
+
+    // plain/echo -> d (not enrolled): plain TCP.
+    let echo: SocketAddr = ECHO_SERVICE.parse()?;
+    let x = traffic::exchange(&lab.pod("a").netns, None, echo, &payload, Duration::from_secs(3))?;
+    ensure!(x.echoed_intact, "{x:?}");
+    let client = x.client;
+    let r = lab.wait_record(0, Duration::from_secs(3), |r| r.src == client)?.context("no record")?;
+    ensure!(r.dst_service.as_deref() == Some("plain/echo") && !r.mtls && r.outcome == "ok", "{r:?}");
+
+    // No ready endpoint: refused, and said so.
+    let (svc, mut slice) = lab.service_objects(MESH_NAMESPACE, "web", web, &["c"], smoke::APP_PORT);
+    for ep in slice.endpoints.iter_mut().flatten() {
+        ep.conditions.as_mut().context("conditions")?.ready = Some(false);
+    }
+    lab.cluster().api.apply(&svc)?;
+    lab.cluster().api.apply(&slice)?;
+    wait_until("the refusal", Duration::from_secs(5), || {
+        let _ = traffic::exchange(&lab.pod("a").netns, None, web, b"x", Duration::from_secs(1));
+        Ok(lab.records(0)?.iter().any(|r| r.outcome.contains("service lab/web has no ready endpoint")))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn outages_expired_watches_and_restarts_keep_the_state() -> Result<()> {
+    let mut lab = k8s_lab()?;
+    expect_map(&lab, 0, &["a", "e"], "initial sync")?;
+    let _servers = smoke::start_servers(&lab)?;
+    let n1 = lab.nodes[0].name.clone();
+
+    // API server down: nothing is dropped, traffic flows, the node stays ready.
+    lab.cluster().stop();
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(map_ips(&lab, 0)? == ips_of(&lab, &["a", "e"]), "enrolment lost during the outage");
+    ensure!(send(&lab, "a", "c", Duration::from_secs(3))?.echoed_intact);
+    ensure!(readiness(&n1)?, "a synced node must stay ready through an API outage");
+    // A change made while it is down arrives once it is back.
+    lab.cluster().api.apply(&with_label(lab.pod_object("a"), Some(DATAPLANE_MODE_NONE)))?;
+    lab.cluster().restart(&n1)?;
+    wait_until("the change made during the outage", Duration::from_secs(20), || Ok(map_ips(&lab, 0)? == ips_of(&lab, &["e"])))?;
+
+    // History gone (410 Gone on resume): the watchers relist and converge.
+    let lists = lab.cluster().api.request_count(Kind::Pod, Verb::List);
+    lab.cluster().api.compact();
+    lab.cluster().api.disconnect_watches();
+    lab.cluster().api.apply(&with_label(lab.pod_object("a"), None))?;
+    wait_until("a re-enrolled after the relist", Duration::from_secs(20), || Ok(map_ips(&lab, 0)? == ips_of(&lab, &["a", "e"])))?;
+    ensure!(lab.cluster().api.request_count(Kind::Pod, Verb::List) > lists, "no relist after the history was compacted");
+
+    // A daemon restarted while the API is down is not ready until it has synced, and its
+    // node keeps capturing (and dropping) enrolled traffic meanwhile: nothing bypasses it.
+    lab.stop_daemon(1, false)?;
+    lab.cluster().stop();
+    // Meanwhile, c's pod goes away in the API; the restarted daemon must drop it.
+    lab.cluster().api.delete(Kind::Pod, Some(MESH_NAMESPACE), "pod-c")?;
+    lab.spawn_daemon(1)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let n2 = lab.nodes[1].name.clone();
+    ensure!(!readiness(&n2).unwrap_or(false), "ready before any sync");
+    ensure!(map_ips(&lab, 1)? == ips_of(&lab, &["c"]), "the pinned map changed before the sync");
+    ensure!(send(&lab, "d", "c", Duration::from_millis(1500)).is_err(), "c reachable directly while its node's daemon was not serving");
+    lab.cluster().restart(&n1)?;
+    lab.wait_ready(1, Duration::from_secs(30))?;
+    ensure!(map_ips(&lab, 1)?.is_empty(), "a stale entry survived the restart: {:?}", map_ips(&lab, 1)?);
+    Ok(())
+}
