@@ -168,6 +168,21 @@ fn service_addresses_lead_to_ready_endpoints_through_the_right_path() -> Result<
     let r = lab.wait_record(0, Duration::from_secs(3), |r| r.src == client)?.context("no record")?;
     ensure!(r.dst_service.as_deref() == Some("plain/echo") && !r.mtls && r.outcome == "ok", "{r:?}");
 
+    // With kube-proxy's DNAT in front (as in most clusters), the proxy still sees the
+    // service: the NAT happens first, and the pre-NAT address is read back from its entry.
+    let rule = ["-t", "nat", "-A", "PREROUTING", "-d", "10.96.0.10/32", "-p", "tcp", "--dport", "80", "-j", "DNAT", "--to-destination"];
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.nodes[0].name, "iptables"])
+        .args(rule)
+        .arg(c_app.to_string())
+        .output()?;
+    ensure!(out.status.success(), "installing the kube-proxy-like DNAT rule: {}", String::from_utf8_lossy(&out.stderr));
+    let x = traffic::exchange(&lab.pod("a").netns, None, web, &payload, Duration::from_secs(3))?;
+    ensure!(x.echoed_intact && x.server_saw.ip() == lab.pod("a").v4, "{x:?}");
+    let client = x.client;
+    let r = lab.wait_record(0, Duration::from_secs(3), |r| r.src == client)?.context("no record behind the DNAT")?;
+    ensure!(r.orig_dst == web && r.dst_service.as_deref() == Some("lab/web") && r.mtls, "behind kube-proxy's DNAT: {r:?}");
+
     // No ready endpoint: refused, and said so.
     let (svc, mut slice) = lab.service_objects(MESH_NAMESPACE, "web", web, &["c"], smoke::APP_PORT);
     for ep in slice.endpoints.iter_mut().flatten() {

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 /// Debian packages the build and the lab need. `libstd-rust-web-dev-bpf` ships a prebuilt
 /// `core` for bpfel-unknown-none matching Debian's rustc, so no nightly is needed.
 const DEBIAN_PACKAGES: &[&str] =
-    &["llvm-22-dev", "rustc-web", "libstd-rust-web-dev-bpf", "bpftool", "iproute2", "util-linux"];
+    &["llvm-22-dev", "rustc-web", "libstd-rust-web-dev-bpf", "bpftool", "iproute2", "util-linux", "iptables"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -234,6 +234,11 @@ impl Proxy {
                 return;
             }
         };
+        // Outbound to a service address under kube-proxy: its DNAT came first.
+        let orig_dst = match role {
+            Listener::Outbound => socket::pre_nat_destination(&client, orig_dst).unwrap_or(orig_dst),
+            _ => orig_dst,
+        };
         let _ = client.set_nodelay(true);
         let mut rec = self.record(role, canonical(peer), orig_dst);
         let started = Instant::now();

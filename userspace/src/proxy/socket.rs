@@ -49,6 +49,16 @@ pub async fn connect_upstream(dst: SocketAddr, source: Option<IpAddr>, timeout: 
     }
 }
 
+/// The destination the client dialed before a NAT rewrote it, when one did: kube-proxy
+/// DNATs service addresses in PREROUTING, before the packet reaches our local delivery, so
+/// the accepted socket's own address is then the endpoint kube-proxy chose. Reading
+/// kube-proxy's conntrack entry (meshpath creates none) gives the service address back.
+pub fn pre_nat_destination(stream: &TcpStream, local: SocketAddr) -> Option<SocketAddr> {
+    let s = SockRef::from(stream);
+    let orig = if local.is_ipv4() { s.original_dst_v4() } else { s.original_dst_v6() };
+    orig.ok()?.as_socket().map(|a| SocketAddr::new(a.ip().to_canonical(), a.port())).filter(|a| *a != local)
+}
+
 /// Makes the next close of `stream` send a RST instead of a FIN, so a reset on one side of
 /// a relay reaches the other side as a reset.
 pub fn reset_on_close(stream: &TcpStream) {
