@@ -123,6 +123,10 @@ pub struct NodeArgs {
     /// Plaintext connections to enrolled pods: deliver them (permissive) or refuse them (strict).
     #[arg(long, env = "MESHPATH_INBOUND_PLAINTEXT", default_value = "permissive")]
     pub inbound_plaintext: PlaintextPolicy,
+    /// Run only the proxy, without loading or touching the datapath: connections must reach
+    /// its listeners some other way (TPROXY rules, as the benchmarks' baselines do).
+    #[arg(long, env = "MESHPATH_PROXY_ONLY")]
+    pub proxy_only: bool,
     /// Close HBONE connections that carried no stream for this long.
     #[arg(long, env = "MESHPATH_HBONE_IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub hbone_idle_timeout_secs: u64,
@@ -198,6 +202,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 plaintext: a.inbound_plaintext,
                 hbone_idle_timeout: Duration::from_secs(a.hbone_idle_timeout_secs),
+                proxy_only: a.proxy_only,
             };
             runtime()?.block_on(node::run(cfg, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)

@@ -66,6 +66,9 @@ pub struct NodeConfig {
     pub certificates: CertSource,
     pub plaintext: PlaintextPolicy,
     pub hbone_idle_timeout: Duration,
+    /// Run the proxy without loading the datapath (connections reach the listeners by
+    /// other means, e.g. TPROXY rules: the benchmarks' baselines).
+    pub proxy_only: bool,
 }
 
 /// Where workload certificates come from.
@@ -139,11 +142,15 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let metrics = Metrics::new();
     let listeners = proxy::bind_listeners()?;
 
-    let routing = Routing::connect()?;
     // The capture rule and routes are installed by the first reconcile pass below. Until
     // then a restarted node keeps capturing with the pinned maps (and drops that traffic:
     // no listener is registered yet).
-    let mut dp = Datapath::load(&cfg.node, cfg.attach_mode)?;
+    let mut kernel = if cfg.proxy_only {
+        tracing::info!("proxy only: no datapath is loaded; something else must deliver connections to the listeners");
+        None
+    } else {
+        Some(Kernel { routing: Routing::connect()?, dp: Datapath::load(&cfg.node, cfg.attach_mode)? })
+    };
 
     let proxy = Proxy::new(
         ProxyConfig {
@@ -161,7 +168,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
 
     // Probes get answers (503 until ready) while the first state is awaited.
     let (stop_tx, stop_rx) = watch::channel(false);
-    if let Some(logger) = dp.take_logger() {
+    if let Some(logger) = kernel.as_mut().and_then(|k| k.dp.take_logger()) {
         spawn_ebpf_log_drain(logger, stop_rx.clone());
     }
     let ready = Readiness::default();
@@ -201,12 +208,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         (None, None) => unreachable!("a source is always set up"),
     };
     proxy.set_workloads(WorkloadIndex::new(&file, services, &cfg.trust_domain));
-    for l in &listeners {
-        dp.register_listener(l.role, l.ipv6, &l.socket)?;
+    if let Some(k) = kernel.as_mut() {
+        for l in &listeners {
+            k.dp.register_listener(l.role, l.ipv6, &l.socket)?;
+        }
+        tracing::info!(count = listeners.len(), "proxy listeners registered in the SOCKMAP");
     }
-    tracing::info!(count = listeners.len(), "proxy listeners registered in the SOCKMAP");
 
-    let mut rec = Reconciler { cfg: &cfg, routing, dp, file, unresolved: BTreeMap::new() };
+    let mut rec = Reconciler::new(&cfg, kernel, file);
     // Stale entries of a previous run go here, before the node reports ready.
     rec.reconcile().await?;
     let proxy_task = tokio::spawn(proxy.clone().serve(listeners, stop_rx.clone()));
@@ -273,7 +282,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let _ = admin_task.await;
     let _ = metrics_task.await;
     tracing::info!(
-        pin_dir = %rec.dp.pin_dir().display(),
+        pin_dir = %datapath::node_pin_dir(&cfg.node).map(|p| p.display().to_string()).unwrap_or_default(),
         "stopped; the datapath stays pinned and drops enrolled traffic until a daemon takes over (`meshpath uninstall` removes it)"
     );
     Ok(())
@@ -297,21 +306,54 @@ impl metrics::Sources for ScrapeSources {
     }
 }
 
-struct Reconciler<'a> {
-    cfg: &'a NodeConfig,
+/// What the daemon drives in the kernel; absent with `--proxy-only`.
+struct Kernel {
     routing: Routing,
     dp: Datapath,
+}
+
+/// How long route lookups and the map's contents are trusted between full passes: a pass in
+/// between only looks up IPs it has not seen, unless the interfaces changed. At 10 000
+/// workloads a full pass is 10 000 route lookups and map reads; every 250 ms that would be a
+/// busy core.
+const FULL_PASS: Duration = Duration::from_secs(10);
+
+struct Reconciler<'a> {
+    cfg: &'a NodeConfig,
+    kernel: Option<Kernel>,
     file: WorkloadFile,
     /// Workload IPs whose interface could not be found, with the last reason logged.
     unresolved: BTreeMap<IpAddr, String>,
+    /// Route lookups of earlier passes: IP → the interface the kernel routes it to.
+    routes: BTreeMap<IpAddr, Option<u32>>,
+    /// The interfaces (index, name) those lookups were made with.
+    routes_for: Vec<(u32, String)>,
+    /// What the workload map holds: meshpath is its only writer, so this is read from the
+    /// kernel only on full passes.
+    map: Option<BTreeMap<IpAddr, u32>>,
+    last_full: std::time::Instant,
 }
 
-impl Reconciler<'_> {
+impl<'a> Reconciler<'a> {
+    fn new(cfg: &'a NodeConfig, kernel: Option<Kernel>, file: WorkloadFile) -> Self {
+        Self {
+            cfg,
+            kernel,
+            file,
+            unresolved: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            routes_for: Vec::new(),
+            map: None,
+            last_full: std::time::Instant::now(),
+        }
+    }
+
     /// Makes the kernel match the desired state: the classifier on every interface it
     /// should be on, then the workload map. The classifier goes first so an IP is never in
     /// the map while its interface lacks the program.
     async fn reconcile(&mut self) -> Result<(), NodeError> {
-        let ifaces = self.routing.interfaces().await?;
+        let Some(k) = self.kernel.as_mut() else { return Ok(()) };
+        let ifaces = k.routing.interfaces().await?;
         let names = routing::names_by_index(&ifaces);
         let wanted: Vec<_> = if self.cfg.interfaces.is_empty() {
             ifaces.iter().filter(|i| !i.loopback).collect()
@@ -323,25 +365,42 @@ impl Reconciler<'_> {
             v
         };
         // Someone may have flushed our rule or routes: put them back (idempotent).
-        self.routing.install_capture().await?;
+        k.routing.install_capture().await?;
         for i in &wanted {
             // An interface can vanish between listing and attaching (pod churn): skip it,
             // the next pass sees the new state.
-            if let Err(e) = self.dp.attach_tc(i.index, &i.name) {
+            if let Err(e) = k.dp.attach_tc(i.index, &i.name) {
                 tracing::warn!(interface = %i.name, "attaching the classifier failed (will retry): {e}");
             }
         }
         let existing: BTreeSet<u32> = ifaces.iter().map(|i| i.index).collect();
-        self.dp.prune_tc(&existing)?;
-        let attached = self.dp.attached_interfaces();
+        k.dp.prune_tc(&existing)?;
+        let attached = k.dp.attached_interfaces();
+
+        // Cached route lookups hold while the interfaces are the same; a full pass now and
+        // then also catches routes changed under unchanged interfaces.
+        let iface_list: Vec<(u32, String)> = ifaces.iter().map(|i| (i.index, i.name.clone())).collect();
+        let full = iface_list != self.routes_for || self.last_full.elapsed() >= FULL_PASS || self.map.is_none();
+        if full {
+            self.routes.clear();
+            self.routes_for = iface_list;
+            self.last_full = std::time::Instant::now();
+            self.map = Some(k.dp.workloads()?);
+        }
 
         // Desired map: this node's workload IPs → the interface the kernel routes them to.
         let mut desired: BTreeMap<IpAddr, (u32, String)> = BTreeMap::new();
         let mut still_unresolved = BTreeMap::new();
+        let mut routes = BTreeMap::new();
         for w in self.file.on_node(&self.cfg.node) {
             for ip in &w.ips {
                 let ip = ip.to_canonical();
-                let problem = match self.routing.interface_for(ip).await? {
+                let route = match self.routes.get(&ip) {
+                    Some(r) => *r,
+                    None => k.routing.interface_for(ip).await?,
+                };
+                routes.insert(ip, route);
+                let problem = match route {
                     Some(ifx) if attached.contains(&ifx) => {
                         desired.insert(ip, (ifx, w.id()));
                         continue;
@@ -359,27 +418,31 @@ impl Reconciler<'_> {
             }
         }
         self.unresolved = still_unresolved;
+        // Unresolved IPs are asked again next pass: their veth may come up any moment.
+        routes.retain(|_, r| r.is_some());
+        self.routes = routes;
 
         // Interface flags go after their IPs on the way in and before them on the way out,
         // so a workload's own TCP is never dropped as coming from an unenrolled source.
         let wanted_ifs: BTreeSet<u32> = desired.values().map(|(ifx, _)| *ifx).collect();
-        let keep_ifs = self.dp.workload_interfaces()?.intersection(&wanted_ifs).copied().collect();
-        self.dp.set_workload_interfaces(&keep_ifs)?;
-        let current = self.dp.workloads()?;
-        for ip in current.keys() {
-            if !desired.contains_key(ip) {
-                self.dp.remove_workload(*ip)?;
-                tracing::info!(%ip, "unenrolled");
-            }
+        let keep_ifs = k.dp.workload_interfaces()?.intersection(&wanted_ifs).copied().collect();
+        k.dp.set_workload_interfaces(&keep_ifs)?;
+        let current = self.map.get_or_insert_with(BTreeMap::new);
+        let stale: Vec<IpAddr> = current.keys().filter(|ip| !desired.contains_key(ip)).copied().collect();
+        for ip in stale {
+            k.dp.remove_workload(ip)?;
+            current.remove(&ip);
+            tracing::info!(%ip, "unenrolled");
         }
         for (ip, (ifx, id)) in &desired {
             if current.get(ip) != Some(ifx) {
-                self.dp.upsert_workload(*ip, *ifx)?;
+                k.dp.upsert_workload(*ip, *ifx)?;
+                current.insert(*ip, *ifx);
                 let ifname = names.get(ifx).map(String::as_str).unwrap_or("?");
                 tracing::info!(workload = %id, %ip, interface = ifname, ifindex = ifx, "enrolled");
             }
         }
-        self.dp.set_workload_interfaces(&wanted_ifs)?;
+        k.dp.set_workload_interfaces(&wanted_ifs)?;
         Ok(())
     }
 }
