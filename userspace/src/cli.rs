@@ -65,6 +65,21 @@ pub enum Command {
     Lab(LabArgs),
     /// Show or dump BPF maps exactly as `bpftool map` does; --decode for meshpath's own.
     Map(crate::bpftool::MapArgs),
+    /// Measure meshpath's capture against the iptables designs it replaces and no proxy at
+    /// all, in dedicated labs; write BENCHMARKS.md and its chart.
+    Bench {
+        /// Three short rounds at 10 workloads only (under 3 minutes).
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        out: PathBuf,
+        /// The chart (SVG), written next to `out`.
+        #[arg(long, default_value = "benchmarks.svg")]
+        chart: String,
+        /// The raw samples as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -228,6 +243,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Lab(a) => run_lab(a),
+        Command::Bench { quick, out, chart, json } => run_bench(quick, &out, &chart, json.as_deref()),
         // Reports its own errors, in bpftool's shape.
         Command::Map(a) => Ok(crate::bpftool::run(a)),
     }
@@ -249,6 +265,27 @@ async fn shutdown_signal() {
         _ = int.recv() => "SIGINT",
     };
     tracing::info!(signal = which, "shutting down");
+}
+
+fn run_bench(quick: bool, out: &std::path::Path, chart: &str, json: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    use crate::lab::bench;
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!("the benchmark builds network namespaces and loads eBPF programs: run it as root");
+    }
+    let bin = std::env::current_exe().context("locating the meshpath binary")?;
+    let cfg = if quick { bench::BenchConfig::quick(bin) } else { bench::BenchConfig::full(bin) };
+    let started = std::time::Instant::now();
+    let samples = bench::run(&cfg, |line| eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64()))?;
+    let command = if quick { "cargo xtask bench --quick" } else { "cargo xtask bench" };
+    std::fs::write(out, bench::document(&cfg, &samples, command, chart)).with_context(|| format!("writing {}", out.display()))?;
+    let chart_path = out.parent().unwrap_or(std::path::Path::new(".")).join(chart);
+    std::fs::write(&chart_path, bench::report::svg_chart(&samples, cfg.sizes[0])).with_context(|| format!("writing {}", chart_path.display()))?;
+    if let Some(j) = json {
+        std::fs::write(j, serde_json::to_string_pretty(&samples)?).with_context(|| format!("writing {}", j.display()))?;
+    }
+    println!("{}", bench::report::markdown(&samples, &cfg.sizes, cfg.rounds));
+    eprintln!("wrote {} and {} in {:.0}s", out.display(), chart_path.display(), started.elapsed().as_secs_f64());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_lab(a: LabArgs) -> anyhow::Result<ExitCode> {

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 /// Debian packages the build and the lab need. `libstd-rust-web-dev-bpf` ships a prebuilt
 /// `core` for bpfel-unknown-none matching Debian's rustc, so no nightly is needed.
 const DEBIAN_PACKAGES: &[&str] =
-    &["llvm-22-dev", "rustc-web", "libstd-rust-web-dev-bpf", "bpftool", "iproute2", "util-linux", "iptables"];
+    &["llvm-22-dev", "rustc-web", "libstd-rust-web-dev-bpf", "bpftool", "iproute2", "util-linux", "iptables", "ipset"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -46,6 +46,13 @@ enum Task {
     Lab {
         #[arg(long)]
         smoke: bool,
+    },
+    /// Benchmark meshpath against the iptables designs and no proxy (release build); writes
+    /// BENCHMARKS.md and benchmarks.svg at the top of the repository.
+    Bench {
+        /// Short rounds at 10 workloads only.
+        #[arg(long)]
+        quick: bool,
     },
     /// Run every test: unit tests and the kernel tests in throwaway namespaces.
     Test {
@@ -103,6 +110,21 @@ fn run(task: Task) -> Result<()> {
                 cmd.arg("--smoke");
             }
             status(&mut cmd)
+        }
+        Task::Bench { quick } => {
+            setup()?;
+            require_root("the benchmark")?;
+            let bin = build(true)?;
+            status(Command::new(&bin).args(["lab", "--cleanup"]))?;
+            step(if quick { "benchmarking (quick: 10 workloads, short rounds)" } else { "benchmarking (10, 1 000 and 10 000 workloads)" });
+            let mut cmd = Command::new(&bin);
+            cmd.current_dir(root()).args(["bench", "--out", "BENCHMARKS.md", "--chart", "benchmarks.svg", "--json", "target/benchmarks.json"]);
+            if quick {
+                cmd.arg("--quick");
+            }
+            let result = status(&mut cmd);
+            status(Command::new(&bin).args(["lab", "--cleanup"]))?;
+            result
         }
         Task::Test { args } => {
             setup()?;

@@ -237,45 +237,46 @@ struct Shared {
 
 impl Server {
     fn start(ns: Option<&str>, addr: SocketAddr, what: &'static str, handler: Handler) -> io::Result<Server> {
-        let listener = spawn_in_netns(ns, &format!("lg-{what}-bind"), move || -> io::Result<TcpListener> {
+        spawn_in_netns(ns, &format!("lg-{what}-start"), move || -> io::Result<Server> {
             let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
             // A restarted benchmark rebinds while the last run's connections sit in TIME_WAIT.
             s.set_reuse_address(true)?;
             s.bind(&addr.into())?;
             s.listen(BACKLOG)?;
-            Ok(s.into())
+            let listener: TcpListener = s.into();
+            let addr = listener.local_addr()?;
+            let shared = Arc::new(Shared {
+                listener,
+                what,
+                handler,
+                stop: AtomicBool::new(false),
+                idle: AtomicUsize::new(0),
+                counters: Counters::default(),
+                workers: Mutex::new(Vec::new()),
+                live: Mutex::new(HashMap::new()),
+                next_conn: AtomicU64::new(0),
+            });
+            // From here on an error drops `server`, which stops the workers already started.
+            let server = Server { addr, shared };
+            // Two to start with, so a second connection never waits for a thread to be
+            // spawned. Spawned from this thread, they start in its namespace.
+            for _ in 0..2 {
+                spawn_worker(&server.shared)?;
+            }
+            Ok(server)
         })?
         .join()
-        .map_err(|_| io::Error::other(format!("{what} bind thread panicked")))?
+        .map_err(|_| io::Error::other(format!("{what} server start thread panicked")))?
         .and_then(|r| r)
-        .map_err(|e| annotate(e, format_args!("{what} server on {addr}")))?;
-        let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared {
-            listener,
-            what,
-            handler,
-            stop: AtomicBool::new(false),
-            idle: AtomicUsize::new(0),
-            counters: Counters::default(),
-            workers: Mutex::new(Vec::new()),
-            live: Mutex::new(HashMap::new()),
-            next_conn: AtomicU64::new(0),
-        });
-        let server = Server { addr, shared: shared.clone() };
-        // Two to start with: a second connection never waits for the first worker to spawn
-        // a thread. On error, dropping `server` stops what did start.
-        for _ in 0..2 {
-            let sh = shared.clone();
-            let h = spawn_in_netns(ns, &format!("lg-{what}"), move || worker(sh))?;
-            lock(&shared.workers).push(std::thread::spawn(move || {
-                // Adapts the handle's type; a failed setns only loses that worker.
-                if let Ok(Err(e)) = h.join() {
-                    eprintln!("loadgen {what} worker: {e}");
-                }
-            }));
-        }
-        Ok(server)
+        .map_err(|e| annotate(e, format_args!("{what} server on {addr}")))
     }
+}
+
+fn spawn_worker(sh: &Arc<Shared>) -> io::Result<()> {
+    let next = sh.clone();
+    let h = std::thread::Builder::new().name(format!("lg-{}", sh.what)).stack_size(STACK_SIZE).spawn(move || worker(next))?;
+    lock(&sh.workers).push(h);
+    Ok(())
 }
 
 fn worker(sh: Arc<Shared>) {
@@ -297,15 +298,10 @@ fn worker(sh: Arc<Shared>) {
                 continue;
             }
         };
-        if idle_before == 1 && !sh.stop.load(Ordering::Acquire) {
-            let next = sh.clone();
-            // Spawned from this thread, so it starts in this thread's namespace.
-            match std::thread::Builder::new().name(format!("lg-{}", sh.what)).stack_size(STACK_SIZE).spawn(move || worker(next))
-            {
-                Ok(h) => lock(&sh.workers).push(h),
-                // Out of threads: keep serving with the workers there are.
-                Err(e) => eprintln!("loadgen {} server: spawning a worker: {e}", sh.what),
-            }
+        // Spawned from this thread, a new worker starts in this thread's namespace. Out of
+        // threads, the workers there are keep serving.
+        if idle_before == 1 && !sh.stop.load(Ordering::Acquire) && let Err(e) = spawn_worker(&sh) {
+            eprintln!("loadgen {} server: spawning a worker: {e}", sh.what);
         }
         sh.counters.connections.fetch_add(1, Ordering::AcqRel);
         let id = sh.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -774,18 +770,31 @@ mod tests {
         assert_eq!((sink.connections, sink.pattern_errors, sink.io_errors), (2, 0, 0), "{sink:?}");
     }
 
-    #[test]
-    fn sink_catches_a_wrong_byte() {
-        let srv = servers();
-        let mut data = pattern()[..300_000.min(pattern().len())].to_vec();
-        data[CHUNK + 7] ^= 0x40;
+    /// Sends `data` to the sink in `piece`-sized writes and waits for its close.
+    fn sink_stream(srv: &Servers, data: &[u8], piece: usize) {
         let mut s = connect(srv.sink_addr).unwrap();
-        s.write_all(&data).unwrap();
+        for p in data.chunks(piece) {
+            s.write_all(p).unwrap();
+        }
         s.shutdown(Shutdown::Write).unwrap();
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn sink_checks_the_pattern() {
+        let srv = servers();
+        // Built from the definition, not from `pattern()`, and written in odd pieces so
+        // the sink's reads land at every offset of the period.
+        let mut data: Vec<u8> = (0..300_000usize).map(|i| (i % 251) as u8).collect();
+        sink_stream(&srv, &data, 1000);
+        assert_eq!(srv.sink_totals().pattern_errors, 0, "{:?}", srv.sink_totals());
+        // A deliberately corrupting client: one wrong byte, well past the first read.
+        data[200_003] ^= 0x40;
+        sink_stream(&srv, &data, 4093);
         let sink = srv.sink_totals();
-        assert_eq!((sink.bytes, sink.pattern_errors), (data.len() as u64, 1), "{sink:?}");
+        assert_eq!((sink.connections, sink.bytes, sink.pattern_errors), (2, 2 * data.len() as u64, 1), "{sink:?}");
     }
 
     #[test]

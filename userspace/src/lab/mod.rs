@@ -17,9 +17,11 @@
 //! node side of each veth, as Calico and kindnet wire them. The underlay link has no route out of the lab.
 
 pub mod apiserver;
+pub mod bench;
 pub mod capture;
 pub mod cluster;
 pub mod hbone_client;
+pub mod loadgen;
 pub mod smoke;
 pub mod traffic;
 
@@ -93,6 +95,9 @@ pub struct Lab {
     pub use_builtin_ca: bool,
     /// The lab's Kubernetes API server, once started: daemons then follow it.
     pub cluster: Option<cluster::LabCluster>,
+    /// Whether daemons get `--pod-cidr` (so they keep the client's IP toward pods). The
+    /// benchmarks turn it off so every proxied path connects upstream alike.
+    pub pod_cidr_args: bool,
     namespaces: Vec<String>,
     keep_dir: bool,
 }
@@ -140,6 +145,7 @@ impl Lab {
             node_args: vec![vec![], vec!["--inbound-plaintext".into(), "strict".into()]],
             use_builtin_ca: true,
             cluster: None,
+            pod_cidr_args: true,
             namespaces: Vec::new(),
             keep_dir: std::env::var_os("MESHPATH_LAB_KEEP").is_some(),
         };
@@ -273,8 +279,10 @@ impl Lab {
         if self.use_builtin_ca {
             cmd.arg("--ca-dir").arg(self.ca_dir());
         }
-        for c in POD_CIDRS {
-            cmd.args(["--pod-cidr", c]);
+        if self.pod_cidr_args {
+            for c in POD_CIDRS {
+                cmd.args(["--pod-cidr", c]);
+            }
         }
         cmd.args(&self.daemon_args);
         cmd.args(self.node_args.get(node).into_iter().flatten());

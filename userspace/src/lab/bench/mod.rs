@@ -1,0 +1,236 @@
+//! `meshpath bench`: meshpath's capture against the designs it replaces, side by side, on
+//! the same kernel, in the same run, with the same proxy (meshpath's own listeners and relay).
+//!
+//! Every path gets a lab of its own (two nodes, pods a, b, e on node 1, c, d on node 2); the
+//! client is pod a, the server pod b on the same node (c or d on the other node for the
+//! cross-node rows):
+//!
+//! - **direct**: no proxy; node 1 routes a to b;
+//! - **legacy**: the 2022 ambient capture ([`paths::legacy`]): ipset, mangle mark 0x100, policy
+//!   routing into a VXLAN tunnel (Geneve is not in this kernel) to a proxy network namespace,
+//!   TPROXY there, conntrack active on the node;
+//! - **tproxy**: the proxy in the node's namespace behind one ipset-matched TPROXY rule;
+//! - **meshpath**: the eBPF datapath;
+//! - **meshpath-hbone** (a to c, both enrolled, HBONE between the nodes) and
+//!   **meshpath-relay** (a to d, d not enrolled: plain TCP relay across the nodes).
+//!
+//! Paths are measured in turn, round after round, in a rotating order, so drift (thermal,
+//! noisy neighbours) spreads over all of them. Every figure checks its bytes.
+
+pub mod paths;
+pub mod report;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::loadgen;
+use super::{LabError, Result};
+use paths::Setup;
+
+/// Ports of the bench servers in the server pods.
+pub const ECHO_PORT: u16 = 9000;
+pub const SINK_PORT: u16 = 9001;
+/// Connections kept busy at once for the connection-rate and request-rate figures.
+pub const CONCURRENCY: usize = 8;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PathKind {
+    Direct,
+    Legacy,
+    Tproxy,
+    Meshpath,
+    MeshpathHbone,
+    MeshpathRelay,
+}
+
+impl PathKind {
+    pub const ALL: [PathKind; 6] =
+        [PathKind::Direct, PathKind::Legacy, PathKind::Tproxy, PathKind::Meshpath, PathKind::MeshpathHbone, PathKind::MeshpathRelay];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PathKind::Direct => "direct",
+            PathKind::Legacy => "legacy",
+            PathKind::Tproxy => "tproxy",
+            PathKind::Meshpath => "meshpath",
+            PathKind::MeshpathHbone => "meshpath-hbone",
+            PathKind::MeshpathRelay => "meshpath-relay",
+        }
+    }
+
+    /// Paths whose capture is sized by the number of enrolled workloads.
+    pub fn scales(self) -> bool {
+        matches!(self, PathKind::Legacy | PathKind::Tproxy | PathKind::Meshpath)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub binary: PathBuf,
+    pub rounds: usize,
+    /// Length of each measurement.
+    pub duration: Duration,
+    /// Enrolled-workload counts for the capture paths; the first is also the one all the
+    /// other paths run at.
+    pub sizes: Vec<usize>,
+}
+
+impl BenchConfig {
+    pub fn full(binary: PathBuf) -> Self {
+        Self { binary, rounds: 3, duration: Duration::from_secs(2), sizes: vec![10, 1_000, 10_000] }
+    }
+
+    pub fn quick(binary: PathBuf) -> Self {
+        Self { binary, rounds: 3, duration: Duration::from_millis(600), sizes: vec![10] }
+    }
+}
+
+/// One path's figures from one round.
+#[derive(Clone, Debug, Serialize)]
+pub struct Sample {
+    pub path: PathKind,
+    pub workloads: usize,
+    pub round: usize,
+    pub conn_per_s: f64,
+    pub req_per_s: f64,
+    pub p50_us: u32,
+    pub p99_us: u32,
+    pub gbit_1: f64,
+    pub gbit_8: f64,
+    /// Proxy CPU time (user + system) per connection during the connection-rate run, µs.
+    pub cpu_us_per_conn: Option<f64>,
+    /// Proxy resident memory after the round, KiB.
+    pub rss_kib: Option<u64>,
+}
+
+/// The whole BENCHMARKS.md for a finished run.
+pub fn document(cfg: &BenchConfig, samples: &[Sample], command: &str, chart_file: &str) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name")).map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024))
+        .unwrap_or(0);
+    format!(
+        "# Benchmarks\n\n\
+         Written by `{command}` (do not edit by hand; run it again).\n\n\
+         - machine: {cpu}, {cores} cores, {mem} GiB; kernel {kernel}\n\
+         - {rounds} alternating rounds of {dur:?} per figure; {conc} concurrent connections for connection and request rates; \
+         1-byte request/response; throughput with 64 KiB writes; every byte checked (echo and a pattern-checking sink)\n\
+         - client, server and proxies share the machine's cores: the figures compare paths, they are not a capacity claim\n\n\
+         ![median relative to direct]({chart_file})\n\n\
+         Paths (same proxy binary and relay everywhere; only the capture differs):\n\n\
+         - **direct**: pod a to pod b through node 1's routing, no proxy;\n\
+         - **legacy**: the 2022 ambient capture: ipset `ztunnel-pods-ips`, mangle mark `0x100/0x100`, `ip rule fwmark 0x100/0x100 lookup 101` with \
+         `default via 192.168.127.2 dev istioout` and the proxy namespace's address on-link in table 101, a VXLAN pair `istioout`/`pistioout` \
+         (VXLAN stands in for Geneve, which this kernel lacks), TPROXY in the proxy's own network namespace, kube-proxy's NAT chains so \
+         conntrack tracks every flow; replies leave the proxy namespace through its veth rather than a second tunnel;\n\
+         - **tproxy**: the proxy in node 1's namespace behind one ipset-matched TPROXY rule;\n\
+         - **meshpath**: the eBPF datapath (TC classifier, policy routing to local, sk_lookup into the proxy's listener);\n\
+         - **meshpath-hbone**: pod a to pod c on the other node, both enrolled: HBONE (mTLS HTTP/2) between two meshpath proxies;\n\
+         - **meshpath-relay**: pod a to pod d on the other node, d not enrolled: meshpath's capture and a plain TCP relay.\n\n\
+         For the proxied paths on one node the proxy connects upstream from its own address; proxy CPU is user plus system time of the \
+         proxy processes (both nodes' for meshpath-hbone) during the connection-rate run, divided by its connections.\n\n{}",
+        report::markdown(samples, &cfg.sizes, cfg.rounds),
+        rounds = cfg.rounds,
+        dur = cfg.duration,
+        conc = CONCURRENCY,
+    )
+}
+
+/// Runs the benchmark; `progress` gets one line per step.
+pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Vec<Sample>> {
+    let mut setups = Vec::new();
+    for kind in PathKind::ALL {
+        progress(&format!("building the {} lab", kind.name()));
+        setups.push(Setup::build(kind, &cfg.binary)?);
+    }
+    let mut samples = Vec::new();
+    for (i, &size) in cfg.sizes.iter().enumerate() {
+        let kinds: Vec<PathKind> = PathKind::ALL.into_iter().filter(|k| i == 0 || k.scales()).collect();
+        for s in setups.iter_mut().filter(|s| kinds.contains(&s.kind) && s.kind.scales()) {
+            progress(&format!("{}: filling the capture to {size} workloads", s.kind.name()));
+            s.fill(size)?;
+        }
+        for round in 0..cfg.rounds {
+            // Rotate the order each round.
+            for j in 0..kinds.len() {
+                let kind = kinds[(j + round) % kinds.len()];
+                let setup = setups.iter_mut().find(|s| s.kind == kind).expect("every kind has a setup");
+                progress(&format!("round {}/{} at {size} workloads: {}", round + 1, cfg.rounds, kind.name()));
+                samples.push(measure(setup, size, round, cfg.duration)?);
+            }
+        }
+    }
+    for s in setups {
+        s.teardown()?;
+    }
+    Ok(samples)
+}
+
+fn load_err(kind: PathKind, what: &str) -> impl FnOnce(loadgen::LoadError) -> LabError + '_ {
+    move |e| LabError::Other(format!("{}: {what}: {e}", kind.name()))
+}
+
+/// One round of one path: connection rate, request rate and latency, throughput with one and
+/// eight streams, each checked for lost or altered bytes.
+fn measure(s: &mut Setup, workloads: usize, round: usize, d: Duration) -> Result<Sample> {
+    let ns = Some(s.client_ns.as_str());
+    let (echo, sink) = (s.echo_addr(), s.sink_addr());
+    // Warm the path (pools, caches) outside the figures.
+    loadgen::conn_rate(ns, echo, CONCURRENCY, Duration::from_millis(200)).map_err(load_err(s.kind, "warm-up"))?;
+    let cpu_before = s.proxy_cpu();
+    let conn = loadgen::conn_rate(ns, echo, CONCURRENCY, d).map_err(load_err(s.kind, "connection rate"))?;
+    let cpu_after = s.proxy_cpu();
+    let req = loadgen::request_rate(ns, echo, CONCURRENCY, d).map_err(load_err(s.kind, "request rate"))?;
+    let sink_before = s.servers.sink_totals();
+    let t1 = loadgen::throughput(ns, sink, 1, d).map_err(load_err(s.kind, "1-stream throughput"))?;
+    let t8 = loadgen::throughput(ns, sink, 8, d).map_err(load_err(s.kind, "8-stream throughput"))?;
+    // The sink saw every byte the client sent, in order.
+    let sink = wait_for_sink(s, sink_before.bytes + t1.bytes + t8.bytes);
+    if sink.bytes != sink_before.bytes + t1.bytes + t8.bytes || sink.pattern_errors != sink_before.pattern_errors {
+        return Err(LabError::Other(format!(
+            "{}: the sink received {} bytes ({} pattern errors), the clients sent {}",
+            s.kind.name(),
+            sink.bytes - sink_before.bytes,
+            sink.pattern_errors - sink_before.pattern_errors,
+            t1.bytes + t8.bytes
+        )));
+    }
+    let cpu_us_per_conn = match (cpu_before, cpu_after) {
+        (Some(b), Some(a)) if conn.connections > 0 => Some((a - b).as_secs_f64() * 1e6 / conn.connections as f64),
+        _ => None,
+    };
+    Ok(Sample {
+        path: s.kind,
+        workloads,
+        round,
+        conn_per_s: conn.per_second,
+        req_per_s: req.per_second,
+        p50_us: req.p50_us,
+        p99_us: req.p99_us,
+        gbit_1: t1.gbit_per_s,
+        gbit_8: t8.gbit_per_s,
+        cpu_us_per_conn,
+        rss_kib: s.proxy_rss_kib(),
+    })
+}
+
+/// The sink counts a stream's last bytes just after the client returns: wait a moment.
+fn wait_for_sink(s: &Setup, want: u64) -> loadgen::ServerTotals {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let t = s.servers.sink_totals();
+        if t.bytes >= want || std::time::Instant::now() > deadline {
+            return t;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -1,0 +1,319 @@
+//! The labs of the benchmark, one per path, and how each captures pod a's connections.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{ECHO_PORT, PathKind, SINK_PORT};
+use crate::lab::{Lab, LabError, Result, ip, loadgen, readiness, sysctls};
+
+/// The legacy capture's names and numbers, as the 2022 ambient scripts had them.
+pub mod legacy {
+    /// The ipset of enrolled pod IPs.
+    pub const IPSET: &str = "ztunnel-pods-ips";
+    /// The mangle mark of captured packets and its mask (not meshpath's 0x539: its bit 0x100
+    /// would collide).
+    pub const MARK: &str = "0x100/0x100";
+    pub const TABLE: &str = "101";
+    /// The tunnel's inner addresses (node side, proxy side).
+    pub const TUNNEL_NODE: &str = "192.168.127.1";
+    pub const TUNNEL_PROXY: &str = "192.168.127.2";
+    /// The proxy namespace's address (a pod address, as ztunnel's pod had).
+    pub const PROXY_IP: &str = "10.244.1.3";
+    /// VXLAN network id and port of the istioout/pistioout pair (Geneve is not in this kernel).
+    pub const VNI: &str = "1001";
+    pub const VXLAN_PORT: &str = "4789";
+}
+
+/// TPROXY's socket mark in the tproxy and legacy proxies' namespaces: a bit 0x539 (the
+/// proxy's own mark, which its upstream sockets carry) does not have, or the upstream
+/// connections would be delivered back to the proxy.
+const TPROXY_MARK: &str = "0x4000/0x4000";
+const TPROXY_TABLE: &str = "100";
+/// The tproxy path's ipset.
+const TPROXY_IPSET: &str = "mp-bench-pods";
+const CONNECTION_SYSCTLS: &[(&str, &str)] = &[("net/ipv4/tcp_tw_reuse", "1"), ("net/ipv4/ip_local_port_range", "1024 65000")];
+
+pub struct Setup {
+    pub kind: PathKind,
+    pub lab: Lab,
+    pub client_ns: String,
+    pub servers: loadgen::Servers,
+    /// The proxies whose CPU time and memory are reported.
+    proxy_pids: Vec<u32>,
+    /// The legacy path's proxy, which is no lab daemon (it runs in its own namespace).
+    legacy_proxy: Option<Child>,
+}
+
+impl Setup {
+    pub fn build(kind: PathKind, binary: &Path) -> Result<Self> {
+        let mut lab = Lab::build(binary)?;
+        // Thousands of short connections a second from one client to one server: let
+        // TIME_WAIT ports be reused (as load generators do), everywhere alike.
+        for ns in lab.nodes.iter().map(|n| n.name.clone()).chain(lab.pods.iter().map(|p| p.netns.clone())).collect::<Vec<_>>() {
+            sysctls(&ns, CONNECTION_SYSCTLS)?;
+        }
+        let server = match kind {
+            PathKind::MeshpathHbone => "c",
+            PathKind::MeshpathRelay => "d",
+            _ => "b",
+        };
+        let mut legacy_proxy = None;
+        // Every proxied path relays alike: upstream from the node's (or proxy namespace's)
+        // own address, which TPROXY setups need and meshpath can do too.
+        lab.pod_cidr_args = matches!(kind, PathKind::MeshpathHbone | PathKind::MeshpathRelay);
+        match kind {
+            PathKind::Direct => {}
+            PathKind::Meshpath | PathKind::MeshpathRelay => {
+                lab.write_workloads_text(&workloads_yaml(&lab, 1))?;
+                lab.start_daemon(0)?;
+            }
+            PathKind::MeshpathHbone => {
+                lab.write_workloads(&["a", "c"])?;
+                lab.start_daemons()?;
+            }
+            PathKind::Tproxy => {
+                lab.write_workloads_text(&workloads_yaml(&lab, 1))?;
+                tproxy_capture(&lab)?;
+                lab.daemon_args = vec!["--proxy-only".into()];
+                lab.start_daemon(0)?;
+            }
+            PathKind::Legacy => {
+                lab.write_workloads_text(&workloads_yaml(&lab, 1))?;
+                let zt = legacy_capture(&mut lab)?;
+                legacy_proxy = Some(start_legacy_proxy(&lab, &zt)?);
+            }
+        }
+        let mut proxy_pids: Vec<u32> = lab.nodes.iter().filter_map(|n| n.daemon.as_ref().map(Child::id)).collect();
+        proxy_pids.extend(legacy_proxy.as_ref().map(Child::id));
+        let sp = lab.pod(server).clone();
+        let servers = loadgen::Servers::start(Some(&sp.netns), sp.v4, ECHO_PORT, SINK_PORT)?;
+        let client_ns = lab.pod("a").netns.clone();
+        Ok(Self { kind, lab, client_ns, servers, proxy_pids, legacy_proxy })
+    }
+
+    pub fn echo_addr(&self) -> SocketAddr {
+        self.servers.echo_addr
+    }
+
+    pub fn sink_addr(&self) -> SocketAddr {
+        self.servers.sink_addr
+    }
+
+    /// Fills the capture to `n` enrolled workloads: pod a and `n - 1` others (addresses routed
+    /// to a spare interface of node 1), in the workload map (meshpath) or the ipset.
+    pub fn fill(&mut self, n: usize) -> Result<()> {
+        let n1 = self.lab.nodes[0].name.clone();
+        let yaml = workloads_yaml(&self.lab, n);
+        match self.kind {
+            PathKind::Meshpath => {
+                // A veth pair (this kernel has no dummy driver) carries the fillers' routes.
+                let _ = ip(&["-n", &n1, "link", "del", "fill0"]);
+                ip(&["-n", &n1, "link", "add", "fill0", "type", "veth", "peer", "name", "fill0p"])?;
+                ip(&["-n", &n1, "link", "set", "fill0", "up"])?;
+                ip(&["-n", &n1, "link", "set", "fill0p", "up"])?;
+                let mut batch = String::new();
+                for f in fillers(n) {
+                    let _ = writeln!(batch, "route add {f}/32 dev fill0");
+                }
+                let file = self.lab.dir.join("fill-routes.batch");
+                std::fs::write(&file, batch)?;
+                ip(&["-n", &n1, "-batch", &file.display().to_string()])?;
+                self.lab.write_workloads_text(&yaml)?;
+                // a's two addresses and one per filler.
+                let want = n + 1;
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while self.lab.workload_map(0)?.len() != want {
+                    if Instant::now() > deadline {
+                        return Err(LabError::Other(format!("the workload map did not reach {want} entries")));
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            PathKind::Tproxy | PathKind::Legacy => {
+                let set = if self.kind == PathKind::Tproxy { TPROXY_IPSET } else { legacy::IPSET };
+                let mut script = format!("flush {set}\nadd {set} {}\n", self.lab.pod("a").v4);
+                for f in fillers(n) {
+                    let _ = writeln!(script, "add {set} {f}");
+                }
+                ipset_restore(&n1, &script)?;
+                // Their proxies hold the same workload list as meshpath's.
+                self.lab.write_workloads_text(&yaml)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// User plus system CPU time of the proxies so far.
+    pub fn proxy_cpu(&self) -> Option<Duration> {
+        if self.proxy_pids.is_empty() {
+            return None;
+        }
+        let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten()? as f64;
+        let mut total = 0f64;
+        for pid in &self.proxy_pids {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields after the parenthesised command name: state is the 3rd, utime the 14th.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            total += f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+        }
+        Some(Duration::from_secs_f64(total / ticks))
+    }
+
+    /// Resident memory of the proxies, KiB.
+    pub fn proxy_rss_kib(&self) -> Option<u64> {
+        if self.proxy_pids.is_empty() {
+            return None;
+        }
+        let mut total = 0;
+        for pid in &self.proxy_pids {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            total += status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?;
+        }
+        Some(total)
+    }
+
+    pub fn teardown(mut self) -> Result<()> {
+        if let Some(mut p) = self.legacy_proxy.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = p.wait();
+        }
+        drop(self.servers);
+        let problems = self.lab.teardown();
+        if problems.is_empty() { Ok(()) } else { Err(LabError::Other(problems.join("; "))) }
+    }
+}
+
+/// Addresses of `n - 1` filler workloads.
+fn fillers(n: usize) -> impl Iterator<Item = IpAddr> {
+    (0..n.saturating_sub(1)).map(|i| IpAddr::from([10, 250, (i / 250) as u8, (i % 250 + 1) as u8]))
+}
+
+/// Pod a and `n - 1` fillers on node 1 (one service account: one certificate).
+fn workloads_yaml(lab: &Lab, n: usize) -> String {
+    let mut y = lab.workloads_yaml(&["a"]);
+    let node = &lab.nodes[0].name;
+    for (i, f) in fillers(n).enumerate() {
+        let _ = writeln!(y, "  - {{name: f{i}, namespace: fill, serviceAccount: filler, node: {node}, ips: [{f}]}}");
+    }
+    y
+}
+
+fn ipset_restore(ns: &str, script: &str) -> Result<()> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "ipset", "restore", "-exist"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| LabError::Spawn { cmd: "ipset restore".into(), source })?;
+    child.stdin.take().expect("piped").write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(LabError::Command { cmd: "ipset restore".into(), stderr: String::from_utf8_lossy(&out.stderr).trim().into() });
+    }
+    Ok(())
+}
+
+/// Runs `iptables ARGS` inside `ns`.
+fn iptables(ns: &str, args: &[&str]) -> Result<()> {
+    crate::lab::run(Command::new("ip").args(["netns", "exec", ns, "iptables"]).args(args)).map(|_| ())
+}
+
+/// TPROXY in the namespace `ns` to the proxy's outbound listener for TCP matching `rule`,
+/// with the local route that delivers the marked packets.
+fn tproxy_to_listener(ns: &str, rule: &[&str]) -> Result<()> {
+    let port = meshpath_common::names::PORT_OUTBOUND.to_string();
+    let mut args = vec!["-t", "mangle", "-A", "PREROUTING", "-p", "tcp"];
+    args.extend_from_slice(rule);
+    args.extend_from_slice(&["-j", "TPROXY", "--on-ip", "127.0.0.1", "--on-port", &port, "--tproxy-mark", TPROXY_MARK]);
+    iptables(ns, &args)?;
+    ip(&["-n", ns, "rule", "add", "fwmark", TPROXY_MARK, "lookup", TPROXY_TABLE, "priority", "100"])?;
+    ip(&["-n", ns, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", TPROXY_TABLE])?;
+    Ok(())
+}
+
+/// The tproxy path: one ipset-matched TPROXY rule in node 1.
+fn tproxy_capture(lab: &Lab) -> Result<()> {
+    let n1 = &lab.nodes[0].name;
+    crate::lab::run(Command::new("ip").args(["netns", "exec", n1, "ipset", "create", TPROXY_IPSET, "hash:ip", "maxelem", "65536"]))?;
+    tproxy_to_listener(n1, &["-m", "set", "--match-set", TPROXY_IPSET, "src"])
+}
+
+/// The legacy path: a proxy namespace behind a veth (as ztunnel's pod was), the ipset and
+/// mangle mark on node 1, policy routing into the istioout tunnel, TPROXY in the proxy's
+/// namespace, and kube-proxy's NAT chains so conntrack tracks every connection. Returns the
+/// proxy namespace.
+fn legacy_capture(lab: &mut Lab) -> Result<String> {
+    use legacy::*;
+    let n1 = lab.nodes[0].name.clone();
+    let zt = format!("{}-zt", lab.id);
+    lab.add_netns(&zt)?;
+    // The proxy's "pod": a routed veth like the others.
+    ip(&["link", "add", "vzt", "netns", &n1, "type", "veth", "peer", "name", "eth0", "netns", &zt])?;
+    ip(&["-n", &zt, "addr", "add", &format!("{PROXY_IP}/32"), "dev", "eth0"])?;
+    ip(&["-n", &zt, "link", "set", "eth0", "up"])?;
+    ip(&["-n", &zt, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
+    ip(&["-n", &zt, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
+    ip(&["-n", &n1, "link", "set", "vzt", "up"])?;
+    ip(&["-n", &n1, "addr", "add", "169.254.1.1/32", "dev", "vzt", "scope", "link"])?;
+    ip(&["-n", &n1, "route", "add", &format!("{PROXY_IP}/32"), "dev", "vzt"])?;
+    // The tunnel between the node and the proxy's namespace.
+    let node_ip = lab.nodes[0].underlay_v4.to_string();
+    ip(&["-n", &n1, "link", "add", "istioout", "type", "vxlan", "id", VNI, "local", &node_ip, "remote", PROXY_IP, "dstport", VXLAN_PORT])?;
+    ip(&["-n", &n1, "addr", "add", &format!("{TUNNEL_NODE}/30"), "dev", "istioout"])?;
+    ip(&["-n", &n1, "link", "set", "istioout", "up"])?;
+    ip(&["-n", &zt, "link", "add", "pistioout", "type", "vxlan", "id", VNI, "local", PROXY_IP, "remote", &node_ip, "dstport", VXLAN_PORT])?;
+    ip(&["-n", &zt, "addr", "add", &format!("{TUNNEL_PROXY}/30"), "dev", "pistioout"])?;
+    ip(&["-n", &zt, "link", "set", "pistioout", "up"])?;
+    // Packets arrive in the proxy namespace from the tunnel with sources it routes elsewhere.
+    sysctls(&zt, &[("net/ipv4/conf/all/rp_filter", "0"), ("net/ipv4/conf/default/rp_filter", "0"), ("net/ipv4/conf/pistioout/rp_filter", "0")])?;
+    sysctls(&zt, CONNECTION_SYSCTLS)?;
+    sysctls(&n1, &[("net/ipv4/conf/all/rp_filter", "0"), ("net/ipv4/conf/vzt/rp_filter", "0")])?;
+    // Node 1: mark enrolled sources, route the marked into the tunnel. The tunnel's own outer
+    // packets inherit the mark, so the proxy namespace's address is on-link in the table too,
+    // or they would route back into the tunnel.
+    crate::lab::run(Command::new("ip").args(["netns", "exec", &n1, "ipset", "create", IPSET, "hash:ip", "maxelem", "65536"]))?;
+    iptables(&n1, &["-t", "mangle", "-A", "PREROUTING", "-p", "tcp", "-m", "set", "--match-set", IPSET, "src", "-j", "MARK", "--set-xmark", MARK])?;
+    ip(&["-n", &n1, "rule", "add", "fwmark", MARK, "lookup", TABLE, "priority", "101"])?;
+    ip(&["-n", &n1, "route", "add", "default", "via", TUNNEL_PROXY, "dev", "istioout", "table", TABLE])?;
+    ip(&["-n", &n1, "route", "add", &format!("{PROXY_IP}/32"), "dev", "vzt", "scope", "link", "table", TABLE])?;
+    // kube-proxy's NAT chains: with a NAT table in place, conntrack follows every flow.
+    for chain in ["PREROUTING", "OUTPUT"] {
+        let _ = iptables(&n1, &["-t", "nat", "-N", "KUBE-SERVICES"]);
+        iptables(&n1, &["-t", "nat", "-A", chain, "-j", "KUBE-SERVICES"])?;
+    }
+    // The proxy namespace: TPROXY what comes out of the tunnel.
+    tproxy_to_listener(&zt, &["-i", "pistioout"])?;
+    Ok(zt)
+}
+
+/// meshpath's proxy, datapath-less, in the legacy proxy namespace.
+fn start_legacy_proxy(lab: &Lab, zt: &str) -> Result<Child> {
+    let log = std::fs::File::create(lab.dir.join("legacy-proxy.log"))?;
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{zt}"))
+        .arg(&lab.binary)
+        .args(["node", "--proxy-only", "--node", &lab.nodes[0].name, "--workloads"])
+        .arg(lab.workloads_path())
+        .args(["--ca-dir"])
+        .arg(lab.ca_dir())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .map_err(|source| LabError::Spawn { cmd: "legacy proxy".into(), source })?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !readiness(zt).unwrap_or(false) {
+        if Instant::now() > deadline {
+            return Err(LabError::Other(format!("the legacy proxy in {zt} is not ready; see {}", lab.dir.join("legacy-proxy.log").display())));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(child)
+}
