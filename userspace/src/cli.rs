@@ -277,7 +277,13 @@ fn run_bench(quick: bool, out: &std::path::Path, chart: &str, json: Option<&std:
     let started = std::time::Instant::now();
     let samples = bench::run(&cfg, |line| eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64()))?;
     let command = if quick { "cargo xtask bench --quick" } else { "cargo xtask bench" };
-    std::fs::write(out, bench::document(&cfg, &samples, command, chart)).with_context(|| format!("writing {}", out.display()))?;
+    // The hand-written analysis below the marker survives a new run.
+    let analysis = std::fs::read_to_string(out)
+        .ok()
+        .and_then(|old| old.split_once(bench::ANALYSIS_MARKER).map(|(_, tail)| tail.to_owned()))
+        .unwrap_or_else(|| "\n(no analysis written yet)\n".to_owned());
+    let doc = format!("{}\n{}{analysis}", bench::document(&cfg, &samples, command, chart), bench::ANALYSIS_MARKER);
+    std::fs::write(out, doc).with_context(|| format!("writing {}", out.display()))?;
     let chart_path = out.parent().unwrap_or(std::path::Path::new(".")).join(chart);
     std::fs::write(&chart_path, bench::report::svg_chart(&samples, cfg.sizes[0])).with_context(|| format!("writing {}", chart_path.display()))?;
     if let Some(j) = json {

@@ -300,7 +300,10 @@ fn worker(sh: Arc<Shared>) {
         };
         // Spawned from this thread, a new worker starts in this thread's namespace. Out of
         // threads, the workers there are keep serving.
-        if idle_before == 1 && !sh.stop.load(Ordering::Acquire) && let Err(e) = spawn_worker(&sh) {
+        if idle_before == 1
+            && !sh.stop.load(Ordering::Acquire)
+            && let Err(e) = spawn_worker(&sh)
+        {
             eprintln!("loadgen {} server: spawning a worker: {e}", sh.what);
         }
         sh.counters.connections.fetch_add(1, Ordering::AcqRel);
@@ -478,10 +481,7 @@ pub fn request_rate(ns: Option<&str>, dst: SocketAddr, connections: usize, durat
                     tally.samples.push(u32::try_from(took.as_micros()).unwrap_or(u32::MAX));
                 }
                 Ok(()) => {
-                    return Err(LoadError::Corrupt(format!(
-                        "request_rate to {dst}: sent byte {byte:#04x}, got {:#04x} back",
-                        got[0]
-                    )));
+                    return Err(LoadError::Corrupt(format!("request_rate to {dst}: sent byte {byte:#04x}, got {:#04x} back", got[0])));
                 }
                 Err(e) => {
                     tally.error(e);

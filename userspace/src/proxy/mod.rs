@@ -315,7 +315,9 @@ impl Proxy {
             .await
             .map_err(|e| format!("upstream connect failed: {e}"))?;
         rec.upstream_src = upstream.local_addr().ok().map(canonical);
-        match tokio::io::copy_bidirectional(client, &mut upstream).await {
+        // 64 KiB buffers (tokio's default is 8): a bulk transfer then takes an eighth of the
+        // wake-ups and syscalls (measured: `cargo xtask bench`, 1-stream throughput).
+        match tokio::io::copy_bidirectional_with_sizes(client, &mut upstream, RELAY_BUFFER, RELAY_BUFFER).await {
             Ok((sent, received)) => {
                 rec.bytes_sent = sent;
                 rec.bytes_received = received;
@@ -332,6 +334,9 @@ impl Proxy {
         self.cfg.pod_cidrs.iter().any(|n| n.contains(&ip)) || self.index().get(ip).is_some()
     }
 }
+
+/// Buffer per direction of a plain relay.
+const RELAY_BUFFER: usize = 64 * 1024;
 
 /// IPv4-mapped IPv6 socket addresses as plain IPv4.
 pub fn canonical(a: SocketAddr) -> SocketAddr {
