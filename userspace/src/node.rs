@@ -107,7 +107,7 @@ pub enum Source {
 
 /// The desired-state source as the main loop follows it.
 enum Desired {
-    File { path: PathBuf, last_text: String, read_failed: bool },
+    File { path: PathBuf, last_text: String, read_failed: bool, stamp: Option<FileStamp> },
     Kubernetes(watch::Receiver<Option<Arc<ClusterState>>>),
     /// The watchers ended (only on shutdown): nothing more will come.
     Ended,
@@ -180,7 +180,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let (mut desired, file, services) = match (initial_file, client) {
         (Some((file, last_text)), _) => {
             let Source::File(path) = cfg.source.clone() else { unreachable!("a file was read") };
-            (Desired::File { path, last_text, read_failed: false }, file, ServiceTable::new())
+            let stamp = FileStamp::of(&path);
+            (Desired::File { path, last_text, read_failed: false, stamp }, file, ServiceTable::new())
         }
         (None, Some(client)) => {
             let mut rx = k8s::start(client, stop_rx.clone());
@@ -240,19 +241,26 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
             Desired::Kubernetes(rx) if cluster_event => {
                 if let Some(state) = rx.borrow_and_update().clone() {
                     proxy.set_workloads(WorkloadIndex::new(&state.workloads, state.services.clone(), &cfg.trust_domain));
-                    rec.file = state.workloads.clone();
+                    rec.set_file(state.workloads.clone());
                 }
             }
-            Desired::File { path, last_text, read_failed } => {
+            Desired::File { path, last_text, read_failed, stamp } => {
+                // Unchanged metadata (inode, size, mtime) means an unchanged file: at 10 000
+                // workloads reading and comparing a megabyte every tick is not free. A full
+                // pass reads it anyway.
+                let now = FileStamp::of(path);
+                let unchanged = !*read_failed && now.is_some() && now == *stamp && !rec.full_pass_due();
+                *stamp = now;
                 // A changed file is applied whole or not at all; an unreadable one changes
                 // nothing (reading it as empty would unenrol every workload).
-                match std::fs::read_to_string(&*path) {
+                match if unchanged { Ok(std::mem::take(last_text)) } else { std::fs::read_to_string(&*path) } {
                     Err(e) => {
                         if !*read_failed {
                             tracing::error!("cannot read {}, keeping the running state: {e}", path.display());
                             *read_failed = true;
                         }
                     }
+                    Ok(text) if unchanged => *last_text = text,
                     Ok(text) => {
                         *read_failed = false;
                         if text != *last_text {
@@ -261,7 +269,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
                                 Ok(f) => {
                                     tracing::info!(workloads = f.workloads.len(), "workload file changed; applying");
                                     proxy.set_workloads(WorkloadIndex::new(&f, ServiceTable::new(), &cfg.trust_domain));
-                                    rec.file = f;
+                                    rec.set_file(f);
                                 }
                                 Err(e) => tracing::error!("rejected workload file, keeping the running state: {e}"),
                             }
@@ -306,6 +314,23 @@ impl metrics::Sources for ScrapeSources {
     }
 }
 
+/// What identifies a version of a file without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(path: &std::path::Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self { dev: m.dev(), ino: m.ino(), len: m.len(), mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()) })
+    }
+}
+
 /// What the daemon drives in the kernel; absent with `--proxy-only`.
 struct Kernel {
     routing: Routing,
@@ -332,6 +357,8 @@ struct Reconciler<'a> {
     /// kernel only on full passes.
     map: Option<BTreeMap<IpAddr, u32>>,
     last_full: std::time::Instant,
+    /// The desired state changed since the last pass over the workloads.
+    dirty: bool,
 }
 
 impl<'a> Reconciler<'a> {
@@ -345,7 +372,17 @@ impl<'a> Reconciler<'a> {
             routes_for: Vec::new(),
             map: None,
             last_full: std::time::Instant::now(),
+            dirty: true,
         }
+    }
+
+    fn set_file(&mut self, file: WorkloadFile) {
+        self.file = file;
+        self.dirty = true;
+    }
+
+    fn full_pass_due(&self) -> bool {
+        self.last_full.elapsed() >= FULL_PASS
     }
 
     /// Makes the kernel match the desired state: the classifier on every interface it
@@ -381,6 +418,12 @@ impl<'a> Reconciler<'a> {
         // then also catches routes changed under unchanged interfaces.
         let iface_list: Vec<(u32, String)> = ifaces.iter().map(|i| (i.index, i.name.clone())).collect();
         let full = iface_list != self.routes_for || self.last_full.elapsed() >= FULL_PASS || self.map.is_none();
+        // Nothing to redo: the same workloads over the same interfaces, recently checked.
+        // (Unresolved IPs are retried when an interface appears, or on the next full pass.)
+        if !full && !self.dirty {
+            return Ok(());
+        }
+        self.dirty = false;
         if full {
             self.routes.clear();
             self.routes_for = iface_list;
