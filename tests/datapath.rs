@@ -177,6 +177,17 @@ fn workload_file_changes_apply_live_and_bad_files_change_nothing() -> Result<()>
             "{what}: a's traffic is no longer captured"
         );
     }
+    // An edit in place (same inode, same size, possibly the same timestamp tick as the
+    // daemon's last read) is seen too: b moves to a node of the same name length.
+    let good_text = lab.workloads_yaml(&["a", "b", "c"]);
+    let n1 = lab.nodes[0].name.clone();
+    let elsewhere = format!("{}9", &n1[..n1.len() - 1]);
+    let moved = good_text.replace(&format!("serviceAccount: sa-b\n    node: {n1}"), &format!("serviceAccount: sa-b\n    node: {elsewhere}"));
+    ensure!(moved.len() == good_text.len() && moved != good_text, "the in-place edit must keep the size");
+    lab.write_workloads_text(&good_text)?;
+    wait_until("b enrolled again", Duration::from_secs(3), || Ok(lab.workload_map(0)?.contains_key(&lab.pod("b").v4)))?;
+    std::fs::write(lab.workloads_path(), &moved)?;
+    wait_until("an in-place edit to unenrol b", Duration::from_secs(3), || Ok(!lab.workload_map(0)?.contains_key(&lab.pod("b").v4)))?;
     let line = std::fs::read_to_string(&log)?.lines().filter(|l| l.contains("rejected workload file")).last().unwrap_or_default().to_string();
     ensure!(line.contains("workloads.yaml"), "the message does not name the file: {line}");
     Ok(())

@@ -107,7 +107,7 @@ pub enum Source {
 
 /// The desired-state source as the main loop follows it.
 enum Desired {
-    File { path: PathBuf, last_text: String, read_failed: bool, stamp: Option<FileStamp> },
+    File { path: PathBuf, last_text: String, read_failed: bool, read: FileRead },
     Kubernetes(watch::Receiver<Option<Arc<ClusterState>>>),
     /// The watchers ended (only on shutdown): nothing more will come.
     Ended,
@@ -127,6 +127,12 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     datapath::validate_node_name(&cfg.node)?;
     // Validate everything cheap before touching the kernel. The bytes parsed here are the
     // ones later edits are compared with, so an edit made during start-up is not missed.
+    // The file's stamp is taken before it is read: an edit made after the read then shows
+    // as a changed stamp.
+    let initial_stamp = match &cfg.source {
+        Source::File(path) => FileStamp::of(path),
+        Source::Kubernetes => None,
+    };
     let initial_file = match &cfg.source {
         Source::File(path) => Some(WorkloadFile::load_with_text(path)?),
         Source::Kubernetes => None,
@@ -180,8 +186,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let (mut desired, file, services) = match (initial_file, client) {
         (Some((file, last_text)), _) => {
             let Source::File(path) = cfg.source.clone() else { unreachable!("a file was read") };
-            let stamp = FileStamp::of(&path);
-            (Desired::File { path, last_text, read_failed: false, stamp }, file, ServiceTable::new())
+            let read = FileRead { stamp: initial_stamp, at: std::time::SystemTime::now() };
+            (Desired::File { path, last_text, read_failed: false, read }, file, ServiceTable::new())
         }
         (None, Some(client)) => {
             let mut rx = k8s::start(client, stop_rx.clone());
@@ -244,13 +250,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
                     rec.set_file(state.workloads.clone());
                 }
             }
-            Desired::File { path, last_text, read_failed, stamp } => {
+            Desired::File { path, last_text, read_failed, read } => {
                 // Unchanged metadata (inode, size, mtime) means an unchanged file: at 10 000
-                // workloads reading and comparing a megabyte every tick is not free. A full
-                // pass reads it anyway.
+                // workloads reading and comparing a megabyte every tick is not free.
                 let now = FileStamp::of(path);
-                let unchanged = !*read_failed && now.is_some() && now == *stamp && !rec.full_pass_due();
-                *stamp = now;
+                let unchanged = !*read_failed && read.still_current(now);
+                if !unchanged {
+                    *read = FileRead { stamp: now, at: std::time::SystemTime::now() };
+                }
                 // A changed file is applied whole or not at all; an unreadable one changes
                 // nothing (reading it as empty would unenrol every workload).
                 match if unchanged { Ok(std::mem::take(last_text)) } else { std::fs::read_to_string(&*path) } {
@@ -331,6 +338,29 @@ impl FileStamp {
     }
 }
 
+/// When the workload file was last read, and its stamp just before.
+#[derive(Clone, Copy, Debug)]
+struct FileRead {
+    stamp: Option<FileStamp>,
+    at: std::time::SystemTime,
+}
+
+impl FileRead {
+    /// Whether a file with stamp `now` is certainly what was read: the same stamp, a
+    /// modification time well before that read (an edit within the same timestamp tick as
+    /// the read could hide behind an equal stamp: git's "racy" rule), and a read not older
+    /// than a full pass.
+    fn still_current(&self, now: Option<FileStamp>) -> bool {
+        let (Some(then), Some(now)) = (self.stamp, now) else { return false };
+        let settled = self
+            .at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX) - now.mtime_ns > 2_000_000_000)
+            .unwrap_or(false);
+        then == now && settled && self.at.elapsed().map(|e| e < FULL_PASS).unwrap_or(false)
+    }
+}
+
 /// What the daemon drives in the kernel; absent with `--proxy-only`.
 struct Kernel {
     routing: Routing,
@@ -359,6 +389,8 @@ struct Reconciler<'a> {
     last_full: std::time::Instant,
     /// The desired state changed since the last pass over the workloads.
     dirty: bool,
+    /// Interfaces carrying the classifier at the last pass.
+    last_attached: BTreeSet<u32>,
 }
 
 impl<'a> Reconciler<'a> {
@@ -373,6 +405,7 @@ impl<'a> Reconciler<'a> {
             map: None,
             last_full: std::time::Instant::now(),
             dirty: true,
+            last_attached: BTreeSet::new(),
         }
     }
 
@@ -381,9 +414,6 @@ impl<'a> Reconciler<'a> {
         self.dirty = true;
     }
 
-    fn full_pass_due(&self) -> bool {
-        self.last_full.elapsed() >= FULL_PASS
-    }
 
     /// Makes the kernel match the desired state: the classifier on every interface it
     /// should be on, then the workload map. The classifier goes first so an IP is never in
@@ -418,12 +448,11 @@ impl<'a> Reconciler<'a> {
         // then also catches routes changed under unchanged interfaces.
         let iface_list: Vec<(u32, String)> = ifaces.iter().map(|i| (i.index, i.name.clone())).collect();
         let full = iface_list != self.routes_for || self.last_full.elapsed() >= FULL_PASS || self.map.is_none();
-        // Nothing to redo: the same workloads over the same interfaces, recently checked.
-        // (Unresolved IPs are retried when an interface appears, or on the next full pass.)
-        if !full && !self.dirty {
+        // Nothing to redo: the same workloads over the same interfaces with the same
+        // classifiers, all resolved, recently checked. Unresolved IPs are retried every tick.
+        if !full && !self.dirty && attached == self.last_attached && self.unresolved.is_empty() {
             return Ok(());
         }
-        self.dirty = false;
         if full {
             self.routes.clear();
             self.routes_for = iface_list;
@@ -486,6 +515,9 @@ impl<'a> Reconciler<'a> {
             }
         }
         k.dp.set_workload_interfaces(&wanted_ifs)?;
+        // Only a pass that went through clears the flags: a failed one is retried next tick.
+        self.dirty = false;
+        self.last_attached = attached;
         Ok(())
     }
 }

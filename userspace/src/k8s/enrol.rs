@@ -3,7 +3,9 @@
 //! - `istio.io/dataplane-mode=ambient` on a pod or its namespace enrols it;
 //! - `istio.io/dataplane-mode=none` on a pod opts it out, whatever its namespace says;
 //! - host-network pods are never enrolled (their IP is the node's);
-//! - finished pods (Succeeded, Failed) are not enrolled: their IPs may already be reused.
+//! - finished pods (Succeeded, Failed) are not enrolled: their IPs may already be reused;
+//! - pods with an Istio sidecar (annotation `sidecar.istio.io/status`) are not: the sidecar
+//!   already does the job, as Istio's ambient mode leaves them alone.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -15,6 +17,7 @@ use crate::workloads::{Workload, WorkloadFile};
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
 pub const DATAPLANE_MODE_NONE: &str = "none";
+pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
 
 fn label<'a>(labels: Option<&'a BTreeMap<String, String>>) -> Option<&'a str> {
     labels?.get(DATAPLANE_MODE_LABEL).map(String::as_str)
@@ -27,6 +30,9 @@ pub fn is_enrolled(pod: &Pod, ns_labels: Option<&BTreeMap<String, String>>) -> b
         return false;
     }
     if matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
+        return false;
+    }
+    if pod.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(SIDECAR_STATUS_ANNOTATION)) {
         return false;
     }
     match label(pod.metadata.labels.as_ref()) {
@@ -148,7 +154,9 @@ mod tests {
         let mut done = pod("done", "mesh", None, &["10.0.0.2"]);
         done.status.as_mut().unwrap().phase = Some("Succeeded".into());
         let pending = pod("pending", "mesh", None, &[]);
-        assert!(enrolled(&[host, done, pending], &namespaces).is_empty());
+        let mut sidecar = pod("sidecar", "mesh", Some("ambient"), &["10.0.0.3"]);
+        sidecar.metadata.annotations = Some(BTreeMap::from([(SIDECAR_STATUS_ANNOTATION.to_string(), "{}".to_string())]));
+        assert!(enrolled(&[host, done, pending, sidecar], &namespaces).is_empty());
     }
 
     #[test]

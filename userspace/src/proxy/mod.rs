@@ -89,6 +89,11 @@ impl WorkloadIndex {
         Self { services, ..Self::from_file(f, trust_domain) }
     }
 
+    /// Whether `addr` is a service's cluster IP and port.
+    pub fn is_service(&self, addr: SocketAddr) -> bool {
+        self.services.contains_key(&canonical(addr))
+    }
+
     /// The service at `addr` (a cluster IP and port) and one of its ready endpoints, taken in
     /// turn; `Some((service, None))` when it has none.
     pub fn resolve_service(&self, addr: SocketAddr) -> Option<(&str, Option<SocketAddr>)> {
@@ -234,9 +239,13 @@ impl Proxy {
                 return;
             }
         };
-        // Outbound to a service address under kube-proxy: its DNAT came first.
+        // Outbound to a service address under kube-proxy: its DNAT came first. Only a known
+        // service address replaces the endpoint (other DNATs, e.g. a NodePort, lead to pods
+        // the proxy should reach as such).
         let orig_dst = match role {
-            Listener::Outbound => socket::pre_nat_destination(&client, orig_dst).unwrap_or(orig_dst),
+            Listener::Outbound => socket::pre_nat_destination(&client, orig_dst)
+                .filter(|pre| self.index().is_service(*pre))
+                .unwrap_or(orig_dst),
             _ => orig_dst,
         };
         let _ = client.set_nodelay(true);

@@ -104,7 +104,8 @@ pub struct Sample {
     pub p99_us: u32,
     pub gbit_1: f64,
     pub gbit_8: f64,
-    /// Proxy CPU time (user + system) per connection during the connection-rate run, µs.
+    /// Whole-machine CPU time (everything but idle) per connection during the
+    /// connection-rate run, µs: client, server, proxies and the kernel's packet work alike.
     pub cpu_us_per_conn: Option<f64>,
     /// Proxy resident memory after the round, KiB.
     pub rss_kib: Option<u64>,
@@ -134,14 +135,16 @@ pub fn document(cfg: &BenchConfig, samples: &[Sample], command: &str, chart_file
          - **direct**: pod a to pod b through node 1's routing, no proxy;\n\
          - **legacy**: the 2022 ambient capture: ipset `ztunnel-pods-ips`, mangle mark `0x100/0x100`, `ip rule fwmark 0x100/0x100 lookup 101` with \
          `default via 192.168.127.2 dev istioout` and the proxy namespace's address on-link in table 101, a VXLAN pair `istioout`/`pistioout` \
-         (VXLAN stands in for Geneve, which this kernel lacks), TPROXY in the proxy's own network namespace, kube-proxy's NAT chains so \
-         conntrack tracks every flow; replies leave the proxy namespace through its veth rather than a second tunnel;\n\
+         (VXLAN stands in for Geneve, which this kernel lacks), TPROXY in the proxy's own network namespace; replies leave the proxy \
+         namespace through its veth rather than a second tunnel;\n\
          - **tproxy**: the proxy in node 1's namespace behind one ipset-matched TPROXY rule;\n\
          - **meshpath**: the eBPF datapath (TC classifier, policy routing to local, sk_lookup into the proxy's listener);\n\
          - **meshpath-hbone**: pod a to pod c on the other node, both enrolled: HBONE (mTLS HTTP/2) between two meshpath proxies;\n\
          - **meshpath-relay**: pod a to pod d on the other node, d not enrolled: meshpath's capture and a plain TCP relay.\n\n\
-         For the proxied paths on one node the proxy connects upstream from its own address; proxy CPU is user plus system time of the \
-         proxy processes (both nodes' for meshpath-hbone) during the connection-rate run, divided by its connections.\n\n{}",
+         Every node runs kube-proxy's NAT chains, so conntrack follows every flow on every path, as in a real cluster. For the proxied \
+         paths on one node the proxy connects upstream from its own address. Only the measured lab's proxies run (the others are \
+         stopped with SIGSTOP). CPU per connection is the whole machine's busy time (client, server, proxies, kernel) during the \
+         connection-rate run divided by its connections.\n\n{}",
         report::markdown(samples, &cfg.sizes, cfg.rounds),
         rounds = cfg.rounds,
         dur = cfg.duration,
@@ -167,8 +170,12 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Vec<Samp
             // Rotate the order each round.
             for j in 0..kinds.len() {
                 let kind = kinds[(j + round) % kinds.len()];
-                let setup = setups.iter_mut().find(|s| s.kind == kind).expect("every kind has a setup");
                 progress(&format!("round {}/{} at {size} workloads: {}", round + 1, cfg.rounds, kind.name()));
+                // Only the measured lab's proxies run.
+                for s in &setups {
+                    s.pause(s.kind != kind);
+                }
+                let setup = setups.iter_mut().find(|s| s.kind == kind).expect("every kind has a setup");
                 samples.push(measure(setup, size, round, cfg.duration)?);
             }
         }
@@ -190,9 +197,9 @@ fn measure(s: &mut Setup, workloads: usize, round: usize, d: Duration) -> Result
     let (echo, sink) = (s.echo_addr(), s.sink_addr());
     // Warm the path (pools, caches) outside the figures.
     loadgen::conn_rate(ns, echo, CONCURRENCY, Duration::from_millis(200)).map_err(load_err(s.kind, "warm-up"))?;
-    let cpu_before = s.proxy_cpu();
+    let cpu_before = machine_busy();
     let conn = loadgen::conn_rate(ns, echo, CONCURRENCY, d).map_err(load_err(s.kind, "connection rate"))?;
-    let cpu_after = s.proxy_cpu();
+    let cpu_after = machine_busy();
     let req = loadgen::request_rate(ns, echo, CONCURRENCY, d).map_err(load_err(s.kind, "request rate"))?;
     let sink_before = s.servers.sink_totals();
     let t1 = loadgen::throughput(ns, sink, 1, d).map_err(load_err(s.kind, "1-stream throughput"))?;
@@ -225,6 +232,16 @@ fn measure(s: &mut Setup, workloads: usize, round: usize, d: Duration) -> Result
         cpu_us_per_conn,
         rss_kib: s.proxy_rss_kib(),
     })
+}
+
+/// CPU time the whole machine spent not idle so far (all CPUs, /proc/stat).
+fn machine_busy() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<f64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal ...: busy is all but idle and iowait.
+    let busy: f64 = fields.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten()? as f64;
+    Some(Duration::from_secs_f64(busy / ticks))
 }
 
 /// The sink counts a stream's last bytes just after the client returns: wait a moment.

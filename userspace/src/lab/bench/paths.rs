@@ -14,8 +14,9 @@ use crate::lab::{Lab, LabError, Result, ip, loadgen, readiness, sysctls};
 pub mod legacy {
     /// The ipset of enrolled pod IPs.
     pub const IPSET: &str = "ztunnel-pods-ips";
-    /// The mangle mark of captured packets and its mask (not meshpath's 0x539: its bit 0x100
-    /// would collide).
+    /// The mangle mark of captured packets and its mask, as ambient had it. meshpath's proxy
+    /// mark 0x539 has this bit too, so nothing of the legacy path uses 0x539; the proxy's own
+    /// sockets live in the proxy namespace, and a veth clears marks between namespaces.
     pub const MARK: &str = "0x100/0x100";
     pub const TABLE: &str = "101";
     /// The tunnel's inner addresses (node side, proxy side).
@@ -55,6 +56,11 @@ impl Setup {
         // TIME_WAIT ports be reused (as load generators do), everywhere alike.
         for ns in lab.nodes.iter().map(|n| n.name.clone()).chain(lab.pods.iter().map(|p| p.netns.clone())).collect::<Vec<_>>() {
             sysctls(&ns, CONNECTION_SYSCTLS)?;
+        }
+        // Every node of a real cluster runs kube-proxy: its NAT chains make conntrack follow
+        // every flow, on every path alike.
+        for n in lab.nodes.iter().map(|n| n.name.clone()).collect::<Vec<_>>() {
+            kube_proxy_chains(&n)?;
         }
         let server = match kind {
             PathKind::MeshpathHbone => "c",
@@ -148,21 +154,13 @@ impl Setup {
         Ok(())
     }
 
-    /// User plus system CPU time of the proxies so far.
-    pub fn proxy_cpu(&self) -> Option<Duration> {
-        if self.proxy_pids.is_empty() {
-            return None;
-        }
-        let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten()? as f64;
-        let mut total = 0f64;
+    /// Stops (SIGSTOP) or resumes (SIGCONT) this lab's proxies, so an idle lab takes no CPU
+    /// from the one being measured.
+    pub fn pause(&self, stop: bool) {
+        let sig = if stop { nix::sys::signal::Signal::SIGSTOP } else { nix::sys::signal::Signal::SIGCONT };
         for pid in &self.proxy_pids {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // Fields after the parenthesised command name: state is the 3rd, utime the 14th.
-            let rest = stat.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            total += f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), sig);
         }
-        Some(Duration::from_secs_f64(total / ticks))
     }
 
     /// Resident memory of the proxies, KiB.
@@ -179,13 +177,27 @@ impl Setup {
     }
 
     pub fn teardown(mut self) -> Result<()> {
+        self.pause(false);
+        self.stop_legacy_proxy();
+        let problems = self.lab.teardown();
+        if problems.is_empty() { Ok(()) } else { Err(LabError::Other(problems.join("; "))) }
+    }
+
+    fn stop_legacy_proxy(&mut self) {
         if let Some(mut p) = self.legacy_proxy.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.id() as i32), nix::sys::signal::Signal::SIGCONT);
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.id() as i32), nix::sys::signal::Signal::SIGTERM);
             let _ = p.wait();
         }
-        drop(self.servers);
-        let problems = self.lab.teardown();
-        if problems.is_empty() { Ok(()) } else { Err(LabError::Other(problems.join("; "))) }
+    }
+}
+
+// The legacy proxy is no lab daemon: a failed run must not leave it behind (the lab's own
+// teardown handles the rest).
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.pause(false);
+        self.stop_legacy_proxy();
     }
 }
 
@@ -283,20 +295,25 @@ fn legacy_capture(lab: &mut Lab) -> Result<String> {
     ip(&["-n", &n1, "rule", "add", "fwmark", MARK, "lookup", TABLE, "priority", "101"])?;
     ip(&["-n", &n1, "route", "add", "default", "via", TUNNEL_PROXY, "dev", "istioout", "table", TABLE])?;
     ip(&["-n", &n1, "route", "add", &format!("{PROXY_IP}/32"), "dev", "vzt", "scope", "link", "table", TABLE])?;
-    // kube-proxy's NAT chains: with a NAT table in place, conntrack follows every flow.
-    for chain in ["PREROUTING", "OUTPUT"] {
-        let _ = iptables(&n1, &["-t", "nat", "-N", "KUBE-SERVICES"]);
-        iptables(&n1, &["-t", "nat", "-A", chain, "-j", "KUBE-SERVICES"])?;
-    }
+    // (kube-proxy's NAT chains are in every lab: see `Setup::build`.)
     // The proxy namespace: TPROXY what comes out of the tunnel.
     tproxy_to_listener(&zt, &["-i", "pistioout"])?;
     Ok(zt)
 }
 
+/// kube-proxy's NAT chains in `ns`: with a NAT table in place, conntrack follows every flow.
+fn kube_proxy_chains(ns: &str) -> Result<()> {
+    iptables(ns, &["-t", "nat", "-N", "KUBE-SERVICES"])?;
+    for chain in ["PREROUTING", "OUTPUT"] {
+        iptables(ns, &["-t", "nat", "-A", chain, "-j", "KUBE-SERVICES"])?;
+    }
+    Ok(())
+}
+
 /// meshpath's proxy, datapath-less, in the legacy proxy namespace.
 fn start_legacy_proxy(lab: &Lab, zt: &str) -> Result<Child> {
     let log = std::fs::File::create(lab.dir.join("legacy-proxy.log"))?;
-    let child = Command::new("nsenter")
+    let mut child = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{zt}"))
         .arg(&lab.binary)
         .args(["node", "--proxy-only", "--node", &lab.nodes[0].name, "--workloads"])
@@ -311,6 +328,8 @@ fn start_legacy_proxy(lab: &Lab, zt: &str) -> Result<Child> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !readiness(zt).unwrap_or(false) {
         if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
             return Err(LabError::Other(format!("the legacy proxy in {zt} is not ready; see {}", lab.dir.join("legacy-proxy.log").display())));
         }
         std::thread::sleep(Duration::from_millis(50));

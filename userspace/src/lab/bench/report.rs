@@ -15,7 +15,7 @@ pub const METRICS: [(&str, &str, bool, Getter); 8] = [
     ("p99 latency", "µs", false, |s| Some(f64::from(s.p99_us))),
     ("1-stream throughput", "Gbit/s", true, |s| Some(s.gbit_1)),
     ("8-stream throughput", "Gbit/s", true, |s| Some(s.gbit_8)),
-    ("proxy CPU per connection", "µs", false, |s| s.cpu_us_per_conn),
+    ("CPU per connection (machine)", "µs", false, |s| s.cpu_us_per_conn),
     ("proxy RSS", "MiB", false, |s| s.rss_kib.map(|k| k as f64 / 1024.0)),
 ];
 
@@ -81,7 +81,8 @@ pub fn targets(agg: &BTreeMap<(PathKind, usize), Vec<Option<Stat>>>, base: usize
     let r = |a: PathKind, b: PathKind, m: usize| ratio(get(a, base, m), get(b, base, m));
     let t = |what, measured: Option<f64>, want, ok: fn(f64) -> bool| Target { what, measured, want, met: measured.is_some_and(ok) };
     let mesh = PathKind::Meshpath;
-    let scale = |m: usize| ratio(get(mesh, largest, m), get(mesh, base, m));
+    // With one size there is no scale figure.
+    let scale = |m: usize| if largest == base { None } else { ratio(get(mesh, largest, m), get(mesh, base, m)) };
     vec![
         t("new connections/s, meshpath / legacy", r(mesh, PathKind::Legacy, 0), ">= 1.5", |v| v >= 1.5),
         t("new connections/s, meshpath / tproxy", r(mesh, PathKind::Tproxy, 0), ">= 1.05", |v| v >= 1.05),
@@ -160,7 +161,11 @@ pub fn markdown(samples: &[Sample], sizes: &[usize], rounds: usize) -> String {
             t.what,
             t.measured.map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into()),
             t.want,
-            if t.met { "met" } else { "**missed**" }
+            match (t.measured, t.met) {
+                (None, _) => "not measured",
+                (Some(_), true) => "met",
+                (Some(_), false) => "**missed**",
+            }
         );
     }
     s
