@@ -162,6 +162,10 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Vec<Samp
     let mut samples = Vec::new();
     for (i, &size) in cfg.sizes.iter().enumerate() {
         let kinds: Vec<PathKind> = PathKind::ALL.into_iter().filter(|k| i == 0 || k.scales()).collect();
+        // Filling needs the daemons running (the last round stopped all but one).
+        for s in &setups {
+            s.pause(false);
+        }
         for s in setups.iter_mut().filter(|s| kinds.contains(&s.kind) && s.kind.scales()) {
             progress(&format!("{}: filling the capture to {size} workloads", s.kind.name()));
             s.fill(size)?;
