@@ -142,7 +142,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         Source::File(_) => None,
     };
     let log = AccessLog::open(cfg.access_log.as_deref())?;
-    let certs = CertificateManager::new(cfg.certificates.provider(&cfg.trust_domain)?, &cfg.trust_domain);
+    let certs = CertificateManager::new(cfg.certificates.provider(&cfg.trust_domain)?);
     let admin_listener = admin::bind(cfg.readiness_port).await?;
     let metrics_listener = admin::bind(cfg.metrics_port).await?;
     let metrics = Metrics::new();

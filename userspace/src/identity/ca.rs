@@ -6,7 +6,7 @@
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
@@ -121,11 +121,9 @@ fn generate_root(trust_domain: &str) -> Result<(Issuer<'static, KeyPair>, Certif
 }
 
 fn load_root(cert_path: &Path, key_path: &Path) -> Result<(Issuer<'static, KeyPair>, CertificateDer<'static>), IdentityError> {
-    let read = |p: &PathBuf| {
-        std::fs::read_to_string(p).map_err(|e| IdentityError::File { path: p.display().to_string(), reason: e.to_string() })
-    };
     let file_err = |p: &Path, reason: String| IdentityError::File { path: p.display().to_string(), reason };
-    let (cert_pem, key_pem) = (read(&cert_path.to_owned())?, read(&key_path.to_owned())?);
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| file_err(p, e.to_string()));
+    let (cert_pem, key_pem) = (read(cert_path)?, read(key_path)?);
     // The key's error never includes the key text.
     let key = KeyPair::from_pem(&key_pem).map_err(|e| file_err(key_path, format!("not a usable private key: {e}")))?;
     let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)

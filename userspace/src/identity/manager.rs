@@ -28,7 +28,6 @@ struct Entry {
 
 pub struct CertificateManager {
     provider: Box<dyn CertificateProvider>,
-    trust_domain: String,
     cache: Mutex<HashMap<Identity, Entry>>,
     /// One first fetch at a time per identity, so N connections of a new identity get one
     /// certificate, and a slow fetch of one identity holds up no other.
@@ -36,21 +35,12 @@ pub struct CertificateManager {
 }
 
 impl CertificateManager {
-    pub fn new(provider: Box<dyn CertificateProvider>, trust_domain: &str) -> Arc<Self> {
+    pub fn new(provider: Box<dyn CertificateProvider>) -> Arc<Self> {
         Arc::new(Self {
             provider,
-            trust_domain: trust_domain.into(),
             cache: Mutex::default(),
             fetching: Mutex::default(),
         })
-    }
-
-    pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
-    }
-
-    pub fn provider_name(&self) -> &'static str {
-        self.provider.name()
     }
 
     fn cached(&self, id: &Identity) -> Option<Arc<WorkloadCertificate>> {
@@ -167,7 +157,7 @@ mod tests {
             fetches: AtomicU32::new(0),
             fail: Default::default(),
         });
-        (p.clone(), CertificateManager::new(Box::new(p), "cluster.local"))
+        (p.clone(), CertificateManager::new(Box::new(p)))
     }
 
     #[tokio::test]

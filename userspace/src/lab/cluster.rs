@@ -5,8 +5,7 @@
 //! namespace `plain` is not and holds b and d. Service `lab/web` (10.96.0.10:80, target port
 //! named `http`) leads to c:8080; service `plain/echo` (10.96.0.20:80) to d:8080.
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
@@ -116,14 +115,6 @@ impl Lab {
                 self.service_objects(PLAIN_NAMESPACE, "echo", ECHO_SERVICE.parse().expect("valid"), &["d"], app),
             ],
         }
-    }
-
-    /// The IPs the lab's cluster enrols on `node` (for comparing with the pinned map).
-    pub fn enrolled_ips(&self, node: usize, pods: &[&str]) -> BTreeMap<IpAddr, String> {
-        pods.iter()
-            .filter(|p| self.pod(p).node == node)
-            .flat_map(|p| [self.pod(p).v4, self.pod(p).v6].map(|ip| (ip, self.pod(p).host_if.clone())))
-            .collect()
     }
 }
 

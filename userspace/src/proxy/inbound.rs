@@ -23,8 +23,8 @@ pub(super) struct ServerTls {
 }
 
 /// Plaintext to an enrolled pod: delivered with the client's address, or refused.
-pub(super) async fn plaintext(p: &Proxy, client: &mut TcpStream, rec: &mut ConnectionRecord) -> Result<(), String> {
-    if let Some(w) = p.index().get(rec.orig_dst.ip()) {
+pub(super) async fn plaintext(p: &Proxy, index: &WorkloadIndex, client: &mut TcpStream, rec: &mut ConnectionRecord) -> Result<(), String> {
+    if let Some(w) = index.get(rec.orig_dst.ip()) {
         rec.dst_identity = Some(w.identity.to_string());
     }
     match p.cfg.plaintext {
@@ -39,10 +39,9 @@ pub(super) async fn plaintext(p: &Proxy, client: &mut TcpStream, rec: &mut Conne
 /// One HBONE connection: TLS as the dialed workload, then one task per CONNECT stream.
 /// `rec` describes the connection; it is logged only if the connection fails before its
 /// first stream, each stream logging a record of its own.
-pub(super) async fn hbone(p: Arc<Proxy>, tcp: TcpStream, mut rec: ConnectionRecord) {
+pub(super) async fn hbone(p: Arc<Proxy>, index: Arc<WorkloadIndex>, tcp: TcpStream, mut rec: ConnectionRecord) {
     let started = Instant::now();
     let dialed = rec.orig_dst;
-    let index = p.index();
     // The connection was dialed to a pod's IP; we answer as that pod.
     let local = match index.get(dialed.ip()) {
         Some(w) if w.node == p.cfg.node => w.clone(),

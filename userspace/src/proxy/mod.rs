@@ -89,6 +89,10 @@ impl WorkloadIndex {
         Self { services, ..Self::from_file(f, trust_domain) }
     }
 
+    pub fn has_services(&self) -> bool {
+        !self.services.is_empty()
+    }
+
     /// Whether `addr` is a service's cluster IP and port.
     pub fn is_service(&self, addr: SocketAddr) -> bool {
         self.services.contains_key(&canonical(addr))
@@ -239,17 +243,19 @@ impl Proxy {
                 return;
             }
         };
+        // One snapshot of what the proxy knows serves the whole connection.
+        let index = self.index();
         // Outbound to a service address under kube-proxy: its DNAT came first. Only a known
         // service address replaces the endpoint (other DNATs, e.g. a NodePort, lead to pods
-        // the proxy should reach as such).
+        // the proxy should reach as such); without services there is nothing to look up.
         let orig_dst = match role {
-            Listener::Outbound => socket::pre_nat_destination(&client, orig_dst)
-                .filter(|pre| self.index().is_service(*pre))
+            Listener::Outbound if index.has_services() => socket::pre_nat_destination(&client, orig_dst)
+                .filter(|pre| index.is_service(*pre))
                 .unwrap_or(orig_dst),
             _ => orig_dst,
         };
         let _ = client.set_nodelay(true);
-        let mut rec = self.record(role, canonical(peer), orig_dst);
+        let mut rec = self.record(&index, role, canonical(peer), orig_dst);
         let started = Instant::now();
         // Only a connection made straight to our loopback address gets here without
         // sk_lookup: that is a call to the proxy itself, never a workload's traffic.
@@ -257,10 +263,10 @@ impl Proxy {
             Err("refused: direct connection to a proxy port".to_string())
         } else {
             match role {
-                Listener::Outbound => outbound::handle(&self, &mut client, &mut rec).await,
-                Listener::InboundPlain => inbound::plaintext(&self, &mut client, &mut rec).await,
+                Listener::Outbound => outbound::handle(&self, &index, &mut client, &mut rec).await,
+                Listener::InboundPlain => inbound::plaintext(&self, &index, &mut client, &mut rec).await,
                 // HBONE connections carry many streams, each with its own record.
-                Listener::Hbone => return inbound::hbone(self, client, rec).await,
+                Listener::Hbone => return inbound::hbone(self, index, client, rec).await,
             }
         };
         if result.is_err() {
@@ -270,8 +276,7 @@ impl Proxy {
     }
 
     /// A record for a connection from `src` to `orig_dst`, with the workloads filled in.
-    fn record(&self, role: Listener, src: SocketAddr, orig_dst: SocketAddr) -> ConnectionRecord {
-        let index = self.index();
+    fn record(&self, index: &WorkloadIndex, role: Listener, src: SocketAddr, orig_dst: SocketAddr) -> ConnectionRecord {
         let (s, d) = (index.get(src.ip()), index.get(orig_dst.ip()));
         ConnectionRecord {
             start_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
@@ -339,8 +344,8 @@ impl Proxy {
         }
     }
 
-    fn is_pod_ip(&self, ip: IpAddr) -> bool {
-        self.cfg.pod_cidrs.iter().any(|n| n.contains(&ip)) || self.index().get(ip).is_some()
+    fn is_pod_ip(&self, index: &WorkloadIndex, ip: IpAddr) -> bool {
+        self.cfg.pod_cidrs.iter().any(|n| n.contains(&ip)) || index.get(ip).is_some()
     }
 }
 

@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 
 use super::h2::client::{ClientError, H2Client};
 use super::pool::PoolKey;
-use super::{Proxy, WorkloadInfo, canonical, is_proxy_port, socket};
+use super::{Proxy, WorkloadIndex, WorkloadInfo, canonical, is_proxy_port, socket};
 use crate::identity::IdentityError;
 use crate::tls::{self, TlsError};
 
@@ -27,8 +27,12 @@ pub enum HboneConnectError {
 }
 
 /// Routes one captured connection by what its destination is.
-pub(super) async fn handle(p: &Proxy, client: &mut TcpStream, rec: &mut super::ConnectionRecord) -> Result<(), String> {
-    let index = p.index();
+pub(super) async fn handle(
+    p: &Proxy,
+    index: &WorkloadIndex,
+    client: &mut TcpStream,
+    rec: &mut super::ConnectionRecord,
+) -> Result<(), String> {
     // A service address (seen before any DNAT) leads to one of its ready endpoints.
     let target = match index.resolve_service(rec.orig_dst) {
         None => rec.orig_dst,
@@ -43,7 +47,7 @@ pub(super) async fn handle(p: &Proxy, client: &mut TcpStream, rec: &mut super::C
     let Some(dst) = dst else {
         // Not in the mesh: plain TCP, as ambient does. Pod destinations keep the client's
         // address (the reply comes back through this node); others leave from the node's.
-        let source = p.is_pod_ip(target.ip()).then_some(rec.src.ip());
+        let source = p.is_pod_ip(index, target.ip()).then_some(rec.src.ip());
         p.open(rec);
         return p.relay_plain(client, target, source, rec).await;
     };
