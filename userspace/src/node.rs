@@ -463,13 +463,20 @@ impl<'a> Reconciler<'a> {
         // Desired map: this node's workload IPs → the interface the kernel routes them to.
         let mut desired: BTreeMap<IpAddr, (u32, String)> = BTreeMap::new();
         let mut still_unresolved = BTreeMap::new();
+        let unknown: BTreeSet<IpAddr> = self
+            .file
+            .on_node(&self.cfg.node)
+            .flat_map(|w| w.ips.iter().map(|ip| ip.to_canonical()))
+            .filter(|ip| !self.routes.contains_key(ip))
+            .collect();
+        let looked_up = k.routing.interfaces_for(unknown).await?;
         let mut routes = BTreeMap::new();
         for w in self.file.on_node(&self.cfg.node) {
             for ip in &w.ips {
                 let ip = ip.to_canonical();
                 let route = match self.routes.get(&ip) {
                     Some(r) => *r,
-                    None => k.routing.interface_for(ip).await?,
+                    None => looked_up.get(&ip).copied().flatten(),
                 };
                 routes.insert(ip, route);
                 let problem = match route {
