@@ -367,10 +367,9 @@ struct Kernel {
     dp: Datapath,
 }
 
-/// How long route lookups and the map's contents are trusted between full passes: a pass in
-/// between only looks up IPs it has not seen, unless the interfaces changed. At 10 000
-/// workloads a full pass is 10 000 route lookups and map reads; every 250 ms that would be a
-/// busy core.
+/// How long the map's contents and each cached route lookup are trusted: the map is read
+/// again after it, and cached routes are re-checked a slice per tick so that each is within
+/// it. At 10 000 workloads, 10 000 lookups every 250 ms would be a busy core.
 const FULL_PASS: Duration = Duration::from_secs(10);
 
 struct Reconciler<'a> {
@@ -387,6 +386,8 @@ struct Reconciler<'a> {
     /// kernel only on full passes.
     map: Option<BTreeMap<IpAddr, u32>>,
     last_full: std::time::Instant,
+    /// Where the rolling re-check of cached routes stopped last tick.
+    refreshed_up_to: Option<IpAddr>,
     /// The desired state changed since the last pass over the workloads.
     dirty: bool,
     /// Interfaces carrying the classifier at the last pass.
@@ -404,6 +405,7 @@ impl<'a> Reconciler<'a> {
             routes_for: Vec::new(),
             map: None,
             last_full: std::time::Instant::now(),
+            refreshed_up_to: None,
             dirty: true,
             last_attached: BTreeSet::new(),
         }
@@ -413,6 +415,7 @@ impl<'a> Reconciler<'a> {
         self.file = file;
         self.dirty = true;
     }
+
 
 
     /// Makes the kernel match the desired state: the classifier on every interface it
@@ -444,18 +447,32 @@ impl<'a> Reconciler<'a> {
         k.dp.prune_tc(&existing)?;
         let attached = k.dp.attached_interfaces();
 
-        // Cached route lookups hold while the interfaces are the same; a full pass now and
-        // then also catches routes changed under unchanged interfaces.
+        // Cached route lookups hold while the interfaces are the same. Routes can also change
+        // under unchanged interfaces: a slice of the cache is looked up again every tick, so
+        // each entry is re-checked within FULL_PASS without a burst of thousands of lookups.
         let iface_list: Vec<(u32, String)> = ifaces.iter().map(|i| (i.index, i.name.clone())).collect();
-        let full = iface_list != self.routes_for || self.last_full.elapsed() >= FULL_PASS || self.map.is_none();
+        let relist = iface_list != self.routes_for || self.map.is_none();
+        if !relist {
+            let slice = refresh_slice(&self.routes, &mut self.refreshed_up_to, self.cfg.poll_interval);
+            for (ip, route) in k.routing.interfaces_for(slice).await? {
+                if self.routes.get(&ip) != Some(&route) {
+                    tracing::debug!(%ip, ?route, "route changed");
+                    self.routes.remove(&ip);
+                    self.dirty = true;
+                }
+            }
+        }
+        let full = relist || self.last_full.elapsed() >= FULL_PASS;
         // Nothing to redo: the same workloads over the same interfaces with the same
         // classifiers, all resolved, recently checked. Unresolved IPs are retried every tick.
         if !full && !self.dirty && attached == self.last_attached && self.unresolved.is_empty() {
             return Ok(());
         }
-        if full {
+        if relist {
             self.routes.clear();
             self.routes_for = iface_list;
+        }
+        if full {
             self.last_full = std::time::Instant::now();
             self.map = Some(k.dp.workloads()?);
         }
@@ -529,6 +546,21 @@ impl<'a> Reconciler<'a> {
     }
 }
 
+/// The next cached IPs to look up again, after where the last slice stopped and wrapping
+/// around: enough per tick that the whole cache is re-checked once per FULL_PASS.
+fn refresh_slice(routes: &BTreeMap<IpAddr, Option<u32>>, cursor: &mut Option<IpAddr>, tick: Duration) -> Vec<IpAddr> {
+    let ticks = (FULL_PASS.as_millis() / tick.as_millis().max(1)).max(1) as usize;
+    let after = cursor.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+    let slice: Vec<IpAddr> = routes
+        .range((after, std::ops::Bound::Unbounded))
+        .chain(routes.iter())
+        .map(|(ip, _)| *ip)
+        .take(routes.len().div_ceil(ticks))
+        .collect();
+    *cursor = slice.last().copied();
+    slice
+}
+
 /// Drains the eBPF log buffer on a thread of its own (it is a plain fd to poll).
 fn spawn_ebpf_log_drain(mut logger: datapath::EbpfLogger, stop: watch::Receiver<bool>) {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -578,4 +610,34 @@ pub async fn uninstall(node: &str, readiness_port: u16) -> Result<String, NodeEr
         qdiscs.len(),
         pins.maps
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rolling_refresh_covers_every_route_once_per_full_pass_and_wraps() {
+        let routes: BTreeMap<IpAddr, Option<u32>> = (0..1000u32).map(|i| (IpAddr::from((0x0a00_0000 + i).to_be_bytes()), Some(3))).collect();
+        let tick = Duration::from_millis(250);
+        let ticks = (FULL_PASS.as_millis() / tick.as_millis()) as usize;
+        let mut cursor = None;
+        let mut seen = BTreeSet::new();
+        for _ in 0..ticks {
+            let slice = refresh_slice(&routes, &mut cursor, tick);
+            assert!(slice.len() <= routes.len().div_ceil(ticks), "a tick did more than its share");
+            seen.extend(slice);
+        }
+        assert_eq!(seen.len(), routes.len(), "some routes were not re-checked within one full pass");
+        // The next pass starts over from the beginning.
+        let again = refresh_slice(&routes, &mut cursor, tick);
+        assert_eq!(again.first(), routes.keys().next());
+        // An empty cache asks for nothing; a tiny one is checked whole every tick.
+        assert!(refresh_slice(&BTreeMap::new(), &mut None, tick).is_empty());
+        let one: BTreeMap<IpAddr, Option<u32>> = [(IpAddr::from([10, 0, 0, 1]), Some(1))].into();
+        let mut c = None;
+        for _ in 0..3 {
+            assert_eq!(refresh_slice(&one, &mut c, tick).len(), 1);
+        }
+    }
 }
