@@ -169,6 +169,50 @@ fn deleted_capture_rule_and_route_are_restored() -> Result<()> {
     Ok(())
 }
 
+/// A pod's route moving to another interface (no interface appearing or going) reaches the
+/// workload map within a tick or two, also on a node with thousands of workloads: meshpath
+/// follows route notifications; its periodic re-check of every cached route is only a safety
+/// net that takes minutes at that size.
+#[test]
+fn a_moved_pod_route_updates_the_map_at_once() -> Result<()> {
+    const FILLERS: usize = 3000;
+    let lab = started_lab()?;
+    let n1 = lab.nodes[0].name.clone();
+    let a: IpAddr = lab.pod("a").v4.into();
+    let ip = |args: &[&str]| -> Result<String> {
+        let out = Command::new("ip").args(["-n", &n1]).args(args).output()?;
+        ensure!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let original = *lab.workload_map(0)?.get(&a).context("pod a is not in the map")?;
+    // A spare interface carrying the fillers' routes; then a settled map, so that only a's
+    // route changes afterwards.
+    ip(&["link", "add", "spare0", "type", "veth", "peer", "name", "spare0p"])?;
+    ip(&["link", "set", "spare0", "up"])?;
+    ip(&["link", "set", "spare0p", "up"])?;
+    let fillers: Vec<String> = (0..FILLERS).map(|i| format!("10.251.{}.{}", i / 250, i % 250 + 1)).collect();
+    let batch = lab.dir.join("fillers.batch");
+    std::fs::write(&batch, fillers.iter().map(|f| format!("route add {f}/32 dev spare0\n")).collect::<String>())?;
+    ip(&["-batch", &batch.display().to_string()])?;
+    let mut yaml = lab.workloads_yaml(&["a", "c", "e"]);
+    for (i, f) in fillers.iter().enumerate() {
+        yaml.push_str(&format!("  - {{name: f{i}, namespace: fill, serviceAccount: filler, node: {n1}, ips: [{f}]}}\n"));
+    }
+    lab.write_workloads_text(&yaml)?;
+    wait_until("the fillers in the map", Duration::from_secs(20), || Ok(lab.workload_map(0)?.len() > FILLERS))?;
+    std::thread::sleep(Duration::from_millis(500));
+
+    let link: serde_json::Value = serde_json::from_str(&ip(&["-j", "link", "show", "spare0"])?)?;
+    let spare = link[0]["ifindex"].as_u64().context("no ifindex for spare0")? as u32;
+    ensure!(spare != original);
+    ip(&["route", "replace", &format!("{a}/32"), "dev", "spare0"])?;
+    wait_until("the map to follow a's route to spare0", Duration::from_secs(3), || Ok(lab.workload_map(0)?.get(&a) == Some(&spare)))?;
+    ip(&["route", "del", &format!("{a}/32"), "dev", "spare0"])?;
+    ip(&["route", "add", &format!("{a}/32"), "dev", &lab.pod("a").host_if])?;
+    wait_until("the map to follow a's route back", Duration::from_secs(3), || Ok(lab.workload_map(0)?.get(&a) == Some(&original)))?;
+    Ok(())
+}
+
 #[test]
 fn workload_file_changes_apply_live_and_bad_files_change_nothing() -> Result<()> {
     let lab = started_lab()?;

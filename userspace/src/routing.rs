@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
+use ipnet::IpNet;
 use meshpath_common::names::{CAPTURE_MARK, CAPTURE_MASK, ROUTE_TABLE, RULE_PRIORITY};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteScope, RouteType};
@@ -50,10 +51,17 @@ const ESRCH: i32 = libc::ESRCH;
 const ENETUNREACH: i32 = libc::ENETUNREACH;
 const EHOSTUNREACH: i32 = libc::EHOSTUNREACH;
 
-/// A netlink connection in the calling thread's network namespace.
-#[derive(Clone)]
+/// Route notifications as the netlink connection hands them over.
+type Notifications = futures::channel::mpsc::UnboundedReceiver<(
+    rtnetlink::packet_core::NetlinkMessage<rtnetlink::packet_route::RouteNetlinkMessage>,
+    rtnetlink::sys::SocketAddr,
+)>;
+
+/// A netlink connection in the calling thread's network namespace, subscribed to route
+/// changes so cached route lookups can be dropped exactly when they may have changed.
 pub struct Routing {
     handle: Handle,
+    notifications: Notifications,
 }
 
 /// An interface of this namespace.
@@ -67,14 +75,34 @@ pub struct Interface {
 impl Routing {
     /// Opens the connection; must be called inside a tokio runtime.
     pub fn connect() -> Result<Self> {
-        let (mut conn, handle, _) = rtnetlink::new_connection().map_err(RoutingError::Connect)?;
         // Strict checking lets the kernel filter route dumps by table (Linux 4.20+): without
         // it, checking our two routes every tick dumps every route of the node, which with
         // thousands of pod routes is most of the daemon's idle CPU.
+        let (mut conn, handle, notifications) =
+            rtnetlink::new_connection_with_strict_check().map_err(RoutingError::Connect)?;
         use rtnetlink::sys::AsyncSocket as _;
-        conn.socket_mut().socket_mut().set_netlink_get_strict_chk(true).map_err(RoutingError::Connect)?;
+        for group in [libc::RTNLGRP_IPV4_ROUTE, libc::RTNLGRP_IPV6_ROUTE] {
+            conn.socket_mut().socket_mut().add_membership(group).map_err(RoutingError::Connect)?;
+        }
         tokio::spawn(conn);
-        Ok(Self { handle })
+        Ok(Self { handle, notifications })
+    }
+
+    /// Destinations whose routes were added, changed or removed since the last call (any
+    /// table but meshpath's own), without waiting.
+    pub fn changed_destinations(&mut self) -> Vec<IpNet> {
+        use rtnetlink::packet_core::NetlinkPayload;
+        use rtnetlink::packet_route::RouteNetlinkMessage;
+        let mut out = Vec::new();
+        while let Ok((msg, _)) = self.notifications.try_recv() {
+            if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r)) = msg.payload
+                && route_table(&r) != ROUTE_TABLE
+                && let Some(net) = destination(&r)
+            {
+                out.push(net);
+            }
+        }
+        out
     }
 
     pub async fn interfaces(&self) -> Result<Vec<Interface>> {
@@ -248,6 +276,24 @@ impl Routing {
         }
         Ok((n_rules, n_routes))
     }
+}
+
+/// A route's destination prefix (`0.0.0.0/0` or `::/0` when it has none: a default route).
+fn destination(r: &RouteMessage) -> Option<IpNet> {
+    use rtnetlink::packet_route::route::RouteAddress;
+    let len = r.header.destination_prefix_length;
+    let addr = r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
+        RouteAttribute::Destination(RouteAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    });
+    let addr = match (addr, r.header.address_family) {
+        (Some(a), _) => a,
+        (None, AddressFamily::Inet) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        (None, AddressFamily::Inet6) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => return None,
+    };
+    IpNet::new(addr, len).ok()
 }
 
 trait BuildLocal {
