@@ -178,7 +178,7 @@ fn a_moved_pod_route_updates_the_map_at_once() -> Result<()> {
     const FILLERS: usize = 3000;
     let lab = started_lab()?;
     let n1 = lab.nodes[0].name.clone();
-    let a: IpAddr = lab.pod("a").v4.into();
+    let a: IpAddr = lab.pod("a").v4;
     let ip = |args: &[&str]| -> Result<String> {
         let out = Command::new("ip").args(["-n", &n1]).args(args).output()?;
         ensure!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -267,7 +267,7 @@ fn workload_file_changes_apply_live_and_bad_files_change_nothing() -> Result<()>
     wait_until("b enrolled again", Duration::from_secs(3), || Ok(lab.workload_map(0)?.contains_key(&lab.pod("b").v4)))?;
     std::fs::write(lab.workloads_path(), &moved)?;
     wait_until("an in-place edit to unenrol b", Duration::from_secs(3), || Ok(!lab.workload_map(0)?.contains_key(&lab.pod("b").v4)))?;
-    let line = std::fs::read_to_string(&log)?.lines().filter(|l| l.contains("rejected workload file")).last().unwrap_or_default().to_string();
+    let line = std::fs::read_to_string(&log)?.lines().rfind(|l| l.contains("rejected workload file")).unwrap_or_default().to_string();
     ensure!(line.contains("workloads.yaml"), "the message does not name the file: {line}");
     Ok(())
 }

@@ -95,7 +95,7 @@ fn peers_without_a_valid_identity_are_refused() -> Result<()> {
         ("no client certificate", tls::anonymous_client_config(&[ca.root().clone()], &lab.identity("c"))?, "no certificate"),
     ];
     for (what, config, reason) in cases {
-        let answers = hbone_client::probe(&lab.pod("d").netns, config, lab.addr("c", false, 15008), &[good.clone()], b"x", Duration::from_secs(10));
+        let answers = hbone_client::probe(&lab.pod("d").netns, config, lab.addr("c", false, 15008), std::slice::from_ref(&good), b"x", Duration::from_secs(10));
         let refused = match &answers {
             Err(_) => true,
             Ok(p) => matches!(p.answers[0], Answer::Failed(_)),

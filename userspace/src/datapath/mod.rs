@@ -89,7 +89,10 @@ pub fn node_pin_dir(node: &str) -> Result<PathBuf> {
 pub fn ensure_bpffs() -> Result<()> {
     let root = Path::new(BPFFS_ROOT);
     let is_bpffs = |p: &Path| {
-        nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false)
+        // `f_type` is an i32 on some architectures: widen it (a no-op here).
+        #[allow(clippy::unnecessary_cast)]
+        let magic = |s: nix::sys::statfs::Statfs| s.filesystem_type().0 as i64;
+        nix::sys::statfs::statfs(p).map(|s| magic(s) == BPF_FS_MAGIC).unwrap_or(false)
     };
     if is_bpffs(root) {
         return Ok(());

@@ -19,7 +19,7 @@ pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
 pub const DATAPLANE_MODE_NONE: &str = "none";
 pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
 
-fn label<'a>(labels: Option<&'a BTreeMap<String, String>>) -> Option<&'a str> {
+fn label(labels: Option<&BTreeMap<String, String>>) -> Option<&str> {
     labels?.get(DATAPLANE_MODE_LABEL).map(String::as_str)
 }
 

@@ -130,7 +130,6 @@ mod tests {
                     ..Default::default()
                 })
                 .collect()),
-            ..Default::default()
         }
     }
 

@@ -128,14 +128,12 @@ pub fn run(lab: &Lab, sc: &Scenario) -> Result<Outcome> {
     Ok(out)
 }
 
+/// The hops a connection took (node index, that node's record), and what looked wrong.
+type Followed = (Vec<(usize, ConnectionRecord)>, Vec<String>);
+
 /// Follows a connection through the proxies' access logs: the first hop is keyed by the
 /// client's address, each further hop by the previous hop's upstream source.
-fn follow(
-    lab: &Lab,
-    client: std::net::SocketAddr,
-    dst: std::net::SocketAddr,
-    hops: Hops,
-) -> Result<(Vec<(usize, ConnectionRecord)>, Vec<String>)> {
+fn follow(lab: &Lab, client: std::net::SocketAddr, dst: std::net::SocketAddr, hops: Hops) -> Result<Followed> {
     let mut path = Vec::new();
     let mut problems = Vec::new();
     let mut src = client;
@@ -316,7 +314,7 @@ pub fn run_all(lab: &Lab) -> Result<Smoke> {
 /// A fixed-width table of outcomes.
 pub fn table(outcomes: &[Outcome]) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "{:<44} {:<6} {:<36} {:<16} {}", "scenario", "pods", "path (proxy hops)", "server saw", "result");
+    let _ = writeln!(s, "{:<44} {:<6} {:<36} {:<16} result", "scenario", "pods", "path (proxy hops)", "server saw");
     let _ = writeln!(s, "{}", "-".repeat(114));
     for o in outcomes {
         let _ = writeln!(
