@@ -155,7 +155,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         tracing::info!("proxy only: no datapath is loaded; something else must deliver connections to the listeners");
         None
     } else {
-        Some(Kernel { routing: Routing::connect()?, dp: Datapath::load(&cfg.node, cfg.attach_mode)? })
+        let mut routing = Routing::connect()?;
+        routing.watch_routes()?;
+        Some(Kernel { routing, dp: Datapath::load(&cfg.node, cfg.attach_mode)? })
     };
 
     let proxy = Proxy::new(
@@ -456,11 +458,20 @@ impl<'a> Reconciler<'a> {
         let relist = iface_list != self.routes_for || self.map.is_none();
         // A route the kernel announced as changed is looked up again; so, as a safety net for
         // lost notifications, is a slice of the cache each tick (all of it every ROUTE_RECHECK).
-        for net in k.routing.changed_destinations() {
-            let before = self.routes.len();
-            self.routes.retain(|ip, _| !net.contains(ip));
-            if self.routes.len() != before {
-                tracing::debug!(%net, "route changed; its workloads' interfaces are looked up again");
+        match k.routing.route_changes() {
+            routing::RouteChanges::Destinations(nets) => {
+                for net in nets {
+                    let before = self.routes.len();
+                    self.routes.retain(|ip, _| !net.contains(ip));
+                    if self.routes.len() != before {
+                        tracing::debug!(%net, "route changed; its workloads' interfaces are looked up again");
+                        self.dirty = true;
+                    }
+                }
+            }
+            routing::RouteChanges::Lost => {
+                tracing::info!("route notifications were lost; looking up every workload's interface again");
+                self.routes.clear();
                 self.dirty = true;
             }
         }

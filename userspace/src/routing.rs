@@ -57,11 +57,12 @@ type Notifications = futures::channel::mpsc::UnboundedReceiver<(
     rtnetlink::sys::SocketAddr,
 )>;
 
-/// A netlink connection in the calling thread's network namespace, subscribed to route
-/// changes so cached route lookups can be dropped exactly when they may have changed.
+/// A netlink connection in the calling thread's network namespace; with
+/// [`Self::watch_routes`], also subscribed to route changes so cached route lookups can be
+/// dropped exactly when they may have changed.
 pub struct Routing {
     handle: Handle,
-    notifications: Notifications,
+    notifications: Option<Notifications>,
 }
 
 /// An interface of this namespace.
@@ -72,37 +73,65 @@ pub struct Interface {
     pub loopback: bool,
 }
 
+/// What changed in the routing tables since the last look.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RouteChanges {
+    /// Routes to these destinations were added, changed or removed.
+    Destinations(Vec<IpNet>),
+    /// The kernel dropped notifications (a full socket buffer): anything may have changed.
+    Lost,
+}
+
 impl Routing {
     /// Opens the connection; must be called inside a tokio runtime.
     pub fn connect() -> Result<Self> {
         // Strict checking lets the kernel filter route dumps by table (Linux 4.20+): without
         // it, checking our two routes every tick dumps every route of the node, which with
         // thousands of pod routes is most of the daemon's idle CPU.
-        let (mut conn, handle, notifications) =
-            rtnetlink::new_connection_with_strict_check().map_err(RoutingError::Connect)?;
-        use rtnetlink::sys::AsyncSocket as _;
-        for group in [libc::RTNLGRP_IPV4_ROUTE, libc::RTNLGRP_IPV6_ROUTE] {
-            conn.socket_mut().socket_mut().add_membership(group).map_err(RoutingError::Connect)?;
-        }
+        let (conn, handle, _) = rtnetlink::new_connection_with_strict_check().map_err(RoutingError::Connect)?;
         tokio::spawn(conn);
-        Ok(Self { handle, notifications })
+        Ok(Self { handle, notifications: None })
     }
 
-    /// Destinations whose routes were added, changed or removed since the last call (any
-    /// table but meshpath's own), without waiting.
-    pub fn changed_destinations(&mut self) -> Vec<IpNet> {
+    /// Subscribes to IPv4 and IPv6 route changes, on a socket of their own: a burst of
+    /// notifications (thousands of pod routes at once) must not crowd out the replies to
+    /// requests, which the kernel would drop just the same.
+    pub fn watch_routes(&mut self) -> Result<()> {
+        use rtnetlink::sys::AsyncSocket as _;
+        let (mut conn, _, notifications) = rtnetlink::new_connection().map_err(RoutingError::Connect)?;
+        let socket = conn.socket_mut().socket_mut();
+        // Nothing is ever sent on this socket, so it is bound here rather than on first use.
+        socket.bind_auto().map_err(RoutingError::Connect)?;
+        for group in [libc::RTNLGRP_IPV4_ROUTE, libc::RTNLGRP_IPV6_ROUTE] {
+            socket.add_membership(group).map_err(RoutingError::Connect)?;
+        }
+        tokio::spawn(conn);
+        self.notifications = Some(notifications);
+        Ok(())
+    }
+
+    /// Route changes (in any table but meshpath's own) since the last call, without waiting.
+    /// Empty when not watching.
+    pub fn route_changes(&mut self) -> RouteChanges {
         use rtnetlink::packet_core::NetlinkPayload;
         use rtnetlink::packet_route::RouteNetlinkMessage;
         let mut out = Vec::new();
-        while let Ok((msg, _)) = self.notifications.try_recv() {
-            if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r)) = msg.payload
-                && route_table(&r) != ROUTE_TABLE
-                && let Some(net) = destination(&r)
-            {
-                out.push(net);
+        let Some(notifications) = self.notifications.as_mut() else { return RouteChanges::Destinations(out) };
+        let mut lost = false;
+        while let Ok((msg, _)) = notifications.try_recv() {
+            match msg.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r)) => {
+                    if route_table(&r) != ROUTE_TABLE
+                        && let Some(net) = destination(&r)
+                    {
+                        out.push(net);
+                    }
+                }
+                NetlinkPayload::Overrun(_) => lost = true,
+                _ => {}
             }
         }
-        out
+        if lost { RouteChanges::Lost } else { RouteChanges::Destinations(out) }
     }
 
     pub async fn interfaces(&self) -> Result<Vec<Interface>> {
@@ -341,4 +370,34 @@ fn ok_if_missing(r: std::result::Result<(), rtnetlink::Error>) -> std::result::R
 /// Interface indexes by name, for messages.
 pub fn names_by_index(ifaces: &[Interface]) -> BTreeMap<u32, String> {
     ifaces.iter().map(|i| (i.index, i.name.clone())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(family: AddressFamily, len: u8, dst: Option<IpAddr>) -> RouteMessage {
+        let mut r = RouteMessage::default();
+        r.header.address_family = family;
+        r.header.destination_prefix_length = len;
+        if let Some(d) = dst {
+            r.attributes.push(RouteAttribute::Destination(d.into()));
+        }
+        r
+    }
+
+    #[test]
+    fn a_route_notification_names_the_destinations_it_covers() {
+        let pod = route(AddressFamily::Inet, 32, Some("10.244.1.10".parse().unwrap()));
+        assert_eq!(destination(&pod), Some("10.244.1.10/32".parse().unwrap()));
+        let v6 = route(AddressFamily::Inet6, 64, Some("fd00:244:1::".parse().unwrap()));
+        assert_eq!(destination(&v6), Some("fd00:244:1::/64".parse().unwrap()));
+        // A default route has no destination attribute and covers everything of its family.
+        let default = destination(&route(AddressFamily::Inet, 0, None)).unwrap();
+        assert!(default.contains(&"192.0.2.1".parse::<IpAddr>().unwrap()));
+        assert!(!default.contains(&"fd00::1".parse::<IpAddr>().unwrap()));
+        assert_eq!(destination(&route(AddressFamily::Inet6, 0, None)), Some("::/0".parse().unwrap()));
+        // Not IP: nothing to invalidate.
+        assert_eq!(destination(&route(AddressFamily::Mpls, 20, None)), None);
+    }
 }
