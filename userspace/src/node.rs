@@ -461,9 +461,7 @@ impl<'a> Reconciler<'a> {
         match k.routing.route_changes() {
             routing::RouteChanges::Destinations(nets) => {
                 for net in nets {
-                    let before = self.routes.len();
-                    self.routes.retain(|ip, _| !net.contains(ip));
-                    if self.routes.len() != before {
+                    if forget_routes_in(&mut self.routes, &net) {
                         tracing::debug!(%net, "route changed; its workloads' interfaces are looked up again");
                         self.dirty = true;
                     }
@@ -569,6 +567,17 @@ impl<'a> Reconciler<'a> {
     }
 }
 
+/// Drops the cached lookups of the IPs inside `net`, which are one contiguous range of keys
+/// (a burst of thousands of pod-route notifications then costs a lookup each, not a scan of
+/// the cache each). Whether any was cached.
+fn forget_routes_in(routes: &mut BTreeMap<IpAddr, Option<u32>>, net: &IpNet) -> bool {
+    let inside: Vec<IpAddr> = routes.range(net.network()..=net.broadcast()).map(|(ip, _)| *ip).collect();
+    for ip in &inside {
+        routes.remove(ip);
+    }
+    !inside.is_empty()
+}
+
 /// The next cached IPs to look up again, after where the last slice stopped and wrapping
 /// around: enough per tick that the whole cache is re-checked once per ROUTE_RECHECK.
 fn refresh_slice(routes: &BTreeMap<IpAddr, Option<u32>>, cursor: &mut Option<IpAddr>, tick: Duration) -> Vec<IpAddr> {
@@ -638,6 +647,23 @@ pub async fn uninstall(node: &str, readiness_port: u16) -> Result<String, NodeEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_changed_route_forgets_exactly_the_ips_it_covers() {
+        let ips = ["10.244.1.10", "10.244.1.11", "10.244.2.10", "fd00:244:1::10", "fd00:244:2::10"];
+        let cache = || -> BTreeMap<IpAddr, Option<u32>> { ips.iter().map(|i| (i.parse().unwrap(), Some(3))).collect() };
+        let left = |net: &str| {
+            let mut c = cache();
+            let any = forget_routes_in(&mut c, &net.parse().unwrap());
+            (any, c.keys().map(|k| k.to_string()).collect::<Vec<_>>())
+        };
+        assert_eq!(left("10.244.1.11/32"), (true, vec!["10.244.1.10".into(), "10.244.2.10".into(), "fd00:244:1::10".into(), "fd00:244:2::10".into()]));
+        assert_eq!(left("10.244.1.0/24"), (true, vec!["10.244.2.10".into(), "fd00:244:1::10".into(), "fd00:244:2::10".into()]));
+        assert_eq!(left("fd00:244:2::/48"), (true, vec!["10.244.1.10".into(), "10.244.1.11".into(), "10.244.2.10".into(), "fd00:244:1::10".into()]));
+        // A default route covers its whole family, and only it.
+        assert_eq!(left("0.0.0.0/0").1, vec!["fd00:244:1::10".to_string(), "fd00:244:2::10".into()]);
+        assert_eq!(left("10.9.0.0/16"), (false, ips.iter().map(|s| s.to_string()).collect()));
+    }
 
     #[test]
     fn rolling_refresh_covers_every_route_once_per_recheck_period_and_wraps() {
