@@ -385,8 +385,8 @@ struct Reconciler<'a> {
     unresolved: BTreeMap<IpAddr, String>,
     /// Route lookups of earlier passes: IP → the interface the kernel routes it to.
     routes: BTreeMap<IpAddr, Option<u32>>,
-    /// The interfaces (index, name) those lookups were made with.
-    routes_for: Vec<(u32, String)>,
+    /// The interfaces (index, name, up) those lookups were made with.
+    routes_for: Vec<(u32, String, bool)>,
     /// What the workload map holds: meshpath is its only writer, so this is read from the
     /// kernel only on full passes.
     map: Option<BTreeMap<IpAddr, u32>>,
@@ -454,7 +454,9 @@ impl<'a> Reconciler<'a> {
 
         // Cached route lookups hold while the interfaces are the same and no route covering
         // them changed.
-        let iface_list: Vec<(u32, String)> = ifaces.iter().map(|i| (i.index, i.name.clone())).collect();
+        // With each interface's up state: an interface going down takes its IPv4 routes
+        // along without a route notification.
+        let iface_list: Vec<(u32, String, bool)> = ifaces.iter().map(|i| (i.index, i.name.clone(), i.up)).collect();
         let relist = iface_list != self.routes_for || self.map.is_none();
         // A route the kernel announced as changed is looked up again; so, as a safety net for
         // lost notifications, is a slice of the cache each tick (all of it every ROUTE_RECHECK).

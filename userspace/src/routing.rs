@@ -71,6 +71,9 @@ pub struct Interface {
     pub index: u32,
     pub name: String,
     pub loopback: bool,
+    /// Administratively up with a carrier. IPv4 routes through an interface vanish when it
+    /// goes down, without a route notification: callers compare this too.
+    pub up: bool,
 }
 
 /// What changed in the routing tables since the last look.
@@ -88,7 +91,14 @@ impl Routing {
         // Strict checking lets the kernel filter route dumps by table (Linux 4.20+): without
         // it, checking our two routes every tick dumps every route of the node, which with
         // thousands of pod routes is most of the daemon's idle CPU.
-        let (conn, handle, _) = rtnetlink::new_connection_with_strict_check().map_err(RoutingError::Connect)?;
+        let (conn, handle, _) = match rtnetlink::new_connection_with_strict_check() {
+            Ok(c) => c,
+            Err(e) => {
+                // Before 4.20: unfiltered dumps, filtered here (see `capture_routes`).
+                tracing::debug!(error = %e, "no strict netlink checking; route dumps are filtered in user space");
+                rtnetlink::new_connection().map_err(RoutingError::Connect)?
+            }
+        };
         tokio::spawn(conn);
         Ok(Self { handle, notifications: None })
     }
@@ -118,7 +128,21 @@ impl Routing {
         let mut out = Vec::new();
         let Some(notifications) = self.notifications.as_mut() else { return RouteChanges::Destinations(out) };
         let mut lost = false;
-        while let Ok((msg, _)) = notifications.try_recv() {
+        loop {
+            let (msg, _) = match notifications.try_recv() {
+                Ok(m) => m,
+                Err(e) if e.is_empty() => break,
+                Err(_) => {
+                    // The watching connection ended (a socket error): watch anew, and treat
+                    // whatever happened meanwhile as unknown.
+                    tracing::warn!("route notifications stopped; subscribing again");
+                    self.notifications = None;
+                    if let Err(e) = self.watch_routes() {
+                        tracing::warn!(error = %e, "cannot watch routes; cached routes are re-checked every tick instead");
+                    }
+                    return RouteChanges::Lost;
+                }
+            };
             match msg.payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r)) => {
                     if route_table(&r) != ROUTE_TABLE
@@ -147,6 +171,7 @@ impl Routing {
                     index: msg.header.index,
                     name,
                     loopback: msg.header.flags.contains(LinkFlags::Loopback),
+                    up: msg.header.flags.contains(LinkFlags::Up) && msg.header.flags.contains(LinkFlags::LowerUp),
                 });
             }
         }
