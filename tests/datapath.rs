@@ -150,7 +150,8 @@ fn deleted_capture_rule_and_route_are_restored() -> Result<()> {
     };
     ip(&["rule", "del", "priority", &RULE_PRIORITY.to_string()])?;
     ip(&["route", "del", "local", "default", "table", &table])?;
-    ensure!(!ip(&["route", "show", "table", &table])?.contains("local default"), "the route was not deleted");
+    // (No check that they are gone: the next tick may already have put them back; the
+    // restore is seen in the log below.)
     wait_until("the capture rule and route to come back", Duration::from_secs(5), || {
         let rule_back = ip(&["rule", "show"])?.lines().any(|l| l.starts_with(&format!("{RULE_PRIORITY}:")));
         Ok(rule_back && ip(&["route", "show", "table", &table])?.contains("local default"))
