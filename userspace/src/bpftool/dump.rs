@@ -241,24 +241,42 @@ fn entry_json(w: &mut JsonWriter, out: &mut String, info: &MapInfo, key: &[u8], 
         w.name(out, "value");
         hex_json(w, out, &value[..size.min(value.len())]);
     } else {
-        let step = per_cpu_step(info.value_size);
-        w.name(out, "values");
-        w.start_array(out);
-        for cpu in 0..cpus {
-            w.start_object(out);
-            w.int_field(out, "cpu", cpu as i64);
-            w.name(out, "value");
-            let v = value.get(cpu * step..).unwrap_or_default();
+        per_cpu_json(w, out, info, value, cpus, |w, out, v| {
             hex_json(w, out, &v[..size.min(v.len())]);
-            w.end_object(out);
-        }
-        w.end_array(out);
+            Ok::<(), std::convert::Infallible>(())
+        });
     }
     if let Some(btf) = btf {
         w.name(out, "formatted");
         dump_btf(&Dumper { btf, plain: false }, w, out, info, key, value, cpus);
     }
     w.end_object(out);
+}
+
+/// `"values": [{"cpu": N, "value": ...}, ...]` of a per-CPU value, each CPU's bytes written
+/// by `each`; stops after the first CPU `each` fails on, as bpftool's typed dump does.
+fn per_cpu_json<E>(
+    w: &mut JsonWriter,
+    out: &mut String,
+    info: &MapInfo,
+    value: &[u8],
+    cpus: usize,
+    mut each: impl FnMut(&mut JsonWriter, &mut String, &[u8]) -> Result<(), E>,
+) {
+    let step = per_cpu_step(info.value_size);
+    w.name(out, "values");
+    w.start_array(out);
+    for cpu in 0..cpus {
+        w.start_object(out);
+        w.int_field(out, "cpu", cpu as i64);
+        w.name(out, "value");
+        let r = each(w, out, value.get(cpu * step..).unwrap_or_default());
+        w.end_object(out);
+        if r.is_err() {
+            break;
+        }
+    }
+    w.end_array(out);
 }
 
 /// `do_dump_btf`: one entry as a typed object; stops at the first member that fails.
@@ -274,20 +292,7 @@ fn dump_btf(d: &Dumper<'_>, w: &mut JsonWriter, out: &mut String, info: &MapInfo
             w.name(out, "value");
             let _ = d.dump(w, out, value_id, value);
         } else {
-            let step = per_cpu_step(info.value_size);
-            w.name(out, "values");
-            w.start_array(out);
-            for cpu in 0..cpus {
-                w.start_object(out);
-                w.int_field(out, "cpu", cpu as i64);
-                w.name(out, "value");
-                let r = d.dump(w, out, value_id, value.get(cpu * step..).unwrap_or_default());
-                w.end_object(out);
-                if r.is_err() {
-                    break;
-                }
-            }
-            w.end_array(out);
+            per_cpu_json(w, out, info, value, cpus, |w, out, v| d.dump(w, out, value_id, v));
         }
     }
     w.end_object(out);

@@ -77,6 +77,15 @@ pub mod bpf {
         file_flags: u32,
     }
 
+    /// ENOENT (no such key, no next key, no next id) as `None`.
+    fn unless_enoent<T>(r: io::Result<T>) -> io::Result<Option<T>> {
+        match r {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     fn sys<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
         // SAFETY: `attr` is a live, properly sized `repr(C)` prefix of `union bpf_attr` for
         // `cmd`; any pointers inside it point to buffers the caller keeps alive for the call.
@@ -98,11 +107,7 @@ pub mod bpf {
             value_or_next_key: value.as_mut_ptr() as u64,
             ..Default::default()
         };
-        match sys(BPF_MAP_LOOKUP_ELEM, &mut a) {
-            Ok(_) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-            Err(e) => Err(e),
-        }
+        Ok(unless_enoent(sys(BPF_MAP_LOOKUP_ELEM, &mut a))?.is_some())
     }
 
     /// Sets `key` to `value` (`BPF_ANY`).
@@ -124,21 +129,13 @@ pub mod bpf {
             value_or_next_key: next.as_mut_ptr() as u64,
             ..Default::default()
         };
-        match sys(BPF_MAP_GET_NEXT_KEY, &mut a) {
-            Ok(_) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-            Err(e) => Err(e),
-        }
+        Ok(unless_enoent(sys(BPF_MAP_GET_NEXT_KEY, &mut a))?.is_some())
     }
 
     /// The id of the next map after `id` in the kernel, `None` after the last.
     pub fn next_map_id(id: u32) -> io::Result<Option<u32>> {
         let mut a = IdAttr { id, ..Default::default() };
-        match sys(BPF_MAP_GET_NEXT_ID, &mut a) {
-            Ok(_) => Ok(Some(a.next_id)),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-            Err(e) => Err(e),
-        }
+        Ok(unless_enoent(sys(BPF_MAP_GET_NEXT_ID, &mut a))?.map(|_| a.next_id))
     }
 
     pub fn map_fd_by_id(id: u32) -> io::Result<OwnedFd> {

@@ -96,6 +96,16 @@ pub fn targets(agg: &BTreeMap<(PathKind, usize), Vec<Option<Stat>>>, base: usize
     ]
 }
 
+/// A markdown table's header: a `path` column, then `columns`.
+fn table_header(s: &mut String, columns: impl ExactSizeIterator<Item = String>) {
+    let n = columns.len();
+    s.push_str("| path |");
+    for c in columns {
+        let _ = write!(s, " {c} |");
+    }
+    let _ = writeln!(s, "\n|---|{}", "---|".repeat(n));
+}
+
 /// The markdown body: per-size tables of medians [min–max], ratios, targets.
 pub fn markdown(samples: &[Sample], sizes: &[usize], rounds: usize) -> String {
     let agg = aggregate(samples);
@@ -104,11 +114,7 @@ pub fn markdown(samples: &[Sample], sizes: &[usize], rounds: usize) -> String {
     let mut s = String::new();
     for &w in sizes {
         let _ = writeln!(s, "### Figures at {w} enrolled workloads (median of {rounds} rounds, [min–max])\n");
-        let _ = write!(s, "| path |");
-        for (name, unit, _, _) in METRICS {
-            let _ = write!(s, " {name} ({unit}) |");
-        }
-        let _ = writeln!(s, "\n|---|{}", "---|".repeat(METRICS.len()));
+        table_header(&mut s, METRICS.iter().map(|(name, unit, _, _)| format!("{name} ({unit})")));
         for p in PathKind::ALL {
             let Some(stats) = agg.get(&(p, w)) else { continue };
             let _ = write!(s, "| {} |", p.name());
@@ -128,11 +134,7 @@ pub fn markdown(samples: &[Sample], sizes: &[usize], rounds: usize) -> String {
     }
     for (against, label) in [(PathKind::Direct, "direct"), (PathKind::Legacy, "legacy")] {
         let _ = writeln!(s, "### Ratios to {label} at {base} workloads (median / median; latency, CPU and memory as lower-is-better: < 1 is better)\n");
-        let _ = write!(s, "| path |");
-        for (name, _, _, _) in METRICS {
-            let _ = write!(s, " {name} |");
-        }
-        let _ = writeln!(s, "\n|---|{}", "---|".repeat(METRICS.len()));
+        table_header(&mut s, METRICS.iter().map(|(name, _, _, _)| name.to_string()));
         for p in PathKind::ALL {
             let (Some(a), Some(b)) = (agg.get(&(p, base)), agg.get(&(against, base))) else { continue };
             let _ = write!(s, "| {} |", p.name());
