@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use meshpath::lab::Lab;
-use meshpath::lab::smoke;
+use meshpath_lab::Lab;
+use meshpath_lab::smoke;
 
 mod support;
 use support::{send, started_lab, started_lab_with, wait_until};
@@ -289,7 +289,7 @@ fn workload_file_changes_apply_live_and_bad_files_change_nothing() -> Result<()>
 }
 
 fn meshpath(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_meshpath")).args(args).output().expect("runs")
+    Command::new(support::meshpath()).args(args).output().expect("runs")
 }
 
 #[test]

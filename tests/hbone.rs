@@ -10,9 +10,9 @@ use anyhow::{Context, Result, ensure};
 use meshpath::identity::ca::{BuiltinCa, pem_encode};
 use meshpath::identity::files::{CERT_CHAIN_FILE, KEY_FILE, ROOT_CERT_FILE};
 use meshpath::identity::{Identity, WorkloadCertificate};
-use meshpath::lab::hbone_client::{self, Answer, Probe};
-use meshpath::lab::smoke::{self, APP_PORT};
-use meshpath::lab::{Lab, traffic};
+use meshpath_lab::hbone_client::{self, Answer, Probe};
+use meshpath_lab::smoke::{self, APP_PORT};
+use meshpath_lab::{Lab, traffic};
 use meshpath::tls;
 
 mod support;

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use meshpath::identity::ca;
-use meshpath::lab::smoke::APP_PORT;
-use meshpath::lab::{Lab, traffic};
+use meshpath_lab::smoke::APP_PORT;
+use meshpath_lab::{Lab, traffic};
 
 mod support;
 use support::{built_lab, send};

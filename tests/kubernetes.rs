@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::rbac::v1::ClusterRole;
-use meshpath::k8s::enrol::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE};
-use meshpath::lab::apiserver::{Kind, Verb};
-use meshpath::lab::cluster::{self, ECHO_SERVICE, MESH_NAMESPACE, WEB_SERVICE};
-use meshpath::lab::{Lab, readiness, smoke, traffic};
+use meshpath_common::names::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE};
+use meshpath_lab::apiserver::{Kind, Verb};
+use meshpath_lab::cluster::{self, ECHO_SERVICE, MESH_NAMESPACE, WEB_SERVICE};
+use meshpath_lab::{Lab, readiness, smoke, traffic};
 
 mod support;
 use support::{built_lab, send, wait_until};

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use meshpath::lab::Lab;
+use meshpath_lab::Lab;
 use meshpath_common::names::{MAP_COUNTERS, MAP_LISTENERS, MAP_WORKLOAD_IFS, MAP_WORKLOADS, PIN_DIR, PINNED_MAPS};
 
 mod support;
@@ -50,7 +50,7 @@ fn bpftool(mode: &[&str], args: &[&str]) -> Result<Run> {
 
 /// `meshpath map [mode] ARGS`.
 fn meshpath(mode: &[&str], args: &[&str]) -> Result<Run> {
-    run(Command::new(env!("CARGO_BIN_EXE_meshpath")).arg("map").args(mode).args(args))
+    run(Command::new(support::meshpath()).arg("map").args(mode).args(args))
 }
 
 /// Tries for output that other tests' labs change while this runs (the kernel's list of

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use meshpath::lab::{self, Lab, smoke};
+use meshpath_lab::{Lab, http_get, smoke};
 use meshpath_common::names::PORT_METRICS;
 
 mod support;
@@ -16,7 +16,7 @@ fn sample(scrape: &str, name_and_labels: &str) -> Option<f64> {
 }
 
 fn scrape(lab: &Lab, node: usize) -> Result<String> {
-    let resp = lab::http_get(&lab.nodes[node].name, PORT_METRICS, "/metrics")?;
+    let resp = http_get(&lab.nodes[node].name, PORT_METRICS, "/metrics")?;
     ensure!(resp.starts_with("HTTP/1.1 200"), "metrics endpoint answered: {}", resp.lines().next().unwrap_or(""));
     Ok(resp)
 }

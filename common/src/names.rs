@@ -62,6 +62,17 @@ pub const ROUTE_TABLE: u32 = 1519;
 /// Priority of the `fwmark CAPTURE_MARK/CAPTURE_MASK lookup ROUTE_TABLE` rule.
 pub const RULE_PRIORITY: u32 = 1519;
 
+/// Enrolment label on a namespace or pod, as Istio's ambient mode reads it.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+/// [`DATAPLANE_MODE_LABEL`] value that enrols (on a namespace or pod).
+pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
+/// [`DATAPLANE_MODE_LABEL`] value on a pod that opts it out of its namespace's enrolment.
+pub const DATAPLANE_MODE_NONE: &str = "none";
+/// Annotation of pods with an injected sidecar, which are never enrolled (Istio's rule).
+pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
+/// The label tying an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
 #[cfg(test)]
 mod tests {
     use super::*;

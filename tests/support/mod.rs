@@ -3,12 +3,12 @@
 
 #![allow(dead_code)] // each test file uses its own subset
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use meshpath::lab::smoke::APP_PORT;
-use meshpath::lab::{Lab, traffic};
+use meshpath_lab::smoke::APP_PORT;
+use meshpath_lab::{Lab, traffic};
 
 pub fn started_lab() -> Result<Lab> {
     started_lab_with(&[])
@@ -24,7 +24,12 @@ pub fn started_lab_with(args: &[&str]) -> Result<Lab> {
 
 /// A lab with no daemons started yet.
 pub fn built_lab() -> Result<Lab> {
-    Lab::build(Path::new(env!("CARGO_BIN_EXE_meshpath"))).context("building the lab")
+    Lab::build(&meshpath()).context("building the lab")
+}
+
+/// The meshpath binary under test (see [`meshpath_lab::meshpath_binary`]).
+pub fn meshpath() -> PathBuf {
+    meshpath_lab::meshpath_binary().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// One request/response from pod `from` to pod `to` (IPv4, app port).

@@ -10,7 +10,6 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
 use crate::datapath::AttachMode;
-use crate::lab::{self, Lab, smoke};
 use crate::node::{self, CertSource, NodeConfig};
 use crate::proxy::PlaintextPolicy;
 
@@ -20,6 +19,12 @@ pub struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "MESHPATH_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+    /// For `map`: JSON output. Taken before the command too, as `bpftool -j map ...`.
+    #[arg(short = 'j', long)]
+    pub json: bool,
+    /// For `map`: pretty-printed JSON, as `bpftool -p map ...`.
+    #[arg(short = 'p', long)]
+    pub pretty: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -61,25 +66,8 @@ pub enum Command {
         #[arg(long, default_value = "cluster.local", value_parser = parse_trust_domain)]
         trust_domain: String,
     },
-    /// Build a two-node lab of network namespaces and run meshpath in it.
-    Lab(LabArgs),
     /// Show or dump BPF maps exactly as `bpftool map` does; --decode for meshpath's own.
     Map(crate::bpftool::MapArgs),
-    /// Measure meshpath's capture against the iptables designs it replaces and no proxy at
-    /// all, in dedicated labs; write BENCHMARKS.md and its chart.
-    Bench {
-        /// Three short rounds at 10 workloads only (under 3 minutes).
-        #[arg(long)]
-        quick: bool,
-        #[arg(long, default_value = "BENCHMARKS.md")]
-        out: PathBuf,
-        /// The chart (SVG), written next to `out`.
-        #[arg(long, default_value = "benchmarks.svg")]
-        chart: String,
-        /// The raw samples as JSON.
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -163,17 +151,6 @@ pub enum TcAttach {
     Netlink,
 }
 
-#[derive(Debug, Args)]
-pub struct LabArgs {
-    /// Send traffic in every direction, print what went where, tear down; non-zero exit on
-    /// any failure.
-    #[arg(long)]
-    pub smoke: bool,
-    /// Remove namespaces and pins that crashed labs left behind, then exit.
-    #[arg(long, conflicts_with = "smoke")]
-    pub cleanup: bool,
-}
-
 fn hostname() -> String {
     nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
 }
@@ -190,6 +167,9 @@ pub fn init_tracing(cli: &Cli) {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if (cli.json || cli.pretty) && !matches!(cli.command, Command::Map(_)) {
+        anyhow::bail!("-j/--json and -p/--pretty apply to `meshpath map` (status takes -o json)");
+    }
     match cli.command {
         Command::Node(a) => {
             let cfg = NodeConfig {
@@ -242,10 +222,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{verb} CA root in {} ({} and {}, the key readable by its owner only)", dir.display(), crate::identity::ca::ROOT_CERT_FILE, crate::identity::ca::ROOT_KEY_FILE);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Lab(a) => run_lab(a),
-        Command::Bench { quick, out, chart, json } => run_bench(quick, &out, &chart, json.as_deref()),
         // Reports its own errors, in bpftool's shape.
-        Command::Map(a) => Ok(crate::bpftool::run(a)),
+        Command::Map(mut a) => {
+            a.json |= cli.json;
+            a.pretty |= cli.pretty;
+            Ok(crate::bpftool::run(a))
+        }
     }
 }
 
@@ -265,74 +247,4 @@ async fn shutdown_signal() {
         _ = int.recv() => "SIGINT",
     };
     tracing::info!(signal = which, "shutting down");
-}
-
-fn run_bench(quick: bool, out: &std::path::Path, chart: &str, json: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
-    use crate::lab::bench;
-    if !nix::unistd::geteuid().is_root() {
-        anyhow::bail!("the benchmark builds network namespaces and loads eBPF programs: run it as root");
-    }
-    let bin = std::env::current_exe().context("locating the meshpath binary")?;
-    let cfg = if quick { bench::BenchConfig::quick(bin) } else { bench::BenchConfig::full(bin) };
-    let started = std::time::Instant::now();
-    let samples = bench::run(&cfg, |line| eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64()))?;
-    let command = if quick { "cargo xtask bench --quick" } else { "cargo xtask bench" };
-    // The hand-written analysis below the marker survives a new run.
-    let analysis = std::fs::read_to_string(out)
-        .ok()
-        .and_then(|old| old.split_once(bench::ANALYSIS_MARKER).map(|(_, tail)| tail.to_owned()))
-        .unwrap_or_else(|| "\n(no analysis written yet)\n".to_owned());
-    let doc = format!("{}\n{}{analysis}", bench::document(&cfg, &samples, command, chart), bench::ANALYSIS_MARKER);
-    std::fs::write(out, doc).with_context(|| format!("writing {}", out.display()))?;
-    let chart_path = out.parent().unwrap_or(std::path::Path::new(".")).join(chart);
-    std::fs::write(&chart_path, bench::report::svg_chart(&samples, cfg.sizes[0])).with_context(|| format!("writing {}", chart_path.display()))?;
-    if let Some(j) = json {
-        std::fs::write(j, serde_json::to_string_pretty(&samples)?).with_context(|| format!("writing {}", j.display()))?;
-    }
-    println!("{}", bench::report::markdown(&samples, &cfg.sizes, cfg.rounds));
-    eprintln!("wrote {} and {} in {:.0}s", out.display(), chart_path.display(), started.elapsed().as_secs_f64());
-    Ok(ExitCode::SUCCESS)
-}
-
-fn run_lab(a: LabArgs) -> anyhow::Result<ExitCode> {
-    if !nix::unistd::geteuid().is_root() {
-        anyhow::bail!("the lab creates network namespaces and loads eBPF programs: run it as root");
-    }
-    if a.cleanup {
-        let removed = lab::sweep()?;
-        println!("removed {} leftover(s){}", removed.len(), removed.iter().map(|r| format!("\n  {r}")).collect::<String>());
-        return Ok(ExitCode::SUCCESS);
-    }
-    let bin = std::env::current_exe().context("locating the meshpath binary")?;
-    eprintln!("building the lab (2 nodes, 5 pods)...");
-    let mut lab = Lab::build(&bin)?;
-    eprintln!("starting meshpath on both nodes...");
-    lab.start_daemons()?;
-    if a.smoke {
-        eprintln!("sending traffic...");
-        let smoke::Smoke { outcomes, evidence } = smoke::run_all(&lab)?;
-        println!("{}", smoke::table(&outcomes));
-        println!("TLS evidence (capture on node 1's underlay while a -> c ran): {}", evidence.summary());
-        for (i, _) in lab.nodes.iter().enumerate() {
-            let c = lab.counters(i)?;
-            println!("node {} datapath counters: {}", i + 1, serde_json::to_string(&c)?);
-        }
-        let failed = outcomes.iter().filter(|o| !o.ok).count();
-        eprintln!("tearing the lab down...");
-        let problems = lab.teardown();
-        for p in &problems {
-            eprintln!("teardown: {p}");
-        }
-        println!("{} passed, {} failed", outcomes.len() - failed, failed);
-        return Ok(if failed == 0 && problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
-    }
-    println!("{}", lab.describe());
-    println!("meshpath runs in both nodes; press Ctrl-C to stop and tear the lab down.");
-    let rt = runtime()?;
-    rt.block_on(shutdown_signal());
-    eprintln!("tearing the lab down...");
-    for p in lab.teardown() {
-        eprintln!("teardown: {p}");
-    }
-    Ok(ExitCode::SUCCESS)
 }

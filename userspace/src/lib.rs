@@ -6,7 +6,6 @@
 //! - [`identity`] holds workload identities and their certificates, [`tls`] the mTLS set-up;
 //! - [`node`] is the per-node daemon tying them together;
 //! - [`workloads`] reads the workload file;
-//! - [`lab`] builds a two-node lab of network namespaces for running and testing all of it;
 //! - [`bpftool`] is `meshpath map`: maps shown and dumped as `bpftool map` does, or decoded.
 
 pub mod admin;
@@ -15,7 +14,6 @@ pub mod cli;
 pub mod datapath;
 pub mod identity;
 pub mod k8s;
-pub mod lab;
 pub mod metrics;
 pub mod node;
 pub mod proxy;

@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | build | run | lab | test`.
+//! Developer tasks: `cargo xtask setup | build | run | lab | bench | lint | test`.
 //!
 //! Every task sets up what it needs first (the eBPF toolchain, bpffs) and says what it is
 //! doing, so a fresh machine needs nothing but `cargo xtask test`.
@@ -15,6 +15,8 @@ const DEBIAN_PACKAGES: &[&str] =
     &["llvm-22-dev", "rustc-web", "libstd-rust-web-dev-bpf", "bpftool", "iproute2", "util-linux", "iptables", "ipset"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// How the lab and the kernel tests learn which meshpath binary to run.
+const MESHPATH_BIN_ENV: &str = "MESHPATH_BIN";
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -54,6 +56,8 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// `cargo fmt --check` and clippy (warnings denied) over every crate, the eBPF one too.
+    Lint,
     /// Run every test: unit tests and the kernel tests in throwaway namespaces.
     Test {
         /// Extra arguments for the test binaries (e.g. a test name filter).
@@ -83,67 +87,87 @@ fn run(task: Task) -> Result<()> {
             setup()?;
             if let Some(kubeconfig) = kubeconfig() {
                 require_root("the node daemon")?;
-                let bin = build(false)?;
-                let mut cmd = Command::new(bin);
+                let bins = build(false)?;
+                let mut cmd = Command::new(&bins.meshpath);
                 cmd.arg("node").env("KUBECONFIG", &kubeconfig);
                 if let Some(n) = node {
                     cmd.args(["--node", &n]);
                 }
-                step(&format!("running the node daemon on this host, following the cluster of {} (Ctrl-C stops it)", kubeconfig.display()));
+                step(&format!(
+                    "running the node daemon on this host, following the cluster of {} (Ctrl-C stops it)",
+                    kubeconfig.display()
+                ));
                 return status(cmd.args(&args));
             }
             if node.is_some() || !args.is_empty() {
-                bail!("--node and daemon arguments apply to the Kubernetes mode; no KUBECONFIG or ~/.kube/config was found");
+                bail!(
+                    "--node and daemon arguments apply to the Kubernetes mode; no KUBECONFIG or ~/.kube/config was found"
+                );
             }
             require_root("the lab")?;
-            let bin = build(false)?;
+            let bins = build(false)?;
             step("starting the lab (Ctrl-C stops it and tears it down)");
-            status(Command::new(bin).arg("lab"))
+            status(&mut bins.lab(["run"]))
         }
         Task::Lab { smoke } => {
             setup()?;
             require_root("the lab")?;
-            let bin = build(false)?;
-            let mut cmd = Command::new(bin);
-            cmd.arg("lab");
-            if smoke {
-                cmd.arg("--smoke");
-            }
-            status(&mut cmd)
+            let bins = build(false)?;
+            status(&mut bins.lab([if smoke { "smoke" } else { "run" }]))
         }
         Task::Bench { quick } => {
             setup()?;
             require_root("the benchmark")?;
-            let bin = build(true)?;
-            status(Command::new(&bin).args(["lab", "--cleanup"]))?;
-            step(if quick { "benchmarking (quick: 10 workloads, short rounds)" } else { "benchmarking (10, 1 000 and 10 000 workloads)" });
-            let mut cmd = Command::new(&bin);
-            cmd.current_dir(root()).args(["bench", "--out", "BENCHMARKS.md", "--chart", "benchmarks.svg", "--json", "target/benchmarks.json"]);
+            let bins = build(true)?;
+            status(&mut bins.lab(["cleanup"]))?;
+            step(if quick {
+                "benchmarking (quick: 10 workloads, short rounds)"
+            } else {
+                "benchmarking (10, 1 000 and 10 000 workloads)"
+            });
+            let mut cmd = bins.lab(["bench", "--out", "BENCHMARKS.md", "--chart", "benchmarks.svg"]);
+            cmd.current_dir(root()).args(["--json", "target/benchmarks.json"]);
             if quick {
                 cmd.arg("--quick");
             }
             let result = status(&mut cmd);
-            status(Command::new(&bin).args(["lab", "--cleanup"]))?;
+            status(&mut bins.lab(["cleanup"]))?;
             result
+        }
+        Task::Lint => {
+            setup()?;
+            lint()
         }
         Task::Test { args } => {
             setup()?;
             require_root("the kernel tests")?;
-            let bin = build(false)?;
+            let bins = build(false)?;
             // A crashed earlier run may have left namespaces or pins behind.
-            status(Command::new(&bin).args(["lab", "--cleanup"]))?;
+            status(&mut bins.lab(["cleanup"]))?;
             step("running unit and kernel tests");
             let mut cmd = cargo();
             // Every test binary runs even when an earlier one fails: one report shows all failures.
-            cmd.args(["test", "--no-fail-fast", "--workspace", "--exclude", "meshpath-ebpf"]);
+            cmd.args(["test", "--no-fail-fast", "--workspace", "--exclude", "meshpath-ebpf"])
+                .env(MESHPATH_BIN_ENV, &bins.meshpath);
             if !args.is_empty() {
                 cmd.arg("--").args(&args);
             }
             let result = run_tests(&mut cmd);
-            status(Command::new(&bin).args(["lab", "--cleanup"]))?;
+            status(&mut bins.lab(["cleanup"]))?;
             result
         }
     }
+}
+
+/// `cargo fmt --check` and clippy with warnings denied, over every crate (the eBPF one
+/// checked for the host with `panic=abort`, as it has no unwinding).
+fn lint() -> Result<()> {
+    step("checking formatting (cargo fmt --check)");
+    status(cargo().args(["fmt", "--all", "--check"]))?;
+    step("clippy: userspace, lab, xtask, common");
+    status(cargo().args(["clippy", "--workspace", "--exclude", "meshpath-ebpf", "--all-targets", "--", "-D", "warnings"]))?;
+    step("clippy: the eBPF crate");
+    status(cargo().args(["clippy", "--package", "meshpath-ebpf", "--", "-C", "panic=abort", "-D", "warnings"]))
 }
 
 fn step(msg: &str) {
@@ -246,15 +270,31 @@ fn bpf_linker_ok() -> bool {
     Command::new("bpf-linker").arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
 }
 
-/// Builds the meshpath binary and returns its path.
-fn build(release: bool) -> Result<PathBuf> {
-    step(&format!("building meshpath ({})", if release { "release" } else { "debug" }));
+/// Where the build put the binaries.
+struct Binaries {
+    meshpath: PathBuf,
+    lab: PathBuf,
+}
+
+impl Binaries {
+    /// `meshpath-lab <args>`, told which meshpath binary its nodes run.
+    fn lab<const N: usize>(&self, args: [&str; N]) -> Command {
+        let mut c = Command::new(&self.lab);
+        c.args(args).env(MESHPATH_BIN_ENV, &self.meshpath);
+        c
+    }
+}
+
+/// Builds the meshpath binary and the lab that drives it.
+fn build(release: bool) -> Result<Binaries> {
+    step(&format!("building meshpath and its lab ({})", if release { "release" } else { "debug" }));
     let mut c = cargo();
-    c.args(["build", "--package", "meshpath"]);
+    c.args(["build", "--package", "meshpath", "--package", "meshpath-lab", "--bins"]);
     if release {
         c.arg("--release");
     }
     status(&mut c)?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
-    Ok(target.join(if release { "release" } else { "debug" }).join("meshpath"))
+    let dir = target.join(if release { "release" } else { "debug" });
+    Ok(Binaries { meshpath: dir.join("meshpath"), lab: dir.join("meshpath-lab") })
 }

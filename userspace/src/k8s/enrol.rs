@@ -14,10 +14,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 use crate::workloads::{Workload, WorkloadFile};
 
-pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
-pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
-pub const DATAPLANE_MODE_NONE: &str = "none";
-pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
+use meshpath_common::names::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, SIDECAR_STATUS_ANNOTATION};
 
 fn label(labels: Option<&BTreeMap<String, String>>) -> Option<&str> {
     labels?.get(DATAPLANE_MODE_LABEL).map(String::as_str)

@@ -9,8 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-/// The label tying an EndpointSlice to its Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+use meshpath_common::names::SERVICE_NAME_LABEL;
 
 /// One Service port on one cluster IP, with where it leads.
 #[derive(Clone, Debug, PartialEq, Eq)]

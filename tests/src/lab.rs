@@ -16,15 +16,6 @@
 //! Pods sit behind routed veths with /32 (/128) host routes and a link-local gateway on the
 //! node side of each veth, as Calico and kindnet wire them. The underlay link has no route out of the lab.
 
-pub mod apiserver;
-pub mod bench;
-pub mod capture;
-pub mod cluster;
-pub mod hbone_client;
-pub mod loadgen;
-pub mod smoke;
-pub mod traffic;
-
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -32,8 +23,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::datapath;
-use crate::proxy::access_log::{self, ConnectionRecord};
+use meshpath::datapath;
+use meshpath::proxy::access_log::{self, ConnectionRecord};
+
+use crate::{cluster, traffic};
 
 /// Every lab namespace and node name starts with this, so leftovers can be swept.
 pub const LAB_PREFIX: &str = "mplab";
@@ -52,7 +45,7 @@ pub enum LabError {
     Other(String),
 }
 
-type Result<T, E = LabError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = LabError> = std::result::Result<T, E>;
 
 /// One pod of the lab.
 #[derive(Clone, Debug)]
@@ -154,7 +147,7 @@ impl Lab {
         Ok(lab)
     }
 
-    fn add_netns(&mut self, name: &str) -> Result<()> {
+    pub(crate) fn add_netns(&mut self, name: &str) -> Result<()> {
         ip(&["netns", "add", name])?;
         self.namespaces.push(name.to_owned());
         ip(&["-n", name, "link", "set", "lo", "up"])?;
@@ -218,8 +211,8 @@ impl Lab {
     pub const TRUST_DOMAIN: &'static str = "cluster.local";
 
     /// The SPIFFE identity the lab gives `pod`.
-    pub fn identity(&self, pod: &str) -> crate::identity::Identity {
-        crate::identity::Identity::new(Self::TRUST_DOMAIN, "lab", &format!("sa-{pod}"))
+    pub fn identity(&self, pod: &str) -> meshpath::identity::Identity {
+        meshpath::identity::Identity::new(Self::TRUST_DOMAIN, "lab", &format!("sa-{pod}"))
     }
 
     pub fn daemon_log_path(&self, node: usize) -> PathBuf {
@@ -562,6 +555,35 @@ impl Drop for Lab {
     }
 }
 
+/// Environment variable naming the `meshpath` binary the lab runs (`cargo xtask` sets it).
+pub const MESHPATH_BIN_ENV: &str = "MESHPATH_BIN";
+
+/// The `meshpath` binary to run: `$MESHPATH_BIN`, else the one cargo built next to this
+/// executable (the lab binary sits beside it; test binaries one level down, in `deps/`).
+pub fn meshpath_binary() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os(MESHPATH_BIN_ENV).filter(|b| !b.is_empty()) {
+        let bin = PathBuf::from(bin);
+        return if bin.is_file() {
+            Ok(bin)
+        } else {
+            Err(LabError::Other(format!("{MESHPATH_BIN_ENV}={} is not a file", bin.display())))
+        };
+    }
+    let exe = std::env::current_exe()?;
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("meshpath"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            LabError::Other(format!(
+                "no meshpath binary next to {} and {MESHPATH_BIN_ENV} is not set: build it first (`cargo xtask build`), \
+                 or run through `cargo xtask`",
+                exe.display()
+            ))
+        })
+}
+
 /// Whether the daemon in `ns` answers 200 on its readiness endpoint.
 pub fn readiness(ns: &str) -> std::io::Result<bool> {
     Ok(http_get(ns, meshpath_common::names::PORT_READINESS, "/healthz/ready")?.starts_with("HTTP/1.1 200"))
@@ -581,7 +603,7 @@ pub fn http_get(ns: &str, port: u16, path: &str) -> std::io::Result<String> {
     })?
 }
 
-fn sysctls(ns: &str, kv: &[(&str, &str)]) -> Result<()> {
+pub(crate) fn sysctls(ns: &str, kv: &[(&str, &str)]) -> Result<()> {
     traffic::in_netns(ns, || -> std::io::Result<()> {
         for (k, v) in kv {
             let path = format!("/proc/sys/{k}");
@@ -592,11 +614,11 @@ fn sysctls(ns: &str, kv: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
-fn ip(args: &[&str]) -> Result<String> {
+pub(crate) fn ip(args: &[&str]) -> Result<String> {
     run(Command::new("ip").args(args))
 }
 
-fn run(cmd: &mut Command) -> Result<String> {
+pub(crate) fn run(cmd: &mut Command) -> Result<String> {
     let text = format!("{cmd:?}").replace('"', "");
     let out = cmd.stdin(Stdio::null()).output().map_err(|source| LabError::Spawn { cmd: text.clone(), source })?;
     if !out.status.success() {

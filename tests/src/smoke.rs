@@ -5,10 +5,10 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use super::capture::{Capture, TlsEvidence, tls_evidence};
-use super::traffic::{self, EchoServer};
-use super::{Lab, Result};
-use crate::proxy::access_log::ConnectionRecord;
+use crate::capture::{Capture, TlsEvidence, tls_evidence};
+use crate::traffic::{self, EchoServer};
+use crate::lab::{Lab, Result};
+use meshpath::proxy::access_log::ConnectionRecord;
 
 /// Port the lab's echo servers listen on (besides the HBONE port).
 pub const APP_PORT: u16 = 8080;

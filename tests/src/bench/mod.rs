@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::loadgen;
-use super::{LabError, Result};
+use crate::loadgen;
+use crate::lab::{LabError, Result};
 use paths::Setup;
 
 /// Everything in BENCHMARKS.md after this line is written by hand (the analysis of a run)

@@ -11,8 +11,8 @@ use bytes::Bytes;
 use http::{Method, Request};
 use rustls::ClientConfig;
 
-use super::traffic::in_netns;
-use crate::tls;
+use crate::traffic::in_netns;
+use meshpath::tls;
 
 /// What one request got.
 #[derive(Clone, Debug, PartialEq, Eq)]

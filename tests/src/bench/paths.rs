@@ -8,7 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{ECHO_PORT, PathKind, SINK_PORT};
-use crate::lab::{Lab, LabError, Result, ip, loadgen, readiness, sysctls};
+use crate::lab::{Lab, LabError, Result, ip, readiness, sysctls};
+use crate::loadgen;
 
 /// The legacy capture's names and numbers, as the 2022 ambient scripts had them.
 pub mod legacy {

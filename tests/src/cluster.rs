@@ -1,5 +1,5 @@
 //! The lab as a Kubernetes cluster: its namespaces, pods and services as API objects, for
-//! the in-process API server ([`super::apiserver`]) that daemons in Kubernetes mode follow.
+//! the in-process API server ([`crate::apiserver`]) that daemons in Kubernetes mode follow.
 //!
 //! Namespace `lab` is enrolled (`istio.io/dataplane-mode=ambient`) and holds pods a, c and e;
 //! namespace `plain` is not and holds b and d. Service `lab/web` (10.96.0.10:80, target port
@@ -12,10 +12,10 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::apiserver::{self, ApiServer};
-use super::{Lab, LabError, Result, traffic};
-use crate::k8s::enrol::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL};
-use crate::k8s::services::SERVICE_NAME_LABEL;
+use crate::apiserver::{self, ApiServer};
+use crate::lab::{Lab, LabError, Result};
+use crate::traffic;
+use meshpath_common::names::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, SERVICE_NAME_LABEL};
 
 /// Namespace of the lab's enrolled pods (the one their identities carry).
 pub const MESH_NAMESPACE: &str = "lab";
@@ -106,7 +106,7 @@ impl Lab {
 
     /// Everything the lab's cluster starts with.
     pub fn cluster_objects(&self) -> ClusterObjects {
-        let app = super::smoke::APP_PORT;
+        let app = crate::smoke::APP_PORT;
         ClusterObjects {
             namespaces: vec![namespace(MESH_NAMESPACE, true), namespace(PLAIN_NAMESPACE, false)],
             pods: self.pods.iter().map(|p| self.pod_object(p.name)).collect(),

@@ -1,0 +1,28 @@
+//! meshpath's lab: everything that runs meshpath without a cluster and checks what it does,
+//! kept out of the `meshpath` binary that runs on every node.
+//!
+//! - [`lab`]: two nodes and five pods as network namespaces on one kernel, each node running
+//!   the real `meshpath node` binary;
+//! - [`traffic`]: sockets opened inside a pod's namespace, echo servers;
+//! - [`smoke`]: the traffic matrix, checked hop by hop against the proxies' access logs;
+//! - [`capture`]: an AF_PACKET capture of the underlay and a TLS-record walker over it;
+//! - [`hbone_client`]: a hand-driven HBONE client, to send what a peer proxy would not;
+//! - [`apiserver`] and [`cluster`]: an in-process Kubernetes API server and the lab's pods,
+//!   namespaces and services as API objects;
+//! - [`loadgen`] and [`bench`]: the load generator and the benchmark against the iptables
+//!   designs meshpath replaces.
+//!
+//! The lab reaches meshpath through its public surface: the binary's command line, the
+//! files it reads and writes, its ports and its pins (read with the daemon's own decoders).
+
+pub mod apiserver;
+pub mod bench;
+pub mod capture;
+pub mod cluster;
+pub mod hbone_client;
+pub mod lab;
+pub mod loadgen;
+pub mod smoke;
+pub mod traffic;
+
+pub use lab::{LAB_PREFIX, Lab, LabError, Node, POD_CIDRS, Pod, http_get, meshpath_binary, readiness, sweep};

@@ -1,0 +1,173 @@
+//! `meshpath-lab`: runs meshpath in the lab of network namespaces, checks it (`smoke`),
+//! benchmarks it (`bench`) and sweeps what crashed runs left (`cleanup`). `cargo xtask run`,
+//! `lab` and `bench` drive it.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use meshpath_lab::lab::MESHPATH_BIN_ENV;
+use meshpath_lab::{Lab, bench, smoke};
+
+#[derive(Parser)]
+#[command(name = "meshpath-lab", about = "meshpath in a two-node lab of network namespaces")]
+struct Cli {
+    /// The meshpath binary the lab's nodes run (default: the one next to this binary).
+    #[arg(long, global = true, env = MESHPATH_BIN_ENV)]
+    meshpath: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the lab, run meshpath on both nodes until Ctrl-C, then tear everything down.
+    Run,
+    /// Build the lab, send traffic in every direction, print what went where, tear down;
+    /// a non-zero exit on any failure.
+    Smoke,
+    /// Remove the namespaces and pins that crashed labs left behind.
+    Cleanup,
+    /// Measure meshpath's capture against the iptables designs it replaces and no proxy at
+    /// all, in dedicated labs; write BENCHMARKS.md and its chart.
+    Bench {
+        /// Three short rounds at 10 workloads only.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        out: PathBuf,
+        /// The chart (SVG), written next to `out`.
+        #[arg(long, default_value = "benchmarks.svg")]
+        chart: String,
+        /// The raw samples as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter("warn").init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("meshpath-lab: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the lab creates network namespaces and loads eBPF programs: run it as root");
+    }
+    if let Command::Cleanup = cli.command {
+        let removed = meshpath_lab::sweep()?;
+        println!("removed {} leftover(s){}", removed.len(), removed.iter().map(|r| format!("\n  {r}")).collect::<String>());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bin = match cli.meshpath {
+        Some(b) => b,
+        None => meshpath_lab::meshpath_binary()?,
+    };
+    match cli.command {
+        Command::Run => run_lab(&bin),
+        Command::Smoke => run_smoke(&bin),
+        Command::Bench { quick, out, chart, json } => run_bench(&bin, quick, &out, &chart, json.as_deref()),
+        Command::Cleanup => unreachable!("handled above"),
+    }
+}
+
+fn run_lab(bin: &Path) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+    // Listening from the start: Ctrl-C while the lab is being built still tears it down.
+    let stop = rt.block_on(async { StopSignals::install() })?;
+    let mut lab = build_and_start(bin)?;
+    println!("{}", lab.describe());
+    println!("meshpath runs in both nodes; press Ctrl-C to stop and tear the lab down.");
+    let which = rt.block_on(stop.wait());
+    eprintln!("{which}: tearing the lab down...");
+    report_teardown(&mut lab);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_smoke(bin: &Path) -> Result<ExitCode> {
+    let mut lab = build_and_start(bin)?;
+    eprintln!("sending traffic...");
+    let smoke::Smoke { outcomes, evidence } = smoke::run_all(&lab)?;
+    println!("{}", smoke::table(&outcomes));
+    println!("TLS evidence (capture on node 1's underlay while a -> c ran): {}", evidence.summary());
+    for i in 0..lab.nodes.len() {
+        println!("node {} datapath counters: {}", i + 1, serde_json::to_string(&lab.counters(i)?)?);
+    }
+    let failed = outcomes.iter().filter(|o| !o.ok).count();
+    eprintln!("tearing the lab down...");
+    let clean = report_teardown(&mut lab);
+    println!("{} passed, {} failed", outcomes.len() - failed, failed);
+    Ok(if failed == 0 && clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn build_and_start(bin: &Path) -> Result<Lab> {
+    eprintln!("building the lab (2 nodes, 5 pods)...");
+    let mut lab = Lab::build(bin)?;
+    eprintln!("starting meshpath on both nodes...");
+    lab.start_daemons()?;
+    Ok(lab)
+}
+
+/// Tears the lab down, printing what could not be removed; whether it all went.
+fn report_teardown(lab: &mut Lab) -> bool {
+    let problems = lab.teardown();
+    for p in &problems {
+        eprintln!("teardown: {p}");
+    }
+    problems.is_empty()
+}
+
+fn run_bench(bin: &Path, quick: bool, out: &Path, chart: &str, json: Option<&Path>) -> Result<ExitCode> {
+    let cfg = if quick { bench::BenchConfig::quick(bin.to_owned()) } else { bench::BenchConfig::full(bin.to_owned()) };
+    let started = Instant::now();
+    let samples = bench::run(&cfg, |line| eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64()))?;
+    let command = if quick { "cargo xtask bench --quick" } else { "cargo xtask bench" };
+    // The hand-written analysis below the marker survives a new run.
+    let analysis = std::fs::read_to_string(out)
+        .ok()
+        .and_then(|old| old.split_once(bench::ANALYSIS_MARKER).map(|(_, tail)| tail.to_owned()))
+        .unwrap_or_else(|| "\n(no analysis written yet)\n".to_owned());
+    let doc = format!("{}\n{}{analysis}", bench::document(&cfg, &samples, command, chart), bench::ANALYSIS_MARKER);
+    std::fs::write(out, doc).with_context(|| format!("writing {}", out.display()))?;
+    let chart_path = out.parent().unwrap_or(Path::new(".")).join(chart);
+    std::fs::write(&chart_path, bench::report::svg_chart(&samples, cfg.sizes[0]))
+        .with_context(|| format!("writing {}", chart_path.display()))?;
+    if let Some(j) = json {
+        std::fs::write(j, serde_json::to_string_pretty(&samples)?).with_context(|| format!("writing {}", j.display()))?;
+    }
+    println!("{}", bench::report::markdown(&samples, &cfg.sizes, cfg.rounds));
+    eprintln!("wrote {} and {} in {:.0}s", out.display(), chart_path.display(), started.elapsed().as_secs_f64());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGINT and SIGTERM, caught from the moment they are installed.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+        })
+    }
+
+    async fn wait(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
