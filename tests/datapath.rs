@@ -47,7 +47,10 @@ fn fails_closed_then_resumes(lab: &mut Lab, kill: bool) -> Result<()> {
         ensure!(r.is_err(), "{from} -> {to} bypassed the stopped proxy: {r:?}");
     }
     let during = lab.counters(0)?;
-    ensure!(during.missing_socket >= before.missing_socket + 4, "missing_socket did not count the refusals: {before:?} -> {during:?}");
+    ensure!(
+        during.missing_socket >= before.missing_socket + 4,
+        "missing_socket did not count the refusals: {before:?} -> {during:?}"
+    );
     // The pinned datapath stayed attached.
     ensure!(lab.classifiers(0, "vpa")? == 1, "classifier detached from vpa after stop");
     // Non-enrolled pairs are untouched.
@@ -63,7 +66,10 @@ fn fails_closed_then_resumes(lab: &mut Lab, kill: bool) -> Result<()> {
     );
     // Same maps (counters kept counting), one classifier per interface, no duplicates.
     let after = lab.counters(0)?;
-    ensure!(after.steered > during.steered && after.classified >= during.classified, "counters reset: {during:?} -> {after:?}");
+    ensure!(
+        after.steered > during.steered && after.classified >= during.classified,
+        "counters reset: {during:?} -> {after:?}"
+    );
     for ifname in ["vpa", "vpb", "ul0"] {
         ensure!(lab.classifiers(0, ifname)? == 1, "{ifname} has a duplicate or missing classifier after restart");
     }
@@ -90,7 +96,8 @@ fn stopped_proxy_fails_closed_and_restart_resumes_on_pinned_state() -> Result<()
 fn netlink_attach_mode_captures_fails_closed_and_uninstalls_cleanly() -> Result<()> {
     let mut lab = started_lab_with(&["--tc-attach", "netlink"])?;
     ensure!(lab.classifiers(0, "vpa")? == 1, "no classifier on vpa");
-    let filters = Command::new("tc").args(["-n", &lab.nodes[0].name, "filter", "show", "dev", "vpa", "ingress"]).output()?;
+    let filters =
+        Command::new("tc").args(["-n", &lab.nodes[0].name, "filter", "show", "dev", "vpa", "ingress"]).output()?;
     let filters = String::from_utf8_lossy(&filters.stdout);
     ensure!(filters.contains("mp_tc_ingress") && filters.contains("pref 1519"), "not a cls_bpf filter: {filters}");
     let smoke::Smoke { outcomes, evidence } = smoke::run_all(&lab)?;
@@ -202,7 +209,9 @@ fn a_moved_pod_route_updates_the_map_at_once() -> Result<()> {
     ip(&["-batch", &batch.display().to_string()])?;
     let mut yaml = lab.workloads_yaml(&["a", "c", "e"]);
     for (i, f) in fillers.iter().enumerate() {
-        yaml.push_str(&format!("  - {{name: f{i}, namespace: fill, serviceAccount: filler, node: {n1}, ips: [{f}]}}\n"));
+        yaml.push_str(&format!(
+            "  - {{name: f{i}, namespace: fill, serviceAccount: filler, node: {n1}, ips: [{f}]}}\n"
+        ));
     }
     lab.write_workloads_text(&yaml)?;
     wait_until("the fillers in the map", Duration::from_secs(20), || Ok(lab.workload_map(0)?.len() > FILLERS))?;
@@ -212,17 +221,23 @@ fn a_moved_pod_route_updates_the_map_at_once() -> Result<()> {
     let spare = link[0]["ifindex"].as_u64().context("no ifindex for spare0")? as u32;
     ensure!(spare != original);
     ip(&["route", "replace", &format!("{a}/32"), "dev", "spare0"])?;
-    wait_until("the map to follow a's route to spare0", Duration::from_secs(3), || Ok(lab.workload_map(0)?.get(&a) == Some(&spare)))?;
+    wait_until("the map to follow a's route to spare0", Duration::from_secs(3), || {
+        Ok(lab.workload_map(0)?.get(&a) == Some(&spare))
+    })?;
     // Back with a replace too: a deleted route would make a unresolved, which is retried
     // every tick whatever the notifications say.
     ip(&["route", "replace", &format!("{a}/32"), "dev", &lab.pod("a").host_if])?;
-    wait_until("the map to follow a's route back", Duration::from_secs(3), || Ok(lab.workload_map(0)?.get(&a) == Some(&original)))?;
+    wait_until("the map to follow a's route back", Duration::from_secs(3), || {
+        Ok(lab.workload_map(0)?.get(&a) == Some(&original))
+    })?;
 
     // An interface going down takes its IPv4 routes along without any route notification:
     // a leaves the map all the same, and comes back with its veth and route.
     let host_if = lab.pod("a").host_if.clone();
     ip(&["link", "set", &host_if, "down"])?;
-    wait_until("a to leave the map with its veth down", Duration::from_secs(3), || Ok(!lab.workload_map(0)?.contains_key(&a)))?;
+    wait_until("a to leave the map with its veth down", Duration::from_secs(3), || {
+        Ok(!lab.workload_map(0)?.contains_key(&a))
+    })?;
     ip(&["link", "set", &host_if, "up"])?;
     ip(&["route", "replace", &format!("{a}/32"), "dev", &host_if])?;
     wait_until("a back in the map", Duration::from_secs(3), || Ok(lab.workload_map(0)?.get(&a) == Some(&original)))?;
@@ -277,13 +292,22 @@ fn workload_file_changes_apply_live_and_bad_files_change_nothing() -> Result<()>
     let good_text = lab.workloads_yaml(&["a", "b", "c"]);
     let n1 = lab.nodes[0].name.clone();
     let elsewhere = format!("{}9", &n1[..n1.len() - 1]);
-    let moved = good_text.replace(&format!("serviceAccount: sa-b\n    node: {n1}"), &format!("serviceAccount: sa-b\n    node: {elsewhere}"));
+    let moved = good_text.replace(
+        &format!("serviceAccount: sa-b\n    node: {n1}"),
+        &format!("serviceAccount: sa-b\n    node: {elsewhere}"),
+    );
     ensure!(moved.len() == good_text.len() && moved != good_text, "the in-place edit must keep the size");
     lab.write_workloads_text(&good_text)?;
     wait_until("b enrolled again", Duration::from_secs(3), || Ok(lab.workload_map(0)?.contains_key(&lab.pod("b").v4)))?;
     std::fs::write(lab.workloads_path(), &moved)?;
-    wait_until("an in-place edit to unenrol b", Duration::from_secs(3), || Ok(!lab.workload_map(0)?.contains_key(&lab.pod("b").v4)))?;
-    let line = std::fs::read_to_string(&log)?.lines().rfind(|l| l.contains("rejected workload file")).unwrap_or_default().to_string();
+    wait_until("an in-place edit to unenrol b", Duration::from_secs(3), || {
+        Ok(!lab.workload_map(0)?.contains_key(&lab.pod("b").v4))
+    })?;
+    let line = std::fs::read_to_string(&log)?
+        .lines()
+        .rfind(|l| l.contains("rejected workload file"))
+        .unwrap_or_default()
+        .to_string();
     ensure!(line.contains("workloads.yaml"), "the message does not name the file: {line}");
     Ok(())
 }
@@ -303,15 +327,24 @@ fn bad_input_gives_one_clear_line_and_no_backtrace() -> Result<()> {
         (&["node", "--node", "n1", "--workloads", bad.to_str().unwrap()], "bad.yaml"),
         (&["node", "--node", "../etc", "--workloads", bad.to_str().unwrap()], "invalid node name"),
         (&["uninstall", "--node", "UPPER"], "invalid node name"),
-        (&["node", "--node", "n1", "--workloads", bad.to_str().unwrap(), "--trust-domain", "a/b"], "is not a trust domain"),
-        (&["node", "--node", "n1", "--workloads", "/dev/null", "--cert-dir", "/nonexistent/certs"], "/nonexistent/certs: not a directory"),
+        (
+            &["node", "--node", "n1", "--workloads", bad.to_str().unwrap(), "--trust-domain", "a/b"],
+            "is not a trust domain",
+        ),
+        (
+            &["node", "--node", "n1", "--workloads", "/dev/null", "--cert-dir", "/nonexistent/certs"],
+            "/nonexistent/certs: not a directory",
+        ),
     ];
     for (args, needle) in cases {
         let out = meshpath(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("meshpath: error:")).collect();
         ensure!(!out.status.success(), "{args:?} succeeded");
-        ensure!(errors.len() == 1 && errors[0].contains(needle), "{args:?}: wanted one error line naming {needle:?}, got:\n{stderr}");
+        ensure!(
+            errors.len() == 1 && errors[0].contains(needle),
+            "{args:?}: wanted one error line naming {needle:?}, got:\n{stderr}"
+        );
         ensure!(!stderr.contains("panicked") && !stderr.contains("stack backtrace"), "{args:?} panicked:\n{stderr}");
     }
     std::fs::remove_dir_all(&dir)?;

@@ -53,7 +53,10 @@ fn one<T: serde::de::DeserializeOwned>(objects: &[serde_yaml::Value], kind: &str
 fn every_manifest_is_a_valid_object_of_its_kind() -> Result<()> {
     let objects = objects()?;
     let kinds: Vec<&str> = objects.iter().map(|o| o["kind"].as_str().unwrap_or("?")).collect();
-    ensure!(kinds == ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"], "{kinds:?}");
+    ensure!(
+        kinds == ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"],
+        "{kinds:?}"
+    );
     let ns: Namespace = one(&objects, "Namespace")?;
     let _: ServiceAccount = one(&objects, "ServiceAccount")?;
     let binding: ClusterRoleBinding = one(&objects, "ClusterRoleBinding")?;
@@ -71,7 +74,10 @@ fn the_daemonset_runs_on_every_node_with_what_the_daemon_needs() -> Result<()> {
     let spec = ds.spec;
     let pod = spec.template.spec.context("pod spec")?;
     ensure!(pod.host_network == Some(true), "the datapath lives in the node's network namespace");
-    ensure!(pod.tolerations.iter().flatten().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()), "must tolerate every taint");
+    ensure!(
+        pod.tolerations.iter().flatten().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
+        "must tolerate every taint"
+    );
     let rolling = spec.update_strategy.and_then(|u| u.rolling_update).context("rolling update")?;
     ensure!(
         rolling.max_surge == Some(IntOrString::Int(0)) && rolling.max_unavailable == Some(IntOrString::Int(1)),
@@ -88,7 +94,8 @@ fn the_daemonset_runs_on_every_node_with_what_the_daemon_needs() -> Result<()> {
     // The node's name comes from the downward API.
     let node_env = c.env.iter().flatten().find(|e| e.name == "MESHPATH_NODE").context("MESHPATH_NODE")?;
     ensure!(
-        node_env.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str()) == Some("spec.nodeName"),
+        node_env.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str())
+            == Some("spec.nodeName"),
         "{node_env:?}"
     );
     ensure!(c.args.as_deref() == Some(&["node".to_string()][..]), "{:?}", c.args);

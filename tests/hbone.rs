@@ -10,10 +10,10 @@ use anyhow::{Context, Result, ensure};
 use meshpath::identity::ca::{BuiltinCa, pem_encode};
 use meshpath::identity::files::{CERT_CHAIN_FILE, KEY_FILE, ROOT_CERT_FILE};
 use meshpath::identity::{Identity, WorkloadCertificate};
+use meshpath::tls;
 use meshpath_lab::hbone_client::{self, Answer, Probe};
 use meshpath_lab::smoke::{self, APP_PORT};
 use meshpath_lab::{Lab, traffic};
-use meshpath::tls;
 
 mod support;
 use support::{built_lab, send, started_lab, started_lab_with, wait_until};
@@ -28,7 +28,14 @@ fn lab_ca(lab: &Lab) -> Result<BuiltinCa> {
 /// Sends `probes` from pod d to c's HBONE port as `cert`, expecting c's identity.
 fn probe_c(lab: &Lab, cert: &WorkloadCertificate, probes: &[Probe]) -> Result<hbone_client::Probed> {
     let config = tls::client_config(cert, &lab.identity("c"))?;
-    Ok(hbone_client::probe(&lab.pod("d").netns, config, lab.addr("c", false, 15008), probes, b"hello through HBONE", Duration::from_secs(15))?)
+    Ok(hbone_client::probe(
+        &lab.pod("d").netns,
+        config,
+        lab.addr("c", false, 15008),
+        probes,
+        b"hello through HBONE",
+        Duration::from_secs(15),
+    )?)
 }
 
 #[test]
@@ -66,8 +73,14 @@ fn bad_requests_get_ztunnel_status_codes_and_the_server_keeps_serving() -> Resul
 
     // Each refusal is in node 2's access log with its status and reason, as d's identity.
     let records = lab.records(1)?;
-    for (needle, status) in [("is not CONNECT", 400), ("does not match the dialed address", 400), ("self-call", 503), ("upstream connect failed", 503)] {
-        let r = records.iter().find(|r| r.outcome.contains(needle)).with_context(|| format!("no record for {needle:?}"))?;
+    for (needle, status) in [
+        ("is not CONNECT", 400),
+        ("does not match the dialed address", 400),
+        ("self-call", 503),
+        ("upstream connect failed", 503),
+    ] {
+        let r =
+            records.iter().find(|r| r.outcome.contains(needle)).with_context(|| format!("no record for {needle:?}"))?;
         ensure!(r.outcome.starts_with(&status.to_string()), "{needle}: outcome {}", r.outcome);
         ensure!(r.src_identity.as_deref() == Some(lab.identity("d").to_string().as_str()) && r.mtls, "{r:?}");
     }
@@ -92,16 +105,29 @@ fn peers_without_a_valid_identity_are_refused() -> Result<()> {
         ("another trust domain", config_of(&other_domain)?, "not in trust domain cluster.local"),
         ("an expired certificate", config_of(&expired)?, "certificate expired"),
         ("a certificate from another CA", config_of(&foreign)?, "UnknownIssuer"),
-        ("no client certificate", tls::anonymous_client_config(&[ca.root().clone()], &lab.identity("c"))?, "no certificate"),
+        (
+            "no client certificate",
+            tls::anonymous_client_config(&[ca.root().clone()], &lab.identity("c"))?,
+            "no certificate",
+        ),
     ];
     for (what, config, reason) in cases {
-        let answers = hbone_client::probe(&lab.pod("d").netns, config, lab.addr("c", false, 15008), std::slice::from_ref(&good), b"x", Duration::from_secs(10));
+        let answers = hbone_client::probe(
+            &lab.pod("d").netns,
+            config,
+            lab.addr("c", false, 15008),
+            std::slice::from_ref(&good),
+            b"x",
+            Duration::from_secs(10),
+        );
         let refused = match &answers {
             Err(_) => true,
             Ok(p) => matches!(p.answers[0], Answer::Failed(_)),
         };
         ensure!(refused, "a client with {what} got through: {answers:?}");
-        let record = lab.wait_record(1, Duration::from_secs(3), |r| r.outcome.contains("TLS handshake failed") && r.outcome.contains(reason))?;
+        let record = lab.wait_record(1, Duration::from_secs(3), |r| {
+            r.outcome.contains("TLS handshake failed") && r.outcome.contains(reason)
+        })?;
         ensure!(record.is_some(), "node 2 has no refusal naming {reason:?} for {what}: {:#?}", lab.records(1)?);
     }
     // A valid peer still gets in.
@@ -124,7 +150,9 @@ fn plaintext_policy_is_permissive_on_node_1_and_strict_on_node_2() -> Result<()>
     // Strict: refused before anything reaches the app.
     let refused = send(&lab, "d", "c", Duration::from_secs(2));
     ensure!(refused.is_err(), "strict node delivered plaintext: {refused:?}");
-    let r = lab.wait_record(1, Duration::from_secs(3), |r| r.listener == "inbound_plain")?.context("no record on node 2")?;
+    let r = lab
+        .wait_record(1, Duration::from_secs(3), |r| r.listener == "inbound_plain")?
+        .context("no record on node 2")?;
     ensure!(r.outcome.contains("strict mTLS") && r.bytes_sent == 0, "{r:?}");
     Ok(())
 }
@@ -141,7 +169,12 @@ fn reset_watcher(ns: &str, port: u16) -> Result<std::sync::mpsc::Receiver<(std::
             let mut first = None;
             loop {
                 match s.read(&mut buf) {
-                    Ok(0) => break tx.send((std::io::ErrorKind::UnexpectedEof, first.map_or(Duration::ZERO, |t: Instant| t.elapsed()))),
+                    Ok(0) => {
+                        break tx.send((
+                            std::io::ErrorKind::UnexpectedEof,
+                            first.map_or(Duration::ZERO, |t: Instant| t.elapsed()),
+                        ));
+                    }
                     Ok(_) => first = first.or(Some(Instant::now())),
                     Err(e) => break tx.send((e.kind(), first.map_or(Duration::ZERO, |t| t.elapsed()))),
                 }
@@ -188,18 +221,19 @@ fn a_reset_on_one_side_resets_the_other_side_promptly() -> Result<()> {
     // Server resets: the client must see a reset too (stream reset -> TCP RST on node 1).
     let server = resetting_server(&lab.pod("c").netns, 9091)?;
     let dst = lab.addr("c", false, 9091);
-    let (kind, took) = traffic::in_netns(&lab.pod("a").netns, || -> std::io::Result<(std::io::ErrorKind, Duration)> {
-        let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(b"hello")?;
-        let start = Instant::now();
-        let kind = match s.read(&mut [0u8; 64]) {
-            Ok(0) => std::io::ErrorKind::UnexpectedEof,
-            Ok(_) => std::io::ErrorKind::InvalidData,
-            Err(e) => e.kind(),
-        };
-        Ok((kind, start.elapsed()))
-    })??;
+    let (kind, took) =
+        traffic::in_netns(&lab.pod("a").netns, || -> std::io::Result<(std::io::ErrorKind, Duration)> {
+            let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(b"hello")?;
+            let start = Instant::now();
+            let kind = match s.read(&mut [0u8; 64]) {
+                Ok(0) => std::io::ErrorKind::UnexpectedEof,
+                Ok(_) => std::io::ErrorKind::InvalidData,
+                Err(e) => e.kind(),
+            };
+            Ok((kind, start.elapsed()))
+        })??;
     let _ = server.join();
     ensure!(kind == std::io::ErrorKind::ConnectionReset, "client saw {kind:?}, not a reset");
     ensure!(took < Duration::from_secs(3), "the reset took {took:?} to arrive");
@@ -256,7 +290,11 @@ fn certificates_renew_at_half_life_without_dropping_live_connections() -> Result
     let probed = probe_c(&lab, &lab_ca(&lab)?.mint(&lab.identity("d"), HOUR)?, &[Probe::connect(dst)])?;
     let now = serials(&lab, 1, &lab.identity("c"))?;
     ensure!(c_serials.len() >= 2, "no renewal of c's certificate logged: {c_serials:?}");
-    ensure!(probed.server_serial != c_serials[0] && now.contains(&probed.server_serial), "server presented {} (serials {now:?})", probed.server_serial);
+    ensure!(
+        probed.server_serial != c_serials[0] && now.contains(&probed.server_serial),
+        "server presented {} (serials {now:?})",
+        probed.server_serial
+    );
     ensure!(matches!(probed.answers[0], Answer::Status(200, Some(_))), "{:?}", probed.answers);
     // And pod traffic over a fresh HBONE connection works with the renewed certificates.
     let x = send(&lab, "a", "c", Duration::from_secs(3))?;
@@ -275,9 +313,11 @@ fn write_cert_files(ca: &BuiltinCa, dir: &std::path::Path, id: &Identity, key: O
     let version = format!("..{}", c.serial().replace(':', ""));
     std::fs::create_dir_all(d.join(&version))?;
     let key = key.map(str::to_owned).unwrap_or_else(|| pem_encode("PRIVATE KEY", c.key().secret_der()));
-    for (name, text) in
-        [(KEY_FILE, key), (CERT_CHAIN_FILE, pem_encode("CERTIFICATE", &c.chain[0])), (ROOT_CERT_FILE, pem_encode("CERTIFICATE", ca.root()))]
-    {
+    for (name, text) in [
+        (KEY_FILE, key),
+        (CERT_CHAIN_FILE, pem_encode("CERTIFICATE", &c.chain[0])),
+        (ROOT_CERT_FILE, pem_encode("CERTIFICATE", ca.root())),
+    ] {
         std::fs::write(d.join(&version).join(name), text)?;
         if std::fs::symlink_metadata(d.join(name)).is_err() {
             symlink(format!("..data/{name}"), d.join(name))?;
@@ -298,7 +338,8 @@ fn certificates_from_files_work_and_are_reloaded_when_they_change() -> Result<()
     for pod in ["a", "c", "e"] {
         write_cert_files(&ca, &certs, &lab.identity(pod), None)?;
     }
-    lab.daemon_args = vec!["--cert-dir".into(), certs.display().to_string(), "--hbone-idle-timeout-secs".into(), "1".into()];
+    lab.daemon_args =
+        vec!["--cert-dir".into(), certs.display().to_string(), "--hbone-idle-timeout-secs".into(), "1".into()];
     lab.use_builtin_ca = false;
     lab.start_daemons()?;
     let _servers = smoke::start_servers(&lab)?;
@@ -313,7 +354,9 @@ fn certificates_from_files_work_and_are_reloaded_when_they_change() -> Result<()
     // Rotated files are picked up: a fresh handshake shows the new certificate.
     let serial = write_cert_files(&ca, &certs, &lab.identity("c"), None)?;
     wait_until("node 2 to reload c's certificate", Duration::from_secs(6), || {
-        Ok(std::fs::read_to_string(lab.daemon_log_path(1))?.lines().any(|l| l.contains("renewed") && l.contains(&serial)))
+        Ok(std::fs::read_to_string(lab.daemon_log_path(1))?
+            .lines()
+            .any(|l| l.contains("renewed") && l.contains(&serial)))
     })?;
     let probed = probe_c(&lab, &d_cert, &[Probe::connect(dst)])?;
     ensure!(probed.server_serial == serial, "server presented {}, not the reloaded {serial}", probed.server_serial);
@@ -324,10 +367,16 @@ fn certificates_from_files_work_and_are_reloaded_when_they_change() -> Result<()
     let broken = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
     write_cert_files(&ca, &certs, &lab.identity("c"), Some(broken))?;
     wait_until("node 2 to refuse the broken key", Duration::from_secs(6), || {
-        Ok(std::fs::read_to_string(lab.daemon_log_path(1))?.lines().any(|l| l.contains("renewing the workload certificate failed") && l.contains("private key unusable")))
+        Ok(std::fs::read_to_string(lab.daemon_log_path(1))?
+            .lines()
+            .any(|l| l.contains("renewing the workload certificate failed") && l.contains("private key unusable")))
     })?;
     let probed = probe_c(&lab, &d_cert, &[Probe::connect(dst)])?;
-    ensure!(probed.server_serial == serial, "server presented {} after the broken update, not the last good {serial}", probed.server_serial);
+    ensure!(
+        probed.server_serial == serial,
+        "server presented {} after the broken update, not the last good {serial}",
+        probed.server_serial
+    );
     wait_pool_empty(&lab, 0)?;
     send(&lab, "a", "c", Duration::from_secs(3)).context("traffic with the last good certificate")?;
     Ok(())

@@ -40,7 +40,9 @@ impl Drop for Ztunnel {
 }
 
 fn env_path(name: &str) -> Result<PathBuf> {
-    std::env::var_os(name).map(PathBuf::from).with_context(|| format!("{name} is not set (see the top of tests/interop.rs)"))
+    std::env::var_os(name)
+        .map(PathBuf::from)
+        .with_context(|| format!("{name} is not set (see the top of tests/interop.rs)"))
 }
 
 /// The ztunnel configuration: pods a and c with their lab identities, both speaking HBONE.
@@ -90,7 +92,9 @@ fn start_ztunnel(lab: &Lab, binary: &PathBuf) -> Result<Ztunnel> {
         if let Some(status) = z.0.try_wait()? {
             bail!("ztunnel exited ({status}):\n{}", std::fs::read_to_string(lab.dir.join("ztunnel.log"))?);
         }
-        let up = traffic::in_netns(&lab.pod("c").netns, || TcpStream::connect_timeout(&hbone, Duration::from_millis(200)).is_ok())?;
+        let up = traffic::in_netns(&lab.pod("c").netns, || {
+            TcpStream::connect_timeout(&hbone, Duration::from_millis(200)).is_ok()
+        })?;
         if up {
             return Ok(z);
         }
@@ -140,7 +144,10 @@ fn meshpath_and_ztunnel_talk_hbone_both_ways() -> Result<()> {
     lab.start_daemon(0)?;
     let _ztunnel = start_ztunnel(&lab, &binary)?;
     // Apps on a and c (ztunnel holds c's port 15008, so not the lab's usual set).
-    let _servers = [traffic::EchoServer::start(&lab.pod("a").netns, APP_PORT)?, traffic::EchoServer::start(&lab.pod("c").netns, APP_PORT)?];
+    let _servers = [
+        traffic::EchoServer::start(&lab.pod("a").netns, APP_PORT)?,
+        traffic::EchoServer::start(&lab.pod("c").netns, APP_PORT)?,
+    ];
 
     // meshpath client -> ztunnel server: a's connection is tunnelled by node 1's meshpath.
     let x = send(&lab, "a", "c", Duration::from_secs(10)).context("a -> c through meshpath then ztunnel")?;
@@ -162,7 +169,11 @@ fn meshpath_and_ztunnel_talk_hbone_both_ways() -> Result<()> {
         .wait_record(0, Duration::from_secs(3), |r| r.listener == "hbone" && r.orig_dst == dst)?
         .context("node 1 did not record ztunnel's CONNECT")?;
     ensure!(r.outcome == "ok" && r.mtls, "node 1 recorded {r:?}");
-    ensure!(r.src_identity.as_deref() == Some(lab.identity("c").to_string().as_str()), "ztunnel's identity: {:?}", r.src_identity);
+    ensure!(
+        r.src_identity.as_deref() == Some(lab.identity("c").to_string().as_str()),
+        "ztunnel's identity: {:?}",
+        r.src_identity
+    );
     println!("ztunnel -> meshpath: {} bytes in, client identity {:?}", r.bytes_sent, r.src_identity);
     Ok(())
 }

@@ -37,7 +37,9 @@ fn ips_of(lab: &Lab, pods: &[&str]) -> BTreeSet<IpAddr> {
 fn expect_map(lab: &Lab, node: usize, pods: &[&str], what: &str) -> Result<Duration> {
     let start = Instant::now();
     let want = ips_of(lab, pods);
-    wait_until(&format!("{what}: node {} to hold {pods:?}", node + 1), Duration::from_secs(5), || Ok(map_ips(lab, node)? == want))?;
+    wait_until(&format!("{what}: node {} to hold {pods:?}", node + 1), Duration::from_secs(5), || {
+        Ok(map_ips(lab, node)? == want)
+    })?;
     Ok(start.elapsed())
 }
 
@@ -156,7 +158,10 @@ fn service_addresses_lead_to_ready_endpoints_through_the_right_path() -> Result<
     ensure!(r.orig_dst == web && r.dst_service.as_deref() == Some("lab/web") && r.mtls && r.outcome == "ok", "{r:?}");
     ensure!(r.dst_workload.as_deref() == Some("lab/pod-c"), "{r:?}");
     let c_app = lab.addr("c", false, smoke::APP_PORT);
-    ensure!(lab.wait_record(1, Duration::from_secs(3), |r| r.listener == "hbone" && r.orig_dst == c_app)?.is_some(), "node 2 saw no HBONE stream to c:8080 (the named target port)");
+    ensure!(
+        lab.wait_record(1, Duration::from_secs(3), |r| r.listener == "hbone" && r.orig_dst == c_app)?.is_some(),
+        "node 2 saw no HBONE stream to c:8080 (the named target port)"
+    );
 
     // plain/echo -> d (not enrolled): plain TCP.
     let echo: SocketAddr = ECHO_SERVICE.parse()?;
@@ -168,7 +173,21 @@ fn service_addresses_lead_to_ready_endpoints_through_the_right_path() -> Result<
 
     // With kube-proxy's DNAT in front (as in most clusters), the proxy still sees the
     // service: the NAT happens first, and the pre-NAT address is read back from its entry.
-    let rule = ["-t", "nat", "-A", "PREROUTING", "-d", "10.96.0.10/32", "-p", "tcp", "--dport", "80", "-j", "DNAT", "--to-destination"];
+    let rule = [
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-d",
+        "10.96.0.10/32",
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "-j",
+        "DNAT",
+        "--to-destination",
+    ];
     let out = std::process::Command::new("ip")
         .args(["netns", "exec", &lab.nodes[0].name, "iptables"])
         .args(rule)
@@ -179,12 +198,19 @@ fn service_addresses_lead_to_ready_endpoints_through_the_right_path() -> Result<
     ensure!(x.echoed_intact && x.server_saw.ip() == lab.pod("a").v4, "{x:?}");
     let client = x.client;
     let r = lab.wait_record(0, Duration::from_secs(3), |r| r.src == client)?.context("no record behind the DNAT")?;
-    ensure!(r.orig_dst == web && r.dst_service.as_deref() == Some("lab/web") && r.mtls, "behind kube-proxy's DNAT: {r:?}");
+    ensure!(
+        r.orig_dst == web && r.dst_service.as_deref() == Some("lab/web") && r.mtls,
+        "behind kube-proxy's DNAT: {r:?}"
+    );
     // The rule did rewrite the connection (else this proves nothing).
     let counters = std::process::Command::new("ip")
         .args(["netns", "exec", &lab.nodes[0].name, "iptables", "-t", "nat", "-L", "PREROUTING", "-v", "-x", "-n"])
         .output()?;
-    let dnat = String::from_utf8_lossy(&counters.stdout).lines().find(|l| l.contains("DNAT")).map(str::to_owned).unwrap_or_default();
+    let dnat = String::from_utf8_lossy(&counters.stdout)
+        .lines()
+        .find(|l| l.contains("DNAT"))
+        .map(str::to_owned)
+        .unwrap_or_default();
     let packets: u64 = dnat.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(0);
     ensure!(packets > 0, "the DNAT rule matched nothing: {dnat:?}");
 
@@ -218,15 +244,22 @@ fn outages_expired_watches_and_restarts_keep_the_state() -> Result<()> {
     // A change made while it is down arrives once it is back.
     lab.cluster().api.apply(&with_label(lab.pod_object("a"), Some(DATAPLANE_MODE_NONE)))?;
     lab.cluster().restart(&n1)?;
-    wait_until("the change made during the outage", Duration::from_secs(20), || Ok(map_ips(&lab, 0)? == ips_of(&lab, &["e"])))?;
+    wait_until("the change made during the outage", Duration::from_secs(20), || {
+        Ok(map_ips(&lab, 0)? == ips_of(&lab, &["e"]))
+    })?;
 
     // History gone (410 Gone on resume): the watchers relist and converge.
     let lists = lab.cluster().api.request_count(Kind::Pod, Verb::List);
     lab.cluster().api.compact();
     lab.cluster().api.disconnect_watches();
     lab.cluster().api.apply(&with_label(lab.pod_object("a"), None))?;
-    wait_until("a re-enrolled after the relist", Duration::from_secs(20), || Ok(map_ips(&lab, 0)? == ips_of(&lab, &["a", "e"])))?;
-    ensure!(lab.cluster().api.request_count(Kind::Pod, Verb::List) > lists, "no relist after the history was compacted");
+    wait_until("a re-enrolled after the relist", Duration::from_secs(20), || {
+        Ok(map_ips(&lab, 0)? == ips_of(&lab, &["a", "e"]))
+    })?;
+    ensure!(
+        lab.cluster().api.request_count(Kind::Pod, Verb::List) > lists,
+        "no relist after the history was compacted"
+    );
 
     // A daemon restarted while the API is down is not ready until it has synced, and its
     // node keeps capturing (and dropping) enrolled traffic meanwhile: nothing bypasses it.
@@ -239,7 +272,10 @@ fn outages_expired_watches_and_restarts_keep_the_state() -> Result<()> {
     let n2 = lab.nodes[1].name.clone();
     ensure!(!readiness(&n2).unwrap_or(false), "ready before any sync");
     ensure!(map_ips(&lab, 1)? == ips_of(&lab, &["c"]), "the pinned map changed before the sync");
-    ensure!(send(&lab, "d", "c", Duration::from_millis(1500)).is_err(), "c reachable directly while its node's daemon was not serving");
+    ensure!(
+        send(&lab, "d", "c", Duration::from_millis(1500)).is_err(),
+        "c reachable directly while its node's daemon was not serving"
+    );
     lab.cluster().restart(&n1)?;
     lab.wait_ready(1, Duration::from_secs(30))?;
     ensure!(map_ips(&lab, 1)?.is_empty(), "a stale entry survived the restart: {:?}", map_ips(&lab, 1)?);

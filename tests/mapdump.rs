@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use meshpath_lab::Lab;
 use meshpath_common::names::{MAP_COUNTERS, MAP_LISTENERS, MAP_WORKLOAD_IFS, MAP_WORKLOADS, PIN_DIR, PINNED_MAPS};
+use meshpath_lab::Lab;
 
 mod support;
 use support::{started_lab, wait_until};
@@ -83,14 +83,16 @@ fn same(mode: &[&str], args: &[&str], tries: usize) -> Result<Run> {
 
 fn map_id(path: &Path) -> Result<u32> {
     let out = bpftool(&["-j"], &["show", "pinned", path.to_str().context("path")?])?;
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).with_context(|| format!("bpftool show: {}", out.stdout))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out.stdout).with_context(|| format!("bpftool show: {}", out.stdout))?;
     Ok(v["id"].as_u64().context("no id")? as u32)
 }
 
 /// How many entries `bpftool -j map dump` lists.
 fn entries(path: &Path) -> Result<usize> {
     let out = bpftool(&["-j"], &["dump", "pinned", path.to_str().context("path")?])?;
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).with_context(|| format!("bpftool dump: {}", out.stdout))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out.stdout).with_context(|| format!("bpftool dump: {}", out.stdout))?;
     Ok(v.as_array().context("not an array")?.len())
 }
 
@@ -172,7 +174,10 @@ fn dumps_and_shows_match_bpftool_for_every_pinned_map() -> Result<()> {
         }
     }
     let btf_id = |block: &str| block.split_whitespace().skip_while(|w| *w != "btf_id").nth(1).map(str::to_owned);
-    let at = blocks.iter().position(|b| b.starts_with(&format!("{sockmap_id}: sockmap"))).context("our SOCKMAP is not listed")?;
+    let at = blocks
+        .iter()
+        .position(|b| b.starts_with(&format!("{sockmap_id}: sockmap")))
+        .context("our SOCKMAP is not listed")?;
     // (The first map listed gets the buffer fresh; kernels before 6.18 clear it each time.)
     let before = at.checked_sub(1).map_or("", |i| blocks[i].as_str());
     let carries = aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 18, 0));
@@ -233,13 +238,23 @@ fn bad_arguments_and_absent_maps_fail_as_bpftool_does() -> Result<()> {
         for mode in MODES {
             let m = same(mode, args, 1)?;
             ensure!(m.code == Some(255), "{args:?}: exit {:?}", m.code);
-            ensure!(m.stderr.starts_with("Error: ") && m.stderr.lines().count() == 1, "{mode:?} {args:?}: {:?}", m.stderr);
+            ensure!(
+                m.stderr.starts_with("Error: ") && m.stderr.lines().count() == 1,
+                "{mode:?} {args:?}: {:?}",
+                m.stderr
+            );
         }
     }
     // meshpath's own flags, misused.
     let m = meshpath(&[], &["show", "--decode", "id", "1"])?;
-    ensure!(m.code == Some(255) && m.stdout.is_empty() && m.stderr == "Error: --decode applies to 'dump' only\n", "{m:?}");
-    for r in [meshpath(&[], &["dump", "--bogus"])?, meshpath(&[], &["dump", "--decode", "--netns", "no-such-ns-here", "id", "1"])?] {
+    ensure!(
+        m.code == Some(255) && m.stdout.is_empty() && m.stderr == "Error: --decode applies to 'dump' only\n",
+        "{m:?}"
+    );
+    for r in [
+        meshpath(&[], &["dump", "--bogus"])?,
+        meshpath(&[], &["dump", "--decode", "--netns", "no-such-ns-here", "id", "1"])?,
+    ] {
         ensure!(r.code != Some(0) && r.stderr.lines().count() == 1, "{r:?}");
         ensure!(!r.stderr.contains("panicked"), "{r:?}");
     }
@@ -255,7 +270,8 @@ fn decode_shows_workloads_interfaces_identities_listeners_and_counters() -> Resu
     let workloads = lab.workloads_path();
     let decode = |mode: &[&str], map: &str| {
         let path = dir.join(map);
-        let args = ["dump", "--decode", "--netns", node, "--workloads", workloads.to_str().unwrap_or_default(), "pinned"];
+        let args =
+            ["dump", "--decode", "--netns", node, "--workloads", workloads.to_str().unwrap_or_default(), "pinned"];
         let mut args: Vec<&str> = args.to_vec();
         args.push(path.to_str().unwrap_or_default());
         meshpath(mode, &args)
@@ -266,20 +282,36 @@ fn decode_shows_workloads_interfaces_identities_listeners_and_counters() -> Resu
     for pod in ["a", "e"] {
         let p = lab.pod(pod);
         for ip in [p.v4, p.v6] {
-            let line = w.stdout.lines().find(|l| l.starts_with(&format!("{ip} "))).with_context(|| format!("{ip} missing:\n{}", w.stdout))?;
+            let line = w
+                .stdout
+                .lines()
+                .find(|l| l.starts_with(&format!("{ip} ")))
+                .with_context(|| format!("{ip} missing:\n{}", w.stdout))?;
             let identity = format!("spiffe://cluster.local/ns/lab/sa/sa-{pod}");
-            ensure!(line.contains(&p.host_if) && line.contains(&format!("lab/pod-{pod}")) && line.contains(&identity), "{line}");
+            ensure!(
+                line.contains(&p.host_if) && line.contains(&format!("lab/pod-{pod}")) && line.contains(&identity),
+                "{line}"
+            );
         }
     }
     ensure!(!w.stdout.contains(&lab.pod("b").v4.to_string()), "b is not enrolled:\n{}", w.stdout);
 
     let ifs = decode(&[], MAP_WORKLOAD_IFS)?;
-    ensure!(ifs.stdout.contains("vpa (ifindex ") && ifs.stdout.contains("vpe (ifindex ") && !ifs.stdout.contains("vpb"), "{}", ifs.stdout);
+    ensure!(
+        ifs.stdout.contains("vpa (ifindex ") && ifs.stdout.contains("vpe (ifindex ") && !ifs.stdout.contains("vpb"),
+        "{}",
+        ifs.stdout
+    );
 
     let l = decode(&[], MAP_LISTENERS)?;
     ensure!(l.stdout.contains("6 of 6 listener slots hold the proxy's socket"), "{}", l.stdout);
     for (listener, port) in [("outbound", "15001"), ("inbound_plain", "15006"), ("hbone", "15008")] {
-        ensure!(l.stdout.lines().filter(|x| x.contains(listener) && x.contains(port) && x.ends_with("registered")).count() == 2, "{}", l.stdout);
+        ensure!(
+            l.stdout.lines().filter(|x| x.contains(listener) && x.contains(port) && x.ends_with("registered")).count()
+                == 2,
+            "{}",
+            l.stdout
+        );
     }
 
     let c = decode(&[], MAP_COUNTERS)?;

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use meshpath_lab::{Lab, http_get, smoke};
 use meshpath_common::names::PORT_METRICS;
+use meshpath_lab::{Lab, http_get, smoke};
 
 mod support;
 use support::{send, started_lab, started_lab_with, wait_until};
@@ -65,7 +65,10 @@ fn metrics_and_access_log_count_the_labs_traffic() -> Result<()> {
     let steered = sample(&n1, "meshpath_datapath_steered_total").context("no steered counter")?;
     ensure!(steered >= 3.0, "steered = {steered}");
     ensure!(sample(&n1, "meshpath_datapath_missing_socket_total") == Some(0.0));
-    ensure!(sample(&n1, "meshpath_hbone_pool_connections") == Some(1.0), "the three connections should share one pooled HBONE connection:\n{n1}");
+    ensure!(
+        sample(&n1, "meshpath_hbone_pool_connections") == Some(1.0),
+        "the three connections should share one pooled HBONE connection:\n{n1}"
+    );
     ensure!(sample(&n1, "meshpath_hbone_pool_streams") == Some(0.0));
 
     // The access log through tracing, as JSON: one line per connection, with everything.
@@ -77,10 +80,24 @@ fn metrics_and_access_log_count_the_labs_traffic() -> Result<()> {
         .collect();
     ensure!(lines.len() == 3, "wanted 3 access lines for a -> c, got {}:\n{log}", lines.len());
     let f = &lines[0]["fields"];
-    for key in ["src", "orig_dst", "src_workload", "src_identity", "dst_identity", "bytes_sent", "bytes_received", "duration_ms", "mtls", "outcome"] {
+    for key in [
+        "src",
+        "orig_dst",
+        "src_workload",
+        "src_identity",
+        "dst_identity",
+        "bytes_sent",
+        "bytes_received",
+        "duration_ms",
+        "mtls",
+        "outcome",
+    ] {
         ensure!(!f[key].is_null(), "access line lacks {key}: {f}");
     }
-    ensure!(f["mtls"] == true && f["outcome"] == "ok" && f["src_identity"] == a.to_string() && f["bytes_sent"] == 4096, "{f}");
+    ensure!(
+        f["mtls"] == true && f["outcome"] == "ok" && f["src_identity"] == a.to_string() && f["bytes_sent"] == 4096,
+        "{f}"
+    );
     Ok(())
 }
 
@@ -100,18 +117,29 @@ fn status_shows_attachments_workloads_listeners_and_follows_enrolment() -> Resul
         .as_array()
         .context("workloads")?
         .iter()
-        .map(|w| (w["ip"].as_str().unwrap_or("").to_owned(), w["interface"].as_str().unwrap_or("").to_owned(), w["workload"].as_str().unwrap_or("").to_owned()))
+        .map(|w| {
+            (
+                w["ip"].as_str().unwrap_or("").to_owned(),
+                w["interface"].as_str().unwrap_or("").to_owned(),
+                w["workload"].as_str().unwrap_or("").to_owned(),
+            )
+        })
         .collect();
     for ip in [a.v4, a.v6] {
         ensure!(ips.contains(&(ip.to_string(), "vpa".into(), "lab/pod-a".into())), "{ip} missing from {ips:?}");
     }
     let tcx_on = |s: &serde_json::Value, ifname: &str| {
-        s["attachments"].as_array().is_some_and(|v| v.iter().any(|x| x["interface"] == ifname && x["mode"] == "tcx" && x["live"] == true))
+        s["attachments"]
+            .as_array()
+            .is_some_and(|v| v.iter().any(|x| x["interface"] == ifname && x["mode"] == "tcx" && x["live"] == true))
     };
     ensure!(tcx_on(&s, "vpa") && tcx_on(&s, "ul0"), "attachments: {}", s["attachments"]);
     ensure!(s["attachments"].as_array().is_some_and(|v| v.iter().any(|x| x["hook"] == "sk_lookup")));
     let listeners = s["listeners"].as_array().context("listeners")?;
-    ensure!(listeners.len() == 6 && listeners.iter().all(|l| l["listening"] == true && l["registered"] == true), "{listeners:?}");
+    ensure!(
+        listeners.len() == 6 && listeners.iter().all(|l| l["listening"] == true && l["registered"] == true),
+        "{listeners:?}"
+    );
 
     // Unenrol a (and e): status follows.
     lab.write_workloads(&["c"])?;
@@ -128,7 +156,10 @@ fn status_shows_attachments_workloads_listeners_and_follows_enrolment() -> Resul
     let text = lab.meshpath(0, &["status", "--node", &lab.nodes[0].name])?;
     ensure!(text.contains("NOT in SOCKMAP"), "{text}");
     // A node with nothing installed gives one clear error.
-    let err = lab.meshpath(0, &["status", "--node", "no-such-node"]).expect_err("status of an unknown node must fail").to_string();
+    let err = lab
+        .meshpath(0, &["status", "--node", "no-such-node"])
+        .expect_err("status of an unknown node must fail")
+        .to_string();
     ensure!(err.contains("no meshpath datapath for node no-such-node"), "{err}");
     Ok(())
 }

@@ -19,13 +19,8 @@ pub enum Counter {
 
 impl Counter {
     pub const COUNT: u32 = 5;
-    pub const ALL: [Counter; Self::COUNT as usize] = [
-        Counter::Classified,
-        Counter::Steered,
-        Counter::MissingSocket,
-        Counter::SpoofDropped,
-        Counter::Malformed,
-    ];
+    pub const ALL: [Counter; Self::COUNT as usize] =
+        [Counter::Classified, Counter::Steered, Counter::MissingSocket, Counter::SpoofDropped, Counter::Malformed];
 
     pub const fn index(self) -> u32 {
         self as u32

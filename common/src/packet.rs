@@ -254,7 +254,10 @@ mod tests {
     fn tcp_from_or_to_an_enrolled_workload_is_captured() {
         assert_eq!(classify(&flow(IPPROTO_TCP), 0, POD_IF, true, Some(POD), None), Verdict::Capture);
         assert_eq!(classify(&flow(IPPROTO_TCP), 0, OTHER_IF, false, None, Some(POD)), Verdict::Capture);
-        assert_eq!(classify(&flow(IPPROTO_TCP), 0, POD_IF, true, Some(POD), Some(WorkloadValue::new(3))), Verdict::Capture);
+        assert_eq!(
+            classify(&flow(IPPROTO_TCP), 0, POD_IF, true, Some(POD), Some(WorkloadValue::new(3))),
+            Verdict::Capture
+        );
     }
 
     #[test]

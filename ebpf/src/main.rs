@@ -57,7 +57,12 @@ unsafe impl<const N: usize> Sync for ListenerMap<N> {}
 
 impl<const N: usize> ListenerMap<N> {
     const fn new() -> Self {
-        Self { r#type: core::ptr::null(), key: core::ptr::null(), value: core::ptr::null(), max_entries: core::ptr::null() }
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+        }
     }
 
     /// Hands the connection of `ctx` to the socket in slot `index`; `false` when the slot
@@ -66,7 +71,8 @@ impl<const N: usize> ListenerMap<N> {
     fn assign(&self, ctx: &SkLookupContext, index: u32) -> bool {
         // SAFETY: `self` is the map the loader created for this symbol and `index` a live
         // u32 key; the helper returns a referenced socket or null.
-        let sk = unsafe { bpf_map_lookup_elem(self as *const Self as *mut c_void, &index as *const u32 as *const c_void) };
+        let sk =
+            unsafe { bpf_map_lookup_elem(self as *const Self as *mut c_void, &index as *const u32 as *const c_void) };
         if sk.is_null() {
             return false;
         }

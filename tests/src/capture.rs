@@ -46,8 +46,9 @@ impl Capture {
             let opened = (|| -> std::io::Result<_> {
                 setns(&netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
                 let ifindex = nix::net::if_::if_nametoindex(ifname.as_str()).map_err(std::io::Error::from)? as usize;
-                let fd = socket::socket(AddressFamily::Packet, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::EthAll)
-                    .map_err(std::io::Error::from)?;
+                let fd =
+                    socket::socket(AddressFamily::Packet, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::EthAll)
+                        .map_err(std::io::Error::from)?;
                 // Room for bursts of 64 KiB GSO segments: a full buffer drops packets, and
                 // dropped bytes are bytes not checked.
                 socket::setsockopt(&fd, sockopt::RcvBufForce, &(16 << 20)).map_err(std::io::Error::from)?;
@@ -196,7 +197,10 @@ pub fn tls_evidence(segments: &[Segment], marker: &[u8]) -> TlsEvidence {
         let captured = by_seq.iter().map(|(seq, d)| seq.wrapping_sub(first) as usize + d.len()).max().unwrap_or(0);
         if captured > bytes.len() {
             // A hole (a segment the capture missed) leaves bytes after it unchecked.
-            ev.violations.push(format!("{src} -> {dst}: {} captured bytes after a gap could not be checked", captured - bytes.len()));
+            ev.violations.push(format!(
+                "{src} -> {dst}: {} captured bytes after a gap could not be checked",
+                captured - bytes.len()
+            ));
         }
         if let Err(e) = walk_records(&bytes, &mut ev.tls_records) {
             ev.violations.push(format!("{src} -> {dst}: {e}"));
@@ -255,7 +259,14 @@ mod tests {
     use super::*;
 
     fn seg(src: &str, dst: &str, seq: u32, payload: &[u8]) -> Segment {
-        Segment { src: src.parse().unwrap(), dst: dst.parse().unwrap(), seq, syn: false, ack: true, payload: payload.to_vec() }
+        Segment {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            seq,
+            syn: false,
+            ack: true,
+            payload: payload.to_vec(),
+        }
     }
 
     fn record(ty: u8, body: &[u8]) -> Vec<u8> {
@@ -283,7 +294,10 @@ mod tests {
     #[test]
     fn a_gap_in_the_capture_is_reported_not_ignored() {
         let r = record(23, &[1; 100]);
-        let segs = [seg("10.0.0.1:40000", "10.0.0.2:15008", 1, &r[..50]), seg("10.0.0.1:40000", "10.0.0.2:15008", 80, &r[79..])];
+        let segs = [
+            seg("10.0.0.1:40000", "10.0.0.2:15008", 1, &r[..50]),
+            seg("10.0.0.1:40000", "10.0.0.2:15008", 80, &r[79..]),
+        ];
         let ev = tls_evidence(&segs, b"SECRET");
         assert!(!ev.tls_only() && ev.violations[0].contains("could not be checked"), "{:?}", ev.violations);
     }

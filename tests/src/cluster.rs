@@ -69,7 +69,14 @@ impl Lab {
 
     /// A Service with one port named `http` whose target port is the name `http`, and its
     /// EndpointSlice, which resolves that name to `app_port` on `backends` (all ready).
-    pub fn service_objects(&self, namespace: &str, name: &str, addr: SocketAddr, backends: &[&str], app_port: u16) -> (Service, EndpointSlice) {
+    pub fn service_objects(
+        &self,
+        namespace: &str,
+        name: &str,
+        addr: SocketAddr,
+        backends: &[&str],
+        app_port: u16,
+    ) -> (Service, EndpointSlice) {
         let svc = Service {
             metadata: meta(name, Some(namespace), &[]),
             spec: Some(ServiceSpec {
@@ -98,7 +105,12 @@ impl Lab {
         let slice = EndpointSlice {
             metadata: meta(&format!("{name}-1"), Some(namespace), &[(SERVICE_NAME_LABEL, name)]),
             address_type: "IPv4".into(),
-            ports: Some(vec![EndpointPort { name: Some("http".into()), port: Some(i32::from(app_port)), protocol: Some("TCP".into()), ..Default::default() }]),
+            ports: Some(vec![EndpointPort {
+                name: Some("http".into()),
+                port: Some(i32::from(app_port)),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
             endpoints: Some(endpoints),
         };
         (svc, slice)
@@ -159,7 +171,9 @@ impl Lab {
             api.start(listener).map_err(|e| LabError::Other(format!("starting the API server: {e}")))?;
         }
         let objects = self.cluster_objects();
-        let apply = |r: std::result::Result<String, apiserver::ApiServerError>| r.map(|_| ()).map_err(|e| LabError::Other(e.to_string()));
+        let apply = |r: std::result::Result<String, apiserver::ApiServerError>| {
+            r.map(|_| ()).map_err(|e| LabError::Other(e.to_string()))
+        };
         for n in &objects.namespaces {
             apply(api.apply(n))?;
         }

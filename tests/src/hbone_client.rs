@@ -48,7 +48,14 @@ pub struct Probed {
 /// From network namespace `ns`, opens one HBONE connection to `dst` with `config` and sends
 /// `probes` one after the other on it. After a 200, `payload` is sent and the whole answer
 /// read back. The whole exchange is bounded by `timeout`.
-pub fn probe(ns: &str, config: Arc<ClientConfig>, dst: SocketAddr, probes: &[Probe], payload: &[u8], timeout: Duration) -> io::Result<Probed> {
+pub fn probe(
+    ns: &str,
+    config: Arc<ClientConfig>,
+    dst: SocketAddr,
+    probes: &[Probe],
+    payload: &[u8],
+    timeout: Duration,
+) -> io::Result<Probed> {
     in_netns(ns, || -> io::Result<Probed> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async {
@@ -68,13 +75,20 @@ async fn run(config: Arc<ClientConfig>, dst: SocketAddr, probes: &[Probe], paylo
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(|c| x509_parser::parse_x509_certificate(c).ok().map(|(_, c)| c.tbs_certificate.raw_serial_as_string()))
+        .and_then(|c| {
+            x509_parser::parse_x509_certificate(c).ok().map(|(_, c)| c.tbs_certificate.raw_serial_as_string())
+        })
         .unwrap_or_default();
     let (send, conn) = match h2::client::handshake(tls).await {
         Ok(x) => x,
         // A server that refused our certificate says so with an alert right after the
         // handshake; it surfaces here.
-        Err(e) => return Ok(Probed { server_serial, answers: probes.iter().map(|_| Answer::Failed(e.to_string())).collect() }),
+        Err(e) => {
+            return Ok(Probed {
+                server_serial,
+                answers: probes.iter().map(|_| Answer::Failed(e.to_string())).collect(),
+            });
+        }
     };
     let driver = tokio::spawn(async move {
         let _ = conn.await;

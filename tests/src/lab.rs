@@ -116,18 +116,19 @@ impl Lab {
                 daemon: None,
             })
             .collect();
-        let pods = [("a", 0, true, 10), ("b", 0, false, 11), ("e", 0, true, 12), ("c", 1, true, 10), ("d", 1, false, 11)]
-            .into_iter()
-            .map(|(name, node, enrolled, host)| Pod {
-                name,
-                node,
-                enrolled,
-                netns: format!("{id}-{name}"),
-                v4: format!("10.244.{}.{host}", node + 1).parse().expect("valid"),
-                v6: format!("fd00:244:{}::{host}", node + 1).parse().expect("valid"),
-                host_if: format!("vp{name}"),
-            })
-            .collect();
+        let pods =
+            [("a", 0, true, 10), ("b", 0, false, 11), ("e", 0, true, 12), ("c", 1, true, 10), ("d", 1, false, 11)]
+                .into_iter()
+                .map(|(name, node, enrolled, host)| Pod {
+                    name,
+                    node,
+                    enrolled,
+                    netns: format!("{id}-{name}"),
+                    v4: format!("10.244.{}.{host}", node + 1).parse().expect("valid"),
+                    v6: format!("fd00:244:{}::{host}", node + 1).parse().expect("valid"),
+                    host_if: format!("vp{name}"),
+                })
+                .collect();
         let mut lab = Lab {
             id,
             binary: binary.to_owned(),
@@ -170,7 +171,16 @@ impl Lab {
             ip(&["-n", ns, "link", "set", "ul0", "up"])?;
             let peer = &self.nodes[1 - i];
             ip(&["-n", ns, "route", "add", &format!("10.244.{}.0/24", 2 - i), "via", &peer.underlay_v4.to_string()])?;
-            ip(&["-n", ns, "-6", "route", "add", &format!("fd00:244:{}::/64", 2 - i), "via", &peer.underlay_v6.to_string()])?;
+            ip(&[
+                "-n",
+                ns,
+                "-6",
+                "route",
+                "add",
+                &format!("fd00:244:{}::/64", 2 - i),
+                "via",
+                &peer.underlay_v6.to_string(),
+            ])?;
         }
         for p in self.pods.clone() {
             self.add_netns(&p.netns)?;
@@ -266,9 +276,12 @@ impl Lab {
                 cmd.arg("--workloads").arg(self.workloads_path());
             }
         }
-        cmd.arg("--access-log")
-            .arg(self.access_log_path(node))
-            .args(["--poll-interval-ms", "100", "--trust-domain", Self::TRUST_DOMAIN]);
+        cmd.arg("--access-log").arg(self.access_log_path(node)).args([
+            "--poll-interval-ms",
+            "100",
+            "--trust-domain",
+            Self::TRUST_DOMAIN,
+        ]);
         if self.use_builtin_ca {
             cmd.arg("--ca-dir").arg(self.ca_dir());
         }
@@ -410,7 +423,8 @@ impl Lab {
     /// How to reach the pods by hand while the lab runs.
     pub fn describe(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "lab {} (files in {}, CA root in {})", self.id, self.dir.display(), self.ca_dir().display());
+        let _ =
+            writeln!(s, "lab {} (files in {}, CA root in {})", self.id, self.dir.display(), self.ca_dir().display());
         for (i, n) in self.nodes.iter().enumerate() {
             let _ = writeln!(
                 s,
@@ -570,18 +584,13 @@ pub fn meshpath_binary() -> Result<PathBuf> {
         };
     }
     let exe = std::env::current_exe()?;
-    exe.ancestors()
-        .skip(1)
-        .take(2)
-        .map(|dir| dir.join("meshpath"))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            LabError::Other(format!(
-                "no meshpath binary next to {} and {MESHPATH_BIN_ENV} is not set: build it first (`cargo xtask build`), \
+    exe.ancestors().skip(1).take(2).map(|dir| dir.join("meshpath")).find(|p| p.is_file()).ok_or_else(|| {
+        LabError::Other(format!(
+            "no meshpath binary next to {} and {MESHPATH_BIN_ENV} is not set: build it first (`cargo xtask build`), \
                  or run through `cargo xtask`",
-                exe.display()
-            ))
-        })
+            exe.display()
+        ))
+    })
 }
 
 /// Whether the daemon in `ns` answers 200 on its readiness endpoint.
@@ -630,7 +639,8 @@ pub(crate) fn run(cmd: &mut Command) -> Result<String> {
 /// Whether `name` belongs to a lab whose creating process is gone. Lab names carry the
 /// creator's pid (`mplab<pid>x<n>`), so a sweep leaves running labs alone.
 fn is_stale(name: &str) -> bool {
-    let Some(pid) = name.strip_prefix(LAB_PREFIX).and_then(|r| r.split('x').next()).and_then(|p| p.parse::<u32>().ok()) else {
+    let Some(pid) = name.strip_prefix(LAB_PREFIX).and_then(|r| r.split('x').next()).and_then(|p| p.parse::<u32>().ok())
+    else {
         return false;
     };
     !Path::new(&format!("/proc/{pid}")).exists()

@@ -274,7 +274,10 @@ impl Server {
 
 fn spawn_worker(sh: &Arc<Shared>) -> io::Result<()> {
     let next = sh.clone();
-    let h = std::thread::Builder::new().name(format!("lg-{}", sh.what)).stack_size(STACK_SIZE).spawn(move || worker(next))?;
+    let h = std::thread::Builder::new()
+        .name(format!("lg-{}", sh.what))
+        .stack_size(STACK_SIZE)
+        .spawn(move || worker(next))?;
     lock(&sh.workers).push(h);
     Ok(())
 }
@@ -414,7 +417,9 @@ pub fn conn_rate(ns: Option<&str>, dst: SocketAddr, concurrency: usize, duration
             match connect_once(dst, byte) {
                 Ok(got) if got == byte => tally.ok += 1,
                 Ok(got) => {
-                    return Err(LoadError::Corrupt(format!("conn_rate to {dst}: sent byte {byte:#04x}, got {got:#04x} back")));
+                    return Err(LoadError::Corrupt(format!(
+                        "conn_rate to {dst}: sent byte {byte:#04x}, got {got:#04x} back"
+                    )));
                 }
                 Err(e) => tally.error(e),
             }
@@ -423,7 +428,12 @@ pub fn conn_rate(ns: Option<&str>, dst: SocketAddr, concurrency: usize, duration
     })?;
     let tally = Tally::sum(counts);
     tally.check("conn_rate")?;
-    Ok(ConnRate { connections: tally.ok, per_second: rate(tally.ok, elapsed), errors: tally.errors, seconds: elapsed.as_secs_f64() })
+    Ok(ConnRate {
+        connections: tally.ok,
+        per_second: rate(tally.ok, elapsed),
+        errors: tally.errors,
+        seconds: elapsed.as_secs_f64(),
+    })
 }
 
 /// One conn_rate cycle; the byte that came back.
@@ -481,7 +491,10 @@ pub fn request_rate(ns: Option<&str>, dst: SocketAddr, connections: usize, durat
                     tally.samples.push(u32::try_from(took.as_micros()).unwrap_or(u32::MAX));
                 }
                 Ok(()) => {
-                    return Err(LoadError::Corrupt(format!("request_rate to {dst}: sent byte {byte:#04x}, got {:#04x} back", got[0])));
+                    return Err(LoadError::Corrupt(format!(
+                        "request_rate to {dst}: sent byte {byte:#04x}, got {:#04x} back",
+                        got[0]
+                    )));
                 }
                 Err(e) => {
                     tally.error(e);
@@ -616,7 +629,11 @@ enum Go {
 }
 
 impl StartLine {
-    fn wait<'a>(&self, mut st: MutexGuard<'a, StartState>, until: impl Fn(&StartState) -> bool) -> MutexGuard<'a, StartState> {
+    fn wait<'a>(
+        &self,
+        mut st: MutexGuard<'a, StartState>,
+        until: impl Fn(&StartState) -> bool,
+    ) -> MutexGuard<'a, StartState> {
         while !until(&st) {
             st = self.changed.wait(st).unwrap_or_else(PoisonError::into_inner);
         }
@@ -665,7 +682,13 @@ impl Drop for Ticket {
 /// Runs `n` copies of `work` on threads in `ns`, starts them together once all are set up,
 /// and returns their results and the time from the start until the last one finished. The
 /// first worker error is the run's error.
-fn run_workers<T, W>(ns: Option<&str>, what: &'static str, n: usize, duration: Duration, work: W) -> Result<(Vec<T>, Duration)>
+fn run_workers<T, W>(
+    ns: Option<&str>,
+    what: &'static str,
+    n: usize,
+    duration: Duration,
+    work: W,
+) -> Result<(Vec<T>, Duration)>
 where
     T: Send + 'static,
     W: Fn(usize, Ticket) -> Result<T> + Send + Sync + 'static,

@@ -65,7 +65,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     if let Command::Cleanup = cli.command {
         let removed = meshpath_lab::sweep()?;
-        println!("removed {} leftover(s){}", removed.len(), removed.iter().map(|r| format!("\n  {r}")).collect::<String>());
+        println!(
+            "removed {} leftover(s){}",
+            removed.len(),
+            removed.iter().map(|r| format!("\n  {r}")).collect::<String>()
+        );
         return Ok(ExitCode::SUCCESS);
     }
     let bin = match cli.meshpath {
@@ -81,7 +85,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn run_lab(bin: &Path) -> Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
     // Listening from the start: Ctrl-C while the lab is being built still tears it down.
     let stop = rt.block_on(async { StopSignals::install() })?;
     let mut lab = build_and_start(bin)?;
@@ -142,7 +147,8 @@ fn run_bench(bin: &Path, quick: bool, out: &Path, chart: &str, json: Option<&Pat
     std::fs::write(&chart_path, bench::report::svg_chart(&samples, cfg.sizes[0]))
         .with_context(|| format!("writing {}", chart_path.display()))?;
     if let Some(j) = json {
-        std::fs::write(j, serde_json::to_string_pretty(&samples)?).with_context(|| format!("writing {}", j.display()))?;
+        std::fs::write(j, serde_json::to_string_pretty(&samples)?)
+            .with_context(|| format!("writing {}", j.display()))?;
     }
     println!("{}", bench::report::markdown(&samples, &cfg.sizes, cfg.rounds));
     eprintln!("wrote {} and {} in {:.0}s", out.display(), chart_path.display(), started.elapsed().as_secs_f64());

@@ -6,8 +6,8 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::capture::{Capture, TlsEvidence, tls_evidence};
-use crate::traffic::{self, EchoServer};
 use crate::lab::{Lab, Result};
+use crate::traffic::{self, EchoServer};
 use meshpath::proxy::access_log::ConnectionRecord;
 
 /// Port the lab's echo servers listen on (besides the HBONE port).
@@ -52,8 +52,22 @@ pub fn matrix() -> Vec<Scenario> {
     use Expect::*;
     let s = |name, from, to, v6, port, expect| Scenario { name, from, to, v6, port, expect };
     vec![
-        s("enrolled -> enrolled, other node (HBONE)", "a", "c", false, APP_PORT, Through(&[(0, "outbound"), (1, "hbone")])),
-        s("enrolled -> enrolled, other node (HBONE v6)", "a", "c", true, APP_PORT, Through(&[(0, "outbound"), (1, "hbone")])),
+        s(
+            "enrolled -> enrolled, other node (HBONE)",
+            "a",
+            "c",
+            false,
+            APP_PORT,
+            Through(&[(0, "outbound"), (1, "hbone")]),
+        ),
+        s(
+            "enrolled -> enrolled, other node (HBONE v6)",
+            "a",
+            "c",
+            true,
+            APP_PORT,
+            Through(&[(0, "outbound"), (1, "hbone")]),
+        ),
         s("enrolled -> enrolled, back (HBONE)", "c", "a", false, APP_PORT, Through(&[(1, "outbound"), (0, "hbone")])),
         s("enrolled -> enrolled, same node", "a", "e", false, APP_PORT, Through(&[(0, "outbound")])),
         s("enrolled -> enrolled, same node (v6)", "e", "a", true, APP_PORT, Through(&[(0, "outbound")])),
@@ -87,7 +101,8 @@ pub fn run(lab: &Lab, sc: &Scenario) -> Result<Outcome> {
     let dst = lab.addr(sc.to, sc.v6, sc.port);
     let payload = traffic::payload(64 * 1024 + 17);
     let res = traffic::exchange(&from.netns, None, dst, &payload, CONNECT_TIMEOUT);
-    let mut out = Outcome { scenario: sc.clone(), path: String::new(), server_saw: "-".into(), ok: false, detail: String::new() };
+    let mut out =
+        Outcome { scenario: sc.clone(), path: String::new(), server_saw: "-".into(), ok: false, detail: String::new() };
     match (&sc.expect, res) {
         (Expect::Blocked, Err(e)) => {
             out.ok = true;
@@ -185,7 +200,12 @@ fn check_security(lab: &Lab, sc: &Scenario, records: &[(usize, ConnectionRecord)
             problems.push(format!("n{} saw client identity {:?}, want {want_src:?}", node + 1, r.src_identity));
         }
         if r.dst_identity.is_some() && r.dst_identity != want_dst {
-            problems.push(format!("n{}:{} destination identity {:?}, want {want_dst:?}", node + 1, r.listener, r.dst_identity));
+            problems.push(format!(
+                "n{}:{} destination identity {:?}, want {want_dst:?}",
+                node + 1,
+                r.listener,
+                r.dst_identity
+            ));
         }
     }
 }
@@ -202,19 +222,19 @@ fn check_record(r: &ConnectionRecord, role: &str, problems: &mut Vec<String>) {
 /// Sends a connection from `from` with a forged source address; passes when it fails and
 /// the node counted a spoof drop.
 pub fn spoof(lab: &Lab, name: &'static str, from: &'static str, forged: IpAddr, to: &'static str) -> Result<Outcome> {
-    let sc = Scenario {
-        name,
-        from,
-        to,
-        v6: forged.is_ipv6(),
-        port: APP_PORT,
-        expect: Expect::Blocked,
-    };
+    let sc = Scenario { name, from, to, v6: forged.is_ipv6(), port: APP_PORT, expect: Expect::Blocked };
     let node = lab.pod(from).node;
     let before = lab.counters(node)?.spoof_dropped;
-    let res = traffic::exchange(&lab.pod(from).netns, Some(forged), lab.addr(to, forged.is_ipv6(), APP_PORT), b"x", BLOCKED_TIMEOUT);
+    let res = traffic::exchange(
+        &lab.pod(from).netns,
+        Some(forged),
+        lab.addr(to, forged.is_ipv6(), APP_PORT),
+        b"x",
+        BLOCKED_TIMEOUT,
+    );
     let after = lab.counters(node)?.spoof_dropped;
-    let mut out = Outcome { scenario: sc, path: String::new(), server_saw: "-".into(), ok: false, detail: String::new() };
+    let mut out =
+        Outcome { scenario: sc, path: String::new(), server_saw: "-".into(), ok: false, detail: String::new() };
     match res {
         Ok(x) => {
             out.path = "delivered".into();
@@ -251,8 +271,12 @@ pub fn hbone_evidence(lab: &Lab, n: usize) -> Result<(Vec<Outcome>, TlsEvidence)
     let payload: Vec<u8> = MARKER.iter().chain(traffic::payload(32 * 1024).iter()).chain(MARKER).copied().collect();
     let (a, dst) = (lab.pod("a").netns.clone(), lab.addr("c", false, APP_PORT));
     let results: Vec<std::io::Result<traffic::Exchange>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..n).map(|_| s.spawn(|| traffic::exchange(&a, None, dst, &payload, CONNECT_TIMEOUT))).collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(std::io::Error::other("client thread panicked")))).collect()
+        let handles: Vec<_> =
+            (0..n).map(|_| s.spawn(|| traffic::exchange(&a, None, dst, &payload, CONNECT_TIMEOUT))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(std::io::Error::other("client thread panicked"))))
+            .collect()
     });
     // Let the last ACKs and the close reach the capture.
     std::thread::sleep(Duration::from_millis(200));

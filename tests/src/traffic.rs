@@ -99,7 +99,13 @@ pub struct Exchange {
 /// From inside `ns`, connects to `dst`, sends `payload`, half-closes and reads the answer.
 /// With `source`, binds that address first (IP_TRANSPARENT: it need not be configured and
 /// routing accepts it as a source), which is how the tests forge a spoofed source.
-pub fn exchange(ns: &str, source: Option<IpAddr>, dst: SocketAddr, payload: &[u8], timeout: Duration) -> io::Result<Exchange> {
+pub fn exchange(
+    ns: &str,
+    source: Option<IpAddr>,
+    dst: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> io::Result<Exchange> {
     in_netns(ns, || -> io::Result<Exchange> {
         let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
         if let Some(src) = source {

@@ -219,7 +219,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let existed = dir.join(crate::identity::ca::ROOT_KEY_FILE).exists();
             crate::identity::ca::BuiltinCa::open(Some(&dir), &trust_domain, Duration::from_secs(3600))?;
             let verb = if existed { "kept the existing" } else { "created a" };
-            println!("{verb} CA root in {} ({} and {}, the key readable by its owner only)", dir.display(), crate::identity::ca::ROOT_CERT_FILE, crate::identity::ca::ROOT_KEY_FILE);
+            println!(
+                "{verb} CA root in {} ({} and {}, the key readable by its owner only)",
+                dir.display(),
+                crate::identity::ca::ROOT_CERT_FILE,
+                crate::identity::ca::ROOT_KEY_FILE
+            );
             Ok(ExitCode::SUCCESS)
         }
         // Reports its own errors, in bpftool's shape.

@@ -73,12 +73,17 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::default();
-        let (opened, closed, sent, received) = (Family::default(), Family::default(), Family::default(), Family::default());
+        let (opened, closed, sent, received) =
+            (Family::default(), Family::default(), Family::default(), Family::default());
         registry.register("istio_tcp_connections_opened", "Total TCP connections opened", opened.clone());
         registry.register("istio_tcp_connections_closed", "Total TCP connections closed", closed.clone());
         // Istio's meaning: "sent" is the response (server to client), "received" the request.
         registry.register("istio_tcp_sent_bytes", "Bytes sent during response of TCP connections", sent.clone());
-        registry.register("istio_tcp_received_bytes", "Bytes received during request of TCP connections", received.clone());
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received during request of TCP connections",
+            received.clone(),
+        );
         let sources: Arc<OnceLock<Box<dyn Sources>>> = Arc::default();
         registry.register_collector(Box::new(ScrapeTime(sources.clone())));
         Arc::new(Self { registry, opened, closed, sent, received, sources })
@@ -126,7 +131,12 @@ impl Collector for ScrapeTime {
             for (name, value) in counters {
                 let c = ConstCounter::new(value);
                 let help = format!("Datapath kernel counter {name} (summed over CPUs)");
-                c.encode(encoder.encode_descriptor(&format!("meshpath_datapath_{name}"), &help, None, c.metric_type())?)?;
+                c.encode(encoder.encode_descriptor(
+                    &format!("meshpath_datapath_{name}"),
+                    &help,
+                    None,
+                    c.metric_type(),
+                )?)?;
             }
         }
         let pool = s.pool();
@@ -203,7 +213,9 @@ mod tests {
         let m = Metrics::new();
         m.set_sources(Fixed);
         let text = m.render();
-        for line in ["meshpath_datapath_steered_total 7", "meshpath_hbone_pool_connections 2", "meshpath_hbone_pool_streams 3"] {
+        for line in
+            ["meshpath_datapath_steered_total 7", "meshpath_hbone_pool_connections 2", "meshpath_hbone_pool_streams 3"]
+        {
             assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
         }
     }

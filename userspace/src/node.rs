@@ -14,11 +14,11 @@ use crate::admin::{self, Readiness};
 use crate::datapath::{self, AttachMode, Datapath, DatapathError};
 use crate::identity::manager::CertificateManager;
 use crate::identity::{CertificateProvider, IdentityError, ca, files};
+use crate::k8s::services::ServiceTable;
+use crate::k8s::{self, ClusterState, K8sError};
 use crate::metrics::{self, Metrics};
 use crate::proxy::{self, PlaintextPolicy, Proxy, ProxyConfig, WorkloadIndex, access_log::AccessLog};
 use crate::routing::{self, Routing, RoutingError};
-use crate::k8s::services::ServiceTable;
-use crate::k8s::{self, ClusterState, K8sError};
 use crate::workloads::{WorkloadFile, WorkloadsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +107,12 @@ pub enum Source {
 
 /// The desired-state source as the main loop follows it.
 enum Desired {
-    File { path: PathBuf, last_text: String, read_failed: bool, read: FileRead },
+    File {
+        path: PathBuf,
+        last_text: String,
+        read_failed: bool,
+        read: FileRead,
+    },
     Kubernetes(watch::Receiver<Option<Arc<ClusterState>>>),
     /// The watchers ended (only on shutdown): nothing more will come.
     Ended,
@@ -248,7 +253,11 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         match &mut desired {
             Desired::Kubernetes(rx) if cluster_event => {
                 if let Some(state) = rx.borrow_and_update().clone() {
-                    proxy.set_workloads(WorkloadIndex::new(&state.workloads, state.services.clone(), &cfg.trust_domain));
+                    proxy.set_workloads(WorkloadIndex::new(
+                        &state.workloads,
+                        state.services.clone(),
+                        &cfg.trust_domain,
+                    ));
                     rec.set_file(state.workloads.clone());
                 }
             }
@@ -336,7 +345,12 @@ impl FileStamp {
     fn of(path: &std::path::Path) -> Option<Self> {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(path).ok()?;
-        Some(Self { dev: m.dev(), ino: m.ino(), len: m.len(), mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()) })
+        Some(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
     }
 }
 
@@ -421,8 +435,6 @@ impl<'a> Reconciler<'a> {
         self.dirty = true;
     }
 
-
-
     /// Makes the kernel match the desired state: the classifier on every interface it
     /// should be on, then the workload map. The classifier goes first so an IP is never in
     /// the map while its interface lacks the program.
@@ -435,7 +447,9 @@ impl<'a> Reconciler<'a> {
         } else {
             let mut v = Vec::new();
             for name in &self.cfg.interfaces {
-                v.push(ifaces.iter().find(|i| &i.name == name).ok_or_else(|| NodeError::NoSuchInterface(name.clone()))?);
+                v.push(
+                    ifaces.iter().find(|i| &i.name == name).ok_or_else(|| NodeError::NoSuchInterface(name.clone()))?,
+                );
             }
             v
         };
@@ -624,8 +638,11 @@ fn spawn_ebpf_log_drain(mut logger: datapath::EbpfLogger, stop: watch::Receiver<
 /// current network namespace and bpffs.
 pub async fn uninstall(node: &str, readiness_port: u16) -> Result<String, NodeError> {
     datapath::validate_node_name(node)?;
-    if std::net::TcpStream::connect_timeout(&(std::net::Ipv4Addr::LOCALHOST, readiness_port).into(), Duration::from_millis(300))
-        .is_ok()
+    if std::net::TcpStream::connect_timeout(
+        &(std::net::Ipv4Addr::LOCALHOST, readiness_port).into(),
+        Duration::from_millis(300),
+    )
+    .is_ok()
     {
         return Err(NodeError::DaemonRunning);
     }
@@ -659,9 +676,18 @@ mod tests {
             let any = forget_routes_in(&mut c, &net.parse().unwrap());
             (any, c.keys().map(|k| k.to_string()).collect::<Vec<_>>())
         };
-        assert_eq!(left("10.244.1.11/32"), (true, vec!["10.244.1.10".into(), "10.244.2.10".into(), "fd00:244:1::10".into(), "fd00:244:2::10".into()]));
-        assert_eq!(left("10.244.1.0/24"), (true, vec!["10.244.2.10".into(), "fd00:244:1::10".into(), "fd00:244:2::10".into()]));
-        assert_eq!(left("fd00:244:2::/48"), (true, vec!["10.244.1.10".into(), "10.244.1.11".into(), "10.244.2.10".into(), "fd00:244:1::10".into()]));
+        assert_eq!(
+            left("10.244.1.11/32"),
+            (true, vec!["10.244.1.10".into(), "10.244.2.10".into(), "fd00:244:1::10".into(), "fd00:244:2::10".into()])
+        );
+        assert_eq!(
+            left("10.244.1.0/24"),
+            (true, vec!["10.244.2.10".into(), "fd00:244:1::10".into(), "fd00:244:2::10".into()])
+        );
+        assert_eq!(
+            left("fd00:244:2::/48"),
+            (true, vec!["10.244.1.10".into(), "10.244.1.11".into(), "10.244.2.10".into(), "fd00:244:1::10".into()])
+        );
         // A default route covers its whole family, and only it.
         assert_eq!(left("0.0.0.0/0").1, vec!["fd00:244:1::10".to_string(), "fd00:244:2::10".into()]);
         assert_eq!(left("10.9.0.0/16"), (false, ips.iter().map(|s| s.to_string()).collect()));
@@ -669,7 +695,8 @@ mod tests {
 
     #[test]
     fn rolling_refresh_covers_every_route_once_per_recheck_period_and_wraps() {
-        let routes: BTreeMap<IpAddr, Option<u32>> = (0..1000u32).map(|i| (IpAddr::from((0x0a00_0000 + i).to_be_bytes()), Some(3))).collect();
+        let routes: BTreeMap<IpAddr, Option<u32>> =
+            (0..1000u32).map(|i| (IpAddr::from((0x0a00_0000 + i).to_be_bytes()), Some(3))).collect();
         let tick = Duration::from_millis(250);
         let ticks = (ROUTE_RECHECK.as_millis() / tick.as_millis()) as usize;
         let mut cursor = None;

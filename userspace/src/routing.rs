@@ -11,10 +11,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use meshpath_common::names::{CAPTURE_MARK, CAPTURE_MASK, ROUTE_TABLE, RULE_PRIORITY};
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteScope, RouteType};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
-use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 
 #[derive(Debug, thiserror::Error)]
@@ -245,7 +245,8 @@ impl Routing {
         let lo = self.loopback_index().await?;
         for v6 in [false, true] {
             let fam = if v6 { "IPv6" } else { "IPv4" };
-            let rule = self.handle.rule().add().priority(RULE_PRIORITY).table_id(ROUTE_TABLE).action(RuleAction::ToTable);
+            let rule =
+                self.handle.rule().add().priority(RULE_PRIORITY).table_id(ROUTE_TABLE).action(RuleAction::ToTable);
             let added = if v6 {
                 let mut r = rule.v6().fw_mark(CAPTURE_MARK);
                 r.message_mut().attributes.push(RuleAttribute::FwMask(CAPTURE_MASK));
@@ -366,7 +367,8 @@ fn family(ip: IpAddr) -> AddressFamily {
 
 fn is_capture_rule(r: &RuleMessage) -> bool {
     let attr = |f: fn(&RuleAttribute) -> Option<u32>| r.attributes.iter().find_map(f);
-    let table = attr(|a| if let RuleAttribute::Table(t) = a { Some(*t) } else { None }).unwrap_or(r.header.table as u32);
+    let table =
+        attr(|a| if let RuleAttribute::Table(t) = a { Some(*t) } else { None }).unwrap_or(r.header.table as u32);
     let prio = attr(|a| if let RuleAttribute::Priority(p) = a { Some(*p) } else { None });
     table == ROUTE_TABLE && prio == Some(RULE_PRIORITY)
 }

@@ -122,7 +122,12 @@ pub async fn collect(node: &str, workloads: Option<&Path>) -> Result<Status, Sta
     };
     let workloads = datapath::read_pinned_workloads(node)?
         .into_iter()
-        .map(|(ip, ifindex)| EnrolledIp { ip, ifindex, interface: names.get(&ifindex).cloned(), workload: owners.get(&ip).cloned() })
+        .map(|(ip, ifindex)| EnrolledIp {
+            ip,
+            ifindex,
+            interface: names.get(&ifindex).cloned(),
+            workload: owners.get(&ip).cloned(),
+        })
         .collect();
 
     let listening = listening_sockets();
@@ -231,7 +236,10 @@ mod tests {
     #[test]
     fn parses_proc_net_tcp_addresses() {
         assert_eq!(parse_proc_addr("0100007F:3A99", false), Some("127.0.0.1:15001".parse().unwrap()));
-        assert_eq!(parse_proc_addr("00000000000000000000000001000000:3A9E", true), Some("[::1]:15006".parse().unwrap()));
+        assert_eq!(
+            parse_proc_addr("00000000000000000000000001000000:3A9E", true),
+            Some("[::1]:15006".parse().unwrap())
+        );
         assert_eq!(parse_proc_addr("garbage", false), None);
         assert_eq!(parse_proc_addr("0100007F:3A99", true), None);
     }

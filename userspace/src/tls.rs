@@ -69,13 +69,18 @@ pub fn server_config(cert: &WorkloadCertificate) -> Result<Arc<ServerConfig>, Tl
 /// accepts only a server proving `expected`.
 pub fn client_config(cert: &WorkloadCertificate, expected: &Identity) -> Result<Arc<ClientConfig>, TlsError> {
     let err = |source| TlsError::Config { identity: cert.identity.to_string(), source };
-    let cfg = client_builder(&roots(cert)?, expected, &cert.identity)?.with_client_auth_cert(cert.chain.clone(), cert.key()).map_err(err)?;
+    let cfg = client_builder(&roots(cert)?, expected, &cert.identity)?
+        .with_client_auth_cert(cert.chain.clone(), cert.key())
+        .map_err(err)?;
     Ok(finish_client(cfg))
 }
 
 /// A client that presents no certificate: what a non-mesh client looks like to an HBONE
 /// server. Only the lab uses it, to show such clients are refused.
-pub fn anonymous_client_config(roots: &[CertificateDer<'static>], expected: &Identity) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn anonymous_client_config(
+    roots: &[CertificateDer<'static>],
+    expected: &Identity,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let mut store = RootCertStore::empty();
     for r in roots {
         store.add(r.clone()).map_err(|e| TlsError::Roots { identity: expected.to_string(), reason: e.to_string() })?;
@@ -156,7 +161,13 @@ impl ServerCertVerifier for IdentityVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let parsed = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(&parsed, &self.roots, intermediates, now, self.algorithms.all)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
         let ids = identities_in(end_entity).map_err(bad_cert)?;
         if ids.contains(&self.expected) {
             Ok(ServerCertVerified::assertion())
@@ -258,7 +269,11 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Runs a handshake over an in-memory pipe; returns the client's and server's results.
-    async fn handshake(client: &WorkloadCertificate, expected: &Identity, server: &WorkloadCertificate) -> (Result<(), String>, Result<Option<Identity>, String>) {
+    async fn handshake(
+        client: &WorkloadCertificate,
+        expected: &Identity,
+        server: &WorkloadCertificate,
+    ) -> (Result<(), String>, Result<Option<Identity>, String>) {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let connector = tokio_rustls::TlsConnector::from(client_config(client, expected).unwrap());
         let acceptor = tokio_rustls::TlsAcceptor::from(server_config(server).unwrap());
@@ -288,7 +303,10 @@ mod tests {
     #[tokio::test]
     async fn mutual_auth_succeeds_and_shows_the_client_identity() {
         let ca = BuiltinCa::open(None, "td", Duration::from_secs(600)).unwrap();
-        let (cli, srv) = (ca.mint(&id("td", "client"), Duration::from_secs(600)).unwrap(), ca.mint(&id("td", "server"), Duration::from_secs(600)).unwrap());
+        let (cli, srv) = (
+            ca.mint(&id("td", "client"), Duration::from_secs(600)).unwrap(),
+            ca.mint(&id("td", "server"), Duration::from_secs(600)).unwrap(),
+        );
         let (c, s) = handshake(&cli, &id("td", "server"), &srv).await;
         assert_eq!(c, Ok(()));
         assert_eq!(s, Ok(Some(id("td", "client"))));
@@ -297,7 +315,10 @@ mod tests {
     #[tokio::test]
     async fn client_refuses_a_server_with_another_identity() {
         let ca = BuiltinCa::open(None, "td", Duration::from_secs(600)).unwrap();
-        let (cli, srv) = (ca.mint(&id("td", "client"), Duration::from_secs(600)).unwrap(), ca.mint(&id("td", "impostor"), Duration::from_secs(600)).unwrap());
+        let (cli, srv) = (
+            ca.mint(&id("td", "client"), Duration::from_secs(600)).unwrap(),
+            ca.mint(&id("td", "impostor"), Duration::from_secs(600)).unwrap(),
+        );
         let (c, _) = handshake(&cli, &id("td", "server"), &srv).await;
         assert!(c.unwrap_err().contains("is not the expected spiffe://td/ns/ns/sa/server"));
     }
@@ -318,7 +339,9 @@ mod tests {
         let e = s.unwrap_err();
         assert!(e.contains("UnknownIssuer"), "{e}");
         // Expired an hour ago.
-        let old = ca.mint_at(&id("td", "client"), SystemTime::now() - Duration::from_secs(7200), Duration::from_secs(3600)).unwrap();
+        let old = ca
+            .mint_at(&id("td", "client"), SystemTime::now() - Duration::from_secs(7200), Duration::from_secs(3600))
+            .unwrap();
         let (_, s) = handshake(&old, &id("td", "server"), &srv).await;
         let e = s.unwrap_err();
         assert!(e.contains("certificate expired"), "{e}");

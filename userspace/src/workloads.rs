@@ -86,9 +86,12 @@ impl WorkloadFile {
         let mut owners: BTreeMap<IpAddr, String> = BTreeMap::new();
         let mut ids = BTreeSet::new();
         for (index, w) in self.workloads.iter().enumerate() {
-            for (field, value) in
-                [("name", &w.name), ("namespace", &w.namespace), ("serviceAccount", &w.service_account), ("node", &w.node)]
-            {
+            for (field, value) in [
+                ("name", &w.name),
+                ("namespace", &w.namespace),
+                ("serviceAccount", &w.service_account),
+                ("node", &w.node),
+            ] {
                 if value.trim().is_empty() {
                     return Err(invalid(index, format!("{field} is empty")));
                 }
@@ -96,7 +99,10 @@ impl WorkloadFile {
             // Namespace and service account become a SPIFFE ID: they must be name-like.
             for (field, value) in [("namespace", &w.namespace), ("serviceAccount", &w.service_account)] {
                 if !crate::identity::valid_segment(value) {
-                    return Err(invalid(index, format!("{field} {value:?} may only hold letters, digits, '-', '.' and '_'")));
+                    return Err(invalid(
+                        index,
+                        format!("{field} {value:?} may only hold letters, digits, '-', '.' and '_'"),
+                    ));
                 }
             }
             if w.ips.is_empty() {
@@ -108,7 +114,12 @@ impl WorkloadFile {
                 }
                 let canonical = ip.to_canonical();
                 if let Some(first) = owners.insert(canonical, w.id()) {
-                    return Err(WorkloadsError::DuplicateIp { path: origin.into(), ip: canonical, first, second: w.id() });
+                    return Err(WorkloadsError::DuplicateIp {
+                        path: origin.into(),
+                        ip: canonical,
+                        first,
+                        second: w.id(),
+                    });
                 }
             }
             if !ids.insert(w.id()) {
@@ -177,7 +188,10 @@ workloads:
     #[test]
     fn rejects_bad_files_with_a_message_naming_the_problem() {
         assert!(err("workloads: [").starts_with("w.yaml: "), "{}", err("workloads: ["));
-        assert!(err(&GOOD.replace("10.244.2.10", "10.244.1.10")).contains("IP 10.244.1.10 belongs to both default/a and default/c"));
+        assert!(
+            err(&GOOD.replace("10.244.2.10", "10.244.1.10"))
+                .contains("IP 10.244.1.10 belongs to both default/a and default/c")
+        );
         assert!(err(&GOOD.replace("10.244.2.10", "10.244.2.300")).contains("w.yaml"));
         assert!(err(&GOOD.replace("sa-c", "\"\"")).contains("serviceAccount is empty"));
         assert!(err(&GOOD.replace("ips: [10.244.2.10]", "ips: []")).contains("has no ips"));

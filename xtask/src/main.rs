@@ -165,7 +165,16 @@ fn lint() -> Result<()> {
     step("checking formatting (cargo fmt --check)");
     status(cargo().args(["fmt", "--all", "--check"]))?;
     step("clippy: userspace, lab, xtask, common");
-    status(cargo().args(["clippy", "--workspace", "--exclude", "meshpath-ebpf", "--all-targets", "--", "-D", "warnings"]))?;
+    status(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "meshpath-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     step("clippy: the eBPF crate");
     status(cargo().args(["clippy", "--package", "meshpath-ebpf", "--", "-C", "panic=abort", "-D", "warnings"]))
 }
@@ -206,7 +215,9 @@ fn run_tests(cmd: &mut Command) -> Result<()> {
         if let Some(rest) = line.strip_prefix("test result: ") {
             let count = |word: &str| {
                 rest.split(';')
-                    .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word))
+                    .find_map(|part| {
+                        part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word)
+                    })
                     .and_then(|n| n.trim().parse::<u64>().ok())
                     .unwrap_or(0)
             };
@@ -246,13 +257,26 @@ fn setup() -> Result<()> {
     if !missing.is_empty() {
         step(&format!("installing Debian packages: {}", missing.join(" ")));
         status(Command::new("apt-get").args(["update", "-q"]))?;
-        status(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
     }
     if !bpf_linker_ok() {
         step(&format!("installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"));
         let mut c = cargo();
-        c.args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
-            .env("LLVM_PREFIX", LLVM_PREFIX);
+        c.args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
+        .env("LLVM_PREFIX", LLVM_PREFIX);
         status(&mut c)?;
     }
     Ok(())

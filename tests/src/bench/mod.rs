@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::loadgen;
 use crate::lab::{LabError, Result};
+use crate::loadgen;
 use paths::Setup;
 
 /// Everything in BENCHMARKS.md after this line is written by hand (the analysis of a run)
@@ -51,8 +51,14 @@ pub enum PathKind {
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 6] =
-        [PathKind::Direct, PathKind::Legacy, PathKind::Tproxy, PathKind::Meshpath, PathKind::MeshpathHbone, PathKind::MeshpathRelay];
+    pub const ALL: [PathKind; 6] = [
+        PathKind::Direct,
+        PathKind::Legacy,
+        PathKind::Tproxy,
+        PathKind::Meshpath,
+        PathKind::MeshpathHbone,
+        PathKind::MeshpathRelay,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -115,13 +121,21 @@ pub struct Sample {
 pub fn document(cfg: &BenchConfig, samples: &[Sample], command: &str, chart_file: &str) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name")).map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024))
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024)
+        })
         .unwrap_or(0);
     format!(
         "# Benchmarks\n\n\

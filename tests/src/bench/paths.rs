@@ -37,7 +37,8 @@ const TPROXY_MARK: &str = "0x4000/0x4000";
 const TPROXY_TABLE: &str = "100";
 /// The tproxy path's ipset.
 const TPROXY_IPSET: &str = "mp-bench-pods";
-const CONNECTION_SYSCTLS: &[(&str, &str)] = &[("net/ipv4/tcp_tw_reuse", "1"), ("net/ipv4/ip_local_port_range", "1024 65000")];
+const CONNECTION_SYSCTLS: &[(&str, &str)] =
+    &[("net/ipv4/tcp_tw_reuse", "1"), ("net/ipv4/ip_local_port_range", "1024 65000")];
 
 pub struct Setup {
     pub kind: PathKind,
@@ -55,7 +56,9 @@ impl Setup {
         let mut lab = Lab::build(binary)?;
         // Thousands of short connections a second from one client to one server: let
         // TIME_WAIT ports be reused (as load generators do), everywhere alike.
-        for ns in lab.nodes.iter().map(|n| n.name.clone()).chain(lab.pods.iter().map(|p| p.netns.clone())).collect::<Vec<_>>() {
+        for ns in
+            lab.nodes.iter().map(|n| n.name.clone()).chain(lab.pods.iter().map(|p| p.netns.clone())).collect::<Vec<_>>()
+        {
             sysctls(&ns, CONNECTION_SYSCTLS)?;
         }
         // Every node of a real cluster runs kube-proxy: its NAT chains make conntrack follow
@@ -172,7 +175,14 @@ impl Setup {
         let mut total = 0;
         for pid in &self.proxy_pids {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-            total += status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?;
+            total += status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()?;
         }
         Some(total)
     }
@@ -186,8 +196,10 @@ impl Setup {
 
     fn stop_legacy_proxy(&mut self) {
         if let Some(mut p) = self.legacy_proxy.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.id() as i32), nix::sys::signal::Signal::SIGCONT);
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.id() as i32), nix::sys::signal::Signal::SIGCONT);
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.id() as i32), nix::sys::signal::Signal::SIGTERM);
             let _ = p.wait();
         }
     }
@@ -228,7 +240,10 @@ fn ipset_restore(ns: &str, script: &str) -> Result<()> {
     child.stdin.take().expect("piped").write_all(script.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        return Err(LabError::Command { cmd: "ipset restore".into(), stderr: String::from_utf8_lossy(&out.stderr).trim().into() });
+        return Err(LabError::Command {
+            cmd: "ipset restore".into(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().into(),
+        });
     }
     Ok(())
 }
@@ -254,7 +269,17 @@ fn tproxy_to_listener(ns: &str, rule: &[&str]) -> Result<()> {
 /// The tproxy path: one ipset-matched TPROXY rule in node 1.
 fn tproxy_capture(lab: &Lab) -> Result<()> {
     let n1 = &lab.nodes[0].name;
-    crate::lab::run(Command::new("ip").args(["netns", "exec", n1, "ipset", "create", TPROXY_IPSET, "hash:ip", "maxelem", "65536"]))?;
+    crate::lab::run(Command::new("ip").args([
+        "netns",
+        "exec",
+        n1,
+        "ipset",
+        "create",
+        TPROXY_IPSET,
+        "hash:ip",
+        "maxelem",
+        "65536",
+    ]))?;
     tproxy_to_listener(n1, &["-m", "set", "--match-set", TPROXY_IPSET, "src"])
 }
 
@@ -278,21 +303,68 @@ fn legacy_capture(lab: &mut Lab) -> Result<String> {
     ip(&["-n", &n1, "route", "add", &format!("{PROXY_IP}/32"), "dev", "vzt"])?;
     // The tunnel between the node and the proxy's namespace.
     let node_ip = lab.nodes[0].underlay_v4.to_string();
-    ip(&["-n", &n1, "link", "add", "istioout", "type", "vxlan", "id", VNI, "local", &node_ip, "remote", PROXY_IP, "dstport", VXLAN_PORT])?;
+    ip(&[
+        "-n", &n1, "link", "add", "istioout", "type", "vxlan", "id", VNI, "local", &node_ip, "remote", PROXY_IP,
+        "dstport", VXLAN_PORT,
+    ])?;
     ip(&["-n", &n1, "addr", "add", &format!("{TUNNEL_NODE}/30"), "dev", "istioout"])?;
     ip(&["-n", &n1, "link", "set", "istioout", "up"])?;
-    ip(&["-n", &zt, "link", "add", "pistioout", "type", "vxlan", "id", VNI, "local", PROXY_IP, "remote", &node_ip, "dstport", VXLAN_PORT])?;
+    ip(&[
+        "-n",
+        &zt,
+        "link",
+        "add",
+        "pistioout",
+        "type",
+        "vxlan",
+        "id",
+        VNI,
+        "local",
+        PROXY_IP,
+        "remote",
+        &node_ip,
+        "dstport",
+        VXLAN_PORT,
+    ])?;
     ip(&["-n", &zt, "addr", "add", &format!("{TUNNEL_PROXY}/30"), "dev", "pistioout"])?;
     ip(&["-n", &zt, "link", "set", "pistioout", "up"])?;
     // Packets arrive in the proxy namespace from the tunnel with sources it routes elsewhere.
-    sysctls(&zt, &[("net/ipv4/conf/all/rp_filter", "0"), ("net/ipv4/conf/default/rp_filter", "0"), ("net/ipv4/conf/pistioout/rp_filter", "0")])?;
+    sysctls(
+        &zt,
+        &[
+            ("net/ipv4/conf/all/rp_filter", "0"),
+            ("net/ipv4/conf/default/rp_filter", "0"),
+            ("net/ipv4/conf/pistioout/rp_filter", "0"),
+        ],
+    )?;
     sysctls(&zt, CONNECTION_SYSCTLS)?;
     sysctls(&n1, &[("net/ipv4/conf/all/rp_filter", "0"), ("net/ipv4/conf/vzt/rp_filter", "0")])?;
     // Node 1: mark enrolled sources, route the marked into the tunnel. The tunnel's own outer
     // packets inherit the mark, so the proxy namespace's address is on-link in the table too,
     // or they would route back into the tunnel.
-    crate::lab::run(Command::new("ip").args(["netns", "exec", &n1, "ipset", "create", IPSET, "hash:ip", "maxelem", "65536"]))?;
-    iptables(&n1, &["-t", "mangle", "-A", "PREROUTING", "-p", "tcp", "-m", "set", "--match-set", IPSET, "src", "-j", "MARK", "--set-xmark", MARK])?;
+    crate::lab::run(
+        Command::new("ip").args(["netns", "exec", &n1, "ipset", "create", IPSET, "hash:ip", "maxelem", "65536"]),
+    )?;
+    iptables(
+        &n1,
+        &[
+            "-t",
+            "mangle",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "-m",
+            "set",
+            "--match-set",
+            IPSET,
+            "src",
+            "-j",
+            "MARK",
+            "--set-xmark",
+            MARK,
+        ],
+    )?;
     ip(&["-n", &n1, "rule", "add", "fwmark", MARK, "lookup", TABLE, "priority", "101"])?;
     ip(&["-n", &n1, "route", "add", "default", "via", TUNNEL_PROXY, "dev", "istioout", "table", TABLE])?;
     ip(&["-n", &n1, "route", "add", &format!("{PROXY_IP}/32"), "dev", "vzt", "scope", "link", "table", TABLE])?;
@@ -331,7 +403,10 @@ fn start_legacy_proxy(lab: &Lab, zt: &str) -> Result<Child> {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(LabError::Other(format!("the legacy proxy in {zt} is not ready; see {}", lab.dir.join("legacy-proxy.log").display())));
+            return Err(LabError::Other(format!(
+                "the legacy proxy in {zt} is not ready; see {}",
+                lab.dir.join("legacy-proxy.log").display()
+            )));
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -46,7 +46,10 @@ pub fn aggregate(samples: &[Sample]) -> BTreeMap<(PathKind, usize), Vec<Option<S
     groups
         .into_iter()
         .map(|(k, ss)| {
-            let stats = METRICS.iter().map(|(_, _, _, get)| stat(&mut ss.iter().filter_map(|s| get(s)).collect::<Vec<_>>())).collect();
+            let stats = METRICS
+                .iter()
+                .map(|(_, _, _, get)| stat(&mut ss.iter().filter_map(|s| get(s)).collect::<Vec<_>>()))
+                .collect();
             (k, stats)
         })
         .collect()
@@ -79,7 +82,12 @@ pub struct Target {
 pub fn targets(agg: &BTreeMap<(PathKind, usize), Vec<Option<Stat>>>, base: usize, largest: usize) -> Vec<Target> {
     let get = |p: PathKind, w: usize, m: usize| agg.get(&(p, w)).and_then(|v| v[m]);
     let r = |a: PathKind, b: PathKind, m: usize| ratio(get(a, base, m), get(b, base, m));
-    let t = |what, measured: Option<f64>, want, ok: fn(f64) -> bool| Target { what, measured, want, met: measured.is_some_and(ok) };
+    let t = |what, measured: Option<f64>, want, ok: fn(f64) -> bool| Target {
+        what,
+        measured,
+        want,
+        met: measured.is_some_and(ok),
+    };
     let mesh = PathKind::Meshpath;
     // With one size there is no scale figure.
     let scale = |m: usize| if largest == base { None } else { ratio(get(mesh, largest, m), get(mesh, base, m)) };
@@ -92,7 +100,12 @@ pub fn targets(agg: &BTreeMap<(PathKind, usize), Vec<Option<Stat>>>, base: usize
         t("new connections/s at the largest size / at the smallest (meshpath)", scale(0), ">= 0.95", |v| v >= 0.95),
         t("requests/s at the largest size / at the smallest (meshpath)", scale(1), ">= 0.95", |v| v >= 0.95),
         t("persistent requests/s, meshpath / direct", r(mesh, PathKind::Direct, 1), ">= 0.7", |v| v >= 0.7),
-        t("1-stream throughput, meshpath-hbone / direct", r(PathKind::MeshpathHbone, PathKind::Direct, 4), ">= 0.5", |v| v >= 0.5),
+        t(
+            "1-stream throughput, meshpath-hbone / direct",
+            r(PathKind::MeshpathHbone, PathKind::Direct, 4),
+            ">= 0.5",
+            |v| v >= 0.5,
+        ),
     ]
 }
 
@@ -133,7 +146,10 @@ pub fn markdown(samples: &[Sample], sizes: &[usize], rounds: usize) -> String {
         s.push('\n');
     }
     for (against, label) in [(PathKind::Direct, "direct"), (PathKind::Legacy, "legacy")] {
-        let _ = writeln!(s, "### Ratios to {label} at {base} workloads (median / median; latency, CPU and memory as lower-is-better: < 1 is better)\n");
+        let _ = writeln!(
+            s,
+            "### Ratios to {label} at {base} workloads (median / median; latency, CPU and memory as lower-is-better: < 1 is better)\n"
+        );
         table_header(&mut s, METRICS.iter().map(|(name, _, _, _)| name.to_string()));
         for p in PathKind::ALL {
             let (Some(a), Some(b)) = (agg.get(&(p, base)), agg.get(&(against, base))) else { continue };
@@ -184,8 +200,11 @@ pub fn svg_chart(samples: &[Sample], base: usize) -> String {
     let plot_h = h - top - bottom;
     let group_w = (w - left - 20.0) / metrics.len() as f64;
     let bar_w = group_w * 0.8 / paths.len().max(1) as f64;
-    let ratio_of = |p: PathKind, m: usize| ratio(agg.get(&(p, base)).and_then(|v| v[m]), agg.get(&(PathKind::Direct, base)).and_then(|v| v[m]));
-    let max = metrics.iter().flat_map(|&m| paths.iter().filter_map(move |&p| ratio_of(p, m))).fold(1.0f64, f64::max).max(1.2);
+    let ratio_of = |p: PathKind, m: usize| {
+        ratio(agg.get(&(p, base)).and_then(|v| v[m]), agg.get(&(PathKind::Direct, base)).and_then(|v| v[m]))
+    };
+    let max =
+        metrics.iter().flat_map(|&m| paths.iter().filter_map(move |&p| ratio_of(p, m))).fold(1.0f64, f64::max).max(1.2);
     let y = |v: f64| top + plot_h * (1.0 - v / max);
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
@@ -194,7 +213,12 @@ pub fn svg_chart(samples: &[Sample], base: usize) -> String {
     );
     // Axis and the 1.0 line (direct).
     let _ = writeln!(s, "<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>", top + plot_h);
-    let _ = writeln!(s, "<line x1=\"{left}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"#444\" stroke-dasharray=\"4 3\"/>", y(1.0), w - 20.0);
+    let _ = writeln!(
+        s,
+        "<line x1=\"{left}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"#444\" stroke-dasharray=\"4 3\"/>",
+        y(1.0),
+        w - 20.0
+    );
     for tick in [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0].into_iter().filter(|t| *t <= max) {
         let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{tick:.1}</text>", left - 6.0, y(tick) + 4.0);
     }
@@ -214,11 +238,22 @@ pub fn svg_chart(samples: &[Sample], base: usize) -> String {
                 METRICS[m].0
             );
         }
-        let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>", gx + group_w * 0.4, top + plot_h + 18.0, METRICS[m].0);
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+            gx + group_w * 0.4,
+            top + plot_h + 18.0,
+            METRICS[m].0
+        );
     }
     for (pi, p) in paths.iter().enumerate() {
         let x = left + pi as f64 * 135.0;
-        let _ = writeln!(s, "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/>", h - 30.0, colors[pi % colors.len()]);
+        let _ = writeln!(
+            s,
+            "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/>",
+            h - 30.0,
+            colors[pi % colors.len()]
+        );
         let _ = writeln!(s, "<text x=\"{}\" y=\"{}\">{}</text>", x + 16.0, h - 20.0, p.name());
     }
     s.push_str("</svg>\n");

@@ -57,7 +57,10 @@ enum Tail {
     None,
     /// BTF_KIND_INT: encoding << 24 | offset << 16 | bits.
     Int(u32),
-    Array { elem: u32, nelems: u32 },
+    Array {
+        elem: u32,
+        nelems: u32,
+    },
     /// name_off, type, offset (bit offset, or bitfield size << 24 | bit offset with kflag).
     Members(Vec<(u32, u32, u32)>),
     /// name_off, value.
@@ -117,7 +120,8 @@ impl Btf {
     /// and /sys/kernel/btf/vmlinux holds it.
     pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
         let short = || BtfError::Truncated(data.len());
-        let u32_at = |at: usize| data.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).ok_or_else(short);
+        let u32_at =
+            |at: usize| data.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).ok_or_else(short);
         let magic = data.get(0..2).map(|b| u16::from_le_bytes([b[0], b[1]])).ok_or_else(short)?;
         if magic != BTF_MAGIC {
             return Err(BtfError::Magic(magic));
@@ -149,7 +153,9 @@ impl Btf {
                     Tail::Array { elem, nelems }
                 }
                 KIND_STRUCT | KIND_UNION => Tail::Members(triples(&mut r)?),
-                KIND_ENUM => Tail::Enum((0..vlen).map(|_| Ok((r.u32()?, r.u32()? as i32))).collect::<Result<_, BtfError>>()?),
+                KIND_ENUM => {
+                    Tail::Enum((0..vlen).map(|_| Ok((r.u32()?, r.u32()? as i32))).collect::<Result<_, BtfError>>()?)
+                }
                 KIND_ENUM64 => Tail::Enum64(triples(&mut r)?),
                 KIND_DATASEC => Tail::Secinfo(triples(&mut r)?),
                 KIND_FUNC_PROTO => {
@@ -225,9 +231,8 @@ impl Btf {
                     size = Some(size_of::<usize>() as u64);
                     break;
                 }
-                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_VAR | KIND_DECL_TAG | KIND_TYPE_TAG => {
-                    id = t.size_type
-                }
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_VAR | KIND_DECL_TAG
+                | KIND_TYPE_TAG => id = t.size_type,
                 KIND_ARRAY => {
                     let Tail::Array { elem, nelems: n } = t.tail else { return None };
                     if nelems != 0 && u64::from(n) > u64::from(u32::MAX) / nelems {
@@ -400,7 +405,8 @@ impl Dumper<'_> {
         w.start_object(out);
         let mut r = Ok(());
         for &(name_off, ty, offset) in members {
-            let (bit_offset, bitfield_size) = if t.kflag() { (offset & 0x00ff_ffff, offset >> 24) } else { (offset, 0) };
+            let (bit_offset, bitfield_size) =
+                if t.kflag() { (offset & 0x00ff_ffff, offset >> 24) } else { (offset, 0) };
             w.name(out, self.btf.name(name_off));
             let member = from(data, (bit_offset / 8) as usize);
             if bitfield_size != 0 {
@@ -573,17 +579,44 @@ mod tests {
         };
         let types = [
             // 1: u8
-            off("u8"), info(KIND_INT, 0, false), 1, 8,
+            off("u8"),
+            info(KIND_INT, 0, false),
+            1,
+            8,
             // 2: __ARRAY_SIZE_TYPE__
-            off("__ARRAY_SIZE_TYPE__"), info(KIND_INT, 0, false), 4, 32,
+            off("__ARRAY_SIZE_TYPE__"),
+            info(KIND_INT, 0, false),
+            4,
+            32,
             // 3: [u8; 16]
-            0, info(KIND_ARRAY, 0, false), 0, 1, 2, 16,
+            0,
+            info(KIND_ARRAY, 0, false),
+            0,
+            1,
+            2,
+            16,
             // 4: struct Key { addr }
-            off("Key"), info(KIND_STRUCT, 1, false), 16, off("addr"), 3, 0,
+            off("Key"),
+            info(KIND_STRUCT, 1, false),
+            16,
+            off("addr"),
+            3,
+            0,
             // 5: u32
-            off("u32"), info(KIND_INT, 0, false), 4, 32,
+            off("u32"),
+            info(KIND_INT, 0, false),
+            4,
+            32,
             // 6: struct Value { ifindex, _reserved }
-            off("Value"), info(KIND_STRUCT, 2, false), 8, off("ifindex"), 5, 0, off("_reserved"), 5, 32,
+            off("Value"),
+            info(KIND_STRUCT, 2, false),
+            8,
+            off("ifindex"),
+            5,
+            0,
+            off("_reserved"),
+            5,
+            32,
         ];
         Btf::parse(&blob(&types, strings)).unwrap()
     }
@@ -608,12 +641,37 @@ mod tests {
     fn ints_chars_and_bitfields() {
         let strings = b"\0char\0s8\0b\0x\0y\0";
         let types = [
-            1, info(KIND_INT, 0, false), 1, (INT_CHAR << 24) | 8, // 1: char
-            6, info(KIND_INT, 0, false), 1, (INT_SIGNED << 24) | 8, // 2: s8
-            0, info(KIND_INT, 0, false), 8, 64, // 3: u64
-            9, info(KIND_STRUCT, 2, true), 4, 11, 3, (3 << 24), 13, 3, (5 << 24) | 3, // 4: bitfields x:3, y:5
-            0, info(KIND_ARRAY, 0, false), 0, 1, 3, 4, // 5: char[4]
-            0, info(KIND_INT, 0, false), 16, 128, // 6: u128
+            1,
+            info(KIND_INT, 0, false),
+            1,
+            (INT_CHAR << 24) | 8, // 1: char
+            6,
+            info(KIND_INT, 0, false),
+            1,
+            (INT_SIGNED << 24) | 8, // 2: s8
+            0,
+            info(KIND_INT, 0, false),
+            8,
+            64, // 3: u64
+            9,
+            info(KIND_STRUCT, 2, true),
+            4,
+            11,
+            3,
+            (3 << 24),
+            13,
+            3,
+            (5 << 24) | 3, // 4: bitfields x:3, y:5
+            0,
+            info(KIND_ARRAY, 0, false),
+            0,
+            1,
+            3,
+            4, // 5: char[4]
+            0,
+            info(KIND_INT, 0, false),
+            16,
+            128, // 6: u128
         ];
         let btf = Btf::parse(&blob(&types, strings)).unwrap();
         assert_eq!(dump(&btf, 1, b"A", true, false), "\"A\"");

@@ -137,12 +137,15 @@ impl Tool {
                     let ip = IpAddr::from(WorkloadKey { addr: bytes(&key) });
                     let ifindex = u32::from_ne_bytes(bytes(&value));
                     let owner = owners.get(&ip);
-                    rows.insert(ip, WorkloadRow {
+                    rows.insert(
                         ip,
-                        interface: interface(ifindex),
-                        workload: owner.map(|o| o.0.clone()),
-                        identity: owner.map(|o| o.1.clone()),
-                    });
+                        WorkloadRow {
+                            ip,
+                            interface: interface(ifindex),
+                            workload: owner.map(|o| o.0.clone()),
+                            identity: owner.map(|o| o.1.clone()),
+                        },
+                    );
                 }
                 Body::Workloads(rows.into_values().collect())
             }
@@ -150,7 +153,8 @@ impl Tool {
                 if !layout(4, 4) {
                     return Err(self.fail(bad_layout()));
                 }
-                let mut ifindexes: Vec<u32> = self.entries(fd, info, 1)?.into_iter().map(|(k, _)| u32::from_ne_bytes(bytes(&k))).collect();
+                let mut ifindexes: Vec<u32> =
+                    self.entries(fd, info, 1)?.into_iter().map(|(k, _)| u32::from_ne_bytes(bytes(&k))).collect();
                 ifindexes.sort_unstable();
                 Body::Interfaces(ifindexes.into_iter().map(interface).collect())
             }
@@ -194,7 +198,10 @@ impl Tool {
                     let Ok(value) = value else { continue };
                     let index = u32::from_ne_bytes(bytes(&key));
                     let per_cpu: Vec<u64> = value.chunks(8).take(cpus).map(|c| u64::from_ne_bytes(bytes(c))).collect();
-                    let name = Counter::ALL.iter().find(|c| c.index() == index).map_or_else(|| format!("#{index}"), |c| c.name().to_owned());
+                    let name = Counter::ALL
+                        .iter()
+                        .find(|c| c.index() == index)
+                        .map_or_else(|| format!("#{index}"), |c| c.name().to_owned());
                     rows.push(CounterRow { counter: name, total: per_cpu.iter().sum(), per_cpu });
                 }
                 Body::Counters(rows)
@@ -207,9 +214,17 @@ impl Tool {
     /// Every key with its value, or the lookup's errno; per-CPU maps get `cpus` 8-byte
     /// aligned value slots.
     #[allow(clippy::type_complexity)]
-    fn entries(&mut self, fd: BorrowedFd<'_>, info: &MapInfo, cpus: usize) -> Flow<Vec<(Vec<u8>, Result<Vec<u8>, i32>)>> {
-        let value_len =
-            if map_is_per_cpu(info.map_type) { (info.value_size as usize).div_ceil(8) * 8 * cpus } else { info.value_size as usize };
+    fn entries(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        info: &MapInfo,
+        cpus: usize,
+    ) -> Flow<Vec<(Vec<u8>, Result<Vec<u8>, i32>)>> {
+        let value_len = if map_is_per_cpu(info.map_type) {
+            (info.value_size as usize).div_ceil(8) * 8 * cpus
+        } else {
+            info.value_size as usize
+        };
         let mut out = Vec::new();
         let mut key = vec![0u8; info.key_size as usize];
         let mut prev: Option<Vec<u8>> = None;
@@ -217,7 +232,9 @@ impl Tool {
             match bpf::map_next_key(fd, prev.as_deref(), &mut key) {
                 Ok(true) => {}
                 Ok(false) => break,
-                Err(e) => return Err(self.fail(MapError::Sys { what: format!("reading {}", info.name), errno: errno_of(&e) })),
+                Err(e) => {
+                    return Err(self.fail(MapError::Sys { what: format!("reading {}", info.name), errno: errno_of(&e) }));
+                }
             }
             let mut value = vec![0u8; value_len];
             let looked = match bpf::map_lookup(fd, &key, &mut value) {
@@ -243,10 +260,8 @@ fn bytes<const N: usize>(data: &[u8]) -> [u8; N] {
 fn interface(ifindex: u32) -> Interface {
     // nix 0.31 does not see if_indextoname's NULL as failure: an unknown index comes back
     // as an empty name.
-    let interface = nix::net::if_::if_indextoname(ifindex)
-        .ok()
-        .map(|n| n.to_string_lossy().into_owned())
-        .filter(|n| !n.is_empty());
+    let interface =
+        nix::net::if_::if_indextoname(ifindex).ok().map(|n| n.to_string_lossy().into_owned()).filter(|n| !n.is_empty());
     Interface { ifindex, interface }
 }
 
@@ -292,7 +307,8 @@ fn render(out: &mut String, v: &MapView, have_workloads: bool) {
     let plural = |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     match &v.body {
         Body::Workloads(rows) => {
-            let _ = writeln!(out, "{} (map id {}): {} enrolled on this node", v.map, v.id, plural(rows.len(), "IP", "IPs"));
+            let _ =
+                writeln!(out, "{} (map id {}): {} enrolled on this node", v.map, v.id, plural(rows.len(), "IP", "IPs"));
             let dash = || "-".to_owned();
             let cells: Vec<Vec<String>> = rows
                 .iter()
@@ -323,7 +339,13 @@ fn render(out: &mut String, v: &MapView, have_workloads: bool) {
         }
         Body::Listeners(slots) => {
             let registered = slots.iter().filter(|s| s.registered).count();
-            let _ = writeln!(out, "{} (map id {}): {registered} of {} listener slots hold the proxy's socket", v.map, v.id, slots.len());
+            let _ = writeln!(
+                out,
+                "{} (map id {}): {registered} of {} listener slots hold the proxy's socket",
+                v.map,
+                v.id,
+                slots.len()
+            );
             let cells: Vec<Vec<String>> = slots
                 .iter()
                 .map(|s| {
@@ -345,7 +367,8 @@ fn render(out: &mut String, v: &MapView, have_workloads: bool) {
         }
         Body::Counters(rows) => {
             let cpus = rows.first().map_or(0, |r| r.per_cpu.len());
-            let _ = writeln!(out, "{} (map id {}): datapath counters over {}", v.map, v.id, plural(cpus, "CPU", "CPUs"));
+            let _ =
+                writeln!(out, "{} (map id {}): datapath counters over {}", v.map, v.id, plural(cpus, "CPU", "CPUs"));
             let cells: Vec<Vec<String>> = rows
                 .iter()
                 .map(|r| {

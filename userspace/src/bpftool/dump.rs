@@ -109,7 +109,8 @@ impl Tool {
 
     fn map_dump(&mut self, fd: BorrowedFd<'_>, info: &MapInfo, wtr: Option<Wtr>, show_header: bool) -> Flow {
         let cpus = if map_is_per_cpu(info.map_type) { self.possible_cpus()? } else { 1 };
-        let value_len = if map_is_per_cpu(info.map_type) { per_cpu_step(info.value_size) * cpus } else { info.value_size as usize };
+        let value_len =
+            if map_is_per_cpu(info.map_type) { per_cpu_step(info.value_size) * cpus } else { info.value_size as usize };
         let mut key = vec![0u8; info.key_size as usize];
         let mut value = vec![0u8; value_len];
         let mut btf = None;
@@ -164,7 +165,15 @@ impl Tool {
     }
 
     /// `dump_map_elem`: true when the entry was read (and so counts).
-    fn dump_elem(&mut self, fd: BorrowedFd<'_>, key: &[u8], value: &mut [u8], info: &MapInfo, btf: Option<&Btf>, cpus: usize) -> bool {
+    fn dump_elem(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        key: &[u8],
+        value: &mut [u8],
+        info: &MapInfo,
+        btf: Option<&Btf>,
+        cpus: usize,
+    ) -> bool {
         let errno = match bpf::map_lookup(fd, key, value) {
             Ok(true) => None,
             Ok(false) => Some(libc::ENOENT),
@@ -187,7 +196,9 @@ impl Tool {
     /// `print_entry_error`.
     fn entry_error(&mut self, info: &MapInfo, key: &[u8], errno: i32) {
         // In maps of maps or programs a failed lookup just means an empty slot.
-        if matches!(info.map_type, MAP_TYPE_ARRAY_OF_MAPS | MAP_TYPE_HASH_OF_MAPS | MAP_TYPE_PROG_ARRAY) && errno == libc::ENOENT {
+        if matches!(info.map_type, MAP_TYPE_ARRAY_OF_MAPS | MAP_TYPE_HASH_OF_MAPS | MAP_TYPE_PROG_ARRAY)
+            && errno == libc::ENOENT
+        {
             return;
         }
         if let Some(w) = &mut self.json {
@@ -232,7 +243,15 @@ fn hex_json(w: &mut JsonWriter, out: &mut String, data: &[u8]) {
 }
 
 /// `print_entry_json`.
-fn entry_json(w: &mut JsonWriter, out: &mut String, info: &MapInfo, key: &[u8], value: &[u8], btf: Option<&Btf>, cpus: usize) {
+fn entry_json(
+    w: &mut JsonWriter,
+    out: &mut String,
+    info: &MapInfo,
+    key: &[u8],
+    value: &[u8],
+    btf: Option<&Btf>,
+    cpus: usize,
+) {
     let size = info.value_size as usize;
     w.start_object(out);
     w.name(out, "key");
@@ -280,14 +299,23 @@ fn per_cpu_json<E>(
 }
 
 /// `do_dump_btf`: one entry as a typed object; stops at the first member that fails.
-fn dump_btf(d: &Dumper<'_>, w: &mut JsonWriter, out: &mut String, info: &MapInfo, key: &[u8], value: &[u8], cpus: usize) {
+fn dump_btf(
+    d: &Dumper<'_>,
+    w: &mut JsonWriter,
+    out: &mut String,
+    info: &MapInfo,
+    key: &[u8],
+    value: &[u8],
+    cpus: usize,
+) {
     w.start_object(out);
     let key_ok = info.btf_key_type_id == 0 || {
         w.name(out, "key");
         d.dump(w, out, info.btf_key_type_id, key).is_ok()
     };
     if key_ok {
-        let value_id = if info.btf_vmlinux_value_type_id != 0 { info.btf_vmlinux_value_type_id } else { info.btf_value_type_id };
+        let value_id =
+            if info.btf_vmlinux_value_type_id != 0 { info.btf_vmlinux_value_type_id } else { info.btf_value_type_id };
         if !map_is_per_cpu(info.map_type) {
             w.name(out, "value");
             let _ = d.dump(w, out, value_id, value);

@@ -92,7 +92,9 @@ pub enum MapError {
     // Not bpftool's: it prints nothing when no map has the name, or its whole help text.
     #[error("no map named {0}")]
     NoSuchName(String),
-    #[error("usage: meshpath map {{ show | list }} [MAP] | dump MAP, MAP := {{ id MAP_ID | pinned FILE | name MAP_NAME }}")]
+    #[error(
+        "usage: meshpath map {{ show | list }} [MAP] | dump MAP, MAP := {{ id MAP_ID | pinned FILE | name MAP_NAME }}"
+    )]
     Usage,
     #[error("'{0}' is a bpftool command that meshpath map does not implement (it shows and dumps maps)")]
     Unsupported(String),
@@ -180,7 +182,14 @@ type Fds = Vec<OwnedFd>;
 
 impl Tool {
     fn new(json: bool, pretty: bool) -> Self {
-        Self { out: String::new(), err: String::new(), json: json.then(|| JsonWriter::new(pretty)), btf_wtr: None, skip_json_end: false, possible_cpus: None }
+        Self {
+            out: String::new(),
+            err: String::new(),
+            json: json.then(|| JsonWriter::new(pretty)),
+            btf_wtr: None,
+            skip_json_end: false,
+            possible_cpus: None,
+        }
     }
 
     fn json_output(&self) -> bool {
@@ -241,8 +250,23 @@ impl Tool {
         // bpftool's command table, in its order: the first command the word is a prefix of
         // wins, and no word at all means the first, `show`.
         const COMMANDS: [&str; 17] = [
-            "show", "list", "help", "dump", "update", "lookup", "getnext", "delete", "pin", "event_pipe", "create",
-            "peek", "push", "enqueue", "pop", "dequeue", "freeze",
+            "show",
+            "list",
+            "help",
+            "dump",
+            "update",
+            "lookup",
+            "getnext",
+            "delete",
+            "pin",
+            "event_pipe",
+            "create",
+            "peek",
+            "push",
+            "enqueue",
+            "pop",
+            "dequeue",
+            "freeze",
         ];
         let (cmd, rest) = match words.split_first() {
             None => ("show", &[][..]),
@@ -354,8 +378,11 @@ impl Tool {
                 // EACCES only), so that message shows the directory, not the path.
                 let (shown, reason) = if errno == libc::EACCES {
                     let (truncated, dir) = glibc_dirname(path);
-                    let reason =
-                        if is_bpffs(&dir) { strerror(errno) } else { "directory not in bpf file system (bpffs)".to_owned() };
+                    let reason = if is_bpffs(&dir) {
+                        strerror(errno)
+                    } else {
+                        "directory not in bpf file system (bpffs)".to_owned()
+                    };
                     (truncated, reason)
                 } else {
                     (path.to_owned(), strerror(errno))
@@ -471,11 +498,38 @@ pub const MAP_TYPE_PERCPU_CGROUP_STORAGE: u32 = 21;
 /// which ends at user_ringbuf: later types print as `type N`).
 pub fn map_type_str(t: u32) -> Option<&'static str> {
     const NAMES: [&str; 32] = [
-        "unspec", "hash", "array", "prog_array", "perf_event_array", "percpu_hash", "percpu_array", "stack_trace",
-        "cgroup_array", "lru_hash", "lru_percpu_hash", "lpm_trie", "array_of_maps", "hash_of_maps", "devmap",
-        "sockmap", "cpumap", "xskmap", "sockhash", "cgroup_storage", "reuseport_sockarray", "percpu_cgroup_storage",
-        "queue", "stack", "sk_storage", "devmap_hash", "struct_ops", "ringbuf", "inode_storage", "task_storage",
-        "bloom_filter", "user_ringbuf",
+        "unspec",
+        "hash",
+        "array",
+        "prog_array",
+        "perf_event_array",
+        "percpu_hash",
+        "percpu_array",
+        "stack_trace",
+        "cgroup_array",
+        "lru_hash",
+        "lru_percpu_hash",
+        "lpm_trie",
+        "array_of_maps",
+        "hash_of_maps",
+        "devmap",
+        "sockmap",
+        "cpumap",
+        "xskmap",
+        "sockhash",
+        "cgroup_storage",
+        "reuseport_sockarray",
+        "percpu_cgroup_storage",
+        "queue",
+        "stack",
+        "sk_storage",
+        "devmap_hash",
+        "struct_ops",
+        "ringbuf",
+        "inode_storage",
+        "task_storage",
+        "bloom_filter",
+        "user_ringbuf",
     ];
     NAMES.get(t as usize).copied()
 }
@@ -483,17 +537,47 @@ pub fn map_type_str(t: u32) -> Option<&'static str> {
 /// `libbpf_bpf_prog_type_str`, same libbpf (ends at syscall).
 pub fn prog_type_str(t: u32) -> Option<&'static str> {
     const NAMES: [&str; 32] = [
-        "unspec", "socket_filter", "kprobe", "sched_cls", "sched_act", "tracepoint", "xdp", "perf_event",
-        "cgroup_skb", "cgroup_sock", "lwt_in", "lwt_out", "lwt_xmit", "sock_ops", "sk_skb", "cgroup_device",
-        "sk_msg", "raw_tracepoint", "cgroup_sock_addr", "lwt_seg6local", "lirc_mode2", "sk_reuseport",
-        "flow_dissector", "cgroup_sysctl", "raw_tracepoint_writable", "cgroup_sockopt", "tracing", "struct_ops",
-        "ext", "lsm", "sk_lookup", "syscall",
+        "unspec",
+        "socket_filter",
+        "kprobe",
+        "sched_cls",
+        "sched_act",
+        "tracepoint",
+        "xdp",
+        "perf_event",
+        "cgroup_skb",
+        "cgroup_sock",
+        "lwt_in",
+        "lwt_out",
+        "lwt_xmit",
+        "sock_ops",
+        "sk_skb",
+        "cgroup_device",
+        "sk_msg",
+        "raw_tracepoint",
+        "cgroup_sock_addr",
+        "lwt_seg6local",
+        "lirc_mode2",
+        "sk_reuseport",
+        "flow_dissector",
+        "cgroup_sysctl",
+        "raw_tracepoint_writable",
+        "cgroup_sockopt",
+        "tracing",
+        "struct_ops",
+        "ext",
+        "lsm",
+        "sk_lookup",
+        "syscall",
     ];
     NAMES.get(t as usize).copied()
 }
 
 pub fn map_is_per_cpu(t: u32) -> bool {
-    matches!(t, MAP_TYPE_PERCPU_HASH | MAP_TYPE_PERCPU_ARRAY | MAP_TYPE_LRU_PERCPU_HASH | MAP_TYPE_PERCPU_CGROUP_STORAGE)
+    matches!(
+        t,
+        MAP_TYPE_PERCPU_HASH | MAP_TYPE_PERCPU_ARRAY | MAP_TYPE_LRU_PERCPU_HASH | MAP_TYPE_PERCPU_CGROUP_STORAGE
+    )
 }
 
 /// C's `strtoul(s, &end, 0)` accepting only when `*end == '\0'`: leading blanks, a sign,
@@ -512,7 +596,10 @@ fn strtoul(s: &str) -> Option<u64> {
         }
         _ => false,
     };
-    let (radix, digits_at) = if b.get(i) == Some(&b'0') && matches!(b.get(i + 1), Some(b'x' | b'X')) && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit) {
+    let (radix, digits_at) = if b.get(i) == Some(&b'0')
+        && matches!(b.get(i + 1), Some(b'x' | b'X'))
+        && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit)
+    {
         (16, i + 2)
     } else if b.get(i) == Some(&b'0') {
         (8, i)
@@ -611,7 +698,10 @@ fn atoll(s: &str) -> i64 {
         Some(b'+') => (false, &s[1..]),
         _ => (false, s),
     };
-    let v = digits.bytes().take_while(u8::is_ascii_digit).fold(0i64, |acc, d| acc.wrapping_mul(10).wrapping_add(i64::from(d - b'0')));
+    let v = digits
+        .bytes()
+        .take_while(u8::is_ascii_digit)
+        .fold(0i64, |acc, d| acc.wrapping_mul(10).wrapping_add(i64::from(d - b'0')));
     if neg { v.wrapping_neg() } else { v }
 }
 

@@ -23,8 +23,8 @@ use aya::programs::{LinkOrder, ProgramError, SchedClassifier, SkLookup, TcAttach
 use aya::{Ebpf, EbpfLoader};
 use meshpath_common::names::{
     BPFFS_ROOT, MAP_COUNTERS, MAP_LISTENERS, MAP_WORKLOAD_IFS, MAP_WORKLOADS, PIN_DIR, PIN_LINKS_SUBDIR,
-    PIN_SK_LOOKUP_LINK, PIN_TC_LINK_PREFIX, PINNED_MAPS, PROG_SK_LOOKUP, PROG_TC_INGRESS, STATE_DIR,
-    TC_FILTER_HANDLE, TC_FILTER_PRIORITY,
+    PIN_SK_LOOKUP_LINK, PIN_TC_LINK_PREFIX, PINNED_MAPS, PROG_SK_LOOKUP, PROG_TC_INGRESS, STATE_DIR, TC_FILTER_HANDLE,
+    TC_FILTER_PRIORITY,
 };
 use meshpath_common::{Counter, Listener, WorkloadKey, WorkloadValue};
 use sys::{PodKey, PodValue};
@@ -239,8 +239,7 @@ impl Datapath {
         let links_dir = pin_dir.join(PIN_LINKS_SUBDIR);
         std::fs::create_dir_all(&links_dir).map_err(io_err(&links_dir))?;
 
-        let map_paths: Vec<(&'static str, PathBuf)> =
-            PINNED_MAPS.into_iter().map(|m| (m, pin_dir.join(m))).collect();
+        let map_paths: Vec<(&'static str, PathBuf)> = PINNED_MAPS.into_iter().map(|m| (m, pin_dir.join(m))).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
@@ -263,7 +262,8 @@ impl Datapath {
         let netns_path = Path::new("/proc/self/ns/net");
         let netns = File::open(netns_path).map_err(io_err(netns_path))?;
         let id = sk.attach(netns).map_err(|source| DatapathError::Program { name: PROG_SK_LOOKUP, source })?;
-        let link: FdLink = sk.take_link(id).map_err(|source| DatapathError::Program { name: PROG_SK_LOOKUP, source })?.into();
+        let link: FdLink =
+            sk.take_link(id).map_err(|source| DatapathError::Program { name: PROG_SK_LOOKUP, source })?.into();
         let sk_lookup_link = replace_pin(link, &links_dir.join(PIN_SK_LOOKUP_LINK))?;
 
         let workloads = BpfHashMap::try_from(take_map(&mut ebpf, MAP_WORKLOADS)?)
@@ -414,7 +414,10 @@ impl Datapath {
 
     /// Interfaces currently flagged as workload veths.
     pub fn workload_interfaces(&self) -> Result<BTreeSet<u32>> {
-        self.workload_ifs.keys().collect::<Result<_, _>>().map_err(|source| DatapathError::Map { name: MAP_WORKLOAD_IFS, source })
+        self.workload_ifs
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|source| DatapathError::Map { name: MAP_WORKLOAD_IFS, source })
     }
 
     /// Makes the set of workload interfaces exactly `wanted`.
@@ -537,7 +540,9 @@ fn per_interface_entries(dir: &Path, prefix: &str) -> Result<Vec<(u32, PathBuf)>
     let mut out = Vec::new();
     for entry in entries {
         let entry = entry.map_err(io_err(dir))?;
-        if let Some(ifindex) = entry.file_name().to_str().and_then(|n| n.strip_prefix(prefix)).and_then(|i| i.parse().ok()) {
+        if let Some(ifindex) =
+            entry.file_name().to_str().and_then(|n| n.strip_prefix(prefix)).and_then(|i| i.parse().ok())
+        {
             out.push((ifindex, entry.path()));
         }
     }
@@ -553,7 +558,9 @@ pub fn detach_netlink_filters(node: &str, ifname_of: impl Fn(u32) -> Option<Stri
     for (ifindex, path) in netlink_filters(node)? {
         if let Some(ifname) = ifname_of(ifindex) {
             let handle = TcHandle::new(0, TC_FILTER_HANDLE);
-            if let Ok(link) = SchedClassifierLink::attached(&ifname, TcAttachType::Ingress, TC_FILTER_PRIORITY, handle, None) {
+            if let Ok(link) =
+                SchedClassifierLink::attached(&ifname, TcAttachType::Ingress, TC_FILTER_PRIORITY, handle, None)
+            {
                 use aya::programs::links::Link as _;
                 // Already gone is fine: uninstall is idempotent.
                 if link.detach().is_ok() {

@@ -89,7 +89,8 @@ pub mod bpf {
     fn sys<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
         // SAFETY: `attr` is a live, properly sized `repr(C)` prefix of `union bpf_attr` for
         // `cmd`; any pointers inside it point to buffers the caller keeps alive for the call.
-        let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T as *mut libc::c_void, size_of::<T>() as u32) };
+        let r =
+            unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T as *mut libc::c_void, size_of::<T>() as u32) };
         if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
     }
 
@@ -169,7 +170,11 @@ pub mod bpf {
 
     fn info<T: Info>(fd: BorrowedFd<'_>) -> io::Result<T> {
         let mut info = zeroed::<T>();
-        let mut a = InfoAttr { bpf_fd: fd.as_raw_fd() as u32, info_len: size_of::<T>() as u32, info: &mut info as *mut T as u64 };
+        let mut a = InfoAttr {
+            bpf_fd: fd.as_raw_fd() as u32,
+            info_len: size_of::<T>() as u32,
+            info: &mut info as *mut T as u64,
+        };
         sys(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
         Ok(info)
     }
@@ -200,7 +205,11 @@ pub mod bpf {
         let size = info::<bpf_btf_info>(fd)?.btf_size;
         let mut data = vec![0u8; size as usize];
         let mut bi = bpf_btf_info { btf: data.as_mut_ptr() as u64, btf_size: size, ..zeroed() };
-        let mut a = InfoAttr { bpf_fd: fd.as_raw_fd() as u32, info_len: size_of::<bpf_btf_info>() as u32, info: &mut bi as *mut _ as u64 };
+        let mut a = InfoAttr {
+            bpf_fd: fd.as_raw_fd() as u32,
+            info_len: size_of::<bpf_btf_info>() as u32,
+            info: &mut bi as *mut _ as u64,
+        };
         sys(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
         data.truncate(bi.btf_size as usize);
         Ok(data)

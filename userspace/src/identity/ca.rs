@@ -69,7 +69,12 @@ impl BuiltinCa {
 
     /// Mints a certificate valid from `start - skew` for `ttl`. Tests use a start in the past
     /// to obtain expired certificates.
-    pub fn mint_at(&self, id: &Identity, start: SystemTime, ttl: Duration) -> Result<WorkloadCertificate, IdentityError> {
+    pub fn mint_at(
+        &self,
+        id: &Identity,
+        start: SystemTime,
+        ttl: Duration,
+    ) -> Result<WorkloadCertificate, IdentityError> {
         let ca_err = |e: rcgen::Error| IdentityError::Ca(format!("minting a certificate for {id}: {e}"));
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(ca_err)?;
         let mut params = CertificateParams::default();
@@ -120,7 +125,10 @@ fn generate_root(trust_domain: &str) -> Result<(Issuer<'static, KeyPair>, Certif
     Ok((Issuer::new(params, key), cert.der().clone()))
 }
 
-fn load_root(cert_path: &Path, key_path: &Path) -> Result<(Issuer<'static, KeyPair>, CertificateDer<'static>), IdentityError> {
+fn load_root(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(Issuer<'static, KeyPair>, CertificateDer<'static>), IdentityError> {
     let file_err = |p: &Path, reason: String| IdentityError::File { path: p.display().to_string(), reason };
     let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| file_err(p, e.to_string()));
     let (cert_pem, key_pem) = (read(cert_path)?, read(key_path)?);
@@ -128,14 +136,16 @@ fn load_root(cert_path: &Path, key_path: &Path) -> Result<(Issuer<'static, KeyPa
     let key = KeyPair::from_pem(&key_pem).map_err(|e| file_err(key_path, format!("not a usable private key: {e}")))?;
     let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
         .map_err(|e| file_err(cert_path, format!("not a usable CA certificate: {e}")))?;
-    let root = super::files::parse_certs(&cert_pem, cert_path)?.into_iter().next().expect("parse_certs returns at least one");
+    let root =
+        super::files::parse_certs(&cert_pem, cert_path)?.into_iter().next().expect("parse_certs returns at least one");
     Ok((issuer, root))
 }
 
 /// Writes the root certificate (0644) and key (0600). Each file is written under a
 /// temporary name and renamed, so a reader never sees half a key.
 fn write_root(dir: &Path, root: &CertificateDer<'_>, issuer: &Issuer<'_, KeyPair>) -> Result<(), IdentityError> {
-    let io_err = |p: &Path, e: std::io::Error| IdentityError::File { path: p.display().to_string(), reason: e.to_string() };
+    let io_err =
+        |p: &Path, e: std::io::Error| IdentityError::File { path: p.display().to_string(), reason: e.to_string() };
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
     let cert_pem = pem_encode("CERTIFICATE", root);
     let key_pem = issuer.key().serialize_pem();

@@ -47,7 +47,9 @@ impl FileProvider {
         let dir = self.dir_for(id);
         let read = |name: &str| {
             let p = dir.join(name);
-            std::fs::read(&p).map(|b| (b, p.clone())).map_err(|e| IdentityError::File { path: p.display().to_string(), reason: e.to_string() })
+            std::fs::read(&p)
+                .map(|b| (b, p.clone()))
+                .map_err(|e| IdentityError::File { path: p.display().to_string(), reason: e.to_string() })
         };
         let (chain_pem, chain_path) = read(CERT_CHAIN_FILE)?;
         let (key_pem, key_path) = read(KEY_FILE)?;
@@ -133,7 +135,8 @@ mod tests {
         let err = p.fetch(&other).await.unwrap_err().to_string();
         assert!(err.contains("not spiffe://cluster.local/ns/shop/sa/db"), "{err}");
 
-        std::fs::write(p.dir_for(&id).join(KEY_FILE), "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
+        std::fs::write(p.dir_for(&id).join(KEY_FILE), "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+            .unwrap();
         let err = p.fetch(&id).await.unwrap_err().to_string();
         assert!(err.contains("private key unusable") && !err.contains("AAAA"), "{err}");
         let missing = Identity::new("cluster.local", "shop", "nobody");

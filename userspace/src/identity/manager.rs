@@ -36,11 +36,7 @@ pub struct CertificateManager {
 
 impl CertificateManager {
     pub fn new(provider: Box<dyn CertificateProvider>) -> Arc<Self> {
-        Arc::new(Self {
-            provider,
-            cache: Mutex::default(),
-            fetching: Mutex::default(),
-        })
+        Arc::new(Self { provider, cache: Mutex::default(), fetching: Mutex::default() })
     }
 
     fn cached(&self, id: &Identity) -> Option<Arc<WorkloadCertificate>> {

@@ -21,7 +21,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("{0:?} is not a SPIFFE workload identity (want spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)")]
+    #[error(
+        "{0:?} is not a SPIFFE workload identity (want spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)"
+    )]
     BadIdentity(String),
     #[error("{path}: {reason}")]
     File { path: String, reason: String },

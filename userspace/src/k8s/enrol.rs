@@ -14,7 +14,9 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 use crate::workloads::{Workload, WorkloadFile};
 
-use meshpath_common::names::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, SIDECAR_STATUS_ANNOTATION};
+use meshpath_common::names::{
+    DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, SIDECAR_STATUS_ANNOTATION,
+};
 
 fn label(labels: Option<&BTreeMap<String, String>>) -> Option<&str> {
     labels?.get(DATAPLANE_MODE_LABEL).map(String::as_str)
@@ -62,7 +64,9 @@ pub fn enrolled_workloads<'a>(pods: impl IntoIterator<Item = &'a Pod>, namespace
         namespaces.iter().filter_map(|n| Some((n.metadata.name.as_deref()?, n.metadata.labels.as_ref()))).collect();
     let mut candidates: Vec<(&Pod, Workload)> = Vec::new();
     for pod in pods {
-        let (Some(name), Some(namespace)) = (pod.metadata.name.as_deref(), pod.metadata.namespace.as_deref()) else { continue };
+        let (Some(name), Some(namespace)) = (pod.metadata.name.as_deref(), pod.metadata.namespace.as_deref()) else {
+            continue;
+        };
         let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else { continue };
         if !is_enrolled(pod, ns_labels.get(namespace).copied().flatten()) {
             continue;
@@ -111,8 +115,17 @@ mod tests {
 
     fn pod(name: &str, ns: &str, mode: Option<&str>, ips: &[&str]) -> Pod {
         Pod {
-            metadata: ObjectMeta { name: Some(name.into()), namespace: Some(ns.into()), labels: labels(mode), ..Default::default() },
-            spec: Some(PodSpec { node_name: Some("n1".into()), service_account_name: Some(format!("sa-{name}")), ..Default::default() }),
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(ns.into()),
+                labels: labels(mode),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some("n1".into()),
+                service_account_name: Some(format!("sa-{name}")),
+                ..Default::default()
+            }),
             status: Some(PodStatus {
                 phase: Some("Running".into()),
                 pod_ips: Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect()),
@@ -122,7 +135,10 @@ mod tests {
     }
 
     fn ns(name: &str, mode: Option<&str>) -> Namespace {
-        Namespace { metadata: ObjectMeta { name: Some(name.into()), labels: labels(mode), ..Default::default() }, ..Default::default() }
+        Namespace {
+            metadata: ObjectMeta { name: Some(name.into()), labels: labels(mode), ..Default::default() },
+            ..Default::default()
+        }
     }
 
     fn enrolled(pods: &[Pod], namespaces: &[Namespace]) -> Vec<String> {
@@ -152,7 +168,8 @@ mod tests {
         done.status.as_mut().unwrap().phase = Some("Succeeded".into());
         let pending = pod("pending", "mesh", None, &[]);
         let mut sidecar = pod("sidecar", "mesh", Some("ambient"), &["10.0.0.3"]);
-        sidecar.metadata.annotations = Some(BTreeMap::from([(SIDECAR_STATUS_ANNOTATION.to_string(), "{}".to_string())]));
+        sidecar.metadata.annotations =
+            Some(BTreeMap::from([(SIDECAR_STATUS_ANNOTATION.to_string(), "{}".to_string())]));
         assert!(enrolled(&[host, done, pending, sidecar], &namespaces).is_empty());
     }
 

@@ -36,7 +36,8 @@ pub fn service_table<'a>(services: impl IntoIterator<Item = &'a Service>, slices
     }
     let mut table = ServiceTable::new();
     for svc in services {
-        let (Some(ns), Some(name), Some(spec)) = (svc.metadata.namespace.as_deref(), svc.metadata.name.as_deref(), svc.spec.as_ref())
+        let (Some(ns), Some(name), Some(spec)) =
+            (svc.metadata.namespace.as_deref(), svc.metadata.name.as_deref(), svc.spec.as_ref())
         else {
             continue;
         };
@@ -66,7 +67,12 @@ pub fn service_table<'a>(services: impl IntoIterator<Item = &'a Service>, slices
                     if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
                         continue;
                     }
-                    endpoints.extend(ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()).map(|ip| SocketAddr::new(ip, target)));
+                    endpoints.extend(
+                        ep.addresses
+                            .iter()
+                            .filter_map(|a| a.parse::<IpAddr>().ok())
+                            .map(|ip| SocketAddr::new(ip, target)),
+                    );
                 }
             }
             endpoints.sort();
@@ -74,7 +80,8 @@ pub fn service_table<'a>(services: impl IntoIterator<Item = &'a Service>, slices
             let Ok(service_port) = u16::try_from(port.port) else { continue };
             for ip in &ips {
                 // Each family's cluster IP leads to that family's endpoints.
-                let same_family: Vec<SocketAddr> = endpoints.iter().filter(|e| e.is_ipv4() == ip.is_ipv4()).copied().collect();
+                let same_family: Vec<SocketAddr> =
+                    endpoints.iter().filter(|e| e.is_ipv4() == ip.is_ipv4()).copied().collect();
                 table.insert(
                     SocketAddr::new(ip.to_canonical(), service_port),
                     ServiceBackends { service: format!("{ns}/{name}"), endpoints: same_family },
@@ -102,7 +109,12 @@ mod tests {
                 ports: Some(
                     ports
                         .iter()
-                        .map(|(n, p, t)| ServicePort { name: n.map(Into::into), port: *p, target_port: Some(t.clone()), ..Default::default() })
+                        .map(|(n, p, t)| ServicePort {
+                            name: n.map(Into::into),
+                            port: *p,
+                            target_port: Some(t.clone()),
+                            ..Default::default()
+                        })
                         .collect(),
                 ),
                 ..Default::default()
@@ -120,15 +132,22 @@ mod tests {
                 ..Default::default()
             },
             address_type: "IPv4".into(),
-            ports: Some(ports.iter().map(|(n, p)| EndpointPort { name: n.map(Into::into), port: Some(*p), ..Default::default() }).collect()),
-            endpoints: Some(endpoints
-                .iter()
-                .map(|(ip, ready)| Endpoint {
-                    addresses: vec![ip.to_string()],
-                    conditions: Some(EndpointConditions { ready: *ready, ..Default::default() }),
-                    ..Default::default()
-                })
-                .collect()),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, p)| EndpointPort { name: n.map(Into::into), port: Some(*p), ..Default::default() })
+                    .collect(),
+            ),
+            endpoints: Some(
+                endpoints
+                    .iter()
+                    .map(|(ip, ready)| Endpoint {
+                        addresses: vec![ip.to_string()],
+                        conditions: Some(EndpointConditions { ready: *ready, ..Default::default() }),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
         }
     }
 
@@ -138,8 +157,16 @@ mod tests {
 
     #[test]
     fn named_target_ports_resolve_through_the_slices_and_only_ready_endpoints_count() {
-        let svc = service("web", &["10.96.0.10"], &[(Some("http"), 80, IntOrString::String("web".into())), (Some("admin"), 9000, IntOrString::Int(9000))]);
-        let s = slice("web", &[(Some("http"), 8080), (Some("admin"), 9000)], &[("10.244.1.10", Some(true)), ("10.244.2.10", None), ("10.244.2.11", Some(false))]);
+        let svc = service(
+            "web",
+            &["10.96.0.10"],
+            &[(Some("http"), 80, IntOrString::String("web".into())), (Some("admin"), 9000, IntOrString::Int(9000))],
+        );
+        let s = slice(
+            "web",
+            &[(Some("http"), 8080), (Some("admin"), 9000)],
+            &[("10.244.1.10", Some(true)), ("10.244.2.10", None), ("10.244.2.11", Some(false))],
+        );
         let t = service_table([&svc], &[&s]);
         assert_eq!(t[&sa("10.96.0.10:80")].endpoints, [sa("10.244.1.10:8080"), sa("10.244.2.10:8080")]);
         assert_eq!(t[&sa("10.96.0.10:9000")].endpoints, [sa("10.244.1.10:9000"), sa("10.244.2.10:9000")]);

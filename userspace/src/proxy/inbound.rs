@@ -23,7 +23,12 @@ pub(super) struct ServerTls {
 }
 
 /// Plaintext to an enrolled pod: delivered with the client's address, or refused.
-pub(super) async fn plaintext(p: &Proxy, index: &WorkloadIndex, client: &mut TcpStream, rec: &mut ConnectionRecord) -> Result<(), String> {
+pub(super) async fn plaintext(
+    p: &Proxy,
+    index: &WorkloadIndex,
+    client: &mut TcpStream,
+    rec: &mut ConnectionRecord,
+) -> Result<(), String> {
     if let Some(w) = index.get(rec.orig_dst.ip()) {
         rec.dst_identity = Some(w.identity.to_string());
     }
@@ -87,7 +92,8 @@ pub(super) async fn hbone(p: Arc<Proxy>, index: Arc<WorkloadIndex>, tcp: TcpStre
 
 /// The TLS configuration for `w`, built once per certificate.
 async fn server_tls(p: &Proxy, w: &WorkloadInfo) -> Result<Arc<rustls::ServerConfig>, String> {
-    let cert = p.certs.get(&w.identity).await.map_err(|e| format!("refused: no certificate for {}: {e}", w.identity))?;
+    let cert =
+        p.certs.get(&w.identity).await.map_err(|e| format!("refused: no certificate for {}: {e}", w.identity))?;
     let mut cache = p.server_tls.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(s) = cache.get(&w.identity).filter(|s| Arc::ptr_eq(&s.cert, &cert)) {
         return Ok(s.config.clone());
@@ -107,13 +113,14 @@ async fn stream(
 ) {
     let started = Instant::now();
     // The index of now, not of the connection's start: a workload that left since gets 503.
-    let target = match check_request(req.method(), req.uri(), rec.orig_dst.ip(), &local.identity, &p.index(), &p.cfg.node) {
-        Ok(t) => t,
-        Err((status, why)) => {
-            super::h2::server::reject(respond, status);
-            return p.finish(rec, started, Err(format!("{} {why}", status.as_u16())));
-        }
-    };
+    let target =
+        match check_request(req.method(), req.uri(), rec.orig_dst.ip(), &local.identity, &p.index(), &p.cfg.node) {
+            Ok(t) => t,
+            Err((status, why)) => {
+                super::h2::server::reject(respond, status);
+                return p.finish(rec, started, Err(format!("{} {why}", status.as_u16())));
+            }
+        };
     rec.orig_dst = target;
     rec.dst_workload = Some(local.id.clone());
     p.open(&mut rec);
@@ -164,14 +171,19 @@ pub fn check_request(
         Err(_) => return Err((StatusCode::BAD_REQUEST, format!("authority {authority:?} is not IP:port"))),
     };
     if target.ip() != dialed.to_canonical() {
-        return Err((StatusCode::BAD_REQUEST, format!("authority {target} does not match the dialed address {dialed}")));
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("authority {target} does not match the dialed address {dialed}"),
+        ));
     }
     if is_proxy_port(target.port()) {
         return Err((StatusCode::SERVICE_UNAVAILABLE, format!("self-call to proxy port {}", target.port())));
     }
     match index.get(target.ip()) {
         Some(w) if w.node == node && w.identity == *serving => Ok(target),
-        Some(w) if w.node == node => Err((StatusCode::SERVICE_UNAVAILABLE, format!("{} is now {}, not {serving}", target.ip(), w.identity))),
+        Some(w) if w.node == node => {
+            Err((StatusCode::SERVICE_UNAVAILABLE, format!("{} is now {}, not {serving}", target.ip(), w.identity)))
+        }
         _ => Err((StatusCode::SERVICE_UNAVAILABLE, format!("no local workload has {}", target.ip()))),
     }
 }
@@ -207,7 +219,10 @@ mod tests {
         assert_eq!(check(Method::CONNECT, "10.0.0.1", "10.0.0.1"), Err(StatusCode::BAD_REQUEST));
         assert_eq!(check(Method::CONNECT, "10.0.0.9:8080", "10.0.0.1"), Err(StatusCode::BAD_REQUEST));
         for port in [15001, 15006, 15008] {
-            assert_eq!(check(Method::CONNECT, &format!("10.0.0.1:{port}"), "10.0.0.1"), Err(StatusCode::SERVICE_UNAVAILABLE));
+            assert_eq!(
+                check(Method::CONNECT, &format!("10.0.0.1:{port}"), "10.0.0.1"),
+                Err(StatusCode::SERVICE_UNAVAILABLE)
+            );
         }
         // Known, but on another node; and not known at all.
         assert_eq!(check(Method::CONNECT, "10.0.0.3:80", "10.0.0.3"), Err(StatusCode::SERVICE_UNAVAILABLE));

@@ -28,8 +28,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::identity::Identity;
-use crate::k8s::services::ServiceTable;
 use crate::identity::manager::CertificateManager;
+use crate::k8s::services::ServiceTable;
 use crate::metrics::{Metrics, TcpLabels};
 use crate::workloads::WorkloadFile;
 use access_log::{AccessLog, ConnectionRecord};
@@ -150,7 +150,10 @@ pub fn bind_listeners() -> Result<Vec<BoundListener>, ProxyError> {
             match socket::transparent_listener(ipv6, role.port()) {
                 Ok(socket) => out.push(BoundListener { role, ipv6, socket }),
                 Err(e) if ipv6 && matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)) => {
-                    tracing::warn!(listener = role.name(), "no IPv6 loopback: IPv6 traffic of enrolled pods will be refused");
+                    tracing::warn!(
+                        listener = role.name(),
+                        "no IPv6 loopback: IPv6 traffic of enrolled pods will be refused"
+                    );
                 }
                 Err(source) => return Err(ProxyError::Listen { what: role.name(), port: role.port(), source }),
             }
@@ -173,7 +176,15 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(cfg: ProxyConfig, log: AccessLog, certs: Arc<CertificateManager>, metrics: Arc<Metrics>) -> Arc<Self> {
         let pool = Pool::new(cfg.hbone_idle_timeout);
-        Arc::new(Self { cfg, index: RwLock::new(Arc::default()), log, metrics, certs, pool, server_tls: Mutex::default() })
+        Arc::new(Self {
+            cfg,
+            index: RwLock::new(Arc::default()),
+            log,
+            metrics,
+            certs,
+            pool,
+            server_tls: Mutex::default(),
+        })
     }
 
     /// Replaces the workload index. Certificates of workloads that left this node are
@@ -208,10 +219,8 @@ impl Proxy {
     pub async fn serve(self: Arc<Self>, listeners: Vec<BoundListener>, shutdown: watch::Receiver<bool>) {
         tokio::spawn(self.pool.clone().run_evictions(shutdown.clone()));
         tokio::spawn(self.certs.clone().run_renewals(shutdown.clone()));
-        let tasks: Vec<_> = listeners
-            .into_iter()
-            .map(|l| tokio::spawn(self.clone().accept_loop(l, shutdown.clone())))
-            .collect();
+        let tasks: Vec<_> =
+            listeners.into_iter().map(|l| tokio::spawn(self.clone().accept_loop(l, shutdown.clone()))).collect();
         for t in tasks {
             let _ = t.await;
         }
@@ -249,9 +258,9 @@ impl Proxy {
         // service address replaces the endpoint (other DNATs, e.g. a NodePort, lead to pods
         // the proxy should reach as such); without services there is nothing to look up.
         let orig_dst = match role {
-            Listener::Outbound if index.has_services() => socket::pre_nat_destination(&client, orig_dst)
-                .filter(|pre| index.is_service(*pre))
-                .unwrap_or(orig_dst),
+            Listener::Outbound if index.has_services() => {
+                socket::pre_nat_destination(&client, orig_dst).filter(|pre| index.is_service(*pre)).unwrap_or(orig_dst)
+            }
             _ => orig_dst,
         };
         let _ = client.set_nodelay(true);

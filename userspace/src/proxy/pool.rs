@@ -73,7 +73,12 @@ struct Failure {
 
 impl Pool {
     pub fn new(idle_timeout: Duration) -> Arc<Self> {
-        Arc::new(Self { idle_timeout, conns: Mutex::default(), connecting: Mutex::default(), next_id: AtomicU64::new(1) })
+        Arc::new(Self {
+            idle_timeout,
+            conns: Mutex::default(),
+            connecting: Mutex::default(),
+            next_id: AtomicU64::new(1),
+        })
     }
 
     /// A stream slot on a connection for `key`: an existing one with room, or a new one
@@ -184,7 +189,12 @@ mod tests {
 
     fn key() -> PoolKey {
         let id = Identity::new("td", "ns", "sa");
-        PoolKey { src_id: id.clone(), dst_id: id, dst: "10.0.0.2:15008".parse().unwrap(), src_ip: "10.0.0.1".parse().unwrap() }
+        PoolKey {
+            src_id: id.clone(),
+            dst_id: id,
+            dst: "10.0.0.2:15008".parse().unwrap(),
+            src_ip: "10.0.0.1".parse().unwrap(),
+        }
     }
 
     /// An HTTP/2 client over an in-memory pipe to a server that only keeps the connection up.

@@ -34,7 +34,11 @@ pub fn transparent_listener(ipv6: bool, port: u16) -> io::Result<TcpListener> {
 
 /// Connects to `dst` with the proxy's mark, optionally from `source` (a non-local address:
 /// the original client), within `timeout`.
-pub async fn connect_upstream(dst: SocketAddr, source: Option<IpAddr>, timeout: std::time::Duration) -> io::Result<TcpStream> {
+pub async fn connect_upstream(
+    dst: SocketAddr,
+    source: Option<IpAddr>,
+    timeout: std::time::Duration,
+) -> io::Result<TcpStream> {
     let sock = if dst.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     let s = SockRef::from(&sock);
     s.set_mark(PROXY_MARK)?;

@@ -111,7 +111,9 @@ impl H2Client {
         let (response, stream) = send.send_request(req, false).map_err(unavailable)?;
         let response = match tokio::time::timeout(timeout, response).await {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) if e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_go_away() => return Err(unavailable(e)),
+            Ok(Err(e)) if e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_go_away() => {
+                return Err(unavailable(e));
+            }
             Ok(Err(e)) => return Err(e.into()),
             Err(_) => return Err(ClientError::Timeout(timeout)),
         };

@@ -65,7 +65,11 @@ pub struct Relayed {
 /// End of data is passed on as end of data (FIN ↔ END_STREAM), each direction on its own,
 /// so half-closed connections work. A reset on one side becomes a reset on the other:
 /// RST_STREAM(CANCEL) towards the peer, a TCP RST towards the local socket.
-pub async fn relay(tcp: &mut TcpStream, mut send: SendStream<Bytes>, mut recv: RecvStream) -> (Relayed, Result<(), RelayError>) {
+pub async fn relay(
+    tcp: &mut TcpStream,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+) -> (Relayed, Result<(), RelayError>) {
     let mut n = Relayed::default();
     let result = {
         let (mut rd, mut wr) = tcp.split();

@@ -14,7 +14,12 @@ use super::{CONNECTION_WINDOW, MAX_FRAME_SIZE, SERVER_MAX_STREAMS, STREAM_WINDOW
 /// Serves HTTP/2 on `io` until the client goes away; each request runs `handler` on a task
 /// of its own. Returns the number of streams accepted. A client that does not complete the
 /// HTTP/2 handshake within `handshake_timeout` is dropped.
-pub async fn serve<T, H, F>(io: T, label: &str, handshake_timeout: std::time::Duration, handler: H) -> Result<u64, h2::Error>
+pub async fn serve<T, H, F>(
+    io: T,
+    label: &str,
+    handshake_timeout: std::time::Duration,
+    handler: H,
+) -> Result<u64, h2::Error>
 where
     T: AsyncRead + AsyncWrite + Unpin,
     H: Fn(Request<RecvStream>, SendResponse<Bytes>) -> F,
