@@ -175,8 +175,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = NodeConfig {
                 node: a.node,
                 source: match a.workloads {
-                    Some(path) => node::Source::File(path),
-                    None => node::Source::Kubernetes,
+                    Some(path) => node::source::Source::File(path),
+                    None => node::source::Source::Kubernetes,
                 },
                 interfaces: a.interfaces,
                 pod_cidrs: a.pod_cidrs,

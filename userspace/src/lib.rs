@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod node;
 pub mod proxy;
 pub mod routing;
+pub mod state;
 pub mod status;
 pub mod tls;
 pub mod workloads;

@@ -125,7 +125,7 @@ impl std::fmt::Debug for dyn Sources {
 }
 
 impl Collector for ScrapeTime {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let Some(s) = self.0.get() else { return Ok(()) };
         if let Some(counters) = s.datapath_counters() {
             for (name, value) in counters {

@@ -1,5 +1,5 @@
 //! Kubernetes as the source of truth: kube-rs watchers (with reflectors) on Pods, Namespaces,
-//! Services and EndpointSlices, folded after every change into the [`ClusterState`] the node
+//! Services and EndpointSlices, folded after every change into the [`DesiredState`] the node
 //! daemon applies: the enrolled workloads of the whole cluster ([`enrol`]) and the service
 //! table ([`services`]).
 //!
@@ -22,8 +22,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
-use crate::workloads::WorkloadFile;
-use services::ServiceTable;
+use crate::state::DesiredState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum K8sError {
@@ -31,14 +30,6 @@ pub enum K8sError {
     Config(#[from] kube::config::InferConfigError),
     #[error("Kubernetes client: {0}")]
     Client(#[from] kube::Error),
-}
-
-/// What the cluster says meshpath should do.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ClusterState {
-    /// Enrolled pods of every node.
-    pub workloads: WorkloadFile,
-    pub services: ServiceTable,
 }
 
 /// Changes are folded together for this long before the state is rebuilt: a burst of pod
@@ -60,14 +51,14 @@ struct Stores {
 }
 
 impl Stores {
-    fn state(&self) -> ClusterState {
+    fn state(&self) -> DesiredState {
         let pods = self.pods.state();
         let namespaces = self.namespaces.state();
         let ns_refs: Vec<&Namespace> = namespaces.iter().map(Arc::as_ref).collect();
         let services = self.services.state();
         let slices = self.slices.state();
         let slice_refs: Vec<&EndpointSlice> = slices.iter().map(Arc::as_ref).collect();
-        ClusterState {
+        DesiredState {
             workloads: enrol::enrolled_workloads(pods.iter().map(Arc::as_ref), &ns_refs),
             services: services::service_table(services.iter().map(Arc::as_ref), &slice_refs),
         }
@@ -81,7 +72,7 @@ fn init_done<K>(e: &watcher::Event<K>) -> bool {
 
 /// Starts the watchers; the receiver holds `None` until the first full sync, then the
 /// latest state. They stop when `stop` changes.
-pub fn start(client: Client, mut stop: watch::Receiver<bool>) -> watch::Receiver<Option<Arc<ClusterState>>> {
+pub fn start(client: Client, mut stop: watch::Receiver<bool>) -> watch::Receiver<Option<Arc<DesiredState>>> {
     let (tx, rx) = watch::channel(None);
     let cfg = watcher::Config::default();
     let (pods, pods_w) = reflector::store::<Pod>();
@@ -108,7 +99,7 @@ pub fn start(client: Client, mut stop: watch::Receiver<bool>) -> watch::Receiver
         let mut events = futures::stream::select_all(streams);
         let mut listed: std::collections::BTreeSet<&'static str> = Default::default();
         let mut due: Option<tokio::time::Instant> = None;
-        let mut last: Option<Arc<ClusterState>> = None;
+        let mut last: Option<Arc<DesiredState>> = None;
         loop {
             tokio::select! {
                 _ = stop.changed() => return,

@@ -11,17 +11,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use meshpath_common::names::SERVICE_NAME_LABEL;
 
-/// One Service port on one cluster IP, with where it leads.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceBackends {
-    /// `namespace/name`.
-    pub service: String,
-    /// Ready endpoints, sorted.
-    pub endpoints: Vec<SocketAddr>,
-}
-
-/// Every TCP service address of the cluster.
-pub type ServiceTable = BTreeMap<SocketAddr, ServiceBackends>;
+use crate::state::{ServiceBackends, ServiceTable};
 
 pub fn service_table<'a>(services: impl IntoIterator<Item = &'a Service>, slices: &[&EndpointSlice]) -> ServiceTable {
     // Slices by (namespace, service name).

@@ -12,7 +12,8 @@ use http::{Method, Request, Response, StatusCode};
 use tokio::net::TcpStream;
 
 use super::access_log::ConnectionRecord;
-use super::{PlaintextPolicy, Proxy, WorkloadIndex, WorkloadInfo, canonical, is_proxy_port, socket};
+use super::{PlaintextPolicy, Proxy, is_proxy_port, socket};
+use crate::state::{WorkloadIndex, WorkloadInfo, canonical};
 use crate::identity::WorkloadCertificate;
 use crate::tls;
 

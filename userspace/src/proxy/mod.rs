@@ -17,7 +17,7 @@ pub mod outbound;
 pub mod pool;
 pub mod socket;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -29,9 +29,8 @@ use tokio::sync::watch;
 
 use crate::identity::Identity;
 use crate::identity::manager::CertificateManager;
-use crate::k8s::services::ServiceTable;
 use crate::metrics::{Metrics, TcpLabels};
-use crate::workloads::WorkloadFile;
+use crate::state::{WorkloadIndex, canonical};
 use access_log::{AccessLog, ConnectionRecord};
 use pool::Pool;
 
@@ -64,74 +63,6 @@ pub struct ProxyConfig {
     pub plaintext: PlaintextPolicy,
     /// HBONE connections without streams for this long are closed.
     pub hbone_idle_timeout: Duration,
-}
-
-/// A workload as the proxy needs it.
-#[derive(Debug, PartialEq, Eq)]
-pub struct WorkloadInfo {
-    /// `namespace/name`.
-    pub id: String,
-    pub node: String,
-    pub identity: Identity,
-}
-
-/// What the proxy knows about workloads, by IP, on every node, and about services.
-#[derive(Debug, Default)]
-pub struct WorkloadIndex {
-    by_ip: BTreeMap<IpAddr, Arc<WorkloadInfo>>,
-    services: ServiceTable,
-    /// Round-robin position over each service's endpoints.
-    next_endpoint: std::sync::atomic::AtomicUsize,
-}
-
-impl WorkloadIndex {
-    pub fn new(f: &WorkloadFile, services: ServiceTable, trust_domain: &str) -> Self {
-        Self { services, ..Self::from_file(f, trust_domain) }
-    }
-
-    pub fn has_services(&self) -> bool {
-        !self.services.is_empty()
-    }
-
-    /// Whether `addr` is a service's cluster IP and port.
-    pub fn is_service(&self, addr: SocketAddr) -> bool {
-        self.services.contains_key(&canonical(addr))
-    }
-
-    /// The service at `addr` (a cluster IP and port) and one of its ready endpoints, taken in
-    /// turn; `Some((service, None))` when it has none.
-    pub fn resolve_service(&self, addr: SocketAddr) -> Option<(&str, Option<SocketAddr>)> {
-        let b = self.services.get(&canonical(addr))?;
-        if b.endpoints.is_empty() {
-            return Some((&b.service, None));
-        }
-        let i = self.next_endpoint.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Some((&b.service, Some(b.endpoints[i % b.endpoints.len()])))
-    }
-
-    pub fn from_file(f: &WorkloadFile, trust_domain: &str) -> Self {
-        let mut by_ip = BTreeMap::new();
-        for w in &f.workloads {
-            let info = Arc::new(WorkloadInfo {
-                id: w.id(),
-                node: w.node.clone(),
-                identity: Identity::new(trust_domain, &w.namespace, &w.service_account),
-            });
-            for ip in &w.ips {
-                by_ip.insert(ip.to_canonical(), info.clone());
-            }
-        }
-        Self { by_ip, ..Default::default() }
-    }
-
-    pub fn get(&self, ip: IpAddr) -> Option<&Arc<WorkloadInfo>> {
-        self.by_ip.get(&ip.to_canonical())
-    }
-
-    /// Identities of the workloads on `node`.
-    pub fn identities_on(&self, node: &str) -> BTreeSet<Identity> {
-        self.by_ip.values().filter(|w| w.node == node).map(|w| w.identity.clone()).collect()
-    }
 }
 
 /// A bound listener of one role and family.
@@ -360,11 +291,6 @@ impl Proxy {
 
 /// Buffer per direction of a plain relay.
 const RELAY_BUFFER: usize = 64 * 1024;
-
-/// IPv4-mapped IPv6 socket addresses as plain IPv4.
-pub fn canonical(a: SocketAddr) -> SocketAddr {
-    SocketAddr::new(a.ip().to_canonical(), a.port())
-}
 
 /// Ports of the proxy itself: a tunnel or hand-over to one of them would loop.
 pub fn is_proxy_port(port: u16) -> bool {

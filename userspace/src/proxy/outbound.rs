@@ -8,7 +8,8 @@ use tokio::net::TcpStream;
 
 use super::h2::client::{ClientError, H2Client};
 use super::pool::PoolKey;
-use super::{Proxy, WorkloadIndex, WorkloadInfo, canonical, is_proxy_port, socket};
+use super::{Proxy, is_proxy_port, socket};
+use crate::state::{WorkloadIndex, WorkloadInfo, canonical};
 use crate::identity::IdentityError;
 use crate::tls::{self, TlsError};
 

@@ -1,0 +1,164 @@
+//! Where the node's desired state comes from. Every source runs as a task of its own and
+//! publishes on a watch channel: `None` until its first complete state, then each new one.
+//! The node daemon follows the channel and never needs to know which source it is.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+
+use crate::k8s::{self, K8sError};
+use crate::state::DesiredState;
+use crate::workloads::{WorkloadFile, WorkloadsError};
+
+/// The latest desired state (`None` before the first one).
+pub type StateRx = watch::Receiver<Option<Arc<DesiredState>>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Workloads(#[from] WorkloadsError),
+    #[error(transparent)]
+    Kubernetes(#[from] K8sError),
+}
+
+/// Where the desired state comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A workload file, polled for changes.
+    File(PathBuf),
+    /// The Kubernetes API (KUBECONFIG, ~/.kube/config or in-cluster).
+    Kubernetes,
+}
+
+impl Source {
+    /// Starts following the source until `stop` changes. A workload file is read and
+    /// validated here, so a bad one fails the start.
+    pub async fn start(&self, poll: Duration, stop: watch::Receiver<bool>) -> Result<StateRx, SourceError> {
+        match self {
+            Source::File(path) => {
+                let (file, first) = FileSource::open(path)?;
+                Ok(file.spawn(first, poll, stop))
+            }
+            Source::Kubernetes => Ok(k8s::start(k8s::client().await?, stop)),
+        }
+    }
+}
+
+/// How long a read of the workload file is trusted without reading it again.
+const FORCED_READ: Duration = Duration::from_secs(10);
+
+/// The workload file, polled: a changed file is applied whole or not at all, and an
+/// unreadable one changes nothing (reading it as empty would unenrol every workload).
+struct FileSource {
+    path: PathBuf,
+    /// The text last parsed (valid or not): only a different text is parsed again.
+    last_text: String,
+    read_failed: bool,
+    read: FileRead,
+}
+
+impl FileSource {
+    /// Reads the file for the first time. Its stamp is taken before the read, so an edit
+    /// made during start-up shows as a changed stamp and is not missed.
+    fn open(path: &Path) -> Result<(Self, WorkloadFile), WorkloadsError> {
+        let stamp = FileStamp::of(path);
+        let (file, last_text) = WorkloadFile::load_with_text(path)?;
+        let read = FileRead { stamp, at: SystemTime::now() };
+        Ok((Self { path: path.to_owned(), last_text, read_failed: false, read }, file))
+    }
+
+    fn spawn(mut self, first: WorkloadFile, poll: Duration, mut stop: watch::Receiver<bool>) -> StateRx {
+        let (tx, rx) = watch::channel(Some(Arc::new(DesiredState { workloads: first, ..Default::default() })));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(poll);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tick.tick() => {}
+                }
+                if let Some(workloads) = self.poll() {
+                    tracing::info!(workloads = workloads.workloads.len(), "workload file changed; applying");
+                    let _ = tx.send(Some(Arc::new(DesiredState { workloads, ..Default::default() })));
+                }
+            }
+        });
+        rx
+    }
+
+    /// A new valid file, if it changed since the last look.
+    fn poll(&mut self) -> Option<WorkloadFile> {
+        // Unchanged metadata (inode, size, mtime) means an unchanged file: at 10 000
+        // workloads reading and comparing a megabyte every tick is not free.
+        let now = FileStamp::of(&self.path);
+        if !self.read_failed && self.read.still_current(now) {
+            return None;
+        }
+        self.read = FileRead { stamp: now, at: SystemTime::now() };
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) => {
+                if !self.read_failed {
+                    tracing::error!("cannot read {}, keeping the running state: {e}", self.path.display());
+                    self.read_failed = true;
+                }
+                return None;
+            }
+        };
+        self.read_failed = false;
+        if text == self.last_text {
+            return None;
+        }
+        self.last_text = text;
+        match WorkloadFile::parse(&self.last_text, &self.path.display().to_string()) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::error!("rejected workload file, keeping the running state: {e}");
+                None
+            }
+        }
+    }
+}
+
+/// What identifies a version of a file without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        let mtime_ns = i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec());
+        Some(Self { dev: m.dev(), ino: m.ino(), len: m.len(), mtime_ns })
+    }
+}
+
+/// When the workload file was last read, and its stamp just before.
+#[derive(Clone, Copy, Debug)]
+struct FileRead {
+    stamp: Option<FileStamp>,
+    at: SystemTime,
+}
+
+impl FileRead {
+    /// Whether a file with stamp `now` is certainly what was read: the same stamp, a
+    /// modification time well before that read (an edit within the same timestamp tick as
+    /// the read could hide behind an equal stamp: git's "racy" rule), and a read not older
+    /// than [`FORCED_READ`].
+    fn still_current(&self, now: Option<FileStamp>) -> bool {
+        let (Some(then), Some(now)) = (self.stamp, now) else { return false };
+        let settled = self
+            .at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX) - now.mtime_ns > 2_000_000_000)
+            .unwrap_or(false);
+        then == now && settled && self.at.elapsed().map(|e| e < FORCED_READ).unwrap_or(false)
+    }
+}
