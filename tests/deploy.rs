@@ -43,10 +43,54 @@ pub fn objects() -> Result<Vec<serde_yaml::Value>> {
     Ok(out)
 }
 
-fn one<T: serde::de::DeserializeOwned>(objects: &[serde_yaml::Value], kind: &str) -> Result<T> {
+/// The one object of `kind`, as its API type. Fields the type does not know (a misspelt
+/// `mountPropagaton`, which a cluster would drop silently) are an error: what the type
+/// writes back must hold every field of the manifest.
+fn one<T: serde::de::DeserializeOwned + serde::Serialize>(objects: &[serde_yaml::Value], kind: &str) -> Result<T> {
     let found: Vec<_> = objects.iter().filter(|o| o["kind"] == kind).collect();
     ensure!(found.len() == 1, "want one {kind}, found {}", found.len());
-    serde_yaml::from_value(found[0].clone()).with_context(|| format!("the {kind} is not a valid {kind}"))
+    let typed: T =
+        serde_yaml::from_value(found[0].clone()).with_context(|| format!("the {kind} is not a valid {kind}"))?;
+    let mut unknown = Vec::new();
+    fields_missing_from(found[0], &serde_yaml::to_value(&typed)?, kind, &mut unknown);
+    ensure!(unknown.is_empty(), "fields the {kind} type does not know (misspelt?): {unknown:?}");
+    Ok(typed)
+}
+
+/// Paths of `want` (a manifest) that `got` (its typed round trip) lacks.
+fn fields_missing_from(want: &serde_yaml::Value, got: &serde_yaml::Value, path: &str, out: &mut Vec<String>) {
+    use serde_yaml::Value;
+    match (want, got) {
+        (Value::Mapping(w), Value::Mapping(g)) => {
+            for (k, v) in w {
+                let key = k.as_str().unwrap_or("?");
+                match g.get(k) {
+                    Some(gv) => fields_missing_from(v, gv, &format!("{path}.{key}"), out),
+                    None => out.push(format!("{path}.{key}")),
+                }
+            }
+        }
+        (Value::Sequence(w), Value::Sequence(g)) => {
+            for (i, v) in w.iter().enumerate() {
+                match g.get(i) {
+                    Some(gv) => fields_missing_from(v, gv, &format!("{path}[{i}]"), out),
+                    None => out.push(format!("{path}[{i}]")),
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn a_misspelt_field_is_caught() -> Result<()> {
+    let mut objects = objects()?;
+    let ds = objects.iter_mut().find(|o| o["kind"] == "DaemonSet").context("no DaemonSet")?;
+    let spec = ds["spec"]["template"]["spec"].as_mapping_mut().context("pod spec")?;
+    spec.insert("hostNetwrok".into(), true.into());
+    let err = one::<DaemonSet>(&objects, "DaemonSet").expect_err("a misspelt field must fail").to_string();
+    ensure!(err.contains("DaemonSet.spec.template.spec.hostNetwrok"), "{err}");
+    Ok(())
 }
 
 #[test]
@@ -117,10 +161,20 @@ fn every_configured_variable_is_a_flag_of_the_daemon() -> Result<()> {
     let objects = objects()?;
     let cm: ConfigMap = one(&objects, "ConfigMap")?;
     let known = node_env_names();
-    let mut set: Vec<String> = cm.data.unwrap_or_default().into_keys().collect();
+    ensure!(known.len() > 10, "clap reports too few variables to check against: {known:?}");
+    let mut set: Vec<String> = cm.data.clone().unwrap_or_default().into_keys().collect();
+    ensure!(set.len() >= 3, "the ConfigMap configures nothing: {set:?}");
     let ds: DaemonSet = one(&objects, "DaemonSet")?;
     let pod = ds.spec.template.spec.context("pod spec")?;
-    set.extend(pod.containers[0].env.iter().flatten().map(|e| e.name.clone()));
+    let container = &pod.containers[0];
+    // The ConfigMap only matters if the daemon's container loads it.
+    let loads = container
+        .env_from
+        .iter()
+        .flatten()
+        .any(|e| e.config_map_ref.as_ref().map(|c| &c.name) == cm.metadata.name.as_ref());
+    ensure!(loads, "the DaemonSet does not load the {:?} ConfigMap into its environment", cm.metadata.name);
+    set.extend(container.env.iter().flatten().map(|e| e.name.clone()));
     for name in &set {
         if !known.contains(name) {
             bail!("{name} is set in deploy/ but `meshpath node` reads no such variable (known: {known:?})");

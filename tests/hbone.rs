@@ -10,6 +10,7 @@ use anyhow::{Context, Result, ensure};
 use meshpath::identity::ca::{BuiltinCa, pem_encode};
 use meshpath::identity::files::{CERT_CHAIN_FILE, KEY_FILE, ROOT_CERT_FILE};
 use meshpath::identity::{Identity, WorkloadCertificate};
+use meshpath::record::Outcome;
 use meshpath::tls;
 use meshpath_lab::hbone_client::{self, Answer, Probe};
 use meshpath_lab::smoke::{self, APP_PORT};
@@ -73,15 +74,16 @@ fn bad_requests_get_ztunnel_status_codes_and_the_server_keeps_serving() -> Resul
 
     // Each refusal is in node 2's access log with its status and reason, as d's identity.
     let records = lab.records(1)?;
-    for (needle, status) in [
-        ("is not CONNECT", 400),
-        ("does not match the dialed address", 400),
-        ("self-call", 503),
-        ("upstream connect failed", 503),
+    for (outcome, needle) in [
+        (Outcome::BadRequest, "is not CONNECT"),
+        (Outcome::BadRequest, "does not match the dialed address"),
+        (Outcome::SelfCall, "15008"),
+        (Outcome::UpstreamConnectFailed, "upstream connect"),
     ] {
-        let r =
-            records.iter().find(|r| r.outcome.contains(needle)).with_context(|| format!("no record for {needle:?}"))?;
-        ensure!(r.outcome.starts_with(&status.to_string()), "{needle}: outcome {}", r.outcome);
+        let r = records
+            .iter()
+            .find(|r| r.outcome == outcome && r.error.as_deref().is_some_and(|e| e.contains(needle)))
+            .with_context(|| format!("no {outcome} record saying {needle:?}"))?;
         ensure!(r.src_identity.as_deref() == Some(lab.identity("d").to_string().as_str()) && r.mtls, "{r:?}");
     }
     Ok(())
@@ -126,7 +128,7 @@ fn peers_without_a_valid_identity_are_refused() -> Result<()> {
         };
         ensure!(refused, "a client with {what} got through: {answers:?}");
         let record = lab.wait_record(1, Duration::from_secs(3), |r| {
-            r.outcome.contains("TLS handshake failed") && r.outcome.contains(reason)
+            r.outcome == Outcome::TlsHandshakeFailed && r.error.as_deref().is_some_and(|e| e.contains(reason))
         })?;
         ensure!(record.is_some(), "node 2 has no refusal naming {reason:?} for {what}: {:#?}", lab.records(1)?);
     }
@@ -145,7 +147,7 @@ fn plaintext_policy_is_permissive_on_node_1_and_strict_on_node_2() -> Result<()>
     ensure!(x.echoed_intact && x.server_saw.ip() == x.client.ip());
     let client = x.client;
     let r = lab.wait_record(0, Duration::from_secs(3), |r| r.src == client)?.context("no record of b -> a")?;
-    ensure!(r.listener == "inbound_plain" && !r.mtls && r.outcome == "ok", "{r:?}");
+    ensure!(r.listener == "inbound_plain" && !r.mtls && r.outcome == Outcome::Ok, "{r:?}");
     ensure!(r.dst_identity.as_deref() == Some(lab.identity("a").to_string().as_str()), "{r:?}");
     // Strict: refused before anything reaches the app.
     let refused = send(&lab, "d", "c", Duration::from_secs(2));
@@ -153,7 +155,7 @@ fn plaintext_policy_is_permissive_on_node_1_and_strict_on_node_2() -> Result<()>
     let r = lab
         .wait_record(1, Duration::from_secs(3), |r| r.listener == "inbound_plain")?
         .context("no record on node 2")?;
-    ensure!(r.outcome.contains("strict mTLS") && r.bytes_sent == 0, "{r:?}");
+    ensure!(r.outcome == Outcome::PlaintextRefused && r.bytes_sent == 0, "{r:?}");
     Ok(())
 }
 
@@ -216,7 +218,7 @@ fn a_reset_on_one_side_resets_the_other_side_promptly() -> Result<()> {
     ensure!(kind == std::io::ErrorKind::ConnectionReset, "server saw {kind:?}, not a reset");
     ensure!(after < Duration::from_secs(3), "the reset took {after:?} to arrive");
     let r = lab.wait_record(0, Duration::from_secs(3), |r| r.orig_dst == dst)?.context("no record on node 1")?;
-    ensure!(r.outcome.starts_with("reset"), "node 1 recorded {:?}", r.outcome);
+    ensure!(r.outcome == Outcome::Reset, "node 1 recorded {:?}", r.outcome);
 
     // Server resets: the client must see a reset too (stream reset -> TCP RST on node 1).
     let server = resetting_server(&lab.pod("c").netns, 9091)?;

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use meshpath::identity::ca;
+use meshpath::record::Outcome;
 use meshpath_lab::smoke::APP_PORT;
 use meshpath_lab::{Lab, traffic};
 
@@ -154,7 +155,7 @@ fn meshpath_and_ztunnel_talk_hbone_both_ways() -> Result<()> {
     ensure!(x.echoed_intact, "payload altered between meshpath and ztunnel");
     let client = x.client;
     let r = lab.wait_record(0, Duration::from_secs(3), |r| r.src == client)?.context("node 1 did not record a -> c")?;
-    ensure!(r.mtls && r.outcome == "ok" && r.listener == "outbound", "node 1 recorded {r:?}");
+    ensure!(r.mtls && r.outcome == Outcome::Ok && r.listener == "outbound", "node 1 recorded {r:?}");
     println!("meshpath -> ztunnel: {} bytes each way, app saw {}", r.bytes_sent, x.server_saw);
 
     // ztunnel client -> meshpath server: ztunnel tunnels to a:15008, node 1's meshpath
@@ -168,7 +169,7 @@ fn meshpath_and_ztunnel_talk_hbone_both_ways() -> Result<()> {
     let r = lab
         .wait_record(0, Duration::from_secs(3), |r| r.listener == "hbone" && r.orig_dst == dst)?
         .context("node 1 did not record ztunnel's CONNECT")?;
-    ensure!(r.outcome == "ok" && r.mtls, "node 1 recorded {r:?}");
+    ensure!(r.outcome == Outcome::Ok && r.mtls, "node 1 recorded {r:?}");
     ensure!(
         r.src_identity.as_deref() == Some(lab.identity("c").to_string().as_str()),
         "ztunnel's identity: {:?}",

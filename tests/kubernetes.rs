@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::rbac::v1::ClusterRole;
+use meshpath::record::Outcome;
 use meshpath_common::names::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE};
 use meshpath_lab::apiserver::{Kind, Verb};
 use meshpath_lab::cluster::{self, ECHO_SERVICE, MESH_NAMESPACE, WEB_SERVICE};
@@ -155,7 +156,10 @@ fn service_addresses_lead_to_ready_endpoints_through_the_right_path() -> Result<
     ensure!(x.echoed_intact && x.server_saw.ip() == lab.pod("a").v4, "{x:?}");
     let client = x.client;
     let r = lab.wait_record(0, Duration::from_secs(3), |r| r.src == client)?.context("no record on node 1")?;
-    ensure!(r.orig_dst == web && r.dst_service.as_deref() == Some("lab/web") && r.mtls && r.outcome == "ok", "{r:?}");
+    ensure!(
+        r.orig_dst == web && r.dst_service.as_deref() == Some("lab/web") && r.mtls && r.outcome == Outcome::Ok,
+        "{r:?}"
+    );
     ensure!(r.dst_workload.as_deref() == Some("lab/pod-c"), "{r:?}");
     let c_app = lab.addr("c", false, smoke::APP_PORT);
     ensure!(
@@ -169,7 +173,7 @@ fn service_addresses_lead_to_ready_endpoints_through_the_right_path() -> Result<
     ensure!(x.echoed_intact, "{x:?}");
     let client = x.client;
     let r = lab.wait_record(0, Duration::from_secs(3), |r| r.src == client)?.context("no record")?;
-    ensure!(r.dst_service.as_deref() == Some("plain/echo") && !r.mtls && r.outcome == "ok", "{r:?}");
+    ensure!(r.dst_service.as_deref() == Some("plain/echo") && !r.mtls && r.outcome == Outcome::Ok, "{r:?}");
 
     // With kube-proxy's DNAT in front (as in most clusters), the proxy still sees the
     // service: the NAT happens first, and the pre-NAT address is read back from its entry.
@@ -223,7 +227,10 @@ fn service_addresses_lead_to_ready_endpoints_through_the_right_path() -> Result<
     lab.cluster().api.apply(&slice)?;
     wait_until("the refusal", Duration::from_secs(5), || {
         let _ = traffic::exchange(&lab.pod("a").netns, None, web, b"x", Duration::from_secs(1));
-        Ok(lab.records(0)?.iter().any(|r| r.outcome.contains("service lab/web has no ready endpoint")))
+        Ok(lab
+            .records(0)?
+            .iter()
+            .any(|r| r.outcome == Outcome::NoEndpoint && r.dst_service.as_deref() == Some("lab/web")))
     })?;
     Ok(())
 }

@@ -92,6 +92,8 @@ const AF_INET6: u32 = 10;
 /// ("dereference of modified ctx ptr").
 macro_rules! ctx_field {
     ($ctx:expr, $($field:tt)+) => {
+        // SAFETY: `$ctx` is the context pointer the kernel handed to the program; the field
+        // is a plain u32 at a constant offset, which the verifier allows reading.
         unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ctx).$($field)+)) }
     };
 }
@@ -135,7 +137,7 @@ fn try_tc_ingress(ctx: &TcContext) -> i32 {
     };
     // SAFETY: `skb` is the context pointer the kernel handed to this program.
     let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
-    let from_workload_if = MP_WORKLOAD_IFS.get_ptr(&ifindex).is_some();
+    let from_workload_if = MP_WORKLOAD_IFS.get_ptr(ifindex).is_some();
     match packet::classify(&flow, mark, ifindex, from_workload_if, workload(&flow.src), workload(&flow.dst)) {
         Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Capture => {
@@ -146,11 +148,11 @@ fn try_tc_ingress(ctx: &TcContext) -> i32 {
         Verdict::DropSpoofed => {
             count(Counter::SpoofDropped);
             warn!(ctx, "dropped packet with an enrolled source on foreign ifindex {}", ifindex);
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
         Verdict::DropMalformed => {
             count(Counter::Malformed);
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
     }
 }
@@ -232,7 +234,7 @@ fn ip6_bytes(words: [u32; 4]) -> [u8; 16] {
 
 #[cfg(not(test))]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
     // The verifier rejects any reachable panic path; this only satisfies the compiler.
     loop {}
 }

@@ -42,12 +42,13 @@
 //! Not implemented: writes over HTTP, protobuf, discovery documents, authentication, TLS,
 //! set-based label selectors.
 
+use meshpath::sync::lock;
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
 use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -257,11 +258,6 @@ struct Store {
     log: VecDeque<Arc<Change>>,
     uids: u64,
     uid_seed: RandomState,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A test that panicked while holding a lock must not take every other test with it.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Default for ApiServer {
@@ -1557,10 +1553,10 @@ mod tests {
         let ns: Api<Namespace> = Api::all(client.clone());
         server.apply(&namespace("default")).unwrap();
         assert!(ns.get("default").await.unwrap().uid().is_some());
-        let get = |path: &str| http::Request::get(path).body(vec![]).unwrap();
+        let get = |path: &str| Request::get(path).body(vec![]).unwrap();
         assert_eq!(api_error_code(client.request::<Value>(get("/api/v1/widgets")).await.unwrap_err()), 404);
         assert_eq!(api_error_code(client.request::<Value>(get("/api/v1/pods/a")).await.unwrap_err()), 404);
-        let post = http::Request::post("/api/v1/namespaces/default/pods").body(b"{}".to_vec()).unwrap();
+        let post = Request::post("/api/v1/namespaces/default/pods").body(b"{}".to_vec()).unwrap();
         assert_eq!(api_error_code(client.request::<Value>(post).await.unwrap_err()), 405);
     }
 }

@@ -11,7 +11,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-use nix::sched::{CloneFlags, setns};
 use nix::sys::socket::{self, AddressFamily, LinkAddr, SockFlag, SockProtocol, SockType, sockopt};
 
 use meshpath_common::names::PORT_HBONE;
@@ -36,15 +35,14 @@ pub struct Capture {
 impl Capture {
     /// Captures TCP on `ifname` inside network namespace `ns` (both directions).
     pub fn start(ns: &str, ifname: &str) -> std::io::Result<Self> {
-        let path = format!("/run/netns/{ns}");
-        let netns = std::fs::File::open(&path).map_err(|e| std::io::Error::new(e.kind(), format!("{path}: {e}")))?;
+        let ns = ns.to_owned();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let ifname = ifname.to_owned();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let opened = (|| -> std::io::Result<_> {
-                setns(&netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+                meshpath::netns::enter(&ns)?;
                 let ifindex = nix::net::if_::if_nametoindex(ifname.as_str()).map_err(std::io::Error::from)? as usize;
                 let fd =
                     socket::socket(AddressFamily::Packet, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::EthAll)

@@ -137,7 +137,7 @@ pub const API_PORT: u16 = 6443;
 /// network namespace.
 pub struct LabCluster {
     pub api: ApiServer,
-    pub addr: std::net::SocketAddr,
+    pub addr: SocketAddr,
     pub kubeconfig: std::path::PathBuf,
     rt: tokio::runtime::Runtime,
 }
@@ -163,7 +163,7 @@ impl Lab {
     /// this follow it (KUBECONFIG) instead of the workload file.
     pub fn start_cluster(&mut self) -> Result<()> {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-        let addr = std::net::SocketAddr::new(self.nodes[0].underlay_v4, API_PORT);
+        let addr = SocketAddr::new(self.nodes[0].underlay_v4, API_PORT);
         let listener = traffic::in_netns(&self.nodes[0].name, move || std::net::TcpListener::bind(addr))??;
         let api = ApiServer::new();
         {

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use meshpath::datapath;
-use meshpath::proxy::access_log::{self, ConnectionRecord};
+use meshpath::record::ConnectionRecord;
 
 use crate::{cluster, traffic};
 
@@ -60,6 +60,13 @@ pub struct Pod {
     pub v6: IpAddr,
     /// Host-side veth name in the node namespace.
     pub host_if: String,
+}
+
+impl Pod {
+    /// The pod's address in one family.
+    pub fn addr(&self, v6: bool) -> IpAddr {
+        if v6 { self.v6 } else { self.v4 }
+    }
 }
 
 /// One node: a network namespace running `meshpath node`.
@@ -371,7 +378,7 @@ impl Lab {
 
     /// Access-log records of `node` so far.
     pub fn records(&self, node: usize) -> Result<Vec<ConnectionRecord>> {
-        Ok(access_log::read_records(&self.access_log_path(node))?)
+        Ok(read_records(&self.access_log_path(node))?)
     }
 
     /// Waits up to `timeout` for a record on `node` matching `pred`.
@@ -567,6 +574,22 @@ impl Drop for Lab {
             eprintln!("lab teardown: {p}");
         }
     }
+}
+
+/// Every complete record of an access log file (none when it does not exist yet).
+pub fn read_records(path: &Path) -> std::io::Result<Vec<ConnectionRecord>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    // A line still being written has no newline yet: leave it for the next read.
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+        .collect()
 }
 
 /// Environment variable naming the `meshpath` binary the lab runs (`cargo xtask` sets it).

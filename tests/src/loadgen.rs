@@ -24,6 +24,7 @@
 //! run out (EADDRNOTAVAIL). That shows up in `errors` (and fails the run past 1%) instead of
 //! being hidden.
 
+use meshpath::sync::lock;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -171,11 +172,6 @@ pub fn spawn_in_netns<T: Send + 'static>(
         }
         Ok(f())
     })
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panicked holder leaves plain counters and handles behind; they are still usable.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn annotate(e: io::Error, context: std::fmt::Arguments<'_>) -> io::Error {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::capture::{Capture, TlsEvidence, tls_evidence};
 use crate::lab::{Lab, Result};
 use crate::traffic::{self, EchoServer};
-use meshpath::proxy::access_log::ConnectionRecord;
+use meshpath::record::{self, ConnectionRecord};
 
 /// Port the lab's echo servers listen on (besides the HBONE port).
 pub const APP_PORT: u16 = 8080;
@@ -33,8 +33,11 @@ pub struct Scenario {
 pub enum Expect {
     /// Delivered intact, through exactly these proxy hops, and the server sees the client's IP.
     Through(Hops),
-    /// The connection must not succeed (and must reach no server).
-    Blocked,
+    /// The connection must fail, and this node's proxy must have recorded the refusal
+    /// (node index, outcome) of this very client.
+    Refused(usize, record::Outcome),
+    /// The connection must fail, and the datapath must have counted a spoof drop.
+    Dropped,
 }
 
 /// An outcome row of the smoke table.
@@ -71,15 +74,22 @@ pub fn matrix() -> Vec<Scenario> {
         s("enrolled -> enrolled, back (HBONE)", "c", "a", false, APP_PORT, Through(&[(1, "outbound"), (0, "hbone")])),
         s("enrolled -> enrolled, same node", "a", "e", false, APP_PORT, Through(&[(0, "outbound")])),
         s("enrolled -> enrolled, same node (v6)", "e", "a", true, APP_PORT, Through(&[(0, "outbound")])),
-        s("enrolled -> enrolled :15008 (self-call)", "a", "c", false, 15008, Blocked),
+        s("enrolled -> enrolled :15008 (self-call)", "a", "c", false, 15008, Refused(1, record::Outcome::SelfCall)),
         s("enrolled -> plain, other node", "a", "d", false, APP_PORT, Through(&[(0, "outbound")])),
         s("enrolled -> plain, same node", "a", "b", false, APP_PORT, Through(&[(0, "outbound")])),
         s("enrolled -> plain, same node (v6)", "a", "b", true, APP_PORT, Through(&[(0, "outbound")])),
         s("plain -> enrolled, same node", "b", "a", false, APP_PORT, Through(&[(0, "inbound_plain")])),
         s("plain -> enrolled, other node", "d", "a", false, APP_PORT, Through(&[(0, "inbound_plain")])),
         s("plain -> enrolled, other node (v6)", "d", "a", true, APP_PORT, Through(&[(0, "inbound_plain")])),
-        s("plain -> enrolled, strict node", "d", "c", false, APP_PORT, Blocked),
-        s("plain -> enrolled, strict node, other node", "b", "c", false, APP_PORT, Blocked),
+        s("plain -> enrolled, strict node", "d", "c", false, APP_PORT, Refused(1, record::Outcome::PlaintextRefused)),
+        s(
+            "plain -> enrolled, strict node, other node",
+            "b",
+            "c",
+            false,
+            APP_PORT,
+            Refused(1, record::Outcome::PlaintextRefused),
+        ),
         s("plain -> plain, other node", "b", "d", false, APP_PORT, Through(&[])),
     ]
 }
@@ -100,22 +110,29 @@ pub fn run(lab: &Lab, sc: &Scenario) -> Result<Outcome> {
     let from = lab.pod(sc.from);
     let dst = lab.addr(sc.to, sc.v6, sc.port);
     let payload = traffic::payload(64 * 1024 + 17);
+    // The refusing proxy records the accept time, which comes after this.
+    let started_ms = now_ms();
     let res = traffic::exchange(&from.netns, None, dst, &payload, CONNECT_TIMEOUT);
     let mut out =
         Outcome { scenario: sc.clone(), path: String::new(), server_saw: "-".into(), ok: false, detail: String::new() };
     match (&sc.expect, res) {
-        (Expect::Blocked, Err(e)) => {
-            out.ok = true;
-            // Where it was refused, if a proxy recorded it: the hop furthest along.
-            let refusal = (0..lab.nodes.len()).rev().find_map(|n| {
-                let r = lab.records(n).ok()?.into_iter().rev().find(|r| r.orig_dst == dst && r.outcome != "ok")?;
-                let why = r.outcome.trim_start_matches("refused: ");
-                Some(format!("n{}: {}", n + 1, why.chars().take(34).collect::<String>()))
-            });
-            out.path = refusal.unwrap_or_else(|| "blocked".into());
-            out.detail = e.to_string();
+        (Expect::Refused(node, want), Err(e)) => {
+            // Evidence of this client's refusal, not just any failure: the record the
+            // refusing proxy wrote for it since the attempt began.
+            let client = from.addr(sc.v6);
+            let found = lab.wait_record(*node, Duration::from_secs(3), |r| {
+                r.orig_dst == dst && r.src.ip() == client && r.start_ms >= started_ms && r.outcome == *want
+            })?;
+            out.path = format!("n{}: {want}", node + 1);
+            out.ok = found.is_some();
+            out.detail =
+                if out.ok { e.to_string() } else { format!("failed ({e}) but node {} recorded no {want}", node + 1) };
         }
-        (Expect::Blocked, Ok(x)) => {
+        (Expect::Dropped, _) => {
+            out.path = "misused".into();
+            out.detail = "drops are checked by spoof()".into();
+        }
+        (Expect::Refused(..), Ok(x)) => {
             out.path = "delivered".into();
             out.server_saw = x.server_saw.ip().to_string();
             out.detail = "expected the connection to fail".into();
@@ -214,15 +231,15 @@ fn check_record(r: &ConnectionRecord, role: &str, problems: &mut Vec<String>) {
     if r.listener != role {
         problems.push(format!("expected listener {role}, got {}", r.listener));
     }
-    if r.outcome != "ok" {
-        problems.push(format!("proxy outcome {}", r.outcome));
+    if r.outcome != record::Outcome::Ok {
+        problems.push(format!("proxy outcome {}: {}", r.outcome, r.error.as_deref().unwrap_or("")));
     }
 }
 
 /// Sends a connection from `from` with a forged source address; passes when it fails and
 /// the node counted a spoof drop.
 pub fn spoof(lab: &Lab, name: &'static str, from: &'static str, forged: IpAddr, to: &'static str) -> Result<Outcome> {
-    let sc = Scenario { name, from, to, v6: forged.is_ipv6(), port: APP_PORT, expect: Expect::Blocked };
+    let sc = Scenario { name, from, to, v6: forged.is_ipv6(), port: APP_PORT, expect: Expect::Dropped };
     let node = lab.pod(from).node;
     let before = lab.counters(node)?.spoof_dropped;
     let res = traffic::exchange(
@@ -353,4 +370,8 @@ pub fn table(outcomes: &[Outcome]) -> String {
         );
     }
     s
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

@@ -11,8 +11,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::proxy::access_log::ConnectionRecord;
-use crate::proxy::pool::PoolStats;
+use crate::record::{ConnectionRecord, Outcome};
 
 /// Istio's standard labels for TCP metrics, those meshpath can fill. Unknown values are
 /// `unknown`, as Istio writes them.
@@ -54,6 +53,20 @@ impl TcpLabels {
     }
 }
 
+/// HBONE pool occupancy, for metrics and logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub connections: usize,
+    pub streams: usize,
+}
+
+/// Labels of connections that did not end `ok`: the listener and the outcome's code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub listener: String,
+    pub reason: &'static str,
+}
+
 /// Where the scrape-time figures come from.
 pub trait Sources: Send + Sync + 'static {
     /// The datapath's kernel counters, by name.
@@ -67,6 +80,7 @@ pub struct Metrics {
     closed: Family<TcpLabels, Counter>,
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
+    failed: Family<FailureLabels, Counter>,
     sources: Arc<OnceLock<Box<dyn Sources>>>,
 }
 
@@ -84,9 +98,15 @@ impl Metrics {
             "Bytes received during request of TCP connections",
             received.clone(),
         );
+        let failed = Family::default();
+        registry.register(
+            "meshpath_connections_failed",
+            "Connections and HBONE streams the proxy refused or lost, by listener and reason code",
+            failed.clone(),
+        );
         let sources: Arc<OnceLock<Box<dyn Sources>>> = Arc::default();
         registry.register_collector(Box::new(ScrapeTime(sources.clone())));
-        Arc::new(Self { registry, opened, closed, sent, received, sources })
+        Arc::new(Self { registry, opened, closed, sent, received, failed, sources })
     }
 
     /// Tells the metrics where the datapath and the pool are (once, when they exist).
@@ -103,6 +123,14 @@ impl Metrics {
         self.closed.get_or_create(labels).inc();
         self.received.get_or_create(labels).inc_by(rec.bytes_sent);
         self.sent.get_or_create(labels).inc_by(rec.bytes_received);
+    }
+
+    /// Counts a connection that did not end `ok` under its reason code.
+    pub fn finished(&self, rec: &ConnectionRecord) {
+        if rec.outcome != Outcome::Ok {
+            let labels = FailureLabels { listener: rec.listener.clone(), reason: rec.outcome.code() };
+            self.failed.get_or_create(&labels).inc();
+        }
     }
 
     /// The text exposition format.
@@ -172,7 +200,8 @@ mod tests {
             upstream_src: None,
             bytes_sent: 100,
             bytes_received: 2000,
-            outcome: "ok".into(),
+            outcome: Outcome::Ok,
+            error: None,
             opened: true,
         }
     }

@@ -2,7 +2,6 @@
 //! node, read from the kernel (not from the daemon), so it also works while the daemon is
 //! down: attachments, enrolled workloads, listener sockets and the SOCKMAP, counters.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
@@ -13,6 +12,7 @@ use serde::Serialize;
 
 use crate::datapath::{self, Counters, DatapathError};
 use crate::routing::{self, Routing, RoutingError};
+use crate::state::WorkloadIndex;
 use crate::workloads::{WorkloadFile, WorkloadsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -116,9 +116,10 @@ pub async fn collect(node: &str, workloads: Option<&Path>) -> Result<Status, Sta
         }
     }
 
-    let owners: BTreeMap<IpAddr, String> = match workloads {
-        Some(p) => WorkloadFile::load(p)?.by_ip().into_iter().map(|(ip, w)| (ip, w.id())).collect(),
-        None => BTreeMap::new(),
+    // The trust domain does not matter here: only workload names are shown.
+    let owners = match workloads {
+        Some(p) => WorkloadIndex::from_file(&WorkloadFile::load(p)?, "cluster.local"),
+        None => WorkloadIndex::default(),
     };
     let workloads = datapath::read_pinned_workloads(node)?
         .into_iter()
@@ -126,7 +127,7 @@ pub async fn collect(node: &str, workloads: Option<&Path>) -> Result<Status, Sta
             ip,
             ifindex,
             interface: names.get(&ifindex).cloned(),
-            workload: owners.get(&ip).cloned(),
+            workload: owners.get(ip).map(|w| w.id.clone()),
         })
         .collect();
 

@@ -6,18 +6,16 @@
 //! Interface indexes belong to the node daemon's network namespace: `--netns` enters it
 //! (the lab's nodes are namespaces; on a real node the daemon runs in the host's, the default).
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 
 use meshpath_common::names::{MAP_COUNTERS, MAP_LISTENERS, MAP_WORKLOAD_IFS, MAP_WORKLOADS};
-use meshpath_common::{Counter, Listener, WorkloadKey, WorkloadValue};
 use serde::Serialize;
 
-use super::{Flow, InfoBuf, MapArgs, MapError, MapInfo, Tool, errno_of, map_is_per_cpu, strerror};
-use crate::datapath::bpf;
-use crate::identity::Identity;
+use super::{Flow, InfoBuf, MapArgs, MapError, MapInfo, Tool, errno_of, strerror};
+use crate::datapath::pinned;
+use crate::state::WorkloadIndex;
 use crate::workloads::WorkloadFile;
 
 #[derive(Debug, Serialize)]
@@ -74,27 +72,24 @@ struct CounterRow {
     per_cpu: Vec<u64>,
 }
 
-/// Workload and identity of each enrolled IP, from the workload file.
-type Owners = BTreeMap<IpAddr, (String, String)>;
-
 impl Tool {
     pub(super) fn do_decode(&mut self, words: &[&str], args: &MapArgs) -> Flow {
         if words.len() != 2 {
             return Err(self.usage());
         }
         let fds = self.parse_fds(words)?;
-        let mut owners = Owners::new();
-        if let Some(path) = &args.workloads {
-            let file = WorkloadFile::load(path).map_err(|e| self.fail(e.into()))?;
-            for w in &file.workloads {
-                let identity = Identity::new(&args.trust_domain, &w.namespace, &w.service_account).to_string();
-                for ip in &w.ips {
-                    owners.insert(ip.to_canonical(), (w.id(), identity.clone()));
-                }
+        // Workload and identity of each enrolled IP, from the workload file.
+        let owners = match &args.workloads {
+            Some(path) => {
+                let file = WorkloadFile::load(path).map_err(|e| self.fail(e.into()))?;
+                WorkloadIndex::from_file(&file, &args.trust_domain)
             }
-        }
+            None => WorkloadIndex::default(),
+        };
         if let Some(ns) = &args.netns {
-            enter_netns(ns).map_err(|e| self.fail(e))?;
+            crate::netns::enter(ns).map_err(|source| {
+                self.fail(MapError::Netns { path: crate::netns::path_of(ns).display().to_string(), source })
+            })?;
         }
         let mut views = Vec::new();
         for fd in &fds {
@@ -123,138 +118,55 @@ impl Tool {
         Ok(())
     }
 
-    fn decode_map(&mut self, fd: BorrowedFd<'_>, info: &MapInfo, owners: &Owners) -> Flow<MapView> {
-        let layout = |key: usize, value: usize| info.key_size as usize == key && info.value_size as usize == value;
-        let bad_layout = || MapError::Layout { name: info.name.clone(), key: info.key_size, value: info.value_size };
-        let body = match info.name.as_str() {
-            MAP_WORKLOADS => {
-                if !layout(size_of::<WorkloadKey>(), size_of::<WorkloadValue>()) {
-                    return Err(self.fail(bad_layout()));
-                }
-                let mut rows = BTreeMap::new();
-                for (key, value) in self.entries(fd, info, 1)? {
-                    let Ok(value) = value else { continue };
-                    let ip = IpAddr::from(WorkloadKey { addr: bytes(&key) });
-                    let ifindex = u32::from_ne_bytes(bytes(&value));
-                    let owner = owners.get(&ip);
-                    rows.insert(
+    fn decode_map(&mut self, fd: BorrowedFd<'_>, info: &MapInfo, owners: &WorkloadIndex) -> Flow<MapView> {
+        let decoded = match info.name.as_str() {
+            MAP_WORKLOADS => pinned::workloads(fd).map(|entries| {
+                let rows = entries.into_iter().map(|(ip, ifindex)| {
+                    let owner = owners.get(ip);
+                    WorkloadRow {
                         ip,
-                        WorkloadRow {
-                            ip,
-                            interface: interface(ifindex),
-                            workload: owner.map(|o| o.0.clone()),
-                            identity: owner.map(|o| o.1.clone()),
-                        },
-                    );
-                }
-                Body::Workloads(rows.into_values().collect())
-            }
+                        interface: interface(ifindex),
+                        workload: owner.map(|o| o.id.clone()),
+                        identity: owner.map(|o| o.identity.to_string()),
+                    }
+                });
+                Body::Workloads(rows.collect())
+            }),
             MAP_WORKLOAD_IFS => {
-                if !layout(4, 4) {
-                    return Err(self.fail(bad_layout()));
-                }
-                let mut ifindexes: Vec<u32> =
-                    self.entries(fd, info, 1)?.into_iter().map(|(k, _)| u32::from_ne_bytes(bytes(&k))).collect();
-                ifindexes.sort_unstable();
-                Body::Interfaces(ifindexes.into_iter().map(interface).collect())
+                pinned::workload_interfaces(fd).map(|ifs| Body::Interfaces(ifs.into_iter().map(interface).collect()))
             }
             MAP_LISTENERS => {
-                if info.key_size != 4 {
-                    return Err(self.fail(bad_layout()));
-                }
-                let roles: BTreeMap<u32, (Listener, bool)> =
-                    Listener::ALL.iter().flat_map(|l| [false, true].map(|v6| (l.slot(v6), (*l, v6)))).collect();
-                let mut slots = Vec::new();
-                for (key, value) in self.entries(fd, info, 1)? {
-                    let slot = u32::from_ne_bytes(bytes(&key));
-                    let role = roles.get(&slot);
-                    // The SOCKMAP's values are 8 bytes, so a lookup returns the socket's cookie
-                    // for a filled slot and ENOENT for an empty one.
-                    let (registered, cookie, error) = match value {
-                        Ok(v) if v.len() == 8 => (true, Some(u64::from_ne_bytes(bytes(&v))), None),
-                        Ok(_) => (true, None, None),
-                        Err(libc::ENOENT) => (false, None, None),
-                        Err(errno) => (false, None, Some(strerror(errno))),
-                    };
-                    slots.push(Slot {
-                        slot,
-                        listener: role.map(|(l, _)| l.name()),
-                        family: role.map(|(_, v6)| if *v6 { "IPv6" } else { "IPv4" }),
-                        port: role.map(|(l, _)| l.port()),
-                        registered,
-                        cookie,
-                        error,
-                    });
-                }
-                Body::Listeners(slots)
+                pinned::listener_slots(fd).map(|slots| Body::Listeners(slots.into_iter().map(slot).collect()))
             }
-            MAP_COUNTERS => {
-                if !layout(4, 8) {
-                    return Err(self.fail(bad_layout()));
-                }
-                let cpus = self.possible_cpus()?;
-                let mut rows = Vec::new();
-                for (key, value) in self.entries(fd, info, cpus)? {
-                    let Ok(value) = value else { continue };
-                    let index = u32::from_ne_bytes(bytes(&key));
-                    let per_cpu: Vec<u64> = value.chunks(8).take(cpus).map(|c| u64::from_ne_bytes(bytes(c))).collect();
-                    let name = Counter::ALL
-                        .iter()
-                        .find(|c| c.index() == index)
-                        .map_or_else(|| format!("#{index}"), |c| c.name().to_owned());
-                    rows.push(CounterRow { counter: name, total: per_cpu.iter().sum(), per_cpu });
-                }
-                Body::Counters(rows)
-            }
+            MAP_COUNTERS => pinned::counters(fd).map(|values| {
+                let rows = values.into_iter().map(|v| CounterRow {
+                    counter: v.counter.map_or_else(|| format!("#{}", v.index), |c| c.name().to_owned()),
+                    total: v.total(),
+                    per_cpu: v.per_cpu,
+                });
+                Body::Counters(rows.collect())
+            }),
             other => return Err(self.fail(MapError::NoDecoder { name: other.to_owned() })),
         };
+        let body = decoded.map_err(|e| self.fail(MapError::Decode(e)))?;
         Ok(MapView { map: info.name.clone(), id: info.id, body })
-    }
-
-    /// Every key with its value, or the lookup's errno; per-CPU maps get `cpus` 8-byte
-    /// aligned value slots.
-    #[allow(clippy::type_complexity)]
-    fn entries(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        info: &MapInfo,
-        cpus: usize,
-    ) -> Flow<Vec<(Vec<u8>, Result<Vec<u8>, i32>)>> {
-        let value_len = if map_is_per_cpu(info.map_type) {
-            (info.value_size as usize).div_ceil(8) * 8 * cpus
-        } else {
-            info.value_size as usize
-        };
-        let mut out = Vec::new();
-        let mut key = vec![0u8; info.key_size as usize];
-        let mut prev: Option<Vec<u8>> = None;
-        loop {
-            match bpf::map_next_key(fd, prev.as_deref(), &mut key) {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(e) => {
-                    return Err(self.fail(MapError::Sys { what: format!("reading {}", info.name), errno: errno_of(&e) }));
-                }
-            }
-            let mut value = vec![0u8; value_len];
-            let looked = match bpf::map_lookup(fd, &key, &mut value) {
-                Ok(true) => Ok(value),
-                Ok(false) => Err(libc::ENOENT),
-                Err(e) => Err(errno_of(&e)),
-            };
-            out.push((key.clone(), looked));
-            prev = Some(key.clone());
-        }
-        Ok(out)
     }
 }
 
-/// The first N bytes, zero-padded (the layouts were checked, this only avoids panics).
-fn bytes<const N: usize>(data: &[u8]) -> [u8; N] {
-    let mut b = [0u8; N];
-    let n = data.len().min(N);
-    b[..n].copy_from_slice(&data[..n]);
-    b
+fn slot(s: pinned::ListenerSlot) -> Slot {
+    let (registered, cookie, error) = match s.socket {
+        Ok(cookie) => (cookie.is_some(), cookie, None),
+        Err(e) => (false, None, Some(strerror(errno_of(&e)))),
+    };
+    Slot {
+        slot: s.slot,
+        listener: s.role.map(|(l, _)| l.name()),
+        family: s.role.map(|(_, v6)| if v6 { "IPv6" } else { "IPv4" }),
+        port: s.role.map(|(l, _)| l.port()),
+        registered,
+        cookie,
+        error,
+    }
 }
 
 fn interface(ifindex: u32) -> Interface {
@@ -263,13 +175,6 @@ fn interface(ifindex: u32) -> Interface {
     let interface =
         nix::net::if_::if_indextoname(ifindex).ok().map(|n| n.to_string_lossy().into_owned()).filter(|n| !n.is_empty());
     Interface { ifindex, interface }
-}
-
-fn enter_netns(ns: &str) -> Result<(), MapError> {
-    let path = if ns.contains('/') { ns.to_owned() } else { format!("/run/netns/{ns}") };
-    let err = |source| MapError::Netns { path: path.clone(), source };
-    let file = std::fs::File::open(&path).map_err(err)?;
-    nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| err(e.into()))
 }
 
 impl Interface {

@@ -109,10 +109,9 @@ impl Tool {
 
     fn map_dump(&mut self, fd: BorrowedFd<'_>, info: &MapInfo, wtr: Option<Wtr>, show_header: bool) -> Flow {
         let cpus = if map_is_per_cpu(info.map_type) { self.possible_cpus()? } else { 1 };
-        let value_len =
-            if map_is_per_cpu(info.map_type) { per_cpu_step(info.value_size) * cpus } else { info.value_size as usize };
-        let mut key = vec![0u8; info.key_size as usize];
-        let mut value = vec![0u8; value_len];
+        let map = bpf::MapFd::open(fd).map_err(|e| self.fail(MapError::MapInfo(errno_of(&e))))?;
+        let mut key = vec![0u8; map.key_size()];
+        let mut value = vec![0u8; map.value_len()];
         let mut btf = None;
         match wtr {
             Some(which) => {
@@ -137,7 +136,7 @@ impl Tool {
         let mut count = 0u32;
         let mut result = Ok(());
         loop {
-            match bpf::map_next_key(fd, prev.as_deref(), &mut key) {
+            match map.next_key(prev.as_deref(), &mut key) {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(e) => {
@@ -145,7 +144,7 @@ impl Tool {
                     break;
                 }
             }
-            if self.dump_elem(fd, &key, &mut value, info, btf.as_ref(), cpus) {
+            if self.dump_elem(&map, &key, &mut value, info, btf.as_ref(), cpus) {
                 count += 1;
             }
             prev = Some(key.clone());
@@ -167,14 +166,14 @@ impl Tool {
     /// `dump_map_elem`: true when the entry was read (and so counts).
     fn dump_elem(
         &mut self,
-        fd: BorrowedFd<'_>,
+        map: &bpf::MapFd<'_>,
         key: &[u8],
         value: &mut [u8],
         info: &MapInfo,
         btf: Option<&Btf>,
         cpus: usize,
     ) -> bool {
-        let errno = match bpf::map_lookup(fd, key, value) {
+        let errno = match map.lookup(key, value) {
             Ok(true) => None,
             Ok(false) => Some(libc::ENOENT),
             Err(e) => Some(errno_of(&e)),

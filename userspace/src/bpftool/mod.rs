@@ -102,8 +102,8 @@ pub enum MapError {
     DecodeNeedsDump,
     #[error("--decode knows meshpath's maps ({}), not {name}", meshpath_common::names::PINNED_MAPS.join(", "))]
     NoDecoder { name: String },
-    #[error("--decode: {name} has key {key}B value {value}B, not the layout meshpath's {name} has")]
-    Layout { name: String, key: u32, value: u32 },
+    #[error("--decode: {0}")]
+    Decode(crate::datapath::pinned::DecodeError),
     #[error("--netns {path}: {source}")]
     Netns { path: String, source: io::Error },
     #[error("{0}")]
@@ -378,7 +378,7 @@ impl Tool {
                 // EACCES only), so that message shows the directory, not the path.
                 let (shown, reason) = if errno == libc::EACCES {
                     let (truncated, dir) = glibc_dirname(path);
-                    let reason = if is_bpffs(&dir) {
+                    let reason = if crate::datapath::is_bpffs(Path::new(&dir)) {
                         strerror(errno)
                     } else {
                         "directory not in bpf file system (bpffs)".to_owned()
@@ -573,12 +573,7 @@ pub fn prog_type_str(t: u32) -> Option<&'static str> {
     NAMES.get(t as usize).copied()
 }
 
-pub fn map_is_per_cpu(t: u32) -> bool {
-    matches!(
-        t,
-        MAP_TYPE_PERCPU_HASH | MAP_TYPE_PERCPU_ARRAY | MAP_TYPE_LRU_PERCPU_HASH | MAP_TYPE_PERCPU_CGROUP_STORAGE
-    )
-}
+pub use bpf::map_is_per_cpu;
 
 /// C's `strtoul(s, &end, 0)` accepting only when `*end == '\0'`: leading blanks, a sign,
 /// 0x for hex, 0 for octal; the empty string is 0; overflow saturates.
@@ -654,32 +649,9 @@ fn glibc_dirname(path: &str) -> (String, String) {
     }
 }
 
-fn is_bpffs(path: &str) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
-}
-
 /// `libbpf_num_possible_cpus`: how many CPUs /sys/devices/system/cpu/possible lists.
 fn possible_cpus() -> Result<usize, i32> {
-    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").map_err(|e| errno_of(&e))?;
-    parse_cpu_list(&text).ok_or(libc::EINVAL)
-}
-
-fn parse_cpu_list(text: &str) -> Option<usize> {
-    let mut set = std::collections::BTreeSet::new();
-    for part in text.trim().split(',') {
-        let (a, b) = match part.split_once('-') {
-            Some((a, b)) => (a.trim().parse::<usize>().ok()?, b.trim().parse::<usize>().ok()?),
-            None => {
-                let a = part.trim().parse::<usize>().ok()?;
-                (a, a)
-            }
-        };
-        if a > b || b > 1 << 20 {
-            return None;
-        }
-        set.extend(a..=b);
-    }
-    (!set.is_empty()).then_some(set.len())
+    bpf::possible_cpus().map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))
 }
 
 /// `get_fdinfo(fd, key)`: the value of the first /proc/self/fdinfo line containing `key`.
@@ -760,9 +732,9 @@ mod tests {
 
     #[test]
     fn cpu_lists() {
-        assert_eq!(parse_cpu_list("0-1\n"), Some(2));
-        assert_eq!(parse_cpu_list("0,2-3,5"), Some(4));
-        assert_eq!(parse_cpu_list("x"), None);
+        assert_eq!(bpf::parse_cpu_list("0-1\n"), Some(2));
+        assert_eq!(bpf::parse_cpu_list("0,2-3,5"), Some(4));
+        assert_eq!(bpf::parse_cpu_list("x"), None);
     }
 
     #[test]

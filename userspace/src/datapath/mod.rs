@@ -5,6 +5,7 @@
 //! attached and, with no listener left in the SOCKMAP, enrolled traffic is dropped instead
 //! of bypassing the proxy. A restarted daemon picks the pins up again.
 
+pub mod pinned;
 mod sys;
 
 /// Raw BPF syscalls for inspecting any map (used by `meshpath map` and `status`).
@@ -32,8 +33,6 @@ use sys::{PodKey, PodValue};
 /// The compiled eBPF object, built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshpath-ebpf.o"));
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 /// Forwards the programs' `aya_log` records to the `log` facade (and so to `tracing`).
 pub type EbpfLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
@@ -57,6 +56,8 @@ pub enum DatapathError {
     KernelFeature { feature: &'static str },
     #[error("pinning {path}: {source}")]
     Pin { path: PathBuf, source: aya::pin::PinError },
+    #[error(transparent)]
+    Decode(#[from] pinned::DecodeError),
     #[error("pinned link {path}: {source}")]
     Link { path: PathBuf, source: aya::programs::links::LinkError },
 }
@@ -88,12 +89,6 @@ pub fn node_pin_dir(node: &str) -> Result<PathBuf> {
 /// every distribution, nor inside some containers).
 pub fn ensure_bpffs() -> Result<()> {
     let root = Path::new(BPFFS_ROOT);
-    let is_bpffs = |p: &Path| {
-        // `f_type` is an i32 on some architectures: widen it (a no-op here).
-        #[allow(clippy::unnecessary_cast)]
-        let magic = |s: nix::sys::statfs::Statfs| s.filesystem_type().0 as i64;
-        nix::sys::statfs::statfs(p).map(|s| magic(s) == BPF_FS_MAGIC).unwrap_or(false)
-    };
     if is_bpffs(root) {
         return Ok(());
     }
@@ -105,6 +100,11 @@ pub fn ensure_bpffs() -> Result<()> {
     }
     tracing::info!(path = BPFFS_ROOT, "mounted bpffs");
     Ok(())
+}
+
+/// Whether `path` is on a bpf file system.
+pub fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
 /// How the TC classifier is attached.
@@ -162,6 +162,17 @@ impl Counters {
         }
     }
 
+    /// Totals of the known counters among `values`.
+    pub fn from_values(values: &[pinned::CounterValues]) -> Self {
+        let mut out = Self::default();
+        for v in values {
+            if let Some(c) = v.counter {
+                *out.slot(c) = v.total();
+            }
+        }
+        out
+    }
+
     fn slot(&mut self, c: Counter) -> &mut u64 {
         match c {
             Counter::Classified => &mut self.classified,
@@ -173,22 +184,25 @@ impl Counters {
     }
 }
 
-/// Opens the pinned counters of a node without loading anything (for tests and `status`).
-pub fn read_pinned_counters(node: &str) -> Result<Counters> {
-    let path = node_pin_dir(node)?.join(MAP_COUNTERS);
-    let data = MapData::from_pin(&path).map_err(|source| DatapathError::Map { name: MAP_COUNTERS, source })?;
-    let map: PerCpuArray<_, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
-        .map_err(|source| DatapathError::Map { name: MAP_COUNTERS, source })?;
-    sum_counters(&map)
+/// Opens a node's pinned map `name` and decodes it with `decode` (from [`pinned`]).
+fn read_pinned<T>(
+    node: &str,
+    name: &'static str,
+    decode: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> Result<T, pinned::DecodeError>,
+) -> Result<T> {
+    let path = node_pin_dir(node)?.join(name);
+    let fd = bpf::obj_get(&path).map_err(io_err(&path))?;
+    Ok(decode(std::os::fd::AsFd::as_fd(&fd))?)
 }
 
-/// Opens the pinned workload map of a node without loading anything: IP → ifindex.
+/// The pinned counters of a node, summed over CPUs (for `status`, metrics and tests).
+pub fn read_pinned_counters(node: &str) -> Result<Counters> {
+    read_pinned(node, MAP_COUNTERS, pinned::counters).map(|values| Counters::from_values(&values))
+}
+
+/// The pinned workload map of a node: IP → ifindex.
 pub fn read_pinned_workloads(node: &str) -> Result<BTreeMap<std::net::IpAddr, u32>> {
-    let path = node_pin_dir(node)?.join(MAP_WORKLOADS);
-    let data = MapData::from_pin(&path).map_err(|source| DatapathError::Map { name: MAP_WORKLOADS, source })?;
-    let map: BpfHashMap<_, PodKey, PodValue> = BpfHashMap::try_from(aya::maps::Map::HashMap(data))
-        .map_err(|source| DatapathError::Map { name: MAP_WORKLOADS, source })?;
-    workload_entries(&map)
+    read_pinned(node, MAP_WORKLOADS, pinned::workloads)
 }
 
 fn workload_entries<T: std::borrow::Borrow<MapData>>(
@@ -446,8 +460,9 @@ impl Datapath {
         use std::os::fd::AsFd;
         // An 8-byte SOCKMAP value is the socket's fd on update (and its cookie on lookup).
         let fd = socket.as_raw_fd() as u64;
-        bpf::map_update(self.listeners.fd().as_fd(), &listener.slot(ipv6).to_ne_bytes(), &fd.to_ne_bytes())
-            .map_err(|e| DatapathError::Io { path: self.pin_dir.join(MAP_LISTENERS), source: e })
+        let io = |source| DatapathError::Io { path: self.pin_dir.join(MAP_LISTENERS), source };
+        let map = bpf::MapFd::open(self.listeners.fd().as_fd()).map_err(io)?;
+        map.update(&listener.slot(ipv6).to_ne_bytes(), &fd.to_ne_bytes()).map_err(io)
     }
 
     pub fn counters(&self) -> Result<Counters> {
@@ -503,18 +518,15 @@ pub fn attachments(node: &str) -> Result<Attachments> {
     Ok(Attachments { tcx, netlink, sk_lookup })
 }
 
-/// Which listener slots of a node's pinned SOCKMAP hold a socket. Its values are 8 bytes, so
-/// a lookup returns the socket's cookie for a filled slot and ENOENT for an empty one.
+/// Which listener slots of a node's pinned SOCKMAP hold a socket: (role, IPv6, registered).
 pub fn registered_listeners(node: &str) -> Result<Vec<(Listener, bool, bool)>> {
-    let path = node_pin_dir(node)?.join(MAP_LISTENERS);
-    let fd = bpf::obj_get(&path).map_err(io_err(&path))?;
+    let slots = read_pinned(node, MAP_LISTENERS, pinned::listener_slots)?;
     let mut out = Vec::new();
-    for role in Listener::ALL {
-        for ipv6 in [false, true] {
-            let key = role.slot(ipv6).to_ne_bytes();
-            let registered = bpf::map_lookup(std::os::fd::AsFd::as_fd(&fd), &key, &mut [0u8; 8])
-                .map_err(|e| DatapathError::Io { path: path.clone(), source: e })?;
-            out.push((role, ipv6, registered));
+    for s in slots {
+        if let Some((role, ipv6)) = s.role {
+            let path = || node_pin_dir(node).map(|d| d.join(MAP_LISTENERS)).unwrap_or_default();
+            let registered = s.socket.map_err(|source| DatapathError::Io { path: path(), source })?;
+            out.push((role, ipv6, registered.is_some()));
         }
     }
     Ok(out)

@@ -99,38 +99,109 @@ pub mod bpf {
         unsafe { OwnedFd::from_raw_fd(r as i32) }
     }
 
-    /// The value under `key` into `value` (sized by the caller: value size, or the per-CPU
-    /// size). `Ok(false)` when there is no such key.
-    pub fn map_lookup(fd: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
-        let mut a = ElemAttr {
-            map_fd: fd.as_raw_fd() as u32,
-            key: key.as_ptr() as u64,
-            value_or_next_key: value.as_mut_ptr() as u64,
-            ..Default::default()
-        };
-        Ok(unless_enoent(sys(BPF_MAP_LOOKUP_ELEM, &mut a))?.is_some())
+    /// A map fd with the sizes of its entries. Every access checks the caller's buffers
+    /// against them, so the kernel never writes past a buffer whatever the caller passes.
+    pub struct MapFd<'a> {
+        fd: BorrowedFd<'a>,
+        key_size: usize,
+        value_len: usize,
     }
 
-    /// Sets `key` to `value` (`BPF_ANY`).
-    pub fn map_update(fd: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
-        let mut a = ElemAttr {
-            map_fd: fd.as_raw_fd() as u32,
-            key: key.as_ptr() as u64,
-            value_or_next_key: value.as_ptr() as u64,
-            ..Default::default()
-        };
-        sys(BPF_MAP_UPDATE_ELEM, &mut a).map(|_| ())
+    impl<'a> MapFd<'a> {
+        /// Reads the map's key and value sizes; per-CPU maps take one 8-byte aligned value
+        /// slot per possible CPU.
+        pub fn open(fd: BorrowedFd<'a>) -> io::Result<Self> {
+            let info = map_info(fd)?;
+            let value_len = if map_is_per_cpu(info.type_) {
+                (info.value_size as usize).div_ceil(8) * 8 * possible_cpus()?
+            } else {
+                info.value_size as usize
+            };
+            Ok(Self { fd, key_size: info.key_size as usize, value_len })
+        }
+
+        pub fn key_size(&self) -> usize {
+            self.key_size
+        }
+
+        /// The size of a value buffer (all CPUs' values for a per-CPU map).
+        pub fn value_len(&self) -> usize {
+            self.value_len
+        }
+
+        fn check(&self, key: usize, value: Option<usize>) -> io::Result<()> {
+            if key != self.key_size || value.is_some_and(|v| v != self.value_len) {
+                let want = format!("key {}B, value {}B", self.key_size, self.value_len);
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("map entry buffers must be {want}")));
+            }
+            Ok(())
+        }
+
+        fn elem(&self, key: u64, value_or_next_key: u64) -> ElemAttr {
+            ElemAttr { map_fd: self.fd.as_raw_fd() as u32, key, value_or_next_key, ..Default::default() }
+        }
+
+        /// The value under `key` into `value`; `Ok(false)` when there is no such key.
+        pub fn lookup(&self, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+            self.check(key.len(), Some(value.len()))?;
+            let mut a = self.elem(key.as_ptr() as u64, value.as_mut_ptr() as u64);
+            Ok(unless_enoent(sys(BPF_MAP_LOOKUP_ELEM, &mut a))?.is_some())
+        }
+
+        /// Sets `key` to `value` (`BPF_ANY`).
+        pub fn update(&self, key: &[u8], value: &[u8]) -> io::Result<()> {
+            self.check(key.len(), Some(value.len()))?;
+            let mut a = self.elem(key.as_ptr() as u64, value.as_ptr() as u64);
+            sys(BPF_MAP_UPDATE_ELEM, &mut a).map(|_| ())
+        }
+
+        /// The key after `key` (the first key with `None`) into `next`; `Ok(false)` at the end.
+        pub fn next_key(&self, key: Option<&[u8]>, next: &mut [u8]) -> io::Result<bool> {
+            self.check(next.len(), None)?;
+            if let Some(k) = key {
+                self.check(k.len(), None)?;
+            }
+            let mut a = self.elem(key.map_or(0, |k| k.as_ptr() as u64), next.as_mut_ptr() as u64);
+            Ok(unless_enoent(sys(BPF_MAP_GET_NEXT_KEY, &mut a))?.is_some())
+        }
     }
 
-    /// The key after `key` (the first key with `None`) into `next`; `Ok(false)` at the end.
-    pub fn map_next_key(fd: BorrowedFd<'_>, key: Option<&[u8]>, next: &mut [u8]) -> io::Result<bool> {
-        let mut a = ElemAttr {
-            map_fd: fd.as_raw_fd() as u32,
-            key: key.map_or(0, |k| k.as_ptr() as u64),
-            value_or_next_key: next.as_mut_ptr() as u64,
-            ..Default::default()
-        };
-        Ok(unless_enoent(sys(BPF_MAP_GET_NEXT_KEY, &mut a))?.is_some())
+    /// Map types whose values are per CPU.
+    pub fn map_is_per_cpu(map_type: u32) -> bool {
+        // BPF_MAP_TYPE_PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH, _PERCPU_CGROUP_STORAGE.
+        matches!(map_type, 5 | 6 | 10 | 21)
+    }
+
+    /// The number of possible CPUs (the kernel's `num_possible_cpus()`), read once.
+    pub fn possible_cpus() -> io::Result<usize> {
+        static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        if let Some(n) = CPUS.get() {
+            return Ok(*n);
+        }
+        let path = "/sys/devices/system/cpu/possible";
+        let text = std::fs::read_to_string(path)?;
+        let n = parse_cpu_list(&text)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: {:?}", text.trim())))?;
+        Ok(*CPUS.get_or_init(|| n))
+    }
+
+    /// The number of CPUs in a kernel CPU list (`0-3,5`).
+    pub fn parse_cpu_list(text: &str) -> Option<usize> {
+        let mut set = std::collections::BTreeSet::new();
+        for part in text.trim().split(',') {
+            let (a, b) = match part.split_once('-') {
+                Some((a, b)) => (a.trim().parse::<usize>().ok()?, b.trim().parse::<usize>().ok()?),
+                None => {
+                    let a = part.trim().parse::<usize>().ok()?;
+                    (a, a)
+                }
+            };
+            if a > b || b > 1 << 20 {
+                return None;
+            }
+            set.extend(a..=b);
+        }
+        (!set.is_empty()).then_some(set.len())
     }
 
     /// The id of the next map after `id` in the kernel, `None` after the last.

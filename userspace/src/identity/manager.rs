@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
 use super::{CertificateProvider, Identity, IdentityError, WorkloadCertificate};
+use crate::sync::lock;
 
 /// Retry delays after a failed renewal: doubling from the first to the last.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
@@ -40,7 +41,7 @@ impl CertificateManager {
     }
 
     fn cached(&self, id: &Identity) -> Option<Arc<WorkloadCertificate>> {
-        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let cache = lock(&self.cache);
         cache.get(id).filter(|e| e.cert.not_after > SystemTime::now()).map(|e| e.cert.clone())
     }
 
@@ -49,13 +50,13 @@ impl CertificateManager {
         if let Some(c) = self.cached(id) {
             return Ok(c);
         }
-        let gate = self.fetching.lock().unwrap_or_else(|p| p.into_inner()).entry(id.clone()).or_default().clone();
+        let gate = lock(&self.fetching).entry(id.clone()).or_default().clone();
         let _one_at_a_time = gate.lock().await;
         if let Some(c) = self.cached(id) {
             return Ok(c);
         }
         let fetched = self.provider.fetch(id).await;
-        self.fetching.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, g| Arc::strong_count(g) > 1);
+        lock(&self.fetching).retain(|_, g| Arc::strong_count(g) > 1);
         let cert = Arc::new(fetched?);
         tracing::info!(identity = %id, serial = %cert.serial(), provider = self.provider.name(), "workload certificate issued");
         self.store(id, cert.clone());
@@ -63,13 +64,13 @@ impl CertificateManager {
     }
 
     fn store(&self, id: &Identity, cert: Arc<WorkloadCertificate>) {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = lock(&self.cache);
         cache.insert(id.clone(), Entry { next_try: cert.refresh_at, cert, failures: 0 });
     }
 
     /// Forgets identities no longer in `keep` (workloads that left the mesh).
     pub fn retain(&self, keep: impl Fn(&Identity) -> bool) {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).retain(|id, _| keep(id));
+        lock(&self.cache).retain(|id, _| keep(id));
     }
 
     /// Renews due certificates until `stop` changes.
@@ -87,12 +88,12 @@ impl CertificateManager {
     pub async fn renew_due(&self) {
         let now = SystemTime::now();
         let due: Vec<(Identity, Arc<WorkloadCertificate>)> = {
-            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let cache = lock(&self.cache);
             cache.iter().filter(|(_, e)| e.next_try <= now).map(|(id, e)| (id.clone(), e.cert.clone())).collect()
         };
         for (id, old) in due {
             let result = self.provider.fetch(&id).await;
-            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let mut cache = lock(&self.cache);
             let Some(entry) = cache.get_mut(&id) else { continue };
             match result {
                 Ok(new) if new.chain == old.chain && new.roots == old.roots => {

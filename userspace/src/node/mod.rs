@@ -223,7 +223,9 @@ async fn first_state(
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Result<Option<Arc<DesiredState>>, NodeError> {
     if desired.borrow().is_none() {
-        tracing::info!("waiting for the first full state (with Kubernetes: pods, namespaces, services, endpoint slices)");
+        tracing::info!(
+            "waiting for the first full state (with Kubernetes: pods, namespaces, services, endpoint slices)"
+        );
     }
     loop {
         if let Some(s) = desired.borrow_and_update().clone() {
@@ -249,7 +251,7 @@ impl metrics::Sources for ScrapeSources {
         Some(meshpath_common::Counter::ALL.iter().map(|k| (k.name(), c.get(*k))).collect())
     }
 
-    fn pool(&self) -> proxy::pool::PoolStats {
+    fn pool(&self) -> metrics::PoolStats {
         self.proxy.pool_stats()
     }
 }

@@ -121,7 +121,11 @@ impl Reconciler {
     /// This node's workload IPs → the interface the kernel routes them to, for those routed
     /// to an interface with the classifier; the others are kept (and logged once) as
     /// unresolved, to be retried every tick.
-    async fn resolve(&mut self, attached: &BTreeSet<u32>, names: &BTreeMap<u32, String>) -> Result<DesiredMap, NodeError> {
+    async fn resolve(
+        &mut self,
+        attached: &BTreeSet<u32>,
+        names: &BTreeMap<u32, String>,
+    ) -> Result<DesiredMap, NodeError> {
         let local: Vec<(IpAddr, String)> =
             self.file.on_node(&self.node).flat_map(|w| w.ips.iter().map(|ip| (ip.to_canonical(), w.id()))).collect();
         let routes = self.routes.resolve(&self.routing, local.iter().map(|(ip, _)| *ip)).await?;

@@ -8,13 +8,14 @@ use std::time::Instant;
 use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response};
 use tokio::net::TcpStream;
 
-use super::access_log::ConnectionRecord;
-use super::{PlaintextPolicy, Proxy, is_proxy_port, socket};
+use super::{Error, PlaintextPolicy, Proxy, is_proxy_port, socket};
+use crate::identity::{Identity, WorkloadCertificate};
+use crate::record::ConnectionRecord;
 use crate::state::{WorkloadIndex, WorkloadInfo, canonical};
-use crate::identity::WorkloadCertificate;
+use crate::sync::lock;
 use crate::tls;
 
 /// A local workload's TLS server configuration and the certificate it was built from.
@@ -29,12 +30,12 @@ pub(super) async fn plaintext(
     index: &WorkloadIndex,
     client: &mut TcpStream,
     rec: &mut ConnectionRecord,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     if let Some(w) = index.get(rec.orig_dst.ip()) {
         rec.dst_identity = Some(w.identity.to_string());
     }
     match p.cfg.plaintext {
-        PlaintextPolicy::Strict => Err("refused: plaintext (strict mTLS)".into()),
+        PlaintextPolicy::Strict => Err(Error::PlaintextRefused),
         PlaintextPolicy::Permissive => {
             p.open(rec);
             p.relay_plain(client, rec.orig_dst, Some(rec.src.ip()), rec).await
@@ -53,7 +54,7 @@ pub(super) async fn hbone(p: Arc<Proxy>, index: Arc<WorkloadIndex>, tcp: TcpStre
         Some(w) if w.node == p.cfg.node => w.clone(),
         _ => {
             socket::reset_on_close(&tcp);
-            return p.finish(rec, started, Err(format!("refused: no local workload has {}", dialed.ip())));
+            return p.finish(rec, started, Err(Error::UnknownDestination(dialed.ip())));
         }
     };
     rec.dst_identity = Some(local.identity.to_string());
@@ -64,8 +65,8 @@ pub(super) async fn hbone(p: Arc<Proxy>, index: Arc<WorkloadIndex>, tcp: TcpStre
     let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
     let tls = match tokio::time::timeout(p.cfg.connect_timeout, accept).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return p.finish(rec, started, Err(format!("refused: TLS handshake failed: {e}"))),
-        Err(_) => return p.finish(rec, started, Err("refused: TLS handshake timed out".into())),
+        Ok(Err(e)) => return p.finish(rec, started, Err(Error::TlsHandshake(e))),
+        Err(_) => return p.finish(rec, started, Err(Error::TlsHandshakeTimeout(p.cfg.connect_timeout))),
     };
     let peer_id = tls::peer_identity(tls.get_ref().1.peer_certificates(), &local.identity.trust_domain);
     rec.src_identity = peer_id.as_ref().map(ToString::to_string);
@@ -74,8 +75,9 @@ pub(super) async fn hbone(p: Arc<Proxy>, index: Arc<WorkloadIndex>, tcp: TcpStre
     if let Some(owner) = index.get(rec.src.ip())
         && Some(&owner.identity) != peer_id.as_ref()
     {
-        let why = format!("refused: {} belongs to {}, not to the client's identity", rec.src.ip(), owner.identity);
-        return p.finish(rec, started, Err(why));
+        let presented = rec.src_identity.clone().unwrap_or_else(|| "no identity".into());
+        let e = Error::IdentityMismatch { ip: rec.src.ip(), owner: owner.identity.to_string(), presented };
+        return p.finish(rec, started, Err(e));
     }
     rec.mtls = true;
     let label = format!("{} -> {dialed}", rec.src);
@@ -85,21 +87,24 @@ pub(super) async fn hbone(p: Arc<Proxy>, index: Arc<WorkloadIndex>, tcp: TcpStre
     })
     .await;
     match served {
-        Ok(0) => p.finish(rec, started, Err("closed without a CONNECT".into())),
+        Ok(0) => p.finish(rec, started, Err(Error::NoStream)),
         Ok(_) => {}
         Err(e) => tracing::info!(conn = %label, "HBONE connection ended: {e}"),
     }
 }
 
 /// The TLS configuration for `w`, built once per certificate.
-async fn server_tls(p: &Proxy, w: &WorkloadInfo) -> Result<Arc<rustls::ServerConfig>, String> {
-    let cert =
-        p.certs.get(&w.identity).await.map_err(|e| format!("refused: no certificate for {}: {e}", w.identity))?;
-    let mut cache = p.server_tls.lock().unwrap_or_else(|e| e.into_inner());
+async fn server_tls(p: &Proxy, w: &WorkloadInfo) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let cert = p
+        .certs
+        .get(&w.identity)
+        .await
+        .map_err(|source| Error::NoCertificate { identity: w.identity.to_string(), source: Box::new(source) })?;
+    let mut cache = lock(&p.server_tls);
     if let Some(s) = cache.get(&w.identity).filter(|s| Arc::ptr_eq(&s.cert, &cert)) {
         return Ok(s.config.clone());
     }
-    let config = tls::server_config(&cert).map_err(|e| format!("refused: {e}"))?;
+    let config = tls::server_config(&cert).map_err(Error::TlsConfig)?;
     cache.insert(w.identity.clone(), ServerTls { cert, config: config.clone() });
     Ok(config)
 }
@@ -110,56 +115,57 @@ async fn stream(
     local: Arc<WorkloadInfo>,
     mut rec: ConnectionRecord,
     req: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    respond: SendResponse<Bytes>,
 ) {
     let started = Instant::now();
+    // The template is the connection's: each stream starts when it arrives.
+    rec.start_ms = super::unix_ms();
+    let result = serve_stream(&p, &local, &mut rec, req, respond).await;
+    p.finish(rec, started, result);
+}
+
+async fn serve_stream(
+    p: &Proxy,
+    local: &WorkloadInfo,
+    rec: &mut ConnectionRecord,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) -> Result<(), Error> {
     // The index of now, not of the connection's start: a workload that left since gets 503.
-    let target =
-        match check_request(req.method(), req.uri(), rec.orig_dst.ip(), &local.identity, &p.index(), &p.cfg.node) {
-            Ok(t) => t,
-            Err((status, why)) => {
-                super::h2::server::reject(respond, status);
-                return p.finish(rec, started, Err(format!("{} {why}", status.as_u16())));
-            }
-        };
+    let checked = check_request(req.method(), req.uri(), rec.orig_dst.ip(), &local.identity, &p.index(), &p.cfg.node);
+    let target = checked.inspect_err(|e| super::h2::server::reject(&mut respond, e.status()))?;
     rec.orig_dst = target;
     rec.dst_workload = Some(local.id.clone());
-    p.open(&mut rec);
+    p.open(rec);
     // The outer connection comes from the client pod's IP (the peer proxy dials from it):
     // the app sees its real client.
-    let upstream = socket::connect_upstream(target, Some(rec.src.ip()), p.cfg.connect_timeout).await;
-    let mut upstream = match upstream {
-        Ok(u) => u,
-        Err(e) => {
-            super::h2::server::reject(respond, StatusCode::SERVICE_UNAVAILABLE);
-            return p.finish(rec, started, Err(format!("503 upstream connect failed: {e}")));
-        }
-    };
+    let timeout = p.cfg.connect_timeout;
+    let mut upstream = socket::connect_upstream(target, Some(rec.src.ip()), timeout)
+        .await
+        .map_err(|e| Error::upstream(target, e, timeout))
+        .inspect_err(|e| super::h2::server::reject(&mut respond, e.status()))?;
     rec.upstream_src = upstream.local_addr().ok().map(canonical);
-    let send = match respond.send_response(Response::new(()), false) {
-        Ok(s) => s,
-        Err(e) => return p.finish(rec, started, Err(format!("stream gone before the 200: {e}"))),
-    };
+    let send = respond.send_response(Response::new(()), false).map_err(Error::StreamGone)?;
     let (n, result) = super::h2::relay(&mut upstream, send, req.into_body()).await;
     // On this side the stream is what arrives from the client.
     rec.bytes_sent = n.received;
     rec.bytes_received = n.sent;
-    p.finish(rec, started, result.map_err(|e| format!("reset: {e}")));
+    result.map_err(Error::Relay)
 }
 
-/// Validates a CONNECT request the way ztunnel does; the error carries the status to send.
+/// Validates a CONNECT request the way ztunnel does ([`Error::status`] is what to answer).
 /// `serving` is the identity this connection's TLS presented: a stream may only reach a
 /// workload that still has it (an IP can pass to another pod while a connection lives).
 pub fn check_request(
     method: &Method,
     uri: &http::Uri,
     dialed: IpAddr,
-    serving: &crate::identity::Identity,
+    serving: &Identity,
     index: &WorkloadIndex,
     node: &str,
-) -> Result<SocketAddr, (StatusCode, String)> {
+) -> Result<SocketAddr, Error> {
     if method != Method::CONNECT {
-        return Err((StatusCode::BAD_REQUEST, format!("method {method} is not CONNECT")));
+        return Err(Error::BadRequest(format!("method {method} is not CONNECT")));
     }
     let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
     let target: SocketAddr = match authority.parse() {
@@ -167,32 +173,33 @@ pub fn check_request(
         // ztunnel takes `name:port` as a service hostname and answers 503 when it knows
         // no such service; meshpath resolves no hostnames, so every one is unknown.
         Err(_) if uri.port_u16().is_some() && uri.host().is_some_and(|h| !h.is_empty()) => {
-            return Err((StatusCode::SERVICE_UNAVAILABLE, format!("no service {authority:?}")));
+            return Err(Error::UnknownService(authority.to_owned()));
         }
-        Err(_) => return Err((StatusCode::BAD_REQUEST, format!("authority {authority:?} is not IP:port"))),
+        Err(_) => return Err(Error::BadRequest(format!("authority {authority:?} is not IP:port"))),
     };
     if target.ip() != dialed.to_canonical() {
-        return Err((
-            StatusCode::BAD_REQUEST,
-            format!("authority {target} does not match the dialed address {dialed}"),
-        ));
+        return Err(Error::BadRequest(format!("authority {target} does not match the dialed address {dialed}")));
     }
     if is_proxy_port(target.port()) {
-        return Err((StatusCode::SERVICE_UNAVAILABLE, format!("self-call to proxy port {}", target.port())));
+        return Err(Error::SelfCall(target.port()));
     }
     match index.get(target.ip()) {
         Some(w) if w.node == node && w.identity == *serving => Ok(target),
-        Some(w) if w.node == node => {
-            Err((StatusCode::SERVICE_UNAVAILABLE, format!("{} is now {}, not {serving}", target.ip(), w.identity)))
-        }
-        _ => Err((StatusCode::SERVICE_UNAVAILABLE, format!("no local workload has {}", target.ip()))),
+        Some(w) if w.node == node => Err(Error::IdentityMismatch {
+            ip: target.ip(),
+            owner: w.identity.to_string(),
+            presented: serving.to_string(),
+        }),
+        _ => Err(Error::UnknownDestination(target.ip())),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::Outcome;
     use crate::workloads::WorkloadFile;
+    use http::StatusCode;
 
     fn index() -> WorkloadIndex {
         let f = WorkloadFile::parse(
@@ -206,8 +213,8 @@ mod tests {
 
     fn check(method: Method, authority: &str, dialed: &str) -> Result<SocketAddr, StatusCode> {
         let uri: http::Uri = authority.parse().unwrap_or_default();
-        let serving = crate::identity::Identity::new("td", "ns", "sa");
-        check_request(&method, &uri, dialed.parse().unwrap(), &serving, &index(), "n1").map_err(|(s, _)| s)
+        let serving = Identity::new("td", "ns", "sa");
+        check_request(&method, &uri, dialed.parse().unwrap(), &serving, &index(), "n1").map_err(|e| e.status())
     }
 
     #[test]
@@ -230,8 +237,11 @@ mod tests {
         assert_eq!(check(Method::CONNECT, "10.0.0.7:80", "10.0.0.7"), Err(StatusCode::SERVICE_UNAVAILABLE));
         // The IP now belongs to a workload with another identity than the one presented.
         let uri: http::Uri = "10.0.0.1:80".parse().unwrap();
-        let other = crate::identity::Identity::new("td", "ns", "someone-else");
+        let other = Identity::new("td", "ns", "someone-else");
         let r = check_request(&Method::CONNECT, &uri, "10.0.0.1".parse().unwrap(), &other, &index(), "n1");
-        assert_eq!(r.map_err(|(s, _)| s), Err(StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!(
+            r.map_err(|e| (e.status(), e.outcome())),
+            Err((StatusCode::SERVICE_UNAVAILABLE, Outcome::IdentityMismatch))
+        );
     }
 }

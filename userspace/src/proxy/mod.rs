@@ -11,6 +11,7 @@
 //! Upstream connections carry the proxy mark so the datapath never captures them again.
 
 pub mod access_log;
+pub mod error;
 pub mod h2;
 pub mod inbound;
 pub mod outbound;
@@ -30,8 +31,11 @@ use tokio::sync::watch;
 use crate::identity::Identity;
 use crate::identity::manager::CertificateManager;
 use crate::metrics::{Metrics, TcpLabels};
+use crate::record::{ConnectionRecord, Outcome};
 use crate::state::{WorkloadIndex, canonical};
-use access_log::{AccessLog, ConnectionRecord};
+use crate::sync::lock;
+use access_log::AccessLog;
+pub use error::Error;
 use pool::Pool;
 
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +129,7 @@ impl Proxy {
         let local = index.identities_on(&self.cfg.node);
         *self.index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index);
         self.certs.retain(|id| local.contains(id));
-        self.server_tls.lock().unwrap_or_else(|p| p.into_inner()).retain(|id, _| local.contains(id));
+        lock(&self.server_tls).retain(|id, _| local.contains(id));
         let certs = self.certs.clone();
         tokio::spawn(async move {
             for id in local {
@@ -141,7 +145,7 @@ impl Proxy {
     }
 
     /// HBONE pool occupancy.
-    pub fn pool_stats(&self) -> pool::PoolStats {
+    pub fn pool_stats(&self) -> crate::metrics::PoolStats {
         self.pool.stats()
     }
 
@@ -200,7 +204,7 @@ impl Proxy {
         // Only a connection made straight to our loopback address gets here without
         // sk_lookup: that is a call to the proxy itself, never a workload's traffic.
         let result = if orig_dst.ip().is_loopback() {
-            Err("refused: direct connection to a proxy port".to_string())
+            Err(Error::SelfCall(orig_dst.port()))
         } else {
             match role {
                 Listener::Outbound => outbound::handle(&self, &index, &mut client, &mut rec).await,
@@ -219,7 +223,7 @@ impl Proxy {
     fn record(&self, index: &WorkloadIndex, role: Listener, src: SocketAddr, orig_dst: SocketAddr) -> ConnectionRecord {
         let (s, d) = (index.get(src.ip()), index.get(orig_dst.ip()));
         ConnectionRecord {
-            start_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            start_ms: unix_ms(),
             duration_ms: 0,
             node: self.cfg.node.clone(),
             listener: role.name().into(),
@@ -234,7 +238,8 @@ impl Proxy {
             upstream_src: None,
             bytes_sent: 0,
             bytes_received: 0,
-            outcome: String::new(),
+            outcome: Outcome::Ok,
+            error: None,
             opened: false,
         }
     }
@@ -245,15 +250,16 @@ impl Proxy {
         rec.opened = true;
     }
 
-    fn finish(&self, mut rec: ConnectionRecord, started: Instant, result: Result<(), String>) {
+    fn finish(&self, mut rec: ConnectionRecord, started: Instant, result: Result<(), Error>) {
         rec.duration_ms = started.elapsed().as_millis() as u64;
-        rec.outcome = match result {
-            Ok(()) => "ok".into(),
-            Err(e) => e,
-        };
+        if let Err(e) = result {
+            rec.outcome = e.outcome();
+            rec.error = Some(e.message());
+        }
         if rec.opened {
             self.metrics.closed(&TcpLabels::of(&rec), &rec);
         }
+        self.metrics.finished(&rec);
         self.log.record(&rec);
     }
 
@@ -264,10 +270,10 @@ impl Proxy {
         dst: SocketAddr,
         source: Option<IpAddr>,
         rec: &mut ConnectionRecord,
-    ) -> Result<(), String> {
-        let mut upstream = socket::connect_upstream(dst, source, self.cfg.connect_timeout)
-            .await
-            .map_err(|e| format!("upstream connect failed: {e}"))?;
+    ) -> Result<(), Error> {
+        let timeout = self.cfg.connect_timeout;
+        let mut upstream =
+            socket::connect_upstream(dst, source, timeout).await.map_err(|e| Error::upstream(dst, e, timeout))?;
         rec.upstream_src = upstream.local_addr().ok().map(canonical);
         // 64 KiB buffers (tokio's default is 8): a bulk transfer then takes an eighth of the
         // wake-ups and syscalls (measured: `cargo xtask bench`, 1-stream throughput).
@@ -279,7 +285,7 @@ impl Proxy {
             }
             Err(e) => {
                 socket::reset_on_close(&upstream);
-                Err(format!("reset: {e}"))
+                Err(Error::Reset(e))
             }
         }
     }
@@ -291,6 +297,11 @@ impl Proxy {
 
 /// Buffer per direction of a plain relay.
 const RELAY_BUFFER: usize = 64 * 1024;
+
+/// Now, in milliseconds since the Unix epoch (a record's `start_ms`).
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
 
 /// Ports of the proxy itself: a tunnel or hand-over to one of them would loop.
 pub fn is_proxy_port(port: u16) -> bool {

@@ -8,9 +8,9 @@ use tokio::net::TcpStream;
 
 use super::h2::client::{ClientError, H2Client};
 use super::pool::PoolKey;
-use super::{Proxy, is_proxy_port, socket};
-use crate::state::{WorkloadIndex, WorkloadInfo, canonical};
+use super::{Error, Proxy, is_proxy_port, socket};
 use crate::identity::IdentityError;
+use crate::state::{WorkloadIndex, WorkloadInfo, canonical};
 use crate::tls::{self, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,13 +33,13 @@ pub(super) async fn handle(
     index: &WorkloadIndex,
     client: &mut TcpStream,
     rec: &mut super::ConnectionRecord,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     // A service address (seen before any DNAT) leads to one of its ready endpoints.
     let target = match index.resolve_service(rec.orig_dst) {
         None => rec.orig_dst,
         Some((service, endpoint)) => {
             rec.dst_service = Some(service.to_owned());
-            endpoint.ok_or_else(|| format!("refused: service {service} has no ready endpoint"))?
+            endpoint.ok_or_else(|| Error::NoEndpoint(service.to_owned()))?
         }
     };
     rec.dst_workload = index.get(target.ip()).map(|w| w.id.clone());
@@ -54,14 +54,14 @@ pub(super) async fn handle(
     };
     // The datapath only captures enrolled sources, so a miss is a race with an unenrolment:
     // without the client's identity nothing can be presented.
-    let src = src.ok_or("refused: the source is not an enrolled workload")?;
+    let src = src.ok_or(Error::UnknownSource(rec.src.ip()))?;
     rec.src_identity = Some(src.identity.to_string());
     rec.dst_identity = Some(dst.identity.to_string());
     if dst.node == p.cfg.node {
         // A hand-over to one of our own ports would loop (across nodes the peer refuses
         // it with 503, as ztunnel does).
         if is_proxy_port(target.port()) {
-            return Err(format!("refused: port {} belongs to the proxy", target.port()));
+            return Err(Error::SelfCall(target.port()));
         }
         p.open(rec);
         // Same node: the bytes never leave this host's memory and the kernel vouches for
@@ -80,7 +80,7 @@ async fn hbone(
     target: SocketAddr,
     src: &Arc<WorkloadInfo>,
     dst: &Arc<WorkloadInfo>,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let key = PoolKey {
         src_id: src.identity.clone(),
         dst_id: dst.identity.clone(),
@@ -93,18 +93,18 @@ async fn hbone(
     // and the next checkout opens or picks another. Once is enough.
     let mut retried = false;
     let (lease, send, recv) = loop {
-        let lease = p.pool.checkout(&key, || connect(p, &key)).await.map_err(|e| format!("hbone: {e}"))?;
+        let lease = p.pool.checkout(&key, || connect(p, &key)).await.map_err(Error::HboneConnect)?;
         match lease.conn.client.connect(target, rec.src, p.cfg.connect_timeout).await {
             Ok((send, recv)) => break (lease, send, recv),
             Err(ClientError::Unavailable(_)) if !retried => retried = true,
-            Err(e) => return Err(format!("hbone CONNECT {target}: {e}")),
+            Err(source) => return Err(Error::HboneStream { target, source: Box::new(source) }),
         }
     };
     rec.upstream_src = Some(canonical(lease.conn.client.local));
     let (n, result) = super::h2::relay(client, send, recv).await;
     rec.bytes_sent = n.sent;
     rec.bytes_received = n.received;
-    result.map_err(|e| format!("reset: {e}"))
+    result.map_err(Error::Relay)
 }
 
 /// A new HBONE connection for `key`: TCP from the client pod's IP to `podIP:15008`, TLS with

@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::h2::client::H2Client;
+use super::outbound::HboneConnectError;
 use crate::identity::Identity;
+use crate::metrics::PoolStats;
+use crate::sync::lock;
 
 /// What makes two captured connections able to share an HBONE connection (ztunnel's key).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -44,34 +47,31 @@ pub struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if self.conn.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.conn.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            *lock(&self.conn.idle_since) = Instant::now();
         }
     }
 }
 
-/// Pool occupancy, for metrics and logs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PoolStats {
-    pub connections: usize,
-    pub streams: usize,
-}
-
-pub struct Pool {
+/// A pool whose connects fail with `E` (shared by everyone queued behind the failure).
+pub struct Pool<E = HboneConnectError> {
     idle_timeout: Duration,
     conns: Mutex<HashMap<PoolKey, Vec<Arc<PooledConnection>>>>,
     /// One connect at a time per key, so a burst of new streams opens one connection. The
     /// gate keeps the last failure, so those who queued behind a failed connect fail at
     /// once with its error instead of each trying (and timing out) in turn.
-    connecting: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<Option<Failure>>>>>,
+    connecting: Mutex<HashMap<PoolKey, Gate<E>>>,
     next_id: AtomicU64,
 }
 
-struct Failure {
+/// One connect at a time per key; it holds the last failure.
+type Gate<E> = Arc<tokio::sync::Mutex<Option<Failure<E>>>>;
+
+struct Failure<E> {
     at: Instant,
-    error: String,
+    error: Arc<E>,
 }
 
-impl Pool {
+impl<E> Pool<E> {
     pub fn new(idle_timeout: Duration) -> Arc<Self> {
         Arc::new(Self {
             idle_timeout,
@@ -82,18 +82,17 @@ impl Pool {
     }
 
     /// A stream slot on a connection for `key`: an existing one with room, or a new one
-    /// made by `connect`. The error is the connect's, as text (it may be shared).
-    pub async fn checkout<F, Fut, E>(&self, key: &PoolKey, connect: F) -> Result<Lease, String>
+    /// made by `connect`. The error is the connect's (shared with those queued behind it).
+    pub async fn checkout<F, Fut>(&self, key: &PoolKey, connect: F) -> Result<Lease, Arc<E>>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<H2Client, E>>,
-        E: std::fmt::Display,
     {
         if let Some(lease) = self.reserve(key) {
             return Ok(lease);
         }
         let gate = {
-            let mut c = self.connecting.lock().unwrap_or_else(|p| p.into_inner());
+            let mut c = lock(&self.connecting);
             c.entry(key.clone()).or_default().clone()
         };
         let queued = Instant::now();
@@ -109,7 +108,7 @@ impl Pool {
         let client = match connect().await {
             Ok(c) => c,
             Err(e) => {
-                let error = e.to_string();
+                let error = Arc::new(e);
                 *last_failure = Some(Failure { at: Instant::now(), error: error.clone() });
                 return Err(error);
             }
@@ -121,12 +120,12 @@ impl Pool {
             active: AtomicUsize::new(1),
             idle_since: Mutex::new(Instant::now()),
         });
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().push(conn.clone());
+        lock(&self.conns).entry(key.clone()).or_default().push(conn.clone());
         Ok(Lease { conn, reused: false })
     }
 
     fn reserve(&self, key: &PoolKey) -> Option<Lease> {
-        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = lock(&self.conns);
         // Counts only grow under this lock, so check-then-add cannot overshoot.
         let conn = conns
             .get(key)?
@@ -138,7 +137,7 @@ impl Pool {
     }
 
     pub fn stats(&self) -> PoolStats {
-        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = lock(&self.conns);
         conns.values().flatten().fold(PoolStats::default(), |s, c| PoolStats {
             connections: s.connections + 1,
             streams: s.streams + c.active.load(Ordering::Acquire),
@@ -150,18 +149,18 @@ impl Pool {
     pub fn evict(&self) -> usize {
         let now = Instant::now();
         let mut evicted = 0;
-        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut conns = lock(&self.conns);
         conns.retain(|_, list| {
             list.retain(|c| {
                 let idle = c.active.load(Ordering::Acquire) == 0
-                    && now.duration_since(*c.idle_since.lock().unwrap_or_else(|p| p.into_inner())) >= self.idle_timeout;
+                    && now.duration_since(*lock(&c.idle_since)) >= self.idle_timeout;
                 let keep = !(idle || c.client.is_closed());
                 evicted += usize::from(!keep);
                 keep
             });
             !list.is_empty()
         });
-        let mut connecting = self.connecting.lock().unwrap_or_else(|p| p.into_inner());
+        let mut connecting = lock(&self.connecting);
         connecting.retain(|k, gate| conns.contains_key(k) || Arc::strong_count(gate) > 1);
         evicted
     }
@@ -210,7 +209,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_burst_shares_one_connection_up_to_the_stream_limit() {
-        let pool = Pool::new(Duration::from_secs(60));
+        let pool = Pool::<String>::new(Duration::from_secs(60));
         let connects = AtomicU32::new(0);
         let connect = || async {
             connects.fetch_add(1, Ordering::SeqCst);
@@ -233,7 +232,7 @@ mod tests {
 
     #[tokio::test]
     async fn waiters_behind_a_failed_connect_fail_with_its_error_at_once() {
-        let pool = Pool::new(Duration::from_secs(60));
+        let pool = Pool::<&str>::new(Duration::from_secs(60));
         let connects = AtomicU32::new(0);
         let failing = || async {
             connects.fetch_add(1, Ordering::SeqCst);
@@ -244,15 +243,15 @@ mod tests {
             let k = key();
             futures::future::join_all((0..10).map(|_| pool.checkout(&k, failing))).await
         };
-        assert!(results.iter().all(|r| r.as_ref().err().map(String::as_str) == Some("connection refused")));
+        assert!(results.iter().all(|r| r.as_ref().err().map(|e| **e) == Some("connection refused")));
         assert_eq!(connects.load(Ordering::SeqCst), 1, "the queued callers must not retry one by one");
         // A later caller tries again.
-        assert!(pool.checkout(&key(), client).await.is_ok());
+        assert!(pool.checkout(&key(), || async { client().await.map_err(|_| "handshake") }).await.is_ok());
     }
 
     #[tokio::test]
     async fn idle_and_closed_connections_are_evicted() {
-        let pool = Pool::new(Duration::ZERO);
+        let pool = Pool::<String>::new(Duration::ZERO);
         let lease = pool.checkout(&key(), client).await.unwrap();
         assert_eq!(pool.evict(), 0, "a connection with a stream is never idle");
         drop(lease);

@@ -66,7 +66,7 @@ where
 }
 
 /// Answers a stream with `status` and no body.
-pub fn reject(mut respond: SendResponse<Bytes>, status: StatusCode) {
+pub fn reject(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let resp = Response::builder().status(status).body(()).expect("a status-only response is valid");
     let _ = respond.send_response(resp, true);
 }

@@ -1,0 +1,151 @@
+//! What the proxy records of every connection it handled: the access log writes it, the
+//! metrics count it, the tests read it. It lives below the proxy and the metrics so both
+//! can use it.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// How a connection ended, as a stable code: `ok`, or why the proxy refused or lost it.
+/// Logs, metrics (`reason` label) and tests use these codes, never message text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok,
+    /// A connection or stream to one of the proxy's own ports.
+    SelfCall,
+    /// A captured connection whose source is not (or no longer) an enrolled workload.
+    UnknownSource,
+    /// No workload of this node has the destination address.
+    UnknownDestination,
+    /// A hostname authority: meshpath resolves no service hostnames.
+    UnknownService,
+    /// A service address without a ready endpoint.
+    NoEndpoint,
+    /// The peer's proven identity is not the one its address belongs to (or the
+    /// destination now has another identity than the tunnel's).
+    IdentityMismatch,
+    /// Plaintext to an enrolled pod on a node with the strict policy.
+    PlaintextRefused,
+    /// An HBONE request that is not a CONNECT to `IP:port` of the dialed address.
+    BadRequest,
+    UpstreamConnectFailed,
+    UpstreamConnectTimeout,
+    /// No certificate for a local workload's identity.
+    NoCertificate,
+    TlsHandshakeFailed,
+    TlsHandshakeTimeout,
+    /// Opening an HBONE connection to the peer node failed (TCP, TLS or HTTP/2).
+    HboneConnectFailed,
+    /// The peer node answered the CONNECT with an error status, or not at all.
+    HboneRefused,
+    /// An HBONE connection that carried no CONNECT stream.
+    NoStream,
+    /// Either side reset the connection, or its stream, mid-relay.
+    Reset,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 18] = [
+        Outcome::Ok,
+        Outcome::SelfCall,
+        Outcome::UnknownSource,
+        Outcome::UnknownDestination,
+        Outcome::UnknownService,
+        Outcome::NoEndpoint,
+        Outcome::IdentityMismatch,
+        Outcome::PlaintextRefused,
+        Outcome::BadRequest,
+        Outcome::UpstreamConnectFailed,
+        Outcome::UpstreamConnectTimeout,
+        Outcome::NoCertificate,
+        Outcome::TlsHandshakeFailed,
+        Outcome::TlsHandshakeTimeout,
+        Outcome::HboneConnectFailed,
+        Outcome::HboneRefused,
+        Outcome::NoStream,
+        Outcome::Reset,
+    ];
+
+    /// The stable code (what the access log and the metrics carry).
+    pub const fn code(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::SelfCall => "self_call",
+            Outcome::UnknownSource => "unknown_source",
+            Outcome::UnknownDestination => "unknown_destination",
+            Outcome::UnknownService => "unknown_service",
+            Outcome::NoEndpoint => "no_endpoint",
+            Outcome::IdentityMismatch => "identity_mismatch",
+            Outcome::PlaintextRefused => "plaintext_refused",
+            Outcome::BadRequest => "bad_request",
+            Outcome::UpstreamConnectFailed => "upstream_connect_failed",
+            Outcome::UpstreamConnectTimeout => "upstream_connect_timeout",
+            Outcome::NoCertificate => "no_certificate",
+            Outcome::TlsHandshakeFailed => "tls_handshake_failed",
+            Outcome::TlsHandshakeTimeout => "tls_handshake_timeout",
+            Outcome::HboneConnectFailed => "hbone_connect_failed",
+            Outcome::HboneRefused => "hbone_refused",
+            Outcome::NoStream => "no_stream",
+            Outcome::Reset => "reset",
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionRecord {
+    /// Unix time in milliseconds when the connection was accepted.
+    pub start_ms: u64,
+    pub duration_ms: u64,
+    pub node: String,
+    /// Listener role that accepted it (`outbound`, `inbound_plain`, `hbone`).
+    pub listener: String,
+    /// The client as the proxy saw it (peer address of the accepted socket).
+    pub src: SocketAddr,
+    /// The original destination (local address of the accepted socket).
+    pub orig_dst: SocketAddr,
+    /// Workload identities, when known.
+    pub src_workload: Option<String>,
+    pub dst_workload: Option<String>,
+    /// The service (`namespace/name`) when the destination was a service address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_service: Option<String>,
+    /// SPIFFE identities: proven by the peer's certificate on HBONE, taken from the
+    /// workload index elsewhere.
+    pub src_identity: Option<String>,
+    pub dst_identity: Option<String>,
+    /// Whether the bytes crossed the network inside mutual TLS.
+    pub mtls: bool,
+    /// Local address of the upstream connection, when one was made.
+    pub upstream_src: Option<SocketAddr>,
+    /// Bytes from client to upstream, and back.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub outcome: Outcome,
+    /// What went wrong, in words, when the outcome is not `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Whether the connection was counted as opened in the metrics (so its close is too).
+    #[serde(skip)]
+    pub opened: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_the_serialized_names_and_unique() {
+        let mut seen = std::collections::BTreeSet::new();
+        for o in Outcome::ALL {
+            assert_eq!(serde_json::to_string(&o).expect("serializes"), format!("\"{}\"", o.code()));
+            assert!(seen.insert(o.code()), "{o} twice");
+        }
+    }
+}
