@@ -14,6 +14,7 @@
 //!
 //! The lab reaches meshpath through its public surface: the binary's command line, the
 //! files it reads and writes, its ports and its pins (read with the daemon's own decoders).
+#![forbid(unsafe_code)]
 
 pub mod apiserver;
 pub mod bench;

@@ -1,6 +1,7 @@
 //! `meshpath-lab`: runs meshpath in the lab of network namespaces, checks it (`smoke`),
 //! benchmarks it (`bench`) and sweeps what crashed runs left (`cleanup`). `cargo xtask run`,
 //! `lab` and `bench` drive it.
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

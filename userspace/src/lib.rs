@@ -4,9 +4,15 @@
 //! - [`routing`] installs the capture rule and local table over rtnetlink;
 //! - [`proxy`] accepts steered connections and relays them, across nodes inside HBONE;
 //! - [`identity`] holds workload identities and their certificates, [`tls`] the mTLS set-up;
-//! - [`node`] is the per-node daemon tying them together;
-//! - [`workloads`] reads the workload file;
+//! - [`node`] is the per-node daemon tying them together, following a [`node::source`];
+//! - [`state`] is what the node knows (workloads, services), [`record`] what it did with
+//!   each connection (access log, metrics);
+//! - [`workloads`] reads the workload file, [`k8s`] follows the Kubernetes API;
+//! - [`metrics`], [`admin`] (15020/15021) and [`status`] show what is going on;
 //! - [`bpftool`] is `meshpath map`: maps shown and dumped as `bpftool map` does, or decoded.
+//!
+//! The only `unsafe` is in `datapath/sys.rs` (raw BPF syscalls and aya's `Pod` markers).
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod bpftool;

@@ -1,3 +1,7 @@
+//! The `meshpath` binary: parses the command line and runs it (see [`meshpath::cli`]); every
+//! failure ends as one `meshpath: error:` line and a non-zero exit.
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

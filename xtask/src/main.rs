@@ -2,6 +2,7 @@
 //!
 //! Every task sets up what it needs first (the eBPF toolchain, bpffs) and says what it is
 //! doing, so a fresh machine needs nothing but `cargo xtask test`.
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};

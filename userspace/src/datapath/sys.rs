@@ -1,6 +1,7 @@
 //! The loader's one module with `unsafe`: marking meshpath's shared map types as plain old
 //! data for aya, and the few raw BPF syscalls aya does not offer (reading any map byte for
 //! byte, its BTF). Everything else in userspace is safe code.
+#![allow(unsafe_code)]
 
 use meshpath_common::{WorkloadKey, WorkloadValue};
 
