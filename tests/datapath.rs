@@ -201,7 +201,8 @@ fn a_moved_pod_route_updates_the_map_at_once() -> Result<()> {
     ip(&["link", "add", "spare0", "type", "veth", "peer", "name", "spare0p"])?;
     ip(&["link", "set", "spare0", "up"])?;
     ip(&["link", "set", "spare0p", "up"])?;
-    let fillers: Vec<String> = (0..FILLERS).map(|i| format!("10.251.{}.{}", i / 250, i % 250 + 1)).collect();
+    // Inside the pod network (addresses outside it are refused).
+    let fillers: Vec<String> = (0..FILLERS).map(|i| format!("10.244.{}.{}", 100 + i / 250, i % 250 + 1)).collect();
     let batch = lab.dir.join("fillers.batch");
     std::fs::write(&batch, fillers.iter().map(|f| format!("route add {f}/32 dev spare0\n")).collect::<String>())?;
     ip(&["-batch", &batch.display().to_string()])?;
@@ -320,7 +321,11 @@ fn bad_input_gives_one_clear_line_and_no_backtrace() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let bad = dir.join("bad.yaml");
     std::fs::write(&bad, "workloads:\n  - name: x\n    ips: [not-an-ip]\n")?;
-    let cases: [(&[&str], &str); 6] = [
+    let none = dir.join("none.yaml");
+    std::fs::write(&none, "workloads: []\n")?;
+    let empty = dir.join("empty.yaml");
+    std::fs::write(&empty, "")?;
+    let cases: [(&[&str], &str); 7] = [
         (&["node", "--node", "n1", "--workloads", "/nonexistent/w.yaml"], "/nonexistent/w.yaml"),
         (&["node", "--node", "n1", "--workloads", bad.to_str().unwrap()], "bad.yaml"),
         (&["node", "--node", "../etc", "--workloads", bad.to_str().unwrap()], "invalid node name"),
@@ -330,9 +335,11 @@ fn bad_input_gives_one_clear_line_and_no_backtrace() -> Result<()> {
             "is not a trust domain",
         ),
         (
-            &["node", "--node", "n1", "--workloads", "/dev/null", "--cert-dir", "/nonexistent/certs"],
+            &["node", "--node", "n1", "--workloads", none.to_str().unwrap(), "--cert-dir", "/nonexistent/certs"],
             "/nonexistent/certs: not a directory",
         ),
+        // Empty is what a half-written file looks like: "nothing" must be said.
+        (&["node", "--node", "n1", "--workloads", empty.to_str().unwrap()], "write `workloads: []`"),
     ];
     for (args, needle) in cases {
         let out = meshpath(args);

@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use meshpath_common::names::{MAP_COUNTERS, MAP_LISTENERS, MAP_WORKLOAD_IFS, MAP_WORKLOADS, PIN_DIR, PINNED_MAPS};
+use meshpath_common::interface::IF_WORKLOAD;
+use meshpath_common::names::{MAP_COUNTERS, MAP_INTERFACES, MAP_LISTENERS, MAP_WORKLOADS, PIN_DIR, PINNED_MAPS};
 use meshpath_lab::Lab;
 
 mod support;
@@ -88,16 +89,9 @@ fn map_id(path: &Path) -> Result<u32> {
     Ok(v["id"].as_u64().context("no id")? as u32)
 }
 
-/// How many entries `bpftool -j map dump` lists.
-fn entries(path: &Path) -> Result<usize> {
-    let out = bpftool(&["-j"], &["dump", "pinned", path.to_str().context("path")?])?;
-    let v: serde_json::Value =
-        serde_json::from_str(&out.stdout).with_context(|| format!("bpftool dump: {}", out.stdout))?;
-    Ok(v.as_array().context("not an array")?.len())
-}
-
-/// Enrols `pods` on node 1 and waits until both workload maps show exactly them.
-fn enrol(lab: &Lab, pods: &[&str], dir: &Path) -> Result<()> {
+/// Enrols `pods` on node 1 and waits until the workload map and the interfaces' workload
+/// flags show exactly them.
+fn enrol(lab: &Lab, pods: &[&str]) -> Result<()> {
     let mut all = vec!["c"];
     all.extend_from_slice(pods);
     lab.write_workloads(&all)?;
@@ -106,7 +100,7 @@ fn enrol(lab: &Lab, pods: &[&str], dir: &Path) -> Result<()> {
         let map = lab.workload_map(0)?;
         Ok(map.len() == want.len()
             && want.iter().all(|ip| map.contains_key(ip))
-            && entries(&dir.join(MAP_WORKLOAD_IFS))? == pods.len())
+            && lab.interface_map(0)?.values().filter(|f| *f & IF_WORKLOAD != 0).count() == pods.len())
     })
 }
 
@@ -134,7 +128,7 @@ fn dumps_and_shows_match_bpftool_for_every_pinned_map() -> Result<()> {
     let dir = Path::new(PIN_DIR).join(&lab.nodes[0].name);
 
     for pods in [&[][..], &["a"], &["a", "e"]] {
-        enrol(&lab, pods, &dir)?;
+        enrol(&lab, pods)?;
         compare_every_pinned_map(&dir).with_context(|| format!("with {pods:?} enrolled"))?;
     }
 
@@ -266,7 +260,7 @@ fn decode_shows_workloads_interfaces_identities_listeners_and_counters() -> Resu
     let lab = started_lab()?;
     let node = &lab.nodes[0].name;
     let dir = Path::new(PIN_DIR).join(node);
-    enrol(&lab, &["a", "e"], &dir)?;
+    enrol(&lab, &["a", "e"])?;
     let workloads = lab.workloads_path();
     let decode = |mode: &[&str], map: &str| {
         let path = dir.join(map);
@@ -296,9 +290,18 @@ fn decode_shows_workloads_interfaces_identities_listeners_and_counters() -> Resu
     }
     ensure!(!w.stdout.contains(&lab.pod("b").v4.to_string()), "b is not enrolled:\n{}", w.stdout);
 
-    let ifs = decode(&[], MAP_WORKLOAD_IFS)?;
+    let ifs = decode(&[], MAP_INTERFACES)?;
+    let flags_of = |name: &str| {
+        ifs.stdout
+            .lines()
+            .find(|l| l.contains(&format!("{name} (ifindex ")))
+            .map(|l| l.split_whitespace().last().unwrap_or("").to_owned())
+    };
     ensure!(
-        ifs.stdout.contains("vpa (ifindex ") && ifs.stdout.contains("vpe (ifindex ") && !ifs.stdout.contains("vpb"),
+        flags_of("vpa").as_deref() == Some("workload,pod")
+            && flags_of("vpe").as_deref() == Some("workload,pod")
+            && flags_of("vpb").as_deref() == Some("pod")
+            && flags_of("ul0").as_deref() == Some("-"),
         "{}",
         ifs.stdout
     );

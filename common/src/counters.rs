@@ -15,12 +15,21 @@ pub enum Counter {
     SpoofDropped = 3,
     /// Packets of enrolled workloads the classifier could not parse (dropped, never bypassed).
     Malformed = 4,
+    /// Captured connection attempts dropped because the capture rule or route would not
+    /// have delivered them to the proxy.
+    Undelivered = 5,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 5;
-    pub const ALL: [Counter; Self::COUNT as usize] =
-        [Counter::Classified, Counter::Steered, Counter::MissingSocket, Counter::SpoofDropped, Counter::Malformed];
+    pub const COUNT: u32 = 6;
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::Classified,
+        Counter::Steered,
+        Counter::MissingSocket,
+        Counter::SpoofDropped,
+        Counter::Malformed,
+        Counter::Undelivered,
+    ];
 
     pub const fn index(self) -> u32 {
         self as u32
@@ -34,6 +43,7 @@ impl Counter {
             Counter::MissingSocket => "missing_socket",
             Counter::SpoofDropped => "spoof_dropped",
             Counter::Malformed => "malformed",
+            Counter::Undelivered => "undelivered",
         }
     }
 }

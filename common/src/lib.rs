@@ -7,11 +7,17 @@
 #![forbid(unsafe_code)]
 
 pub mod counters;
+pub mod event;
+pub mod interface;
 pub mod listener;
 pub mod names;
 pub mod packet;
+pub mod verdict;
 pub mod workload;
 
 pub use counters::Counter;
+pub use event::DropEvent;
+pub use interface::InterfaceValue;
 pub use listener::Listener;
+pub use verdict::{DropReason, Verdict};
 pub use workload::{WorkloadKey, WorkloadValue};

@@ -2,15 +2,21 @@
 
 /// Hash map: enrolled workload IP ([`crate::WorkloadKey`]) → [`crate::WorkloadValue`].
 pub const MAP_WORKLOADS: &str = "MP_WORKLOADS";
-/// Hash map: ifindex of a host-side veth with an enrolled workload behind it → 0. TCP from
-/// such an interface must carry one of the workload's enrolled IPs.
-pub const MAP_WORKLOAD_IFS: &str = "MP_WORKLOAD_IFS";
+/// Hash map: ifindex of an interface the classifier is attached to →
+/// [`crate::InterfaceValue`] (workload behind it, pod-facing, no link-layer header).
+pub const MAP_INTERFACES: &str = "MP_INTERFACES";
+/// Ring buffer of [`crate::DropEvent`]s, rate-limited in the kernel. Not pinned: each
+/// loaded object has its own, read by the daemon that loaded it.
+pub const MAP_EVENTS: &str = "MP_EVENTS";
+/// Per-CPU array, one slot per [`crate::DropReason`]: when it last sent an event, and the
+/// drops since. Not pinned either.
+pub const MAP_EVENT_STATE: &str = "MP_EVENT_STATE";
 /// SOCKMAP of the proxy's listening sockets, indexed by [`crate::Listener::slot`].
 pub const MAP_LISTENERS: &str = "MP_LISTENERS";
 /// Per-CPU array of `u64` datapath counters, indexed by [`crate::Counter`].
 pub const MAP_COUNTERS: &str = "MP_COUNTERS";
 /// Every map meshpath pins, in a stable order.
-pub const PINNED_MAPS: [&str; 4] = [MAP_WORKLOADS, MAP_WORKLOAD_IFS, MAP_LISTENERS, MAP_COUNTERS];
+pub const PINNED_MAPS: [&str; 4] = [MAP_WORKLOADS, MAP_INTERFACES, MAP_LISTENERS, MAP_COUNTERS];
 
 /// TC classifier for pod-facing veths and uplinks (ingress).
 pub const PROG_TC_INGRESS: &str = "mp_tc_ingress";
@@ -88,7 +94,7 @@ mod tests {
     fn kernel_object_names_fit_bpf_obj_name_len() {
         // BPF_OBJ_NAME_LEN is 16 including the NUL: longer names are truncated by the kernel
         // and would no longer match what userspace looks up.
-        for name in PINNED_MAPS.iter().chain([PROG_TC_INGRESS, PROG_SK_LOOKUP].iter()) {
+        for name in PINNED_MAPS.iter().chain([MAP_EVENTS, MAP_EVENT_STATE, PROG_TC_INGRESS, PROG_SK_LOOKUP].iter()) {
             assert!(name.len() < 16, "{name} is too long for the kernel");
         }
     }

@@ -35,6 +35,21 @@ impl WorkloadKey {
     }
 }
 
+impl WorkloadKey {
+    /// Link-local, unspecified or multicast: an address with no route to it that carries no
+    /// identity (neighbour discovery, DHCP).
+    pub fn is_link_scope(&self) -> bool {
+        match self.as_v4() {
+            Some([169, 254, ..]) | Some([0, 0, 0, 0]) => true,
+            Some([a, ..]) => a >= 224,
+            None => {
+                let a = &self.addr;
+                (a[0] == 0xfe && a[1] & 0xc0 == 0x80) || a[0] == 0xff || a.iter().all(|b| *b == 0)
+            }
+        }
+    }
+}
+
 impl From<core::net::IpAddr> for WorkloadKey {
     fn from(ip: core::net::IpAddr) -> Self {
         match ip {
@@ -99,6 +114,16 @@ mod tests {
     fn mapped_v6_and_v4_are_one_key() {
         let v4 = Ipv4Addr::new(192, 0, 2, 7);
         assert_eq!(WorkloadKey::from(IpAddr::V4(v4)), WorkloadKey::from(IpAddr::V6(v4.to_ipv6_mapped())));
+    }
+
+    #[test]
+    fn link_scope_addresses_are_recognised() {
+        for s in ["169.254.1.1", "0.0.0.0", "224.0.0.1", "255.255.255.255", "fe80::1", "ff02::1", "::"] {
+            assert!(WorkloadKey::from(s.parse::<IpAddr>().unwrap()).is_link_scope(), "{s}");
+        }
+        for s in ["10.244.1.10", "192.168.1.1", "fd00:244:1::10", "2001:db8::1"] {
+            assert!(!WorkloadKey::from(s.parse::<IpAddr>().unwrap()).is_link_scope(), "{s}");
+        }
     }
 
     #[test]

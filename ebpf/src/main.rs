@@ -1,88 +1,29 @@
 //! meshpath's kernel side: a TC classifier that marks traffic of enrolled workloads for
-//! local delivery (and drops spoofed sources), and an sk_lookup dispatcher that hands those
-//! connections to the proxy's listening sockets.
+//! local delivery (and drops spoofed sources and connection attempts that would not reach
+//! the proxy), and an sk_lookup dispatcher that hands those connections to the proxy's
+//! listening sockets.
 //!
 //! The decisions themselves live in `meshpath_common` so they are unit-tested on the host;
-//! these functions only read the packet and the maps.
+//! these functions only read the packet, the maps ([`maps`]) and the routes ([`fib`]).
 #![no_std]
 #![no_main]
 
-use core::ffi::c_void;
+mod fib;
+mod maps;
 
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_map_type, sk_action},
-    btf_maps::{HashMap, PerCpuArray},
-    helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release},
-    macros::{btf_map, classifier, sk_lookup},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, sk_action},
+    macros::{classifier, sk_lookup},
     programs::{SkLookupContext, TcContext},
 };
-use aya_log_ebpf::warn;
 use meshpath_common::{
-    Counter, Listener, WorkloadKey, WorkloadValue,
-    names::MAX_WORKLOADS,
-    packet::{self, IPPROTO_TCP, Packet, Verdict},
+    Counter, DropReason, Listener, Verdict, WorkloadKey,
+    interface::IF_L3,
+    packet::{self, IPPROTO_TCP, L3Start, Packet},
+    verdict::{self, Ingress},
 };
 
-// BTF-defined maps: their key and value types travel with them, so bpftool (and
-// `meshpath map`) can print entries as typed structs.
-#[btf_map]
-static MP_WORKLOADS: HashMap<WorkloadKey, WorkloadValue, { MAX_WORKLOADS as usize }> = HashMap::new();
-
-#[btf_map]
-static MP_WORKLOAD_IFS: HashMap<u32, u32, { MAX_WORKLOADS as usize }> = HashMap::new();
-
-#[btf_map]
-static MP_LISTENERS: ListenerMap<{ Listener::SLOTS as usize }> = ListenerMap::new();
-
-#[btf_map]
-static MP_COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
-
-/// A SOCKMAP with 8-byte values. Userspace then reads a slot as the socket's cookie, or
-/// ENOENT when it is empty (with 4-byte values every read fails alike with ENOSPC), which is
-/// how `meshpath status` tells a registered listener from a missing one. aya-ebpf's
-/// `SockMap` fixes 4-byte values, so the BTF map definition is spelled out here, in
-/// libbpf's layout: each field's pointee encodes one attribute.
-#[repr(C)]
-struct ListenerMap<const N: usize> {
-    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SOCKMAP as usize],
-    key: *const u32,
-    value: *const u64,
-    max_entries: *const [i32; N],
-}
-
-// SAFETY: the fields are never dereferenced; they only carry types into BTF. The kernel
-// owns the map behind this symbol and synchronises access to it.
-unsafe impl<const N: usize> Sync for ListenerMap<N> {}
-
-impl<const N: usize> ListenerMap<N> {
-    const fn new() -> Self {
-        Self {
-            r#type: core::ptr::null(),
-            key: core::ptr::null(),
-            value: core::ptr::null(),
-            max_entries: core::ptr::null(),
-        }
-    }
-
-    /// Hands the connection of `ctx` to the socket in slot `index`; `false` when the slot
-    /// is empty or the socket refuses it.
-    #[inline(always)]
-    fn assign(&self, ctx: &SkLookupContext, index: u32) -> bool {
-        // SAFETY: `self` is the map the loader created for this symbol and `index` a live
-        // u32 key; the helper returns a referenced socket or null.
-        let sk =
-            unsafe { bpf_map_lookup_elem(self as *const Self as *mut c_void, &index as *const u32 as *const c_void) };
-        if sk.is_null() {
-            return false;
-        }
-        // SAFETY: `sk` is the non-null socket just looked up; it is released exactly once.
-        let ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk, 0) };
-        // SAFETY: as above; the reference taken by the lookup is dropped here.
-        unsafe { bpf_sk_release(sk) };
-        ret == 0
-    }
-}
+use maps::{MP_LISTENERS, count, dropped, interface_flags, workload};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -98,21 +39,6 @@ macro_rules! ctx_field {
     };
 }
 
-#[inline(always)]
-fn count(counter: Counter) {
-    if let Some(slot) = MP_COUNTERS.get_ptr_mut(counter.index()) {
-        // SAFETY: the slot is this CPU's own copy and programs don't migrate mid-run.
-        unsafe { *slot += 1 };
-    }
-}
-
-#[inline(always)]
-fn workload(key: &WorkloadKey) -> Option<WorkloadValue> {
-    // SAFETY: values are plain data copied out at once; a concurrent delete cannot
-    // free them under us within this RCU read section.
-    unsafe { MP_WORKLOADS.get(key).copied() }
-}
-
 /// Reads packet bytes through `bpf_skb_load_bytes`, which also works on non-linear skbs.
 struct Skb<'a>(&'a TcContext);
 
@@ -123,8 +49,8 @@ impl Packet for Skb<'_> {
     }
 }
 
-/// TC ingress on pod-facing veths and uplinks. Returns `TC_ACT_UNSPEC` to let the packet
-/// continue (to the next TCX program, or the stack) so meshpath chains with other programs.
+/// TC ingress on pod-facing interfaces and uplinks. Returns `TC_ACT_UNSPEC` to let the
+/// packet continue (to the next TCX program, or the stack) so meshpath chains with others.
 #[classifier]
 pub fn mp_tc_ingress(ctx: TcContext) -> i32 {
     try_tc_ingress(&ctx)
@@ -132,26 +58,25 @@ pub fn mp_tc_ingress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_tc_ingress(ctx: &TcContext) -> i32 {
-    let Some(flow) = packet::parse(&Skb(ctx)) else {
-        return TC_ACT_UNSPEC;
-    };
     // SAFETY: `skb` is the context pointer the kernel handed to this program.
     let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
-    let from_workload_if = MP_WORKLOAD_IFS.get_ptr(ifindex).is_some();
-    match packet::classify(&flow, mark, ifindex, from_workload_if, workload(&flow.src), workload(&flow.dst)) {
+    let iface = interface_flags(ifindex);
+    let start = if iface & IF_L3 != 0 { L3Start::Raw } else { L3Start::Ethernet };
+    let frame = packet::parse(&Skb(ctx), start);
+    let at = Ingress { ifindex, mark, iface };
+    match verdict::decide(&frame, &at, workload, &fib::Fib(ctx)) {
         Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Capture => {
-            ctx.set_mark(packet::captured_mark(mark));
+            ctx.set_mark(verdict::captured_mark(mark));
             count(Counter::Classified);
             TC_ACT_UNSPEC
         }
-        Verdict::DropSpoofed => {
-            count(Counter::SpoofDropped);
-            warn!(ctx, "dropped packet with an enrolled source on foreign ifindex {}", ifindex);
-            TC_ACT_SHOT
-        }
-        Verdict::DropMalformed => {
-            count(Counter::Malformed);
+        Verdict::Drop(reason) => {
+            let (src, dst, proto) = match frame {
+                packet::Frame::Ip(f) => (f.src, f.dst, f.proto),
+                _ => (WorkloadKey { addr: [0; 16] }, WorkloadKey { addr: [0; 16] }, 0),
+            };
+            dropped(reason, ifindex, src, dst, proto);
             TC_ACT_SHOT
         }
     }
@@ -203,16 +128,12 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     let Some(listener) = Listener::steer(src_enrolled, dst_enrolled, local_port as u16) else {
         return sk_action::SK_PASS;
     };
-    match MP_LISTENERS.assign(ctx, listener.slot(family == AF_INET6)) {
-        true => {
-            count(Counter::Steered);
-            sk_action::SK_PASS
-        }
-        false => {
-            count(Counter::MissingSocket);
-            warn!(ctx, "no proxy socket for listener slot {}: connection dropped", listener.slot(family == AF_INET6));
-            sk_action::SK_DROP
-        }
+    if MP_LISTENERS.assign(ctx, listener.slot(family == AF_INET6)) {
+        count(Counter::Steered);
+        sk_action::SK_PASS
+    } else {
+        dropped(DropReason::MissingSocket, 0, remote, local, IPPROTO_TCP);
+        sk_action::SK_DROP
     }
 }
 

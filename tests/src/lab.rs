@@ -242,6 +242,9 @@ impl Lab {
 
     /// The workload file with the given pods enrolled.
     pub fn workloads_yaml(&self, enrolled: &[&str]) -> String {
+        if enrolled.is_empty() {
+            return "workloads: []\n".into();
+        }
         let mut y = String::from("workloads:\n");
         for p in self.pods.iter().filter(|p| enrolled.contains(&p.name)) {
             let _ = write!(
@@ -408,6 +411,11 @@ impl Lab {
     /// The pinned workload map of `node`: IP → ifindex.
     pub fn workload_map(&self, node: usize) -> Result<std::collections::BTreeMap<IpAddr, u32>> {
         datapath::read_pinned_workloads(&self.nodes[node].name).map_err(|e| LabError::Other(e.to_string()))
+    }
+
+    /// The pinned interface map of `node`: ifindex → `IF_*` flags.
+    pub fn interface_map(&self, node: usize) -> Result<std::collections::BTreeMap<u32, u32>> {
+        datapath::read_pinned_interfaces(&self.nodes[node].name).map_err(|e| LabError::Other(e.to_string()))
     }
 
     /// Runs `meshpath uninstall` for `node` inside its namespace.

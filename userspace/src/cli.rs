@@ -39,13 +39,12 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the node daemon in the current network namespace.
     Node(NodeArgs),
-    /// Remove every rule, route, attachment and pin meshpath made for a node.
+    /// Remove every rule, route, attachment and pin meshpath made for a node (refused while a
+    /// daemon serves it).
     Uninstall {
         /// Node whose datapath to remove.
         #[arg(long, env = "MESHPATH_NODE", default_value_t = hostname())]
         node: String,
-        #[arg(long, env = "MESHPATH_READINESS_PORT", default_value_t = meshpath_common::names::PORT_READINESS)]
-        readiness_port: u16,
     },
     /// Show what meshpath has attached, enrolled and registered for a node, and its counters.
     Status {
@@ -202,8 +201,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(node::run(cfg, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Uninstall { node, readiness_port } => {
-            let report = runtime()?.block_on(node::uninstall(&node, readiness_port))?;
+        Command::Uninstall { node } => {
+            let report = runtime()?.block_on(node::uninstall(&node))?;
             println!("{report}");
             Ok(ExitCode::SUCCESS)
         }

@@ -12,7 +12,8 @@ use futures::TryStreamExt;
 use ipnet::IpNet;
 use meshpath_common::names::{CAPTURE_MARK, CAPTURE_MASK, ROUTE_TABLE, RULE_PRIORITY};
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkLayerType};
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteScope, RouteType};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
@@ -57,12 +58,15 @@ type Notifications = futures::channel::mpsc::UnboundedReceiver<(
     rtnetlink::sys::SocketAddr,
 )>;
 
-/// A netlink connection in the calling thread's network namespace; with
-/// [`Self::watch_routes`], also subscribed to route changes so cached route lookups can be
-/// dropped exactly when they may have changed.
+/// A netlink connection in the calling thread's network namespace; with [`Routing::watch`],
+/// also subscribed to changes of links, addresses, routes and rules, so the daemon acts when
+/// something changed instead of looking every tick.
 pub struct Routing {
     handle: Handle,
     notifications: Option<Notifications>,
+    /// Notifications [`Routing::changed`] took, for the next [`Routing::changes`].
+    pending: Vec<rtnetlink::packet_core::NetlinkMessage<rtnetlink::packet_route::RouteNetlinkMessage>>,
+    pending_lost: bool,
 }
 
 /// An interface of this namespace.
@@ -74,15 +78,29 @@ pub struct Interface {
     /// Administratively up with a carrier. IPv4 routes through an interface vanish when it
     /// goes down, without a route notification: callers compare this too.
     pub up: bool,
+    /// Frames carry an Ethernet header (ARPHRD_ETHER); otherwise IP starts at offset 0.
+    pub ethernet: bool,
+    /// Its addresses, both families.
+    pub addresses: Vec<IpAddr>,
 }
 
-/// What changed in the routing tables since the last look.
-#[derive(Debug, PartialEq, Eq)]
-pub enum RouteChanges {
-    /// Routes to these destinations were added, changed or removed.
-    Destinations(Vec<IpNet>),
-    /// The kernel dropped notifications (a full socket buffer): anything may have changed.
-    Lost,
+/// What the kernel announced since the last look.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Routes to these destinations (outside meshpath's table) were added, changed or removed.
+    pub destinations: Vec<IpNet>,
+    /// meshpath's rule or its table changed (or some rule did).
+    pub capture: bool,
+    /// An interface or an address came, went or changed.
+    pub interfaces: bool,
+    /// Notifications were lost (a full socket buffer, a dead socket): anything may have changed.
+    pub lost: bool,
+}
+
+impl Changes {
+    pub fn any(&self) -> bool {
+        !self.destinations.is_empty() || self.capture || self.interfaces || self.lost
+    }
 }
 
 impl Routing {
@@ -100,19 +118,27 @@ impl Routing {
             }
         };
         tokio::spawn(conn);
-        Ok(Self { handle, notifications: None })
+        Ok(Self { handle, notifications: None, pending: Vec::new(), pending_lost: false })
     }
 
-    /// Subscribes to IPv4 and IPv6 route changes, on a socket of their own: a burst of
-    /// notifications (thousands of pod routes at once) must not crowd out the replies to
-    /// requests, which the kernel would drop just the same.
-    pub fn watch_routes(&mut self) -> Result<()> {
+    /// Subscribes to changes of links, addresses, routes and rules (both families), on a
+    /// socket of their own: a burst of notifications (thousands of pod routes at once) must
+    /// not crowd out the replies to requests, which the kernel would drop just the same.
+    pub fn watch(&mut self) -> Result<()> {
         use rtnetlink::sys::AsyncSocket as _;
         let (mut conn, _, notifications) = rtnetlink::new_connection().map_err(RoutingError::Connect)?;
         let socket = conn.socket_mut().socket_mut();
         // Nothing is ever sent on this socket, so it is bound here rather than on first use.
         socket.bind_auto().map_err(RoutingError::Connect)?;
-        for group in [libc::RTNLGRP_IPV4_ROUTE, libc::RTNLGRP_IPV6_ROUTE] {
+        for group in [
+            libc::RTNLGRP_LINK,
+            libc::RTNLGRP_IPV4_IFADDR,
+            libc::RTNLGRP_IPV6_IFADDR,
+            libc::RTNLGRP_IPV4_ROUTE,
+            libc::RTNLGRP_IPV6_ROUTE,
+            libc::RTNLGRP_IPV4_RULE,
+            libc::RTNLGRP_IPV6_RULE,
+        ] {
             socket.add_membership(group).map_err(RoutingError::Connect)?;
         }
         tokio::spawn(conn);
@@ -120,42 +146,62 @@ impl Routing {
         Ok(())
     }
 
-    /// Route changes (in any table but meshpath's own) since the last call, without waiting.
-    /// Empty when not watching.
-    pub fn route_changes(&mut self) -> RouteChanges {
+    /// Waits until the kernel announces a change (forever when not watching); the change is
+    /// kept for the next [`Self::changes`].
+    pub async fn changed(&mut self) {
+        use futures::StreamExt as _;
+        let Some(n) = self.notifications.as_mut() else { return std::future::pending().await };
+        match n.next().await {
+            Some(m) => self.pending.push(m.0),
+            // The watching connection ended: the next `changes` notices and re-subscribes.
+            None => self.pending_lost = true,
+        }
+    }
+
+    /// What changed since the last call, without waiting. Nothing when not watching.
+    pub fn changes(&mut self) -> Changes {
         use rtnetlink::packet_core::NetlinkPayload;
-        use rtnetlink::packet_route::RouteNetlinkMessage;
-        let mut out = Vec::new();
-        let Some(notifications) = self.notifications.as_mut() else { return RouteChanges::Destinations(out) };
-        let mut lost = false;
-        loop {
-            let (msg, _) = match notifications.try_recv() {
-                Ok(m) => m,
-                Err(e) if e.is_empty() => break,
-                Err(_) => {
-                    // The watching connection ended (a socket error): watch anew, and treat
-                    // whatever happened meanwhile as unknown.
-                    tracing::warn!("route notifications stopped; subscribing again");
-                    self.notifications = None;
-                    if let Err(e) = self.watch_routes() {
-                        tracing::warn!(error = %e, "cannot watch routes; cached routes are re-checked every tick instead");
+        use rtnetlink::packet_route::RouteNetlinkMessage as M;
+        let mut out = Changes { lost: std::mem::take(&mut self.pending_lost), ..Changes::default() };
+        let mut messages = std::mem::take(&mut self.pending);
+        if let Some(n) = self.notifications.as_mut() {
+            loop {
+                match n.try_recv() {
+                    Ok((m, _)) => messages.push(m),
+                    Err(e) if e.is_empty() => break,
+                    Err(_) => {
+                        out.lost = true;
+                        break;
                     }
-                    return RouteChanges::Lost;
                 }
-            };
+            }
+        }
+        if out.lost && self.notifications.is_some() {
+            // The watching connection ended (a socket error): watch anew, and treat
+            // whatever happened meanwhile as unknown.
+            tracing::warn!("routing notifications stopped; subscribing again");
+            self.notifications = None;
+            if let Err(e) = self.watch() {
+                tracing::warn!(error = %e, "cannot follow routing changes; cached routes are re-checked on the safety tick instead");
+            }
+        }
+        for msg in messages {
             match msg.payload {
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r)) => {
-                    if route_table(&r) != ROUTE_TABLE
-                        && let Some(net) = destination(&r)
-                    {
-                        out.push(net);
-                    }
+                NetlinkPayload::InnerMessage(M::NewRoute(r) | M::DelRoute(r)) if route_table(&r) == ROUTE_TABLE => {
+                    out.capture = true;
                 }
-                NetlinkPayload::Overrun(_) => lost = true,
+                NetlinkPayload::InnerMessage(M::NewRoute(r) | M::DelRoute(r)) => {
+                    out.destinations.extend(destination(&r))
+                }
+                NetlinkPayload::InnerMessage(M::NewRule(_) | M::DelRule(_)) => out.capture = true,
+                NetlinkPayload::InnerMessage(
+                    M::NewLink(_) | M::DelLink(_) | M::SetLink(_) | M::NewAddress(_) | M::DelAddress(_),
+                ) => out.interfaces = true,
+                NetlinkPayload::Overrun(_) => out.lost = true,
                 _ => {}
             }
         }
-        if lost { RouteChanges::Lost } else { RouteChanges::Destinations(out) }
+        out
     }
 
     pub async fn interfaces(&self) -> Result<Vec<Interface>> {
@@ -172,7 +218,19 @@ impl Routing {
                     name,
                     loopback: msg.header.flags.contains(LinkFlags::Loopback),
                     up: msg.header.flags.contains(LinkFlags::Up) && msg.header.flags.contains(LinkFlags::LowerUp),
+                    ethernet: msg.header.link_layer_type == LinkLayerType::Ether,
+                    addresses: Vec::new(),
                 });
+            }
+        }
+        let mut addrs = self.handle.address().get().execute();
+        while let Some(msg) = addrs.try_next().await.map_err(nl("listing addresses"))? {
+            let ip = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            if let (Some(ip), Some(i)) = (ip, out.iter_mut().find(|i| i.index == msg.header.index)) {
+                i.addresses.push(ip);
             }
         }
         Ok(out)
@@ -392,6 +450,13 @@ fn ok_if_missing(r: std::result::Result<(), rtnetlink::Error>) -> std::result::R
         Err(e) if matches!(errno(&e), Some(ENOENT | ESRCH)) => Ok(()),
         other => other,
     }
+}
+
+/// The name of interface `ifindex` in this network namespace.
+pub fn interface_name(ifindex: u32) -> Option<String> {
+    // nix 0.31 does not see if_indextoname's NULL as failure: an unknown index comes back
+    // as an empty name.
+    nix::net::if_::if_indextoname(ifindex).ok().map(|n| n.to_string_lossy().into_owned()).filter(|n| !n.is_empty())
 }
 
 /// Interface indexes by name, for messages.

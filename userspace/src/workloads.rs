@@ -28,6 +28,10 @@ pub enum WorkloadsError {
     Invalid { path: String, index: usize, reason: String },
     #[error("{path}: IP {ip} belongs to both {first} and {second}")]
     DuplicateIp { path: String, ip: IpAddr, first: String, second: String },
+    #[error(
+        "{path} is empty: write `workloads: []` to enrol nothing (an empty file is what a half-done write looks like)"
+    )]
+    Empty { path: String },
     #[error("{path}: workload {0} is listed twice", .id)]
     DuplicateWorkload { path: String, id: String },
 }
@@ -71,12 +75,13 @@ impl WorkloadFile {
 
     /// Parses and validates; `origin` names the source in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, WorkloadsError> {
-        // An empty file is an empty list, not an error: "nothing enrolled" is a valid state.
-        let file: WorkloadFile = if text.trim().is_empty() {
-            WorkloadFile::default()
-        } else {
-            serde_yaml::from_str(text).map_err(|source| WorkloadsError::Parse { path: origin.into(), source })?
-        };
+        // "Nothing enrolled" must be said (`workloads: []`): an empty file is what a writer
+        // caught between truncating and writing leaves, and applying it unenrols everything.
+        if text.trim().is_empty() {
+            return Err(WorkloadsError::Empty { path: origin.into() });
+        }
+        let file: WorkloadFile =
+            serde_yaml::from_str(text).map_err(|source| WorkloadsError::Parse { path: origin.into(), source })?;
         file.validate(origin)?;
         Ok(file)
     }
@@ -171,8 +176,9 @@ workloads:
     }
 
     #[test]
-    fn empty_file_enrolls_nothing() {
-        assert_eq!(WorkloadFile::parse("  \n", "e").unwrap(), WorkloadFile::default());
+    fn only_an_explicit_empty_list_enrols_nothing() {
+        assert!(matches!(WorkloadFile::parse("  \n", "e"), Err(WorkloadsError::Empty { .. })));
+        assert!(err("").contains("write `workloads: []`"));
         assert_eq!(WorkloadFile::parse("workloads: []", "e").unwrap(), WorkloadFile::default());
     }
 

@@ -10,7 +10,8 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 
-use meshpath_common::names::{MAP_COUNTERS, MAP_LISTENERS, MAP_WORKLOAD_IFS, MAP_WORKLOADS};
+use meshpath_common::interface::{IF_L3, IF_POD, IF_WORKLOAD};
+use meshpath_common::names::{MAP_COUNTERS, MAP_INTERFACES, MAP_LISTENERS, MAP_WORKLOADS};
 use serde::Serialize;
 
 use super::{Flow, InfoBuf, MapArgs, MapError, MapInfo, Tool, errno_of, strerror};
@@ -30,7 +31,7 @@ struct MapView {
 #[serde(rename_all = "snake_case")]
 enum Body {
     Workloads(Vec<WorkloadRow>),
-    Interfaces(Vec<Interface>),
+    Interfaces(Vec<FlaggedInterface>),
     Listeners(Vec<Slot>),
     Counters(Vec<CounterRow>),
 }
@@ -50,6 +51,15 @@ struct Interface {
     ifindex: u32,
     /// None when no interface has that index in the namespace looked at.
     interface: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct FlaggedInterface {
+    #[serde(flatten)]
+    interface: Interface,
+    /// `workload` (an enrolled workload behind it), `pod` (pod-facing: sources must route
+    /// back through it), `l3` (no link-layer header).
+    flags: Vec<&'static str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -132,9 +142,17 @@ impl Tool {
                 });
                 Body::Workloads(rows.collect())
             }),
-            MAP_WORKLOAD_IFS => {
-                pinned::workload_interfaces(fd).map(|ifs| Body::Interfaces(ifs.into_iter().map(interface).collect()))
-            }
+            MAP_INTERFACES => pinned::interfaces(fd).map(|ifs| {
+                let rows = ifs.into_iter().map(|(ifindex, bits)| FlaggedInterface {
+                    interface: interface(ifindex),
+                    flags: [(IF_WORKLOAD, "workload"), (IF_POD, "pod"), (IF_L3, "l3")]
+                        .into_iter()
+                        .filter(|(bit, _)| bits & bit != 0)
+                        .map(|(_, name)| name)
+                        .collect(),
+                });
+                Body::Interfaces(rows.collect())
+            }),
             MAP_LISTENERS => {
                 pinned::listener_slots(fd).map(|slots| Body::Listeners(slots.into_iter().map(slot).collect()))
             }
@@ -170,11 +188,7 @@ fn slot(s: pinned::ListenerSlot) -> Slot {
 }
 
 fn interface(ifindex: u32) -> Interface {
-    // nix 0.31 does not see if_indextoname's NULL as failure: an unknown index comes back
-    // as an empty name.
-    let interface =
-        nix::net::if_::if_indextoname(ifindex).ok().map(|n| n.to_string_lossy().into_owned()).filter(|n| !n.is_empty());
-    Interface { ifindex, interface }
+    Interface { ifindex, interface: crate::routing::interface_name(ifindex) }
 }
 
 impl Interface {
@@ -234,13 +248,17 @@ fn render(out: &mut String, v: &MapView, have_workloads: bool) {
         Body::Interfaces(rows) => {
             let _ = writeln!(
                 out,
-                "{} (map id {}): {} with enrolled workloads (TCP from unenrolled sources is dropped there)",
+                "{} (map id {}): {} the classifier knows (workload: TCP must come from an enrolled IP; \
+                 pod: sources must route back through it; l3: no link-layer header)",
                 v.map,
                 v.id,
                 plural(rows.len(), "interface", "interfaces")
             );
-            let cells: Vec<Vec<String>> = rows.iter().map(|r| vec![r.text()]).collect();
-            table(out, &["INTERFACE"], &cells);
+            let cells: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| vec![r.interface.text(), if r.flags.is_empty() { "-".into() } else { r.flags.join(",") }])
+                .collect();
+            table(out, &["INTERFACE", "FLAGS"], &cells);
         }
         Body::Listeners(slots) => {
             let registered = slots.iter().filter(|s| s.registered).count();

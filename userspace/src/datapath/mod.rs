@@ -9,7 +9,7 @@ pub mod pinned;
 mod sys;
 
 /// Raw BPF syscalls for inspecting any map (used by `meshpath map` and `status`).
-pub use sys::bpf;
+pub use sys::{async_events, bpf};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -23,18 +23,18 @@ use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, T
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, SkLookup, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use meshpath_common::names::{
-    BPFFS_ROOT, MAP_COUNTERS, MAP_LISTENERS, MAP_WORKLOAD_IFS, MAP_WORKLOADS, PIN_DIR, PIN_LINKS_SUBDIR,
+    BPFFS_ROOT, MAP_COUNTERS, MAP_EVENTS, MAP_INTERFACES, MAP_LISTENERS, MAP_WORKLOADS, PIN_DIR, PIN_LINKS_SUBDIR,
     PIN_SK_LOOKUP_LINK, PIN_TC_LINK_PREFIX, PINNED_MAPS, PROG_SK_LOOKUP, PROG_TC_INGRESS, STATE_DIR, TC_FILTER_HANDLE,
     TC_FILTER_PRIORITY,
 };
 use meshpath_common::{Counter, Listener, WorkloadKey, WorkloadValue};
-use sys::{PodKey, PodValue};
+use sys::{IfValue, PodKey, PodValue};
 
 /// The compiled eBPF object, built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshpath-ebpf.o"));
 
-/// Forwards the programs' `aya_log` records to the `log` facade (and so to `tracing`).
-pub type EbpfLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+/// The programs' drop events ([`meshpath_common::DropEvent`]), to read as they come.
+pub type Events = aya::maps::RingBuf<MapData>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -149,6 +149,7 @@ pub struct Counters {
     pub missing_socket: u64,
     pub spoof_dropped: u64,
     pub malformed: u64,
+    pub undelivered: u64,
 }
 
 impl Counters {
@@ -159,6 +160,7 @@ impl Counters {
             Counter::MissingSocket => self.missing_socket,
             Counter::SpoofDropped => self.spoof_dropped,
             Counter::Malformed => self.malformed,
+            Counter::Undelivered => self.undelivered,
         }
     }
 
@@ -180,6 +182,7 @@ impl Counters {
             Counter::MissingSocket => &mut self.missing_socket,
             Counter::SpoofDropped => &mut self.spoof_dropped,
             Counter::Malformed => &mut self.malformed,
+            Counter::Undelivered => &mut self.undelivered,
         }
     }
 }
@@ -198,6 +201,11 @@ fn read_pinned<T>(
 /// The pinned counters of a node, summed over CPUs (for `status`, metrics and tests).
 pub fn read_pinned_counters(node: &str) -> Result<Counters> {
     read_pinned(node, MAP_COUNTERS, pinned::counters).map(|values| Counters::from_values(&values))
+}
+
+/// The pinned interface map of a node: ifindex → `IF_*` flags.
+pub fn read_pinned_interfaces(node: &str) -> Result<BTreeMap<u32, u32>> {
+    read_pinned(node, MAP_INTERFACES, pinned::interfaces)
 }
 
 /// The pinned workload map of a node: IP → ifindex.
@@ -229,13 +237,16 @@ pub struct Datapath {
     tc_links: BTreeMap<u32, TcAttachment>,
     mode: AttachMode,
     node: String,
-    _sk_lookup_link: PinnedLink,
+    /// Held for its fd (the pin keeps the link too); `None` only while being re-pinned.
+    sk_lookup_link: Option<PinnedLink>,
     workloads: BpfHashMap<MapData, PodKey, PodValue>,
-    workload_ifs: BpfHashMap<MapData, u32, u32>,
+    interfaces: BpfHashMap<MapData, u32, IfValue>,
     /// A SOCKMAP with 8-byte values, which aya's `SockMap` does not take: written raw.
     listeners: MapData,
     counters: PerCpuArray<MapData, u64>,
-    _logger: Option<EbpfLogger>,
+    events: Option<Events>,
+    /// A second fd of each pinned map, to pin it again if its pin is deleted.
+    pinned_maps: Vec<(&'static str, std::os::fd::OwnedFd)>,
     ebpf: Ebpf,
     pin_dir: PathBuf,
 }
@@ -259,14 +270,6 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        // Kernel-side warnings (spoof drops, missing sockets) reach our tracing output.
-        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                tracing::warn!(error = %e, "eBPF logging unavailable");
-                None
-            }
-        };
 
         let tc: &mut SchedClassifier = program(&mut ebpf, PROG_TC_INGRESS)?;
         tc.load().map_err(|source| DatapathError::Program { name: PROG_TC_INGRESS, source })?;
@@ -282,8 +285,10 @@ impl Datapath {
 
         let workloads = BpfHashMap::try_from(take_map(&mut ebpf, MAP_WORKLOADS)?)
             .map_err(|source| DatapathError::Map { name: MAP_WORKLOADS, source })?;
-        let workload_ifs = BpfHashMap::try_from(take_map(&mut ebpf, MAP_WORKLOAD_IFS)?)
-            .map_err(|source| DatapathError::Map { name: MAP_WORKLOAD_IFS, source })?;
+        let interfaces = BpfHashMap::try_from(take_map(&mut ebpf, MAP_INTERFACES)?)
+            .map_err(|source| DatapathError::Map { name: MAP_INTERFACES, source })?;
+        let events = aya::maps::RingBuf::try_from(take_map(&mut ebpf, MAP_EVENTS)?)
+            .map_err(|source| DatapathError::Map { name: MAP_EVENTS, source })?;
         let listeners = match take_map(&mut ebpf, MAP_LISTENERS)? {
             aya::maps::Map::SockMap(m) => m,
             _ => return Err(DatapathError::Missing { kind: "SOCKMAP", name: MAP_LISTENERS }),
@@ -291,17 +296,22 @@ impl Datapath {
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, MAP_COUNTERS)?)
             .map_err(|source| DatapathError::Map { name: MAP_COUNTERS, source })?;
 
+        let mut pinned_maps = Vec::new();
+        for (name, path) in map_paths {
+            pinned_maps.push((name, bpf::obj_get(&path).map_err(io_err(&path))?));
+        }
         tracing::info!(pin_dir = %pin_dir.display(), "datapath loaded; sk_lookup attached to this network namespace");
         Ok(Self {
             tc_links: BTreeMap::new(),
             mode,
             node: node.to_owned(),
-            _sk_lookup_link: sk_lookup_link,
+            sk_lookup_link: Some(sk_lookup_link),
             workloads,
-            workload_ifs,
+            interfaces,
             listeners,
             counters,
-            _logger: logger,
+            events: Some(events),
+            pinned_maps,
             ebpf,
             pin_dir,
         })
@@ -311,13 +321,52 @@ impl Datapath {
         &self.pin_dir
     }
 
-    /// Takes the eBPF logger out so the caller can drain it asynchronously.
-    pub fn take_logger(&mut self) -> Option<EbpfLogger> {
-        self._logger.take()
+    /// Takes the drop events out so the caller can follow them asynchronously.
+    pub fn take_events(&mut self) -> Option<Events> {
+        self.events.take()
     }
 
     fn tc_pin_path(&self, ifindex: u32) -> PathBuf {
         self.pin_dir.join(PIN_LINKS_SUBDIR).join(format!("{PIN_TC_LINK_PREFIX}{ifindex}"))
+    }
+
+    /// Pins again whatever of ours someone deleted from bpffs (maps and links stay alive
+    /// while this process holds them; without their pins a restart would lose them, and
+    /// `status` and the metrics could not see them). The paths it restored.
+    pub fn restore_pins(&mut self) -> Result<Vec<PathBuf>> {
+        let mut restored = Vec::new();
+        let links = self.pin_dir.join(PIN_LINKS_SUBDIR);
+        if !links.exists() {
+            std::fs::create_dir_all(&links).map_err(io_err(&links))?;
+        }
+        for (name, fd) in &self.pinned_maps {
+            let path = self.pin_dir.join(name);
+            if !path.exists() {
+                bpf::obj_pin(std::os::fd::AsFd::as_fd(fd), &path).map_err(io_err(&path))?;
+                restored.push(path);
+            }
+        }
+        let sk = links.join(PIN_SK_LOOKUP_LINK);
+        if !sk.exists()
+            && let Some(link) = self.sk_lookup_link.take()
+        {
+            self.sk_lookup_link = Some(repin(link, &sk)?);
+            restored.push(sk);
+        }
+        let missing: Vec<u32> = self
+            .tc_links
+            .iter()
+            .filter(|(i, a)| matches!(a, TcAttachment::Tcx(_)) && !self.tc_pin_path(**i).exists())
+            .map(|(i, _)| *i)
+            .collect();
+        for ifindex in missing {
+            let path = self.tc_pin_path(ifindex);
+            if let Some(TcAttachment::Tcx(link)) = self.tc_links.remove(&ifindex) {
+                self.tc_links.insert(ifindex, TcAttachment::Tcx(repin(link, &path)?));
+                restored.push(path);
+            }
+        }
+        Ok(restored)
     }
 
     /// Interfaces this instance has attached to.
@@ -426,28 +475,27 @@ impl Datapath {
         }
     }
 
-    /// Interfaces currently flagged as workload veths.
-    pub fn workload_interfaces(&self) -> Result<BTreeSet<u32>> {
-        self.workload_ifs
-            .keys()
+    /// The interfaces in the interface map, with their `IF_*` flags.
+    pub fn interfaces(&self) -> Result<BTreeMap<u32, u32>> {
+        self.interfaces
+            .iter()
+            .map(|r| r.map(|(k, v)| (k, v.0.flags)))
             .collect::<Result<_, _>>()
-            .map_err(|source| DatapathError::Map { name: MAP_WORKLOAD_IFS, source })
+            .map_err(|source| DatapathError::Map { name: MAP_INTERFACES, source })
     }
 
-    /// Makes the set of workload interfaces exactly `wanted`.
-    pub fn set_workload_interfaces(&mut self, wanted: &BTreeSet<u32>) -> Result<()> {
-        let err = |source| DatapathError::Map { name: MAP_WORKLOAD_IFS, source };
-        let current = self.workload_interfaces()?;
-        for i in wanted.difference(&current) {
-            self.workload_ifs.insert(*i, 0, 0).map_err(err)?;
+    /// Sets an interface's flags in the interface map.
+    pub fn set_interface(&mut self, ifindex: u32, flags: u32) -> Result<()> {
+        self.interfaces
+            .insert(ifindex, IfValue(meshpath_common::InterfaceValue::new(flags)), 0)
+            .map_err(|source| DatapathError::Map { name: MAP_INTERFACES, source })
+    }
+
+    pub fn remove_interface(&mut self, ifindex: u32) -> Result<()> {
+        match self.interfaces.remove(&ifindex) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(DatapathError::Map { name: MAP_INTERFACES, source }),
         }
-        for i in current.difference(wanted) {
-            match self.workload_ifs.remove(i) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(source) => return Err(err(source)),
-            }
-        }
-        Ok(())
     }
 
     /// Current content of the workload map: IP → ifindex.
@@ -487,6 +535,11 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map> {
 fn replace_pin(link: FdLink, path: &Path) -> Result<PinnedLink> {
     remove_file_if_exists(path)?;
     link.pin(path).map_err(|source| DatapathError::Pin { path: path.to_owned(), source })
+}
+
+/// Pins a pinned link again at `path` (its old pin is gone).
+fn repin(link: PinnedLink, path: &Path) -> Result<PinnedLink> {
+    FdLink::from(link).pin(path).map_err(|source| DatapathError::Pin { path: path.to_owned(), source })
 }
 
 fn remove_file_if_exists(path: &Path) -> Result<()> {

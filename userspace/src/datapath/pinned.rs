@@ -7,8 +7,8 @@ use std::io;
 use std::net::IpAddr;
 use std::os::fd::BorrowedFd;
 
-use meshpath_common::names::{MAP_COUNTERS, MAP_LISTENERS, MAP_WORKLOAD_IFS, MAP_WORKLOADS};
-use meshpath_common::{Counter, Listener, WorkloadKey, WorkloadValue};
+use meshpath_common::names::{MAP_COUNTERS, MAP_INTERFACES, MAP_LISTENERS, MAP_WORKLOADS};
+use meshpath_common::{Counter, InterfaceValue, Listener, WorkloadKey, WorkloadValue};
 
 use super::sys::bpf;
 
@@ -87,10 +87,10 @@ pub fn workloads(fd: BorrowedFd<'_>) -> Result<BTreeMap<IpAddr, u32>> {
         .collect())
 }
 
-/// [`MAP_WORKLOAD_IFS`]: the interfaces with an enrolled workload behind them.
-pub fn workload_interfaces(fd: BorrowedFd<'_>) -> Result<BTreeSet<u32>> {
-    let m = Checked::open(fd, MAP_WORKLOAD_IFS, 4, Some(4))?;
-    Ok(m.keys()?.iter().map(|k| u32::from_ne_bytes(array(k))).collect())
+/// [`MAP_INTERFACES`]: the interfaces the classifier knows, with their `IF_*` flags.
+pub fn interfaces(fd: BorrowedFd<'_>) -> Result<BTreeMap<u32, u32>> {
+    let m = Checked::open(fd, MAP_INTERFACES, 4, Some(size_of::<InterfaceValue>()))?;
+    Ok(m.entries()?.into_iter().map(|(k, v)| (u32::from_ne_bytes(array(&k)), u32::from_ne_bytes(array(&v)))).collect())
 }
 
 /// One slot of [`MAP_LISTENERS`].

@@ -3,7 +3,7 @@
 //! byte, its BTF). Everything else in userspace is safe code.
 #![allow(unsafe_code)]
 
-use meshpath_common::{WorkloadKey, WorkloadValue};
+use meshpath_common::{InterfaceValue, WorkloadKey, WorkloadValue};
 
 /// [`WorkloadKey`] as an aya map key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -14,6 +14,15 @@ pub struct PodKey(pub WorkloadKey);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(transparent)]
 pub struct PodValue(pub WorkloadValue);
+
+/// [`InterfaceValue`] as an aya map value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct IfValue(pub InterfaceValue);
+
+// SAFETY: `InterfaceValue` is `#[repr(C)]` of two `u32` with no padding (checked by the
+// layout test in meshpath-common); every bit pattern is valid.
+unsafe impl aya::Pod for IfValue {}
 
 // SAFETY: `WorkloadKey` is `#[repr(C)]` around `[u8; 16]`: no padding, every bit pattern
 // valid; `repr(transparent)` keeps that layout.
@@ -36,6 +45,7 @@ pub mod bpf {
     const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
     const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
     const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    const BPF_OBJ_PIN: libc::c_long = 6;
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_MAP_GET_NEXT_ID: libc::c_long = 12;
     const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
@@ -221,6 +231,14 @@ pub mod bpf {
         sys(BPF_BTF_GET_FD_BY_ID, &mut a).map(owned_fd)
     }
 
+    /// Pins the object behind `fd` at `path` on bpffs.
+    pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let mut a = ObjGetAttr { pathname: c.as_ptr() as u64, bpf_fd: fd.as_raw_fd() as u32, ..Default::default() };
+        sys(BPF_OBJ_PIN, &mut a).map(|_| ())
+    }
+
     /// Opens a pinned BPF object.
     pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
         use std::os::unix::ffi::OsStrExt;
@@ -286,4 +304,13 @@ pub mod bpf {
         data.truncate(bi.btf_size as usize);
         Ok(data)
     }
+}
+
+/// The drop-event ring buffer, registered with tokio's reactor so its readiness can be
+/// awaited.
+pub fn async_events(events: super::Events) -> std::io::Result<tokio::io::unix::AsyncFd<super::Events>> {
+    // SAFETY: the ring buffer owns its map fd, which nothing else closes while the AsyncFd
+    // owns the ring buffer, and `as_raw_fd` always returns that same fd.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
+        .map_err(std::io::Error::from)
 }

@@ -4,8 +4,12 @@
 //!
 //! - [`source`]: the workload file or Kubernetes, each publishing the desired state;
 //! - [`reconcile`]: attachments, route resolution and the map diff;
-//! - [`routes`]: the cache of which interface each workload IP is routed to.
+//! - [`routes`]: the cache of which interface each workload IP is routed to;
+//! - [`lock`]: the node lock daemons share and `uninstall` takes whole;
+//! - [`drops`]: the datapath's drop events, as rate-limited log lines.
 
+mod drops;
+pub mod lock;
 mod reconcile;
 mod routes;
 pub mod source;
@@ -26,7 +30,8 @@ use crate::metrics::{self, Metrics};
 use crate::proxy::{self, PlaintextPolicy, Proxy, ProxyConfig, access_log::AccessLog};
 use crate::routing::{self, Routing, RoutingError};
 use crate::state::{DesiredState, WorkloadIndex};
-use reconcile::Reconciler;
+use lock::{LockError, NodeLock};
+use reconcile::{Reconciler, Trigger};
 use source::{Source, SourceError, StateRx};
 
 #[derive(Debug, thiserror::Error)]
@@ -49,8 +54,10 @@ pub enum NodeError {
     NoSuchInterface(String),
     #[error("the source of the desired state stopped before its first state")]
     Sync,
-    #[error("a meshpath daemon still serves this network namespace (its readiness port answers); stop it first")]
-    DaemonRunning,
+    #[error("a meshpath daemon still serves node {0} (it holds the node lock); stop it first")]
+    DaemonRunning(String),
+    #[error(transparent)]
+    Lock(#[from] LockError),
 }
 
 /// Settings of the node daemon.
@@ -102,6 +109,11 @@ impl CertSource {
     }
 }
 
+/// The safety tick: even when the kernel announces nothing, every this often the whole
+/// state is looked at again (interfaces, the capture rule and routes, pins, a slice of the
+/// cached route lookups). Everything else is driven by changes.
+pub(super) const SAFETY_TICK: Duration = Duration::from_secs(5);
+
 /// Runs until `shutdown` resolves. On return the listeners are closed, so enrolled traffic
 /// fails closed, while programs, maps and routing stay in the kernel for the next instance.
 pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
@@ -116,18 +128,17 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let metrics_listener = admin::bind(cfg.metrics_port).await?;
     let metrics = Metrics::new();
     let listeners = proxy::bind_listeners()?;
+    let _lock = if cfg.proxy_only { None } else { Some(NodeLock::shared(&cfg.node)?) };
 
     // The capture rule and routes are installed by the first reconcile pass below. Until
     // then a restarted node keeps capturing with the pinned maps (and drops that traffic:
     // no listener is registered yet).
-    let mut kernel = if cfg.proxy_only {
+    let (mut kernel, fresh) = if cfg.proxy_only {
         tracing::info!("proxy only: no datapath is loaded; something else must deliver connections to the listeners");
-        None
+        (None, false)
     } else {
-        let mut routing = Routing::connect()?;
-        routing.watch_routes()?;
-        let dp = Datapath::load(&cfg.node, cfg.attach_mode)?;
-        Some(Reconciler::new(&cfg.node, &cfg.interfaces, cfg.poll_interval, routing, dp))
+        let (k, fresh) = load_kernel(&cfg).await?;
+        (Some(k), fresh)
     };
 
     let proxy = Proxy::new(
@@ -143,8 +154,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         metrics.clone(),
     );
     metrics.set_sources(ScrapeSources { node: cfg.node.clone(), proxy: proxy.clone() });
-    if let Some(logger) = kernel.as_mut().and_then(|k| k.datapath().take_logger()) {
-        spawn_ebpf_log_drain(logger, stop_rx.clone());
+    if let Some(events) = kernel.as_mut().and_then(|k| k.datapath().take_events()) {
+        drops::spawn(events, stop_rx.clone());
     }
 
     // Probes get answers (503 until ready) while the first state is awaited.
@@ -154,54 +165,89 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let metrics_task = tokio::spawn(admin::serve(metrics_listener, routes, stop_rx.clone()));
     tokio::pin!(shutdown);
 
-    let Some(first) = first_state(&mut desired, &mut shutdown).await? else {
-        let _ = stop_tx.send(true);
-        let _ = tokio::join!(admin_task, metrics_task);
-        tracing::info!("stopped before the first state; the pinned datapath is unchanged");
-        return Ok(());
-    };
     let apply = |state: &DesiredState, kernel: Option<&mut Reconciler>| {
         proxy.set_workloads(WorkloadIndex::new(state, &cfg.trust_domain));
         if let Some(k) = kernel {
             k.set_file(state.workloads.clone());
         }
     };
-    apply(&first, kernel.as_mut());
-    if let Some(k) = kernel.as_mut() {
-        for l in &listeners {
-            k.datapath().register_listener(l.role, l.ipv6, &l.socket)?;
+    let started = async {
+        let Some(first) = first_state(&mut desired, &mut shutdown).await? else { return Ok(false) };
+        apply(&first, kernel.as_mut());
+        if let Some(k) = kernel.as_mut() {
+            for l in &listeners {
+                k.datapath().register_listener(l.role, l.ipv6, &l.socket)?;
+            }
+            tracing::info!(count = listeners.len(), "proxy listeners registered in the SOCKMAP");
+            // Stale entries of a previous run go here, before the node reports ready.
+            k.reconcile(Trigger::Safety).await?;
         }
-        tracing::info!(count = listeners.len(), "proxy listeners registered in the SOCKMAP");
-        // Stale entries of a previous run go here, before the node reports ready.
-        k.reconcile().await?;
+        Ok::<_, NodeError>(true)
+    }
+    .await;
+    match started {
+        Ok(true) => {}
+        Ok(false) => {
+            let _ = stop_tx.send(true);
+            let _ = tokio::join!(admin_task, metrics_task);
+            tracing::info!("stopped before the first state; the pinned datapath is unchanged");
+            return Ok(());
+        }
+        Err(e) => {
+            let _ = stop_tx.send(true);
+            if fresh {
+                // Nothing of this node was in the kernel before this start: take it all out again.
+                drop(kernel.take());
+                match remove_datapath(&cfg.node).await {
+                    Ok(report) => tracing::info!("start failed; removed what it had set up: {report}"),
+                    Err(undo) => tracing::error!("start failed, and removing what it had set up failed too: {undo}"),
+                }
+            }
+            return Err(e);
+        }
     }
     let proxy_task = tokio::spawn(proxy.clone().serve(listeners, stop_rx.clone()));
     ready.set(true);
     tracing::info!(node = %cfg.node, source = ?cfg.source, "node ready");
 
-    let mut tick = tokio::time::interval(cfg.poll_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut safety = tokio::time::interval(SAFETY_TICK);
+    safety.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    safety.reset();
     let mut following = true;
+    let mut failing = false;
     loop {
-        tokio::select! {
+        let trigger = tokio::select! {
             _ = &mut shutdown => break,
-            _ = tick.tick() => {}
-            changed = desired.changed(), if following => match changed {
-                Ok(()) => {
-                    if let Some(state) = desired.borrow_and_update().clone() {
-                        apply(&state, kernel.as_mut());
+            _ = safety.tick() => Trigger::Safety,
+            _ = kernel_changed(kernel.as_mut()) => Trigger::Change,
+            changed = desired.changed(), if following => {
+                match changed {
+                    Ok(()) => {
+                        if let Some(state) = desired.borrow_and_update().clone() {
+                            apply(&state, kernel.as_mut());
+                        }
+                    }
+                    Err(_) => {
+                        tracing::error!("the source of the desired state stopped; keeping the last state");
+                        following = false;
                     }
                 }
-                Err(_) => {
-                    tracing::error!("the source of the desired state stopped; keeping the last state");
-                    following = false;
+                Trigger::Change
+            }
+        };
+        if let Some(k) = kernel.as_mut() {
+            match k.reconcile(trigger).await {
+                Ok(()) if failing => {
+                    tracing::info!("reconcile recovered: the kernel matches the desired state again");
+                    failing = false;
                 }
-            },
-        }
-        if let Some(k) = kernel.as_mut()
-            && let Err(e) = k.reconcile().await
-        {
-            tracing::error!("reconcile failed (will retry): {e}");
+                Ok(()) => {}
+                Err(e) => {
+                    // One line per failure streak's cause, not one per pass.
+                    tracing::error!("reconcile failed (retrying on the next change or within {SAFETY_TICK:?}): {e}");
+                    failing = true;
+                }
+            }
         }
     }
 
@@ -215,6 +261,36 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         "stopped; the datapath stays pinned and drops enrolled traffic until a daemon takes over (`meshpath uninstall` removes it)"
     );
     Ok(())
+}
+
+/// Checks the named interfaces exist (before anything is put into the kernel), then loads
+/// the datapath; whether this node had no datapath before (so a failed start removes it).
+async fn load_kernel(cfg: &NodeConfig) -> Result<(Reconciler, bool), NodeError> {
+    let mut routing = Routing::connect()?;
+    let ifaces = routing.interfaces().await?;
+    if let Some(missing) = cfg.interfaces.iter().find(|n| !ifaces.iter().any(|i| &i.name == *n)) {
+        return Err(NodeError::NoSuchInterface(missing.clone()));
+    }
+    routing.watch()?;
+    let fresh = !datapath::node_pin_dir(&cfg.node)?.exists();
+    let dp = match Datapath::load(&cfg.node, cfg.attach_mode) {
+        Ok(dp) => dp,
+        Err(e) => {
+            if fresh {
+                let _ = datapath::unpin_all(&cfg.node);
+            }
+            return Err(e.into());
+        }
+    };
+    Ok((Reconciler::new(cfg, routing, dp), fresh))
+}
+
+/// Resolves when the kernel announces a change; never without a datapath.
+async fn kernel_changed(kernel: Option<&mut Reconciler>) {
+    match kernel {
+        Some(k) => k.kernel_changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Waits for the source's first state; `None` when `shutdown` came first.
@@ -256,43 +332,16 @@ impl metrics::Sources for ScrapeSources {
     }
 }
 
-/// Drains the eBPF log buffer on a thread of its own (it is a plain fd to poll).
-fn spawn_ebpf_log_drain(mut logger: datapath::EbpfLogger, stop: watch::Receiver<bool>) {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    use std::os::fd::AsFd;
-    let spawned = std::thread::Builder::new().name("ebpf-log".into()).spawn(move || {
-        while !*stop.borrow() {
-            let ready = {
-                let mut fds = [PollFd::new(logger.as_fd(), PollFlags::POLLIN)];
-                poll(&mut fds, PollTimeout::from(500u16))
-            };
-            match ready {
-                Ok(n) if n > 0 => logger.flush(),
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "polling eBPF logs failed; kernel-side log lines are no longer shown");
-                    return;
-                }
-            }
-        }
-    });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start the eBPF log thread");
-    }
+/// `meshpath uninstall`: removes every rule, route, attachment and pin of `node` from the
+/// current network namespace and bpffs. Refused while any daemon holds the node lock.
+pub async fn uninstall(node: &str) -> Result<String, NodeError> {
+    datapath::validate_node_name(node)?;
+    let Some(_lock) = NodeLock::exclusive(node)? else { return Err(NodeError::DaemonRunning(node.to_owned())) };
+    remove_datapath(node).await
 }
 
-/// `meshpath uninstall`: removes every rule, route, attachment and pin of `node` from the
-/// current network namespace and bpffs.
-pub async fn uninstall(node: &str, readiness_port: u16) -> Result<String, NodeError> {
-    datapath::validate_node_name(node)?;
-    if std::net::TcpStream::connect_timeout(
-        &(std::net::Ipv4Addr::LOCALHOST, readiness_port).into(),
-        Duration::from_millis(300),
-    )
-    .is_ok()
-    {
-        return Err(NodeError::DaemonRunning);
-    }
+/// Removes what meshpath put into the kernel for `node`, saying what it removed.
+async fn remove_datapath(node: &str) -> Result<String, NodeError> {
     let routing = Routing::connect()?;
     let (rules, routes) = routing.remove_capture().await?;
     let names = routing::names_by_index(&routing.interfaces().await?);
@@ -301,11 +350,14 @@ pub async fn uninstall(node: &str, readiness_port: u16) -> Result<String, NodeEr
         routing.delete_clsact(*ifindex).await?;
     }
     let pins = datapath::unpin_all(node)?;
+    // The clsact part only applies where meshpath attached over netlink.
+    let netlink = if filters > 0 || !qdiscs.is_empty() {
+        format!(", {filters} tc filter(s), {} clsact qdisc(s)", qdiscs.len())
+    } else {
+        String::new()
+    };
     Ok(format!(
-        "removed {rules} routing rule(s), {routes} route(s), {} link pin(s) (detaching their programs), {filters} tc filter(s), \
-         {} clsact qdisc(s) and {} map pin(s) of node {node}",
-        pins.links,
-        qdiscs.len(),
-        pins.maps
+        "removed {rules} routing rule(s), {routes} route(s), {} link pin(s) (detaching their programs){netlink} and {} map pin(s) of node {node}",
+        pins.links, pins.maps
     ))
 }

@@ -1,37 +1,57 @@
 //! Makes the kernel match the desired state: the capture rule and routes, the classifier on
-//! every interface it should be on, and the workload maps.
+//! every interface it should be on with that interface's flags, and the workload map.
 //!
-//! Each pass: attach (and prune) first, then resolve each local workload IP to the interface
-//! the kernel routes it to, then write the difference into the maps. The classifier goes
-//! first so an IP is never in the map while its interface lacks the program.
+//! A pass runs when something changed (the desired state, or the kernel announced a link,
+//! address, route or rule change) and on a slow safety tick. Each pass: attach (and prune)
+//! first, then resolve each local workload IP to the interface the kernel routes it to,
+//! then write the difference into the maps. The classifier goes first so an IP is never in
+//! the map while its interface lacks the program.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use ipnet::IpNet;
+use meshpath_common::interface::{IF_L3, IF_POD, IF_WORKLOAD};
+
 use super::NodeError;
 use super::routes::RouteCache;
 use crate::datapath::Datapath;
-use crate::routing::{self, Interface, Routing};
+use crate::routing::{Interface, Routing};
 use crate::workloads::WorkloadFile;
 
 /// How long the map's contents are trusted before they are read again (meshpath is their only
 /// writer; this catches anyone else's edits).
 const FULL_PASS: Duration = Duration::from_secs(10);
+/// Unresolved IPs with one problem are listed one per line up to this many; beyond, one
+/// summary line says how many and names a few.
+const LISTED_PROBLEMS: usize = 3;
 
 /// Where a local workload IP should be in the map: its interface, and its workload (for logs).
 type DesiredMap = BTreeMap<IpAddr, (u32, String)>;
 
+/// What a pass was started by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Trigger {
+    /// The desired state or the kernel changed.
+    Change,
+    /// The safety tick: everything is looked at again, whatever was announced.
+    Safety,
+}
+
 pub(super) struct Reconciler {
     node: String,
     /// Interfaces named on the command line; empty means every non-loopback one.
-    interfaces: Vec<String>,
-    tick: Duration,
+    named: Vec<String>,
+    pod_cidrs: Vec<IpNet>,
+    safety_tick: Duration,
     routing: Routing,
     dp: Datapath,
     file: WorkloadFile,
     routes: RouteCache,
-    /// Workload IPs whose interface could not be found, with the last reason logged.
+    /// The interfaces as last listed; listed again when the kernel says they changed.
+    ifaces: Option<Vec<Interface>>,
+    /// Workload IPs that could not be enrolled, with the reason last logged.
     unresolved: BTreeMap<IpAddr, String>,
     /// What the workload map holds: meshpath is its only writer, so this is read from the
     /// kernel only on full passes.
@@ -44,15 +64,17 @@ pub(super) struct Reconciler {
 }
 
 impl Reconciler {
-    pub(super) fn new(node: &str, interfaces: &[String], tick: Duration, routing: Routing, dp: Datapath) -> Self {
+    pub(super) fn new(cfg: &super::NodeConfig, routing: Routing, dp: Datapath) -> Self {
         Self {
-            node: node.to_owned(),
-            interfaces: interfaces.to_vec(),
-            tick,
+            node: cfg.node.clone(),
+            named: cfg.interfaces.clone(),
+            pod_cidrs: cfg.pod_cidrs.clone(),
+            safety_tick: super::SAFETY_TICK,
             routing,
             dp,
             file: WorkloadFile::default(),
             routes: RouteCache::default(),
+            ifaces: None,
             unresolved: BTreeMap::new(),
             map: None,
             last_full: Instant::now(),
@@ -70,13 +92,29 @@ impl Reconciler {
         self.dirty = true;
     }
 
+    /// Resolves when the kernel announces a change (kept for the next pass).
+    pub(super) async fn kernel_changed(&mut self) {
+        self.routing.changed().await
+    }
+
     /// One pass. Nothing is redone when nothing changed: the same workloads over the same
     /// interfaces with the same classifiers, all resolved, recently checked.
-    pub(super) async fn reconcile(&mut self) -> Result<(), NodeError> {
-        let ifaces = self.routing.interfaces().await?;
-        let attached = self.attach(&ifaces).await?;
-        let relisted = self.routes.track(&mut self.routing, &ifaces, self.tick, &mut self.dirty).await?;
-        let full = relisted || self.map.is_none() || self.last_full.elapsed() >= FULL_PASS;
+    pub(super) async fn reconcile(&mut self, trigger: Trigger) -> Result<(), NodeError> {
+        let changes = self.routing.changes();
+        let safety = trigger == Trigger::Safety || changes.lost;
+        if safety {
+            for path in self.dp.restore_pins()? {
+                tracing::warn!(path = %path.display(), "a pin of this node was deleted behind the daemon; pinned it again");
+            }
+        }
+        if safety || changes.interfaces || self.ifaces.is_none() {
+            self.ifaces = Some(self.routing.interfaces().await?);
+        }
+        let ifaces = self.ifaces.clone().unwrap_or_default();
+        let attached = self.attach(&ifaces, safety || changes.capture).await?;
+        let relisted = self.routes.track(&mut self.routing, &ifaces, &changes, safety, self.safety_tick).await?;
+        self.dirty |= relisted.forgot;
+        let full = relisted.relisted || self.map.is_none() || self.last_full.elapsed() >= FULL_PASS;
         if !full && !self.dirty && attached == self.last_attached && self.unresolved.is_empty() {
             return Ok(());
         }
@@ -84,81 +122,151 @@ impl Reconciler {
             self.last_full = Instant::now();
             self.map = Some(self.dp.workloads()?);
         }
-        let names = routing::names_by_index(&ifaces);
-        let desired = self.resolve(&attached, &names).await?;
-        self.apply(&desired, &names)?;
-        // Only a pass that went through clears the flags: a failed one is retried next tick.
+        let desired = self.resolve(&ifaces, &attached).await?;
+        self.apply(&desired, &ifaces)?;
+        // Only a pass that went through clears the flags: a failed one is retried next time.
         self.dirty = false;
         self.last_attached = attached;
         Ok(())
     }
 
-    /// Restores the capture rule and routes, attaches the classifier where it should be and
-    /// prunes attachments of vanished interfaces; the interfaces that carry it.
-    async fn attach(&mut self, ifaces: &[Interface]) -> Result<BTreeSet<u32>, NodeError> {
-        let wanted: Vec<&Interface> = if self.interfaces.is_empty() {
+    /// Restores the capture rule and routes (when they may have changed), attaches the
+    /// classifier where it should be, with each interface's flags written first, and prunes
+    /// what vanished; the interfaces that carry it.
+    async fn attach(&mut self, ifaces: &[Interface], check_capture: bool) -> Result<BTreeSet<u32>, NodeError> {
+        let wanted: Vec<&Interface> = if self.named.is_empty() {
             ifaces.iter().filter(|i| !i.loopback).collect()
         } else {
             let named = |name: &String| ifaces.iter().find(|i| &i.name == name);
-            self.interfaces
+            self.named
                 .iter()
                 .map(|n| named(n).ok_or_else(|| NodeError::NoSuchInterface(n.clone())))
                 .collect::<Result<_, _>>()?
         };
         // Someone may have flushed our rule or routes: put them back (idempotent).
-        self.routing.install_capture().await?;
+        if check_capture && self.routing.install_capture().await? {
+            tracing::warn!("the capture rule or its routes were missing; restored them");
+        }
+        let flags = self.dp.interfaces()?;
         for i in wanted {
+            // The workload bit is the map pass's to set; the rest is the interface's kind.
+            let want = kind_flags(i, &self.pod_cidrs) | (flags.get(&i.index).copied().unwrap_or(0) & IF_WORKLOAD);
+            if flags.get(&i.index) != Some(&want) {
+                self.dp.set_interface(i.index, want)?;
+            }
             // An interface can vanish between listing and attaching (pod churn): skip it,
             // the next pass sees the new state.
             if let Err(e) = self.dp.attach_tc(i.index, &i.name) {
                 tracing::warn!(interface = %i.name, "attaching the classifier failed (will retry): {e}");
             }
         }
-        self.dp.prune_tc(&ifaces.iter().map(|i| i.index).collect())?;
-        Ok(self.dp.attached_interfaces())
+        let existing: BTreeSet<u32> = ifaces.iter().map(|i| i.index).collect();
+        self.dp.prune_tc(&existing)?;
+        let attached = self.dp.attached_interfaces();
+        for ifindex in flags.keys().filter(|i| !attached.contains(i)) {
+            self.dp.remove_interface(*ifindex)?;
+        }
+        Ok(attached)
     }
 
-    /// This node's workload IPs → the interface the kernel routes them to, for those routed
-    /// to an interface with the classifier; the others are kept (and logged once) as
-    /// unresolved, to be retried every tick.
-    async fn resolve(
-        &mut self,
-        attached: &BTreeSet<u32>,
-        names: &BTreeMap<u32, String>,
-    ) -> Result<DesiredMap, NodeError> {
+    /// This node's workload IPs → the pod-facing interface the kernel routes them to; the
+    /// others are kept (and logged once) as unresolved, to be retried every pass.
+    async fn resolve(&mut self, ifaces: &[Interface], attached: &BTreeSet<u32>) -> Result<DesiredMap, NodeError> {
         let local: Vec<(IpAddr, String)> =
             self.file.on_node(&self.node).flat_map(|w| w.ips.iter().map(|ip| (ip.to_canonical(), w.id()))).collect();
-        let routes = self.routes.resolve(&self.routing, local.iter().map(|(ip, _)| *ip)).await?;
+        let own: BTreeSet<IpAddr> = ifaces.iter().flat_map(|i| i.addresses.iter().map(|a| a.to_canonical())).collect();
+        let routable: Vec<IpAddr> =
+            local.iter().map(|(ip, _)| *ip).filter(|ip| !own.contains(ip) && self.in_pod_cidrs(*ip)).collect();
+        let routes = self.routes.resolve(&self.routing, routable).await?;
         let mut desired = DesiredMap::new();
-        let mut unresolved = BTreeMap::new();
+        let mut problems = BTreeMap::new();
         for (ip, id) in local {
-            let problem = match routes.get(&ip).copied().flatten() {
-                Some(ifx) if attached.contains(&ifx) => {
+            match self.place(ip, &own, routes.get(&ip).copied().flatten(), ifaces, attached) {
+                Ok(ifx) => {
                     desired.insert(ip, (ifx, id));
-                    continue;
                 }
-                Some(ifx) => format!(
-                    "routed via {} which meshpath is not attached to (see --interfaces)",
-                    names.get(&ifx).map(String::as_str).unwrap_or("?")
-                ),
-                None => "no device route to it on this node (is its veth up?)".to_string(),
-            };
-            if self.unresolved.get(&ip) != Some(&problem) {
-                tracing::warn!(workload = %id, %ip, "not enrolled yet: {problem}");
+                Err(problem) => {
+                    problems.insert(ip, (problem, id));
+                }
             }
-            unresolved.insert(ip, problem);
         }
-        self.unresolved = unresolved;
+        self.report(&problems);
+        self.unresolved = problems.into_iter().map(|(ip, (p, _))| (ip, p)).collect();
         Ok(desired)
+    }
+
+    /// The interface a workload IP is enrolled on, or why it is not. An address of the node,
+    /// one outside the pod networks or one behind an uplink would capture (or drop) traffic
+    /// that is not the workload's: every flow of the node through that interface.
+    fn place(
+        &self,
+        ip: IpAddr,
+        own: &BTreeSet<IpAddr>,
+        route: Option<u32>,
+        ifaces: &[Interface],
+        attached: &BTreeSet<u32>,
+    ) -> Result<u32, String> {
+        if own.contains(&ip) {
+            return Err("it is an address of this node, not of a pod".into());
+        }
+        if !self.in_pod_cidrs(ip) {
+            return Err(format!("it is outside the pod networks ({})", cidrs(&self.pod_cidrs)));
+        }
+        let Some(ifx) = route else { return Err("no device route to it on this node (is its veth up?)".into()) };
+        let iface = ifaces.iter().find(|i| i.index == ifx);
+        let name = iface.map_or("?", |i| i.name.as_str());
+        match iface {
+            Some(i) if kind_flags(i, &self.pod_cidrs) & IF_POD == 0 => {
+                Err(format!("it is routed via {name}, which is not pod-facing (it carries the node's addresses)"))
+            }
+            _ if !attached.contains(&ifx) => {
+                Err(format!("routed via {name} which meshpath is not attached to (see --interface)"))
+            }
+            _ => Ok(ifx),
+        }
+    }
+
+    fn in_pod_cidrs(&self, ip: IpAddr) -> bool {
+        self.pod_cidrs.is_empty() || self.pod_cidrs.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Logs what newly cannot be enrolled: one line per IP for a few, one summary per reason
+    /// for many (a bad file with 60 000 entries must not write 60 000 lines).
+    fn report(&self, problems: &BTreeMap<IpAddr, (String, String)>) {
+        let mut by_reason: BTreeMap<&str, Vec<(IpAddr, &str)>> = BTreeMap::new();
+        for (ip, (problem, id)) in problems {
+            if self.unresolved.get(ip) != Some(problem) {
+                by_reason.entry(problem).or_default().push((*ip, id));
+            }
+        }
+        for (problem, ips) in by_reason {
+            if ips.len() <= LISTED_PROBLEMS {
+                for (ip, id) in ips {
+                    tracing::warn!(workload = %id, %ip, "not enrolled: {problem}");
+                }
+            } else {
+                let some: Vec<String> = ips.iter().take(LISTED_PROBLEMS).map(|(ip, id)| format!("{id} {ip}")).collect();
+                tracing::warn!(count = ips.len(), examples = %some.join(", "), "workload IPs not enrolled: {problem}");
+            }
+        }
+        let cleared = self.unresolved.keys().filter(|ip| !problems.contains_key(ip)).count();
+        if cleared > 0 && problems.is_empty() {
+            tracing::info!(count = cleared, "every workload IP of this node is enrolled again");
+        }
     }
 
     /// Writes the difference between `desired` and the map. Interface flags go after their
     /// IPs on the way in and before them on the way out, so a workload's own TCP is never
     /// dropped as coming from an unenrolled source.
-    fn apply(&mut self, desired: &DesiredMap, names: &BTreeMap<u32, String>) -> Result<(), NodeError> {
+    fn apply(&mut self, desired: &DesiredMap, ifaces: &[Interface]) -> Result<(), NodeError> {
+        let names: BTreeMap<u32, &str> = ifaces.iter().map(|i| (i.index, i.name.as_str())).collect();
         let wanted_ifs: BTreeSet<u32> = desired.values().map(|(ifx, _)| *ifx).collect();
-        let keep_ifs = self.dp.workload_interfaces()?.intersection(&wanted_ifs).copied().collect();
-        self.dp.set_workload_interfaces(&keep_ifs)?;
+        let flags = self.dp.interfaces()?;
+        for (ifx, f) in &flags {
+            if f & IF_WORKLOAD != 0 && !wanted_ifs.contains(ifx) {
+                self.dp.set_interface(*ifx, f & !IF_WORKLOAD)?;
+            }
+        }
         let current = self.map.get_or_insert_with(BTreeMap::new);
         let stale: Vec<IpAddr> = current.keys().filter(|ip| !desired.contains_key(ip)).copied().collect();
         for ip in stale {
@@ -170,11 +278,69 @@ impl Reconciler {
             if current.get(ip) != Some(ifx) {
                 self.dp.upsert_workload(*ip, *ifx)?;
                 current.insert(*ip, *ifx);
-                let ifname = names.get(ifx).map(String::as_str).unwrap_or("?");
+                let ifname = names.get(ifx).copied().unwrap_or("?");
                 tracing::info!(workload = %id, %ip, interface = ifname, ifindex = ifx, "enrolled");
             }
         }
-        self.dp.set_workload_interfaces(&wanted_ifs)?;
+        for ifx in &wanted_ifs {
+            let f = flags.get(ifx).copied().unwrap_or(0);
+            if f & IF_WORKLOAD == 0 {
+                self.dp.set_interface(*ifx, f | IF_WORKLOAD)?;
+            }
+        }
         Ok(())
+    }
+}
+
+/// The flags an interface has by its kind: pod-facing unless it carries an address of the
+/// node's own (a global address outside the pod networks: an uplink); without a link-layer
+/// header, IP starts at offset 0.
+pub(super) fn kind_flags(i: &Interface, pod_cidrs: &[IpNet]) -> u32 {
+    let node_address = i.addresses.iter().any(|a| {
+        let a = a.to_canonical();
+        let link_scope = match a {
+            IpAddr::V4(v4) => v4.is_link_local(),
+            IpAddr::V6(v6) => v6.is_unicast_link_local(),
+        };
+        !link_scope && !a.is_loopback() && !pod_cidrs.iter().any(|n| n.contains(&a))
+    });
+    let pod = if node_address { 0 } else { IF_POD };
+    let l3 = if i.ethernet { 0 } else { IF_L3 };
+    pod | l3
+}
+
+fn cidrs(nets: &[IpNet]) -> String {
+    nets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iface(addresses: &[&str], ethernet: bool) -> Interface {
+        Interface {
+            index: 3,
+            name: "x".into(),
+            loopback: false,
+            up: true,
+            ethernet,
+            addresses: addresses.iter().map(|a| a.parse().expect("an IP")).collect(),
+        }
+    }
+
+    #[test]
+    fn uplinks_carry_node_addresses_and_pod_interfaces_do_not() {
+        let pods: Vec<IpNet> = vec!["10.244.0.0/16".parse().expect("a net")];
+        // A routed veth: only link-local gateway addresses.
+        assert_eq!(kind_flags(&iface(&["169.254.1.1", "fe80::1"], true), &pods), IF_POD);
+        assert_eq!(kind_flags(&iface(&[], true), &pods), IF_POD);
+        // The uplink, with the node's address.
+        assert_eq!(kind_flags(&iface(&["192.168.250.1", "fe80::2"], true), &pods), 0);
+        // A bridge or tunnel with a pod-network gateway address is still pod-facing...
+        assert_eq!(kind_flags(&iface(&["10.244.1.1"], true), &pods), IF_POD);
+        // ...but without pod networks to tell, any global address makes an uplink.
+        assert_eq!(kind_flags(&iface(&["10.244.1.1"], true), &[]), 0);
+        // A tun or WireGuard device has no Ethernet header.
+        assert_eq!(kind_flags(&iface(&["192.168.9.1"], false), &pods), IF_L3);
     }
 }

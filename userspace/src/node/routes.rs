@@ -2,8 +2,8 @@
 //!
 //! A cached lookup holds while the interfaces are the same (index, name, up state) and no
 //! route covering it changed. Route notifications drop exactly the lookups they cover; as a
-//! safety net for lost notifications, a slice of the cache is looked up again every tick,
-//! all of it once per [`ROUTE_RECHECK`].
+//! safety net for lost notifications, a slice of the cache is looked up again every safety
+//! tick, all of it once per [`ROUTE_RECHECK`].
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::routing::{Interface, RouteChanges, Routing, RoutingError};
+use crate::routing::{Changes, Interface, Routing, RoutingError};
 
 /// At 10 000 workloads the rolling re-check is a handful of lookups per tick, not a burst.
 pub(super) const ROUTE_RECHECK: Duration = Duration::from_secs(300);
@@ -20,6 +20,15 @@ pub(super) const ROUTE_RECHECK: Duration = Duration::from_secs(300);
 /// An interface as far as the validity of route lookups goes: an interface going down
 /// takes its IPv4 routes along without a route notification.
 type InterfaceKey = (u32, String, bool);
+
+/// What [`RouteCache::track`] did.
+#[derive(Debug, Default)]
+pub(super) struct Tracked {
+    /// The interfaces changed: every lookup is made again.
+    pub relisted: bool,
+    /// Some cached lookups were dropped.
+    pub forgot: bool,
+}
 
 #[derive(Default)]
 pub(super) struct RouteCache {
@@ -32,46 +41,47 @@ pub(super) struct RouteCache {
 }
 
 impl RouteCache {
-    /// Follows what changed since the last tick: new interfaces drop the whole cache (the
-    /// answer is `true`, "relisted"); otherwise announced changes drop what they cover and a
-    /// slice of the rest is looked up again. `changed` is set when any cached lookup went.
+    /// Follows what the kernel announced: new interfaces drop the whole cache
+    /// (`relisted`); otherwise announced changes drop what they cover and, on a safety
+    /// tick, a slice of the rest is looked up again. `forgot` when any cached lookup went.
     pub(super) async fn track(
         &mut self,
         routing: &mut Routing,
         ifaces: &[Interface],
+        changes: &Changes,
+        safety: bool,
         tick: Duration,
-        changed: &mut bool,
-    ) -> Result<bool, RoutingError> {
-        let now: Vec<InterfaceKey> = ifaces.iter().map(|i| (i.index, i.name.clone(), i.up)).collect();
-        match routing.route_changes() {
-            RouteChanges::Destinations(nets) => {
-                for net in nets {
-                    if forget_routes_in(&mut self.routes, &net) {
-                        tracing::debug!(%net, "route changed; its workloads' interfaces are looked up again");
-                        *changed = true;
-                    }
-                }
-            }
-            RouteChanges::Lost => {
-                tracing::info!("route notifications were lost; looking up every workload's interface again");
-                self.routes.clear();
-                *changed = true;
+    ) -> Result<Tracked, RoutingError> {
+        let mut out = Tracked::default();
+        if changes.lost {
+            tracing::info!("routing notifications were lost; looking up every workload's interface again");
+            self.routes.clear();
+            out.forgot = true;
+        }
+        for net in &changes.destinations {
+            if forget_routes_in(&mut self.routes, net) {
+                tracing::debug!(%net, "route changed; its workloads' interfaces are looked up again");
+                out.forgot = true;
             }
         }
+        let now: Vec<InterfaceKey> = ifaces.iter().map(|i| (i.index, i.name.clone(), i.up)).collect();
         if now != self.interfaces {
             self.routes.clear();
             self.interfaces = now;
-            return Ok(true);
+            out.relisted = true;
+            return Ok(out);
         }
-        let slice = refresh_slice(&self.routes, &mut self.cursor, tick);
-        for (ip, route) in routing.interfaces_for(slice).await? {
-            if self.routes.get(&ip).copied() != route {
-                tracing::debug!(%ip, ?route, "route changed");
-                self.routes.remove(&ip);
-                *changed = true;
+        if safety {
+            let slice = refresh_slice(&self.routes, &mut self.cursor, tick);
+            for (ip, route) in routing.interfaces_for(slice).await? {
+                if self.routes.get(&ip).copied() != route {
+                    tracing::debug!(%ip, ?route, "route changed");
+                    self.routes.remove(&ip);
+                    out.forgot = true;
+                }
             }
         }
-        Ok(false)
+        Ok(out)
     }
 
     /// The interface of each of `ips` (`None`: no device route to it), looking up those not

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
@@ -38,7 +38,7 @@ impl Source {
     pub async fn start(&self, poll: Duration, stop: watch::Receiver<bool>) -> Result<StateRx, SourceError> {
         match self {
             Source::File(path) => {
-                let (file, first) = FileSource::open(path)?;
+                let (file, first) = FileSource::open(path, poll)?;
                 Ok(file.spawn(first, poll, stop))
             }
             Source::Kubernetes => Ok(k8s::start(k8s::client().await?, stop)),
@@ -48,11 +48,18 @@ impl Source {
 
 /// How long a read of the workload file is trusted without reading it again.
 const FORCED_READ: Duration = Duration::from_secs(10);
+/// Polls a changed file's stamp must hold still before the file is read.
+const SETTLE_POLLS: u32 = 2;
 
-/// The workload file, polled: a changed file is applied whole or not at all, and an
-/// unreadable one changes nothing (reading it as empty would unenrol every workload).
+/// The workload file, polled: a changed file is applied whole or not at all, only once it
+/// has held still for [`SETTLE_POLLS`] polls (a file written in place passes through empty
+/// and half-written states), and an unreadable one changes nothing (reading it as empty
+/// would unenrol every workload).
 struct FileSource {
     path: PathBuf,
+    settle: Duration,
+    /// A changed stamp, and since when it has held.
+    settling: Option<(Option<FileStamp>, Instant)>,
     /// The text last parsed (valid or not): only a different text is parsed again.
     last_text: String,
     read_failed: bool,
@@ -62,11 +69,12 @@ struct FileSource {
 impl FileSource {
     /// Reads the file for the first time. Its stamp is taken before the read, so an edit
     /// made during start-up shows as a changed stamp and is not missed.
-    fn open(path: &Path) -> Result<(Self, WorkloadFile), WorkloadsError> {
+    fn open(path: &Path, poll: Duration) -> Result<(Self, WorkloadFile), WorkloadsError> {
         let stamp = FileStamp::of(path);
         let (file, last_text) = WorkloadFile::load_with_text(path)?;
         let read = FileRead { stamp, at: SystemTime::now() };
-        Ok((Self { path: path.to_owned(), last_text, read_failed: false, read }, file))
+        let settle = poll * SETTLE_POLLS;
+        Ok((Self { path: path.to_owned(), settle, settling: None, last_text, read_failed: false, read }, file))
     }
 
     fn spawn(mut self, first: WorkloadFile, poll: Duration, mut stop: watch::Receiver<bool>) -> StateRx {
@@ -94,7 +102,16 @@ impl FileSource {
         // workloads reading and comparing a megabyte every tick is not free.
         let now = FileStamp::of(&self.path);
         if !self.read_failed && self.read.still_current(now) {
+            self.settling = None;
             return None;
+        }
+        match self.settling {
+            Some((stamp, since)) if stamp == now && since.elapsed() >= self.settle => self.settling = None,
+            Some((stamp, _)) if stamp == now => return None,
+            _ => {
+                self.settling = Some((now, Instant::now()));
+                return None;
+            }
         }
         self.read = FileRead { stamp: now, at: SystemTime::now() };
         let text = match std::fs::read_to_string(&self.path) {
