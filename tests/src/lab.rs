@@ -418,6 +418,17 @@ impl Lab {
         datapath::read_pinned_interfaces(&self.nodes[node].name).map_err(|e| LabError::Other(e.to_string()))
     }
 
+    /// The value of one series of `node`'s `/metrics` (name and labels as printed), 0 when
+    /// it is not there.
+    pub fn http_metric(&self, node: usize, series: &str) -> Result<f64> {
+        let text = http_get(&self.nodes[node].name, meshpath_common::names::PORT_METRICS, "/metrics")?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0))
+    }
+
     /// Runs `meshpath uninstall` for `node` inside its namespace.
     pub fn uninstall(&self, node: usize) -> Result<String> {
         self.meshpath(node, &["uninstall", "--node", &self.nodes[node].name])
@@ -479,7 +490,12 @@ impl Lab {
                     found.push(format!("rule: {}", l.trim()));
                 }
             }
-            for l in ip(&["-n", &ns, fam, "route", "show", "table", &table])?.lines() {
+            // A table that was never filled does not exist: nothing in it.
+            let routes = match ip(&["-n", &ns, fam, "route", "show", "table", &table]) {
+                Err(LabError::Command { stderr, .. }) if stderr.contains("does not exist") => String::new(),
+                other => other?,
+            };
+            for l in routes.lines() {
                 found.push(format!("route in table {table}: {}", l.trim()));
             }
         }
@@ -609,7 +625,8 @@ pub fn meshpath_binary() -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os(MESHPATH_BIN_ENV).filter(|b| !b.is_empty()) {
         let bin = PathBuf::from(bin);
         return if bin.is_file() {
-            Ok(bin)
+            // Daemons run it from inside other namespaces' views: an absolute path.
+            Ok(std::fs::canonicalize(&bin)?)
         } else {
             Err(LabError::Other(format!("{MESHPATH_BIN_ENV}={} is not a file", bin.display())))
         };

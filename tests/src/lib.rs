@@ -7,6 +7,7 @@
 //! - [`smoke`]: the traffic matrix, checked hop by hop against the proxies' access logs;
 //! - [`capture`]: an AF_PACKET capture of the underlay and a TLS-record walker over it;
 //! - [`hbone_client`]: a hand-driven HBONE client, to send what a peer proxy would not;
+//! - [`raw`]: raw (VLAN-tagged, forged) frames from a pod;
 //! - [`apiserver`] and [`cluster`]: an in-process Kubernetes API server and the lab's pods,
 //!   namespaces and services as API objects;
 //! - [`loadgen`] and [`bench`]: the load generator and the benchmark against the iptables
@@ -23,6 +24,7 @@ pub mod cluster;
 pub mod hbone_client;
 pub mod lab;
 pub mod loadgen;
+pub mod raw;
 pub mod smoke;
 pub mod traffic;
 

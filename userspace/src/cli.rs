@@ -98,7 +98,8 @@ pub struct NodeArgs {
     /// Port of the Prometheus endpoint (`/metrics`), on every address of the node.
     #[arg(long, env = "MESHPATH_METRICS_PORT", default_value_t = meshpath_common::names::PORT_METRICS)]
     pub metrics_port: u16,
-    /// How often the workload file and the interfaces are checked for changes.
+    /// How often the workload file is checked for changes (the kernel's interfaces and routes
+    /// are followed by notification).
     #[arg(long, env = "MESHPATH_POLL_INTERVAL_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub poll_interval_ms: u64,
     /// Timeout for upstream connects.
@@ -129,6 +130,14 @@ pub struct NodeArgs {
     /// its listeners some other way (TPROXY rules, as the benchmarks' baselines do).
     #[arg(long, env = "MESHPATH_PROXY_ONLY")]
     pub proxy_only: bool,
+    /// Connections (and HBONE streams) the proxy holds at once; more are refused and counted
+    /// (`meshpath_connections_failed_total{reason="over_limit"}`). Default: what the open-files
+    /// limit (raised to its hard limit) holds, two per connection, after 512 for the daemon.
+    #[arg(long, env = "MESHPATH_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: Option<u64>,
+    /// Of those, how many one client address may hold. Default: an eighth of --max-connections.
+    #[arg(long, env = "MESHPATH_MAX_CONNECTIONS_PER_SOURCE", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections_per_source: Option<u64>,
     /// Close HBONE connections that carried no stream for this long.
     #[arg(long, env = "MESHPATH_HBONE_IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub hbone_idle_timeout_secs: u64,
@@ -196,6 +205,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 plaintext: a.inbound_plaintext,
                 hbone_idle_timeout: Duration::from_secs(a.hbone_idle_timeout_secs),
+                max_connections: a.max_connections.map(|n| n as usize),
+                max_connections_per_source: a.max_connections_per_source.map(|n| n as usize),
                 proxy_only: a.proxy_only,
             };
             runtime()?.block_on(node::run(cfg, shutdown_signal()))?;

@@ -72,6 +72,8 @@ pub trait Sources: Send + Sync + 'static {
     /// The datapath's kernel counters, by name.
     fn datapath_counters(&self) -> Option<Vec<(&'static str, u64)>>;
     fn pool(&self) -> PoolStats;
+    /// Connections (and HBONE streams) the proxy holds, and its limit.
+    fn connections(&self) -> (usize, usize);
 }
 
 pub struct Metrics {
@@ -128,9 +130,15 @@ impl Metrics {
     /// Counts a connection that did not end `ok` under its reason code.
     pub fn finished(&self, rec: &ConnectionRecord) {
         if rec.outcome != Outcome::Ok {
-            let labels = FailureLabels { listener: rec.listener.clone(), reason: rec.outcome.code() };
-            self.failed.get_or_create(&labels).inc();
+            self.failed_at(&rec.listener, rec.outcome);
         }
+    }
+
+    /// Counts a connection of `listener` that failed with `outcome`, with no record (those
+    /// refused at the door under a flood).
+    pub fn failed_at(&self, listener: &str, outcome: Outcome) {
+        let labels = FailureLabels { listener: listener.to_owned(), reason: outcome.code() };
+        self.failed.get_or_create(&labels).inc();
     }
 
     /// The text exposition format.
@@ -168,9 +176,12 @@ impl Collector for ScrapeTime {
             }
         }
         let pool = s.pool();
+        let (open, limit) = s.connections();
         for (name, help, v) in [
             ("meshpath_hbone_pool_connections", "HBONE connections in the outbound pool", pool.connections),
             ("meshpath_hbone_pool_streams", "Streams open on pooled HBONE connections", pool.streams),
+            ("meshpath_proxy_connections_open", "Connections and HBONE streams the proxy holds", open),
+            ("meshpath_proxy_connections_limit", "Connections and HBONE streams the proxy holds at most", limit),
         ] {
             let g = ConstGauge::new(v as i64);
             g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
@@ -235,6 +246,9 @@ mod tests {
         fn pool(&self) -> PoolStats {
             PoolStats { connections: 2, streams: 3 }
         }
+        fn connections(&self) -> (usize, usize) {
+            (4, 100)
+        }
     }
 
     #[test]
@@ -242,9 +256,13 @@ mod tests {
         let m = Metrics::new();
         m.set_sources(Fixed);
         let text = m.render();
-        for line in
-            ["meshpath_datapath_steered_total 7", "meshpath_hbone_pool_connections 2", "meshpath_hbone_pool_streams 3"]
-        {
+        for line in [
+            "meshpath_datapath_steered_total 7",
+            "meshpath_hbone_pool_connections 2",
+            "meshpath_hbone_pool_streams 3",
+            "meshpath_proxy_connections_open 4",
+            "meshpath_proxy_connections_limit 100",
+        ] {
             assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
         }
     }

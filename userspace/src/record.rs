@@ -43,10 +43,12 @@ pub enum Outcome {
     NoStream,
     /// Either side reset the connection, or its stream, mid-relay.
     Reset,
+    /// Refused at the door: the node's or the client address's connection limit is reached.
+    OverLimit,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 18] = [
+    pub const ALL: [Outcome; 19] = [
         Outcome::Ok,
         Outcome::SelfCall,
         Outcome::UnknownSource,
@@ -65,6 +67,7 @@ impl Outcome {
         Outcome::HboneRefused,
         Outcome::NoStream,
         Outcome::Reset,
+        Outcome::OverLimit,
     ];
 
     /// The stable code (what the access log and the metrics carry).
@@ -88,6 +91,7 @@ impl Outcome {
             Outcome::HboneRefused => "hbone_refused",
             Outcome::NoStream => "no_stream",
             Outcome::Reset => "reset",
+            Outcome::OverLimit => "over_limit",
         }
     }
 }

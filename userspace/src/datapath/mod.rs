@@ -85,6 +85,11 @@ pub fn node_pin_dir(node: &str) -> Result<PathBuf> {
     Ok(Path::new(PIN_DIR).join(node))
 }
 
+/// Whether nothing of `node` is pinned or kept in its state directory.
+pub fn is_fresh(node: &str) -> Result<bool> {
+    Ok(!node_pin_dir(node)?.exists() && !Path::new(STATE_DIR).join(node).exists())
+}
+
 /// Mounts bpffs on /sys/fs/bpf unless it is already there (it is not by default on
 /// every distribution, nor inside some containers).
 pub fn ensure_bpffs() -> Result<()> {

@@ -27,6 +27,7 @@ use crate::datapath::{self, AttachMode, Datapath, DatapathError};
 use crate::identity::manager::CertificateManager;
 use crate::identity::{CertificateProvider, IdentityError, ca, files};
 use crate::metrics::{self, Metrics};
+use crate::proxy::limits::{self, Limits};
 use crate::proxy::{self, PlaintextPolicy, Proxy, ProxyConfig, access_log::AccessLog};
 use crate::routing::{self, Routing, RoutingError};
 use crate::state::{DesiredState, WorkloadIndex};
@@ -79,6 +80,10 @@ pub struct NodeConfig {
     pub certificates: CertSource,
     pub plaintext: PlaintextPolicy,
     pub hbone_idle_timeout: Duration,
+    /// Connections (and HBONE streams) held at once; `None`: what the open-files limit holds.
+    pub max_connections: Option<usize>,
+    /// Of those, per client address; `None`: an eighth of the node's.
+    pub max_connections_per_source: Option<usize>,
     /// Run the proxy without loading the datapath (connections reach the listeners by
     /// other means, e.g. TPROXY rules: the benchmarks' baselines).
     pub proxy_only: bool,
@@ -128,17 +133,22 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let metrics_listener = admin::bind(cfg.metrics_port).await?;
     let metrics = Metrics::new();
     let listeners = proxy::bind_listeners()?;
+    // Nothing of this node in the kernel or its state directory: a start that fails takes
+    // out again everything it put there.
+    let fresh = !cfg.proxy_only && datapath::is_fresh(&cfg.node)?;
     let _lock = if cfg.proxy_only { None } else { Some(NodeLock::shared(&cfg.node)?) };
 
     // The capture rule and routes are installed by the first reconcile pass below. Until
     // then a restarted node keeps capturing with the pinned maps (and drops that traffic:
     // no listener is registered yet).
-    let (mut kernel, fresh) = if cfg.proxy_only {
+    let mut kernel = if cfg.proxy_only {
         tracing::info!("proxy only: no datapath is loaded; something else must deliver connections to the listeners");
-        (None, false)
+        None
     } else {
-        let (k, fresh) = load_kernel(&cfg).await?;
-        (Some(k), fresh)
+        match load_kernel(&cfg).await {
+            Ok(k) => Some(k),
+            Err(e) => return Err(undo_start(&cfg.node, fresh, e).await),
+        }
     };
 
     let proxy = Proxy::new(
@@ -148,6 +158,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             connect_timeout: cfg.connect_timeout,
             plaintext: cfg.plaintext,
             hbone_idle_timeout: cfg.hbone_idle_timeout,
+            limits: connection_limits(&cfg),
         },
         log,
         certs,
@@ -195,15 +206,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         }
         Err(e) => {
             let _ = stop_tx.send(true);
-            if fresh {
-                // Nothing of this node was in the kernel before this start: take it all out again.
-                drop(kernel.take());
-                match remove_datapath(&cfg.node).await {
-                    Ok(report) => tracing::info!("start failed; removed what it had set up: {report}"),
-                    Err(undo) => tracing::error!("start failed, and removing what it had set up failed too: {undo}"),
-                }
-            }
-            return Err(e);
+            // The programs detach once their links' last fds close with the datapath.
+            drop(kernel.take());
+            return Err(undo_start(&cfg.node, fresh, e).await);
         }
     }
     let proxy_task = tokio::spawn(proxy.clone().serve(listeners, stop_rx.clone()));
@@ -263,26 +268,40 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     Ok(())
 }
 
+/// The connection budget: what the flags say, or what the open-files limit (raised to its
+/// hard limit first) holds after a reserve for the daemon's own work.
+fn connection_limits(cfg: &NodeConfig) -> Arc<Limits> {
+    let fds = limits::raise_fd_limit();
+    let (total, per_source) = Limits::for_fd_limit(fds);
+    let total = cfg.max_connections.unwrap_or(total);
+    let per_source = cfg.max_connections_per_source.unwrap_or(per_source.min(total));
+    tracing::info!(open_files = fds, max_connections = total, max_per_source = per_source, "connection limits");
+    Limits::new(total, per_source)
+}
+
 /// Checks the named interfaces exist (before anything is put into the kernel), then loads
-/// the datapath; whether this node had no datapath before (so a failed start removes it).
-async fn load_kernel(cfg: &NodeConfig) -> Result<(Reconciler, bool), NodeError> {
+/// the datapath.
+async fn load_kernel(cfg: &NodeConfig) -> Result<Reconciler, NodeError> {
     let mut routing = Routing::connect()?;
     let ifaces = routing.interfaces().await?;
     if let Some(missing) = cfg.interfaces.iter().find(|n| !ifaces.iter().any(|i| &i.name == *n)) {
         return Err(NodeError::NoSuchInterface(missing.clone()));
     }
     routing.watch()?;
-    let fresh = !datapath::node_pin_dir(&cfg.node)?.exists();
-    let dp = match Datapath::load(&cfg.node, cfg.attach_mode) {
-        Ok(dp) => dp,
-        Err(e) => {
-            if fresh {
-                let _ = datapath::unpin_all(&cfg.node);
-            }
-            return Err(e.into());
+    let dp = Datapath::load(&cfg.node, cfg.attach_mode)?;
+    Ok(Reconciler::new(cfg, routing, dp))
+}
+
+/// After a failed start: when the node was fresh, removes what the start put into the
+/// kernel and the state directory. Returns the start's error.
+async fn undo_start(node: &str, fresh: bool, error: NodeError) -> NodeError {
+    if fresh {
+        match remove_datapath(node).await {
+            Ok(report) => tracing::info!("start failed; removed what it had set up: {report}"),
+            Err(undo) => tracing::error!("start failed, and removing what it had set up failed too: {undo}"),
         }
-    };
-    Ok((Reconciler::new(cfg, routing, dp), fresh))
+    }
+    error
 }
 
 /// Resolves when the kernel announces a change; never without a datapath.
@@ -329,6 +348,10 @@ impl metrics::Sources for ScrapeSources {
 
     fn pool(&self) -> metrics::PoolStats {
         self.proxy.pool_stats()
+    }
+
+    fn connections(&self) -> (usize, usize) {
+        self.proxy.connections()
     }
 }
 

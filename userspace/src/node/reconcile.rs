@@ -144,8 +144,8 @@ impl Reconciler {
                 .collect::<Result<_, _>>()?
         };
         // Someone may have flushed our rule or routes: put them back (idempotent).
-        if check_capture && self.routing.install_capture().await? {
-            tracing::warn!("the capture rule or its routes were missing; restored them");
+        if check_capture {
+            self.routing.install_capture().await?;
         }
         let flags = self.dp.interfaces()?;
         for i in wanted {

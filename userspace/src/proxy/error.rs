@@ -58,6 +58,17 @@ pub enum Error {
     Relay(#[from] RelayError),
     #[error("reset: {0}")]
     Reset(std::io::Error),
+    #[error("{0}")]
+    OverLimit(&'static str),
+}
+
+impl From<super::limits::Over> for Error {
+    fn from(o: super::limits::Over) -> Self {
+        Error::OverLimit(match o {
+            super::limits::Over::Node => "the node's connection limit is reached",
+            super::limits::Over::Source => "the client address's connection limit is reached",
+        })
+    }
 }
 
 impl Error {
@@ -81,6 +92,7 @@ impl Error {
             Error::HboneStream { .. } => Outcome::HboneRefused,
             Error::NoStream => Outcome::NoStream,
             Error::StreamGone(_) | Error::Relay(_) | Error::Reset(_) => Outcome::Reset,
+            Error::OverLimit(_) => Outcome::OverLimit,
         }
     }
 

@@ -72,12 +72,14 @@ pub(super) async fn hbone(p: Arc<Proxy>, index: Arc<WorkloadIndex>, tcp: TcpStre
     rec.src_identity = peer_id.as_ref().map(ToString::to_string);
     // The app will see the tunnel's source IP as its client: an IP of a known workload must
     // belong to the identity the peer just proved, or one workload could speak as another.
-    if let Some(owner) = index.get(rec.src.ip())
-        && Some(&owner.identity) != peer_id.as_ref()
-    {
-        let presented = rec.src_identity.clone().unwrap_or_else(|| "no identity".into());
-        let e = Error::IdentityMismatch { ip: rec.src.ip(), owner: owner.identity.to_string(), presented };
-        return p.finish(rec, started, Err(e));
+    if let Some(owner) = index.get(rec.src.ip()) {
+        if Some(&owner.identity) != peer_id.as_ref() {
+            let presented = rec.src_identity.clone().unwrap_or_else(|| "no identity".into());
+            let e = Error::IdentityMismatch { ip: rec.src.ip(), owner: owner.identity.to_string(), presented };
+            return p.finish(rec, started, Err(e));
+        }
+        // Proven by the certificate, not by the address alone.
+        rec.src_workload = Some(owner.id.clone());
     }
     rec.mtls = true;
     let label = format!("{} -> {dialed}", rec.src);
@@ -131,6 +133,12 @@ async fn serve_stream(
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) -> Result<(), Error> {
+    // Each stream holds a connection upstream: it takes a slot of its own.
+    let _slot = p
+        .limits
+        .admit(rec.src.ip())
+        .map_err(Error::from)
+        .inspect_err(|e| super::h2::server::reject(&mut respond, e.status()))?;
     // The index of now, not of the connection's start: a workload that left since gets 503.
     let checked = check_request(req.method(), req.uri(), rec.orig_dst.ip(), &local.identity, &p.index(), &p.cfg.node);
     let target = checked.inspect_err(|e| super::h2::server::reject(&mut respond, e.status()))?;

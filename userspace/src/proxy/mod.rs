@@ -14,8 +14,10 @@ pub mod access_log;
 pub mod error;
 pub mod h2;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
 pub mod pool;
+pub mod relay;
 pub mod socket;
 
 use std::collections::HashMap;
@@ -67,6 +69,8 @@ pub struct ProxyConfig {
     pub plaintext: PlaintextPolicy,
     /// HBONE connections without streams for this long are closed.
     pub hbone_idle_timeout: Duration,
+    /// Connections (and HBONE streams) held at once.
+    pub limits: Arc<limits::Limits>,
 }
 
 /// A bound listener of one role and family.
@@ -99,6 +103,7 @@ pub fn bind_listeners() -> Result<Vec<BoundListener>, ProxyError> {
 
 pub struct Proxy {
     cfg: ProxyConfig,
+    limits: Arc<limits::Limits>,
     index: RwLock<Arc<WorkloadIndex>>,
     log: AccessLog,
     metrics: Arc<Metrics>,
@@ -112,6 +117,7 @@ impl Proxy {
     pub fn new(cfg: ProxyConfig, log: AccessLog, certs: Arc<CertificateManager>, metrics: Arc<Metrics>) -> Arc<Self> {
         let pool = Pool::new(cfg.hbone_idle_timeout);
         Arc::new(Self {
+            limits: cfg.limits.clone(),
             cfg,
             index: RwLock::new(Arc::default()),
             log,
@@ -144,6 +150,11 @@ impl Proxy {
         self.index.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Connections (and HBONE streams) held, and the limit.
+    pub fn connections(&self) -> (usize, usize) {
+        (self.limits.open(), self.limits.max_total())
+    }
+
     /// HBONE pool occupancy.
     pub fn pool_stats(&self) -> crate::metrics::PoolStats {
         self.pool.stats()
@@ -162,16 +173,31 @@ impl Proxy {
     }
 
     async fn accept_loop(self: Arc<Self>, l: BoundListener, mut shutdown: watch::Receiver<bool>) {
+        let mut failing = false;
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 r = l.socket.accept() => match r {
                     Ok((stream, peer)) => {
-                        tokio::spawn(self.clone().handle(l.role, stream, peer));
+                        failing = false;
+                        match self.limits.admit(peer.ip()) {
+                            Ok(slot) => {
+                                tokio::spawn(self.clone().handle(l.role, stream, peer, slot));
+                            }
+                            Err(_) => {
+                                // Refused at the door, counted, no record: a flood must not
+                                // cost a log line each (the limiter logs a summary).
+                                socket::reset_on_close(&stream);
+                                self.metrics.failed_at(l.role.name(), Outcome::OverLimit);
+                            }
+                        }
                     }
                     Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(listener = l.role.name(), error = %e, "accept failed");
+                        // EMFILE and friends: back off instead of spinning, one line a streak.
+                        if !failing {
+                            tracing::warn!(listener = l.role.name(), error = %e, "accept failed; backing off");
+                            failing = true;
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
@@ -179,7 +205,7 @@ impl Proxy {
         }
     }
 
-    async fn handle(self: Arc<Self>, role: Listener, mut client: TcpStream, peer: SocketAddr) {
+    async fn handle(self: Arc<Self>, role: Listener, mut client: TcpStream, peer: SocketAddr, _slot: limits::Slot) {
         let orig_dst = match client.local_addr() {
             Ok(a) => canonical(a),
             Err(e) => {
@@ -221,7 +247,12 @@ impl Proxy {
 
     /// A record for a connection from `src` to `orig_dst`, with the workloads filled in.
     fn record(&self, index: &WorkloadIndex, role: Listener, src: SocketAddr, orig_dst: SocketAddr) -> ConnectionRecord {
-        let (s, d) = (index.get(src.ip()), index.get(orig_dst.ip()));
+        // A source IP proves a workload only where the kernel vouches for it: an enrolled
+        // pod of this node (outbound; the classifier binds its IPs to its veth). Plaintext
+        // from elsewhere carries no identity, whatever address it claims; HBONE proves its
+        // own with a certificate.
+        let s = if role == Listener::Outbound { index.get(src.ip()) } else { None };
+        let d = index.get(orig_dst.ip());
         ConnectionRecord {
             start_ms: unix_ms(),
             duration_ms: 0,
@@ -275,28 +306,20 @@ impl Proxy {
         let mut upstream =
             socket::connect_upstream(dst, source, timeout).await.map_err(|e| Error::upstream(dst, e, timeout))?;
         rec.upstream_src = upstream.local_addr().ok().map(canonical);
-        // 64 KiB buffers (tokio's default is 8): a bulk transfer then takes an eighth of the
-        // wake-ups and syscalls (measured: `cargo xtask bench`, 1-stream throughput).
-        match tokio::io::copy_bidirectional_with_sizes(client, &mut upstream, RELAY_BUFFER, RELAY_BUFFER).await {
-            Ok((sent, received)) => {
-                rec.bytes_sent = sent;
-                rec.bytes_received = received;
-                Ok(())
-            }
-            Err(e) => {
-                socket::reset_on_close(&upstream);
-                Err(Error::Reset(e))
-            }
-        }
+        let mut moved = relay::Moved::default();
+        let result = relay::relay(client, &mut upstream, &mut moved).await;
+        rec.bytes_sent = moved.a_to_b;
+        rec.bytes_received = moved.b_to_a;
+        result.map_err(|e| {
+            socket::reset_on_close(&upstream);
+            Error::Reset(e)
+        })
     }
 
     fn is_pod_ip(&self, index: &WorkloadIndex, ip: IpAddr) -> bool {
         self.cfg.pod_cidrs.iter().any(|n| n.contains(&ip)) || index.get(ip).is_some()
     }
 }
-
-/// Buffer per direction of a plain relay.
-const RELAY_BUFFER: usize = 64 * 1024;
 
 /// Now, in milliseconds since the Unix epoch (a record's `start_ms`).
 fn unix_ms() -> u64 {

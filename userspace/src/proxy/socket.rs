@@ -45,6 +45,12 @@ pub async fn connect_upstream(
     s.set_tcp_nodelay(true)?;
     if let Some(src) = source {
         s.set_ip_transparent_v4(true)?;
+        // The port is then chosen at connect, for the whole 4-tuple, where TIME_WAIT
+        // sockets of earlier connections can be reused; chosen at bind (port 0 for the
+        // address alone) every TIME_WAIT from this client IP blocks its port, and under
+        // churn binds crawl through tens of thousands of them.
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
+            .map_err(io::Error::from)?;
         sock.bind(SocketAddr::new(src, 0))?;
     }
     match tokio::time::timeout(timeout, sock.connect(dst)).await {

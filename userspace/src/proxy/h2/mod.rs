@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::socket;
@@ -93,13 +93,22 @@ async fn tcp_to_stream(
     send: &mut SendStream<Bytes>,
     count: &mut u64,
 ) -> Result<(), RelayError> {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut buf = BytesMut::new();
     loop {
-        buf.reserve(READ_CHUNK);
         // While waiting for the local side, notice a reset of the stream: the local side
-        // may never send again.
+        // may never send again. The buffer is taken only once there is data: an idle
+        // stream holds none.
         let read = tokio::select! {
-            r = rd.read_buf(&mut buf) => r,
+            r = rd.readable() => match r {
+                Ok(()) => {
+                    buf.reserve(READ_CHUNK);
+                    match rd.try_read_buf(&mut buf) {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        r => r,
+                    }
+                }
+                Err(e) => Err(e),
+            },
             r = poll_fn(|cx| send.poll_reset(cx)) => return match r {
                 // The peer wants no more data but did not fail (HTTP/2 allows that after a
                 // complete answer): stop sending, as ztunnel reads it.
@@ -116,7 +125,8 @@ async fn tcp_to_stream(
             Ok(_) => {}
             Err(e) => return Err(RelayError::Tcp(e)),
         }
-        let mut chunk = buf.split().freeze();
+        // The whole buffer goes: its spare room is not kept for an idle stream.
+        let mut chunk = std::mem::take(&mut buf).freeze();
         while !chunk.is_empty() {
             send.reserve_capacity(chunk.len());
             let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {

@@ -1,0 +1,251 @@
+//! A hostile pod and a careless operator against the real kernel, each in a lab of its own:
+//! VLAN-tagged frames, addresses of other nodes' pods, the capture rule deleted under a
+//! stopped daemon, uninstall under a running one, workload IPs that are not pods', pins
+//! deleted, a failed start, a workload file written in place. Every one must fail closed.
+
+use std::net::IpAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use meshpath_lab::capture::Capture;
+use meshpath_lab::{Lab, raw, smoke};
+
+mod support;
+use support::{built_lab, send, started_lab, wait_until};
+
+fn ip(ns: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new("ip").args(["-n", ns]).args(args).output()?;
+    ensure!(out.status.success(), "ip -n {ns} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Writes a TCP SYN from `from` (claiming address `src`) to `to` under two priority tags
+/// (802.1ad then 802.1Q, VID 0), and reports whether node 1's underlay carried it.
+fn tagged_syn_crossed_the_underlay(lab: &Lab, from: &str, src: IpAddr, sport: u16, to: &str) -> Result<bool> {
+    let p = lab.pod(from);
+    let node = &lab.nodes[p.node].name;
+    let dst_mac = raw::mac_of(node, &p.host_if)?;
+    let src_mac = raw::mac_of(&p.netns, "eth0")?;
+    let src = std::net::SocketAddr::new(src, sport);
+    let dst = lab.addr(to, false, smoke::APP_PORT);
+    let frame = raw::tagged_syn(src_mac, dst_mac, &[raw::TPID_8021AD, raw::TPID_8021Q], src, dst);
+    let capture = Capture::start(node, "ul0")?;
+    raw::send_frame(&p.netns, "eth0", &frame)?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(capture.stop()?.iter().any(|s| s.syn && !s.ack && s.src == src && s.dst == dst))
+}
+
+#[test]
+fn double_tagged_frames_are_classified_as_the_stack_will_see_them() -> Result<()> {
+    let lab = started_lab()?;
+    let _servers = smoke::start_servers(&lab)?;
+    // a's own SYN to d under two tags: captured and steered to the proxy, never direct.
+    let before = lab.counters(0)?;
+    ensure!(
+        !tagged_syn_crossed_the_underlay(&lab, "a", lab.pod("a").v4, 40_001, "d")?,
+        "a's tagged SYN to d went direct"
+    );
+    let after = lab.counters(0)?;
+    ensure!(after.steered > before.steered, "a's tagged SYN did not reach the proxy: {before:?} -> {after:?}");
+    // b claiming a's address under two tags: dropped as the spoof it is.
+    ensure!(
+        !tagged_syn_crossed_the_underlay(&lab, "b", lab.pod("a").v4, 40_002, "c")?,
+        "b's tagged spoof reached the underlay"
+    );
+    ensure!(lab.counters(0)?.spoof_dropped > after.spoof_dropped, "the tagged spoof was not counted as one");
+    // Tagged deeper than meshpath reads: dropped on a pod interface.
+    let p = lab.pod("b");
+    let frame = raw::tagged_syn(
+        raw::mac_of(&p.netns, "eth0")?,
+        raw::mac_of(&lab.nodes[0].name, &p.host_if)?,
+        // The outermost goes to the skb's metadata on the way in: three stay in the frame.
+        &[raw::TPID_8021AD, raw::TPID_8021Q, raw::TPID_8021Q, raw::TPID_8021Q],
+        std::net::SocketAddr::new(p.v4, 41_000),
+        lab.addr("d", false, smoke::APP_PORT),
+    );
+    let malformed = lab.counters(0)?.malformed;
+    raw::send_frame(&p.netns, "eth0", &frame)?;
+    wait_until("the triple-tagged frame to be dropped", Duration::from_secs(2), || {
+        Ok(lab.counters(0)?.malformed > malformed)
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_pod_cannot_claim_the_address_of_another_nodes_pod() -> Result<()> {
+    let lab = started_lab()?;
+    let _servers = smoke::start_servers(&lab)?;
+    let c = lab.pod("c").v4;
+    // To an enrolled pod of its own node, to a plain one on the other node, to c itself.
+    for to in ["e", "d", "c"] {
+        let row = smoke::spoof(&lab, "b claims c's address", "b", c, to)?;
+        ensure!(row.ok, "b -> {to} claiming c's address: {} ({})", row.path, row.detail);
+    }
+    let log = std::fs::read_to_string(lab.daemon_log_path(0))?;
+    ensure!(
+        log.lines().any(|l| l.contains("no_route_back") && l.contains("interface=vpb") && l.contains(&c.to_string())),
+        "node 1's log does not name the reason, the interface and the address"
+    );
+    Ok(())
+}
+
+#[test]
+fn without_the_capture_rule_connections_are_dropped_not_sent_direct() -> Result<()> {
+    use meshpath_common::names::{ROUTE_TABLE, RULE_PRIORITY};
+    let mut lab = started_lab()?;
+    let _servers = smoke::start_servers(&lab)?;
+    let n1 = lab.nodes[0].name.clone();
+    send(&lab, "a", "b", Duration::from_secs(3)).context("baseline a -> b")?;
+    // The daemon cannot restore what it does not run to see.
+    let pid = nix::unistd::Pid::from_raw(lab.nodes[0].daemon.as_ref().context("no daemon")?.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+    let result = (|| -> Result<()> {
+        let before = lab.counters(0)?.undelivered;
+        ip(&n1, &["rule", "del", "priority", &RULE_PRIORITY.to_string()])?;
+        ip(&n1, &["-6", "rule", "del", "priority", &RULE_PRIORITY.to_string()])?;
+        for (from, to) in [("a", "b"), ("a", "d"), ("d", "a"), ("b", "a")] {
+            let r = send(&lab, from, to, Duration::from_millis(1500));
+            ensure!(r.is_err(), "{from} -> {to} went direct while the capture rule was missing: {r:?}");
+        }
+        ensure!(lab.counters(0)?.undelivered > before, "the dropped attempts were not counted as undelivered");
+        ip(&n1, &["route", "del", "local", "default", "table", &ROUTE_TABLE.to_string()])?;
+        let r = send(&lab, "a", "b", Duration::from_millis(1500));
+        ensure!(r.is_err(), "a -> b went direct with neither rule nor route: {r:?}");
+        Ok(())
+    })();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT)?;
+    result?;
+    // Running again, the daemon puts them back and traffic resumes through the proxy.
+    wait_until("a -> b through the proxy again", Duration::from_secs(10), || {
+        Ok(send(&lab, "a", "b", Duration::from_secs(1)).is_ok())
+    })?;
+    lab.stop_daemon(0, false)?;
+    Ok(())
+}
+
+#[test]
+fn uninstall_refuses_while_a_daemon_serves_the_node_whatever_its_ports() -> Result<()> {
+    let mut lab = built_lab()?;
+    lab.daemon_args = ["--readiness-port", "16021", "--metrics-port", "16020"].map(String::from).to_vec();
+    lab.spawn_daemon(0)?;
+    let ns = lab.nodes[0].name.clone();
+    wait_until("node 1 ready on port 16021", Duration::from_secs(30), || {
+        Ok(meshpath_lab::http_get(&ns, 16021, "/healthz/ready").is_ok_and(|r| r.starts_with("HTTP/1.1 200")))
+    })?;
+    let err = lab.uninstall(0).expect_err("uninstall must refuse while the daemon runs").to_string();
+    ensure!(err.contains("holds the node lock"), "unexpected refusal: {err}");
+    ensure!(lab.classifiers(0, "vpa")? == 1, "uninstall touched the running datapath");
+    // Once it is gone, uninstall goes through and removes everything.
+    lab.stop_daemon(0, true)?;
+    lab.uninstall(0)?;
+    let left = lab.leftovers(0)?;
+    ensure!(left.is_empty(), "node 1 still holds: {left:#?}");
+    Ok(())
+}
+
+#[test]
+fn workload_ips_that_are_not_pods_are_refused_and_the_node_keeps_working() -> Result<()> {
+    let lab = started_lab()?;
+    let _servers = smoke::start_servers(&lab)?;
+    let n1 = lab.nodes[0].name.clone();
+    // An address of the uplink's subnet (behind ul0), the node's own, one outside the pod
+    // networks: each would capture or drop flows that are not the workload's.
+    let bad = ["192.168.250.77", "192.168.250.1", "10.9.9.9"];
+    let mut yaml = lab.workloads_yaml(&["a", "c", "e"]);
+    for (i, b) in bad.iter().enumerate() {
+        yaml.push_str(&format!("  - {{name: bad{i}, namespace: x, serviceAccount: x, node: {n1}, ips: [{b}]}}\n"));
+    }
+    lab.write_workloads_text(&yaml)?;
+    let log = lab.daemon_log_path(0);
+    wait_until("node 1 to refuse the three addresses", Duration::from_secs(5), || {
+        let text = std::fs::read_to_string(&log)?;
+        Ok(bad.iter().all(|b| text.lines().any(|l| l.contains("not enrolled") && l.contains(b))))
+    })?;
+    let map = lab.workload_map(0)?;
+    for b in bad {
+        ensure!(!map.contains_key(&b.parse::<IpAddr>()?), "{b} was enrolled");
+    }
+    // Cross-node traffic of enrolled and plain pods still flows.
+    for (from, to) in [("a", "c"), ("b", "d"), ("d", "a")] {
+        send(&lab, from, to, Duration::from_secs(3)).with_context(|| format!("{from} -> {to}"))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn pins_deleted_behind_the_daemon_are_restored() -> Result<()> {
+    use meshpath_common::names::{MAP_COUNTERS, MAP_WORKLOADS, PIN_LINKS_SUBDIR, PIN_SK_LOOKUP_LINK};
+    let lab = started_lab()?;
+    let _servers = smoke::start_servers(&lab)?;
+    send(&lab, "a", "c", Duration::from_secs(3))?;
+    let before = lab.counters(0)?;
+    let dir = meshpath::datapath::node_pin_dir(&lab.nodes[0].name)?;
+    let gone = [dir.join(MAP_COUNTERS), dir.join(MAP_WORKLOADS), dir.join(PIN_LINKS_SUBDIR).join(PIN_SK_LOOKUP_LINK)];
+    for p in &gone {
+        std::fs::remove_file(p).with_context(|| format!("removing {}", p.display()))?;
+    }
+    wait_until("the pins to come back", Duration::from_secs(12), || Ok(gone.iter().all(|p| p.exists())))?;
+    // The same maps: the counters kept counting, and traffic still goes through the proxy.
+    send(&lab, "a", "c", Duration::from_secs(3))?;
+    let after = lab.counters(0)?;
+    ensure!(after.steered > before.steered, "counters reset or lost: {before:?} -> {after:?}");
+    let log = std::fs::read_to_string(lab.daemon_log_path(0))?;
+    ensure!(log.matches("pinned it again").count() >= gone.len(), "the restore is not in the log");
+    Ok(())
+}
+
+#[test]
+fn a_failed_start_leaves_nothing_behind() -> Result<()> {
+    let mut lab = built_lab()?;
+    lab.daemon_args = vec!["--interface".into(), "nosuch0".into()];
+    let err = lab.start_daemon(0).expect_err("a start naming a missing interface must fail").to_string();
+    ensure!(err.contains("nosuch0"), "the failure does not name the interface: {err}");
+    let left = lab.leftovers(0)?;
+    ensure!(left.is_empty(), "the failed start left: {left:#?}");
+    Ok(())
+}
+
+#[test]
+fn a_workload_file_written_in_place_never_applies_its_empty_or_partial_states() -> Result<()> {
+    use std::io::Write;
+    let lab = started_lab()?;
+    let full = lab.workloads_yaml(&["a", "c", "e"]);
+    lab.write_workloads_text(&full)?;
+    let want: Vec<IpAddr> = ["a", "e"].iter().flat_map(|p| [lab.pod(p).v4, lab.pod(p).v6]).collect();
+    wait_until("a and e enrolled", Duration::from_secs(3), || {
+        let m = lab.workload_map(0)?;
+        Ok(want.iter().all(|ip| m.contains_key(ip)))
+    })?;
+    // A slow writer: truncate, pause, half the file, pause, the rest; each state outlives
+    // a poll (100 ms in the lab). Meanwhile the map is watched.
+    let path = lab.workloads_path();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let lost = std::thread::scope(|s| -> Result<Vec<String>> {
+        let watcher = s.spawn(|| -> Result<Vec<String>> {
+            let mut lost = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let m = lab.workload_map(0)?;
+                lost.extend(want.iter().filter(|ip| !m.contains_key(ip)).map(|ip| ip.to_string()));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(lost)
+        });
+        let cut = full.len() / 2;
+        let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(&path)?;
+        std::thread::sleep(Duration::from_millis(150));
+        f.write_all(&full.as_bytes()[..cut])?;
+        std::thread::sleep(Duration::from_millis(150));
+        f.write_all(&full.as_bytes()[cut..])?;
+        drop(f);
+        let settle = Instant::now();
+        while settle.elapsed() < Duration::from_secs(1) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        watcher.join().map_err(|_| anyhow::anyhow!("watcher panicked"))?
+    })?;
+    let lost: std::collections::BTreeSet<String> = lost.into_iter().collect();
+    ensure!(lost.is_empty(), "the map dropped workloads while the file was being written: {lost:?}");
+    Ok(())
+}
