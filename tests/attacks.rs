@@ -185,7 +185,7 @@ fn pins_deleted_behind_the_daemon_are_restored() -> Result<()> {
     for p in &gone {
         std::fs::remove_file(p).with_context(|| format!("removing {}", p.display()))?;
     }
-    wait_until("the pins to come back", Duration::from_secs(12), || Ok(gone.iter().all(|p| p.exists())))?;
+    wait_until("the pins to come back", Duration::from_secs(25), || Ok(gone.iter().all(|p| p.exists())))?;
     // The same maps: the counters kept counting, and traffic still goes through the proxy.
     send(&lab, "a", "c", Duration::from_secs(3))?;
     let after = lab.counters(0)?;

@@ -39,8 +39,26 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // One line, the whole cause chain, no backtrace.
-            eprintln!("meshpath: error: {e:#}");
+            eprintln!("meshpath: error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each said once: many errors already include their
+/// cause in their own message ("{path}: {source}"), and printing the chain again would say
+/// it twice.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }

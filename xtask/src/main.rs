@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | build | run | lab | bench | lint | test`.
+//! Developer tasks: `cargo xtask setup | build | run | lab | bench | lint | fuzz | test`.
 //!
 //! Every task sets up what it needs first (the eBPF toolchain, bpffs) and says what it is
 //! doing, so a fresh machine needs nothing but `cargo xtask test`.
@@ -59,6 +59,16 @@ enum Task {
     },
     /// `cargo fmt --check` and clippy (warnings denied) over every crate, the eBPF one too.
     Lint,
+    /// Fuzz the parsers a hostile peer or a bad file reaches (cargo-fuzz, with ASan, on this
+    /// stable toolchain): packet classification, HBONE requests, the workload file,
+    /// `meshpath map` arguments.
+    Fuzz {
+        /// Inputs per target.
+        #[arg(long, default_value_t = 1_000_000)]
+        runs: u64,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
+    },
     /// Run every test: unit tests and the kernel tests in throwaway namespaces.
     Test {
         /// Extra arguments for the test binaries (e.g. a test name filter).
@@ -138,6 +148,10 @@ fn run(task: Task) -> Result<()> {
         Task::Lint => {
             setup()?;
             lint()
+        }
+        Task::Fuzz { runs, targets } => {
+            setup()?;
+            fuzz(runs, &targets)
         }
         Task::Test { args } => {
             setup()?;
@@ -293,6 +307,35 @@ fn deb_installed(pkg: &str) -> bool {
 
 fn bpf_linker_ok() -> bool {
     Command::new("bpf-linker").arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+/// The fuzz targets (tests/fuzz/fuzz_targets) and the largest input each takes.
+const FUZZ_TARGETS: &[(&str, usize)] =
+    &[("packet", 256), ("hbone_request", 512), ("workload_file", 4096), ("map_args", 512)];
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+fn fuzz(runs: u64, only: &[String]) -> Result<()> {
+    if let Some(unknown) = only.iter().find(|t| !FUZZ_TARGETS.iter().any(|(n, _)| n == t)) {
+        bail!(
+            "no fuzz target {unknown:?}; there are: {}",
+            FUZZ_TARGETS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+        );
+    }
+    let have = Command::new("cargo").args(["fuzz", "--version"]).output().is_ok_and(|o| o.status.success());
+    if !have {
+        step(&format!("installing cargo-fuzz {CARGO_FUZZ_VERSION}"));
+        status(cargo().args(["install", "cargo-fuzz", "--locked", "--version", CARGO_FUZZ_VERSION]))?;
+    }
+    let dir = root().join("tests/fuzz");
+    for (target, max_len) in FUZZ_TARGETS.iter().filter(|(n, _)| only.is_empty() || only.iter().any(|t| t == n)) {
+        step(&format!("fuzzing {target}: {runs} inputs (the first build takes minutes)"));
+        let mut c = cargo();
+        // cargo-fuzz passes -Z flags (ASan, coverage); this stable toolchain takes them so.
+        c.current_dir(&dir).env("RUSTC_BOOTSTRAP", "1").args(["fuzz", "run", "--fuzz-dir", "."]).arg(target);
+        c.arg("--").arg(format!("-runs={runs}")).arg(format!("-max_len={max_len}"));
+        status(&mut c)?;
+    }
+    Ok(())
 }
 
 /// Where the build put the binaries.

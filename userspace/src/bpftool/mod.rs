@@ -139,9 +139,26 @@ fn errno_of(e: &io::Error) -> i32 {
 
 /// Runs `meshpath map ...`; all output is written before it returns.
 pub fn run(args: MapArgs) -> ExitCode {
+    let done = run_captured(&args);
+    // A closed pipe (`| head`) is not worth an error of its own.
+    let _ = io::stdout().write_all(done.stdout.as_bytes());
+    let _ = io::stdout().flush();
+    let _ = io::stderr().write_all(done.stderr.as_bytes());
+    ExitCode::from(done.status)
+}
+
+/// What a `meshpath map` run printed, and its exit status.
+#[derive(Debug)]
+pub struct Done {
+    pub status: u8,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `meshpath map ...` into strings (what [`run`] prints; also what the fuzzer reads).
+pub fn run_captured(args: &MapArgs) -> Done {
     let mut tool = Tool::new(args.json || args.pretty, args.pretty);
-    let result = tool.dispatch(&args);
-    let code = match result {
+    let status = match tool.dispatch(args) {
         Ok(()) => 0,
         Err(Reported(code)) => code,
     };
@@ -150,11 +167,7 @@ pub fn run(args: MapArgs) -> ExitCode {
     {
         w.finish(&mut tool.out);
     }
-    // A closed pipe (`| head`) is not worth an error of its own.
-    let _ = io::stdout().write_all(tool.out.as_bytes());
-    let _ = io::stdout().flush();
-    let _ = io::stderr().write_all(tool.err.as_bytes());
-    ExitCode::from(code)
+    Done { status, stdout: tool.out, stderr: tool.err }
 }
 
 /// Which JSON writer a dump goes through: bpftool's global `-j` one, or the pretty one it

@@ -117,7 +117,7 @@ impl CertSource {
 /// The safety tick: even when the kernel announces nothing, every this often the whole
 /// state is looked at again (interfaces, the capture rule and routes, pins, a slice of the
 /// cached route lookups). Everything else is driven by changes.
-pub(super) const SAFETY_TICK: Duration = Duration::from_secs(5);
+pub(super) const SAFETY_TICK: Duration = Duration::from_secs(10);
 
 /// Runs until `shutdown` resolves. On return the listeners are closed, so enrolled traffic
 /// fails closed, while programs, maps and routing stay in the kernel for the next instance.

@@ -22,7 +22,7 @@ use crate::workloads::WorkloadFile;
 
 /// How long the map's contents are trusted before they are read again (meshpath is their only
 /// writer; this catches anyone else's edits).
-const FULL_PASS: Duration = Duration::from_secs(10);
+const FULL_PASS: Duration = Duration::from_secs(60);
 /// Unresolved IPs with one problem are listed one per line up to this many; beyond, one
 /// summary line says how many and names a few.
 const LISTED_PROBLEMS: usize = 3;
