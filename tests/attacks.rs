@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use meshpath_lab::capture::Capture;
-use meshpath_lab::{Lab, raw, smoke};
+use meshpath_lab::{Lab, raw, smoke, traffic};
 
 mod support;
 use support::{built_lab, send, started_lab, wait_until};
@@ -82,11 +82,12 @@ fn a_pod_cannot_claim_the_address_of_another_nodes_pod() -> Result<()> {
         let row = smoke::spoof(&lab, "b claims c's address", "b", c, to)?;
         ensure!(row.ok, "b -> {to} claiming c's address: {} ({})", row.path, row.detail);
     }
-    let log = std::fs::read_to_string(lab.daemon_log_path(0))?;
-    ensure!(
-        log.lines().any(|l| l.contains("no_route_back") && l.contains("interface=vpb") && l.contains(&c.to_string())),
-        "node 1's log does not name the reason, the interface and the address"
-    );
+    wait_until("node 1's log to name the reason, the interface and the address", Duration::from_secs(3), || {
+        let log = std::fs::read_to_string(lab.daemon_log_path(0))?;
+        Ok(log
+            .lines()
+            .any(|l| l.contains("no_route_back") && l.contains("interface=vpb") && l.contains(&c.to_string())))
+    })?;
     Ok(())
 }
 
@@ -121,6 +122,33 @@ fn without_the_capture_rule_connections_are_dropped_not_sent_direct() -> Result<
         Ok(send(&lab, "a", "b", Duration::from_secs(1)).is_ok())
     })?;
     lab.stop_daemon(0, false)?;
+    Ok(())
+}
+
+/// A NAT on the node (kube-proxy's DNAT of a Service address) turns a non-enrolled client's
+/// connection toward an enrolled pod after the classifier saw it: it must not reach the pod
+/// around the proxy.
+#[test]
+fn a_nat_on_the_node_does_not_open_a_way_around_the_proxy() -> Result<()> {
+    let lab = started_lab()?;
+    let _servers = smoke::start_servers(&lab)?;
+    let n1 = lab.nodes[0].name.clone();
+    let e = lab.pod("e").v4;
+    let rule = ["-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-d", "10.96.0.77", "--dport", "80", "-j", "DNAT"];
+    let out = Command::new("ip")
+        .args(["netns", "exec", &n1, "iptables"])
+        .args(rule)
+        .args(["--to-destination", &format!("{e}:{}", smoke::APP_PORT)])
+        .output()?;
+    ensure!(out.status.success(), "iptables: {}", String::from_utf8_lossy(&out.stderr));
+    let before = lab.counters(0)?.undelivered;
+    let service: std::net::SocketAddr = "10.96.0.77:80".parse()?;
+    let r = traffic::exchange(&lab.pod("b").netns, None, service, b"x", Duration::from_millis(1500));
+    ensure!(r.is_err(), "b reached e through the NAT without the proxy: {r:?}");
+    wait_until("the bypass to be counted", Duration::from_secs(3), || Ok(lab.counters(0)?.undelivered > before))?;
+    wait_until("node 1's log to name it", Duration::from_secs(3), || {
+        Ok(std::fs::read_to_string(lab.daemon_log_path(0))?.lines().any(|l| l.contains("reason=\"bypass\"")))
+    })?;
     Ok(())
 }
 
@@ -173,6 +201,30 @@ fn workload_ips_that_are_not_pods_are_refused_and_the_node_keeps_working() -> Re
     Ok(())
 }
 
+/// Without `--pod-cidr` to tell pods' addresses from others, what is routed to an uplink (or
+/// is the node's own) is still refused.
+#[test]
+fn without_pod_networks_workload_ips_behind_an_uplink_are_refused() -> Result<()> {
+    let mut lab = built_lab()?;
+    lab.pod_cidr_args = false;
+    lab.start_daemons()?;
+    let _servers = smoke::start_servers(&lab)?;
+    let n1 = lab.nodes[0].name.clone();
+    let mut yaml = lab.workloads_yaml(&["a", "c", "e"]);
+    yaml.push_str(&format!("  - {{name: bad, namespace: x, serviceAccount: x, node: {n1}, ips: [192.168.250.77]}}\n"));
+    lab.write_workloads_text(&yaml)?;
+    let log = lab.daemon_log_path(0);
+    wait_until("node 1 to refuse 192.168.250.77 as behind its uplink", Duration::from_secs(5), || {
+        let text = std::fs::read_to_string(&log)?;
+        Ok(text.lines().any(|l| l.contains("192.168.250.77") && l.contains("not pod-facing")))
+    })?;
+    ensure!(!lab.workload_map(0)?.contains_key(&"192.168.250.77".parse::<IpAddr>()?), "it was enrolled");
+    for (from, to) in [("a", "c"), ("b", "d")] {
+        send(&lab, from, to, Duration::from_secs(3)).with_context(|| format!("{from} -> {to}"))?;
+    }
+    Ok(())
+}
+
 #[test]
 fn pins_deleted_behind_the_daemon_are_restored() -> Result<()> {
     use meshpath_common::names::{MAP_COUNTERS, MAP_WORKLOADS, PIN_LINKS_SUBDIR, PIN_SK_LOOKUP_LINK};
@@ -192,6 +244,37 @@ fn pins_deleted_behind_the_daemon_are_restored() -> Result<()> {
     ensure!(after.steered > before.steered, "counters reset or lost: {before:?} -> {after:?}");
     let log = std::fs::read_to_string(lab.daemon_log_path(0))?;
     ensure!(log.matches("pinned it again").count() >= gone.len(), "the restore is not in the log");
+    Ok(())
+}
+
+/// A start that loaded the datapath but never served (its Kubernetes API never answered)
+/// and was stopped leaves nothing either.
+#[test]
+fn a_start_stopped_before_its_first_state_leaves_nothing_behind() -> Result<()> {
+    let lab = built_lab()?;
+    let kubeconfig = lab.dir.join("nowhere.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: \"https://127.0.0.1:1\", insecure-skip-tls-verify: true}}]\n\
+         users: [{name: u, user: {token: x}}]\ncontexts: [{name: c, context: {cluster: c, user: u}}]\ncurrent-context: c\n",
+    )?;
+    let n1 = lab.nodes[0].name.clone();
+    let log = std::fs::File::create(lab.dir.join("nowhere.log"))?;
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{n1}"))
+        .arg(&lab.binary)
+        .args(["node", "--node", &n1])
+        .env("KUBECONFIG", &kubeconfig)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let dir = meshpath::datapath::node_pin_dir(&n1)?;
+    wait_until("the datapath to be loaded", Duration::from_secs(10), || Ok(dir.join("links").exists()))?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+    let status = child.wait()?;
+    ensure!(status.success(), "the daemon exited with {status}");
+    let left = lab.leftovers(0)?;
+    ensure!(left.is_empty(), "the stopped start left: {left:#?}");
     Ok(())
 }
 
@@ -231,7 +314,8 @@ fn a_workload_file_written_in_place_never_applies_its_empty_or_partial_states() 
             }
             Ok(lost)
         });
-        let cut = full.len() / 2;
+        // At an entry boundary: the first half is a valid file with fewer workloads.
+        let cut = full.find("  - name: pod-e").context("no entry of e")?;
         let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(&path)?;
         std::thread::sleep(Duration::from_millis(150));
         f.write_all(&full.as_bytes()[..cut])?;

@@ -92,8 +92,16 @@ fn stopped_proxy_fails_closed_and_restart_resumes_on_pinned_state() -> Result<()
 /// fail-closed restart (the filter's program is swapped in place), and a clean uninstall.
 #[test]
 fn netlink_attach_mode_captures_fails_closed_and_uninstalls_cleanly() -> Result<()> {
+    let started = std::time::Instant::now();
     let mut lab = started_lab_with(&["--tc-attach", "netlink"])?;
     ensure!(lab.classifiers(0, "vpa")? == 1, "no classifier on vpa");
+    // Asking whether a filter is attached must not detach it (aya's link handle does on drop).
+    let status = lab.meshpath(1, &["status", "--node", &lab.nodes[1].name.clone()])?;
+    ensure!(
+        status.contains("mp_tc_egress") && !status.contains("NOT ATTACHED"),
+        "status does not see the netlink filters:\n{status}"
+    );
+    ensure!(lab.classifiers(1, "vpc")? == 1 && lab.egress_guards(1, "vpc")? == 1, "status detached vpc's filters");
     let filters =
         Command::new("tc").args(["-n", &lab.nodes[0].name, "filter", "show", "dev", "vpa", "ingress"]).output()?;
     let filters = String::from_utf8_lossy(&filters.stdout);
@@ -102,6 +110,26 @@ fn netlink_attach_mode_captures_fails_closed_and_uninstalls_cleanly() -> Result<
     println!("TLS evidence: {}", evidence.summary());
     let table = smoke::table(&outcomes);
     ensure!(outcomes.iter().all(|o| o.ok), "netlink mode misbehaved:\n{table}");
+    // The daemons' safety tick checks every attachment; it must leave them all in place.
+    std::thread::sleep((started + Duration::from_secs(12)).saturating_duration_since(std::time::Instant::now()));
+    for (n, ifs) in [(0, ["vpa", "vpb", "ul0"]), (1, ["vpc", "vpd", "ul0"])] {
+        for ifname in ifs {
+            let (ingress, egress) = (lab.classifiers(n, ifname)?, lab.egress_guards(n, ifname)?);
+            ensure!(
+                ingress == 1 && egress == 1,
+                "node {} {ifname} after a tick: {ingress} ingress, {egress} egress",
+                n + 1
+            );
+        }
+    }
+    let _servers = smoke::start_servers(&lab)?;
+    send(&lab, "a", "c", Duration::from_secs(3)).context("a -> c after a tick")?;
+    let dst = lab.addr("c", false, smoke::APP_PORT);
+    ensure!(
+        lab.wait_record(1, Duration::from_secs(3), |r| r.listener == "hbone" && r.orig_dst == dst)?.is_some(),
+        "node 2 did not take a -> c through HBONE after a tick"
+    );
+    drop(_servers);
     fails_closed_then_resumes(&mut lab, true)?;
     for n in 0..2 {
         lab.stop_daemon(n, false)?;

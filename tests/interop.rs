@@ -46,25 +46,9 @@ fn env_path(name: &str) -> Result<PathBuf> {
         .with_context(|| format!("{name} is not set (see the top of tests/interop.rs)"))
 }
 
-/// The ztunnel configuration: pods a and c with their lab identities, both speaking HBONE.
-fn ztunnel_config(lab: &Lab) -> String {
-    let mut y = String::from("workloads:\n");
-    for pod in ["a", "c"] {
-        let p = lab.pod(pod);
-        y += &format!(
-            "- uid: lab//v1/Pod/lab/pod-{pod}\n  name: pod-{pod}\n  namespace: lab\n  serviceAccount: sa-{pod}\n  \
-             trustDomain: {}\n  workloadIps: [\"{}\"]\n  protocol: HBONE\n  node: {}\n  network: \"\"\n  services: {{}}\n",
-            Lab::TRUST_DOMAIN,
-            p.v4,
-            lab.nodes[p.node].name
-        );
-    }
-    y
-}
-
 fn start_ztunnel(lab: &Lab, binary: &PathBuf) -> Result<Ztunnel> {
     let config = lab.dir.join("ztunnel.yaml");
-    std::fs::write(&config, ztunnel_config(lab))?;
+    std::fs::write(&config, meshpath_lab::bench::paths::ztunnel::config(lab))?;
     let log = std::fs::File::create(lab.dir.join("ztunnel.log"))?;
     let child = Command::new("ip")
         .args(["netns", "exec", &lab.pod("c").netns, "env"])

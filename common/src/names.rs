@@ -20,6 +20,9 @@ pub const PINNED_MAPS: [&str; 4] = [MAP_WORKLOADS, MAP_INTERFACES, MAP_LISTENERS
 
 /// TC classifier for pod-facing veths and uplinks (ingress).
 pub const PROG_TC_INGRESS: &str = "mp_tc_ingress";
+/// TC guard on the same interfaces (egress): drops TCP forwarded to an enrolled workload
+/// around the proxy.
+pub const PROG_TC_EGRESS: &str = "mp_tc_egress";
 /// sk_lookup dispatcher into the proxy's listeners.
 pub const PROG_SK_LOOKUP: &str = "mp_sk_lookup";
 
@@ -35,6 +38,8 @@ pub const PIN_LINKS_SUBDIR: &str = "links";
 pub const PIN_SK_LOOKUP_LINK: &str = "sk_lookup";
 /// Prefix of TC link pins inside [`PIN_LINKS_SUBDIR`]; the interface index follows.
 pub const PIN_TC_LINK_PREFIX: &str = "tc_ingress_if";
+/// Prefix of the egress guard's link pins inside [`PIN_LINKS_SUBDIR`].
+pub const PIN_TC_EGRESS_LINK_PREFIX: &str = "tc_egress_if";
 
 /// Legacy (clsact/netlink) attachment of the classifier, for kernels without TCX: filter
 /// priority (lower runs first; the kernel's default is 49152) and handle.
@@ -94,7 +99,10 @@ mod tests {
     fn kernel_object_names_fit_bpf_obj_name_len() {
         // BPF_OBJ_NAME_LEN is 16 including the NUL: longer names are truncated by the kernel
         // and would no longer match what userspace looks up.
-        for name in PINNED_MAPS.iter().chain([MAP_EVENTS, MAP_EVENT_STATE, PROG_TC_INGRESS, PROG_SK_LOOKUP].iter()) {
+        for name in PINNED_MAPS
+            .iter()
+            .chain([MAP_EVENTS, MAP_EVENT_STATE, PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_SK_LOOKUP].iter())
+        {
             assert!(name.len() < 16, "{name} is too long for the kernel");
         }
     }

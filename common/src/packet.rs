@@ -49,6 +49,8 @@ pub struct Flow {
     /// TCP that may open a connection: a SYN without ACK, or a segment whose flags cannot be
     /// read (a later fragment, a truncated header), which is treated the same.
     pub may_open: bool,
+    /// An IPv6 packet (its addresses may still be v4-mapped).
+    pub v6: bool,
 }
 
 /// What a frame is, as far as the classifier cares.
@@ -132,6 +134,7 @@ fn parse_ipv4<P: Packet + ?Sized>(pkt: &P, off: usize) -> Option<Flow> {
         dst: WorkloadKey::from_v4([h[16], h[17], h[18], h[19]]),
         proto,
         may_open,
+        v6: false,
     })
 }
 
@@ -147,7 +150,13 @@ fn parse_ipv6<P: Packet + ?Sized>(pkt: &P, off: usize) -> Option<Flow> {
     dst.copy_from_slice(&h[24..40]);
     let upper = ipv6_upper(pkt, h[6], off + 40);
     let may_open = upper.proto == IPPROTO_TCP && (!upper.first_fragment || tcp_may_open(pkt, upper.offset));
-    Some(Flow { src: WorkloadKey::from_v6(src), dst: WorkloadKey::from_v6(dst), proto: upper.proto, may_open })
+    Some(Flow {
+        src: WorkloadKey::from_v6(src),
+        dst: WorkloadKey::from_v6(dst),
+        proto: upper.proto,
+        may_open,
+        v6: true,
+    })
 }
 
 /// Whether the TCP header at `off` is a SYN without ACK; unreadable flags count as one.

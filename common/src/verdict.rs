@@ -38,10 +38,14 @@ pub enum DropReason {
     Undelivered = 6,
     /// A connection for a proxy listener that is not registered (the proxy is down).
     MissingSocket = 7,
+    /// TCP forwarded to an enrolled workload's interface without passing the proxy (a
+    /// NAT on this node turned it toward the pod after the classifier saw it, or the
+    /// classifier was missing where it came in).
+    Bypass = 8,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::ForeignInterface,
         DropReason::UnlistedSource,
         DropReason::NoRouteBack,
@@ -49,6 +53,7 @@ impl DropReason {
         DropReason::Undecodable,
         DropReason::Undelivered,
         DropReason::MissingSocket,
+        DropReason::Bypass,
     ];
 
     pub fn from_code(code: u32) -> Option<Self> {
@@ -62,7 +67,7 @@ impl DropReason {
                 Counter::SpoofDropped
             }
             DropReason::Malformed | DropReason::Undecodable => Counter::Malformed,
-            DropReason::Undelivered => Counter::Undelivered,
+            DropReason::Undelivered | DropReason::Bypass => Counter::Undelivered,
             DropReason::MissingSocket => Counter::MissingSocket,
         }
     }
@@ -77,6 +82,7 @@ impl DropReason {
             DropReason::Undecodable => "undecodable",
             DropReason::Undelivered => "undelivered",
             DropReason::MissingSocket => "missing_socket",
+            DropReason::Bypass => "bypass",
         }
     }
 
@@ -94,6 +100,9 @@ impl DropReason {
                 "a captured connection would not be delivered to the proxy (capture rule or route missing)"
             }
             DropReason::MissingSocket => "a connection for a proxy listener that is not registered (proxy down)",
+            DropReason::Bypass => {
+                "TCP forwarded to an enrolled workload without passing the proxy (a NAT on this node, or a missing classifier)"
+            }
         }
     }
 }
@@ -126,11 +135,9 @@ pub fn decide<R: Routes, L: Fn(&WorkloadKey) -> Option<WorkloadValue>>(
     let flow = match frame {
         Frame::Ip(f) => f,
         Frame::Other => return Verdict::Pass,
-        // What a pod hides under tags could be anything: it does not pass.
-        Frame::Undecodable if at.iface & (IF_POD | IF_WORKLOAD) != 0 => {
-            return Verdict::Drop(DropReason::Undecodable);
-        }
-        Frame::Undecodable => return Verdict::Pass,
+        // What hides under more tags than are walked could be anything, and the stack strips
+        // priority tags without end: it does not pass, on any interface.
+        Frame::Undecodable => return Verdict::Drop(DropReason::Undecodable),
     };
     let (src, dst) = (lookup(&flow.src), lookup(&flow.dst));
     if let Some(reason) = spoofed(flow, at, src, routes) {
@@ -160,9 +167,11 @@ fn spoofed<R: Routes>(flow: &Flow, at: &Ingress, src: Option<WorkloadValue>, rou
         // An enrolled source on its own interface: the map already proves it.
         Some(_) => None,
         // TCP with a source the workload is not enrolled with (an IPv6 link-local, an
-        // unlisted secondary address) would escape capture. Neighbour discovery and ICMP
-        // keep working.
-        None if at.iface & IF_WORKLOAD != 0 && flow.proto == IPPROTO_TCP => Some(DropReason::UnlistedSource),
+        // unlisted secondary address) would escape capture; so would TCP hidden behind an
+        // extension-header chain too long to follow. Neighbour discovery and ICMP keep working.
+        None if at.iface & IF_WORKLOAD != 0 && matches!(flow.proto, IPPROTO_TCP | IPPROTO_UNKNOWN) => {
+            Some(DropReason::UnlistedSource)
+        }
         // A pod may only use addresses routed to it: no claiming another node's pod, or
         // the node's own address. Link-scope sources (neighbour discovery, DHCP) have no
         // route and carry no identity.
@@ -171,6 +180,19 @@ fn spoofed<R: Routes>(flow: &Flow, at: &Ingress, src: Option<WorkloadValue>, rou
         }
         None => None,
     }
+}
+
+/// Whether a packet leaving through `ifindex` (egress) toward `dst` skipped the proxy: TCP
+/// to an enrolled workload behind this interface, forwarded (it came in on an interface,
+/// `from_ifindex` is not 0) and not sent by the proxy. Captured traffic is delivered to the
+/// proxy, never forwarded; what is forwarded here was turned toward the pod after the
+/// classifier looked (a DNAT on this node) or came in where no classifier ran.
+#[inline(always)]
+pub fn bypasses(flow: &Flow, ifindex: u32, from_ifindex: u32, mark: u32, dst: Option<WorkloadValue>) -> bool {
+    matches!(flow.proto, IPPROTO_TCP | IPPROTO_UNKNOWN)
+        && from_ifindex != 0
+        && mark & PROXY_MARK_MASK != PROXY_MARK
+        && dst.is_some_and(|d| d.ifindex == ifindex)
 }
 
 /// The mark a captured packet leaves the classifier with.
@@ -209,7 +231,7 @@ mod tests {
     const ROUTED: Fake = Fake { back: true, local: true };
 
     fn flow(proto: u8) -> Flow {
-        Flow { src: A, dst: B, proto, may_open: proto == IPPROTO_TCP }
+        Flow { src: A, dst: B, proto, may_open: proto == IPPROTO_TCP, v6: false }
     }
 
     /// `a` is the workload-map entry of the source, `b` of the destination.
@@ -321,12 +343,29 @@ mod tests {
     }
 
     #[test]
-    fn tagged_frames_too_deep_to_read_are_dropped_from_pods_only() {
+    fn tagged_frames_too_deep_to_read_are_dropped_everywhere() {
         let at = |iface| Ingress { ifindex: POD_IF, mark: 0, iface };
         let drop = Verdict::Drop(DropReason::Undecodable);
-        assert_eq!(decide(&Frame::Undecodable, &at(IF_POD), |_| None, &ROUTED), drop);
-        assert_eq!(decide(&Frame::Undecodable, &at(IF_WORKLOAD), |_| None, &ROUTED), drop);
-        assert_eq!(decide(&Frame::Undecodable, &at(0), |_| None, &ROUTED), Verdict::Pass);
+        for iface in [IF_POD, IF_WORKLOAD, 0] {
+            assert_eq!(decide(&Frame::Undecodable, &at(iface), |_| None, &ROUTED), drop);
+        }
+    }
+
+    #[test]
+    fn unreadable_ipv6_from_an_unlisted_source_on_a_workload_interface_is_dropped() {
+        let v = run(flow(IPPROTO_UNKNOWN), POD_IF, IF_WORKLOAD, 0, None, None, &ROUTED);
+        assert_eq!(v, Verdict::Drop(DropReason::UnlistedSource));
+    }
+
+    #[test]
+    fn forwarded_tcp_to_an_enrolled_workload_is_a_bypass_but_the_proxys_and_the_nodes_are_not() {
+        let tcp = flow(IPPROTO_TCP);
+        assert!(bypasses(&tcp, POD_IF, 3, 0, Some(POD)), "forwarded, unmarked: a bypass");
+        assert!(!bypasses(&tcp, POD_IF, 3, PROXY_MARK, Some(POD)), "the proxy's own");
+        assert!(!bypasses(&tcp, POD_IF, 0, 0, Some(POD)), "sent by the node (kubelet probes)");
+        assert!(!bypasses(&tcp, POD_IF, 3, 0, None), "not to an enrolled workload");
+        assert!(!bypasses(&tcp, POD_IF, 3, 0, Some(WorkloadValue::new(OTHER_IF))), "not behind this interface");
+        assert!(!bypasses(&flow(17), POD_IF, 3, 0, Some(POD)), "not TCP");
     }
 
     #[test]

@@ -40,8 +40,9 @@ impl WorkloadKey {
     /// identity (neighbour discovery, DHCP).
     pub fn is_link_scope(&self) -> bool {
         match self.as_v4() {
-            Some([169, 254, ..]) | Some([0, 0, 0, 0]) => true,
-            Some([a, ..]) => a >= 224,
+            Some([169, 254, ..]) | Some([0, 0, 0, 0]) | Some([255, 255, 255, 255]) => true,
+            // Multicast; 240/4 ("class E") is unicast, and some clusters route pods there.
+            Some([a, ..]) => (224..=239).contains(&a),
             None => {
                 let a = &self.addr;
                 (a[0] == 0xfe && a[1] & 0xc0 == 0x80) || a[0] == 0xff || a.iter().all(|b| *b == 0)
@@ -121,7 +122,7 @@ mod tests {
         for s in ["169.254.1.1", "0.0.0.0", "224.0.0.1", "255.255.255.255", "fe80::1", "ff02::1", "::"] {
             assert!(WorkloadKey::from(s.parse::<IpAddr>().unwrap()).is_link_scope(), "{s}");
         }
-        for s in ["10.244.1.10", "192.168.1.1", "fd00:244:1::10", "2001:db8::1"] {
+        for s in ["10.244.1.10", "192.168.1.1", "fd00:244:1::10", "2001:db8::1", "240.0.1.2"] {
             assert!(!WorkloadKey::from(s.parse::<IpAddr>().unwrap()).is_link_scope(), "{s}");
         }
     }

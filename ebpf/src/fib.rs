@@ -53,7 +53,8 @@ impl FibLookup {
             dmac: [0; 6],
         };
         // IPv4 addresses go in the first word (`ipv4_src`/`ipv4_dst` overlay `ipv6_*[0]`).
-        if flow.src.as_v4().is_some() {
+        // The family is the packet's: an IPv6 packet with v4-mapped addresses is IPv6.
+        if !flow.v6 {
             l.family = AF_INET;
             l.src = [0; 16];
             l.dst = [0; 16];

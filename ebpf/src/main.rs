@@ -82,6 +82,33 @@ fn try_tc_ingress(ctx: &TcContext) -> i32 {
     }
 }
 
+/// TC egress on the same interfaces: TCP leaving toward an enrolled workload that was
+/// forwarded without passing the proxy is dropped (a NAT on this node turned it toward the
+/// pod after the ingress classifier looked, or it came in where no classifier ran).
+#[classifier]
+pub fn mp_tc_egress(ctx: TcContext) -> i32 {
+    try_tc_egress(&ctx)
+}
+
+#[inline(always)]
+fn try_tc_egress(ctx: &TcContext) -> i32 {
+    // SAFETY: `skb` is the context pointer the kernel handed to this program.
+    let (mark, ifindex, from) =
+        unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
+    // Only locally generated packets have no ingress interface: those pass at once (the
+    // proxy's, kubelet's), before the packet is even read.
+    if from == 0 {
+        return TC_ACT_UNSPEC;
+    }
+    let start = if interface_flags(ifindex) & IF_L3 != 0 { L3Start::Raw } else { L3Start::Ethernet };
+    let packet::Frame::Ip(flow) = packet::parse(&Skb(ctx), start) else { return TC_ACT_UNSPEC };
+    if verdict::bypasses(&flow, ifindex, from, mark, workload(&flow.dst)) {
+        dropped(DropReason::Bypass, ifindex, flow.src, flow.dst, flow.proto);
+        return TC_ACT_SHOT;
+    }
+    TC_ACT_UNSPEC
+}
+
 /// sk_lookup in the node's network namespace: a new connection from or to an enrolled
 /// workload goes to the matching proxy listener, or is dropped when that listener is not
 /// registered (proxy down) — it never falls through to a direct path.

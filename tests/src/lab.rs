@@ -480,7 +480,7 @@ impl Lab {
     /// TC qdiscs, filters and TCX programs on any interface, and bpffs pins. Empty after
     /// `meshpath uninstall`.
     pub fn leftovers(&self, node: usize) -> Result<Vec<String>> {
-        use meshpath_common::names::{PROG_TC_INGRESS, ROUTE_TABLE};
+        use meshpath_common::names::{PROG_TC_EGRESS, PROG_TC_INGRESS, ROUTE_TABLE};
         let ns = self.nodes[node].name.clone();
         let mut found = Vec::new();
         let table = ROUTE_TABLE.to_string();
@@ -526,8 +526,11 @@ impl Lab {
                         v.extend(
                             progs
                                 .iter()
-                                .filter(|p| p.name_as_str() == Some(PROG_TC_INGRESS))
-                                .map(|p| format!("tcx program {PROG_TC_INGRESS} (id {}) on {ifname} {at:?}", p.id())),
+                                .filter(|p| matches!(p.name_as_str(), Some(PROG_TC_INGRESS | PROG_TC_EGRESS)))
+                                .map(|p| {
+                                    let name = p.name_as_str().unwrap_or("?");
+                                    format!("tcx program {name} (id {}) on {ifname} {at:?}", p.id())
+                                }),
                         );
                     }
                 }
@@ -539,9 +542,13 @@ impl Lab {
         if pins.exists() {
             found.push(format!("pins: {}", pins.display()));
         }
+        // The node lock stays with uninstall (a daemon may take it next); anything else is a
+        // leftover.
         let state = Path::new(meshpath_common::names::STATE_DIR).join(&ns);
-        if state.exists() {
-            found.push(format!("state: {}", state.display()));
+        if let Ok(entries) = std::fs::read_dir(&state) {
+            for e in entries.flatten().filter(|e| e.file_name() != "lock") {
+                found.push(format!("state: {}", e.path().display()));
+            }
         }
         Ok(found)
     }
@@ -549,15 +556,29 @@ impl Lab {
     /// Number of meshpath classifiers on `ifname` of `node`: TCX programs plus cls_bpf
     /// filters running it.
     pub fn classifiers(&self, node: usize, ifname: &str) -> Result<usize> {
-        use meshpath_common::names::PROG_TC_INGRESS;
+        self.tc_programs(node, ifname, false)
+    }
+
+    /// How many of meshpath's egress guards run on `ifname` (TCX links or netlink filters).
+    pub fn egress_guards(&self, node: usize, ifname: &str) -> Result<usize> {
+        self.tc_programs(node, ifname, true)
+    }
+
+    fn tc_programs(&self, node: usize, ifname: &str, egress: bool) -> Result<usize> {
+        use aya::programs::TcAttachType;
+        use meshpath_common::names::{PROG_TC_EGRESS, PROG_TC_INGRESS};
+        let (hook, program, dir) = match egress {
+            false => (TcAttachType::Ingress, PROG_TC_INGRESS, "ingress"),
+            true => (TcAttachType::Egress, PROG_TC_EGRESS, "egress"),
+        };
         let ns = self.nodes[node].name.clone();
         let tcx = traffic::in_netns(&ns, || {
-            aya::programs::SchedClassifier::query_tcx(ifname, aya::programs::TcAttachType::Ingress)
-                .map(|(_, progs)| progs.iter().filter(|p| p.name_as_str() == Some(PROG_TC_INGRESS)).count())
+            aya::programs::SchedClassifier::query_tcx(ifname, hook)
+                .map(|(_, progs)| progs.iter().filter(|p| p.name_as_str() == Some(program)).count())
         })?
         .map_err(|e| LabError::Other(format!("querying tcx on {ifname}: {e}")))?;
-        let filters = run(Command::new("tc").args(["-n", &ns, "filter", "show", "dev", ifname, "ingress"]))?;
-        Ok(tcx + filters.lines().filter(|l| l.contains(PROG_TC_INGRESS)).count())
+        let filters = run(Command::new("tc").args(["-n", &ns, "filter", "show", "dev", ifname, dir]))?;
+        Ok(tcx + filters.lines().filter(|l| l.contains(program)).count())
     }
 
     /// Stops the daemons, uninstalls meshpath from both nodes and deletes every namespace.
@@ -575,10 +596,14 @@ impl Lab {
             {
                 problems.push(format!("uninstalling node {}: {e}", n + 1));
             }
-            // Pins live on the host's bpffs, not in the namespace: make sure they go.
+            // Pins live on the host's bpffs, not in the namespace: make sure they go, and the
+            // node's state directory (its lock) with them.
             if let Err(e) = datapath::unpin_all(&self.nodes[n].name) {
                 problems.push(format!("unpinning node {}: {e}", n + 1));
             }
+            let state = Path::new(meshpath_common::names::STATE_DIR).join(&self.nodes[n].name);
+            let _ = std::fs::remove_dir_all(&state);
+            let _ = std::fs::remove_dir(meshpath_common::names::STATE_DIR);
         }
         for ns in std::mem::take(&mut self.namespaces).into_iter().rev() {
             if let Err(e) = ip(&["netns", "del", &ns]) {
@@ -725,6 +750,16 @@ pub fn sweep() -> Result<Vec<String>> {
                 removed.push(format!("pins of {name}"));
             }
         }
+    }
+    if let Ok(entries) = std::fs::read_dir(meshpath_common::names::STATE_DIR) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(LAB_PREFIX) && is_stale(&name) {
+                std::fs::remove_dir_all(e.path())?;
+                removed.push(format!("state of {name}"));
+            }
+        }
+        let _ = std::fs::remove_dir(meshpath_common::names::STATE_DIR);
     }
     Ok(removed)
 }

@@ -735,6 +735,69 @@ where
     }
 }
 
+/// A server for connections that are opened, used once and then held: it echoes each
+/// connection's first byte and keeps the connection, with no thread or buffer of its own
+/// (one file descriptor each), until [`IdleServer::release`].
+pub struct IdleServer {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    release: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl IdleServer {
+    pub fn start(ns: &str, addr: SocketAddr) -> io::Result<Self> {
+        let listener = crate::traffic::in_netns(ns, || -> io::Result<TcpListener> {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            s.set_reuse_address(true)?;
+            s.bind(&addr.into())?;
+            s.listen(BACKLOG)?;
+            s.set_nonblocking(true)?;
+            Ok(s.into())
+        })??;
+        let (stop, release) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (flag, free) = (stop.clone(), release.clone());
+        let thread = std::thread::Builder::new().name("lg-idle".into()).spawn(move || {
+            let mut held = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                if free.swap(false, Ordering::Relaxed) {
+                    held.clear();
+                }
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let mut b = [0u8];
+                        let echoed = s
+                            .set_nonblocking(false)
+                            .and_then(|()| s.set_read_timeout(Some(IO_TIMEOUT)))
+                            .and_then(|()| s.read_exact(&mut b))
+                            .and_then(|()| s.write_all(&b));
+                        if echoed.is_ok() {
+                            held.push(s);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        })?;
+        Ok(Self { addr, stop, release, thread: Some(thread) })
+    }
+
+    /// Closes every connection held so far.
+    pub fn release(&self) {
+        self.release.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for IdleServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

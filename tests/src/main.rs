@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -31,12 +31,34 @@ enum Command {
     Smoke,
     /// Remove the namespaces and pins that crashed labs left behind.
     Cleanup,
+    /// (For the soak.) Opens connections from network namespace NETNS to ADDR, echoes a byte
+    /// on each, prints `held N`, and holds them until stdin closes. A process of its own:
+    /// the held sockets do not count against the lab's open-files limit.
+    #[command(hide = true)]
+    Hold {
+        #[arg(long)]
+        netns: String,
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
     /// Measure meshpath's capture against the iptables designs it replaces and no proxy at
     /// all, in dedicated labs; write BENCHMARKS.md and its chart.
     Bench {
         /// Three short rounds at 10 workloads only.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "soak")]
         quick: bool,
+        /// The soak instead: a minute of churn per path, 10 000 connections held, idle CPU and
+        /// memory, memory after the load (its own section of BENCHMARKS.md).
+        #[arg(long)]
+        soak: bool,
+        /// With --soak: seconds of churn per path.
+        #[arg(long, default_value_t = 60, requires = "soak")]
+        churn_secs: u64,
+        /// With --soak: connections held per path.
+        #[arg(long, default_value_t = 10_000, requires = "soak")]
+        held: usize,
         #[arg(long, default_value = "BENCHMARKS.md")]
         out: PathBuf,
         /// The chart (SVG), written next to `out`.
@@ -64,6 +86,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the lab creates network namespaces and loads eBPF programs: run it as root");
     }
+    raise_fd_limit();
+    if let Command::Hold { netns, to, count } = &cli.command {
+        return bench::soak::hold_here(netns, *to, *count).map(|()| ExitCode::SUCCESS);
+    }
     if let Command::Cleanup = cli.command {
         let removed = meshpath_lab::sweep()?;
         println!(
@@ -80,8 +106,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run => run_lab(&bin),
         Command::Smoke => run_smoke(&bin),
-        Command::Bench { quick, out, chart, json } => run_bench(&bin, quick, &out, &chart, json.as_deref()),
-        Command::Cleanup => unreachable!("handled above"),
+        Command::Bench { soak: true, out, json, churn_secs, held, .. } => {
+            let cfg = bench::soak::SoakConfig { churn: Duration::from_secs(churn_secs), held, ..Default::default() };
+            run_soak(&bin, &cfg, &out, json.as_deref())
+        }
+        Command::Bench { quick, out, chart, json, .. } => run_bench(&bin, quick, &out, &chart, json.as_deref()),
+        Command::Cleanup | Command::Hold { .. } => unreachable!("handled above"),
     }
 }
 
@@ -142,7 +172,11 @@ fn run_bench(bin: &Path, quick: bool, out: &Path, chart: &str, json: Option<&Pat
         .ok()
         .and_then(|old| old.split_once(bench::ANALYSIS_MARKER).map(|(_, tail)| tail.to_owned()))
         .unwrap_or_else(|| "\n(no analysis written yet)\n".to_owned());
-    let doc = format!("{}\n{}{analysis}", bench::document(&cfg, &samples, command, chart), bench::ANALYSIS_MARKER);
+    let mut doc = format!("{}\n{}{analysis}", bench::document(&cfg, &samples, command, chart), bench::ANALYSIS_MARKER);
+    // The soak's section is another command's: kept as it was.
+    if let Some(section) = std::fs::read_to_string(out).ok().as_deref().and_then(bench::soak::section_of) {
+        doc = bench::soak::with_section(&doc, section, bench::ANALYSIS_MARKER);
+    }
     std::fs::write(out, doc).with_context(|| format!("writing {}", out.display()))?;
     let chart_path = out.parent().unwrap_or(Path::new(".")).join(chart);
     std::fs::write(&chart_path, bench::report::svg_chart(&samples, cfg.sizes[0]))
@@ -154,6 +188,66 @@ fn run_bench(bin: &Path, quick: bool, out: &Path, chart: &str, json: Option<&Pat
     println!("{}", bench::report::markdown(&samples, &cfg.sizes, cfg.rounds));
     eprintln!("wrote {} and {} in {:.0}s", out.display(), chart_path.display(), started.elapsed().as_secs_f64());
     Ok(ExitCode::SUCCESS)
+}
+
+fn run_soak(bin: &Path, cfg: &bench::soak::SoakConfig, out: &Path, json: Option<&Path>) -> Result<ExitCode> {
+    use bench::{PathKind, paths::Setup, soak};
+    let started = Instant::now();
+    let progress = |line: &str| eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
+    let kinds: Vec<PathKind> = PathKind::available()
+        .into_iter()
+        .filter(|k| {
+            matches!(
+                k,
+                PathKind::Direct
+                    | PathKind::Legacy
+                    | PathKind::Meshpath
+                    | PathKind::MeshpathHbone
+                    | PathKind::ZtunnelHbone
+            )
+        })
+        .collect();
+    let mut setups = Vec::new();
+    for kind in kinds {
+        progress(&format!("building the {} lab", kind.name()));
+        setups.push(Setup::build(kind, bin)?);
+    }
+    let samples = soak::run(&mut setups, cfg, progress)?;
+    for s in setups {
+        s.teardown()?;
+    }
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let section = soak::markdown(&samples, cfg, &date);
+    let old = std::fs::read_to_string(out).unwrap_or_else(|_| format!("# Benchmarks\n\n{}\n", bench::ANALYSIS_MARKER));
+    std::fs::write(out, soak::with_section(&old, &section, bench::ANALYSIS_MARKER))
+        .with_context(|| format!("writing {}", out.display()))?;
+    if let Some(j) = json {
+        std::fs::write(j, serde_json::to_string_pretty(&samples)?)
+            .with_context(|| format!("writing {}", j.display()))?;
+    }
+    println!("{section}");
+    eprintln!("wrote the soak section of {} in {:.0}s", out.display(), started.elapsed().as_secs_f64());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Lets this process (and the daemons it starts, which inherit it) hold as many files as the
+/// kernel allows: the benchmarks hold 10 000 connections, two sockets each on this side.
+/// Where the hard limit cannot be raised (no CAP_SYS_RESOURCE, a container), the soft limit
+/// goes up to it; the benchmarks report what they were capped at.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let max =
+        std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(1 << 20);
+    if setrlimit(Resource::RLIMIT_NOFILE, max, max).is_ok() {
+        return;
+    }
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
 }
 
 /// SIGINT and SIGTERM, caught from the moment they are installed.

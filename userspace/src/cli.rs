@@ -209,7 +209,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_connections_per_source: a.max_connections_per_source.map(|n| n as usize),
                 proxy_only: a.proxy_only,
             };
-            runtime()?.block_on(node::run(cfg, shutdown_signal()))?;
+            let rt = runtime()?;
+            let stop = shutdown_signal(&rt);
+            rt.block_on(node::run(cfg, stop))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Uninstall { node } => {
@@ -250,16 +252,21 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed now (inside the runtime), so
+/// a signal that comes while the daemon is still starting is not the default kill.
+fn shutdown_signal(rt: &tokio::runtime::Runtime) -> impl Future<Output = ()> + use<> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    let which = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(signal = which, "shutting down");
+    let _in = rt.enter();
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        };
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = which, "shutting down");
+    }
 }

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use meshpath_common::names::{CAPTURE_MARK, CAPTURE_MASK, ROUTE_TABLE, RULE_PRIORITY};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkLayerType};
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType};
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteScope, RouteType};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
@@ -82,6 +82,9 @@ pub struct Interface {
     pub ethernet: bool,
     /// Its addresses, both families.
     pub addresses: Vec<IpAddr>,
+    /// Enslaved to a bridge or bond (IFLA_MASTER), or the lower device of a VLAN or
+    /// macvlan here: its traffic belongs to the device above, where its routes are.
+    pub lower: bool,
 }
 
 /// What the kernel announced since the last look.
@@ -98,6 +101,14 @@ pub struct Changes {
 }
 
 impl Changes {
+    /// Adds `other`'s changes to these.
+    pub fn merge(&mut self, other: Changes) {
+        self.destinations.extend(other.destinations);
+        self.capture |= other.capture;
+        self.interfaces |= other.interfaces;
+        self.lost |= other.lost;
+    }
+
     pub fn any(&self) -> bool {
         !self.destinations.is_empty() || self.capture || self.interfaces || self.lost
     }
@@ -207,11 +218,27 @@ impl Routing {
     pub async fn interfaces(&self) -> Result<Vec<Interface>> {
         let mut links = self.handle.link().get().execute();
         let mut out = Vec::new();
+        // Devices stacked on a lower one in this namespace (a veth's peer elsewhere names
+        // its namespace, and is no upper).
+        let mut uppers_of = std::collections::BTreeSet::new();
         while let Some(msg) = links.try_next().await.map_err(nl("listing links"))? {
-            let name = msg.attributes.iter().find_map(|a| match a {
-                LinkAttribute::IfName(n) => Some(n.clone()),
-                _ => None,
-            });
+            let (mut name, mut master, mut link, mut elsewhere, mut veth) = (None, false, None, false, false);
+            for a in &msg.attributes {
+                match a {
+                    LinkAttribute::IfName(n) => name = Some(n.clone()),
+                    LinkAttribute::Controller(_) => master = true,
+                    LinkAttribute::Link(i) => link = Some(*i),
+                    LinkAttribute::LinkNetNsId(_) => elsewhere = true,
+                    LinkAttribute::LinkInfo(info) => {
+                        veth = info.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+                    }
+                    _ => {}
+                }
+            }
+            // A veth's link is its peer, not a device it is stacked on.
+            if let (Some(lower), false, false) = (link, elsewhere, veth) {
+                uppers_of.insert(lower);
+            }
             if let Some(name) = name {
                 out.push(Interface {
                     index: msg.header.index,
@@ -220,8 +247,13 @@ impl Routing {
                     up: msg.header.flags.contains(LinkFlags::Up) && msg.header.flags.contains(LinkFlags::LowerUp),
                     ethernet: msg.header.link_layer_type == LinkLayerType::Ether,
                     addresses: Vec::new(),
+                    lower: master,
                 });
             }
+        }
+        for i in &mut out {
+            // A device naming itself as its link (some drivers do) is no lower device.
+            i.lower |= uppers_of.contains(&i.index) && i.index != 0;
         }
         let mut addrs = self.handle.address().get().execute();
         while let Some(msg) = addrs.try_next().await.map_err(nl("listing addresses"))? {

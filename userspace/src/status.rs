@@ -6,11 +6,9 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
-use aya::programs::{SchedClassifier, TcAttachType};
-use meshpath_common::names::PROG_TC_INGRESS;
 use serde::Serialize;
 
-use crate::datapath::{self, Counters, DatapathError};
+use crate::datapath::{self, AttachMode, Counters, DatapathError, Hook};
 use crate::routing::{self, Routing, RoutingError};
 use crate::state::WorkloadIndex;
 use crate::workloads::{WorkloadFile, WorkloadsError};
@@ -94,23 +92,18 @@ pub async fn collect(node: &str, workloads: Option<&Path>) -> Result<Status, Sta
             live: true,
         });
     }
-    for (mode, list) in [("tcx", &att.tcx), ("netlink", &att.netlink)] {
-        for &ifindex in list {
+    let netlink: Vec<(u32, Hook)> = att.netlink.iter().flat_map(|i| Hook::ALL.map(|h| (*i, h))).collect();
+    for (mode, list) in [(AttachMode::Tcx, &att.tcx), (AttachMode::Netlink, &netlink)] {
+        for &(ifindex, hook) in list {
             let name = names.get(&ifindex).cloned();
-            let live = match (&name, mode) {
-                (Some(n), "tcx") => SchedClassifier::query_tcx(n.as_str(), TcAttachType::Ingress)
-                    .map(|(_, progs)| progs.iter().any(|p| p.name_as_str() == Some(PROG_TC_INGRESS)))
-                    .unwrap_or(false),
-                (Some(_), _) => true,
-                (None, _) => false,
-            };
+            let live = name.as_deref().is_some_and(|n| datapath::tc_attached(mode, n, hook));
             attachments.push(Attachment {
-                program: PROG_TC_INGRESS,
+                program: hook.program(),
                 hook: "tc",
                 interface: name,
                 ifindex: Some(ifindex),
-                direction: Some("ingress"),
-                mode,
+                direction: Some(hook.name()),
+                mode: if mode == AttachMode::Tcx { "tcx" } else { "netlink" },
                 live,
             });
         }

@@ -19,6 +19,7 @@
 
 pub mod paths;
 pub mod report;
+pub mod soak;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -36,18 +37,23 @@ pub const ANALYSIS_MARKER: &str = "<!-- analysis: written by hand, kept by `carg
 /// Ports of the bench servers in the server pods.
 pub const ECHO_PORT: u16 = 9000;
 pub const SINK_PORT: u16 = 9001;
+pub const IDLE_PORT: u16 = 9002;
 /// Connections kept busy at once for the connection-rate and request-rate figures.
 pub const CONCURRENCY: usize = 8;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PathKind {
+    #[default]
     Direct,
     Legacy,
     Tproxy,
     Meshpath,
     MeshpathHbone,
     MeshpathRelay,
+    /// Two Istio ztunnels in dedicated mode (pods a and c), HBONE between them: the peer
+    /// meshpath-hbone is compared with. Only with `MESHPATH_ZTUNNEL` set.
+    ZtunnelHbone,
 }
 
 impl PathKind {
@@ -68,7 +74,17 @@ impl PathKind {
             PathKind::Meshpath => "meshpath",
             PathKind::MeshpathHbone => "meshpath-hbone",
             PathKind::MeshpathRelay => "meshpath-relay",
+            PathKind::ZtunnelHbone => "ztunnel-hbone",
         }
+    }
+
+    /// The paths this run measures: all but ztunnel's, which needs a ztunnel binary.
+    pub fn available() -> Vec<PathKind> {
+        let mut kinds = Self::ALL.to_vec();
+        if paths::ztunnel::binary().is_some() {
+            kinds.push(PathKind::ZtunnelHbone);
+        }
+        kinds
     }
 
     /// Paths whose capture is sized by the number of enrolled workloads.
@@ -115,6 +131,11 @@ pub struct Sample {
     pub cpu_us_per_conn: Option<f64>,
     /// Proxy resident memory after the round, KiB.
     pub rss_kib: Option<u64>,
+    /// The proxies' own CPU time (all of them) during the connection-rate run, per 1000
+    /// connections, ms.
+    pub proxy_cpu_ms_per_1000_conn: Option<f64>,
+    /// The proxies' CPU time during the throughput runs, per GB moved, ms.
+    pub proxy_cpu_ms_per_gb: Option<f64>,
 }
 
 /// The whole BENCHMARKS.md for a finished run.
@@ -169,13 +190,13 @@ pub fn document(cfg: &BenchConfig, samples: &[Sample], command: &str, chart_file
 /// Runs the benchmark; `progress` gets one line per step.
 pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Vec<Sample>> {
     let mut setups = Vec::new();
-    for kind in PathKind::ALL {
+    for kind in PathKind::available() {
         progress(&format!("building the {} lab", kind.name()));
         setups.push(Setup::build(kind, &cfg.binary)?);
     }
     let mut samples = Vec::new();
     for (i, &size) in cfg.sizes.iter().enumerate() {
-        let kinds: Vec<PathKind> = PathKind::ALL.into_iter().filter(|k| i == 0 || k.scales()).collect();
+        let kinds: Vec<PathKind> = PathKind::available().into_iter().filter(|k| i == 0 || k.scales()).collect();
         // Filling needs the daemons running (the last round stopped all but one).
         for s in &setups {
             s.pause(false);
@@ -216,12 +237,16 @@ fn measure(s: &mut Setup, workloads: usize, round: usize, d: Duration) -> Result
     // Warm the path (pools, caches) outside the figures.
     loadgen::conn_rate(ns, echo, CONCURRENCY, Duration::from_millis(200)).map_err(load_err(s.kind, "warm-up"))?;
     let cpu_before = machine_busy();
+    let proxy_before = s.proxy_cpu();
     let conn = loadgen::conn_rate(ns, echo, CONCURRENCY, d).map_err(load_err(s.kind, "connection rate"))?;
     let cpu_after = machine_busy();
+    let proxy_conn = s.proxy_cpu().zip(proxy_before).map(|(a, b)| a - b);
     let req = loadgen::request_rate(ns, echo, CONCURRENCY, d).map_err(load_err(s.kind, "request rate"))?;
     let sink_before = s.servers.sink_totals();
+    let proxy_before = s.proxy_cpu();
     let t1 = loadgen::throughput(ns, sink, 1, d).map_err(load_err(s.kind, "1-stream throughput"))?;
     let t8 = loadgen::throughput(ns, sink, 8, d).map_err(load_err(s.kind, "8-stream throughput"))?;
+    let proxy_bulk = s.proxy_cpu().zip(proxy_before).map(|(a, b)| a - b);
     // The sink saw every byte the client sent, in order.
     let sink = wait_for_sink(s, sink_before.bytes + t1.bytes + t8.bytes);
     if sink.bytes != sink_before.bytes + t1.bytes + t8.bytes || sink.pattern_errors != sink_before.pattern_errors {
@@ -249,6 +274,12 @@ fn measure(s: &mut Setup, workloads: usize, round: usize, d: Duration) -> Result
         gbit_8: t8.gbit_per_s,
         cpu_us_per_conn,
         rss_kib: s.proxy_rss_kib(),
+        proxy_cpu_ms_per_1000_conn: proxy_conn
+            .filter(|_| conn.connections > 0)
+            .map(|c| c.as_secs_f64() * 1e6 / conn.connections as f64),
+        proxy_cpu_ms_per_gb: proxy_bulk
+            .filter(|_| t1.bytes + t8.bytes > 0)
+            .map(|c| c.as_secs_f64() * 1e3 / ((t1.bytes + t8.bytes) as f64 / 1e9)),
     })
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{ECHO_PORT, PathKind, SINK_PORT};
+use super::{ECHO_PORT, IDLE_PORT, PathKind, SINK_PORT};
 use crate::lab::{Lab, LabError, Result, ip, readiness, sysctls};
 use crate::loadgen;
 
@@ -45,10 +45,14 @@ pub struct Setup {
     pub lab: Lab,
     pub client_ns: String,
     pub servers: loadgen::Servers,
+    /// Where the soak's held connections go.
+    pub idle: loadgen::IdleServer,
     /// The proxies whose CPU time and memory are reported.
     proxy_pids: Vec<u32>,
     /// The legacy path's proxy, which is no lab daemon (it runs in its own namespace).
     legacy_proxy: Option<Child>,
+    /// ztunnel's path: its two ztunnels, in pods a and c.
+    ztunnels: Vec<Child>,
 }
 
 impl Setup {
@@ -69,12 +73,16 @@ impl Setup {
         let server = match kind {
             PathKind::MeshpathHbone => "c",
             PathKind::MeshpathRelay => "d",
+            PathKind::ZtunnelHbone => "c",
             _ => "b",
         };
         let mut legacy_proxy = None;
+        let mut ztunnels = Vec::new();
         // Every proxied path relays alike: upstream from the node's (or proxy namespace's)
         // own address, which TPROXY setups need and meshpath can do too.
         lab.pod_cidr_args = matches!(kind, PathKind::MeshpathHbone | PathKind::MeshpathRelay);
+        // One client pod makes all the load: its share of the connection limit is all of it.
+        lab.daemon_args = vec!["--max-connections-per-source".into(), "1000000".into()];
         match kind {
             PathKind::Direct => {}
             PathKind::Meshpath | PathKind::MeshpathRelay => {
@@ -88,7 +96,7 @@ impl Setup {
             PathKind::Tproxy => {
                 lab.write_workloads_text(&workloads_yaml(&lab, 1))?;
                 tproxy_capture(&lab)?;
-                lab.daemon_args = vec!["--proxy-only".into()];
+                lab.daemon_args.push("--proxy-only".into());
                 lab.start_daemon(0)?;
             }
             PathKind::Legacy => {
@@ -96,13 +104,16 @@ impl Setup {
                 let zt = legacy_capture(&mut lab)?;
                 legacy_proxy = Some(start_legacy_proxy(&lab, &zt)?);
             }
+            PathKind::ZtunnelHbone => ztunnels = ztunnel::start(&lab)?,
         }
         let mut proxy_pids: Vec<u32> = lab.nodes.iter().filter_map(|n| n.daemon.as_ref().map(Child::id)).collect();
         proxy_pids.extend(legacy_proxy.as_ref().map(Child::id));
+        proxy_pids.extend(ztunnels.iter().map(Child::id));
         let sp = lab.pod(server).clone();
         let servers = loadgen::Servers::start(Some(&sp.netns), sp.v4, ECHO_PORT, SINK_PORT)?;
+        let idle = loadgen::IdleServer::start(&sp.netns, SocketAddr::new(sp.v4, IDLE_PORT))?;
         let client_ns = lab.pod("a").netns.clone();
-        Ok(Self { kind, lab, client_ns, servers, proxy_pids, legacy_proxy })
+        Ok(Self { kind, lab, client_ns, servers, idle, proxy_pids, legacy_proxy, ztunnels })
     }
 
     pub fn echo_addr(&self) -> SocketAddr {
@@ -187,6 +198,27 @@ impl Setup {
         Some(total)
     }
 
+    /// CPU time the proxies have used (user and system), all together.
+    pub fn proxy_cpu(&self) -> Option<Duration> {
+        if self.proxy_pids.is_empty() {
+            return None;
+        }
+        let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten()? as f64;
+        let mut total = 0.0;
+        for pid in &self.proxy_pids {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // After the command's closing parenthesis: state is field 3, utime and stime 14 and 15.
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            total += fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        }
+        Some(Duration::from_secs_f64(total / ticks))
+    }
+
+    /// Open file descriptors of the proxies, all together.
+    pub fn proxy_fds(&self) -> Option<u64> {
+        self.proxy_pids.iter().map(|p| std::fs::read_dir(format!("/proc/{p}/fd")).ok().map(|d| d.count() as u64)).sum()
+    }
+
     pub fn teardown(mut self) -> Result<()> {
         self.pause(false);
         self.stop_legacy_proxy();
@@ -195,6 +227,12 @@ impl Setup {
     }
 
     fn stop_legacy_proxy(&mut self) {
+        for mut z in self.ztunnels.drain(..) {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(z.id() as i32), nix::sys::signal::Signal::SIGCONT);
+            let _ = z.kill();
+            let _ = z.wait();
+        }
         if let Some(mut p) = self.legacy_proxy.take() {
             let _ =
                 nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.id() as i32), nix::sys::signal::Signal::SIGCONT);
@@ -389,7 +427,8 @@ fn start_legacy_proxy(lab: &Lab, zt: &str) -> Result<Child> {
     let mut child = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{zt}"))
         .arg(&lab.binary)
-        .args(["node", "--proxy-only", "--node", &lab.nodes[0].name, "--workloads"])
+        .args(["node", "--proxy-only", "--max-connections-per-source", "1000000", "--node", &lab.nodes[0].name])
+        .arg("--workloads")
         .arg(lab.workloads_path())
         .args(["--ca-dir"])
         .arg(lab.ca_dir())
@@ -411,4 +450,108 @@ fn start_legacy_proxy(lab: &Lab, zt: &str) -> Result<Child> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(child)
+}
+
+/// Istio's ztunnel as the peer of meshpath-hbone: one in pod a (its outbound side, with
+/// pod a's connections redirected to it as a sidecar's are) and one in pod c (inbound),
+/// both in dedicated mode with ztunnel's test CA and a local workload file.
+pub mod ztunnel {
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use crate::lab::{Lab, LabError, Result};
+
+    /// The ztunnel binary (built with `--features testing` for its fake CA), from
+    /// `MESHPATH_ZTUNNEL`, as the interop test takes it.
+    pub fn binary() -> Option<PathBuf> {
+        std::env::var_os("MESHPATH_ZTUNNEL").filter(|v| !v.is_empty()).map(PathBuf::from).filter(|p| p.is_file())
+    }
+
+    /// ztunnel's local workload file: pods a and c with their lab identities, both speaking
+    /// HBONE (the interop test uses it too).
+    pub fn config(lab: &Lab) -> String {
+        let mut y = String::from("workloads:\n");
+        for pod in ["a", "c"] {
+            let p = lab.pod(pod);
+            y += &format!(
+                "- uid: lab//v1/Pod/lab/pod-{pod}\n  name: pod-{pod}\n  namespace: lab\n  serviceAccount: sa-{pod}\n  \
+                 trustDomain: {}\n  workloadIps: [\"{}\"]\n  protocol: HBONE\n  node: {}\n  network: \"\"\n  services: {{}}\n",
+                Lab::TRUST_DOMAIN,
+                p.v4,
+                lab.nodes[p.node].name
+            );
+        }
+        y
+    }
+
+    /// Starts both ztunnels and redirects pod a's outbound TCP (but ztunnel's own, to port
+    /// 15008) to a's, as a sidecar's capture would.
+    pub fn start(lab: &Lab) -> Result<Vec<Child>> {
+        let bin = binary().ok_or_else(|| LabError::Other("MESHPATH_ZTUNNEL is not set".into()))?;
+        let cfg = lab.dir.join("ztunnel.yaml");
+        std::fs::write(&cfg, config(lab))?;
+        let a = lab.pod("a").netns.clone();
+        for rule in [
+            // ztunnel's own HBONE connections (in dedicated mode it marks none of its sockets,
+            // and the bench's apps use other ports).
+            &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "15008", "-j", "RETURN"][..],
+            &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "127.0.0.0/8", "-j", "RETURN"],
+            &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001"],
+        ] {
+            crate::lab::run(Command::new("ip").args(["netns", "exec", &a, "iptables"]).args(rule))?;
+        }
+        let mut out = Vec::new();
+        for pod in ["a", "c"] {
+            let ns = lab.pod(pod).netns.clone();
+            let log = std::fs::File::create(lab.dir.join(format!("ztunnel-{pod}.log")))?;
+            let child = Command::new("ip")
+                .args(["netns", "exec", &ns, "env"])
+                .args([
+                    "FAKE_CA=true",
+                    "XDS_ADDRESS=",
+                    "PROXY_MODE=dedicated",
+                    "ENABLE_ORIG_SRC=false",
+                    "RUST_LOG=warn",
+                ])
+                .arg(format!("PROXY_WORKLOAD_INFO=lab/pod-{pod}/sa-{pod}"))
+                .arg(format!("LOCAL_XDS_PATH={}", cfg.display()))
+                .arg(&bin)
+                .arg("proxy")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .map_err(|source| LabError::Spawn { cmd: "ztunnel".into(), source })?;
+            out.push(child);
+            wait_listening(lab, &ns, if pod == "a" { 15001 } else { 15008 })?;
+        }
+        Ok(out)
+    }
+
+    fn wait_listening(lab: &Lab, ns: &str, port: u16) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let up = crate::traffic::in_netns(ns, || {
+                ["tcp", "tcp6"].iter().any(|f| {
+                    std::fs::read_to_string(format!("/proc/thread-self/net/{f}")).is_ok_and(|t| {
+                        t.lines().skip(1).any(|l| {
+                            let c: Vec<&str> = l.split_whitespace().collect();
+                            c.get(3) == Some(&"0A") && c.get(1).is_some_and(|a| a.ends_with(&format!(":{port:04X}")))
+                        })
+                    })
+                })
+            })?;
+            if up {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(LabError::Other(format!(
+                    "ztunnel in {ns} not listening on {port} after 30 s; see {}",
+                    lab.dir.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }

@@ -8,7 +8,7 @@ use super::{PathKind, Sample};
 
 /// The figures, in table order: name, unit, whether higher is better, accessor.
 type Getter = fn(&Sample) -> Option<f64>;
-pub const METRICS: [(&str, &str, bool, Getter); 8] = [
+pub const METRICS: [(&str, &str, bool, Getter); 10] = [
     ("new connections/s", "conn/s", true, |s| Some(s.conn_per_s)),
     ("requests/s (persistent)", "req/s", true, |s| Some(s.req_per_s)),
     ("p50 latency", "µs", false, |s| Some(f64::from(s.p50_us))),
@@ -17,6 +17,8 @@ pub const METRICS: [(&str, &str, bool, Getter); 8] = [
     ("8-stream throughput", "Gbit/s", true, |s| Some(s.gbit_8)),
     ("CPU per connection (machine)", "µs", false, |s| s.cpu_us_per_conn),
     ("proxy RSS", "MiB", false, |s| s.rss_kib.map(|k| k as f64 / 1024.0)),
+    ("proxy CPU per 1000 connections", "ms", false, |s| s.proxy_cpu_ms_per_1000_conn),
+    ("proxy CPU per GB", "ms", false, |s| s.proxy_cpu_ms_per_gb),
 ];
 
 /// Median, min and max of one metric over the rounds.
@@ -106,6 +108,18 @@ pub fn targets(agg: &BTreeMap<(PathKind, usize), Vec<Option<Stat>>>, base: usize
             ">= 0.5",
             |v| v >= 0.5,
         ),
+        t(
+            "new connections/s, meshpath-hbone / ztunnel-hbone",
+            r(PathKind::MeshpathHbone, PathKind::ZtunnelHbone, 0),
+            ">= 1.3",
+            |v| v >= 1.3,
+        ),
+        t(
+            "1-stream throughput, meshpath-hbone / ztunnel-hbone",
+            r(PathKind::MeshpathHbone, PathKind::ZtunnelHbone, 4),
+            ">= 1.2",
+            |v| v >= 1.2,
+        ),
     ]
 }
 
@@ -128,7 +142,7 @@ pub fn markdown(samples: &[Sample], sizes: &[usize], rounds: usize) -> String {
     for &w in sizes {
         let _ = writeln!(s, "### Figures at {w} enrolled workloads (median of {rounds} rounds, [min–max])\n");
         table_header(&mut s, METRICS.iter().map(|(name, unit, _, _)| format!("{name} ({unit})")));
-        for p in PathKind::ALL {
+        for p in PathKind::available() {
             let Some(stats) = agg.get(&(p, w)) else { continue };
             let _ = write!(s, "| {} |", p.name());
             for st in stats {
@@ -151,7 +165,7 @@ pub fn markdown(samples: &[Sample], sizes: &[usize], rounds: usize) -> String {
             "### Ratios to {label} at {base} workloads (median / median; latency, CPU and memory as lower-is-better: < 1 is better)\n"
         );
         table_header(&mut s, METRICS.iter().map(|(name, _, _, _)| name.to_string()));
-        for p in PathKind::ALL {
+        for p in PathKind::available() {
             let (Some(a), Some(b)) = (agg.get(&(p, base)), agg.get(&(against, base))) else { continue };
             let _ = write!(s, "| {} |", p.name());
             for m in 0..METRICS.len() {
@@ -164,7 +178,7 @@ pub fn markdown(samples: &[Sample], sizes: &[usize], rounds: usize) -> String {
     if sizes.len() > 1 {
         let _ = writeln!(s, "### Scale: figures at {largest} workloads / at {base}\n");
         let _ = writeln!(s, "| path | new connections/s | requests/s | p50 | p99 |\n|---|---|---|---|---|");
-        for p in PathKind::ALL.into_iter().filter(|p| p.scales()) {
+        for p in PathKind::available().into_iter().filter(|p| p.scales()) {
             let (Some(a), Some(b)) = (agg.get(&(p, largest)), agg.get(&(p, base))) else { continue };
             let cell = |m: usize| ratio(a[m], b[m]).map(|r| format!("{r:.3}")).unwrap_or_else(|| "–".into());
             let _ = writeln!(s, "| {} | {} | {} | {} | {} |", p.name(), cell(0), cell(1), cell(2), cell(3));
@@ -194,8 +208,8 @@ pub fn markdown(samples: &[Sample], sizes: &[usize], rounds: usize) -> String {
 pub fn svg_chart(samples: &[Sample], base: usize) -> String {
     let agg = aggregate(samples);
     let metrics = [0usize, 1, 2, 4, 5];
-    let paths: Vec<PathKind> = PathKind::ALL.into_iter().filter(|p| agg.contains_key(&(*p, base))).collect();
-    let colors = ["#7f7f7f", "#d62728", "#ff7f0e", "#1f77b4", "#2ca02c", "#9467bd"];
+    let paths: Vec<PathKind> = PathKind::available().into_iter().filter(|p| agg.contains_key(&(*p, base))).collect();
+    let colors = ["#7f7f7f", "#d62728", "#ff7f0e", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b"];
     let (w, h, left, top, bottom) = (900.0, 420.0, 60.0, 40.0, 80.0);
     let plot_h = h - top - bottom;
     let group_w = (w - left - 20.0) / metrics.len() as f64;
@@ -277,6 +291,8 @@ mod tests {
             gbit_8: 2.0,
             cpu_us_per_conn: None,
             rss_kib: Some(2048),
+            proxy_cpu_ms_per_1000_conn: None,
+            proxy_cpu_ms_per_gb: None,
         }
     }
 

@@ -7,6 +7,7 @@
 
 pub mod pinned;
 mod sys;
+mod tcfilter;
 
 /// Raw BPF syscalls for inspecting any map (used by `meshpath map` and `status`).
 pub use sys::{async_events, bpf};
@@ -24,8 +25,8 @@ use aya::programs::{LinkOrder, ProgramError, SchedClassifier, SkLookup, TcAttach
 use aya::{Ebpf, EbpfLoader};
 use meshpath_common::names::{
     BPFFS_ROOT, MAP_COUNTERS, MAP_EVENTS, MAP_INTERFACES, MAP_LISTENERS, MAP_WORKLOADS, PIN_DIR, PIN_LINKS_SUBDIR,
-    PIN_SK_LOOKUP_LINK, PIN_TC_LINK_PREFIX, PINNED_MAPS, PROG_SK_LOOKUP, PROG_TC_INGRESS, STATE_DIR, TC_FILTER_HANDLE,
-    TC_FILTER_PRIORITY,
+    PIN_SK_LOOKUP_LINK, PIN_TC_EGRESS_LINK_PREFIX, PIN_TC_LINK_PREFIX, PINNED_MAPS, PROG_SK_LOOKUP, PROG_TC_EGRESS,
+    PROG_TC_INGRESS, STATE_DIR, TC_FILTER_HANDLE, TC_FILTER_PRIORITY,
 };
 use meshpath_common::{Counter, Listener, WorkloadKey, WorkloadValue};
 use sys::{IfValue, PodKey, PodValue};
@@ -85,9 +86,9 @@ pub fn node_pin_dir(node: &str) -> Result<PathBuf> {
     Ok(Path::new(PIN_DIR).join(node))
 }
 
-/// Whether nothing of `node` is pinned or kept in its state directory.
+/// Whether nothing of `node` is pinned or noted as attached over netlink.
 pub fn is_fresh(node: &str) -> Result<bool> {
-    Ok(!node_pin_dir(node)?.exists() && !Path::new(STATE_DIR).join(node).exists())
+    Ok(!node_pin_dir(node)?.exists() && !netlink_state_dir(node)?.exists())
 }
 
 /// Mounts bpffs on /sys/fs/bpf unless it is already there (it is not by default on
@@ -130,6 +131,46 @@ impl AttachMode {
     /// TCX where the kernel has it, netlink otherwise.
     pub fn detect() -> Self {
         if Self::kernel_has_tcx() { AttachMode::Tcx } else { AttachMode::Netlink }
+    }
+}
+
+/// Where on an interface a TC program runs: the classifier on ingress, the bypass guard on
+/// egress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hook {
+    Ingress,
+    Egress,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 2] = [Hook::Ingress, Hook::Egress];
+
+    pub const fn program(self) -> &'static str {
+        match self {
+            Hook::Ingress => PROG_TC_INGRESS,
+            Hook::Egress => PROG_TC_EGRESS,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Hook::Ingress => "ingress",
+            Hook::Egress => "egress",
+        }
+    }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Hook::Ingress => TcAttachType::Ingress,
+            Hook::Egress => TcAttachType::Egress,
+        }
+    }
+
+    fn pin_prefix(self) -> &'static str {
+        match self {
+            Hook::Ingress => PIN_TC_LINK_PREFIX,
+            Hook::Egress => PIN_TC_EGRESS_LINK_PREFIX,
+        }
     }
 }
 
@@ -239,7 +280,7 @@ fn sum_counters<T: std::borrow::Borrow<MapData>>(map: &PerCpuArray<T, u64>) -> R
 /// A loaded and attached datapath for one node.
 pub struct Datapath {
     // Field order matters for drop: links and maps are closed before the object.
-    tc_links: BTreeMap<u32, TcAttachment>,
+    tc_links: BTreeMap<(u32, Hook), TcAttachment>,
     mode: AttachMode,
     node: String,
     /// Held for its fd (the pin keeps the link too); `None` only while being re-pinned.
@@ -264,6 +305,10 @@ impl Datapath {
         if mode == AttachMode::Tcx && !AttachMode::kernel_has_tcx() {
             return Err(DatapathError::KernelFeature { feature: "TCX (Linux 6.6; use the netlink attach mode)" });
         }
+        // Without it every captured connection attempt would fail its delivery check.
+        if !aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 10, 0)) {
+            return Err(DatapathError::KernelFeature { feature: "bpf_fib_lookup with a mark (Linux 6.10)" });
+        }
         ensure_bpffs()?;
         let pin_dir = node_pin_dir(node)?;
         let links_dir = pin_dir.join(PIN_LINKS_SUBDIR);
@@ -276,8 +321,10 @@ impl Datapath {
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
 
-        let tc: &mut SchedClassifier = program(&mut ebpf, PROG_TC_INGRESS)?;
-        tc.load().map_err(|source| DatapathError::Program { name: PROG_TC_INGRESS, source })?;
+        for hook in Hook::ALL {
+            let tc: &mut SchedClassifier = program(&mut ebpf, hook.program())?;
+            tc.load().map_err(|source| DatapathError::Program { name: hook.program(), source })?;
+        }
 
         let sk: &mut SkLookup = program(&mut ebpf, PROG_SK_LOOKUP)?;
         sk.load().map_err(|source| DatapathError::Program { name: PROG_SK_LOOKUP, source })?;
@@ -331,8 +378,8 @@ impl Datapath {
         self.events.take()
     }
 
-    fn tc_pin_path(&self, ifindex: u32) -> PathBuf {
-        self.pin_dir.join(PIN_LINKS_SUBDIR).join(format!("{PIN_TC_LINK_PREFIX}{ifindex}"))
+    fn tc_pin_path(&self, ifindex: u32, hook: Hook) -> PathBuf {
+        self.pin_dir.join(PIN_LINKS_SUBDIR).join(format!("{}{ifindex}", hook.pin_prefix()))
     }
 
     /// Pins again whatever of ours someone deleted from bpffs (maps and links stay alive
@@ -358,62 +405,82 @@ impl Datapath {
             self.sk_lookup_link = Some(repin(link, &sk)?);
             restored.push(sk);
         }
-        let missing: Vec<u32> = self
+        let missing: Vec<(u32, Hook)> = self
             .tc_links
             .iter()
-            .filter(|(i, a)| matches!(a, TcAttachment::Tcx(_)) && !self.tc_pin_path(**i).exists())
-            .map(|(i, _)| *i)
+            .filter(|((i, h), a)| matches!(a, TcAttachment::Tcx(_)) && !self.tc_pin_path(*i, *h).exists())
+            .map(|(k, _)| *k)
             .collect();
-        for ifindex in missing {
-            let path = self.tc_pin_path(ifindex);
-            if let Some(TcAttachment::Tcx(link)) = self.tc_links.remove(&ifindex) {
-                self.tc_links.insert(ifindex, TcAttachment::Tcx(repin(link, &path)?));
+        for key in missing {
+            let path = self.tc_pin_path(key.0, key.1);
+            if let Some(TcAttachment::Tcx(link)) = self.tc_links.remove(&key) {
+                self.tc_links.insert(key, TcAttachment::Tcx(repin(link, &path)?));
                 restored.push(path);
             }
         }
         Ok(restored)
     }
 
-    /// Interfaces this instance has attached to.
+    /// Interfaces this instance has attached the classifier to (ingress: what enrolment
+    /// needs; the egress guard is defence in depth).
     pub fn attached_interfaces(&self) -> BTreeSet<u32> {
-        self.tc_links.keys().copied().collect()
+        self.tc_links.keys().filter(|(_, h)| *h == Hook::Ingress).map(|(i, _)| *i).collect()
+    }
+
+    /// Forgets attachments the kernel no longer has (a `tc qdisc del`, another program's
+    /// cleanup, a detached link), so the next [`Self::attach_tc`] puts them back; the
+    /// interfaces that had lost one.
+    pub fn verify_attachments(&mut self, names: &BTreeMap<u32, String>) -> Vec<u32> {
+        let mut lost = Vec::new();
+        let keys: Vec<(u32, Hook)> = self.tc_links.keys().copied().collect();
+        for (ifindex, hook) in keys {
+            let Some(ifname) = names.get(&ifindex) else { continue };
+            if !tc_attached(self.mode, ifname, hook) {
+                self.tc_links.remove(&(ifindex, hook));
+                lost.push(ifindex);
+            }
+        }
+        lost
     }
 
     /// Attaches the TC classifier to `ifname`'s ingress, ahead of other programs so none can
     /// redirect enrolled traffic past it. An attachment a previous instance left is replaced
     /// without a moment where the interface has no classifier.
     pub fn attach_tc(&mut self, ifindex: u32, ifname: &str) -> Result<()> {
-        if self.tc_links.contains_key(&ifindex) {
-            return Ok(());
-        }
-        let attachment = match self.mode {
-            AttachMode::Tcx => TcAttachment::Tcx(self.attach_tcx(ifindex, ifname)?),
-            AttachMode::Netlink => {
-                self.attach_netlink(ifindex, ifname)?;
-                TcAttachment::Netlink
+        for hook in Hook::ALL {
+            if self.tc_links.contains_key(&(ifindex, hook)) {
+                continue;
             }
-        };
-        self.tc_links.insert(ifindex, attachment);
-        tracing::info!(ifname, ifindex, mode = ?self.mode, "attached TC classifier (ingress)");
+            let attachment = match self.mode {
+                AttachMode::Tcx => TcAttachment::Tcx(self.attach_tcx(ifindex, ifname, hook)?),
+                AttachMode::Netlink => {
+                    self.attach_netlink(ifindex, ifname, hook)?;
+                    TcAttachment::Netlink
+                }
+            };
+            self.tc_links.insert((ifindex, hook), attachment);
+            tracing::info!(ifname, ifindex, mode = ?self.mode, hook = hook.name(), program = hook.program(), "attached");
+        }
         Ok(())
     }
 
     /// TCX: a new link at the head of the chain, pinned in place of the old one, which is
     /// released only once the new one runs.
-    fn attach_tcx(&mut self, ifindex: u32, ifname: &str) -> Result<PinnedLink> {
-        let pin = self.tc_pin_path(ifindex);
-        let tc: &mut SchedClassifier = program(&mut self.ebpf, PROG_TC_INGRESS)?;
+    fn attach_tcx(&mut self, ifindex: u32, ifname: &str, hook: Hook) -> Result<PinnedLink> {
+        let pin = self.tc_pin_path(ifindex, hook);
+        let prog_err = |source| DatapathError::Program { name: hook.program(), source };
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, hook.program())?;
         let id = tc
-            .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::first()))
-            .map_err(|source| DatapathError::Program { name: PROG_TC_INGRESS, source })?;
-        let link = tc.take_link(id).map_err(|source| DatapathError::Program { name: PROG_TC_INGRESS, source })?;
+            .attach_with_options(ifname, hook.attach_type(), TcAttachOptions::TcxOrder(LinkOrder::first()))
+            .map_err(prog_err)?;
+        let link = tc.take_link(id).map_err(prog_err)?;
         let link = FdLink::try_from(link).map_err(|source| DatapathError::Link { path: pin.clone(), source })?;
         replace_pin(link, &pin)
     }
 
     /// Netlink: swaps the program of our existing filter in place, or creates the filter
     /// (and the clsact qdisc if the interface has none).
-    fn attach_netlink(&mut self, ifindex: u32, ifname: &str) -> Result<()> {
+    fn attach_netlink(&mut self, ifindex: u32, ifname: &str, hook: Hook) -> Result<()> {
         let state = netlink_state_dir(&self.node)?;
         std::fs::create_dir_all(&state).map_err(io_err(&state))?;
         let marker = state.join(ifindex.to_string());
@@ -428,16 +495,16 @@ impl Datapath {
                 .map_err(io_err(&marker))?;
         }
         let handle = TcHandle::new(0, TC_FILTER_HANDLE);
-        let tc: &mut SchedClassifier = program(&mut self.ebpf, PROG_TC_INGRESS)?;
-        let prog_err = |source| DatapathError::Program { name: PROG_TC_INGRESS, source };
-        let existing = SchedClassifierLink::attached(ifname, TcAttachType::Ingress, TC_FILTER_PRIORITY, handle, None)
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, hook.program())?;
+        let prog_err = |source| DatapathError::Program { name: hook.program(), source };
+        let existing = SchedClassifierLink::attached(ifname, hook.attach_type(), TC_FILTER_PRIORITY, handle, None)
             .map_err(io_err(Path::new(ifname)))?;
         let id = match tc.attach_to_link(existing) {
             Ok(id) => id,
             Err(_) => tc
                 .attach_with_options(
                     ifname,
-                    TcAttachType::Ingress,
+                    hook.attach_type(),
                     TcAttachOptions::Netlink(NlOptions { priority: TC_FILTER_PRIORITY, handle, classid: None }),
                 )
                 .map_err(prog_err)?,
@@ -451,7 +518,7 @@ impl Datapath {
     /// Removes TC link pins of interfaces that no longer exist (their links are defunct)
     /// and forgets them.
     pub fn prune_tc(&mut self, existing: &BTreeSet<u32>) -> Result<()> {
-        self.tc_links.retain(|ifindex, _| existing.contains(ifindex));
+        self.tc_links.retain(|(ifindex, _), _| existing.contains(ifindex));
         // Netlink filters and qdiscs go with their interface; only our note of them stays.
         for (ifindex, path) in netlink_filters(&self.node)? {
             if !existing.contains(&ifindex) {
@@ -558,9 +625,9 @@ fn remove_file_if_exists(path: &Path) -> Result<()> {
 /// What a node's pins and state say is attached, for `meshpath status`.
 #[derive(Clone, Debug, Default)]
 pub struct Attachments {
-    /// Interfaces with a pinned TCX link of the classifier.
-    pub tcx: Vec<u32>,
-    /// Interfaces with a netlink (cls_bpf) filter of the classifier.
+    /// Interfaces and hooks with a pinned TCX link.
+    pub tcx: Vec<(u32, Hook)>,
+    /// Interfaces with netlink (cls_bpf) filters (both hooks).
     pub netlink: Vec<u32>,
     /// Whether the sk_lookup link is pinned.
     pub sk_lookup: bool,
@@ -568,7 +635,7 @@ pub struct Attachments {
 
 pub fn attachments(node: &str) -> Result<Attachments> {
     let dir = node_pin_dir(node)?;
-    let mut tcx: Vec<u32> = pinned_tc_links(&dir)?.into_iter().map(|(i, _)| i).collect();
+    let mut tcx: Vec<(u32, Hook)> = pinned_tc_links_of(&dir)?.into_iter().map(|(i, h, _)| (i, h)).collect();
     let mut netlink: Vec<u32> = netlink_filters(node)?.into_iter().map(|(i, _)| i).collect();
     tcx.sort_unstable();
     netlink.sort_unstable();
@@ -590,9 +657,35 @@ pub fn registered_listeners(node: &str) -> Result<Vec<(Listener, bool, bool)>> {
     Ok(out)
 }
 
-/// TC link pins in a node's directory: (ifindex, path).
+/// TC link pins in a node's directory, both hooks: (ifindex, path).
 fn pinned_tc_links(pin_dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
-    per_interface_entries(&pin_dir.join(PIN_LINKS_SUBDIR), PIN_TC_LINK_PREFIX)
+    Ok(pinned_tc_links_of(pin_dir)?.into_iter().map(|(i, _, p)| (i, p)).collect())
+}
+
+/// TC link pins in a node's directory: (ifindex, hook, path).
+fn pinned_tc_links_of(pin_dir: &Path) -> Result<Vec<(u32, Hook, PathBuf)>> {
+    let mut out = Vec::new();
+    for hook in Hook::ALL {
+        let found = per_interface_entries(&pin_dir.join(PIN_LINKS_SUBDIR), hook.pin_prefix())?;
+        out.extend(found.into_iter().map(|(i, p)| (i, hook, p)));
+    }
+    Ok(out)
+}
+
+/// Whether the program of `hook` runs on `ifname` (TCX: the kernel's list of programs;
+/// netlink: meshpath's filter).
+pub fn tc_attached(mode: AttachMode, ifname: &str, hook: Hook) -> bool {
+    match mode {
+        AttachMode::Tcx => SchedClassifier::query_tcx(ifname, hook.attach_type())
+            .is_ok_and(|(_, progs)| progs.iter().any(|p| p.name_as_str() == Some(hook.program()))),
+        // Not `SchedClassifierLink::attached`: that only builds a handle, and dropping it
+        // detaches the filter.
+        AttachMode::Netlink => nix::net::if_::if_nametoindex(ifname).is_ok_and(|ifindex| {
+            tcfilter::bpf_filters(ifindex, hook == Hook::Egress).is_ok_and(|filters| {
+                filters.iter().any(|f| f.priority == TC_FILTER_PRIORITY && f.program == hook.program())
+            })
+        }),
+    }
 }
 
 /// Interfaces that hold a netlink filter of `node`: (ifindex, state file).
@@ -628,13 +721,15 @@ pub fn detach_netlink_filters(node: &str, ifname_of: impl Fn(u32) -> Option<Stri
     for (ifindex, path) in netlink_filters(node)? {
         if let Some(ifname) = ifname_of(ifindex) {
             let handle = TcHandle::new(0, TC_FILTER_HANDLE);
-            if let Ok(link) =
-                SchedClassifierLink::attached(&ifname, TcAttachType::Ingress, TC_FILTER_PRIORITY, handle, None)
-            {
-                use aya::programs::links::Link as _;
-                // Already gone is fine: uninstall is idempotent.
-                if link.detach().is_ok() {
-                    removed += 1;
+            for hook in Hook::ALL {
+                if let Ok(link) =
+                    SchedClassifierLink::attached(&ifname, hook.attach_type(), TC_FILTER_PRIORITY, handle, None)
+                {
+                    use aya::programs::links::Link as _;
+                    // Already gone is fine: uninstall is idempotent.
+                    if link.detach().is_ok() {
+                        removed += 1;
+                    }
                 }
             }
             if std::fs::read_to_string(&path).is_ok_and(|s| s.starts_with("qdisc-created")) {
@@ -643,11 +738,11 @@ pub fn detach_netlink_filters(node: &str, ifname_of: impl Fn(u32) -> Option<Stri
         }
         remove_file_if_exists(&path)?;
     }
-    let node_state = Path::new(STATE_DIR).join(node);
-    if node_state.exists() {
-        std::fs::remove_dir_all(&node_state).map_err(io_err(&node_state))?;
+    // The node's state directory stays: it holds the node lock, which the caller holds.
+    let clsact = netlink_state_dir(node)?;
+    if clsact.exists() {
+        std::fs::remove_dir_all(&clsact).map_err(io_err(&clsact))?;
     }
-    let _ = std::fs::remove_dir(STATE_DIR);
     Ok((qdiscs, removed))
 }
 
@@ -709,7 +804,7 @@ mod tests {
         for map in PINNED_MAPS {
             assert!(obj.maps.contains_key(map), "object lacks map {map}: {:?}", obj.maps.keys().collect::<Vec<_>>());
         }
-        for prog in [PROG_TC_INGRESS, PROG_SK_LOOKUP] {
+        for prog in [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_SK_LOOKUP] {
             assert!(obj.programs.contains_key(prog), "object lacks program {prog}");
         }
     }

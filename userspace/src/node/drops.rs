@@ -1,7 +1,7 @@
 //! What the datapath dropped, told to the operator: the kernel sends rate-limited
-//! [`DropEvent`]s, and this writes at most one line per reason and interface per
-//! [`REPORT_INTERVAL`], naming the addresses, the interface and the reason, with how many
-//! more drops of the same kind it stands for.
+//! [`DropEvent`]s, and this writes at most one line per reason per [`REPORT_INTERVAL`],
+//! naming the addresses, the interface and the reason of one drop, with how many more drops
+//! of that reason (on any interface: the kernel counts them per reason) it stands for.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -45,17 +45,17 @@ pub(super) fn spawn(events: Events, mut stop: watch::Receiver<bool>) {
     });
 }
 
-/// Per (reason, ifindex): when a line was last written, the drops seen since, and the
+/// Per reason: when a line was last written, the drops seen since, and the
 /// latest event among them.
 #[derive(Default)]
 struct Reports {
-    last: HashMap<(u32, u32), (Instant, u64, Option<DropEvent>)>,
+    last: HashMap<u32, (Instant, u64, Option<DropEvent>)>,
 }
 
 impl Reports {
     fn event(&mut self, e: &DropEvent, now: Instant) {
         let drops = 1 + u64::from(e.suppressed);
-        match self.last.get_mut(&(e.reason, e.ifindex)) {
+        match self.last.get_mut(&e.reason) {
             Some(entry) if now.duration_since(entry.0) < REPORT_INTERVAL => {
                 entry.1 += drops;
                 entry.2 = Some(*e);
@@ -66,7 +66,7 @@ impl Reports {
             }
             None => {
                 log(e, drops - 1);
-                self.last.insert((e.reason, e.ifindex), (now, 0, None));
+                self.last.insert(e.reason, (now, 0, None));
             }
         }
     }
@@ -122,13 +122,13 @@ mod tests {
         let mut r = Reports::default();
         let t0 = Instant::now();
         r.event(&event(DropReason::NoRouteBack, 0), t0);
-        assert_eq!(r.last[&(DropReason::NoRouteBack as u32, 3)].1, 0, "the first one is written at once");
+        assert_eq!(r.last[&(DropReason::NoRouteBack as u32)].1, 0, "the first one is written at once");
         for i in 1..1000u32 {
             r.event(&event(DropReason::NoRouteBack, 4), t0 + Duration::from_millis(u64::from(i)));
         }
-        assert_eq!(r.last[&(DropReason::NoRouteBack as u32, 3)].1, 999 * 5, "held back, with the kernel's count");
+        assert_eq!(r.last[&(DropReason::NoRouteBack as u32)].1, 999 * 5, "held back, with the kernel's count");
         r.flush(t0 + REPORT_INTERVAL + Duration::from_secs(1));
-        assert_eq!(r.last[&(DropReason::NoRouteBack as u32, 3)].1, 0, "written once per interval");
+        assert_eq!(r.last[&(DropReason::NoRouteBack as u32)].1, 0, "written once per interval");
         r.flush(t0 + 10 * REPORT_INTERVAL);
         assert!(r.last.is_empty(), "quiet kinds are forgotten");
     }

@@ -59,6 +59,10 @@ pub enum NodeError {
     DaemonRunning(String),
     #[error(transparent)]
     Lock(#[from] LockError),
+    #[error(
+        "IPv4 forwarding is off in this network namespace (net.ipv4.ip_forward=0): pods cannot be routed through it"
+    )]
+    Forwarding,
 }
 
 /// Settings of the node daemon.
@@ -133,10 +137,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let metrics_listener = admin::bind(cfg.metrics_port).await?;
     let metrics = Metrics::new();
     let listeners = proxy::bind_listeners()?;
-    // Nothing of this node in the kernel or its state directory: a start that fails takes
-    // out again everything it put there.
-    let fresh = !cfg.proxy_only && datapath::is_fresh(&cfg.node)?;
     let _lock = if cfg.proxy_only { None } else { Some(NodeLock::shared(&cfg.node)?) };
+    // Nothing of this node pinned yet: a start that fails takes out again everything it put
+    // into the kernel.
+    let fresh = !cfg.proxy_only && datapath::is_fresh(&cfg.node)?;
 
     // The capture rule and routes are installed by the first reconcile pass below. Until
     // then a restarted node keeps capturing with the pinned maps (and drops that traffic:
@@ -147,7 +151,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     } else {
         match load_kernel(&cfg).await {
             Ok(k) => Some(k),
-            Err(e) => return Err(undo_start(&cfg.node, fresh, e).await),
+            Err(e) => return undo_start(&cfg.node, fresh, Err(e)).await,
         }
     };
 
@@ -201,6 +205,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         Ok(false) => {
             let _ = stop_tx.send(true);
             let _ = tokio::join!(admin_task, metrics_task);
+            if fresh {
+                drop(kernel.take());
+                return undo_start(&cfg.node, true, Ok(())).await;
+            }
             tracing::info!("stopped before the first state; the pinned datapath is unchanged");
             return Ok(());
         }
@@ -208,7 +216,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             let _ = stop_tx.send(true);
             // The programs detach once their links' last fds close with the datapath.
             drop(kernel.take());
-            return Err(undo_start(&cfg.node, fresh, e).await);
+            return undo_start(&cfg.node, fresh, Err(e)).await;
         }
     }
     let proxy_task = tokio::spawn(proxy.clone().serve(listeners, stop_rx.clone()));
@@ -282,6 +290,7 @@ fn connection_limits(cfg: &NodeConfig) -> Arc<Limits> {
 /// Checks the named interfaces exist (before anything is put into the kernel), then loads
 /// the datapath.
 async fn load_kernel(cfg: &NodeConfig) -> Result<Reconciler, NodeError> {
+    forwarding_on()?;
     let mut routing = Routing::connect()?;
     let ifaces = routing.interfaces().await?;
     if let Some(missing) = cfg.interfaces.iter().find(|n| !ifaces.iter().any(|i| &i.name == *n)) {
@@ -292,16 +301,32 @@ async fn load_kernel(cfg: &NodeConfig) -> Result<Reconciler, NodeError> {
     Ok(Reconciler::new(cfg, routing, dp))
 }
 
-/// After a failed start: when the node was fresh, removes what the start put into the
-/// kernel and the state directory. Returns the start's error.
-async fn undo_start(node: &str, fresh: bool, error: NodeError) -> NodeError {
+/// After a start that did not get to serve (failed, or stopped before its first state):
+/// when the node was fresh, removes what it put into the kernel and the state directory.
+async fn undo_start(node: &str, fresh: bool, outcome: Result<(), NodeError>) -> Result<(), NodeError> {
     if fresh {
         match remove_datapath(node).await {
-            Ok(report) => tracing::info!("start failed; removed what it had set up: {report}"),
-            Err(undo) => tracing::error!("start failed, and removing what it had set up failed too: {undo}"),
+            Ok(report) => tracing::info!("the start did not complete; removed what it had set up: {report}"),
+            Err(undo) => tracing::error!("the start did not complete, and removing what it had set up failed: {undo}"),
         }
     }
-    error
+    outcome
+}
+
+/// Pods are routed through the node, and the datapath's route checks assume it: IPv4
+/// forwarding off is an error, IPv6 forwarding off a warning (IPv6 of enrolled pods is then
+/// dropped).
+fn forwarding_on() -> Result<(), NodeError> {
+    let on = |path: &str| std::fs::read_to_string(path).map(|v| v.trim() != "0").unwrap_or(true);
+    if !on("/proc/sys/net/ipv4/ip_forward") {
+        return Err(NodeError::Forwarding);
+    }
+    if !on("/proc/sys/net/ipv6/conf/all/forwarding") {
+        tracing::warn!(
+            "IPv6 forwarding is off in this network namespace: IPv6 traffic of enrolled pods will be dropped"
+        );
+    }
+    Ok(())
 }
 
 /// Resolves when the kernel announces a change; never without a datapath.

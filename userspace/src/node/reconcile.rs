@@ -17,7 +17,7 @@ use meshpath_common::interface::{IF_L3, IF_POD, IF_WORKLOAD};
 use super::NodeError;
 use super::routes::RouteCache;
 use crate::datapath::Datapath;
-use crate::routing::{Interface, Routing};
+use crate::routing::{Changes, Interface, Routing};
 use crate::workloads::WorkloadFile;
 
 /// How long the map's contents are trusted before they are read again (meshpath is their only
@@ -61,6 +61,8 @@ pub(super) struct Reconciler {
     dirty: bool,
     /// Interfaces carrying the classifier at the last pass.
     last_attached: BTreeSet<u32>,
+    /// Notifications taken by a pass that failed, for the next one.
+    carried: Changes,
 }
 
 impl Reconciler {
@@ -80,6 +82,7 @@ impl Reconciler {
             last_full: Instant::now(),
             dirty: true,
             last_attached: BTreeSet::new(),
+            carried: Changes::default(),
         }
     }
 
@@ -100,7 +103,17 @@ impl Reconciler {
     /// One pass. Nothing is redone when nothing changed: the same workloads over the same
     /// interfaces with the same classifiers, all resolved, recently checked.
     pub(super) async fn reconcile(&mut self, trigger: Trigger) -> Result<(), NodeError> {
-        let changes = self.routing.changes();
+        // What a failed pass had taken from the kernel's notifications is not lost with it.
+        let mut changes = std::mem::take(&mut self.carried);
+        changes.merge(self.routing.changes());
+        let result = self.pass(trigger, &changes).await;
+        if result.is_err() {
+            self.carried = changes;
+        }
+        result
+    }
+
+    async fn pass(&mut self, trigger: Trigger, changes: &Changes) -> Result<(), NodeError> {
         let safety = trigger == Trigger::Safety || changes.lost;
         if safety {
             for path in self.dp.restore_pins()? {
@@ -109,10 +122,22 @@ impl Reconciler {
         }
         if safety || changes.interfaces || self.ifaces.is_none() {
             self.ifaces = Some(self.routing.interfaces().await?);
+            // An address may have moved to the node, or off it.
+            self.dirty = true;
         }
         let ifaces = self.ifaces.clone().unwrap_or_default();
+        if safety {
+            let names = ifaces.iter().map(|i| (i.index, i.name.clone())).collect();
+            for ifindex in self.dp.verify_attachments(&names) {
+                tracing::warn!(
+                    ifindex,
+                    interface = names.get(&ifindex).map(String::as_str).unwrap_or("?"),
+                    "a classifier of meshpath was removed behind its back; attaching it again"
+                );
+            }
+        }
         let attached = self.attach(&ifaces, safety || changes.capture).await?;
-        let relisted = self.routes.track(&mut self.routing, &ifaces, &changes, safety, self.safety_tick).await?;
+        let relisted = self.routes.track(&mut self.routing, &ifaces, changes, safety, self.safety_tick).await?;
         self.dirty |= relisted.forgot;
         let full = relisted.relisted || self.map.is_none() || self.last_full.elapsed() >= FULL_PASS;
         if !full && !self.dirty && attached == self.last_attached && self.unresolved.is_empty() {
@@ -274,15 +299,17 @@ impl Reconciler {
             current.remove(&ip);
             tracing::info!(%ip, "unenrolled");
         }
-        for (ip, (ifx, id)) in desired {
-            if current.get(ip) != Some(ifx) {
-                self.dp.upsert_workload(*ip, *ifx)?;
-                current.insert(*ip, *ifx);
-                let ifname = names.get(ifx).copied().unwrap_or("?");
-                tracing::info!(workload = %id, %ip, interface = ifname, ifindex = ifx, "enrolled");
-            }
-        }
+        // Per interface: its IPs, then its flag, so a failure further on leaves every
+        // interface done so far complete.
         for ifx in &wanted_ifs {
+            for (ip, (_, id)) in desired.iter().filter(|(_, (i, _))| i == ifx) {
+                if current.get(ip) != Some(ifx) {
+                    self.dp.upsert_workload(*ip, *ifx)?;
+                    current.insert(*ip, *ifx);
+                    let ifname = names.get(ifx).copied().unwrap_or("?");
+                    tracing::info!(workload = %id, %ip, interface = ifname, ifindex = ifx, "enrolled");
+                }
+            }
             let f = flags.get(ifx).copied().unwrap_or(0);
             if f & IF_WORKLOAD == 0 {
                 self.dp.set_interface(*ifx, f | IF_WORKLOAD)?;
@@ -296,6 +323,12 @@ impl Reconciler {
 /// node's own (a global address outside the pod networks: an uplink); without a link-layer
 /// header, IP starts at offset 0.
 pub(super) fn kind_flags(i: &Interface, pod_cidrs: &[IpNet]) -> u32 {
+    let l3 = if i.ethernet { 0 } else { IF_L3 };
+    // A bridge port, bond slave or VLAN parent: its routes are the upper device's, so a
+    // reverse-path check against the port itself would drop everything it carries.
+    if i.lower {
+        return l3;
+    }
     let node_address = i.addresses.iter().any(|a| {
         let a = a.to_canonical();
         let link_scope = match a {
@@ -305,7 +338,6 @@ pub(super) fn kind_flags(i: &Interface, pod_cidrs: &[IpNet]) -> u32 {
         !link_scope && !a.is_loopback() && !pod_cidrs.iter().any(|n| n.contains(&a))
     });
     let pod = if node_address { 0 } else { IF_POD };
-    let l3 = if i.ethernet { 0 } else { IF_L3 };
     pod | l3
 }
 
@@ -325,6 +357,7 @@ mod tests {
             up: true,
             ethernet,
             addresses: addresses.iter().map(|a| a.parse().expect("an IP")).collect(),
+            lower: false,
         }
     }
 
@@ -342,5 +375,7 @@ mod tests {
         assert_eq!(kind_flags(&iface(&["10.244.1.1"], true), &[]), 0);
         // A tun or WireGuard device has no Ethernet header.
         assert_eq!(kind_flags(&iface(&["192.168.9.1"], false), &pods), IF_L3);
+        // Bridge ports, bond slaves and VLAN parents carry no address and are no pod's.
+        assert_eq!(kind_flags(&Interface { lower: true, ..iface(&[], true) }, &pods), 0);
     }
 }

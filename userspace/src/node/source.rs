@@ -79,13 +79,21 @@ impl FileSource {
 
     fn spawn(mut self, first: WorkloadFile, poll: Duration, mut stop: watch::Receiver<bool>) -> StateRx {
         let (tx, rx) = watch::channel(Some(Arc::new(DesiredState { workloads: first, ..Default::default() })));
+        let mut changes = watch_dir(&self.path);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(poll);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
+                // With inotify, the file is looked at when its directory changes (and while a
+                // change settles), plus a forced read now and then; without, every poll.
+                let wait = if changes.is_some() && self.settling.is_none() { FORCED_READ } else { poll };
                 tokio::select! {
                     _ = stop.changed() => return,
-                    _ = tick.tick() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                    event = next_change(&mut changes) => {
+                        if !event {
+                            tracing::warn!(path = %self.path.display(), "inotify stopped; polling the workload file instead");
+                            changes = None;
+                        }
+                    }
                 }
                 if let Some(workloads) = self.poll() {
                     tracing::info!(workloads = workloads.workloads.len(), "workload file changed; applying");
@@ -177,5 +185,42 @@ impl FileRead {
             .map(|d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX) - now.mtime_ns > 2_000_000_000)
             .unwrap_or(false);
         then == now && settled && self.at.elapsed().map(|e| e < FORCED_READ).unwrap_or(false)
+    }
+}
+
+type Changes = inotify::EventStream<Vec<u8>>;
+
+/// Follows changes in the directory of `path` (an atomic rename, a Secret or ConfigMap
+/// volume's symlink swap, a write in place); `None` where inotify cannot be used.
+fn watch_dir(path: &Path) -> Option<Changes> {
+    use inotify::{Inotify, WatchMask};
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let watched = Inotify::init().and_then(|i| {
+        let mask = WatchMask::CLOSE_WRITE
+            | WatchMask::MODIFY
+            | WatchMask::MOVED_TO
+            | WatchMask::MOVED_FROM
+            | WatchMask::CREATE
+            | WatchMask::DELETE
+            | WatchMask::ATTRIB;
+        i.watches().add(dir, mask)?;
+        i.into_event_stream(vec![0u8; 4096])
+    });
+    match watched {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the workload file's directory; polling it");
+            None
+        }
+    }
+}
+
+/// Waits for the next change in the watched directory; `false` when the watch ended.
+/// Never resolves without a watch.
+async fn next_change(changes: &mut Option<Changes>) -> bool {
+    use futures::StreamExt as _;
+    match changes {
+        Some(c) => matches!(c.next().await, Some(Ok(_))),
+        None => std::future::pending().await,
     }
 }

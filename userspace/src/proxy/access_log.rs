@@ -17,7 +17,7 @@ pub struct AccessLogError {
     source: std::io::Error,
 }
 
-/// Where records go: a file (appended, every record) and `tracing` (failures rate-limited).
+/// Where records go: a file (appended) and `tracing`; failures are rate-limited in both.
 pub struct AccessLog {
     file: Option<Mutex<std::fs::File>>,
     failures: Failures,
@@ -73,27 +73,29 @@ impl AccessLog {
     }
 
     pub fn record(&self, r: &ConnectionRecord) {
-        // A flood of refusals is a summary line per interval (see `Failures`), not a line each.
-        if r.outcome == Outcome::Ok || self.failures.allow(r.outcome) {
-            tracing::info!(
-                target: "access",
-                listener = %r.listener,
-                src = %r.src,
-                orig_dst = %r.orig_dst,
-                src_workload = r.src_workload.as_deref().unwrap_or("-"),
-                dst_workload = r.dst_workload.as_deref().unwrap_or("-"),
-                dst_service = r.dst_service.as_deref().unwrap_or("-"),
-                src_identity = r.src_identity.as_deref().unwrap_or("-"),
-                dst_identity = r.dst_identity.as_deref().unwrap_or("-"),
-                mtls = r.mtls,
-                bytes_sent = r.bytes_sent,
-                bytes_received = r.bytes_received,
-                duration_ms = r.duration_ms,
-                outcome = %r.outcome,
-                error = r.error.as_deref().unwrap_or("-"),
-                "connection closed"
-            );
+        // A flood of refusals is a summary line per interval (see `Failures`), not a line
+        // each, in the log and in the file alike.
+        if r.outcome != Outcome::Ok && !self.failures.allow(r.outcome) {
+            return;
         }
+        tracing::info!(
+            target: "access",
+            listener = %r.listener,
+            src = %r.src,
+            orig_dst = %r.orig_dst,
+            src_workload = r.src_workload.as_deref().unwrap_or("-"),
+            dst_workload = r.dst_workload.as_deref().unwrap_or("-"),
+            dst_service = r.dst_service.as_deref().unwrap_or("-"),
+            src_identity = r.src_identity.as_deref().unwrap_or("-"),
+            dst_identity = r.dst_identity.as_deref().unwrap_or("-"),
+            mtls = r.mtls,
+            bytes_sent = r.bytes_sent,
+            bytes_received = r.bytes_received,
+            duration_ms = r.duration_ms,
+            outcome = %r.outcome,
+            error = r.error.as_deref().unwrap_or("-"),
+            "connection closed"
+        );
         if let Some(f) = &self.file {
             let mut line = serde_json::to_vec(r).expect("a record always serializes");
             line.push(b'\n');
