@@ -20,6 +20,26 @@ fn daemon_rss_kib(lab: &Lab, node: usize) -> Result<u64> {
     Ok(line.split_whitespace().nth(1).context("no value")?.parse()?)
 }
 
+/// Bytes that `ns`'s TCP connections still have to send or to read (their send and receive
+/// queues, from /proc/net/tcp{,6}): 0 once every relay there has nothing in flight.
+fn queued_bytes(ns: &str) -> Result<u64> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "cat", "/proc/net/tcp", "/proc/net/tcp6"])
+        .output()?;
+    ensure!(out.status.success(), "reading {ns}'s sockets: {}", String::from_utf8_lossy(&out.stderr));
+    let mut total = 0;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // sl local remote st tx_queue:rx_queue ...; a listener's rx_queue is its backlog.
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let (Some(state), Some(queues)) = (cols.get(3), cols.get(4)) else { continue };
+        let Some((tx, rx)) = queues.split_once(':') else { continue };
+        if *state != "0A" {
+            total += u64::from_str_radix(tx, 16).unwrap_or(0) + u64::from_str_radix(rx, 16).unwrap_or(0);
+        }
+    }
+    Ok(total)
+}
+
 /// Opens `n` connections from pod `from` to `to`, writes `hello` (if any) on each and keeps
 /// them open.
 fn hold(
@@ -80,6 +100,10 @@ fn idle_connections_cost_a_few_kib_each_and_the_memory_goes_back() -> Result<()>
     ensure!(ok == N, "only {ok} of {N} connections opened: {:?}", held.iter().find(|c| c.is_err()));
     wait_until("node 1 to relay them all", Duration::from_secs(10), || {
         Ok(lab.http_metric(0, "meshpath_proxy_connections_open")? >= N as f64)
+    })?;
+    // Idle means every burst delivered: on a slow node link, relays may still be copying.
+    wait_until("node 1's relays to have nothing in flight", Duration::from_secs(20), || {
+        Ok(queued_bytes(&lab.nodes[0].name)? == 0)
     })?;
     let loaded = daemon_rss_kib(&lab, 0)?;
     let per = (loaded.saturating_sub(before)) as f64 / N as f64;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use meshpath_common::interface::IF_WORKLOAD;
 use meshpath_common::names::{MAP_COUNTERS, MAP_INTERFACES, MAP_LISTENERS, MAP_WORKLOADS, PIN_DIR, PINNED_MAPS};
-use meshpath_lab::Lab;
+use meshpath_lab::{Lab, Topology};
 
 mod support;
 use support::{started_lab, wait_until};
@@ -301,7 +301,8 @@ fn decode_shows_workloads_interfaces_identities_listeners_and_counters() -> Resu
         flags_of("vpa").as_deref() == Some("workload,pod")
             && flags_of("vpe").as_deref() == Some("workload,pod")
             && flags_of("vpb").as_deref() == Some("pod")
-            && flags_of("ul0").as_deref() == Some("-"),
+            // The node link: an uplink, without an Ethernet header in the l3 topology.
+            && flags_of("ul0").as_deref() == Some(if lab.topology == Topology::L3 { "l3" } else { "-" }),
         "{}",
         ifs.stdout
     );

@@ -69,7 +69,11 @@ impl Capture {
             let mut buf = vec![0u8; 65536];
             while !flag.load(Ordering::Relaxed) {
                 match socket::recvfrom::<LinkAddr>(fd.as_raw_fd(), &mut buf) {
-                    Ok((n, Some(addr))) if addr.ifindex() == ifindex => segments.extend(parse(&buf[..n])),
+                    Ok((n, Some(addr))) if addr.ifindex() == ifindex => {
+                        // A device without a link-layer header (tun) hands over bare IP packets.
+                        let l3 = addr.hatype() == ARPHRD_NONE;
+                        segments.extend(parse(&buf[..n], l3))
+                    }
                     Ok(_) => {}
                     Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
                     Err(e) => return Err(e.into()),
@@ -102,8 +106,11 @@ impl Drop for Capture {
     }
 }
 
-fn parse(frame: &[u8]) -> Option<Segment> {
-    let p = SlicedPacket::from_ethernet(frame).ok()?;
+/// ARPHRD_NONE: the hardware type of a tun device.
+const ARPHRD_NONE: u16 = 0xfffe;
+
+fn parse(frame: &[u8], l3: bool) -> Option<Segment> {
+    let p = if l3 { SlicedPacket::from_ip(frame) } else { SlicedPacket::from_ethernet(frame) }.ok()?;
     let (src, dst) = match p.net? {
         NetSlice::Ipv4(ip) => (IpAddr::V4(ip.header().source_addr()), IpAddr::V4(ip.header().destination_addr())),
         NetSlice::Ipv6(ip) => (IpAddr::V6(ip.header().source_addr()), IpAddr::V6(ip.header().destination_addr())),

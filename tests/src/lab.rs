@@ -14,7 +14,8 @@
 //! directory; enrolled pods talk across nodes inside HBONE.
 //!
 //! Pods sit behind routed veths with /32 (/128) host routes and a link-local gateway on the
-//! node side of each veth, as Calico and kindnet wire them. The underlay link has no route out of the lab.
+//! node side of each veth, as Calico and kindnet wire them. The underlay link has no route out
+//! of the lab; how it is built is the lab's [`Topology`].
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant};
 use meshpath::datapath;
 use meshpath::record::ConnectionRecord;
 
+use crate::tunlink::TunLink;
 use crate::{cluster, traffic};
 
 /// Every lab namespace and node name starts with this, so leftovers can be swept.
@@ -46,6 +48,38 @@ pub enum LabError {
 }
 
 pub(crate) type Result<T, E = LabError> = std::result::Result<T, E>;
+
+/// How the lab's nodes are joined (`--topology`, `MESHPATH_LAB_TOPOLOGY`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Topology {
+    /// The node link is a veth pair (Ethernet): Calico's or kindnet's routed mode.
+    #[default]
+    Routed,
+    /// The node link is a device without an Ethernet header (a tun pair relayed by the lab),
+    /// as IPIP, GRE or WireGuard between nodes.
+    L3,
+}
+
+/// The environment variable the lab reads its topology from when none is given.
+pub const TOPOLOGY_ENV: &str = "MESHPATH_LAB_TOPOLOGY";
+
+impl Topology {
+    /// `$MESHPATH_LAB_TOPOLOGY`, else routed.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(TOPOLOGY_ENV) {
+            Ok(v) if !v.is_empty() => <Self as clap::ValueEnum>::from_str(&v, true)
+                .map_err(|_| LabError::Other(format!("{TOPOLOGY_ENV}={v:?}: use routed or l3"))),
+            _ => Ok(Self::Routed),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Routed => "routed",
+            Self::L3 => "l3",
+        }
+    }
+}
 
 /// One pod of the lab.
 #[derive(Clone, Debug)]
@@ -98,6 +132,9 @@ pub struct Lab {
     /// Whether daemons get `--pod-cidr` (so they keep the client's IP toward pods). The
     /// benchmarks turn it off so every proxied path connects upstream alike.
     pub pod_cidr_args: bool,
+    pub topology: Topology,
+    /// The `l3` node link's relay; dropped before the namespaces go.
+    tun_link: Option<TunLink>,
     namespaces: Vec<String>,
     keep_dir: bool,
 }
@@ -108,9 +145,14 @@ static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 pub const POD_CIDRS: [&str; 2] = ["10.244.0.0/16", "fd00:244::/32"];
 
 impl Lab {
+    /// Builds the lab in the topology [`Topology::from_env`] names.
+    pub fn build(binary: &Path) -> Result<Self> {
+        Self::build_with(binary, Topology::from_env()?)
+    }
+
     /// Builds the namespaces and links (no daemons yet). On error everything created so
     /// far is removed again.
-    pub fn build(binary: &Path) -> Result<Self> {
+    pub fn build_with(binary: &Path, topology: Topology) -> Result<Self> {
         let id = format!("{LAB_PREFIX}{}x{}", std::process::id(), NEXT_LAB.fetch_add(1, Ordering::Relaxed));
         let dir = std::env::temp_dir().join(&id);
         std::fs::create_dir_all(&dir)?;
@@ -147,6 +189,8 @@ impl Lab {
             use_builtin_ca: true,
             cluster: None,
             pod_cidr_args: true,
+            topology,
+            tun_link: None,
             namespaces: Vec::new(),
             keep_dir: std::env::var_os("MESHPATH_LAB_KEEP").is_some(),
         };
@@ -170,7 +214,17 @@ impl Lab {
             sysctls(&n, &[("net/ipv4/ip_forward", "1"), ("net/ipv6/conf/all/forwarding", "1")])?;
         }
         let (n1, n2) = (self.nodes[0].name.clone(), self.nodes[1].name.clone());
-        ip(&["link", "add", "ul0", "netns", &n1, "type", "veth", "peer", "name", "ul0", "netns", &n2])?;
+        match self.topology {
+            Topology::Routed => {
+                ip(&["link", "add", "ul0", "netns", &n1, "type", "veth", "peer", "name", "ul0", "netns", &n2])?;
+            }
+            Topology::L3 => {
+                self.tun_link = Some(TunLink::open([&n1, &n2], "ul0")?);
+                for ns in [&n1, &n2] {
+                    ip(&["-n", ns, "link", "set", "ul0", "txqueuelen", "10000"])?;
+                }
+            }
+        }
         for (i, node) in self.nodes.iter().enumerate() {
             let ns = &node.name;
             ip(&["-n", ns, "addr", "add", &format!("{}/24", node.underlay_v4), "dev", "ul0"])?;
@@ -449,8 +503,14 @@ impl Lab {
     /// How to reach the pods by hand while the lab runs.
     pub fn describe(&self) -> String {
         let mut s = String::new();
-        let _ =
-            writeln!(s, "lab {} (files in {}, CA root in {})", self.id, self.dir.display(), self.ca_dir().display());
+        let _ = writeln!(
+            s,
+            "lab {} ({} topology, files in {}, CA root in {})",
+            self.id,
+            self.topology.name(),
+            self.dir.display(),
+            self.ca_dir().display()
+        );
         for (i, n) in self.nodes.iter().enumerate() {
             let _ = writeln!(
                 s,
@@ -605,6 +665,8 @@ impl Lab {
             let _ = std::fs::remove_dir_all(&state);
             let _ = std::fs::remove_dir(meshpath_common::names::STATE_DIR);
         }
+        // Its devices must be gone before their namespaces are.
+        drop(self.tun_link.take());
         for ns in std::mem::take(&mut self.namespaces).into_iter().rev() {
             if let Err(e) = ip(&["netns", "del", &ns]) {
                 problems.push(e.to_string());

@@ -6,8 +6,10 @@
 //! - [`traffic`]: sockets opened inside a pod's namespace, echo servers;
 //! - [`smoke`]: the traffic matrix, checked hop by hop against the proxies' access logs;
 //! - [`capture`]: an AF_PACKET capture of the underlay and a TLS-record walker over it;
+//! - [`chain`]: another CNI's TCX programs (assembled BPF), to chain with meshpath's;
 //! - [`hbone_client`]: a hand-driven HBONE client, to send what a peer proxy would not;
 //! - [`raw`]: raw (VLAN-tagged, forged) frames from a pod;
+//! - [`tunlink`]: the `l3` topology's node link, a relayed tun pair;
 //! - [`apiserver`] and [`cluster`]: an in-process Kubernetes API server and the lab's pods,
 //!   namespaces and services as API objects;
 //! - [`loadgen`] and [`bench`]: the load generator and the benchmark against the iptables
@@ -20,6 +22,7 @@
 pub mod apiserver;
 pub mod bench;
 pub mod capture;
+pub mod chain;
 pub mod cluster;
 pub mod hbone_client;
 pub mod lab;
@@ -27,5 +30,6 @@ pub mod loadgen;
 pub mod raw;
 pub mod smoke;
 pub mod traffic;
+pub mod tunlink;
 
-pub use lab::{LAB_PREFIX, Lab, LabError, Node, POD_CIDRS, Pod, http_get, meshpath_binary, readiness, sweep};
+pub use lab::{LAB_PREFIX, Lab, LabError, Node, POD_CIDRS, Pod, Topology, http_get, meshpath_binary, readiness, sweep};

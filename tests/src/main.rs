@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use meshpath_lab::lab::MESHPATH_BIN_ENV;
-use meshpath_lab::{Lab, bench, smoke};
+use meshpath_lab::lab::{MESHPATH_BIN_ENV, TOPOLOGY_ENV};
+use meshpath_lab::{Lab, Topology, bench, smoke};
 
 #[derive(Parser)]
 #[command(name = "meshpath-lab", about = "meshpath in a two-node lab of network namespaces")]
@@ -18,6 +18,9 @@ struct Cli {
     /// The meshpath binary the lab's nodes run (default: the one next to this binary).
     #[arg(long, global = true, env = MESHPATH_BIN_ENV)]
     meshpath: Option<PathBuf>,
+    /// How the lab's nodes are joined, for `run` and `smoke` (the benchmarks use routed).
+    #[arg(long, global = true, value_enum, default_value_t, env = TOPOLOGY_ENV)]
+    topology: Topology,
     #[command(subcommand)]
     command: Command,
 }
@@ -104,8 +107,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         None => meshpath_lab::meshpath_binary()?,
     };
     match cli.command {
-        Command::Run => run_lab(&bin),
-        Command::Smoke => run_smoke(&bin),
+        Command::Run => run_lab(&bin, cli.topology),
+        Command::Smoke => run_smoke(&bin, cli.topology),
         Command::Bench { soak: true, out, json, churn_secs, held, .. } => {
             let cfg = bench::soak::SoakConfig { churn: Duration::from_secs(churn_secs), held, ..Default::default() };
             run_soak(&bin, &cfg, &out, json.as_deref())
@@ -115,12 +118,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn run_lab(bin: &Path) -> Result<ExitCode> {
+fn run_lab(bin: &Path, topology: Topology) -> Result<ExitCode> {
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
     // Listening from the start: Ctrl-C while the lab is being built still tears it down.
     let stop = rt.block_on(async { StopSignals::install() })?;
-    let mut lab = build_and_start(bin)?;
+    let mut lab = build_and_start(bin, topology)?;
     println!("{}", lab.describe());
     println!("meshpath runs in both nodes; press Ctrl-C to stop and tear the lab down.");
     let which = rt.block_on(stop.wait());
@@ -129,8 +132,8 @@ fn run_lab(bin: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_smoke(bin: &Path) -> Result<ExitCode> {
-    let mut lab = build_and_start(bin)?;
+fn run_smoke(bin: &Path, topology: Topology) -> Result<ExitCode> {
+    let mut lab = build_and_start(bin, topology)?;
     eprintln!("sending traffic...");
     let smoke::Smoke { outcomes, evidence } = smoke::run_all(&lab)?;
     println!("{}", smoke::table(&outcomes));
@@ -145,9 +148,9 @@ fn run_smoke(bin: &Path) -> Result<ExitCode> {
     Ok(if failed == 0 && clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-fn build_and_start(bin: &Path) -> Result<Lab> {
-    eprintln!("building the lab (2 nodes, 5 pods)...");
-    let mut lab = Lab::build(bin)?;
+fn build_and_start(bin: &Path, topology: Topology) -> Result<Lab> {
+    eprintln!("building the lab (2 nodes, 5 pods, {} topology)...", topology.name());
+    let mut lab = Lab::build_with(bin, topology)?;
     eprintln!("starting meshpath on both nodes...");
     lab.start_daemons()?;
     Ok(lab)

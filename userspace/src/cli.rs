@@ -53,6 +53,9 @@ pub enum Command {
         /// The workload file, to name the workload behind each IP.
         #[arg(long, env = "MESHPATH_WORKLOADS")]
         workloads: Option<PathBuf>,
+        /// The pod networks, as the daemon was given them: tells pod bridges from the node's.
+        #[arg(long = "pod-cidr", env = "MESHPATH_POD_CIDRS", value_delimiter = ',')]
+        pod_cidrs: Vec<IpNet>,
         #[arg(short = 'o', long, default_value = "text")]
         output: Output,
     },
@@ -219,8 +222,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{report}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { node, workloads, output } => {
-            let status = runtime()?.block_on(crate::status::collect(&node, workloads.as_deref()))?;
+        Command::Status { node, workloads, pod_cidrs, output } => {
+            let status = runtime()?.block_on(crate::status::collect(&node, workloads.as_deref(), &pod_cidrs))?;
             match output {
                 Output::Text => print!("{}", status.text()),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),

@@ -30,4 +30,5 @@ pub mod state;
 pub mod status;
 pub mod sync;
 pub mod tls;
+pub mod topology;
 pub mod workloads;

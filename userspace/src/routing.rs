@@ -85,6 +85,8 @@ pub struct Interface {
     /// Enslaved to a bridge or bond (IFLA_MASTER), or the lower device of a VLAN or
     /// macvlan here: its traffic belongs to the device above, where its routes are.
     pub lower: bool,
+    /// A Linux bridge.
+    pub bridge: bool,
 }
 
 /// What the kernel announced since the last look.
@@ -222,7 +224,8 @@ impl Routing {
         // its namespace, and is no upper).
         let mut uppers_of = std::collections::BTreeSet::new();
         while let Some(msg) = links.try_next().await.map_err(nl("listing links"))? {
-            let (mut name, mut master, mut link, mut elsewhere, mut veth) = (None, false, None, false, false);
+            let (mut name, mut master, mut link, mut elsewhere) = (None, false, None, false);
+            let (mut veth, mut bridge) = (false, false);
             for a in &msg.attributes {
                 match a {
                     LinkAttribute::IfName(n) => name = Some(n.clone()),
@@ -231,6 +234,7 @@ impl Routing {
                     LinkAttribute::LinkNetNsId(_) => elsewhere = true,
                     LinkAttribute::LinkInfo(info) => {
                         veth = info.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+                        bridge = info.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge)));
                     }
                     _ => {}
                 }
@@ -248,6 +252,7 @@ impl Routing {
                     ethernet: msg.header.link_layer_type == LinkLayerType::Ether,
                     addresses: Vec::new(),
                     lower: master,
+                    bridge,
                 });
             }
         }

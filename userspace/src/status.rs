@@ -6,11 +6,13 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
+use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::datapath::{self, AttachMode, Counters, DatapathError, Hook};
 use crate::routing::{self, Routing, RoutingError};
 use crate::state::WorkloadIndex;
+use crate::topology::Topology;
 use crate::workloads::{WorkloadFile, WorkloadsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,8 @@ pub struct Attachment {
     pub direction: Option<&'static str>,
     /// `tcx`, `netlink` (cls_bpf on clsact) or `link` (sk_lookup's netns link).
     pub mode: &'static str,
+    /// For TC: what the interface is to meshpath (`routed pod interface`, `uplink`, ...).
+    pub topology: Option<&'static str>,
     /// For TCX: whether the kernel still reports the program on the interface.
     pub live: bool,
 }
@@ -70,7 +74,7 @@ pub struct ListenerState {
 }
 
 /// Gathers the status of `node` in the current network namespace.
-pub async fn collect(node: &str, workloads: Option<&Path>) -> Result<Status, StatusError> {
+pub async fn collect(node: &str, workloads: Option<&Path>, pod_cidrs: &[IpNet]) -> Result<Status, StatusError> {
     datapath::validate_node_name(node)?;
     let dir = datapath::node_pin_dir(node)?;
     if !dir.exists() {
@@ -89,6 +93,7 @@ pub async fn collect(node: &str, workloads: Option<&Path>) -> Result<Status, Sta
             ifindex: None,
             direction: None,
             mode: "link",
+            topology: None,
             live: true,
         });
     }
@@ -96,6 +101,8 @@ pub async fn collect(node: &str, workloads: Option<&Path>) -> Result<Status, Sta
     for (mode, list) in [(AttachMode::Tcx, &att.tcx), (AttachMode::Netlink, &netlink)] {
         for &(ifindex, hook) in list {
             let name = names.get(&ifindex).cloned();
+            let iface = ifaces.iter().find(|i| i.index == ifindex);
+            let topology = iface.map(|i| Topology::of(i, pod_cidrs).name());
             let live = name.as_deref().is_some_and(|n| datapath::tc_attached(mode, n, hook));
             attachments.push(Attachment {
                 program: hook.program(),
@@ -104,6 +111,7 @@ pub async fn collect(node: &str, workloads: Option<&Path>) -> Result<Status, Sta
                 ifindex: Some(ifindex),
                 direction: Some(hook.name()),
                 mode: if mode == AttachMode::Tcx { "tcx" } else { "netlink" },
+                topology,
                 live,
             });
         }
@@ -190,7 +198,8 @@ impl Status {
                 _ => "this network namespace".into(),
             };
             let live = if a.live { "" } else { "  NOT ATTACHED" };
-            let _ = writeln!(s, "  {:<14} {:<10} {:<28} {}{live}", a.program, a.hook, place, a.mode);
+            let topology = a.topology.map(|t| format!("  {t}")).unwrap_or_default();
+            let _ = writeln!(s, "  {:<14} {:<10} {:<28} {:<8}{topology}{live}", a.program, a.hook, place, a.mode);
         }
         let _ = writeln!(s, "\nenrolled workload IPs ({})", self.workloads.len());
         for w in &self.workloads {
@@ -216,8 +225,8 @@ impl Status {
         let c = &self.counters;
         let _ = writeln!(
             s,
-            "\ndatapath counters\n  classified {}  steered {}  missing_socket {}  spoof_dropped {}  malformed {}",
-            c.classified, c.steered, c.missing_socket, c.spoof_dropped, c.malformed
+            "\ndatapath counters\n  classified {}  steered {}  missing_socket {}  spoof_dropped {}  malformed {}  undelivered {}",
+            c.classified, c.steered, c.missing_socket, c.spoof_dropped, c.malformed, c.undelivered
         );
         s
     }

@@ -18,6 +18,9 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// How the lab and the kernel tests learn which meshpath binary to run.
 const MESHPATH_BIN_ENV: &str = "MESHPATH_BIN";
+/// How the lab's nodes are joined (read by the lab binary and the kernel tests).
+const TOPOLOGY_ENV: &str = "MESHPATH_LAB_TOPOLOGY";
+const TOPOLOGIES: [&str; 2] = ["routed", "l3"];
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -41,6 +44,9 @@ enum Task {
         /// Node name to run as with Kubernetes (default: the hostname).
         #[arg(long)]
         node: Option<String>,
+        /// The lab's topology (lab mode): routed (veth node link) or l3 (no Ethernet header).
+        #[arg(long, value_parser = TOPOLOGIES)]
+        topology: Option<String>,
         /// Extra arguments for `meshpath node` (Kubernetes mode).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -49,6 +55,9 @@ enum Task {
     Lab {
         #[arg(long)]
         smoke: bool,
+        /// routed (veth node link) or l3 (no Ethernet header).
+        #[arg(long, value_parser = TOPOLOGIES)]
+        topology: Option<String>,
     },
     /// Benchmark meshpath against the iptables designs and no proxy (release build); writes
     /// BENCHMARKS.md and benchmarks.svg at the top of the repository.
@@ -75,6 +84,9 @@ enum Task {
     },
     /// Run every test: unit tests and the kernel tests in throwaway namespaces.
     Test {
+        /// Build every kernel test's lab in this topology: routed or l3.
+        #[arg(long, value_parser = TOPOLOGIES)]
+        topology: Option<String>,
         /// Extra arguments for the test binaries (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -98,7 +110,7 @@ fn run(task: Task) -> Result<()> {
             setup()?;
             build(release).map(|_| ())
         }
-        Task::Run { node, args } => {
+        Task::Run { node, topology, args } => {
             setup()?;
             if let Some(kubeconfig) = kubeconfig() {
                 require_root("the node daemon")?;
@@ -114,6 +126,9 @@ fn run(task: Task) -> Result<()> {
                 ));
                 return status(cmd.args(&args));
             }
+            if let (Some(_), Some(t)) = (kubeconfig(), &topology) {
+                bail!("--topology {t} applies to the lab; a Kubernetes config was found, so this runs the node daemon");
+            }
             if node.is_some() || !args.is_empty() {
                 bail!(
                     "--node and daemon arguments apply to the Kubernetes mode; no KUBECONFIG or ~/.kube/config was found"
@@ -122,13 +137,13 @@ fn run(task: Task) -> Result<()> {
             require_root("the lab")?;
             let bins = build(false)?;
             step("starting the lab (Ctrl-C stops it and tears it down)");
-            status(&mut bins.lab(["run"]))
+            status(with_topology(&mut bins.lab(["run"]), topology.as_deref()))
         }
-        Task::Lab { smoke } => {
+        Task::Lab { smoke, topology } => {
             setup()?;
             require_root("the lab")?;
             let bins = build(false)?;
-            status(&mut bins.lab([if smoke { "smoke" } else { "run" }]))
+            status(with_topology(&mut bins.lab([if smoke { "smoke" } else { "run" }]), topology.as_deref()))
         }
         Task::Bench { quick, soak } => {
             setup()?;
@@ -161,7 +176,7 @@ fn run(task: Task) -> Result<()> {
             setup()?;
             fuzz(runs, &targets)
         }
-        Task::Test { args } => {
+        Task::Test { topology, args } => {
             setup()?;
             require_root("the kernel tests")?;
             let bins = build(false)?;
@@ -172,6 +187,7 @@ fn run(task: Task) -> Result<()> {
             // Every test binary runs even when an earlier one fails: one report shows all failures.
             cmd.args(["test", "--no-fail-fast", "--workspace", "--exclude", "meshpath-ebpf"])
                 .env(MESHPATH_BIN_ENV, &bins.meshpath);
+            with_topology(&mut cmd, topology.as_deref());
             if !args.is_empty() {
                 cmd.arg("--").args(&args);
             }
@@ -180,6 +196,14 @@ fn run(task: Task) -> Result<()> {
             result
         }
     }
+}
+
+/// Names the lab's topology to `cmd` (else it inherits the environment's, or routed).
+fn with_topology<'a>(cmd: &'a mut Command, topology: Option<&str>) -> &'a mut Command {
+    if let Some(t) = topology {
+        cmd.env(TOPOLOGY_ENV, t);
+    }
+    cmd
 }
 
 /// `cargo fmt --check` and clippy with warnings denied, over every crate (the eBPF one

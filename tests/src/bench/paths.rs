@@ -57,7 +57,7 @@ pub struct Setup {
 
 impl Setup {
     pub fn build(kind: PathKind, binary: &Path) -> Result<Self> {
-        let mut lab = Lab::build(binary)?;
+        let mut lab = Lab::build_with(binary, crate::Topology::Routed)?;
         // Thousands of short connections a second from one client to one server: let
         // TIME_WAIT ports be reused (as load generators do), everywhere alike.
         for ns in

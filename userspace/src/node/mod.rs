@@ -29,8 +29,9 @@ use crate::identity::{CertificateProvider, IdentityError, ca, files};
 use crate::metrics::{self, Metrics};
 use crate::proxy::limits::{self, Limits};
 use crate::proxy::{self, PlaintextPolicy, Proxy, ProxyConfig, access_log::AccessLog};
-use crate::routing::{self, Routing, RoutingError};
+use crate::routing::{self, Interface, Routing, RoutingError};
 use crate::state::{DesiredState, WorkloadIndex};
+use crate::topology::{Role, Topology};
 use lock::{LockError, NodeLock};
 use reconcile::{Reconciler, Trigger};
 use source::{Source, SourceError, StateRx};
@@ -53,6 +54,11 @@ pub enum NodeError {
     Identity(#[from] IdentityError),
     #[error("interface {0:?} does not exist in this network namespace")]
     NoSuchInterface(String),
+    #[error(
+        "interface {0} is a bridge with pods behind it (a bridge CNI such as flannel's cni0): pods there are \
+         switched at L2 where meshpath cannot capture them; meshpath serves routed pod interfaces only"
+    )]
+    PodBridge(String),
     #[error("the source of the desired state stopped before its first state")]
     Sync,
     #[error("a meshpath daemon still serves node {0} (it holds the node lock); stop it first")]
@@ -155,19 +161,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         }
     };
 
-    let proxy = Proxy::new(
-        ProxyConfig {
-            node: cfg.node.clone(),
-            pod_cidrs: cfg.pod_cidrs.clone(),
-            connect_timeout: cfg.connect_timeout,
-            plaintext: cfg.plaintext,
-            hbone_idle_timeout: cfg.hbone_idle_timeout,
-            limits: connection_limits(&cfg),
-        },
-        log,
-        certs,
-        metrics.clone(),
-    );
+    let proxy = new_proxy(&cfg, log, certs, &metrics);
     metrics.set_sources(ScrapeSources { node: cfg.node.clone(), proxy: proxy.clone() });
     if let Some(events) = kernel.as_mut().and_then(|k| k.datapath().take_events()) {
         drops::spawn(events, stop_rx.clone());
@@ -223,6 +217,28 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     ready.set(true);
     tracing::info!(node = %cfg.node, source = ?cfg.source, "node ready");
 
+    follow(&mut desired, &mut kernel, apply, &mut shutdown).await;
+
+    ready.set(false);
+    let _ = stop_tx.send(true);
+    let _ = proxy_task.await;
+    let _ = admin_task.await;
+    let _ = metrics_task.await;
+    tracing::info!(
+        pin_dir = %datapath::node_pin_dir(&cfg.node).map(|p| p.display().to_string()).unwrap_or_default(),
+        "stopped; the datapath stays pinned and drops enrolled traffic until a daemon takes over (`meshpath uninstall` removes it)"
+    );
+    Ok(())
+}
+
+/// Follows the desired state and the kernel until `shutdown`: each change, and each safety
+/// tick, ends in one reconcile pass; a failing pass is logged once per streak and retried.
+async fn follow(
+    desired: &mut StateRx,
+    kernel: &mut Option<Reconciler>,
+    apply: impl Fn(&DesiredState, Option<&mut Reconciler>),
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) {
     let mut safety = tokio::time::interval(SAFETY_TICK);
     safety.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     safety.reset();
@@ -230,7 +246,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let mut failing = false;
     loop {
         let trigger = tokio::select! {
-            _ = &mut shutdown => break,
+            _ = &mut *shutdown => break,
             _ = safety.tick() => Trigger::Safety,
             _ = kernel_changed(kernel.as_mut()) => Trigger::Change,
             changed = desired.changed(), if following => {
@@ -263,17 +279,18 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             }
         }
     }
+}
 
-    ready.set(false);
-    let _ = stop_tx.send(true);
-    let _ = proxy_task.await;
-    let _ = admin_task.await;
-    let _ = metrics_task.await;
-    tracing::info!(
-        pin_dir = %datapath::node_pin_dir(&cfg.node).map(|p| p.display().to_string()).unwrap_or_default(),
-        "stopped; the datapath stays pinned and drops enrolled traffic until a daemon takes over (`meshpath uninstall` removes it)"
-    );
-    Ok(())
+fn new_proxy(cfg: &NodeConfig, log: AccessLog, certs: Arc<CertificateManager>, metrics: &Arc<Metrics>) -> Arc<Proxy> {
+    let config = ProxyConfig {
+        node: cfg.node.clone(),
+        pod_cidrs: cfg.pod_cidrs.clone(),
+        connect_timeout: cfg.connect_timeout,
+        plaintext: cfg.plaintext,
+        hbone_idle_timeout: cfg.hbone_idle_timeout,
+        limits: connection_limits(cfg),
+    };
+    Proxy::new(config, log, certs, metrics.clone())
 }
 
 /// The connection budget: what the flags say, or what the open-files limit (raised to its
@@ -295,6 +312,12 @@ async fn load_kernel(cfg: &NodeConfig) -> Result<Reconciler, NodeError> {
     let ifaces = routing.interfaces().await?;
     if let Some(missing) = cfg.interfaces.iter().find(|n| !ifaces.iter().any(|i| &i.name == *n)) {
         return Err(NodeError::NoSuchInterface(missing.clone()));
+    }
+    // A node meshpath cannot serve is refused before anything is put into the kernel.
+    let served = |i: &&Interface| cfg.interfaces.is_empty() || cfg.interfaces.contains(&i.name);
+    if let Some(bridge) = ifaces.iter().filter(served).find(|i| Topology::of(i, &cfg.pod_cidrs).role == Role::PodBridge)
+    {
+        return Err(NodeError::PodBridge(bridge.name.clone()));
     }
     routing.watch()?;
     let dp = Datapath::load(&cfg.node, cfg.attach_mode)?;

@@ -12,12 +12,13 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use meshpath_common::interface::{IF_L3, IF_POD, IF_WORKLOAD};
+use meshpath_common::interface::IF_WORKLOAD;
 
 use super::NodeError;
 use super::routes::RouteCache;
 use crate::datapath::Datapath;
 use crate::routing::{Changes, Interface, Routing};
+use crate::topology::{Role, Topology};
 use crate::workloads::WorkloadFile;
 
 /// How long the map's contents are trusted before they are read again (meshpath is their only
@@ -175,7 +176,8 @@ impl Reconciler {
         let flags = self.dp.interfaces()?;
         for i in wanted {
             // The workload bit is the map pass's to set; the rest is the interface's kind.
-            let want = kind_flags(i, &self.pod_cidrs) | (flags.get(&i.index).copied().unwrap_or(0) & IF_WORKLOAD);
+            let want =
+                Topology::of(i, &self.pod_cidrs).flags() | (flags.get(&i.index).copied().unwrap_or(0) & IF_WORKLOAD);
             if flags.get(&i.index) != Some(&want) {
                 self.dp.set_interface(i.index, want)?;
             }
@@ -240,8 +242,11 @@ impl Reconciler {
         let Some(ifx) = route else { return Err("no device route to it on this node (is its veth up?)".into()) };
         let iface = ifaces.iter().find(|i| i.index == ifx);
         let name = iface.map_or("?", |i| i.name.as_str());
-        match iface {
-            Some(i) if kind_flags(i, &self.pod_cidrs) & IF_POD == 0 => {
+        match iface.map(|i| Topology::of(i, &self.pod_cidrs).role) {
+            Some(Role::PodBridge) => Err(format!(
+                "it is routed via the bridge {name}: pods behind a bridge cannot be captured (not supported)"
+            )),
+            Some(Role::Uplink | Role::Port) => {
                 Err(format!("it is routed via {name}, which is not pod-facing (it carries the node's addresses)"))
             }
             _ if !attached.contains(&ifx) => {
@@ -319,63 +324,6 @@ impl Reconciler {
     }
 }
 
-/// The flags an interface has by its kind: pod-facing unless it carries an address of the
-/// node's own (a global address outside the pod networks: an uplink); without a link-layer
-/// header, IP starts at offset 0.
-pub(super) fn kind_flags(i: &Interface, pod_cidrs: &[IpNet]) -> u32 {
-    let l3 = if i.ethernet { 0 } else { IF_L3 };
-    // A bridge port, bond slave or VLAN parent: its routes are the upper device's, so a
-    // reverse-path check against the port itself would drop everything it carries.
-    if i.lower {
-        return l3;
-    }
-    let node_address = i.addresses.iter().any(|a| {
-        let a = a.to_canonical();
-        let link_scope = match a {
-            IpAddr::V4(v4) => v4.is_link_local(),
-            IpAddr::V6(v6) => v6.is_unicast_link_local(),
-        };
-        !link_scope && !a.is_loopback() && !pod_cidrs.iter().any(|n| n.contains(&a))
-    });
-    let pod = if node_address { 0 } else { IF_POD };
-    pod | l3
-}
-
 fn cidrs(nets: &[IpNet]) -> String {
     nets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn iface(addresses: &[&str], ethernet: bool) -> Interface {
-        Interface {
-            index: 3,
-            name: "x".into(),
-            loopback: false,
-            up: true,
-            ethernet,
-            addresses: addresses.iter().map(|a| a.parse().expect("an IP")).collect(),
-            lower: false,
-        }
-    }
-
-    #[test]
-    fn uplinks_carry_node_addresses_and_pod_interfaces_do_not() {
-        let pods: Vec<IpNet> = vec!["10.244.0.0/16".parse().expect("a net")];
-        // A routed veth: only link-local gateway addresses.
-        assert_eq!(kind_flags(&iface(&["169.254.1.1", "fe80::1"], true), &pods), IF_POD);
-        assert_eq!(kind_flags(&iface(&[], true), &pods), IF_POD);
-        // The uplink, with the node's address.
-        assert_eq!(kind_flags(&iface(&["192.168.250.1", "fe80::2"], true), &pods), 0);
-        // A bridge or tunnel with a pod-network gateway address is still pod-facing...
-        assert_eq!(kind_flags(&iface(&["10.244.1.1"], true), &pods), IF_POD);
-        // ...but without pod networks to tell, any global address makes an uplink.
-        assert_eq!(kind_flags(&iface(&["10.244.1.1"], true), &[]), 0);
-        // A tun or WireGuard device has no Ethernet header.
-        assert_eq!(kind_flags(&iface(&["192.168.9.1"], false), &pods), IF_L3);
-        // Bridge ports, bond slaves and VLAN parents carry no address and are no pod's.
-        assert_eq!(kind_flags(&Interface { lower: true, ..iface(&[], true) }, &pods), 0);
-    }
 }

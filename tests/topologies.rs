@@ -1,0 +1,160 @@
+//! The CNI matrix. Each lab topology end to end (every smoke scenario in both families,
+//! node-originated probes, the proxy killed, what `status` calls each interface, a clean
+//! uninstall); another CNI's TCX programs before and after meshpath's; a bridge CNI
+//! refused at start with its reason.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use aya::programs::LinkOrder;
+use meshpath_lab::chain::{Foreign, Verdict, tcx_chain};
+use meshpath_lab::smoke::{self, APP_PORT};
+use meshpath_lab::{Lab, POD_CIDRS, Topology, traffic};
+
+use support::{meshpath, send, started_lab};
+
+fn every_scenario_in(topology: Topology) -> Result<()> {
+    let mut lab = Lab::build_with(&meshpath(), topology).context("building the lab")?;
+    lab.start_daemons()?;
+    let smoke::Smoke { outcomes, evidence } = smoke::run_all(&lab)?;
+    println!("{} topology; TLS evidence: {}", topology.name(), evidence.summary());
+    ensure!(outcomes.iter().all(|o| o.ok), "{} topology:\n{}", topology.name(), smoke::table(&outcomes));
+
+    probes_from_the_node_reach_enrolled_pods(&lab)?;
+    let uplink = if topology == Topology::L3 { "uplink, no Ethernet header" } else { "uplink" };
+    for (ifname, want) in [("vpa", "routed pod interface"), ("ul0", uplink)] {
+        let got = topology_in_status(&lab, ifname)?;
+        ensure!(got.as_deref() == Some(want), "status calls {ifname} {got:?}, not {want:?}");
+    }
+
+    // Killed, node 1's proxy takes its pods' traffic down with it, in both directions.
+    let _servers = smoke::start_servers(&lab)?;
+    lab.stop_daemon(0, true)?;
+    for (from, to) in [("a", "c"), ("d", "a"), ("b", "a")] {
+        let r = send(&lab, from, to, Duration::from_millis(1500));
+        ensure!(r.is_err(), "{from} -> {to} bypassed the killed proxy ({}): {r:?}", topology.name());
+    }
+    for n in 0..2 {
+        lab.stop_daemon(n, false)?;
+        lab.uninstall(n)?;
+        let left = lab.leftovers(n)?;
+        ensure!(left.is_empty(), "node {} still holds: {left:#?}", n + 1);
+    }
+    Ok(())
+}
+
+/// kubelet's probes come from the node itself: they are not captured (as in Istio's ambient
+/// mode) and must keep working, both families.
+fn probes_from_the_node_reach_enrolled_pods(lab: &Lab) -> Result<()> {
+    let _servers = smoke::start_servers(lab)?;
+    let node = &lab.nodes[0].name;
+    for v6 in [false, true] {
+        let to = lab.addr("a", v6, APP_PORT);
+        let x = traffic::exchange(node, None, to, &traffic::payload(512), Duration::from_secs(3))
+            .with_context(|| format!("a probe from node 1 to {to}"))?;
+        ensure!(x.echoed_intact, "probe to {to}: echo garbled");
+        let client = x.client;
+        ensure!(lab.records(0)?.iter().all(|r| r.src != client), "the probe to {to} went through the proxy");
+    }
+    Ok(())
+}
+
+/// What `meshpath status` on node 1 calls `ifname` (its ingress attachment).
+fn topology_in_status(lab: &Lab, ifname: &str) -> Result<Option<String>> {
+    let mut args = vec!["status", "--node", &lab.nodes[0].name, "-o", "json"];
+    for c in POD_CIDRS {
+        args.extend(["--pod-cidr", c]);
+    }
+    let status: serde_json::Value = serde_json::from_str(&lab.meshpath(0, &args)?)?;
+    let attachments = status["attachments"].as_array().context("no attachments in status")?;
+    Ok(attachments
+        .iter()
+        .find(|a| a["interface"] == ifname && a["direction"] == "ingress")
+        .and_then(|a| a["topology"].as_str())
+        .map(str::to_owned))
+}
+
+#[test]
+fn routed_pod_veths_pass_every_scenario() -> Result<()> {
+    every_scenario_in(Topology::Routed)
+}
+
+/// The node link has no Ethernet header (tun standing in for IPIP or WireGuard): the
+/// classifier reads packets from offset 0 there, and HBONE, spoof checks and plaintext
+/// policy work across it as across a veth.
+#[test]
+fn a_node_link_without_ethernet_header_passes_every_scenario() -> Result<()> {
+    every_scenario_in(Topology::L3)
+}
+
+/// Another CNI's programs in the same TCX chain: one with no opinion before meshpath's, one
+/// accepting after it, and one redirecting after it on a pod meshpath does not capture.
+#[test]
+fn another_cnis_tcx_programs_before_and_after_meshpaths_keep_their_verdicts() -> Result<()> {
+    let mut lab = started_lab()?;
+    let _servers = smoke::start_servers(&lab)?;
+    let n1 = lab.nodes[0].name.clone();
+    let captured_by_node_1 = |lab: &Lab| -> Result<()> {
+        let client = send(lab, "a", "c", Duration::from_secs(3)).context("a -> c")?.client;
+        let record = lab.wait_record(0, Duration::from_secs(3), |r| r.src == client && r.listener == "outbound")?;
+        ensure!(record.is_some(), "a -> c was not captured by node 1's proxy");
+        Ok(())
+    };
+
+    let _next = Foreign::attach(&lab.dir, &n1, "vpa", Verdict::Next, LinkOrder::first())?;
+    let _pass = Foreign::attach(&lab.dir, &n1, "vpa", Verdict::Pass, LinkOrder::last())?;
+    let chain = tcx_chain(&n1, "vpa")?;
+    println!("vpa ingress: {chain:?}");
+    ensure!(chain == ["cni_next", "mp_tc_ingress", "cni_pass"], "chain: {chain:?}");
+    captured_by_node_1(&lab)?;
+
+    // A restarted daemon takes the head of the chain again: nothing can accept a packet
+    // before meshpath has looked at it.
+    lab.stop_daemon(0, false)?;
+    lab.start_daemon(0)?;
+    let chain = tcx_chain(&n1, "vpa")?;
+    println!("vpa ingress after a restart: {chain:?}");
+    ensure!(chain == ["mp_tc_ingress", "cni_next", "cni_pass"], "chain after restart: {chain:?}");
+    captured_by_node_1(&lab)?;
+
+    // meshpath has no opinion on b's traffic (TCX_NEXT, not TCX_PASS), so a redirect after it
+    // happens: here back into b, so b -> d no longer gets through, until it is detached.
+    let vpb = ifindex(&n1, "vpb")?;
+    let redirect = Foreign::attach(&lab.dir, &n1, "vpb", Verdict::RedirectTo(vpb), LinkOrder::last())?;
+    ensure!(tcx_chain(&n1, "vpb")? == ["mp_tc_ingress", "cni_redirect"], "vpb chain: {:?}", tcx_chain(&n1, "vpb"));
+    let r = send(&lab, "b", "d", Duration::from_millis(1500));
+    ensure!(r.is_err(), "b -> d got through although the program after meshpath's redirects it: {r:?}");
+    drop(redirect);
+    send(&lab, "b", "d", Duration::from_secs(3)).context("b -> d once the redirect is detached")?;
+    Ok(())
+}
+
+/// flannel and k3s put pods on a bridge (`cni0`, holding the pod network's gateway): pods'
+/// traffic with each other is switched at L2 where meshpath cannot capture it, so a node
+/// wired so is refused at start with the reason, and nothing is left in the kernel.
+#[test]
+fn a_node_with_a_pod_bridge_is_refused_with_the_reason() -> Result<()> {
+    let mut lab = support::built_lab()?;
+    let n1 = lab.nodes[0].name.clone();
+    let ip = |args: &[&str]| -> Result<()> {
+        let out = Command::new("ip").args(["-n", &n1]).args(args).output()?;
+        ensure!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    ip(&["link", "add", "cni0", "type", "bridge"])?;
+    ip(&["addr", "add", "10.244.1.1/24", "dev", "cni0"])?;
+    ip(&["link", "set", "cni0", "up"])?;
+    let err = lab.start_daemon(0).expect_err("a node with a pod bridge must not start").to_string();
+    ensure!(err.contains("cni0 is a bridge with pods behind it"), "unexpected refusal: {err}");
+    let left = lab.leftovers(0)?;
+    ensure!(left.is_empty(), "the refused start left: {left:#?}");
+    Ok(())
+}
+
+fn ifindex(ns: &str, ifname: &str) -> Result<u32> {
+    let name = ifname.to_owned();
+    Ok(traffic::in_netns(ns, move || nix::net::if_::if_nametoindex(name.as_str()))??)
+}
