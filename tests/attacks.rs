@@ -260,18 +260,29 @@ fn a_start_stopped_before_its_first_state_leaves_nothing_behind() -> Result<()> 
     )?;
     let n1 = lab.nodes[0].name.clone();
     let log = std::fs::File::create(lab.dir.join("nowhere.log"))?;
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{n1}"))
-        .arg(&lab.binary)
-        .args(["node", "--node", &n1])
-        .env("KUBECONFIG", &kubeconfig)
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?;
+    /// Killed if the test fails before it stops the daemon: the lab's teardown can then
+    /// uninstall (a live daemon holds the node lock).
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = KillOnDrop(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{n1}"))
+            .arg(&lab.binary)
+            .args(["node", "--node", &n1])
+            .env("KUBECONFIG", &kubeconfig)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?,
+    );
     let dir = meshpath::datapath::node_pin_dir(&n1)?;
     wait_until("the datapath to be loaded", Duration::from_secs(10), || Ok(dir.join("links").exists()))?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
-    let status = child.wait()?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.0.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+    let status = child.0.wait()?;
     ensure!(status.success(), "the daemon exited with {status}");
     let left = lab.leftovers(0)?;
     ensure!(left.is_empty(), "the stopped start left: {left:#?}");

@@ -383,3 +383,56 @@ fn bad_input_gives_one_clear_line_and_no_backtrace() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// Sends `chunks` KiB from `ns` to `to`, one every `gap`, then half-closes and reads the echo:
+/// whether it came back whole.
+fn slow_exchange(ns: &str, to: std::net::SocketAddr, chunks: usize, gap: Duration) -> Result<bool> {
+    use std::io::{Read, Write};
+    let payload = meshpath_lab::traffic::payload(1024 * chunks);
+    let answer = meshpath_lab::traffic::in_netns(ns, || -> std::io::Result<Vec<u8>> {
+        let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        for chunk in payload.chunks(1024) {
+            s.write_all(chunk)?;
+            std::thread::sleep(gap);
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer)?;
+        Ok(answer)
+    })??;
+    Ok(answer.ends_with(&payload))
+}
+
+/// SIGTERM drains: connections under way when it arrives (a plain relay and an HBONE stream)
+/// finish intact, a new one is refused at once (fail closed), and the daemon exits once they
+/// are done rather than at its deadline.
+#[test]
+fn a_stopping_daemon_lets_open_connections_finish_and_refuses_new_ones() -> Result<()> {
+    let mut lab = started_lab_with(&["--drain-timeout-secs", "30"])?;
+    let _servers = smoke::start_servers(&lab)?;
+    let ns = lab.pod("a").netns.clone();
+    let slow = |to| {
+        let ns = ns.clone();
+        std::thread::spawn(move || slow_exchange(&ns, to, 20, Duration::from_millis(100)))
+    };
+    let plain = slow(lab.addr("d", false, smoke::APP_PORT));
+    let hbone = slow(lab.addr("c", false, smoke::APP_PORT));
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = lab.nodes[0].daemon.as_ref().context("no daemon")?.id();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM)?;
+    let before = lab.counters(0)?.missing_socket;
+    wait_until("node 1 to refuse new connections", Duration::from_secs(3), || {
+        Ok(send(&lab, "a", "d", Duration::from_millis(500)).is_err())
+    })?;
+    ensure!(lab.counters(0)?.missing_socket > before, "the refusal was not the datapath's (missing_socket)");
+    for (what, t) in [("a -> d (plain relay)", plain), ("a -> c (HBONE)", hbone)] {
+        let intact = t.join().map_err(|_| anyhow::anyhow!("{what}: client panicked"))??;
+        ensure!(intact, "{what}: the echo came back short or garbled across the drain");
+    }
+    let status = lab.stop_daemon(0, false)?.context("daemon was running")?;
+    ensure!(status.success(), "the drained daemon exited with {status}");
+    let log = std::fs::read_to_string(lab.daemon_log_path(0))?;
+    ensure!(log.contains("drained: every connection finished"), "the daemon did not wait for its connections");
+    Ok(())
+}

@@ -14,7 +14,7 @@ use meshpath_lab::chain::{Foreign, Verdict, tcx_chain};
 use meshpath_lab::smoke::{self, APP_PORT};
 use meshpath_lab::{Lab, POD_CIDRS, Topology, traffic};
 
-use support::{meshpath, send, started_lab};
+use support::{meshpath, send, started_lab, wait_until};
 
 fn every_scenario_in(topology: Topology) -> Result<()> {
     let mut lab = Lab::build_with(&meshpath(), topology).context("building the lab")?;
@@ -33,10 +33,14 @@ fn every_scenario_in(topology: Topology) -> Result<()> {
     // Killed, node 1's proxy takes its pods' traffic down with it, in both directions.
     let _servers = smoke::start_servers(&lab)?;
     lab.stop_daemon(0, true)?;
+    let before = lab.counters(0)?.missing_socket;
     for (from, to) in [("a", "c"), ("d", "a"), ("b", "a")] {
         let r = send(&lab, from, to, Duration::from_millis(1500));
         ensure!(r.is_err(), "{from} -> {to} bypassed the killed proxy ({}): {r:?}", topology.name());
     }
+    // Dropped by the datapath for want of a listener, not lost some other way.
+    let after = lab.counters(0)?.missing_socket;
+    ensure!(after >= before + 3, "missing_socket went from {before} to {after} for 3 refused connections");
     for n in 0..2 {
         lab.stop_daemon(n, false)?;
         lab.uninstall(n)?;
@@ -57,7 +61,9 @@ fn probes_from_the_node_reach_enrolled_pods(lab: &Lab) -> Result<()> {
             .with_context(|| format!("a probe from node 1 to {to}"))?;
         ensure!(x.echoed_intact, "probe to {to}: echo garbled");
         let client = x.client;
-        ensure!(lab.records(0)?.iter().all(|r| r.src != client), "the probe to {to} went through the proxy");
+        // A record is written when the connection closes: give it that moment.
+        let record = lab.wait_record(0, Duration::from_millis(500), |r| r.src == client)?;
+        ensure!(record.is_none(), "the probe to {to} went through the proxy: {record:?}");
     }
     Ok(())
 }
@@ -111,8 +117,15 @@ fn another_cnis_tcx_programs_before_and_after_meshpaths_keep_their_verdicts() ->
     ensure!(chain == ["cni_next", "mp_tc_ingress", "cni_pass"], "chain: {chain:?}");
     captured_by_node_1(&lab)?;
 
-    // A restarted daemon takes the head of the chain again: nothing can accept a packet
-    // before meshpath has looked at it.
+    // A program ahead of meshpath's could accept or redirect packets before the capture: the
+    // safety tick notices and says so (once), and the classifier stays attached and enrolled.
+    wait_until("the daemon to warn about the program ahead of it", Duration::from_secs(12), || {
+        Ok(std::fs::read_to_string(lab.daemon_log_path(0))?.contains("another program runs ahead of meshpath's"))
+    })?;
+    ensure!(tcx_chain(&n1, "vpa")? == chain, "the chain changed: {:?}", tcx_chain(&n1, "vpa"));
+    captured_by_node_1(&lab)?;
+
+    // A restarted daemon attaches at the head again.
     lab.stop_daemon(0, false)?;
     lab.start_daemon(0)?;
     let chain = tcx_chain(&n1, "vpa")?;
@@ -122,6 +135,7 @@ fn another_cnis_tcx_programs_before_and_after_meshpaths_keep_their_verdicts() ->
 
     // meshpath has no opinion on b's traffic (TCX_NEXT, not TCX_PASS), so a redirect after it
     // happens: here back into b, so b -> d no longer gets through, until it is detached.
+    send(&lab, "b", "d", Duration::from_secs(3)).context("b -> d before the redirect")?;
     let vpb = ifindex(&n1, "vpb")?;
     let redirect = Foreign::attach(&lab.dir, &n1, "vpb", Verdict::RedirectTo(vpb), LinkOrder::last())?;
     ensure!(tcx_chain(&n1, "vpb")? == ["mp_tc_ingress", "cni_redirect"], "vpb chain: {:?}", tcx_chain(&n1, "vpb"));

@@ -182,17 +182,16 @@ fn spoofed<R: Routes>(flow: &Flow, at: &Ingress, src: Option<WorkloadValue>, rou
     }
 }
 
-/// Whether a packet leaving through `ifindex` (egress) toward `dst` skipped the proxy: TCP
-/// to an enrolled workload behind this interface, forwarded (it came in on an interface,
-/// `from_ifindex` is not 0) and not sent by the proxy. Captured traffic is delivered to the
-/// proxy, never forwarded; what is forwarded here was turned toward the pod after the
-/// classifier looked (a DNAT on this node) or came in where no classifier ran.
+/// Whether a packet leaving (egress) toward `dst` skipped the proxy: TCP to an enrolled
+/// workload of this node, forwarded (it came in on an interface, `from_ifindex` is not 0).
+/// Captured traffic is delivered to the proxy, never forwarded, and the proxy's own packets
+/// are the node's (`from_ifindex` 0), so what is forwarded there was turned toward the pod
+/// after the classifier looked (a DNAT on this node) or came in where no classifier ran.
+/// No mark exempts it (a mangle rule could set any), and any interface counts (a pod that
+/// just moved to a new veth may still be listed behind its old one).
 #[inline(always)]
-pub fn bypasses(flow: &Flow, ifindex: u32, from_ifindex: u32, mark: u32, dst: Option<WorkloadValue>) -> bool {
-    matches!(flow.proto, IPPROTO_TCP | IPPROTO_UNKNOWN)
-        && from_ifindex != 0
-        && mark & PROXY_MARK_MASK != PROXY_MARK
-        && dst.is_some_and(|d| d.ifindex == ifindex)
+pub fn bypasses(flow: &Flow, from_ifindex: u32, dst: Option<WorkloadValue>) -> bool {
+    matches!(flow.proto, IPPROTO_TCP | IPPROTO_UNKNOWN) && from_ifindex != 0 && dst.is_some()
 }
 
 /// The mark a captured packet leaves the classifier with.
@@ -358,14 +357,13 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_tcp_to_an_enrolled_workload_is_a_bypass_but_the_proxys_and_the_nodes_are_not() {
+    fn forwarded_tcp_to_an_enrolled_workload_is_a_bypass_but_the_nodes_own_is_not() {
         let tcp = flow(IPPROTO_TCP);
-        assert!(bypasses(&tcp, POD_IF, 3, 0, Some(POD)), "forwarded, unmarked: a bypass");
-        assert!(!bypasses(&tcp, POD_IF, 3, PROXY_MARK, Some(POD)), "the proxy's own");
-        assert!(!bypasses(&tcp, POD_IF, 0, 0, Some(POD)), "sent by the node (kubelet probes)");
-        assert!(!bypasses(&tcp, POD_IF, 3, 0, None), "not to an enrolled workload");
-        assert!(!bypasses(&tcp, POD_IF, 3, 0, Some(WorkloadValue::new(OTHER_IF))), "not behind this interface");
-        assert!(!bypasses(&flow(17), POD_IF, 3, 0, Some(POD)), "not TCP");
+        assert!(bypasses(&tcp, 3, Some(POD)), "forwarded: a bypass");
+        assert!(bypasses(&tcp, 3, Some(WorkloadValue::new(OTHER_IF))), "also toward a veth it just moved from");
+        assert!(!bypasses(&tcp, 0, Some(POD)), "sent by the node (the proxy, kubelet probes)");
+        assert!(!bypasses(&tcp, 3, None), "not to an enrolled workload");
+        assert!(!bypasses(&flow(17), 3, Some(POD)), "not TCP");
     }
 
     #[test]

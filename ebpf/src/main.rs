@@ -93,8 +93,7 @@ pub fn mp_tc_egress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn try_tc_egress(ctx: &TcContext) -> i32 {
     // SAFETY: `skb` is the context pointer the kernel handed to this program.
-    let (mark, ifindex, from) =
-        unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
+    let (ifindex, from) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
     // Only locally generated packets have no ingress interface: those pass at once (the
     // proxy's, kubelet's), before the packet is even read.
     if from == 0 {
@@ -102,7 +101,7 @@ fn try_tc_egress(ctx: &TcContext) -> i32 {
     }
     let start = if interface_flags(ifindex) & IF_L3 != 0 { L3Start::Raw } else { L3Start::Ethernet };
     let packet::Frame::Ip(flow) = packet::parse(&Skb(ctx), start) else { return TC_ACT_UNSPEC };
-    if verdict::bypasses(&flow, ifindex, from, mark, workload(&flow.dst)) {
+    if verdict::bypasses(&flow, from, workload(&flow.dst)) {
         dropped(DropReason::Bypass, ifindex, flow.src, flow.dst, flow.proto);
         return TC_ACT_SHOT;
     }

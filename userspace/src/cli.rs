@@ -144,6 +144,11 @@ pub struct NodeArgs {
     /// Close HBONE connections that carried no stream for this long.
     #[arg(long, env = "MESHPATH_HBONE_IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub hbone_idle_timeout_secs: u64,
+    /// On SIGTERM, how long open connections and HBONE streams may finish (new ones are
+    /// refused at once, until a successor serves); keep it under the pod's
+    /// terminationGracePeriodSeconds. 0 exits at once, cutting them.
+    #[arg(long, env = "MESHPATH_DRAIN_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub drain_timeout_secs: u64,
 }
 
 fn parse_trust_domain(s: &str) -> Result<String, String> {
@@ -208,6 +213,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 plaintext: a.inbound_plaintext,
                 hbone_idle_timeout: Duration::from_secs(a.hbone_idle_timeout_secs),
+                drain_timeout: Duration::from_secs(a.drain_timeout_secs),
                 max_connections: a.max_connections.map(|n| n as usize),
                 max_connections_per_source: a.max_connections_per_source.map(|n| n as usize),
                 proxy_only: a.proxy_only,

@@ -18,7 +18,8 @@ pub enum Role {
     Pod,
     /// It carries an address of the node's own: other nodes and the world.
     Uplink,
-    /// A bridge with pods behind it (flannel's and k3s's `cni0`). Its pods' traffic with
+    /// A bridge holding a pod-network address (flannel's and k3s's `cni0`: pods behind it
+    /// use it as their gateway). Its pods' traffic with
     /// each other is switched at L2, where a capture mark does nothing, and the route to a
     /// pod names the bridge, not the pod's port: meshpath cannot serve it.
     PodBridge,
@@ -40,10 +41,11 @@ impl Topology {
     pub fn of(i: &Interface, pod_cidrs: &[IpNet]) -> Self {
         let role = if i.lower {
             Role::Port
-        } else if has_node_address(i, pod_cidrs) {
-            Role::Uplink
-        } else if i.bridge {
+        } else if i.bridge && has_pod_address(i, pod_cidrs) {
             Role::PodBridge
+        } else if i.bridge || has_node_address(i, pod_cidrs) {
+            // Other bridges (docker0, a VM bridge without addresses) are the node's.
+            Role::Uplink
         } else {
             Role::Pod
         };
@@ -66,6 +68,11 @@ impl Topology {
             (Role::Port, _) => "bridge or bond port",
         }
     }
+}
+
+/// A gateway address of the pod networks: what a bridge CNI puts on its bridge.
+fn has_pod_address(i: &Interface, pod_cidrs: &[IpNet]) -> bool {
+    i.addresses.iter().any(|a| pod_cidrs.iter().any(|n| n.contains(&a.to_canonical())))
 }
 
 fn has_node_address(i: &Interface, pod_cidrs: &[IpNet]) -> bool {
@@ -125,9 +132,11 @@ mod tests {
         let cni0 = Interface { bridge: true, ..iface(&["10.244.1.1", "fe80::1"], true) };
         assert_eq!(role(&cni0, &pods), Role::PodBridge);
         assert_eq!(Topology::of(&cni0, &pods).flags(), 0, "never flagged pod-facing");
-        // docker0 (an address outside the pod networks) is the node's.
+        // docker0 (an address outside the pod networks) is the node's, and so is a bridge
+        // with no address at all (VMs behind it, say).
         let docker0 = Interface { bridge: true, ..iface(&["172.17.0.1"], true) };
         assert_eq!(role(&docker0, &pods), Role::Uplink);
+        assert_eq!(role(&Interface { bridge: true, ..iface(&[], true) }, &pods), Role::Uplink);
         // Without pod networks to tell, cni0 looks like docker0.
         assert_eq!(role(&cni0, &[]), Role::Uplink);
     }

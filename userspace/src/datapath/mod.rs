@@ -281,6 +281,8 @@ fn sum_counters<T: std::borrow::Borrow<MapData>>(map: &PerCpuArray<T, u64>) -> R
 pub struct Datapath {
     // Field order matters for drop: links and maps are closed before the object.
     tc_links: BTreeMap<(u32, Hook), TcAttachment>,
+    /// TCX attachments another program has been seen ahead of (warned about once).
+    behind: BTreeSet<(u32, Hook)>,
     mode: AttachMode,
     node: String,
     /// Held for its fd (the pin keeps the link too); `None` only while being re-pinned.
@@ -355,6 +357,7 @@ impl Datapath {
         tracing::info!(pin_dir = %pin_dir.display(), "datapath loaded; sk_lookup attached to this network namespace");
         Ok(Self {
             tc_links: BTreeMap::new(),
+            behind: BTreeSet::new(),
             mode,
             node: node.to_owned(),
             sk_lookup_link: Some(sk_lookup_link),
@@ -421,24 +424,47 @@ impl Datapath {
         Ok(restored)
     }
 
-    /// Interfaces this instance has attached the classifier to (ingress: what enrolment
-    /// needs; the egress guard is defence in depth).
+    /// Interfaces this instance has attached both programs to: only those get workloads
+    /// enrolled, so no enrolled pod sits behind a veth without its egress guard.
     pub fn attached_interfaces(&self) -> BTreeSet<u32> {
-        self.tc_links.keys().filter(|(_, h)| *h == Hook::Ingress).map(|(i, _)| *i).collect()
+        let has = |i: u32, h: Hook| self.tc_links.contains_key(&(i, h));
+        self.tc_links.keys().map(|(i, _)| *i).filter(|i| Hook::ALL.iter().all(|h| has(*i, *h))).collect()
     }
 
     /// Forgets attachments the kernel no longer has (a `tc qdisc del`, another program's
     /// cleanup, a detached link), so the next [`Self::attach_tc`] puts them back; the
-    /// interfaces that had lost one.
+    /// interfaces that had lost one. Warns once when another program got ahead of ours.
     pub fn verify_attachments(&mut self, names: &BTreeMap<u32, String>) -> Vec<u32> {
         let mut lost = Vec::new();
         let keys: Vec<(u32, Hook)> = self.tc_links.keys().copied().collect();
         for (ifindex, hook) in keys {
             let Some(ifname) = names.get(&ifindex) else { continue };
-            if !tc_attached(self.mode, ifname, hook) {
-                self.tc_links.remove(&(ifindex, hook));
-                lost.push(ifindex);
+            let place = match self.mode {
+                AttachMode::Tcx => tcx_position(ifname, hook),
+                AttachMode::Netlink => tc_attached(self.mode, ifname, hook).then_some(0),
+            };
+            match place {
+                Some(0) => {
+                    self.behind.remove(&(ifindex, hook));
+                    continue;
+                }
+                // Another program was put ahead of ours: it can accept or redirect packets
+                // before meshpath looks. The kernel does not let a chain hold one program
+                // twice, so ours cannot move ahead again without a moment with no classifier:
+                // say so (once), the next daemon attaches at the head.
+                Some(_) => {
+                    if self.behind.insert((ifindex, hook)) {
+                        tracing::warn!(
+                            interface = %ifname,
+                            hook = hook.name(),
+                            "another program runs ahead of meshpath's and can accept or redirect packets before the capture sees them"
+                        );
+                    }
+                    continue;
+                }
+                None => lost.push(ifindex),
             }
+            self.tc_links.remove(&(ifindex, hook));
         }
         lost
     }
@@ -670,6 +696,12 @@ fn pinned_tc_links_of(pin_dir: &Path) -> Result<Vec<(u32, Hook, PathBuf)>> {
         out.extend(found.into_iter().map(|(i, p)| (i, hook, p)));
     }
     Ok(out)
+}
+
+/// Where the program of `hook` sits in `ifname`'s TCX chain (0: first), if it runs there.
+fn tcx_position(ifname: &str, hook: Hook) -> Option<usize> {
+    let (_, progs) = SchedClassifier::query_tcx(ifname, hook.attach_type()).ok()?;
+    progs.iter().position(|p| p.name_as_str() == Some(hook.program()))
 }
 
 /// Whether the program of `hook` runs on `ifname` (TCX: the kernel's list of programs;

@@ -27,9 +27,18 @@ pub fn bpf_filters(ifindex: u32, egress: bool) -> io::Result<Vec<BpfFilter>> {
         let n = socket.recv(&mut &mut buf[..], 0)?;
         let mut offset = 0;
         while offset < n {
-            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[offset..n])
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-            let len = msg.header.length as usize;
+            let bytes = &buf[offset..n];
+            let len = bytes.get(..4).map_or(0, |l| u32::from_ne_bytes([l[0], l[1], l[2], l[3]]) as usize);
+            // A message this crate cannot decode (attributes of a newer kernel, another
+            // filter kind) is skipped, not fatal: failing the whole dump would read as
+            // "detached" and re-attach every tick.
+            let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes) else {
+                if len == 0 {
+                    break;
+                }
+                offset += aligned(len);
+                continue;
+            };
             match msg.payload {
                 NetlinkPayload::Done(_) => return Ok(out),
                 NetlinkPayload::Error(e) => {
@@ -46,9 +55,14 @@ pub fn bpf_filters(ifindex: u32, egress: bool) -> io::Result<Vec<BpfFilter>> {
             if len == 0 {
                 break;
             }
-            offset += len;
+            offset += aligned(len);
         }
     }
+}
+
+/// Netlink messages start on 4-byte boundaries.
+fn aligned(len: usize) -> usize {
+    (len + 3) & !3
 }
 
 fn dump_request(ifindex: u32, egress: bool) -> io::Result<Socket> {

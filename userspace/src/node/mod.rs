@@ -90,6 +90,8 @@ pub struct NodeConfig {
     pub certificates: CertSource,
     pub plaintext: PlaintextPolicy,
     pub hbone_idle_timeout: Duration,
+    /// How long a stopping daemon lets open connections finish.
+    pub drain_timeout: Duration,
     /// Connections (and HBONE streams) held at once; `None`: what the open-files limit holds.
     pub max_connections: Option<usize>,
     /// Of those, per client address; `None`: an eighth of the node's.
@@ -221,7 +223,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
 
     ready.set(false);
     let _ = stop_tx.send(true);
+    // The accept loops are done: the listeners are closed and out of the SOCKMAP, so new
+    // enrolled connections are dropped (fail closed) while the open ones finish.
     let _ = proxy_task.await;
+    drain(&proxy, cfg.drain_timeout).await;
     let _ = admin_task.await;
     let _ = metrics_task.await;
     tracing::info!(
@@ -229,6 +234,24 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         "stopped; the datapath stays pinned and drops enrolled traffic until a daemon takes over (`meshpath uninstall` removes it)"
     );
     Ok(())
+}
+
+/// Lets open connections finish, up to `timeout`; what is left is cut when the process exits.
+async fn drain(proxy: &Proxy, timeout: Duration) {
+    let open = proxy.open_connections();
+    if open == 0 {
+        return;
+    }
+    tracing::info!(connections = open, ?timeout, "draining: new connections are refused, open ones may finish");
+    proxy.start_drain();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while proxy.open_connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    match proxy.open_connections() {
+        0 => tracing::info!("drained: every connection finished"),
+        left => tracing::warn!(connections = left, "drain deadline passed; cutting the connections left"),
+    }
 }
 
 /// Follows the desired state and the kernel until `shutdown`: each change, and each safety

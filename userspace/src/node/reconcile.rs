@@ -64,6 +64,8 @@ pub(super) struct Reconciler {
     last_attached: BTreeSet<u32>,
     /// Notifications taken by a pass that failed, for the next one.
     carried: Changes,
+    /// Pod bridges already reported (one appearing after start cannot be served).
+    reported_bridges: BTreeSet<u32>,
 }
 
 impl Reconciler {
@@ -84,6 +86,7 @@ impl Reconciler {
             dirty: true,
             last_attached: BTreeSet::new(),
             carried: Changes::default(),
+            reported_bridges: BTreeSet::new(),
         }
     }
 
@@ -175,9 +178,15 @@ impl Reconciler {
         }
         let flags = self.dp.interfaces()?;
         for i in wanted {
+            let topology = Topology::of(i, &self.pod_cidrs);
+            if topology.role == Role::PodBridge && self.reported_bridges.insert(i.index) {
+                tracing::error!(
+                    interface = %i.name,
+                    "a bridge with pods behind it appeared (a bridge CNI): its pods cannot be captured and are not enrolled"
+                );
+            }
             // The workload bit is the map pass's to set; the rest is the interface's kind.
-            let want =
-                Topology::of(i, &self.pod_cidrs).flags() | (flags.get(&i.index).copied().unwrap_or(0) & IF_WORKLOAD);
+            let want = topology.flags() | (flags.get(&i.index).copied().unwrap_or(0) & IF_WORKLOAD);
             if flags.get(&i.index) != Some(&want) {
                 self.dp.set_interface(i.index, want)?;
             }

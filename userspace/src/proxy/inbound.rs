@@ -84,7 +84,7 @@ pub(super) async fn hbone(p: Arc<Proxy>, index: Arc<WorkloadIndex>, tcp: TcpStre
     rec.mtls = true;
     let label = format!("{} -> {dialed}", rec.src);
     let template = rec.clone();
-    let served = super::h2::server::serve(tls, &label, p.cfg.connect_timeout, |req, respond| {
+    let served = super::h2::server::serve(tls, &label, p.cfg.connect_timeout, p.drain.subscribe(), |req, respond| {
         stream(p.clone(), local.clone(), template.clone(), req, respond)
     })
     .await;

@@ -111,6 +111,8 @@ pub struct Proxy {
     pool: Arc<Pool>,
     /// TLS server configurations of local workloads, rebuilt when their certificate changes.
     server_tls: Mutex<HashMap<Identity, inbound::ServerTls>>,
+    /// Set when the daemon drains: HBONE connections from peers are asked to go away.
+    drain: watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -125,7 +127,19 @@ impl Proxy {
             certs,
             pool,
             server_tls: Mutex::default(),
+            drain: watch::Sender::new(false),
         })
+    }
+
+    /// Drains: peers' HBONE connections get a GOAWAY (their open streams finish, new ones go
+    /// elsewhere). New connections are already refused: the listeners are closed.
+    pub fn start_drain(&self) {
+        self.drain.send_replace(true);
+    }
+
+    /// Connections and HBONE streams open now (what a drain waits for).
+    pub fn open_connections(&self) -> usize {
+        self.limits.open()
     }
 
     /// Replaces the workload index. Certificates of workloads that left this node are

@@ -13,11 +13,13 @@ use super::{CONNECTION_WINDOW, MAX_FRAME_SIZE, SERVER_MAX_STREAMS, STREAM_WINDOW
 
 /// Serves HTTP/2 on `io` until the client goes away; each request runs `handler` on a task
 /// of its own. Returns the number of streams accepted. A client that does not complete the
-/// HTTP/2 handshake within `handshake_timeout` is dropped.
+/// HTTP/2 handshake within `handshake_timeout` is dropped. Once `drain` turns true the
+/// client is told to go away (GOAWAY): the streams it has finish, no new one is accepted.
 pub async fn serve<T, H, F>(
     io: T,
     label: &str,
     handshake_timeout: std::time::Duration,
+    mut drain: tokio::sync::watch::Receiver<bool>,
     handler: H,
 ) -> Result<u64, h2::Error>
 where
@@ -46,8 +48,13 @@ where
     tokio::pin!(alive);
     let mut streams = 0;
     let mut dead = false;
+    let mut draining = false;
     loop {
         tokio::select! {
+            _ = drain.wait_for(|d| *d), if !draining => {
+                conn.graceful_shutdown();
+                draining = true;
+            }
             req = conn.accept() => match req {
                 Some(Ok((req, respond))) => {
                     streams += 1;
