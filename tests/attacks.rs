@@ -12,13 +12,7 @@ use meshpath_lab::capture::Capture;
 use meshpath_lab::{Lab, raw, smoke, traffic};
 
 mod support;
-use support::{built_lab, send, started_lab, wait_until};
-
-fn ip(ns: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new("ip").args(["-n", ns]).args(args).output()?;
-    ensure!(out.status.success(), "ip -n {ns} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
+use support::{built_lab, ip, send, started_lab, wait_until};
 
 /// Writes a TCP SYN from `from` (claiming address `src`) to `to` under two priority tags
 /// (802.1ad then 802.1Q, VID 0), and reports whether node 1's underlay carried it.

@@ -189,11 +189,7 @@ fn deleted_capture_rule_and_route_are_restored() -> Result<()> {
     let _servers = smoke::start_servers(&lab)?;
     let n1 = lab.nodes[0].name.clone();
     let table = ROUTE_TABLE.to_string();
-    let ip = |args: &[&str]| -> Result<String> {
-        let out = Command::new("ip").args(["-n", &n1]).args(args).output()?;
-        ensure!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    let ip = |args: &[&str]| support::ip(&n1, args);
     ip(&["rule", "del", "priority", &RULE_PRIORITY.to_string()])?;
     ip(&["route", "del", "local", "default", "table", &table])?;
     // (No check that they are gone: the next tick may already have put them back; the
@@ -231,11 +227,7 @@ fn a_moved_pod_route_updates_the_map_at_once() -> Result<()> {
     let lab = started_lab()?;
     let n1 = lab.nodes[0].name.clone();
     let a: IpAddr = lab.pod("a").v4;
-    let ip = |args: &[&str]| -> Result<String> {
-        let out = Command::new("ip").args(["-n", &n1]).args(args).output()?;
-        ensure!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    let ip = |args: &[&str]| support::ip(&n1, args);
     let original = *lab.workload_map(0)?.get(&a).context("pod a is not in the map")?;
     // A spare interface carrying the fillers' routes; then a settled map, so that only a's
     // route changes afterwards.

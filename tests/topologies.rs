@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -153,11 +152,7 @@ fn another_cnis_tcx_programs_before_and_after_meshpaths_keep_their_verdicts() ->
 fn a_node_with_a_pod_bridge_is_refused_with_the_reason() -> Result<()> {
     let mut lab = support::built_lab()?;
     let n1 = lab.nodes[0].name.clone();
-    let ip = |args: &[&str]| -> Result<()> {
-        let out = Command::new("ip").args(["-n", &n1]).args(args).output()?;
-        ensure!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(())
-    };
+    let ip = |args: &[&str]| support::ip(&n1, args);
     ip(&["link", "add", "cni0", "type", "bridge"])?;
     ip(&["addr", "add", "10.244.1.1/24", "dev", "cni0"])?;
     ip(&["link", "set", "cni0", "up"])?;

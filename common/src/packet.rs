@@ -97,6 +97,14 @@ pub enum L3Start {
     Raw,
 }
 
+impl L3Start {
+    /// Where the IP header is on an interface with these `MP_INTERFACES` flags.
+    #[inline(always)]
+    pub const fn for_interface(flags: u32) -> Self {
+        if flags & crate::interface::IF_L3 != 0 { Self::Raw } else { Self::Ethernet }
+    }
+}
+
 /// The ethertype under up to [`MAX_VLAN_TAGS`] VLAN tags, and where its payload starts;
 /// `None` when there are more tags than that. A tag the kernel has already taken into the
 /// skb's metadata is not in the frame, so what is parsed is what the stack will see once it

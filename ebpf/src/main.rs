@@ -18,7 +18,6 @@ use aya_ebpf::{
 };
 use meshpath_common::{
     Counter, DropReason, Listener, Verdict, WorkloadKey,
-    interface::IF_L3,
     packet::{self, IPPROTO_TCP, L3Start, Packet},
     verdict::{self, Ingress},
 };
@@ -61,8 +60,7 @@ fn try_tc_ingress(ctx: &TcContext) -> i32 {
     // SAFETY: `skb` is the context pointer the kernel handed to this program.
     let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
     let iface = interface_flags(ifindex);
-    let start = if iface & IF_L3 != 0 { L3Start::Raw } else { L3Start::Ethernet };
-    let frame = packet::parse(&Skb(ctx), start);
+    let frame = packet::parse(&Skb(ctx), L3Start::for_interface(iface));
     let at = Ingress { ifindex, mark, iface };
     match verdict::decide(&frame, &at, workload, &fib::Fib(ctx)) {
         Verdict::Pass => TC_ACT_UNSPEC,
@@ -99,7 +97,7 @@ fn try_tc_egress(ctx: &TcContext) -> i32 {
     if from == 0 {
         return TC_ACT_UNSPEC;
     }
-    let start = if interface_flags(ifindex) & IF_L3 != 0 { L3Start::Raw } else { L3Start::Ethernet };
+    let start = L3Start::for_interface(interface_flags(ifindex));
     let packet::Frame::Ip(flow) = packet::parse(&Skb(ctx), start) else { return TC_ACT_UNSPEC };
     if verdict::bypasses(&flow, from, workload(&flow.dst)) {
         dropped(DropReason::Bypass, ifindex, flow.src, flow.dst, flow.proto);

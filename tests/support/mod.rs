@@ -37,6 +37,13 @@ pub fn send(lab: &Lab, from: &str, to: &str, timeout: Duration) -> std::io::Resu
     traffic::exchange(&lab.pod(from).netns, None, lab.addr(to, false, APP_PORT), &traffic::payload(4096), timeout)
 }
 
+/// `ip -n <ns> <args>`: its stdout, or an error with its stderr.
+pub fn ip(ns: &str, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new("ip").args(["-n", ns]).args(args).output()?;
+    ensure!(out.status.success(), "ip -n {ns} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {

@@ -239,8 +239,11 @@ impl Routing {
                     _ => {}
                 }
             }
-            // A veth's link is its peer, not a device it is stacked on.
-            if let (Some(lower), false, false) = (link, elsewhere, veth) {
+            // A veth's link is its peer, not a device it is stacked on; a device naming itself
+            // as its link (some drivers do) is no lower device either.
+            if let (Some(lower), false, false) = (link, elsewhere, veth)
+                && lower != msg.header.index
+            {
                 uppers_of.insert(lower);
             }
             if let Some(name) = name {
@@ -257,8 +260,7 @@ impl Routing {
             }
         }
         for i in &mut out {
-            // A device naming itself as its link (some drivers do) is no lower device.
-            i.lower |= uppers_of.contains(&i.index) && i.index != 0;
+            i.lower |= uppers_of.contains(&i.index);
         }
         let mut addrs = self.handle.address().get().execute();
         while let Some(msg) = addrs.try_next().await.map_err(nl("listing addresses"))? {

@@ -708,8 +708,7 @@ fn tcx_position(ifname: &str, hook: Hook) -> Option<usize> {
 /// netlink: meshpath's filter).
 pub fn tc_attached(mode: AttachMode, ifname: &str, hook: Hook) -> bool {
     match mode {
-        AttachMode::Tcx => SchedClassifier::query_tcx(ifname, hook.attach_type())
-            .is_ok_and(|(_, progs)| progs.iter().any(|p| p.name_as_str() == Some(hook.program()))),
+        AttachMode::Tcx => tcx_position(ifname, hook).is_some(),
         // Not `SchedClassifierLink::attached`: that only builds a handle, and dropping it
         // detaches the filter.
         AttachMode::Netlink => nix::net::if_::if_nametoindex(ifname).is_ok_and(|ifindex| {
