@@ -47,6 +47,9 @@ pub const TC_FILTER_PRIORITY: u16 = 1519;
 pub const TC_FILTER_HANDLE: u16 = 1;
 /// Node state that cannot live on bpffs (which holds only pins): `<dir>/<node>/`.
 pub const STATE_DIR: &str = "/run/meshpath";
+/// The serving daemon's unix socket in `<STATE_DIR>/<node>/`, where a successor announces
+/// itself and receives the relays handed over.
+pub const HANDOVER_SOCKET: &str = "handover.sock";
 
 /// Captured outbound traffic of enrolled pods.
 pub const PORT_OUTBOUND: u16 = 15001;

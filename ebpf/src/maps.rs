@@ -15,6 +15,11 @@ use meshpath_common::{
     Counter, DropEvent, DropReason, InterfaceValue, Listener, WorkloadKey, WorkloadValue, names::MAX_WORKLOADS,
 };
 
+/// `bpf_sk_assign` flags (uapi `BPF_SK_LOOKUP_F_*`): replace what an earlier program in the
+/// chain selected, and skip the reuseport group's own selection.
+const BPF_SK_LOOKUP_F_REPLACE: u64 = 1 << 0;
+const BPF_SK_LOOKUP_F_NO_REUSEPORT: u64 = 1 << 1;
+
 #[btf_map]
 static MP_WORKLOADS: HashMap<WorkloadKey, WorkloadValue, { MAX_WORKLOADS as usize }> = HashMap::new();
 
@@ -125,8 +130,14 @@ impl<const N: usize> ListenerMap<N> {
         if sk.is_null() {
             return false;
         }
+        // The slot names the one socket to use. REPLACE: during a takeover the old and the
+        // new daemon's programs both run (on the same map), and without it the second one's
+        // assign fails with EEXIST; it also keeps an enrolled flow the mesh's whatever another
+        // sk_lookup program chose. NO_REUSEPORT: the listeners share their ports with a
+        // successor's (SO_REUSEPORT), and the kernel must not spread connections over both.
         // SAFETY: `sk` is the non-null socket just looked up; it is released exactly once.
-        let ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk, 0) };
+        let flags = BPF_SK_LOOKUP_F_REPLACE | BPF_SK_LOOKUP_F_NO_REUSEPORT;
+        let ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk, flags) };
         // SAFETY: as above; the reference taken by the lookup is dropped here.
         unsafe { bpf_sk_release(sk) };
         ret == 0

@@ -139,6 +139,17 @@ pub struct Lab {
     keep_dir: bool,
 }
 
+/// How a [`Lab::take_over`] went.
+#[derive(Clone, Debug)]
+pub struct Takeover {
+    /// From the successor's start to its sockets in every slot.
+    pub swapped: Duration,
+    /// From the successor's start to the old daemon's exit.
+    pub old_gone: Duration,
+    /// How the old daemon exited (`None`: there was none).
+    pub old_exit: Option<std::process::ExitStatus>,
+}
+
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
 /// IPv4 and IPv6 pod networks of the lab (what `--pod-cidr` is set to).
@@ -431,6 +442,57 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// A takeover of `node` as a rolling update makes it: a second daemon starts beside the
+    /// serving one and takes the SOCKMAP slots over; then the old one gets SIGTERM (as
+    /// kubelet sends once the new pod is ready) and exits after stepping down. The new one
+    /// is the node's daemon afterwards.
+    pub fn take_over(&mut self, node: usize, timeout: Duration) -> Result<Takeover> {
+        let name = self.nodes[node].name.clone();
+        let before = datapath::pinned_listener_cookies(&name).map_err(|e| LabError::Other(e.to_string()))?;
+        let started = Instant::now();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.daemon_log_path(node))?;
+        let mut cmd = self.daemon_command(node);
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        let mut successor = cmd.spawn().map_err(|source| LabError::Spawn { cmd: format!("{cmd:?}"), source })?;
+        let swapped = loop {
+            let gone = successor.try_wait()?;
+            let now = datapath::pinned_listener_cookies(&name).map_err(|e| LabError::Other(e.to_string()))?;
+            // Every slot the old daemon filled holds another socket now.
+            if gone.is_none() && now.iter().zip(&before).all(|(n, b)| b.is_none() || (n.is_some() && n != b)) {
+                break started.elapsed();
+            }
+            if gone.is_some() || started.elapsed() > timeout {
+                let _ = successor.kill();
+                let status = successor.wait()?;
+                return Err(self.daemon_error(
+                    node,
+                    format!("the successor did not take over ({status}, {:?})", started.elapsed()),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let old = self.nodes[node].daemon.replace(successor);
+        let old_exit = match old {
+            Some(mut child) => {
+                let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    if let Some(status) = child.try_wait()? {
+                        break Some(status);
+                    }
+                    if Instant::now() > deadline {
+                        let _ = child.kill();
+                        break Some(child.wait()?);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            None => None,
+        };
+        Ok(Takeover { swapped, old_gone: started.elapsed(), old_exit })
     }
 
     /// Access-log records of `node` so far.

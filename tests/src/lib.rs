@@ -10,6 +10,7 @@
 //! - [`hbone_client`]: a hand-driven HBONE client, to send what a peer proxy would not;
 //! - [`raw`]: raw (VLAN-tagged, forged) frames from a pod;
 //! - [`tunlink`]: the `l3` topology's node link, a relayed tun pair;
+//! - [`upgrade`]: takeovers of the nodes' daemons under load, every byte checked;
 //! - [`apiserver`] and [`cluster`]: an in-process Kubernetes API server and the lab's pods,
 //!   namespaces and services as API objects;
 //! - [`loadgen`] and [`bench`]: the load generator and the benchmark against the iptables
@@ -31,5 +32,6 @@ pub mod raw;
 pub mod smoke;
 pub mod traffic;
 pub mod tunlink;
+pub mod upgrade;
 
 pub use lab::{LAB_PREFIX, Lab, LabError, Node, POD_CIDRS, Pod, Topology, http_get, meshpath_binary, readiness, sweep};

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use meshpath_lab::lab::{MESHPATH_BIN_ENV, TOPOLOGY_ENV};
-use meshpath_lab::{Lab, Topology, bench, smoke};
+use meshpath_lab::{Lab, Topology, bench, smoke, upgrade};
 
 #[derive(Parser)]
 #[command(name = "meshpath-lab", about = "meshpath in a two-node lab of network namespaces")]
@@ -32,6 +32,9 @@ enum Command {
     /// Build the lab, send traffic in every direction, print what went where, tear down;
     /// a non-zero exit on any failure.
     Smoke,
+    /// Build the lab and take each node's daemon over under load (new connections and
+    /// long-lived streams on every path, every byte checked); print what failed, tear down.
+    Upgrade,
     /// Remove the namespaces and pins that crashed labs left behind.
     Cleanup,
     /// (For the soak.) Opens connections from network namespace NETNS to ADDR, echoes a byte
@@ -109,6 +112,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run => run_lab(&bin, cli.topology),
         Command::Smoke => run_smoke(&bin, cli.topology),
+        Command::Upgrade => run_upgrade(&bin, cli.topology),
         Command::Bench { soak: true, out, json, churn_secs, held, .. } => {
             let cfg = bench::soak::SoakConfig { churn: Duration::from_secs(churn_secs), held, ..Default::default() };
             run_soak(&bin, &cfg, &out, json.as_deref())
@@ -135,8 +139,12 @@ fn run_lab(bin: &Path, topology: Topology) -> Result<ExitCode> {
 fn run_smoke(bin: &Path, topology: Topology) -> Result<ExitCode> {
     let mut lab = build_and_start(bin, topology)?;
     eprintln!("sending traffic...");
-    let smoke::Smoke { outcomes, evidence } = smoke::run_all(&lab)?;
+    let smoke::Smoke { mut outcomes, evidence } = smoke::run_all(&lab)?;
+    eprintln!("taking both nodes over under load...");
+    let takeover = upgrade::run(&mut lab, &upgrade::UpgradeConfig::small(), |l| eprintln!("  {l}"))?;
+    outcomes.extend(takeover.rows());
     println!("{}", smoke::table(&outcomes));
+    print!("{}", takeover.table());
     println!("TLS evidence (capture on node 1's underlay while a -> c ran): {}", evidence.summary());
     for i in 0..lab.nodes.len() {
         println!("node {} datapath counters: {}", i + 1, serde_json::to_string(&lab.counters(i)?)?);
@@ -146,6 +154,20 @@ fn run_smoke(bin: &Path, topology: Topology) -> Result<ExitCode> {
     let clean = report_teardown(&mut lab);
     println!("{} passed, {} failed", outcomes.len() - failed, failed);
     Ok(if failed == 0 && clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn run_upgrade(bin: &Path, topology: Topology) -> Result<ExitCode> {
+    let mut lab = build_and_start(bin, topology)?;
+    let started = Instant::now();
+    let progress = |l: &str| eprintln!("[{:>5.1}s] {l}", started.elapsed().as_secs_f64());
+    progress("load on every path: new connections and long-lived streams (plain and HBONE, IPv4 and IPv6)");
+    let report = upgrade::run(&mut lab, &upgrade::UpgradeConfig::full(), progress)?;
+    println!("{}", report.table());
+    eprintln!("tearing the lab down...");
+    let clean = report_teardown(&mut lab);
+    let ok = report.ok();
+    println!("{}", if ok { "takeovers: 0 failed, 0 reset, 0 bytes lost" } else { "takeovers: FAILED (see the table)" });
+    Ok(if ok && clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn build_and_start(bin: &Path, topology: Topology) -> Result<Lab> {

@@ -33,6 +33,21 @@ pub struct EchoServer {
 impl EchoServer {
     /// Listens on `[::]:port`, dual-stack, inside `ns`.
     pub fn start(ns: &str, port: u16) -> io::Result<Self> {
+        Self::start_with(ns, port, serve_one)
+    }
+
+    /// A server that echoes every byte as it arrives, until the client's end of data (for
+    /// long-lived streams).
+    pub fn start_streaming(ns: &str, port: u16) -> io::Result<Self> {
+        Self::start_with(ns, port, |mut stream, _| {
+            stream.set_nonblocking(false)?;
+            let mut back = stream.try_clone()?;
+            io::copy(&mut stream, &mut back)?;
+            back.shutdown(std::net::Shutdown::Write)
+        })
+    }
+
+    fn start_with(ns: &str, port: u16, serve: fn(TcpStream, SocketAddr) -> io::Result<()>) -> io::Result<Self> {
         let listener = in_netns(ns, || -> io::Result<TcpListener> {
             let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
             s.set_only_v6(false)?;
@@ -49,7 +64,7 @@ impl EchoServer {
                 match listener.accept() {
                     Ok((stream, peer)) => {
                         std::thread::spawn(move || {
-                            let _ = serve_one(stream, peer);
+                            let _ = serve(stream, peer);
                         });
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),

@@ -17,23 +17,40 @@ pub struct AdminError {
     source: std::io::Error,
 }
 
-/// Set once the daemon serves traffic.
+/// Set once the daemon serves traffic; answered 503 again while a successor is starting
+/// (its probes may reach this process: the port is shared during a takeover).
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    ready: Arc<AtomicBool>,
+    handing_over: Arc<AtomicBool>,
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+    pub fn set_handing_over(&self, handing_over: bool) {
+        self.handing_over.store(handing_over, Ordering::SeqCst);
     }
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && !self.handing_over.load(Ordering::SeqCst)
     }
 }
 
+/// Kubelet probes a hostNetwork pod on the node's address, so this listens on all of them.
+/// SO_REUSEPORT: during a takeover the old and the new daemon (two pods of one DaemonSet
+/// on the node) both hold the ports; the old one closes its own once taken over.
 pub async fn bind(port: u16) -> Result<TcpListener, AdminError> {
-    // Kubelet probes a hostNetwork pod on the node's address, so listen on all of them.
     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    TcpListener::bind(addr).await.map_err(|source| AdminError { addr, source })
+    let bind = || -> std::io::Result<TcpListener> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM.nonblocking(), None)?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        s.bind(&addr.into())?;
+        s.listen(128)?;
+        TcpListener::from_std(s.into())
+    };
+    bind().map_err(|source| AdminError { addr, source })
 }
 
 /// What the endpoints answer from.

@@ -11,7 +11,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::record::{ConnectionRecord, Outcome};
+use crate::record::{ConnectionRecord, DrainOutcome, Outcome};
 
 /// Istio's standard labels for TCP metrics, those meshpath can fill. Unknown values are
 /// `unknown`, as Istio writes them.
@@ -67,6 +67,12 @@ pub struct FailureLabels {
     pub reason: &'static str,
 }
 
+/// Labels of connections a stop or takeover dealt with.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DrainLabels {
+    pub outcome: &'static str,
+}
+
 /// Where the scrape-time figures come from.
 pub trait Sources: Send + Sync + 'static {
     /// The datapath's kernel counters, by name.
@@ -83,6 +89,7 @@ pub struct Metrics {
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
     failed: Family<FailureLabels, Counter>,
+    drained: Family<DrainLabels, Counter>,
     sources: Arc<OnceLock<Box<dyn Sources>>>,
 }
 
@@ -106,9 +113,16 @@ impl Metrics {
             "Connections and HBONE streams the proxy refused or lost, by listener and reason code",
             failed.clone(),
         );
+        let drained = Family::default();
+        registry.register(
+            "meshpath_drain_connections",
+            "Connections open when this daemon stopped serving, by what became of them (handed_over to the \
+             successor, finished within the drain, cut at its deadline), and those it adopted from its predecessor",
+            drained.clone(),
+        );
         let sources: Arc<OnceLock<Box<dyn Sources>>> = Arc::default();
         registry.register_collector(Box::new(ScrapeTime(sources.clone())));
-        Arc::new(Self { registry, opened, closed, sent, received, failed, sources })
+        Arc::new(Self { registry, opened, closed, sent, received, failed, drained, sources })
     }
 
     /// Tells the metrics where the datapath and the pool are (once, when they exist).
@@ -127,9 +141,15 @@ impl Metrics {
         self.sent.get_or_create(labels).inc_by(rec.bytes_received);
     }
 
-    /// Counts a connection that did not end `ok` under its reason code.
+    /// Counts `n` connections of a stop or takeover under what became of them.
+    pub fn drained(&self, outcome: DrainOutcome, n: u64) {
+        self.drained.get_or_create(&DrainLabels { outcome: outcome.code() }).inc_by(n);
+    }
+
+    /// Counts a connection that did not end `ok` (nor moved on to a successor) under its
+    /// reason code.
     pub fn finished(&self, rec: &ConnectionRecord) {
-        if rec.outcome != Outcome::Ok {
+        if !matches!(rec.outcome, Outcome::Ok | Outcome::HandedOver) {
             self.failed_at(&rec.listener, rec.outcome);
         }
     }

@@ -45,10 +45,13 @@ pub enum Outcome {
     Reset,
     /// Refused at the door: the node's or the client address's connection limit is reached.
     OverLimit,
+    /// Moved, both sockets, to a successor daemon during a takeover; the successor's record
+    /// of the same connection (its bytes counted from the start) says how it ended.
+    HandedOver,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 19] = [
+    pub const ALL: [Outcome; 20] = [
         Outcome::Ok,
         Outcome::SelfCall,
         Outcome::UnknownSource,
@@ -68,6 +71,7 @@ impl Outcome {
         Outcome::NoStream,
         Outcome::Reset,
         Outcome::OverLimit,
+        Outcome::HandedOver,
     ];
 
     /// The stable code (what the access log and the metrics carry).
@@ -92,6 +96,32 @@ impl Outcome {
             Outcome::NoStream => "no_stream",
             Outcome::Reset => "reset",
             Outcome::OverLimit => "over_limit",
+            Outcome::HandedOver => "handed_over",
+        }
+    }
+}
+
+/// What became of a connection that was open when its daemon stopped serving (a takeover or
+/// a stop), or that a daemon took over from its predecessor. Stable codes, as [`Outcome`]'s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DrainOutcome {
+    /// Moved to the successor, both sockets (plain relays).
+    HandedOver,
+    /// Ended on its own within the drain deadline.
+    Finished,
+    /// Still open at the drain deadline: cut when the process exited.
+    Cut,
+    /// Taken over from a predecessor (counted by the successor).
+    Adopted,
+}
+
+impl DrainOutcome {
+    pub const fn code(self) -> &'static str {
+        match self {
+            DrainOutcome::HandedOver => "handed_over",
+            DrainOutcome::Finished => "finished",
+            DrainOutcome::Cut => "cut",
+            DrainOutcome::Adopted => "adopted",
         }
     }
 }

@@ -51,10 +51,14 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Build the two-node lab and run meshpath in it (`--smoke`: send traffic, report, tear down).
+    /// Build the two-node lab and run meshpath in it (`--smoke`: send traffic, report, tear down;
+    /// `--upgrade`: take each node over under load).
     Lab {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "upgrade")]
         smoke: bool,
+        /// Take each node's daemon over under load; every connection and byte checked.
+        #[arg(long)]
+        upgrade: bool,
         /// routed (veth node link) or l3 (no Ethernet header).
         #[arg(long, value_parser = TOPOLOGIES)]
         topology: Option<String>,
@@ -139,11 +143,16 @@ fn run(task: Task) -> Result<()> {
             step("starting the lab (Ctrl-C stops it and tears it down)");
             status(with_topology(&mut bins.lab(["run"]), topology.as_deref()))
         }
-        Task::Lab { smoke, topology } => {
+        Task::Lab { smoke, upgrade, topology } => {
             setup()?;
             require_root("the lab")?;
             let bins = build(false)?;
-            status(with_topology(&mut bins.lab([if smoke { "smoke" } else { "run" }]), topology.as_deref()))
+            let what = match (smoke, upgrade) {
+                (true, _) => "smoke",
+                (_, true) => "upgrade",
+                _ => "run",
+            };
+            status(with_topology(&mut bins.lab([what]), topology.as_deref()))
         }
         Task::Bench { quick, soak } => {
             setup()?;

@@ -424,6 +424,32 @@ impl Datapath {
         Ok(restored)
     }
 
+    /// Pins this process's links again in place of a successor's (one that started, put its
+    /// own pins in, and went away before taking over): with the successor's links gone, the
+    /// pins must hold ours so the programs outlive this process too. The links it re-pinned.
+    pub fn reclaim_pins(&mut self) -> Result<usize> {
+        let mut reclaimed = 0;
+        let keys: Vec<(u32, Hook)> = self.tc_links.keys().copied().collect();
+        for key in keys {
+            let path = self.tc_pin_path(key.0, key.1);
+            if !matches!(self.tc_links.get(&key), Some(TcAttachment::Tcx(_))) {
+                continue;
+            }
+            remove_file_if_exists(&path)?;
+            if let Some(TcAttachment::Tcx(link)) = self.tc_links.remove(&key) {
+                self.tc_links.insert(key, TcAttachment::Tcx(repin(link, &path)?));
+                reclaimed += 1;
+            }
+        }
+        let path = self.pin_dir.join(PIN_LINKS_SUBDIR).join(PIN_SK_LOOKUP_LINK);
+        remove_file_if_exists(&path)?;
+        if let Some(link) = self.sk_lookup_link.take() {
+            self.sk_lookup_link = Some(repin(link, &path)?);
+            reclaimed += 1;
+        }
+        Ok(reclaimed)
+    }
+
     /// Interfaces this instance has attached both programs to: only those get workloads
     /// enrolled, so no enrolled pod sits behind a veth without its egress guard.
     pub fn attached_interfaces(&self) -> BTreeSet<u32> {
@@ -611,6 +637,19 @@ impl Datapath {
         map.update(&listener.slot(ipv6).to_ne_bytes(), &fd.to_ne_bytes()).map_err(io)
     }
 
+    /// The cookie of the socket in each listener slot (`None`: empty), by slot.
+    pub fn listener_cookies(&self) -> Result<Vec<Option<u64>>> {
+        use std::os::fd::AsFd;
+        let io = |source| DatapathError::Io { path: self.pin_dir.join(MAP_LISTENERS), source };
+        let map = bpf::MapFd::open(self.listeners.fd().as_fd()).map_err(io)?;
+        (0..Listener::SLOTS)
+            .map(|slot| {
+                let mut cookie = [0u8; 8];
+                Ok(map.lookup(&slot.to_ne_bytes(), &mut cookie).map_err(io)?.then(|| u64::from_ne_bytes(cookie)))
+            })
+            .collect()
+    }
+
     pub fn counters(&self) -> Result<Counters> {
         sum_counters(&self.counters)
     }
@@ -681,6 +720,16 @@ pub fn registered_listeners(node: &str) -> Result<Vec<(Listener, bool, bool)>> {
         }
     }
     Ok(out)
+}
+
+/// The socket cookie in each slot of a node's pinned SOCKMAP (`None`: empty), by slot: a
+/// takeover shows as every filled slot's cookie changing.
+pub fn pinned_listener_cookies(node: &str) -> Result<Vec<Option<u64>>> {
+    let path = || node_pin_dir(node).map(|d| d.join(MAP_LISTENERS)).unwrap_or_default();
+    read_pinned(node, MAP_LISTENERS, pinned::listener_slots)?
+        .into_iter()
+        .map(|s| s.socket.map_err(|source| DatapathError::Io { path: path(), source }))
+        .collect()
 }
 
 /// TC link pins in a node's directory, both hooks: (ifindex, path).

@@ -6,6 +6,7 @@
 //! - [`reconcile`]: attachments, route resolution and the map diff;
 //! - [`routes`]: the cache of which interface each workload IP is routed to;
 //! - [`lock`]: the node lock daemons share and `uninstall` takes whole;
+//! - [`takeover`]: a successor daemon taking the node over, relays and all;
 //! - [`drops`]: the datapath's drop events, as rate-limited log lines.
 
 mod drops;
@@ -13,6 +14,7 @@ pub mod lock;
 mod reconcile;
 mod routes;
 pub mod source;
+pub mod takeover;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -35,6 +37,7 @@ use crate::topology::{Role, Topology};
 use lock::{LockError, NodeLock};
 use reconcile::{Reconciler, Trigger};
 use source::{Source, SourceError, StateRx};
+use takeover::{Predecessor, Successors};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -65,6 +68,8 @@ pub enum NodeError {
     DaemonRunning(String),
     #[error(transparent)]
     Lock(#[from] LockError),
+    #[error(transparent)]
+    Takeover(#[from] takeover::TakeoverError),
     #[error(
         "IPv4 forwarding is off in this network namespace (net.ipv4.ip_forward=0): pods cannot be routed through it"
     )]
@@ -146,6 +151,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let metrics = Metrics::new();
     let listeners = proxy::bind_listeners()?;
     let _lock = if cfg.proxy_only { None } else { Some(NodeLock::shared(&cfg.node)?) };
+    // A daemon serving the node now hands it over once this one is ready.
+    let predecessor = if cfg.proxy_only { None } else { Predecessor::announce(&cfg.node).await };
     // Nothing of this node pinned yet: a start that fails takes out again everything it put
     // into the kernel.
     let fresh = !cfg.proxy_only && datapath::is_fresh(&cfg.node)?;
@@ -169,11 +176,13 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         drops::spawn(events, stop_rx.clone());
     }
 
-    // Probes get answers (503 until ready) while the first state is awaited.
+    // Probes get answers (503 until ready) while the first state is awaited. The admin
+    // ports close on their own signal: a daemon taken over gives them up at once.
     let ready = Readiness::default();
+    let (admin_stop, admin_stop_rx) = watch::channel(false);
     let routes = admin::Routes { ready: ready.clone(), metrics };
-    let admin_task = tokio::spawn(admin::serve(admin_listener, routes.clone(), stop_rx.clone()));
-    let metrics_task = tokio::spawn(admin::serve(metrics_listener, routes, stop_rx.clone()));
+    let admin_task = tokio::spawn(admin::serve(admin_listener, routes.clone(), admin_stop_rx.clone()));
+    let metrics_task = tokio::spawn(admin::serve(metrics_listener, routes, admin_stop_rx));
     tokio::pin!(shutdown);
 
     let apply = |state: &DesiredState, kernel: Option<&mut Reconciler>| {
@@ -183,23 +192,25 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         }
     };
     let started = async {
-        let Some(first) = first_state(&mut desired, &mut shutdown).await? else { return Ok(false) };
+        let Some(first) = first_state(&mut desired, &mut shutdown).await? else { return Ok(None) };
         apply(&first, kernel.as_mut());
-        if let Some(k) = kernel.as_mut() {
-            for l in &listeners {
-                k.datapath().register_listener(l.role, l.ipv6, &l.socket)?;
-            }
-            tracing::info!(count = listeners.len(), "proxy listeners registered in the SOCKMAP");
-            // Stale entries of a previous run go here, before the node reports ready.
-            k.reconcile(Trigger::Safety).await?;
+        let Some(k) = kernel.as_mut() else { return Ok(Some(Vec::new())) };
+        // Attachments, routes and maps first (stale entries of a previous run go here),
+        // then the listeners: writing them into the SOCKMAP is the moment this daemon
+        // serves, and takes the node over from a predecessor.
+        k.reconcile(Trigger::Safety).await?;
+        for l in &listeners {
+            k.datapath().register_listener(l.role, l.ipv6, &l.socket)?;
         }
-        Ok::<_, NodeError>(true)
+        tracing::info!(count = listeners.len(), "proxy listeners registered in the SOCKMAP");
+        Ok::<_, NodeError>(Some(k.datapath().listener_cookies()?))
     }
     .await;
-    match started {
-        Ok(true) => {}
-        Ok(false) => {
+    let own_slots = match started {
+        Ok(Some(cookies)) => cookies,
+        Ok(None) => {
             let _ = stop_tx.send(true);
+            let _ = admin_stop.send(true);
             let _ = tokio::join!(admin_task, metrics_task);
             if fresh {
                 drop(kernel.take());
@@ -214,21 +225,54 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             drop(kernel.take());
             return undo_start(&cfg.node, fresh, Err(e)).await;
         }
-    }
+    };
     let proxy_task = tokio::spawn(proxy.clone().serve(listeners, stop_rx.clone()));
+    if let Some(p) = predecessor {
+        tokio::spawn(p.adopt_relays(proxy.clone()));
+    }
+    let successors = match kernel.is_some().then(|| Successors::listen(&cfg.node, ready.clone())).transpose() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(
+                "a successor will find no handover channel (its takeover still works, without moving relays): {e}"
+            );
+            None
+        }
+    };
     ready.set(true);
     tracing::info!(node = %cfg.node, source = ?cfg.source, "node ready");
 
-    follow(&mut desired, &mut kernel, apply, &mut shutdown).await;
+    let watch = SlotWatch { own: own_slots, successors: successors.as_ref(), ready: &ready };
+    let stop = follow(&mut desired, &mut kernel, apply, &mut shutdown, watch, cfg.drain_timeout).await;
 
     ready.set(false);
-    let _ = stop_tx.send(true);
-    // The accept loops are done: the listeners are closed and out of the SOCKMAP, so new
-    // enrolled connections are dropped (fail closed) while the open ones finish.
-    let _ = proxy_task.await;
-    drain(&proxy, cfg.drain_timeout).await;
+    let drained = match (stop, successors) {
+        (Stop::TakenOver { .. }, Some(successors)) => {
+            let _ = admin_stop.send(true);
+            step_down(&proxy, &mut kernel, &stop_tx, proxy_task, successors, cfg.drain_timeout).await
+        }
+        _ => {
+            let _ = stop_tx.send(true);
+            // The accept loops are done: the listeners are closed and out of the SOCKMAP, so
+            // new enrolled connections are dropped (fail closed) while the open ones finish.
+            let _ = proxy_task.await;
+            drain(&proxy, cfg.drain_timeout, 0).await
+        }
+    };
+    proxy.count_drained(&drained);
+    let _ = admin_stop.send(true);
     let _ = admin_task.await;
     let _ = metrics_task.await;
+    if let Stop::TakenOver { signalled } = stop {
+        if !signalled {
+            tracing::info!(
+                "taken over and drained; waiting for the stop signal (kubelet sends it once the successor is ready)"
+            );
+            shutdown.as_mut().await;
+        }
+        tracing::info!("stopped after a takeover; the successor serves the node");
+        return Ok(());
+    }
     tracing::info!(
         pin_dir = %datapath::node_pin_dir(&cfg.node).map(|p| p.display().to_string()).unwrap_or_default(),
         "stopped; the datapath stays pinned and drops enrolled traffic until a daemon takes over (`meshpath uninstall` removes it)"
@@ -236,11 +280,69 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     Ok(())
 }
 
-/// Lets open connections finish, up to `timeout`; what is left is cut when the process exits.
-async fn drain(proxy: &Proxy, timeout: Duration) {
+/// A taken-over daemon steps down: it keeps accepting what its listeners still queue for
+/// [`takeover::LINGER`], closes them and its program links (the successor's run ahead of
+/// them), hands its plain relays to the successor and lets the rest finish.
+async fn step_down(
+    proxy: &Arc<Proxy>,
+    kernel: &mut Option<Reconciler>,
+    stop_tx: &watch::Sender<bool>,
+    proxy_task: tokio::task::JoinHandle<()>,
+    successors: Successors,
+    timeout: Duration,
+) -> Drained {
+    tracing::info!(
+        linger = ?takeover::LINGER,
+        "taken over: new connections go to the successor; accepting what is still queued here, then draining"
+    );
+    tokio::time::sleep(takeover::LINGER).await;
+    let _ = stop_tx.send(true);
+    let _ = proxy_task.await;
+    drop(kernel.take());
     let open = proxy.open_connections();
+    let sender = successors.take().map(|successor| {
+        let (outbox, relays) = tokio::sync::mpsc::channel(64);
+        proxy.hand_over_relays(outbox);
+        tokio::spawn(async move {
+            let n = successor.hand_over(relays).await;
+            (successor, n)
+        })
+    });
+    let mut drained = drain(proxy, timeout, open).await;
+    // No relay moves after the deadline: the channel closes, and the successor learns what
+    // became of the rest.
+    proxy.stop_handing_over();
+    if let Some(Ok((successor, n))) = match sender {
+        Some(task) => Some(task.await),
+        None => None,
+    } {
+        drained.handed_over = n;
+        drained.finished = drained.finished.saturating_sub(n);
+        successor.report(&drained).await;
+    }
+    tracing::info!(
+        handed_over = drained.handed_over,
+        finished = drained.finished,
+        cut = drained.cut,
+        "stepped down: plain relays moved to the successor, the rest finished or were cut"
+    );
+    drained
+}
+
+/// What became of the connections open when a daemon stopped serving.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    pub handed_over: u64,
+    pub finished: u64,
+    pub cut: u64,
+}
+
+/// Lets open connections finish, up to `timeout`; what is left is cut when the process
+/// exits. `open` is the count to report from (0: what is open now).
+async fn drain(proxy: &Proxy, timeout: Duration, open: usize) -> Drained {
+    let open = if open == 0 { proxy.open_connections() } else { open };
     if open == 0 {
-        return;
+        return Drained::default();
     }
     tracing::info!(connections = open, ?timeout, "draining: new connections are refused, open ones may finish");
     proxy.start_drain();
@@ -248,28 +350,99 @@ async fn drain(proxy: &Proxy, timeout: Duration) {
     while proxy.open_connections() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    match proxy.open_connections() {
+    let cut = proxy.open_connections();
+    match cut {
         0 => tracing::info!("drained: every connection finished"),
         left => tracing::warn!(connections = left, "drain deadline passed; cutting the connections left"),
     }
+    Drained { handed_over: 0, finished: open.saturating_sub(cut) as u64, cut: cut as u64 }
 }
 
-/// Follows the desired state and the kernel until `shutdown`: each change, and each safety
-/// tick, ends in one reconcile pass; a failing pass is logged once per streak and retried.
+/// Why [`follow`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// The stop signal.
+    Shutdown,
+    /// A successor's sockets are in the SOCKMAP slots; `signalled`: the stop signal came
+    /// already.
+    TakenOver { signalled: bool },
+}
+
+/// What a serving daemon watches for a takeover.
+struct SlotWatch<'a> {
+    /// The cookies of this daemon's sockets, by slot.
+    own: Vec<Option<u64>>,
+    successors: Option<&'a Successors>,
+    ready: &'a Readiness,
+}
+
+impl SlotWatch<'_> {
+    /// Whether a slot holds a socket that is not this daemon's; also notices a successor
+    /// that went away before taking over (and pins this daemon's links again).
+    fn taken_over(&self, kernel: &mut Reconciler) -> bool {
+        if let Some(s) = self.successors
+            && s.check_alive(self.ready)
+        {
+            match kernel.datapath().reclaim_pins() {
+                Ok(n) => tracing::info!(links = n, "pinned this daemon's links again in place of the successor's"),
+                Err(e) => tracing::error!("pinning this daemon's links again failed: {e}"),
+            }
+        }
+        match kernel.datapath().listener_cookies() {
+            Ok(now) => now.iter().zip(&self.own).any(|(n, o)| n.is_some() && n != o),
+            Err(e) => {
+                tracing::debug!("reading the listener slots: {e}");
+                false
+            }
+        }
+    }
+}
+
+/// Follows the desired state and the kernel until `shutdown` or a takeover: each change,
+/// and each safety tick, ends in one reconcile pass; a failing pass is logged once per
+/// streak and retried.
 async fn follow(
     desired: &mut StateRx,
     kernel: &mut Option<Reconciler>,
     apply: impl Fn(&DesiredState, Option<&mut Reconciler>),
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
-) {
+    watch: SlotWatch<'_>,
+    successor_wait: Duration,
+) -> Stop {
     let mut safety = tokio::time::interval(SAFETY_TICK);
     safety.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     safety.reset();
+    let mut slots = tokio::time::interval(takeover::WATCH);
+    slots.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut following = true;
     let mut failing = false;
+    let mut stopping = None;
     loop {
         let trigger = tokio::select! {
-            _ = &mut *shutdown => break,
+            _ = &mut *shutdown, if stopping.is_none() => {
+                // Kubelet may stop the old pod before the new one took the slots over: a
+                // successor on its way is waited for (at most `successor_wait`), then this
+                // daemon steps down as after any takeover.
+                if kernel.as_mut().is_some_and(|k| watch.taken_over(k)) {
+                    return Stop::TakenOver { signalled: true };
+                }
+                if !watch.successors.is_some_and(Successors::pending) {
+                    return Stop::Shutdown;
+                }
+                tracing::info!(wait = ?successor_wait, "stop signal while a successor starts: serving until it takes over");
+                stopping = Some(tokio::time::Instant::now() + successor_wait);
+                continue;
+            }
+            _ = slots.tick(), if kernel.is_some() => {
+                if kernel.as_mut().is_some_and(|k| watch.taken_over(k)) {
+                    return Stop::TakenOver { signalled: stopping.is_some() };
+                }
+                if stopping.is_some_and(|at| tokio::time::Instant::now() >= at) {
+                    tracing::warn!("the successor did not take over in time; stopping without it");
+                    return Stop::Shutdown;
+                }
+                continue;
+            }
             _ = safety.tick() => Trigger::Safety,
             _ = kernel_changed(kernel.as_mut()) => Trigger::Change,
             changed = desired.changed(), if following => {

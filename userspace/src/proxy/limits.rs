@@ -103,6 +103,15 @@ impl Limits {
         Ok(Slot { limits: self.clone(), source })
     }
 
+    /// A slot for a connection a predecessor admitted and handed over: taken even past the
+    /// limits, since refusing it now would cut an established connection.
+    pub fn carry(self: &Arc<Self>, source: IpAddr) -> Slot {
+        let source = source.to_canonical();
+        *lock(&self.per_source).entry(source).or_insert(0) += 1;
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Slot { limits: self.clone(), source }
+    }
+
     /// Counts a refusal; logs one line per interval at most, with how many it stands for.
     fn refusal(&self, over: Over, source: IpAddr) {
         self.refused.fetch_add(1, Ordering::Relaxed);

@@ -13,6 +13,7 @@
 pub mod access_log;
 pub mod error;
 pub mod h2;
+pub mod handover;
 pub mod inbound;
 pub mod limits;
 pub mod outbound;
@@ -113,6 +114,8 @@ pub struct Proxy {
     server_tls: Mutex<HashMap<Identity, inbound::ServerTls>>,
     /// Set when the daemon drains: HBONE connections from peers are asked to go away.
     drain: watch::Sender<bool>,
+    /// Plain relays moving to a successor during a takeover.
+    handover: handover::Handover,
 }
 
 impl Proxy {
@@ -128,6 +131,7 @@ impl Proxy {
             pool,
             server_tls: Mutex::default(),
             drain: watch::Sender::new(false),
+            handover: handover::Handover::default(),
         })
     }
 
@@ -135,6 +139,31 @@ impl Proxy {
     /// elsewhere). New connections are already refused: the listeners are closed.
     pub fn start_drain(&self) {
         self.drain.send_replace(true);
+    }
+
+    /// A takeover: plain relays pause and go to `outbox`, to carry on in the successor.
+    pub fn hand_over_relays(&self, outbox: handover::Outbox) {
+        self.handover.start(outbox);
+    }
+
+    /// Ends a takeover's handover: relays that pause after the drain deadline stay here.
+    pub fn stop_handing_over(&self) {
+        self.handover.stop();
+    }
+
+    /// Counts what became of the connections of a daemon that stopped serving (this one's,
+    /// or its predecessor's as it reported them).
+    pub fn count_drained(&self, d: &crate::node::Drained) {
+        use crate::record::DrainOutcome;
+        for (outcome, n) in [
+            (DrainOutcome::HandedOver, d.handed_over),
+            (DrainOutcome::Finished, d.finished),
+            (DrainOutcome::Cut, d.cut),
+        ] {
+            if n > 0 {
+                self.metrics.drained(outcome, n);
+            }
+        }
     }
 
     /// Connections and HBONE streams open now (what a drain waits for).
@@ -320,11 +349,7 @@ impl Proxy {
         let mut upstream =
             socket::connect_upstream(dst, source, timeout).await.map_err(|e| Error::upstream(dst, e, timeout))?;
         rec.upstream_src = upstream.local_addr().ok().map(canonical);
-        let mut moved = relay::Moved::default();
-        let result = relay::relay(client, &mut upstream, &mut moved).await;
-        rec.bytes_sent = moved.a_to_b;
-        rec.bytes_received = moved.b_to_a;
-        result.map_err(|e| {
+        self.relay_or_hand_over(client, &mut upstream, rec).await.map_err(|e| {
             socket::reset_on_close(&upstream);
             Error::Reset(e)
         })

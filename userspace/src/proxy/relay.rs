@@ -8,6 +8,7 @@ use std::io;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::sync::watch;
 
 /// The first buffer of a direction that wakes up.
 pub const MIN_BUFFER: usize = 4 * 1024;
@@ -23,21 +24,46 @@ pub struct Moved {
     pub b_to_a: u64,
 }
 
-/// Relays until both directions have ended. On an error the bytes moved so far are kept in
-/// `moved`.
-pub async fn relay(a: &mut TcpStream, b: &mut TcpStream, moved: &mut Moved) -> io::Result<()> {
+/// How a relay ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Relayed {
+    /// Both directions ended.
+    Finished,
+    /// Stopped on request where no byte was held in user space (each direction waiting for
+    /// data, or ended): the sockets can carry on in another process.
+    Paused,
+}
+
+/// Relays until both directions have ended, or until `pause` turns true (`None`: never).
+/// On an error the bytes moved so far are kept in `moved`.
+pub async fn relay(
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    moved: &mut Moved,
+    pause: Option<watch::Receiver<bool>>,
+) -> io::Result<Relayed> {
     let (ar, aw) = a.split();
     let (br, bw) = b.split();
     let (up, down) = (&mut moved.a_to_b, &mut moved.b_to_a);
-    tokio::try_join!(copy(ar, bw, up), copy(br, aw, down)).map(|_| ())
+    let (x, y) = tokio::try_join!(copy(ar, bw, up, pause.clone()), copy(br, aw, down, pause))?;
+    Ok(if x == Relayed::Paused || y == Relayed::Paused { Relayed::Paused } else { Relayed::Finished })
 }
 
 /// One direction: reads while `from` has data, writes it all to `to`, and shuts `to` down
-/// for writing at the end of `from`'s data.
-async fn copy(from: ReadHalf<'_>, mut to: WriteHalf<'_>, count: &mut u64) -> io::Result<()> {
+/// for writing at the end of `from`'s data. A pause is taken only while waiting for data.
+async fn copy(
+    from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
+    count: &mut u64,
+    pause: Option<watch::Receiver<bool>>,
+) -> io::Result<Relayed> {
     let mut size = MIN_BUFFER;
     loop {
-        from.readable().await?;
+        tokio::select! {
+            biased;
+            r = from.readable() => r?,
+            () = paused(pause.clone()) => return Ok(Relayed::Paused),
+        }
         // Allocated only now that there is something to read, and dropped (below) once the
         // socket is drained: a direction waiting for data holds no buffer.
         let mut buf = vec![0u8; size];
@@ -46,8 +72,8 @@ async fn copy(from: ReadHalf<'_>, mut to: WriteHalf<'_>, count: &mut u64) -> io:
                 Ok(0) => {
                     return match to.shutdown().await {
                         // The other side already closed both ways: nothing left to tell it.
-                        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-                        other => other,
+                        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(Relayed::Finished),
+                        other => other.map(|()| Relayed::Finished),
                     };
                 }
                 Ok(n) => {
@@ -63,6 +89,16 @@ async fn copy(from: ReadHalf<'_>, mut to: WriteHalf<'_>, count: &mut u64) -> io:
             }
         }
     }
+}
+
+/// Resolves once `pause` is true; never without one, or once its sender is gone.
+async fn paused(pause: Option<watch::Receiver<bool>>) {
+    if let Some(mut p) = pause
+        && p.wait_for(|p| *p).await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
 }
 
 /// The buffer for the next read: doubled after a read that filled it, halved after one that
@@ -104,13 +140,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_paused_relay_leaves_every_byte_to_the_next_one() {
+        // client <-> (a | relay | b) <-> server, the relay paused and started again (as a
+        // successor does with the handed-over sockets).
+        let (mut client, mut a) = pair().await;
+        let (mut b, mut server) = pair().await;
+        let (pause, paused) = watch::channel(false);
+        let first = tokio::spawn(async move {
+            let mut moved = Moved::default();
+            let r = relay(&mut a, &mut b, &mut moved, Some(paused)).await;
+            (r.unwrap(), moved, a, b)
+        });
+        client.write_all(b"before").await.unwrap();
+        let mut got = [0u8; 6];
+        server.read_exact(&mut got).await.unwrap();
+        pause.send_replace(true);
+        let (ended, moved, mut a, mut b) = first.await.unwrap();
+        assert_eq!((ended, moved.a_to_b), (Relayed::Paused, 6));
+        // Written while no relay runs: it waits in the kernel, not in a lost buffer.
+        client.write_all(b" and after").await.unwrap();
+        client.shutdown().await.unwrap();
+        let second = tokio::spawn(async move {
+            let mut moved = Moved::default();
+            relay(&mut a, &mut b, &mut moved, None).await.map(|r| (r, moved))
+        });
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b" and after");
+        server.shutdown().await.unwrap();
+        let (ended, moved) = second.await.unwrap().unwrap();
+        assert_eq!((ended, moved.a_to_b, moved.b_to_a), (Relayed::Finished, 10, 0));
+    }
+
+    #[tokio::test]
     async fn relays_both_ways_with_half_close_and_counts_bytes() {
         // client <-> (a | relay | b) <-> server
         let (mut client, mut a) = pair().await;
         let (mut b, mut server) = pair().await;
         let relay = tokio::spawn(async move {
             let mut moved = Moved::default();
-            relay(&mut a, &mut b, &mut moved).await.map(|_| moved)
+            relay(&mut a, &mut b, &mut moved, None).await.map(|r| (r, moved))
         });
         let request: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         client.write_all(&request).await.unwrap();
@@ -123,7 +192,8 @@ mod tests {
         let mut answer = Vec::new();
         client.read_to_end(&mut answer).await.unwrap();
         assert_eq!(answer, b"answer after the half-close");
-        let moved = relay.await.unwrap().unwrap();
+        let (ended, moved) = relay.await.unwrap().unwrap();
+        assert_eq!(ended, Relayed::Finished);
         assert_eq!(moved, Moved { a_to_b: 300_000, b_to_a: 27 });
     }
 }

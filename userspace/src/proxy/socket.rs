@@ -9,10 +9,12 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// A listening socket for `port` on the loopback address of the family. sk_lookup hands it
 /// connections for any address, so it never needs to be reachable on its own address;
-/// binding loopback keeps it off the network and makes a second daemon on the node fail
-/// with "address in use" instead of silently fighting over the SOCKMAP.
+/// binding loopback keeps it off the network.
 ///
-/// IP_TRANSPARENT lets it accept connections whose destination is not a local address.
+/// SO_REUSEPORT lets a successor bind the same ports while this daemon still serves (a
+/// takeover); which of the two gets connections is decided by the SOCKMAP slot alone (the
+/// program assigns with `BPF_SK_LOOKUP_F_NO_REUSEPORT`). IP_TRANSPARENT lets it accept
+/// connections whose destination is not a local address.
 pub fn transparent_listener(ipv6: bool, port: u16) -> io::Result<TcpListener> {
     let (domain, ip) = if ipv6 {
         (Domain::IPV6, IpAddr::V6(Ipv6Addr::LOCALHOST))
@@ -21,6 +23,7 @@ pub fn transparent_listener(ipv6: bool, port: u16) -> io::Result<TcpListener> {
     };
     let s = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
     if ipv6 {
         s.set_only_v6(true)?;
     }
