@@ -124,10 +124,19 @@ fn the_daemonset_runs_on_every_node_with_what_the_daemon_needs() -> Result<()> {
     );
     let rolling = spec.update_strategy.and_then(|u| u.rolling_update).context("rolling update")?;
     ensure!(
-        rolling.max_surge == Some(IntOrString::Int(0)) && rolling.max_unavailable == Some(IntOrString::Int(1)),
-        "two daemons cannot share a node: maxSurge 0, maxUnavailable 1 ({rolling:?})"
+        rolling.max_surge == Some(IntOrString::Int(1)) && rolling.max_unavailable == Some(IntOrString::Int(0)),
+        "the new pod takes the node over from the old one: maxSurge 1, maxUnavailable 0 ({rolling:?})"
     );
+    // Linger (2 s) and the default drain (5 s), after at most a drain timeout's wait for
+    // the successor.
+    ensure!(pod.termination_grace_period_seconds >= Some(12), "{:?}", pod.termination_grace_period_seconds);
     let c = &pod.containers[0];
+    // Host ports would keep the surge pod off the node.
+    ensure!(
+        c.ports.as_ref().is_none_or(|p| p.iter().all(|p| p.host_port.is_none())) && c.ports.is_none(),
+        "{:?}",
+        c.ports
+    );
     ensure!(c.security_context.as_ref().and_then(|s| s.privileged) == Some(true));
     let probe = c.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).context("readiness probe")?;
     ensure!(probe.path.as_deref() == Some("/healthz/ready") && probe.port == IntOrString::Int(15021), "{probe:?}");

@@ -140,6 +140,13 @@ fn status_shows_attachments_workloads_listeners_and_follows_enrolment() -> Resul
         listeners.len() == 6 && listeners.iter().all(|l| l["listening"] == true && l["registered"] == true),
         "{listeners:?}"
     );
+    // Each slot names its owner: the daemon, serving.
+    let pid = lab.nodes[0].daemon.as_ref().context("node 1's daemon")?.id();
+    ensure!(
+        listeners.iter().all(|l| l["owner"]["pid"] == pid && l["owner"]["state"] == "serving"),
+        "slot owners: {listeners:?}"
+    );
+    ensure!(s["daemons"].as_array().is_some_and(|d| d.len() == 1 && d[0]["pid"] == pid), "daemons: {}", s["daemons"]);
 
     // Unenrol a (and e): status follows.
     lab.write_workloads(&["c"])?;
@@ -153,6 +160,11 @@ fn status_shows_attachments_workloads_listeners_and_follows_enrolment() -> Resul
     let s = status(&lab, 0)?;
     let listeners = s["listeners"].as_array().context("listeners")?;
     ensure!(listeners.iter().all(|l| l["listening"] == false && l["registered"] == false), "{listeners:?}");
+    ensure!(
+        s["daemons"].as_array().is_some_and(|d| d.is_empty()),
+        "a stopped daemon is still listed: {}",
+        s["daemons"]
+    );
     let text = lab.meshpath(0, &["status", "--node", &lab.nodes[0].name])?;
     ensure!(text.contains("NOT in SOCKMAP"), "{text}");
     // A node with nothing installed gives one clear error.

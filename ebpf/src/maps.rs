@@ -135,8 +135,8 @@ impl<const N: usize> ListenerMap<N> {
         // assign fails with EEXIST; it also keeps an enrolled flow the mesh's whatever another
         // sk_lookup program chose. NO_REUSEPORT: the listeners share their ports with a
         // successor's (SO_REUSEPORT), and the kernel must not spread connections over both.
-        // SAFETY: `sk` is the non-null socket just looked up; it is released exactly once.
         let flags = BPF_SK_LOOKUP_F_REPLACE | BPF_SK_LOOKUP_F_NO_REUSEPORT;
+        // SAFETY: `sk` is the non-null socket just looked up; it is released exactly once.
         let ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk, flags) };
         // SAFETY: as above; the reference taken by the lookup is dropped here.
         unsafe { bpf_sk_release(sk) };

@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::datapath::{self, AttachMode, Counters, DatapathError, Hook};
+use crate::node::instance::{self, DaemonNote};
 use crate::routing::{self, Routing, RoutingError};
 use crate::state::WorkloadIndex;
 use crate::topology::Topology;
@@ -34,6 +35,8 @@ pub struct Status {
     pub attachments: Vec<Attachment>,
     pub workloads: Vec<EnrolledIp>,
     pub listeners: Vec<ListenerState>,
+    /// The daemons serving or draining the node now.
+    pub daemons: Vec<DaemonNote>,
     pub counters: Counters,
 }
 
@@ -71,6 +74,8 @@ pub struct ListenerState {
     pub listening: bool,
     /// Its SOCKMAP slot holds a socket: sk_lookup can steer to it.
     pub registered: bool,
+    /// The daemon whose socket is in the slot, and its state (`None`: no daemon says so).
+    pub owner: Option<DaemonNote>,
 }
 
 /// Gathers the status of `node` in the current network namespace.
@@ -133,12 +138,16 @@ pub async fn collect(node: &str, workloads: Option<&Path>, pod_cidrs: &[IpNet]) 
         .collect();
 
     let listening = listening_sockets();
-    let listeners = datapath::registered_listeners(node)?
+    let cookies = datapath::pinned_listener_cookies(node)?;
+    let daemons = instance::live(node);
+    let listeners: Vec<ListenerState> = datapath::registered_listeners(node)?
         .into_iter()
         .map(|(role, ipv6, registered)| {
             let ip = if ipv6 { IpAddr::V6(Ipv6Addr::LOCALHOST) } else { IpAddr::V4(Ipv4Addr::LOCALHOST) };
             let address = SocketAddr::new(ip, role.port());
-            ListenerState { role: role.name(), address, listening: listening.contains(&address), registered }
+            let cookie = cookies.get(role.slot(ipv6) as usize).copied().flatten();
+            let owner = cookie.and_then(|c| daemons.iter().find(|d| d.sockets.contains(&c))).cloned();
+            ListenerState { role: role.name(), address, listening: listening.contains(&address), registered, owner }
         })
         .collect();
 
@@ -148,6 +157,7 @@ pub async fn collect(node: &str, workloads: Option<&Path>, pod_cidrs: &[IpNet]) 
         attachments,
         workloads,
         listeners,
+        daemons,
         counters: datapath::read_pinned_counters(node)?,
     })
 }
@@ -213,14 +223,23 @@ impl Status {
         }
         let _ = writeln!(s, "\nproxy listeners");
         for l in &self.listeners {
+            let owner = l.owner.as_ref().map(|d| format!("  owner: pid {} ({})", d.pid, d.state.code()));
             let _ = writeln!(
                 s,
-                "  {:<14} {:<18} {:<14} {}",
+                "  {:<14} {:<18} {:<14} {}{}",
                 l.role,
                 l.address.to_string(),
                 if l.listening { "listening" } else { "not listening" },
-                if l.registered { "in SOCKMAP" } else { "NOT in SOCKMAP (its traffic is dropped)" }
+                if l.registered { "in SOCKMAP" } else { "NOT in SOCKMAP (its traffic is dropped)" },
+                owner.unwrap_or_default()
             );
+        }
+        let _ = writeln!(s, "\ndaemons");
+        if self.daemons.is_empty() {
+            let _ = writeln!(s, "  none running");
+        }
+        for d in &self.daemons {
+            let _ = writeln!(s, "  pid {:<10} {}", d.pid, d.state.code());
         }
         let c = &self.counters;
         let _ = writeln!(

@@ -6,10 +6,12 @@
 //! - [`reconcile`]: attachments, route resolution and the map diff;
 //! - [`routes`]: the cache of which interface each workload IP is routed to;
 //! - [`lock`]: the node lock daemons share and `uninstall` takes whole;
+//! - [`instance`]: each daemon's note of its sockets and state, for `status`;
 //! - [`takeover`]: a successor daemon taking the node over, relays and all;
 //! - [`drops`]: the datapath's drop events, as rate-limited log lines.
 
 mod drops;
+pub mod instance;
 pub mod lock;
 mod reconcile;
 mod routes;
@@ -151,6 +153,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let metrics = Metrics::new();
     let listeners = proxy::bind_listeners()?;
     let _lock = if cfg.proxy_only { None } else { Some(NodeLock::shared(&cfg.node)?) };
+    let mut instance = if cfg.proxy_only { None } else { instance::Instance::create(&cfg.node) };
     // A daemon serving the node now hands it over once this one is ready.
     let predecessor = if cfg.proxy_only { None } else { Predecessor::announce(&cfg.node).await };
     // Nothing of this node pinned yet: a start that fails takes out again everything it put
@@ -240,18 +243,27 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         }
     };
     ready.set(true);
+    if let Some(i) = instance.as_mut() {
+        i.set(instance::DaemonState::Serving, Some(own_slots.iter().flatten().copied().collect()));
+    }
     tracing::info!(node = %cfg.node, source = ?cfg.source, "node ready");
 
     let watch = SlotWatch { own: own_slots, successors: successors.as_ref(), ready: &ready };
     let stop = follow(&mut desired, &mut kernel, apply, &mut shutdown, watch, cfg.drain_timeout).await;
 
     ready.set(false);
+    if let Some(i) = instance.as_mut() {
+        i.set(instance::DaemonState::Draining, None);
+    }
     let drained = match (stop, successors) {
         (Stop::TakenOver { .. }, Some(successors)) => {
             let _ = admin_stop.send(true);
             step_down(&proxy, &mut kernel, &stop_tx, proxy_task, successors, cfg.drain_timeout).await
         }
-        _ => {
+        (_, successors) => {
+            if let Some(s) = successors {
+                s.close();
+            }
             let _ = stop_tx.send(true);
             // The accept loops are done: the listeners are closed and out of the SOCKMAP, so
             // new enrolled connections are dropped (fail closed) while the open ones finish.
@@ -617,6 +629,10 @@ async fn remove_datapath(node: &str) -> Result<String, NodeError> {
         routing.delete_clsact(*ifindex).await?;
     }
     let pins = datapath::unpin_all(node)?;
+    // What daemons that are gone left in the state directory (the node lock stays).
+    let state = || PathBuf::from(meshpath_common::names::STATE_DIR).join(node);
+    takeover::remove_stale_socket(node).map_err(|source| DatapathError::Io { path: state(), source })?;
+    instance::remove_dead(node).map_err(|source| DatapathError::Io { path: state(), source })?;
     // The clsact part only applies where meshpath attached over netlink.
     let netlink = if filters > 0 || !qdiscs.is_empty() {
         format!(", {filters} tc filter(s), {} clsact qdisc(s)", qdiscs.len())

@@ -103,10 +103,20 @@ async fn recv(sock: &UnixSeqpacket) -> Result<Option<(Message, Vec<std::os::fd::
     Ok(Some((msg, fds)))
 }
 
+/// Removes the handover socket a stopped or killed daemon left (for uninstall).
+pub fn remove_stale_socket(node: &str) -> std::io::Result<()> {
+    match std::fs::remove_file(socket_path(node)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// The serving daemon's side: successors announce themselves here; the latest one is kept
 /// for the takeover.
 pub struct Successors {
     current: Arc<Mutex<Option<UnixSeqpacket>>>,
+    path: PathBuf,
+    accept: tokio::task::JoinHandle<()>,
 }
 
 impl Successors {
@@ -124,7 +134,7 @@ impl Successors {
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(io)?;
         let current: Arc<Mutex<Option<UnixSeqpacket>>> = Arc::default();
         let slot = current.clone();
-        tokio::spawn(async move {
+        let accept = tokio::spawn(async move {
             loop {
                 let Ok(sock) = listener.accept().await else {
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -143,7 +153,13 @@ impl Successors {
                 }
             }
         });
-        Ok(Self { current })
+        Ok(Self { current, path, accept })
+    }
+
+    /// A daemon stopping with no successor removes its socket: no one listens there anymore.
+    pub fn close(self) {
+        self.accept.abort();
+        let _ = std::fs::remove_file(&self.path);
     }
 
     /// Whether the announced successor went away before taking over (readiness is then

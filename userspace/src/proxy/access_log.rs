@@ -74,8 +74,9 @@ impl AccessLog {
 
     pub fn record(&self, r: &ConnectionRecord) {
         // A flood of refusals is a summary line per interval (see `Failures`), not a line
-        // each, in the log and in the file alike.
-        if r.outcome != Outcome::Ok && !self.failures.allow(r.outcome) {
+        // each, in the log and in the file alike. A relay handed to a successor is no
+        // failure: its record always goes.
+        if !matches!(r.outcome, Outcome::Ok | Outcome::HandedOver) && !self.failures.allow(r.outcome) {
             return;
         }
         tracing::info!(
