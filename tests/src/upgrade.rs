@@ -166,7 +166,12 @@ impl UpgradeReport {
             .iter()
             .map(|p| smoke::Outcome {
                 scenario: smoke::Scenario {
-                    name: if p.hbone { "takeovers under load (HBONE)" } else { "takeovers under load (plain)" },
+                    name: match (p.hbone, p.v6) {
+                        (true, false) => "takeovers under load (HBONE)",
+                        (true, true) => "takeovers under load (HBONE v6)",
+                        (false, false) => "takeovers under load (plain)",
+                        (false, true) => "takeovers under load (plain v6)",
+                    },
                     from: p.from,
                     to: p.to,
                     v6: p.v6,
