@@ -379,12 +379,16 @@ impl Lab {
 
     /// Starts `node`'s daemon without waiting for it to be ready.
     pub fn spawn_daemon(&mut self, node: usize) -> Result<()> {
+        self.nodes[node].daemon = Some(self.spawn_logged(node)?);
+        Ok(())
+    }
+
+    /// A daemon process for `node`, logging to the node's log.
+    fn spawn_logged(&self, node: usize) -> Result<Child> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.daemon_log_path(node))?;
         let mut cmd = self.daemon_command(node);
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-        let child = cmd.spawn().map_err(|source| LabError::Spawn { cmd: format!("{cmd:?}"), source })?;
-        self.nodes[node].daemon = Some(child);
-        Ok(())
+        cmd.spawn().map_err(|source| LabError::Spawn { cmd: format!("{cmd:?}"), source })
     }
 
     pub fn start_daemons(&mut self) -> Result<()> {
@@ -426,22 +430,9 @@ impl Lab {
 
     /// Stops `node`'s daemon: SIGTERM (clean) or SIGKILL, and waits for it.
     pub fn stop_daemon(&mut self, node: usize, kill: bool) -> Result<Option<std::process::ExitStatus>> {
-        let Some(mut child) = self.nodes[node].daemon.take() else { return Ok(None) };
-        // nsenter execs the daemon, so the child's pid is the daemon's.
+        let Some(child) = self.nodes[node].daemon.take() else { return Ok(None) };
         let sig = if kill { nix::sys::signal::Signal::SIGKILL } else { nix::sys::signal::Signal::SIGTERM };
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, sig);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(Some(status));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                return Ok(Some(child.wait()?));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        stop_child(child, sig, Duration::from_secs(10)).map(Some)
     }
 
     /// A takeover of `node` as a rolling update makes it: a second daemon starts beside the
@@ -452,10 +443,7 @@ impl Lab {
         let name = self.nodes[node].name.clone();
         let before = datapath::pinned_listener_cookies(&name).map_err(|e| LabError::Other(e.to_string()))?;
         let started = Instant::now();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.daemon_log_path(node))?;
-        let mut cmd = self.daemon_command(node);
-        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-        let mut successor = cmd.spawn().map_err(|source| LabError::Spawn { cmd: format!("{cmd:?}"), source })?;
+        let mut successor = self.spawn_logged(node)?;
         let swapped = loop {
             let gone = successor.try_wait()?;
             let now = datapath::pinned_listener_cookies(&name).map_err(|e| LabError::Other(e.to_string()))?;
@@ -475,21 +463,7 @@ impl Lab {
         };
         let old = self.nodes[node].daemon.replace(successor);
         let old_exit = match old {
-            Some(mut child) => {
-                let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-                let deadline = Instant::now() + Duration::from_secs(30);
-                loop {
-                    if let Some(status) = child.try_wait()? {
-                        break Some(status);
-                    }
-                    if Instant::now() > deadline {
-                        let _ = child.kill();
-                        break Some(child.wait()?);
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
+            Some(child) => Some(stop_child(child, nix::sys::signal::Signal::SIGTERM, Duration::from_secs(30))?),
             None => None,
         };
         Ok(Takeover { swapped, old_gone: started.elapsed(), old_exit })
@@ -746,6 +720,23 @@ impl Drop for Lab {
         for p in self.teardown() {
             eprintln!("lab teardown: {p}");
         }
+    }
+}
+
+/// Sends `sig` to a daemon and waits for it, killing it after `timeout`. nsenter execs the
+/// daemon, so the child's pid is the daemon's.
+fn stop_child(mut child: Child, sig: nix::sys::signal::Signal, timeout: Duration) -> Result<std::process::ExitStatus> {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig);
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Ok(child.wait()?);
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
