@@ -1,17 +1,21 @@
 //! The CNI matrix. Each lab topology end to end (every smoke scenario in both families,
 //! node-originated probes, the proxy killed, what `status` calls each interface, a clean
-//! uninstall); another CNI's TCX programs before and after meshpath's; a bridge CNI
-//! refused at start with its reason.
+//! uninstall); another CNI's TCX programs before and after meshpath's; a pod bridge whose
+//! pods' namespaces cannot be read refused at start with the reason.
 
 mod support;
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use std::net::IpAddr;
+
+use anyhow::{Context, Result, bail, ensure};
 use aya::programs::LinkOrder;
+use meshpath_lab::capture::Capture;
 use meshpath_lab::chain::{Foreign, Verdict, tcx_chain};
+use meshpath_lab::lab::BRIDGE_IF;
 use meshpath_lab::smoke::{self, APP_PORT};
-use meshpath_lab::{Lab, POD_CIDRS, Topology, traffic};
+use meshpath_lab::{Lab, POD_CIDRS, Topology, raw, traffic};
 
 use support::{meshpath, send, started_lab, wait_until};
 
@@ -24,7 +28,8 @@ fn every_scenario_in(topology: Topology) -> Result<()> {
 
     probes_from_the_node_reach_enrolled_pods(&lab)?;
     let uplink = if topology == Topology::L3 { "uplink, no Ethernet header" } else { "uplink" };
-    for (ifname, want) in [("vpa", "routed pod interface"), ("ul0", uplink)] {
+    let pod = if topology == Topology::Bridge { "bridged pod interface" } else { "routed pod interface" };
+    for (ifname, want) in [("vpa", pod), ("ul0", uplink)] {
         let got = topology_in_status(&lab, ifname)?;
         ensure!(got.as_deref() == Some(want), "status calls {ifname} {got:?}, not {want:?}");
     }
@@ -95,6 +100,14 @@ fn a_node_link_without_ethernet_header_passes_every_scenario() -> Result<()> {
     every_scenario_in(Topology::L3)
 }
 
+/// flannel's wiring: pods on `cni0`, the other node over VXLAN. Pods on one bridge are
+/// switched at L2, so the classifier runs on each pod's port and readdresses what it
+/// captures to the bridge; each pod's port is read from its namespace.
+#[test]
+fn a_bridge_cni_with_vxlan_between_nodes_passes_every_scenario() -> Result<()> {
+    every_scenario_in(Topology::Bridge)
+}
+
 /// Another CNI's programs in the same TCX chain: one with no opinion before meshpath's, one
 /// accepting after it, and one redirecting after it on a pod meshpath does not capture.
 #[test]
@@ -145,19 +158,60 @@ fn another_cnis_tcx_programs_before_and_after_meshpaths_keep_their_verdicts() ->
     Ok(())
 }
 
-/// flannel and k3s put pods on a bridge (`cni0`, holding the pod network's gateway): pods'
-/// traffic with each other is switched at L2 where meshpath cannot capture it, so a node
-/// wired so is refused at start with the reason, and nothing is left in the kernel.
+/// Behind a bridge the node reaches a pod through its neighbour entry, which any pod with
+/// CAP_NET_RAW (a default) can forge with one ARP answer: the proxy's plaintext leg to an
+/// enrolled pod would then be switched to the forger's port. The datapath drops TCP to an
+/// enrolled pod leaving through a port it does not live behind.
 #[test]
-fn a_node_with_a_pod_bridge_is_refused_with_the_reason() -> Result<()> {
+fn a_forged_arp_answer_does_not_hand_an_enrolled_pods_traffic_to_another_pod() -> Result<()> {
+    let mut lab = Lab::build_with(&meshpath(), Topology::Bridge).context("building the lab")?;
+    lab.start_daemons()?;
+    let _servers = smoke::start_servers(&lab)?;
+    let n1 = lab.nodes[0].name.clone();
+    // Through the proxy first, so the node has a neighbour entry for a to overwrite.
+    send(&lab, "d", "a", Duration::from_secs(3)).context("d -> a before the forgery")?;
+    let (a, b) = (lab.pod("a").clone(), lab.pod("b").clone());
+    let (IpAddr::V4(a_ip), IpAddr::V4(gateway)) = (a.v4, "10.244.1.1".parse()?) else { bail!("IPv4 expected") };
+    let b_mac = raw::mac_of(&b.netns, "eth0")?;
+    let bridge_mac = raw::mac_of(&n1, BRIDGE_IF)?;
+    // Past the neighbour entry's locktime (1 s), within which an answer would be ignored.
+    std::thread::sleep(Duration::from_millis(1200));
+    raw::send_frame(&b.netns, "eth0", &raw::arp_reply(b_mac, a_ip, bridge_mac, gateway))?;
+    let neigh = support::ip(&n1, &["-4", "neigh", "show", &a_ip.to_string(), "dev", BRIDGE_IF])?;
+    let b_text: Vec<String> = b_mac.iter().map(|x| format!("{x:02x}")).collect();
+    ensure!(neigh.contains(&b_text.join(":")), "the forged answer did not take, so this proves nothing: {neigh}");
+
+    let before = lab.counters(0)?.spoof_dropped;
+    let capture = Capture::start(&b.netns, "eth0")?;
+    let r = send(&lab, "d", "a", Duration::from_millis(1500));
+    let to_a = capture.stop()?.iter().filter(|s| s.dst.ip() == a.v4).count();
+    ensure!(to_a == 0, "{to_a} TCP segments for a reached b's interface");
+    ensure!(r.is_err(), "d -> a got through while the node's entry for a named b: {r:?}");
+    ensure!(lab.counters(0)?.spoof_dropped > before, "spoof_dropped did not count the misdelivery");
+    ensure!(
+        std::fs::read_to_string(lab.daemon_log_path(0))?.contains("reason=\"misdelivered\""),
+        "no misdelivered drop in node 1's log"
+    );
+    Ok(())
+}
+
+/// Behind a pod bridge (flannel's and k3s's `cni0`) only the pods' namespaces tell which
+/// port each pod is on: a node whose namespace directory cannot be read is refused at start
+/// with the reason, and nothing is left in the kernel.
+#[test]
+fn a_pod_bridge_without_readable_pod_namespaces_is_refused_with_the_reason() -> Result<()> {
     let mut lab = support::built_lab()?;
+    lab.daemon_args.extend(["--netns-dir".into(), "/nonexistent/netns".into()]);
     let n1 = lab.nodes[0].name.clone();
     let ip = |args: &[&str]| support::ip(&n1, args);
     ip(&["link", "add", "cni0", "type", "bridge"])?;
     ip(&["addr", "add", "10.244.1.1/24", "dev", "cni0"])?;
     ip(&["link", "set", "cni0", "up"])?;
     let err = lab.start_daemon(0).expect_err("a node with a pod bridge must not start").to_string();
-    ensure!(err.contains("cni0 is a bridge with pods behind it"), "unexpected refusal: {err}");
+    ensure!(
+        err.contains("cni0 is a bridge with pods behind it") && err.contains("/nonexistent/netns"),
+        "unexpected refusal: {err}"
+    );
     let left = lab.leftovers(0)?;
     ensure!(left.is_empty(), "the refused start left: {left:#?}");
     Ok(())

@@ -42,10 +42,13 @@ pub enum DropReason {
     /// NAT on this node turned it toward the pod after the classifier saw it, or the
     /// classifier was missing where it came in).
     Bypass = 8,
+    /// TCP to an enrolled workload leaving through a bridge port it does not live behind:
+    /// the node's neighbour entry for it was forged (ARP or NDP spoofing by another pod).
+    Misdelivered = 9,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::ForeignInterface,
         DropReason::UnlistedSource,
         DropReason::NoRouteBack,
@@ -54,6 +57,7 @@ impl DropReason {
         DropReason::Undelivered,
         DropReason::MissingSocket,
         DropReason::Bypass,
+        DropReason::Misdelivered,
     ];
 
     pub fn from_code(code: u32) -> Option<Self> {
@@ -63,9 +67,10 @@ impl DropReason {
     /// The counter that counts it.
     pub const fn counter(self) -> Counter {
         match self {
-            DropReason::ForeignInterface | DropReason::UnlistedSource | DropReason::NoRouteBack => {
-                Counter::SpoofDropped
-            }
+            DropReason::ForeignInterface
+            | DropReason::UnlistedSource
+            | DropReason::NoRouteBack
+            | DropReason::Misdelivered => Counter::SpoofDropped,
             DropReason::Malformed | DropReason::Undecodable => Counter::Malformed,
             DropReason::Undelivered | DropReason::Bypass => Counter::Undelivered,
             DropReason::MissingSocket => Counter::MissingSocket,
@@ -83,6 +88,7 @@ impl DropReason {
             DropReason::Undelivered => "undelivered",
             DropReason::MissingSocket => "missing_socket",
             DropReason::Bypass => "bypass",
+            DropReason::Misdelivered => "misdelivered",
         }
     }
 
@@ -103,6 +109,9 @@ impl DropReason {
             DropReason::Bypass => {
                 "TCP forwarded to an enrolled workload without passing the proxy (a NAT on this node, or a missing classifier)"
             }
+            DropReason::Misdelivered => {
+                "TCP to an enrolled workload leaving through another pod's bridge port (a forged ARP or NDP answer)"
+            }
         }
     }
 }
@@ -114,6 +123,9 @@ pub struct Ingress {
     pub mark: u32,
     /// The interface's flags ([`crate::interface`]), 0 for an interface meshpath does not know.
     pub iface: u32,
+    /// The device the node's stack routes the packet from: `ifindex`, or for a bridge port
+    /// its bridge ([`crate::InterfaceValue::routed_via`]). Route lookups ask about it.
+    pub via: u32,
 }
 
 /// The kernel's routing, as far as the classifier asks it.
@@ -149,7 +161,7 @@ pub fn decide<R: Routes, L: Fn(&WorkloadKey) -> Option<WorkloadValue>>(
     match flow.proto {
         // A connection attempt is captured only if it will reach the proxy: with the
         // capture rule or route gone it would otherwise go straight to its destination.
-        IPPROTO_TCP if flow.may_open && !routes.delivers_locally(flow, at.ifindex, captured_mark(at.mark)) => {
+        IPPROTO_TCP if flow.may_open && !routes.delivers_locally(flow, at.via, captured_mark(at.mark)) => {
             Verdict::Drop(DropReason::Undelivered)
         }
         IPPROTO_TCP => Verdict::Capture,
@@ -174,8 +186,9 @@ fn spoofed<R: Routes>(flow: &Flow, at: &Ingress, src: Option<WorkloadValue>, rou
         }
         // A pod may only use addresses routed to it: no claiming another node's pod, or
         // the node's own address. Link-scope sources (neighbour discovery, DHCP) have no
-        // route and carry no identity.
-        None if at.iface & IF_POD != 0 && !flow.src.is_link_scope() && !routes.routes_back(flow, at.ifindex) => {
+        // route and carry no identity. Behind a bridge the route names the bridge, so pods
+        // there can claim each other's addresses (not enrolled ones: the map has those).
+        None if at.iface & IF_POD != 0 && !flow.src.is_link_scope() && !routes.routes_back(flow, at.via) => {
             Some(DropReason::NoRouteBack)
         }
         None => None,
@@ -192,6 +205,15 @@ fn spoofed<R: Routes>(flow: &Flow, at: &Ingress, src: Option<WorkloadValue>, rou
 #[inline(always)]
 pub fn bypasses(flow: &Flow, from_ifindex: u32, dst: Option<WorkloadValue>) -> bool {
     matches!(flow.proto, IPPROTO_TCP | IPPROTO_UNKNOWN) && from_ifindex != 0 && dst.is_some()
+}
+
+/// Whether a packet leaving (egress) through bridge port `ifindex` toward `dst` is going to
+/// the wrong pod: TCP to an enrolled workload that does not live behind this port. Behind a
+/// bridge the node finds a pod's port through its neighbour entry, which any pod can forge
+/// with one ARP or NDP answer; the proxy's plaintext leg to the workload would go with it.
+#[inline(always)]
+pub fn misdelivered(flow: &Flow, ifindex: u32, dst: Option<WorkloadValue>) -> bool {
+    matches!(flow.proto, IPPROTO_TCP | IPPROTO_UNKNOWN) && dst.is_some_and(|d| d.ifindex != ifindex)
 }
 
 /// The mark a captured packet leaves the classifier with.
@@ -252,7 +274,7 @@ mod tests {
                 None
             }
         };
-        decide(&Frame::Ip(f), &Ingress { ifindex, mark, iface }, lookup, r)
+        decide(&Frame::Ip(f), &Ingress { ifindex, mark, iface, via: ifindex }, lookup, r)
     }
 
     #[test]
@@ -269,7 +291,7 @@ mod tests {
         assert_eq!(run(flow(17), POD_IF, IF_WORKLOAD, 0, Some(POD), None, &ROUTED), Verdict::Pass);
         assert_eq!(run(flow(1), OTHER_IF, 0, 0, None, Some(POD), &ROUTED), Verdict::Pass);
         assert_eq!(
-            decide(&Frame::Other, &Ingress { ifindex: 1, mark: 0, iface: IF_POD }, |_| None, &ROUTED),
+            decide(&Frame::Other, &Ingress { ifindex: 1, mark: 0, iface: IF_POD, via: 1 }, |_| None, &ROUTED),
             Verdict::Pass
         );
     }
@@ -341,9 +363,50 @@ mod tests {
         assert_eq!(run(est, OTHER_IF, 0, 0, None, Some(POD), &unrouted), Verdict::Capture);
     }
 
+    /// Routing where only `via` leads back to the source and delivers locally.
+    struct Only(u32);
+
+    impl Routes for Only {
+        fn routes_back(&self, _: &Flow, ifindex: u32) -> bool {
+            ifindex == self.0
+        }
+        fn delivers_locally(&self, _: &Flow, ifindex: u32, _: u32) -> bool {
+            ifindex == self.0
+        }
+    }
+
+    #[test]
+    fn a_bridge_ports_routes_are_asked_of_its_bridge_and_its_pods_are_told_apart_by_port() {
+        const BRIDGE_IF: u32 = 4;
+        let routes = Only(BRIDGE_IF);
+        let port = |ifindex, iface, a, b| {
+            let lookup = |k: &WorkloadKey| {
+                if *k == A {
+                    a
+                } else if *k == B {
+                    b
+                } else {
+                    None
+                }
+            };
+            decide(&Frame::Ip(flow(IPPROTO_TCP)), &Ingress { ifindex, mark: 0, iface, via: BRIDGE_IF }, lookup, &routes)
+        };
+        // A plain pod behind the bridge: its source routes back via the bridge.
+        assert_eq!(port(OTHER_IF, IF_POD, None, None), Verdict::Pass);
+        // An enrolled pod on its own port is captured (delivery is asked of the bridge too).
+        assert_eq!(port(POD_IF, IF_POD | IF_WORKLOAD, Some(POD), None), Verdict::Capture);
+        assert_eq!(port(OTHER_IF, IF_POD, None, Some(POD)), Verdict::Capture);
+        // Another port of the same bridge claiming the enrolled pod's address is told apart.
+        assert_eq!(port(OTHER_IF, IF_POD, Some(POD), None), Verdict::Drop(DropReason::ForeignInterface));
+        // Asked of the port itself, the source would not route back.
+        let at = Ingress { ifindex: OTHER_IF, mark: 0, iface: IF_POD, via: OTHER_IF };
+        let v = decide(&Frame::Ip(flow(IPPROTO_TCP)), &at, |_| None, &routes);
+        assert_eq!(v, Verdict::Drop(DropReason::NoRouteBack));
+    }
+
     #[test]
     fn tagged_frames_too_deep_to_read_are_dropped_everywhere() {
-        let at = |iface| Ingress { ifindex: POD_IF, mark: 0, iface };
+        let at = |iface| Ingress { ifindex: POD_IF, mark: 0, iface, via: POD_IF };
         let drop = Verdict::Drop(DropReason::Undecodable);
         for iface in [IF_POD, IF_WORKLOAD, 0] {
             assert_eq!(decide(&Frame::Undecodable, &at(iface), |_| None, &ROUTED), drop);
@@ -364,6 +427,16 @@ mod tests {
         assert!(!bypasses(&tcp, 0, Some(POD)), "sent by the node (the proxy, kubelet probes)");
         assert!(!bypasses(&tcp, 3, None), "not to an enrolled workload");
         assert!(!bypasses(&flow(17), 3, Some(POD)), "not TCP");
+    }
+
+    #[test]
+    fn tcp_to_an_enrolled_workload_through_another_port_is_misdelivered() {
+        let tcp = flow(IPPROTO_TCP);
+        assert!(!misdelivered(&tcp, POD_IF, Some(POD)), "its own port");
+        assert!(misdelivered(&tcp, OTHER_IF, Some(POD)), "another pod's port");
+        assert!(misdelivered(&tcp, OTHER_IF, Some(WorkloadValue::new(0))), "held behind none");
+        assert!(!misdelivered(&tcp, OTHER_IF, None), "not enrolled");
+        assert!(!misdelivered(&flow(17), OTHER_IF, Some(POD)), "not TCP");
     }
 
     #[test]

@@ -18,11 +18,12 @@ use aya_ebpf::{
 };
 use meshpath_common::{
     Counter, DropReason, Listener, Verdict, WorkloadKey,
+    interface::IF_BRIDGE_PORT,
     packet::{self, IPPROTO_TCP, L3Start, Packet},
     verdict::{self, Ingress},
 };
 
-use maps::{MP_LISTENERS, count, dropped, interface_flags, workload};
+use maps::{MP_LISTENERS, count, dropped, interface, workload};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -59,25 +60,38 @@ pub fn mp_tc_ingress(ctx: TcContext) -> i32 {
 fn try_tc_ingress(ctx: &TcContext) -> i32 {
     // SAFETY: `skb` is the context pointer the kernel handed to this program.
     let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
-    let iface = interface_flags(ifindex);
-    let frame = packet::parse(&Skb(ctx), L3Start::for_interface(iface));
-    let at = Ingress { ifindex, mark, iface };
+    let iface = interface(ifindex);
+    let frame = packet::parse(&Skb(ctx), L3Start::for_interface(iface.flags));
+    let at = Ingress { ifindex, mark, iface: iface.flags, via: iface.routed_via(ifindex) };
     match verdict::decide(&frame, &at, workload, &fib::Fib(ctx)) {
         Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Capture => {
+            // A bridge would switch a frame for a pod on it straight to that pod's port:
+            // addressed to the bridge itself, it goes up to the node's stack instead.
+            if iface.flags & IF_BRIDGE_PORT != 0 && ctx.store(0, &iface.bridge_mac, 0).is_err() {
+                dropped(DropReason::Malformed, ifindex, flow_src(&frame), flow_dst(&frame), IPPROTO_TCP);
+                return TC_ACT_SHOT;
+            }
             ctx.set_mark(verdict::captured_mark(mark));
             count(Counter::Classified);
             TC_ACT_UNSPEC
         }
         Verdict::Drop(reason) => {
-            let (src, dst, proto) = match frame {
-                packet::Frame::Ip(f) => (f.src, f.dst, f.proto),
-                _ => (WorkloadKey { addr: [0; 16] }, WorkloadKey { addr: [0; 16] }, 0),
-            };
-            dropped(reason, ifindex, src, dst, proto);
+            let proto = if let packet::Frame::Ip(f) = frame { f.proto } else { 0 };
+            dropped(reason, ifindex, flow_src(&frame), flow_dst(&frame), proto);
             TC_ACT_SHOT
         }
     }
+}
+
+#[inline(always)]
+fn flow_src(frame: &packet::Frame) -> WorkloadKey {
+    if let packet::Frame::Ip(f) = frame { f.src } else { WorkloadKey { addr: [0; 16] } }
+}
+
+#[inline(always)]
+fn flow_dst(frame: &packet::Frame) -> WorkloadKey {
+    if let packet::Frame::Ip(f) = frame { f.dst } else { WorkloadKey { addr: [0; 16] } }
 }
 
 /// TC egress on the same interfaces: TCP leaving toward an enrolled workload that was
@@ -92,18 +106,26 @@ pub fn mp_tc_egress(ctx: TcContext) -> i32 {
 fn try_tc_egress(ctx: &TcContext) -> i32 {
     // SAFETY: `skb` is the context pointer the kernel handed to this program.
     let (ifindex, from) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
-    // Only locally generated packets have no ingress interface: those pass at once (the
-    // proxy's, kubelet's), before the packet is even read.
-    if from == 0 {
+    let iface = interface(ifindex);
+    let bridge_port = iface.flags & IF_BRIDGE_PORT != 0;
+    // Only locally generated packets have no ingress interface: off bridge ports, where the
+    // route alone picks the interface, those pass at once (the proxy's, kubelet's), before
+    // the packet is even read.
+    if from == 0 && !bridge_port {
         return TC_ACT_UNSPEC;
     }
-    let start = L3Start::for_interface(interface_flags(ifindex));
+    let start = L3Start::for_interface(iface.flags);
     let packet::Frame::Ip(flow) = packet::parse(&Skb(ctx), start) else { return TC_ACT_UNSPEC };
-    if verdict::bypasses(&flow, from, workload(&flow.dst)) {
-        dropped(DropReason::Bypass, ifindex, flow.src, flow.dst, flow.proto);
-        return TC_ACT_SHOT;
-    }
-    TC_ACT_UNSPEC
+    let dst = workload(&flow.dst);
+    let reason = if verdict::bypasses(&flow, from, dst) {
+        DropReason::Bypass
+    } else if bridge_port && verdict::misdelivered(&flow, ifindex, dst) {
+        DropReason::Misdelivered
+    } else {
+        return TC_ACT_UNSPEC;
+    };
+    dropped(reason, ifindex, flow.src, flow.dst, flow.proto);
+    TC_ACT_SHOT
 }
 
 /// sk_lookup in the node's network namespace: a new connection from or to an enrolled

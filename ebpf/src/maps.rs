@@ -56,11 +56,11 @@ pub fn workload(key: &WorkloadKey) -> Option<WorkloadValue> {
     unsafe { MP_WORKLOADS.get(key).copied() }
 }
 
-/// The `IF_*` flags of an interface (0 when meshpath does not know it).
+/// What meshpath knows of an interface (no flags when it does not know it).
 #[inline(always)]
-pub fn interface_flags(ifindex: u32) -> u32 {
+pub fn interface(ifindex: u32) -> InterfaceValue {
     // SAFETY: as for `workload`: plain data, copied at once.
-    unsafe { MP_INTERFACES.get(ifindex).map_or(0, |v| v.flags) }
+    unsafe { MP_INTERFACES.get(ifindex).copied().unwrap_or(InterfaceValue::new(0)) }
 }
 
 #[inline(always)]

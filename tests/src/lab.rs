@@ -13,9 +13,10 @@
 //! Both nodes get their certificates from one built-in CA whose root lives in the lab's
 //! directory; enrolled pods talk across nodes inside HBONE.
 //!
-//! Pods sit behind routed veths with /32 (/128) host routes and a link-local gateway on the
-//! node side of each veth, as Calico and kindnet wire them. The underlay link has no route out
-//! of the lab; how it is built is the lab's [`Topology`].
+//! In the routed and l3 topologies pods sit behind routed veths with /32 (/128) host routes
+//! and a link-local gateway on the node side of each veth, as Calico and kindnet wire them;
+//! in the bridge topology their veths are ports of a bridge per node, as flannel wires them.
+//! The underlay link has no route out of the lab; how it is built is the lab's [`Topology`].
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -58,6 +59,9 @@ pub enum Topology {
     /// The node link is a device without an Ethernet header (a tun pair relayed by the lab),
     /// as IPIP, GRE or WireGuard between nodes.
     L3,
+    /// Pods on a Linux bridge per node (`cni0`, holding the pods' gateway), the other node's
+    /// pods over a VXLAN device (`flannel.1`) on the veth node link: flannel's vxlan backend.
+    Bridge,
 }
 
 /// The environment variable the lab reads its topology from when none is given.
@@ -68,7 +72,7 @@ impl Topology {
     pub fn from_env() -> Result<Self> {
         match std::env::var(TOPOLOGY_ENV) {
             Ok(v) if !v.is_empty() => <Self as clap::ValueEnum>::from_str(&v, true)
-                .map_err(|_| LabError::Other(format!("{TOPOLOGY_ENV}={v:?}: use routed or l3"))),
+                .map_err(|_| LabError::Other(format!("{TOPOLOGY_ENV}={v:?}: use routed, bridge or l3"))),
             _ => Ok(Self::Routed),
         }
     }
@@ -77,9 +81,23 @@ impl Topology {
         match self {
             Self::Routed => "routed",
             Self::L3 => "l3",
+            Self::Bridge => "bridge",
+        }
+    }
+
+    /// The device enrolled pods' traffic crosses between nodes on: the node link, or the
+    /// VXLAN device over it (whose underlay carries it encapsulated).
+    pub fn node_link(self) -> &'static str {
+        match self {
+            Self::Routed | Self::L3 => "ul0",
+            Self::Bridge => VXLAN_IF,
         }
     }
 }
+
+/// The bridge and VXLAN device of the bridge topology, named as flannel names them.
+pub const BRIDGE_IF: &str = "cni0";
+pub const VXLAN_IF: &str = "flannel.1";
 
 /// One pod of the lab.
 #[derive(Clone, Debug)]
@@ -226,7 +244,7 @@ impl Lab {
         }
         let (n1, n2) = (self.nodes[0].name.clone(), self.nodes[1].name.clone());
         match self.topology {
-            Topology::Routed => {
+            Topology::Routed | Topology::Bridge => {
                 ip(&["link", "add", "ul0", "netns", &n1, "type", "veth", "peer", "name", "ul0", "netns", &n2])?;
             }
             Topology::L3 => {
@@ -236,42 +254,80 @@ impl Lab {
                 }
             }
         }
-        for (i, node) in self.nodes.iter().enumerate() {
+        for node in &self.nodes {
             let ns = &node.name;
             ip(&["-n", ns, "addr", "add", &format!("{}/24", node.underlay_v4), "dev", "ul0"])?;
             ip(&["-n", ns, "addr", "add", &format!("{}/64", node.underlay_v6), "dev", "ul0", "nodad"])?;
+            if self.topology == Topology::Bridge {
+                // Room for VXLAN's 50 bytes: pods and flannel.1 keep a 1500-byte MTU.
+                ip(&["-n", ns, "link", "set", "ul0", "mtu", "1550"])?;
+            }
             ip(&["-n", ns, "link", "set", "ul0", "up"])?;
-            let peer = &self.nodes[1 - i];
-            ip(&["-n", ns, "route", "add", &format!("10.244.{}.0/24", 2 - i), "via", &peer.underlay_v4.to_string()])?;
-            ip(&[
-                "-n",
-                ns,
-                "-6",
-                "route",
-                "add",
-                &format!("fd00:244:{}::/64", 2 - i),
-                "via",
-                &peer.underlay_v6.to_string(),
-            ])?;
+        }
+        if self.topology == Topology::Bridge {
+            self.wire_vxlan()?;
+        } else {
+            self.route_pods_over_the_node_link()?;
         }
         for p in self.pods.clone() {
             self.add_netns(&p.netns)?;
             let node = &self.nodes[p.node].name;
             ip(&["link", "add", &p.host_if, "netns", node, "type", "veth", "peer", "name", "eth0", "netns", &p.netns])?;
-            // Pod side: its /32 and /128, a link-local gateway behind the veth.
-            let pn = p.netns.as_str();
-            ip(&["-n", pn, "addr", "add", &format!("{}/32", p.v4), "dev", "eth0"])?;
-            ip(&["-n", pn, "addr", "add", &format!("{}/128", p.v6), "dev", "eth0", "nodad"])?;
-            ip(&["-n", pn, "link", "set", "eth0", "up"])?;
-            ip(&["-n", pn, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
-            ip(&["-n", pn, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
-            ip(&["-n", pn, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"])?;
-            // Node side: the gateway addresses live on every pod veth (as kindnet does).
+            ip(&["-n", &p.netns, "link", "set", "eth0", "up"])?;
             ip(&["-n", node, "link", "set", &p.host_if, "up"])?;
-            ip(&["-n", node, "addr", "add", "169.254.1.1/32", "dev", &p.host_if, "scope", "link"])?;
-            ip(&["-n", node, "addr", "add", "fe80::1/64", "dev", &p.host_if, "nodad"])?;
-            ip(&["-n", node, "route", "add", &format!("{}/32", p.v4), "dev", &p.host_if])?;
-            ip(&["-n", node, "-6", "route", "add", &format!("{}/128", p.v6), "dev", &p.host_if])?;
+            if self.topology == Topology::Bridge {
+                bridged_pod(node, &p)?;
+            } else {
+                routed_pod(node, &p)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Each node's pod network routed via the other node's underlay address.
+    fn route_pods_over_the_node_link(&self) -> Result<()> {
+        for (i, node) in self.nodes.iter().enumerate() {
+            let ns = &node.name;
+            let peer = &self.nodes[1 - i];
+            ip(&["-n", ns, "route", "add", &format!("10.244.{}.0/24", 2 - i), "via", &peer.underlay_v4.to_string()])?;
+            let v6 = format!("fd00:244:{}::/64", 2 - i);
+            ip(&["-n", ns, "-6", "route", "add", &v6, "via", &peer.underlay_v6.to_string()])?;
+        }
+        Ok(())
+    }
+
+    /// flannel's vxlan backend: `cni0` holds the node's pod gateway, `flannel.1` the pod
+    /// network's `.0` address; the other node's pod network is routed via its `.0` on
+    /// `flannel.1`, whose MAC is a permanent neighbour and whose underlay address the FDB
+    /// names. No learning: every entry is what the node was told.
+    fn wire_vxlan(&self) -> Result<()> {
+        let mac = |n: usize| format!("02:00:0a:f4:{n:02x}:00");
+        for (i, node) in self.nodes.iter().enumerate() {
+            let (ns, n) = (node.name.as_str(), i + 1);
+            let local = node.underlay_v4.to_string();
+            #[rustfmt::skip]
+            ip(&["-n", ns, "link", "add", VXLAN_IF, "address", &mac(n), "type", "vxlan", "id", "1", "local", &local,
+                 "dev", "ul0", "dstport", "8472", "nolearning"])?;
+            ip(&["-n", ns, "link", "set", VXLAN_IF, "mtu", "1500", "up"])?;
+            ip(&["-n", ns, "addr", "add", &format!("10.244.{n}.0/32"), "dev", VXLAN_IF])?;
+            ip(&["-n", ns, "addr", "add", &format!("fd00:244:{n}::/128"), "dev", VXLAN_IF, "nodad"])?;
+            ip(&["-n", ns, "link", "add", BRIDGE_IF, "type", "bridge"])?;
+            ip(&["-n", ns, "addr", "add", &format!("10.244.{n}.1/24"), "dev", BRIDGE_IF])?;
+            ip(&["-n", ns, "addr", "add", &format!("fd00:244:{n}::1/64"), "dev", BRIDGE_IF, "nodad"])?;
+            ip(&["-n", ns, "link", "set", BRIDGE_IF, "up"])?;
+            let (m, peer) = (3 - n, &self.nodes[2 - n]);
+            for (gw, net, v6) in [
+                (format!("10.244.{m}.0"), format!("10.244.{m}.0/24"), false),
+                (format!("fd00:244:{m}::"), format!("fd00:244:{m}::/64"), true),
+            ] {
+                let family = if v6 { "-6" } else { "-4" };
+                #[rustfmt::skip]
+                ip(&["-n", ns, family, "neigh", "add", &gw, "lladdr", &mac(m), "dev", VXLAN_IF, "nud", "permanent"])?;
+                ip(&["-n", ns, family, "route", "add", &net, "via", &gw, "dev", VXLAN_IF, "onlink"])?;
+            }
+            #[rustfmt::skip]
+            run(Command::new("bridge").args(["-n", ns, "fdb", "append", &mac(m), "dev", VXLAN_IF, "dst",
+                &peer.underlay_v4.to_string()]))?;
         }
         Ok(())
     }
@@ -798,6 +854,34 @@ pub fn http_get(ns: &str, port: u16, path: &str) -> std::io::Result<String> {
         s.read_to_string(&mut resp)?;
         Ok(resp)
     })?
+}
+
+/// A routed pod (Calico, kindnet): its /32 and /128 behind the veth, with a link-local
+/// gateway whose addresses live on every pod veth of the node.
+fn routed_pod(node: &str, p: &Pod) -> Result<()> {
+    let pn = p.netns.as_str();
+    ip(&["-n", pn, "addr", "add", &format!("{}/32", p.v4), "dev", "eth0"])?;
+    ip(&["-n", pn, "addr", "add", &format!("{}/128", p.v6), "dev", "eth0", "nodad"])?;
+    ip(&["-n", pn, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
+    ip(&["-n", pn, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
+    ip(&["-n", pn, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"])?;
+    ip(&["-n", node, "addr", "add", "169.254.1.1/32", "dev", &p.host_if, "scope", "link"])?;
+    ip(&["-n", node, "addr", "add", "fe80::1/64", "dev", &p.host_if, "nodad"])?;
+    ip(&["-n", node, "route", "add", &format!("{}/32", p.v4), "dev", &p.host_if])?;
+    ip(&["-n", node, "-6", "route", "add", &format!("{}/128", p.v6), "dev", &p.host_if])?;
+    Ok(())
+}
+
+/// A pod on the node's bridge (flannel's bridge plugin): in the node's /24 and /64, its
+/// gateway the bridge's `.1`.
+fn bridged_pod(node: &str, p: &Pod) -> Result<()> {
+    let (pn, n) = (p.netns.as_str(), p.node + 1);
+    ip(&["-n", pn, "addr", "add", &format!("{}/24", p.v4), "dev", "eth0"])?;
+    ip(&["-n", pn, "addr", "add", &format!("{}/64", p.v6), "dev", "eth0", "nodad"])?;
+    ip(&["-n", pn, "route", "add", "default", "via", &format!("10.244.{n}.1")])?;
+    ip(&["-n", pn, "-6", "route", "add", "default", "via", &format!("fd00:244:{n}::1")])?;
+    ip(&["-n", node, "link", "set", &p.host_if, "master", BRIDGE_IF])?;
+    Ok(())
 }
 
 pub(crate) fn sysctls(ns: &str, kv: &[(&str, &str)]) -> Result<()> {

@@ -63,3 +63,24 @@ pub fn send_frame(ns: &str, ifname: &str, frame: &[u8]) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// An Ethernet frame carrying an ARP reply: `ip` is at `mac`, told to `to_mac`/`to_ip`. What
+/// a pod forging its neighbour's address sends.
+pub fn arp_reply(mac: [u8; 6], ip: std::net::Ipv4Addr, to_mac: [u8; 6], to_ip: std::net::Ipv4Addr) -> Vec<u8> {
+    const ETH_P_ARP: u16 = 0x0806;
+    const ARPHRD_ETHER: u16 = 1;
+    const ARPOP_REPLY: u16 = 2;
+    let mut frame = Vec::with_capacity(42);
+    frame.extend_from_slice(&to_mac);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&ETH_P_ARP.to_be_bytes());
+    frame.extend_from_slice(&ARPHRD_ETHER.to_be_bytes());
+    frame.extend_from_slice(&0x0800u16.to_be_bytes());
+    frame.extend_from_slice(&[6, 4]);
+    frame.extend_from_slice(&ARPOP_REPLY.to_be_bytes());
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&ip.octets());
+    frame.extend_from_slice(&to_mac);
+    frame.extend_from_slice(&to_ip.octets());
+    frame
+}

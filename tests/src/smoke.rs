@@ -284,7 +284,7 @@ pub const MARKER: &[u8] = b"MESHPATH-PLAINTEXT-MARKER";
 /// arrive intact with a's address, the underlay must carry TLS records only, and all of
 /// them must share one HBONE connection.
 pub fn hbone_evidence(lab: &Lab, n: usize) -> Result<(Vec<Outcome>, TlsEvidence)> {
-    let capture = Capture::start(&lab.nodes[0].name, "ul0")?;
+    let capture = Capture::start(&lab.nodes[0].name, lab.topology.node_link())?;
     let payload: Vec<u8> = MARKER.iter().chain(traffic::payload(32 * 1024).iter()).chain(MARKER).copied().collect();
     let (a, dst) = (lab.pod("a").netns.clone(), lab.addr("c", false, APP_PORT));
     let results: Vec<std::io::Result<traffic::Exchange>> = std::thread::scope(|s| {

@@ -93,6 +93,10 @@ pub struct NodeArgs {
     /// Pod networks; outbound connections to them keep the client pod's source IP.
     #[arg(long = "pod-cidr", env = "MESHPATH_POD_CIDRS", value_delimiter = ',')]
     pub pod_cidrs: Vec<IpNet>,
+    /// Where pods' network namespaces are pinned (ip netns, containerd, CRI-O): behind a pod
+    /// bridge (flannel's cni0), each pod's port is read from its namespace.
+    #[arg(long, env = "MESHPATH_NETNS_DIR", default_value = "/run/netns")]
+    pub netns_dir: PathBuf,
     /// Append one JSON line per finished connection to this file.
     #[arg(long, env = "MESHPATH_ACCESS_LOG")]
     pub access_log: Option<PathBuf>,
@@ -196,6 +200,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 interfaces: a.interfaces,
                 pod_cidrs: a.pod_cidrs,
+                netns_dir: a.netns_dir,
                 access_log: a.access_log,
                 readiness_port: a.readiness_port,
                 metrics_port: a.metrics_port,

@@ -8,6 +8,7 @@
 //! - [`state`] is what the node knows (workloads, services), [`record`] what it did with
 //!   each connection (access log, metrics);
 //! - [`workloads`] reads the workload file, [`k8s`] follows the Kubernetes API;
+//! - [`topology`] says what each interface is; [`pod_ports`] which bridge port each pod is on;
 //! - [`metrics`], [`admin`] (15020/15021) and [`status`] show what is going on;
 //! - [`bpftool`] is `meshpath map`: maps shown and dumped as `bpftool map` does, or decoded.
 //!
@@ -23,6 +24,7 @@ pub mod k8s;
 pub mod metrics;
 pub mod netns;
 pub mod node;
+pub mod pod_ports;
 pub mod proxy;
 pub mod record;
 pub mod routing;

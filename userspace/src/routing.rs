@@ -87,6 +87,12 @@ pub struct Interface {
     pub lower: bool,
     /// A Linux bridge.
     pub bridge: bool,
+    /// The bridge or bond it is enslaved to (IFLA_MASTER).
+    pub master: Option<u32>,
+    /// For a veth whose peer is in another namespace: the peer's ifindex there.
+    pub peer: Option<u32>,
+    /// Its link-layer address, when it has a 6-byte one.
+    pub mac: Option<[u8; 6]>,
 }
 
 /// What the kernel announced since the last look.
@@ -224,12 +230,13 @@ impl Routing {
         // its namespace, and is no upper).
         let mut uppers_of = std::collections::BTreeSet::new();
         while let Some(msg) = links.try_next().await.map_err(nl("listing links"))? {
-            let (mut name, mut master, mut link, mut elsewhere) = (None, false, None, false);
-            let (mut veth, mut bridge) = (false, false);
+            let (mut name, mut master, mut link, mut elsewhere) = (None, None, None, false);
+            let (mut veth, mut bridge, mut mac) = (false, false, None);
             for a in &msg.attributes {
                 match a {
                     LinkAttribute::IfName(n) => name = Some(n.clone()),
-                    LinkAttribute::Controller(_) => master = true,
+                    LinkAttribute::Controller(m) => master = Some(*m),
+                    LinkAttribute::Address(a) => mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
                     LinkAttribute::Link(i) => link = Some(*i),
                     LinkAttribute::LinkNetNsId(_) => elsewhere = true,
                     LinkAttribute::LinkInfo(info) => {
@@ -254,8 +261,11 @@ impl Routing {
                     up: msg.header.flags.contains(LinkFlags::Up) && msg.header.flags.contains(LinkFlags::LowerUp),
                     ethernet: msg.header.link_layer_type == LinkLayerType::Ether,
                     addresses: Vec::new(),
-                    lower: master,
+                    lower: master.is_some(),
                     bridge,
+                    master,
+                    peer: link.filter(|_| veth && elsewhere),
+                    mac,
                 });
             }
         }

@@ -107,7 +107,7 @@ pub async fn collect(node: &str, workloads: Option<&Path>, pod_cidrs: &[IpNet]) 
         for &(ifindex, hook) in list {
             let name = names.get(&ifindex).cloned();
             let iface = ifaces.iter().find(|i| i.index == ifindex);
-            let topology = iface.map(|i| Topology::of(i, pod_cidrs).name());
+            let topology = iface.map(|i| Topology::of(i, &ifaces, pod_cidrs).name());
             let live = name.as_deref().is_some_and(|n| datapath::tc_attached(mode, n, hook));
             attachments.push(Attachment {
                 program: hook.program(),

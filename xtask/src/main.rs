@@ -20,7 +20,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const MESHPATH_BIN_ENV: &str = "MESHPATH_BIN";
 /// How the lab's nodes are joined (read by the lab binary and the kernel tests).
 const TOPOLOGY_ENV: &str = "MESHPATH_LAB_TOPOLOGY";
-const TOPOLOGIES: [&str; 2] = ["routed", "l3"];
+const TOPOLOGIES: [&str; 3] = ["routed", "bridge", "l3"];
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -44,7 +44,7 @@ enum Task {
         /// Node name to run as with Kubernetes (default: the hostname).
         #[arg(long)]
         node: Option<String>,
-        /// The lab's topology (lab mode): routed (veth node link) or l3 (no Ethernet header).
+        /// The lab's topology (lab mode): routed (veth node link), bridge (cni0 and VXLAN) or l3 (no Ethernet header).
         #[arg(long, value_parser = TOPOLOGIES)]
         topology: Option<String>,
         /// Extra arguments for `meshpath node` (Kubernetes mode).
@@ -59,7 +59,7 @@ enum Task {
         /// Take each node's daemon over under load; every connection and byte checked.
         #[arg(long)]
         upgrade: bool,
-        /// routed (veth node link) or l3 (no Ethernet header).
+        /// routed (veth node link), bridge (cni0 and VXLAN) or l3 (no Ethernet header).
         #[arg(long, value_parser = TOPOLOGIES)]
         topology: Option<String>,
     },
@@ -88,7 +88,7 @@ enum Task {
     },
     /// Run every test: unit tests and the kernel tests in throwaway namespaces.
     Test {
-        /// Build every kernel test's lab in this topology: routed or l3.
+        /// Build every kernel test's lab in this topology: routed, bridge or l3.
         #[arg(long, value_parser = TOPOLOGIES)]
         topology: Option<String>,
         /// Extra arguments for the test binaries (e.g. a test name filter).

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 
-use meshpath_common::interface::{IF_L3, IF_POD, IF_WORKLOAD};
+use meshpath_common::interface::{IF_BRIDGE_PORT, IF_L3, IF_POD, IF_WORKLOAD};
 use meshpath_common::names::{MAP_COUNTERS, MAP_INTERFACES, MAP_LISTENERS, MAP_WORKLOADS};
 use serde::Serialize;
 
@@ -145,7 +145,7 @@ impl Tool {
             MAP_INTERFACES => pinned::interfaces(fd).map(|ifs| {
                 let rows = ifs.into_iter().map(|(ifindex, bits)| FlaggedInterface {
                     interface: interface(ifindex),
-                    flags: [(IF_WORKLOAD, "workload"), (IF_POD, "pod"), (IF_L3, "l3")]
+                    flags: [(IF_WORKLOAD, "workload"), (IF_POD, "pod"), (IF_L3, "l3"), (IF_BRIDGE_PORT, "bridge_port")]
                         .into_iter()
                         .filter(|(bit, _)| bits & bit != 0)
                         .map(|(_, name)| name)

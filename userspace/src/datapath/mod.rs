@@ -28,7 +28,7 @@ use meshpath_common::names::{
     PIN_SK_LOOKUP_LINK, PIN_TC_EGRESS_LINK_PREFIX, PIN_TC_LINK_PREFIX, PINNED_MAPS, PROG_SK_LOOKUP, PROG_TC_EGRESS,
     PROG_TC_INGRESS, STATE_DIR, TC_FILTER_HANDLE, TC_FILTER_PRIORITY,
 };
-use meshpath_common::{Counter, Listener, WorkloadKey, WorkloadValue};
+use meshpath_common::{Counter, InterfaceValue, Listener, WorkloadKey, WorkloadValue};
 use sys::{IfValue, PodKey, PodValue};
 
 /// The compiled eBPF object, built by `build.rs`.
@@ -599,19 +599,19 @@ impl Datapath {
         }
     }
 
-    /// The interfaces in the interface map, with their `IF_*` flags.
-    pub fn interfaces(&self) -> Result<BTreeMap<u32, u32>> {
+    /// The interfaces in the interface map, with their values.
+    pub fn interfaces(&self) -> Result<BTreeMap<u32, InterfaceValue>> {
         self.interfaces
             .iter()
-            .map(|r| r.map(|(k, v)| (k, v.0.flags)))
+            .map(|r| r.map(|(k, v)| (k, v.0)))
             .collect::<Result<_, _>>()
             .map_err(|source| DatapathError::Map { name: MAP_INTERFACES, source })
     }
 
-    /// Sets an interface's flags in the interface map.
-    pub fn set_interface(&mut self, ifindex: u32, flags: u32) -> Result<()> {
+    /// Sets an interface's value in the interface map.
+    pub fn set_interface(&mut self, ifindex: u32, value: InterfaceValue) -> Result<()> {
         self.interfaces
-            .insert(ifindex, IfValue(meshpath_common::InterfaceValue::new(flags)), 0)
+            .insert(ifindex, IfValue(value), 0)
             .map_err(|source| DatapathError::Map { name: MAP_INTERFACES, source })
     }
 

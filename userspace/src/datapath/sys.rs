@@ -20,7 +20,7 @@ pub struct PodValue(pub WorkloadValue);
 #[repr(transparent)]
 pub struct IfValue(pub InterfaceValue);
 
-// SAFETY: `InterfaceValue` is `#[repr(C)]` of two `u32` with no padding (checked by the
+// SAFETY: `InterfaceValue` is `#[repr(C)]` of two `u32` and eight bytes, no padding (checked by the
 // layout test in meshpath-common); every bit pattern is valid.
 unsafe impl aya::Pod for IfValue {}
 

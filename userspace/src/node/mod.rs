@@ -60,10 +60,11 @@ pub enum NodeError {
     #[error("interface {0:?} does not exist in this network namespace")]
     NoSuchInterface(String),
     #[error(
-        "interface {0} is a bridge with pods behind it (a bridge CNI such as flannel's cni0): pods there are \
-         switched at L2 where meshpath cannot capture them; meshpath serves routed pod interfaces only"
+        "interface {bridge} is a bridge with pods behind it (a bridge CNI such as flannel's cni0), and the \
+         pods' network namespaces, which name each pod's port, cannot be read in {}: {source} (see --netns-dir)",
+        dir.display()
     )]
-    PodBridge(String),
+    PodNamespaces { bridge: String, dir: PathBuf, source: std::io::Error },
     #[error("the source of the desired state stopped before its first state")]
     Sync,
     #[error("a meshpath daemon still serves node {0} (it holds the node lock); stop it first")]
@@ -87,6 +88,8 @@ pub struct NodeConfig {
     /// including ones that appear later.
     pub interfaces: Vec<String>,
     pub pod_cidrs: Vec<IpNet>,
+    /// Where pods' network namespaces are pinned: read to find each pod's bridge port.
+    pub netns_dir: PathBuf,
     pub access_log: Option<PathBuf>,
     pub readiness_port: u16,
     pub metrics_port: u16,
@@ -521,11 +524,13 @@ async fn load_kernel(cfg: &NodeConfig) -> Result<Reconciler, NodeError> {
     if let Some(missing) = cfg.interfaces.iter().find(|n| !ifaces.iter().any(|i| &i.name == *n)) {
         return Err(NodeError::NoSuchInterface(missing.clone()));
     }
-    // A node meshpath cannot serve is refused before anything is put into the kernel.
-    let served = |i: &&Interface| cfg.interfaces.is_empty() || cfg.interfaces.contains(&i.name);
-    if let Some(bridge) = ifaces.iter().filter(served).find(|i| Topology::of(i, &cfg.pod_cidrs).role == Role::PodBridge)
+    // A node meshpath cannot serve is refused before anything is put into the kernel: behind
+    // a pod bridge, only the pods' namespaces tell which port each pod is on.
+    let bridged = |i: &&Interface| Topology::of(i, &ifaces, &cfg.pod_cidrs).role == Role::PodBridge;
+    if let Some(bridge) = ifaces.iter().find(bridged)
+        && let Err(source) = std::fs::read_dir(&cfg.netns_dir)
     {
-        return Err(NodeError::PodBridge(bridge.name.clone()));
+        return Err(NodeError::PodNamespaces { bridge: bridge.name.clone(), dir: cfg.netns_dir.clone(), source });
     }
     routing.watch()?;
     let dp = Datapath::load(&cfg.node, cfg.attach_mode)?;

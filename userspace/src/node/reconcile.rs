@@ -3,20 +3,24 @@
 //!
 //! A pass runs when something changed (the desired state, or the kernel announced a link,
 //! address, route or rule change) and on a slow safety tick. Each pass: attach (and prune)
-//! first, then resolve each local workload IP to the interface the kernel routes it to,
-//! then write the difference into the maps. The classifier goes first so an IP is never in
-//! the map while its interface lacks the program.
+//! first, then resolve each local workload IP to the interface the kernel routes it to (for
+//! a pod bridge, the port its pod's namespace names: [`crate::pod_ports`]), then write the
+//! difference into the maps. The classifier goes first so an IP is never in the map while
+//! its interface lacks the program.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use meshpath_common::InterfaceValue;
 use meshpath_common::interface::IF_WORKLOAD;
 
 use super::NodeError;
 use super::routes::RouteCache;
 use crate::datapath::Datapath;
+use crate::pod_ports::{self, Claim, PortClaims};
 use crate::routing::{Changes, Interface, Routing};
 use crate::topology::{Role, Topology};
 use crate::workloads::WorkloadFile;
@@ -28,8 +32,20 @@ const FULL_PASS: Duration = Duration::from_secs(60);
 /// summary line says how many and names a few.
 const LISTED_PROBLEMS: usize = 3;
 
-/// Where a local workload IP should be in the map: its interface, and its workload (for logs).
+/// Where a local workload IP should be in the map: its interface (0: held behind none), and
+/// its workload (for logs).
 type DesiredMap = BTreeMap<IpAddr, (u32, String)>;
+
+/// Where a workload IP goes.
+enum Place {
+    /// Enrolled behind this interface.
+    On(u32),
+    /// Enrolled behind no interface, so that its traffic is dropped as spoofed wherever it
+    /// comes from, for this reason: its own port cannot be told.
+    Held(String),
+    /// Not enrolled, for this reason.
+    Unresolved(String),
+}
 
 /// What a pass was started by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,8 +80,8 @@ pub(super) struct Reconciler {
     last_attached: BTreeSet<u32>,
     /// Notifications taken by a pass that failed, for the next one.
     carried: Changes,
-    /// Pod bridges already reported (one appearing after start cannot be served).
-    reported_bridges: BTreeSet<u32>,
+    /// Where pods' network namespaces are pinned ([`crate::pod_ports`]).
+    netns_dir: PathBuf,
 }
 
 impl Reconciler {
@@ -86,7 +102,7 @@ impl Reconciler {
             dirty: true,
             last_attached: BTreeSet::new(),
             carried: Changes::default(),
-            reported_bridges: BTreeSet::new(),
+            netns_dir: cfg.netns_dir.clone(),
         }
     }
 
@@ -176,18 +192,13 @@ impl Reconciler {
         if check_capture {
             self.routing.install_capture().await?;
         }
-        let flags = self.dp.interfaces()?;
-        for i in wanted {
-            let topology = Topology::of(i, &self.pod_cidrs);
-            if topology.role == Role::PodBridge && self.reported_bridges.insert(i.index) {
-                tracing::error!(
-                    interface = %i.name,
-                    "a bridge with pods behind it appeared (a bridge CNI): its pods cannot be captured and are not enrolled"
-                );
-            }
+        let values = self.dp.interfaces()?;
+        let classified = |i: &&Interface| Topology::of(i, ifaces, &self.pod_cidrs).classified();
+        for i in wanted.into_iter().filter(classified) {
             // The workload bit is the map pass's to set; the rest is the interface's kind.
-            let want = topology.flags() | (flags.get(&i.index).copied().unwrap_or(0) & IF_WORKLOAD);
-            if flags.get(&i.index) != Some(&want) {
+            let mut want = Topology::of(i, ifaces, &self.pod_cidrs).value();
+            want.flags |= values.get(&i.index).map_or(0, |v| v.flags & IF_WORKLOAD);
+            if values.get(&i.index) != Some(&want) {
                 self.dp.set_interface(i.index, want)?;
             }
             // An interface can vanish between listing and attaching (pod churn): skip it,
@@ -196,10 +207,12 @@ impl Reconciler {
                 tracing::warn!(interface = %i.name, "attaching the classifier failed (will retry): {e}");
             }
         }
-        let existing: BTreeSet<u32> = ifaces.iter().map(|i| i.index).collect();
+        // What vanished, and a pod bridge that carries the classifier (an interface that
+        // became one), lose it.
+        let existing: BTreeSet<u32> = ifaces.iter().filter(classified).map(|i| i.index).collect();
         self.dp.prune_tc(&existing)?;
         let attached = self.dp.attached_interfaces();
-        for ifindex in flags.keys().filter(|i| !attached.contains(i)) {
+        for ifindex in values.keys().filter(|i| !attached.contains(i)) {
             self.dp.remove_interface(*ifindex)?;
         }
         Ok(attached)
@@ -214,14 +227,19 @@ impl Reconciler {
         let routable: Vec<IpAddr> =
             local.iter().map(|(ip, _)| *ip).filter(|ip| !own.contains(ip) && self.in_pod_cidrs(*ip)).collect();
         let routes = self.routes.resolve(&self.routing, routable).await?;
+        let claims = self.claims_if_bridged(ifaces, routes.values().flatten()).await;
         let mut desired = DesiredMap::new();
         let mut problems = BTreeMap::new();
         for (ip, id) in local {
-            match self.place(ip, &own, routes.get(&ip).copied().flatten(), ifaces, attached) {
-                Ok(ifx) => {
+            match self.place(ip, &own, routes.get(&ip).copied().flatten(), ifaces, attached, &claims) {
+                Place::On(ifx) => {
                     desired.insert(ip, (ifx, id));
                 }
-                Err(problem) => {
+                Place::Held(problem) => {
+                    desired.insert(ip, (0, id.clone()));
+                    problems.insert(ip, (problem, id));
+                }
+                Place::Unresolved(problem) => {
                     problems.insert(ip, (problem, id));
                 }
             }
@@ -229,6 +247,25 @@ impl Reconciler {
         self.report(&problems);
         self.unresolved = problems.into_iter().map(|(ip, (p, _))| (ip, p)).collect();
         Ok(desired)
+    }
+
+    /// The pods' own word on their ports, read only when some workload is routed via a pod
+    /// bridge; an unreadable namespace directory is the reason those stay unresolved.
+    async fn claims_if_bridged<'a>(
+        &self,
+        ifaces: &[Interface],
+        mut routed_via: impl Iterator<Item = &'a u32>,
+    ) -> Result<PortClaims, String> {
+        let bridged = |ifx: &u32| {
+            ifaces.iter().any(|i| i.index == *ifx && Topology::of(i, ifaces, &self.pod_cidrs).role == Role::PodBridge)
+        };
+        if !routed_via.any(bridged) {
+            return Ok(PortClaims::default());
+        }
+        match pod_ports::scan(&self.netns_dir).await {
+            Ok(seen) => Ok(PortClaims::confirmed(&seen, ifaces)),
+            Err(e) => Err(format!("its pod's port cannot be read: {e} (see --netns-dir)")),
+        }
     }
 
     /// The interface a workload IP is enrolled on, or why it is not. An address of the node,
@@ -241,27 +278,65 @@ impl Reconciler {
         route: Option<u32>,
         ifaces: &[Interface],
         attached: &BTreeSet<u32>,
-    ) -> Result<u32, String> {
+        claims: &Result<PortClaims, String>,
+    ) -> Place {
         if own.contains(&ip) {
-            return Err("it is an address of this node, not of a pod".into());
+            return Place::Unresolved("it is an address of this node, not of a pod".into());
         }
         if !self.in_pod_cidrs(ip) {
-            return Err(format!("it is outside the pod networks ({})", cidrs(&self.pod_cidrs)));
+            return Place::Unresolved(format!("it is outside the pod networks ({})", cidrs(&self.pod_cidrs)));
         }
-        let Some(ifx) = route else { return Err("no device route to it on this node (is its veth up?)".into()) };
+        let Some(ifx) = route else {
+            return Place::Unresolved("no device route to it on this node (is its veth up?)".into());
+        };
         let iface = ifaces.iter().find(|i| i.index == ifx);
         let name = iface.map_or("?", |i| i.name.as_str());
-        match iface.map(|i| Topology::of(i, &self.pod_cidrs).role) {
-            Some(Role::PodBridge) => Err(format!(
-                "it is routed via the bridge {name}: pods behind a bridge cannot be captured (not supported)"
-            )),
+        let ifx = match iface.map(|i| Topology::of(i, ifaces, &self.pod_cidrs).role) {
+            Some(Role::PodBridge) => match self.port_behind(ip, ifx, name, ifaces, claims) {
+                Ok(port) => port,
+                Err(place) => return place,
+            },
             Some(Role::Uplink | Role::Port) => {
-                Err(format!("it is routed via {name}, which is not pod-facing (it carries the node's addresses)"))
+                return Place::Unresolved(format!(
+                    "it is routed via {name}, which is not pod-facing (it carries the node's addresses)"
+                ));
             }
-            _ if !attached.contains(&ifx) => {
-                Err(format!("routed via {name} which meshpath is not attached to (see --interface)"))
+            _ => ifx,
+        };
+        if !attached.contains(&ifx) {
+            let name = ifaces.iter().find(|i| i.index == ifx).map_or("?", |i| i.name.as_str());
+            return Place::Unresolved(format!("routed via {name} which meshpath is not attached to (see --interface)"));
+        }
+        Place::On(ifx)
+    }
+
+    /// The port of `bridge` that the pod holding `ip` sits behind.
+    fn port_behind(
+        &self,
+        ip: IpAddr,
+        bridge: u32,
+        name: &str,
+        ifaces: &[Interface],
+        claims: &Result<PortClaims, String>,
+    ) -> Result<u32, Place> {
+        let claims = claims.as_ref().map_err(|e| Place::Unresolved(e.clone()))?;
+        let port_of = |p: &u32| ifaces.iter().find(|i| i.index == *p && i.master == Some(bridge));
+        match claims.get(&ip) {
+            Some(Claim::Port(p)) if port_of(p).is_some() => Ok(*p),
+            Some(Claim::Port(p)) => Err(Place::Unresolved(format!(
+                "its pod's interface leads to ifindex {p}, which is not a port of {name}, the bridge it is routed via"
+            ))),
+            Some(Claim::Contested(ports)) => {
+                let names: Vec<&str> = ports.iter().filter_map(port_of).map(|i| i.name.as_str()).collect();
+                Err(Place::Held(format!(
+                    "pods behind several ports of {name} hold it ({}): held behind none, its traffic is dropped",
+                    names.join(", ")
+                )))
             }
-            _ => Ok(ifx),
+            None => Err(Place::Unresolved(format!(
+                "it is routed via the bridge {name}, and no pod namespace in {} holds it on a port of it",
+                self.netns_dir.display()
+            ))),
         }
     }
 
@@ -300,10 +375,10 @@ impl Reconciler {
     fn apply(&mut self, desired: &DesiredMap, ifaces: &[Interface]) -> Result<(), NodeError> {
         let names: BTreeMap<u32, &str> = ifaces.iter().map(|i| (i.index, i.name.as_str())).collect();
         let wanted_ifs: BTreeSet<u32> = desired.values().map(|(ifx, _)| *ifx).collect();
-        let flags = self.dp.interfaces()?;
-        for (ifx, f) in &flags {
-            if f & IF_WORKLOAD != 0 && !wanted_ifs.contains(ifx) {
-                self.dp.set_interface(*ifx, f & !IF_WORKLOAD)?;
+        let values = self.dp.interfaces()?;
+        for (ifx, v) in &values {
+            if v.flags & IF_WORKLOAD != 0 && !wanted_ifs.contains(ifx) {
+                self.dp.set_interface(*ifx, InterfaceValue { flags: v.flags & !IF_WORKLOAD, ..*v })?;
             }
         }
         let current = self.map.get_or_insert_with(BTreeMap::new);
@@ -324,9 +399,10 @@ impl Reconciler {
                     tracing::info!(workload = %id, %ip, interface = ifname, ifindex = ifx, "enrolled");
                 }
             }
-            let f = flags.get(ifx).copied().unwrap_or(0);
-            if f & IF_WORKLOAD == 0 {
-                self.dp.set_interface(*ifx, f | IF_WORKLOAD)?;
+            // Held IPs (behind none) have no interface to flag.
+            let v = values.get(ifx).copied().unwrap_or_default();
+            if *ifx != 0 && v.flags & IF_WORKLOAD == 0 {
+                self.dp.set_interface(*ifx, InterfaceValue { flags: v.flags | IF_WORKLOAD, ..v })?;
             }
         }
         Ok(())
