@@ -297,10 +297,12 @@ fn decode_shows_workloads_interfaces_identities_listeners_and_counters() -> Resu
             .find(|l| l.contains(&format!("{name} (ifindex ")))
             .map(|l| l.split_whitespace().last().unwrap_or("").to_owned())
     };
+    // Behind a bridge, pods' veths are its ports.
+    let port = if lab.topology == Topology::Bridge { ",bridge_port" } else { "" };
     ensure!(
-        flags_of("vpa").as_deref() == Some("workload,pod")
-            && flags_of("vpe").as_deref() == Some("workload,pod")
-            && flags_of("vpb").as_deref() == Some("pod")
+        flags_of("vpa") == Some(format!("workload,pod{port}"))
+            && flags_of("vpe") == Some(format!("workload,pod{port}"))
+            && flags_of("vpb") == Some(format!("pod{port}"))
             // The node link: an uplink, without an Ethernet header in the l3 topology.
             && flags_of("ul0").as_deref() == Some(if lab.topology == Topology::L3 { "l3" } else { "-" }),
         "{}",

@@ -200,13 +200,8 @@ fn a_forged_arp_answer_does_not_hand_an_enrolled_pods_traffic_to_another_pod() -
 /// with the reason, and nothing is left in the kernel.
 #[test]
 fn a_pod_bridge_without_readable_pod_namespaces_is_refused_with_the_reason() -> Result<()> {
-    let mut lab = support::built_lab()?;
+    let mut lab = Lab::build_with(&meshpath(), Topology::Bridge).context("building the lab")?;
     lab.daemon_args.extend(["--netns-dir".into(), "/nonexistent/netns".into()]);
-    let n1 = lab.nodes[0].name.clone();
-    let ip = |args: &[&str]| support::ip(&n1, args);
-    ip(&["link", "add", "cni0", "type", "bridge"])?;
-    ip(&["addr", "add", "10.244.1.1/24", "dev", "cni0"])?;
-    ip(&["link", "set", "cni0", "up"])?;
     let err = lab.start_daemon(0).expect_err("a node with a pod bridge must not start").to_string();
     ensure!(
         err.contains("cni0 is a bridge with pods behind it") && err.contains("/nonexistent/netns"),

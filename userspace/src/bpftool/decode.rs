@@ -249,7 +249,8 @@ fn render(out: &mut String, v: &MapView, have_workloads: bool) {
             let _ = writeln!(
                 out,
                 "{} (map id {}): {} the classifier knows (workload: TCP must come from an enrolled IP; \
-                 pod: sources must route back through it; l3: no link-layer header)",
+                 pod: sources must route back through it; l3: no link-layer header; bridge_port: a pod bridge's port, \
+                 routed via the bridge)",
                 v.map,
                 v.id,
                 plural(rows.len(), "interface", "interfaces")

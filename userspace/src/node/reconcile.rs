@@ -322,7 +322,12 @@ impl Reconciler {
         let claims = claims.as_ref().map_err(|e| Place::Unresolved(e.clone()))?;
         let port_of = |p: &u32| ifaces.iter().find(|i| i.index == *p && i.master == Some(bridge));
         match claims.get(&ip) {
-            Some(Claim::Port(p)) if port_of(p).is_some() => Ok(*p),
+            // A port that is down carries nothing, as a routed veth that is down has no route.
+            Some(Claim::Port(p)) if port_of(p).is_some_and(|i| i.up) => Ok(*p),
+            Some(Claim::Port(p)) if port_of(p).is_some() => Err(Place::Unresolved(format!(
+                "its port {} on {name} is down",
+                port_of(p).map_or("?", |i| i.name.as_str())
+            ))),
             Some(Claim::Port(p)) => Err(Place::Unresolved(format!(
                 "its pod's interface leads to ifindex {p}, which is not a port of {name}, the bridge it is routed via"
             ))),
