@@ -194,9 +194,12 @@ impl Reconciler {
         }
         let values = self.dp.interfaces()?;
         let classified = |i: &&Interface| Topology::of(i, ifaces, &self.pod_cidrs).classified();
-        for i in wanted.into_iter().filter(classified) {
+        for (i, topology) in wanted.into_iter().map(|i| (i, Topology::of(i, ifaces, &self.pod_cidrs))) {
+            if !topology.classified() {
+                continue;
+            }
             // The workload bit is the map pass's to set; the rest is the interface's kind.
-            let mut want = Topology::of(i, ifaces, &self.pod_cidrs).value();
+            let mut want = topology.value();
             want.flags |= values.get(&i.index).map_or(0, |v| v.flags & IF_WORKLOAD);
             if values.get(&i.index) != Some(&want) {
                 self.dp.set_interface(i.index, want)?;
@@ -256,10 +259,12 @@ impl Reconciler {
         ifaces: &[Interface],
         mut routed_via: impl Iterator<Item = &'a u32>,
     ) -> Result<PortClaims, String> {
-        let bridged = |ifx: &u32| {
-            ifaces.iter().any(|i| i.index == *ifx && Topology::of(i, ifaces, &self.pod_cidrs).role == Role::PodBridge)
-        };
-        if !routed_via.any(bridged) {
+        let bridges: BTreeSet<u32> = ifaces
+            .iter()
+            .filter(|i| Topology::of(i, ifaces, &self.pod_cidrs).role == Role::PodBridge)
+            .map(|i| i.index)
+            .collect();
+        if bridges.is_empty() || !routed_via.any(|ifx| bridges.contains(ifx)) {
             return Ok(PortClaims::default());
         }
         match pod_ports::scan(&self.netns_dir).await {
