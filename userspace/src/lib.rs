@@ -4,6 +4,7 @@
 //! - [`routing`] installs the capture rule and local table over rtnetlink;
 //! - [`proxy`] accepts steered connections and relays them, across nodes inside HBONE;
 //! - [`identity`] holds workload identities and their certificates, [`tls`] the mTLS set-up;
+//! - [`drain`] is how tasks and connections are told to stop;
 //! - [`node`] is the per-node daemon tying them together, following a [`node::source`];
 //! - [`state`] is what the node knows (workloads, services), [`record`] what it did with
 //!   each connection (access log, metrics);
@@ -19,6 +20,7 @@ pub mod admin;
 pub mod bpftool;
 pub mod cli;
 pub mod datapath;
+pub mod drain;
 pub mod identity;
 pub mod k8s;
 pub mod metrics;
