@@ -61,3 +61,47 @@ fn a_successor_that_fails_before_taking_over_leaves_the_node_served() -> Result<
     ensure!(lab.classifiers(0, "vpa")? == 1, "the classifier went with the daemon");
     Ok(())
 }
+
+/// A successor killed (SIGKILL) once it has taken the SOCKMAP slots, or just before, while
+/// traffic flows: the old daemon, still alive and waiting for its stop signal, serves the
+/// node again within 5 s, with no kubelet to restart anything; the node stays open to a
+/// later takeover.
+#[test]
+fn a_successor_killed_after_taking_over_leaves_the_node_served_again_within_5s() -> Result<()> {
+    let mut lab = started_lab()?;
+    let _servers = smoke::start_servers(&lab)?;
+    let ns = lab.nodes[0].name.clone();
+    for kill_after in [Duration::from_millis(300), Duration::from_millis(1000)] {
+        let before = meshpath::datapath::pinned_listener_cookies(&ns)?;
+        let mut successor = lab.spawn_logged(0)?;
+        std::thread::sleep(kill_after);
+        let now = meshpath::datapath::pinned_listener_cookies(&ns)?;
+        let took = now.iter().zip(&before).any(|(n, b)| n.is_some() && n != b);
+        successor.kill()?;
+        successor.wait()?;
+        let killed = std::time::Instant::now();
+        println!("successor killed {kill_after:?} after its start; it had taken the slots: {took}");
+        wait_until("node 1 served again", Duration::from_secs(5), || {
+            Ok(readiness(&ns).unwrap_or(false)
+                && send(&lab, "a", "c", Duration::from_millis(500)).is_ok()
+                && send(&lab, "d", "a", Duration::from_millis(500)).is_ok())
+        })
+        .with_context(|| {
+            let log = std::fs::read_to_string(lab.daemon_log_path(0)).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(25).collect::<Vec<_>>().into_iter().rev().collect();
+            format!("after killing the successor {kill_after:?} into its start; node 1's log ends:\n{}", tail.join("\n"))
+        })?;
+        println!("  node 1 ready and carrying connections {:?} after the kill", killed.elapsed());
+        let alive = lab.nodes[0].daemon.as_mut().map(|c| c.try_wait()).transpose()?;
+        ensure!(matches!(alive, Some(None)), "the old daemon is gone ({alive:?})");
+        if kill_after == Duration::from_millis(1000) {
+            ensure!(took, "1 s after its start the successor had not taken the slots: nothing was tested");
+            let text = std::fs::read_to_string(lab.daemon_log_path(0))?;
+            ensure!(text.contains("serving it again"), "the old daemon did not say it serves the node again");
+        }
+    }
+    // The daemon that came back can be taken over again, as any serving daemon.
+    lab.take_over(0, Duration::from_secs(15))?;
+    send(&lab, "a", "c", Duration::from_secs(3)).context("a -> c after a takeover of the daemon that came back")?;
+    Ok(())
+}

@@ -439,8 +439,8 @@ impl Lab {
         Ok(())
     }
 
-    /// A daemon process for `node`, logging to the node's log.
-    fn spawn_logged(&self, node: usize) -> Result<Child> {
+    /// A daemon process for `node`, logging to the node's log (a successor, when one serves).
+    pub fn spawn_logged(&self, node: usize) -> Result<Child> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.daemon_log_path(node))?;
         let mut cmd = self.daemon_command(node);
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);

@@ -4,11 +4,9 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error)]
 #[error("binding the readiness endpoint on {addr}: {source}")]
@@ -17,24 +15,10 @@ pub struct AdminError {
     source: std::io::Error,
 }
 
-/// Set once the daemon serves traffic; answered 503 again while a successor is starting
-/// (its probes may reach this process: the port is shared during a takeover).
-#[derive(Clone, Default)]
-pub struct Readiness {
-    ready: Arc<AtomicBool>,
-    handing_over: Arc<AtomicBool>,
-}
-
-impl Readiness {
-    pub fn set(&self, ready: bool) {
-        self.ready.store(ready, Ordering::SeqCst);
-    }
-    pub fn set_handing_over(&self, handing_over: bool) {
-        self.handing_over.store(handing_over, Ordering::SeqCst);
-    }
-    pub fn get(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && !self.handing_over.load(Ordering::SeqCst)
-    }
+/// What readiness is asked: `None` when ready, else why not (the 503's body). The node
+/// defines what it means (its lifecycle's `Readiness`).
+pub trait Ready: Send + Sync {
+    fn why_not(&self) -> Option<String>;
 }
 
 /// Kubelet probes a hostNetwork pod on the node's address, so this listens on all of them.
@@ -56,14 +40,15 @@ pub async fn bind(port: u16) -> Result<TcpListener, AdminError> {
 /// What the endpoints answer from.
 #[derive(Clone)]
 pub struct Routes {
-    pub ready: Readiness,
+    pub ready: Arc<dyn Ready>,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
-pub async fn serve(listener: TcpListener, routes: Routes, mut shutdown: watch::Receiver<bool>) {
+/// Answers until a drain starts (the port closes with the listener).
+pub async fn serve(listener: TcpListener, routes: Routes, mut drain: crate::drain::Watcher) {
     loop {
         let (mut stream, _) = tokio::select! {
-            _ = shutdown.changed() => return,
+            _ = drain.signalled() => return,
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(_) => {
@@ -81,9 +66,9 @@ pub async fn serve(listener: TcpListener, routes: Routes, mut shutdown: watch::R
             let req = String::from_utf8_lossy(&buf[..n]);
             let path = req.split_whitespace().nth(1).unwrap_or("");
             let plain = "text/plain";
-            let (status, content_type, body) = match (path, routes.ready.get()) {
-                ("/healthz/ready", true) => ("200 OK", plain, "ready\n".to_string()),
-                ("/healthz/ready", false) => ("503 Service Unavailable", plain, "not ready\n".to_string()),
+            let (status, content_type, body) = match (path, routes.ready.why_not()) {
+                ("/healthz/ready", None) => ("200 OK", plain, "ready\n".to_string()),
+                ("/healthz/ready", Some(why)) => ("503 Service Unavailable", plain, format!("not ready: {why}\n")),
                 ("/metrics" | "/stats/prometheus", _) => {
                     ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", routes.metrics.render())
                 }

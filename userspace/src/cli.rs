@@ -153,6 +153,11 @@ pub struct NodeArgs {
     /// terminationGracePeriodSeconds. 0 exits at once, cutting them.
     #[arg(long, env = "MESHPATH_DRAIN_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub drain_timeout_secs: u64,
+    /// How long a workload IP that leaves the desired state stays captured, in case it comes
+    /// back (a file written in place, a watch relisting); released at once when its pod's
+    /// interface or namespace is gone, or another pod takes the address. 0 releases at once.
+    #[arg(long, env = "MESHPATH_RELEASE_HOLD_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=300))]
+    pub release_hold_secs: u64,
 }
 
 fn parse_trust_domain(s: &str) -> Result<String, String> {
@@ -219,6 +224,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 plaintext: a.inbound_plaintext,
                 hbone_idle_timeout: Duration::from_secs(a.hbone_idle_timeout_secs),
                 drain_timeout: Duration::from_secs(a.drain_timeout_secs),
+                release_hold: Duration::from_secs(a.release_hold_secs),
                 max_connections: a.max_connections.map(|n| n as usize),
                 max_connections_per_source: a.max_connections_per_source.map(|n| n as usize),
                 proxy_only: a.proxy_only,

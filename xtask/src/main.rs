@@ -245,7 +245,8 @@ fn root() -> PathBuf {
 
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(root());
+    // Set up by every task: a build without the eBPF object must not pass for a real one.
+    c.current_dir(root()).env("MESHPATH_REQUIRE_EBPF", "1");
     c
 }
 

@@ -71,8 +71,8 @@ fn init_done<K>(e: &watcher::Event<K>) -> bool {
 }
 
 /// Starts the watchers; the receiver holds `None` until the first full sync, then the
-/// latest state. They stop when `stop` changes.
-pub fn start(client: Client, mut stop: watch::Receiver<bool>) -> watch::Receiver<Option<Arc<DesiredState>>> {
+/// latest state. They stop when `stop` is signalled.
+pub fn start(client: Client, mut stop: crate::drain::Watcher) -> watch::Receiver<Option<Arc<DesiredState>>> {
     let (tx, rx) = watch::channel(None);
     let cfg = watcher::Config::default();
     let (pods, pods_w) = reflector::store::<Pod>();
@@ -102,7 +102,7 @@ pub fn start(client: Client, mut stop: watch::Receiver<bool>) -> watch::Receiver
         let mut last: Option<Arc<DesiredState>> = None;
         loop {
             tokio::select! {
-                _ = stop.changed() => return,
+                _ = stop.signalled() => return,
                 _ = async { tokio::time::sleep_until(due.expect("guarded")).await }, if due.is_some() => {
                     due = None;
                     if listed.len() < 4 {

@@ -8,15 +8,14 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use meshpath_common::{DropEvent, DropReason};
-use tokio::sync::watch;
 
 use crate::datapath::Events;
 
 /// One line per reason and interface at most this often.
 const REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Follows the events until `stop` changes.
-pub(super) fn spawn(events: Events, mut stop: watch::Receiver<bool>) {
+/// Follows the events until `stop` is signalled.
+pub(super) fn spawn(events: Events, mut stop: crate::drain::Watcher) {
     let mut fd = match crate::datapath::async_events(events) {
         Ok(fd) => fd,
         Err(e) => {
@@ -29,7 +28,7 @@ pub(super) fn spawn(events: Events, mut stop: watch::Receiver<bool>) {
         let mut flush = tokio::time::interval(REPORT_INTERVAL);
         loop {
             tokio::select! {
-                _ = stop.changed() => return,
+                _ = stop.signalled() => return,
                 _ = flush.tick() => reports.flush(Instant::now()),
                 ready = fd.readable_mut() => {
                     let Ok(mut guard) = ready else { return };

@@ -20,6 +20,21 @@ pub enum DaemonState {
     Serving,
     /// Taken over or stopped: handing relays over and draining.
     Draining,
+    /// Taken over and drained: waiting for its stop signal, ready to serve again should the
+    /// successor die.
+    Standby,
+}
+
+impl From<super::lifecycle::Phase> for DaemonState {
+    fn from(p: super::lifecycle::Phase) -> Self {
+        use super::lifecycle::Phase;
+        match p {
+            Phase::Starting => DaemonState::Starting,
+            Phase::Serving => DaemonState::Serving,
+            Phase::SteppingDown | Phase::Draining | Phase::Stopped => DaemonState::Draining,
+            Phase::Standby => DaemonState::Standby,
+        }
+    }
 }
 
 impl DaemonState {
@@ -28,6 +43,7 @@ impl DaemonState {
             DaemonState::Starting => "starting",
             DaemonState::Serving => "serving",
             DaemonState::Draining => "draining",
+            DaemonState::Standby => "standby",
         }
     }
 }

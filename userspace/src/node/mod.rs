@@ -2,18 +2,25 @@
 //! runs in, keeps the workload maps in step with the desired state its [`source`] publishes,
 //! and runs the proxy.
 //!
+//! - [`lifecycle`]: the phases of a daemon's life, their transitions and readiness, and
+//!   [`daemon`] the driver that does each phase's work;
 //! - [`source`]: the workload file or Kubernetes, each publishing the desired state;
-//! - [`reconcile`]: attachments, route resolution and the map diff;
+//! - [`releases`]: workload IPs leaving the desired state, held back for a bounded time;
+//! - [`reconcile`]: attachments, route resolution and the map diff, over the [`kernel`] seam;
 //! - [`routes`]: the cache of which interface each workload IP is routed to;
 //! - [`lock`]: the node lock daemons share and `uninstall` takes whole;
 //! - [`instance`]: each daemon's note of its sockets and state, for `status`;
 //! - [`takeover`]: a successor daemon taking the node over, relays and all;
 //! - [`drops`]: the datapath's drop events, as rate-limited log lines.
 
+mod daemon;
 mod drops;
 pub mod instance;
+mod kernel;
+pub mod lifecycle;
 pub mod lock;
 mod reconcile;
+mod releases;
 mod routes;
 pub mod source;
 pub mod takeover;
@@ -24,22 +31,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use tokio::sync::watch;
 
-use crate::admin::{self, Readiness};
+use crate::admin;
 use crate::datapath::{self, AttachMode, Datapath, DatapathError};
+use crate::drain;
 use crate::identity::manager::CertificateManager;
 use crate::identity::{CertificateProvider, IdentityError, ca, files};
 use crate::metrics::{self, Metrics};
 use crate::proxy::limits::{self, Limits};
 use crate::proxy::{self, PlaintextPolicy, Proxy, ProxyConfig, access_log::AccessLog};
 use crate::routing::{self, Interface, Routing, RoutingError};
-use crate::state::{DesiredState, WorkloadIndex};
+use crate::state::WorkloadIndex;
 use crate::topology::{Role, Topology};
+use kernel::KernelError;
 use lock::{LockError, NodeLock};
-use reconcile::{Reconciler, Trigger};
-use source::{Source, SourceError, StateRx};
-use takeover::{Predecessor, Successors};
+use reconcile::{Reconciler, Scope};
+use source::{Source, SourceError};
+use takeover::Predecessor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -47,6 +55,8 @@ pub enum NodeError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Routing(#[from] RoutingError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
@@ -67,6 +77,8 @@ pub enum NodeError {
     PodNamespaces { bridge: String, dir: PathBuf, source: std::io::Error },
     #[error("the source of the desired state stopped before its first state")]
     Sync,
+    #[error("keeping a second fd of the proxy's listeners: {0}")]
+    Listeners(std::io::Error),
     #[error("a meshpath daemon still serves node {0} (it holds the node lock); stop it first")]
     DaemonRunning(String),
     #[error(transparent)]
@@ -102,6 +114,9 @@ pub struct NodeConfig {
     pub hbone_idle_timeout: Duration,
     /// How long a stopping daemon lets open connections finish.
     pub drain_timeout: Duration,
+    /// How long a workload IP leaving the desired state stays enrolled (unless its pod's
+    /// interface goes first, or it comes back).
+    pub release_hold: Duration,
     /// Connections (and HBONE streams) held at once; `None`: what the open-files limit holds.
     pub max_connections: Option<usize>,
     /// Of those, per client address; `None`: an eighth of the node's.
@@ -143,205 +158,74 @@ pub(super) const SAFETY_TICK: Duration = Duration::from_secs(10);
 
 /// Runs until `shutdown` resolves. On return the listeners are closed, so enrolled traffic
 /// fails closed, while programs, maps and routing stay in the kernel for the next instance.
-pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
+pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), NodeError> {
     datapath::validate_node_name(&cfg.node)?;
-    let (stop_tx, stop_rx) = watch::channel(false);
+    if cfg.proxy_only {
+        return run_proxy_only(cfg, shutdown).await;
+    }
+    let (tasks, watcher) = drain::new();
     // Everything cheap is validated before the kernel is touched: a bad workload file or
     // Kubernetes configuration fails the start here.
-    let mut desired = cfg.source.start(cfg.poll_interval, stop_rx.clone()).await?;
+    let desired = cfg.source.start(cfg.poll_interval, watcher.clone()).await?;
     let log = AccessLog::open(cfg.access_log.as_deref())?;
     let certs = CertificateManager::new(cfg.certificates.provider(&cfg.trust_domain)?);
-    let admin_listener = admin::bind(cfg.readiness_port).await?;
-    let metrics_listener = admin::bind(cfg.metrics_port).await?;
     let metrics = Metrics::new();
-    let listeners = proxy::bind_listeners()?;
-    let _lock = if cfg.proxy_only { None } else { Some(NodeLock::shared(&cfg.node)?) };
-    let mut instance = if cfg.proxy_only { None } else { instance::Instance::create(&cfg.node) };
+    let _lock = NodeLock::shared(&cfg.node)?;
+    let instance = instance::Instance::create(&cfg.node);
     // A daemon serving the node now hands it over once this one is ready.
-    let predecessor = if cfg.proxy_only { None } else { Predecessor::announce(&cfg.node).await };
+    let predecessor = Predecessor::announce(&cfg.node).await;
     // Nothing of this node pinned yet: a start that fails takes out again everything it put
     // into the kernel.
-    let fresh = !cfg.proxy_only && datapath::is_fresh(&cfg.node)?;
-
-    // The capture rule and routes are installed by the first reconcile pass below. Until
-    // then a restarted node keeps capturing with the pinned maps (and drops that traffic:
-    // no listener is registered yet).
-    let mut kernel = if cfg.proxy_only {
-        tracing::info!("proxy only: no datapath is loaded; something else must deliver connections to the listeners");
-        None
-    } else {
-        match load_kernel(&cfg).await {
-            Ok(k) => Some(k),
-            Err(e) => return undo_start(&cfg.node, fresh, Err(e)).await,
-        }
-    };
-
+    let fresh = datapath::is_fresh(&cfg.node)?;
     let proxy = new_proxy(&cfg, log, certs, &metrics);
     metrics.set_sources(ScrapeSources { node: cfg.node.clone(), proxy: proxy.clone() });
-    if let Some(events) = kernel.as_mut().and_then(|k| k.datapath().take_events()) {
-        drops::spawn(events, stop_rx.clone());
-    }
-
-    // Probes get answers (503 until ready) while the first state is awaited. The admin
-    // ports close on their own signal: a daemon taken over gives them up at once.
-    let ready = Readiness::default();
-    let (admin_stop, admin_stop_rx) = watch::channel(false);
-    let routes = admin::Routes { ready: ready.clone(), metrics };
-    let admin_task = tokio::spawn(admin::serve(admin_listener, routes.clone(), admin_stop_rx.clone()));
-    let metrics_task = tokio::spawn(admin::serve(metrics_listener, routes, admin_stop_rx));
-    tokio::pin!(shutdown);
-
-    let apply = |state: &DesiredState, kernel: Option<&mut Reconciler>| {
-        proxy.set_workloads(WorkloadIndex::new(state, &cfg.trust_domain));
-        if let Some(k) = kernel {
-            k.set_file(state.workloads.clone());
-        }
+    let mut daemon = daemon::Daemon {
+        releases: releases::Releases::new(cfg.release_hold),
+        cfg,
+        proxy,
+        metrics,
+        desired,
+        state: None,
+        ready: lifecycle::Readiness::default(),
+        instance,
+        tasks: watcher,
+        phase: lifecycle::Phase::Starting,
+        signalled: false,
     };
-    let started = async {
-        let Some(first) = first_state(&mut desired, &mut shutdown).await? else { return Ok(None) };
-        apply(&first, kernel.as_mut());
-        let Some(k) = kernel.as_mut() else { return Ok(Some(Vec::new())) };
-        // Attachments, routes and maps first (stale entries of a previous run go here),
-        // then the listeners: writing them into the SOCKMAP is the moment this daemon
-        // serves, and takes the node over from a predecessor.
-        k.reconcile(Trigger::Safety).await?;
-        for l in &listeners {
-            k.datapath().register_listener(l.role, l.ipv6, &l.socket)?;
-        }
-        tracing::info!(count = listeners.len(), "proxy listeners registered in the SOCKMAP");
-        Ok::<_, NodeError>(Some(k.datapath().listener_cookies()?))
-    }
-    .await;
-    let own_slots = match started {
-        Ok(Some(cookies)) => cookies,
-        Ok(None) => {
-            let _ = stop_tx.send(true);
-            let _ = admin_stop.send(true);
-            let _ = tokio::join!(admin_task, metrics_task);
-            if fresh {
-                drop(kernel.take());
-                return undo_start(&cfg.node, true, Ok(())).await;
-            }
-            tracing::info!("stopped before the first state; the pinned datapath is unchanged");
-            return Ok(());
-        }
-        Err(e) => {
-            let _ = stop_tx.send(true);
-            // The programs detach once their links' last fds close with the datapath.
-            drop(kernel.take());
-            return undo_start(&cfg.node, fresh, Err(e)).await;
-        }
-    };
-    let proxy_task = tokio::spawn(proxy.clone().serve(listeners, stop_rx.clone()));
-    if let Some(p) = predecessor {
-        tokio::spawn(p.adopt_relays(proxy.clone()));
-    }
-    let successors = match kernel.is_some().then(|| Successors::listen(&cfg.node, ready.clone())).transpose() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(
-                "a successor will find no handover channel (its takeover still works, without moving relays): {e}"
-            );
-            None
-        }
-    };
-    ready.set(true);
-    if let Some(i) = instance.as_mut() {
-        i.set(instance::DaemonState::Serving, Some(own_slots.iter().flatten().copied().collect()));
-    }
-    tracing::info!(node = %cfg.node, source = ?cfg.source, "node ready");
-
-    let watch = SlotWatch { own: own_slots, successors: successors.as_ref(), ready: &ready };
-    let stop = follow(&mut desired, &mut kernel, apply, &mut shutdown, watch, cfg.drain_timeout).await;
-
-    ready.set(false);
-    if let Some(i) = instance.as_mut() {
-        i.set(instance::DaemonState::Draining, None);
-    }
-    let drained = match (stop, successors) {
-        (Stop::TakenOver { .. }, Some(successors)) => {
-            let _ = admin_stop.send(true);
-            step_down(&proxy, &mut kernel, &stop_tx, proxy_task, successors, cfg.drain_timeout).await
-        }
-        (_, successors) => {
-            if let Some(s) = successors {
-                s.close();
-            }
-            let _ = stop_tx.send(true);
-            // The accept loops are done: the listeners are closed and out of the SOCKMAP, so
-            // new enrolled connections are dropped (fail closed) while the open ones finish.
-            let _ = proxy_task.await;
-            drain(&proxy, cfg.drain_timeout, 0).await
-        }
-    };
-    proxy.count_drained(&drained);
-    let _ = admin_stop.send(true);
-    let _ = admin_task.await;
-    let _ = metrics_task.await;
-    if let Stop::TakenOver { signalled } = stop {
-        if !signalled {
-            tracing::info!(
-                "taken over and drained; waiting for the stop signal (kubelet sends it once the successor is ready)"
-            );
-            shutdown.as_mut().await;
-        }
-        tracing::info!("stopped after a takeover; the successor serves the node");
-        return Ok(());
-    }
-    tracing::info!(
-        pin_dir = %datapath::node_pin_dir(&cfg.node).map(|p| p.display().to_string()).unwrap_or_default(),
-        "stopped; the datapath stays pinned and drops enrolled traffic until a daemon takes over (`meshpath uninstall` removes it)"
-    );
-    Ok(())
+    let shutdown: daemon::Shutdown<'_> = std::pin::pin!(shutdown);
+    let result = daemon.live(shutdown, predecessor, fresh).await;
+    tasks.stop(Duration::from_secs(1)).await;
+    result
 }
 
-/// A taken-over daemon steps down: it keeps accepting what its listeners still queue for
-/// [`takeover::LINGER`], closes them and its program links (the successor's run ahead of
-/// them), hands its plain relays to the successor and lets the rest finish.
-async fn step_down(
-    proxy: &Arc<Proxy>,
-    kernel: &mut Option<Reconciler>,
-    stop_tx: &watch::Sender<bool>,
-    proxy_task: tokio::task::JoinHandle<()>,
-    successors: Successors,
-    timeout: Duration,
-) -> Drained {
-    tracing::info!(
-        linger = ?takeover::LINGER,
-        "taken over: new connections go to the successor; accepting what is still queued here, then draining"
-    );
-    tokio::time::sleep(takeover::LINGER).await;
-    let _ = stop_tx.send(true);
-    let _ = proxy_task.await;
-    drop(kernel.take());
-    let open = proxy.open_connections();
-    let sender = successors.take().map(|successor| {
-        let (outbox, relays) = tokio::sync::mpsc::channel(64);
-        proxy.hand_over_relays(outbox);
-        tokio::spawn(async move {
-            let n = successor.hand_over(relays).await;
-            (successor, n)
-        })
-    });
-    let mut drained = drain(proxy, timeout, open).await;
-    // No relay moves after the deadline: the channel closes, and the successor learns what
-    // became of the rest.
-    proxy.stop_handing_over();
-    if let Some(Ok((successor, n))) = match sender {
-        Some(task) => Some(task.await),
-        None => None,
-    } {
-        drained.handed_over = n;
-        drained.finished = drained.finished.saturating_sub(n);
-        successor.report(&drained).await;
+/// `--proxy-only` (the benchmarks' iptables baselines): the proxy alone, without the
+/// datapath, the node lock or takeovers; something else delivers connections to it.
+async fn run_proxy_only(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
+    tracing::info!("proxy only: no datapath is loaded; something else must deliver connections to the listeners");
+    let (tasks, watcher) = drain::new();
+    let mut desired = cfg.source.start(cfg.poll_interval, watcher).await?;
+    let log = AccessLog::open(cfg.access_log.as_deref())?;
+    let certs = CertificateManager::new(cfg.certificates.provider(&cfg.trust_domain)?);
+    let metrics = Metrics::new();
+    let proxy = new_proxy(&cfg, log, certs, &metrics);
+    let listeners = proxy::bind_listeners()?;
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let serving = tokio::spawn(proxy.clone().serve(listeners, stop_rx));
+    tokio::pin!(shutdown);
+    loop {
+        if let Some(state) = desired.borrow_and_update().clone() {
+            proxy.set_workloads(WorkloadIndex::new(&state, &cfg.trust_domain));
+        }
+        tokio::select! {
+            _ = &mut shutdown => break,
+            r = desired.changed() => if r.is_err() { break },
+        }
     }
-    tracing::info!(
-        handed_over = drained.handed_over,
-        finished = drained.finished,
-        cut = drained.cut,
-        "stepped down: plain relays moved to the successor, the rest finished or were cut"
-    );
-    drained
+    let _ = stop.send(true);
+    let _ = serving.await;
+    proxy.count_drained(&drain(&proxy, cfg.drain_timeout, 0).await);
+    tasks.stop(Duration::from_secs(1)).await;
+    Ok(())
 }
 
 /// What became of the connections open when a daemon stopped serving.
@@ -373,125 +257,6 @@ async fn drain(proxy: &Proxy, timeout: Duration, open: usize) -> Drained {
     Drained { handed_over: 0, finished: open.saturating_sub(cut) as u64, cut: cut as u64 }
 }
 
-/// Why [`follow`] returned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Stop {
-    /// The stop signal.
-    Shutdown,
-    /// A successor's sockets are in the SOCKMAP slots; `signalled`: the stop signal came
-    /// already.
-    TakenOver { signalled: bool },
-}
-
-/// What a serving daemon watches for a takeover.
-struct SlotWatch<'a> {
-    /// The cookies of this daemon's sockets, by slot.
-    own: Vec<Option<u64>>,
-    successors: Option<&'a Successors>,
-    ready: &'a Readiness,
-}
-
-impl SlotWatch<'_> {
-    /// Whether a slot holds a socket that is not this daemon's; also notices a successor
-    /// that went away before taking over (and pins this daemon's links again).
-    fn taken_over(&self, kernel: &mut Reconciler) -> bool {
-        if let Some(s) = self.successors
-            && s.check_alive(self.ready)
-        {
-            match kernel.datapath().reclaim_pins() {
-                Ok(n) => tracing::info!(links = n, "pinned this daemon's links again in place of the successor's"),
-                Err(e) => tracing::error!("pinning this daemon's links again failed: {e}"),
-            }
-        }
-        match kernel.datapath().listener_cookies() {
-            Ok(now) => now.iter().zip(&self.own).any(|(n, o)| n.is_some() && n != o),
-            Err(e) => {
-                tracing::debug!("reading the listener slots: {e}");
-                false
-            }
-        }
-    }
-}
-
-/// Follows the desired state and the kernel until `shutdown` or a takeover: each change,
-/// and each safety tick, ends in one reconcile pass; a failing pass is logged once per
-/// streak and retried.
-async fn follow(
-    desired: &mut StateRx,
-    kernel: &mut Option<Reconciler>,
-    apply: impl Fn(&DesiredState, Option<&mut Reconciler>),
-    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
-    watch: SlotWatch<'_>,
-    successor_wait: Duration,
-) -> Stop {
-    let mut safety = tokio::time::interval(SAFETY_TICK);
-    safety.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    safety.reset();
-    let mut slots = tokio::time::interval(takeover::WATCH);
-    slots.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut following = true;
-    let mut failing = false;
-    let mut stopping = None;
-    loop {
-        let trigger = tokio::select! {
-            _ = &mut *shutdown, if stopping.is_none() => {
-                // Kubelet may stop the old pod before the new one took the slots over: a
-                // successor on its way is waited for (at most `successor_wait`), then this
-                // daemon steps down as after any takeover.
-                if kernel.as_mut().is_some_and(|k| watch.taken_over(k)) {
-                    return Stop::TakenOver { signalled: true };
-                }
-                if !watch.successors.is_some_and(Successors::pending) {
-                    return Stop::Shutdown;
-                }
-                tracing::info!(wait = ?successor_wait, "stop signal while a successor starts: serving until it takes over");
-                stopping = Some(tokio::time::Instant::now() + successor_wait);
-                continue;
-            }
-            _ = slots.tick(), if kernel.is_some() => {
-                if kernel.as_mut().is_some_and(|k| watch.taken_over(k)) {
-                    return Stop::TakenOver { signalled: stopping.is_some() };
-                }
-                if stopping.is_some_and(|at| tokio::time::Instant::now() >= at) {
-                    tracing::warn!("the successor did not take over in time; stopping without it");
-                    return Stop::Shutdown;
-                }
-                continue;
-            }
-            _ = safety.tick() => Trigger::Safety,
-            _ = kernel_changed(kernel.as_mut()) => Trigger::Change,
-            changed = desired.changed(), if following => {
-                match changed {
-                    Ok(()) => {
-                        if let Some(state) = desired.borrow_and_update().clone() {
-                            apply(&state, kernel.as_mut());
-                        }
-                    }
-                    Err(_) => {
-                        tracing::error!("the source of the desired state stopped; keeping the last state");
-                        following = false;
-                    }
-                }
-                Trigger::Change
-            }
-        };
-        if let Some(k) = kernel.as_mut() {
-            match k.reconcile(trigger).await {
-                Ok(()) if failing => {
-                    tracing::info!("reconcile recovered: the kernel matches the desired state again");
-                    failing = false;
-                }
-                Ok(()) => {}
-                Err(e) => {
-                    // One line per failure streak's cause, not one per pass.
-                    tracing::error!("reconcile failed (retrying on the next change or within {SAFETY_TICK:?}): {e}");
-                    failing = true;
-                }
-            }
-        }
-    }
-}
-
 fn new_proxy(cfg: &NodeConfig, log: AccessLog, certs: Arc<CertificateManager>, metrics: &Arc<Metrics>) -> Arc<Proxy> {
     let config = ProxyConfig {
         node: cfg.node.clone(),
@@ -517,7 +282,7 @@ fn connection_limits(cfg: &NodeConfig) -> Arc<Limits> {
 
 /// Checks the named interfaces exist (before anything is put into the kernel), then loads
 /// the datapath.
-async fn load_kernel(cfg: &NodeConfig) -> Result<Reconciler, NodeError> {
+async fn load_kernel(cfg: &NodeConfig) -> Result<Reconciler<kernel::System>, NodeError> {
     forwarding_on()?;
     let mut routing = Routing::connect()?;
     let ifaces = routing.interfaces().await?;
@@ -534,7 +299,13 @@ async fn load_kernel(cfg: &NodeConfig) -> Result<Reconciler, NodeError> {
     }
     routing.watch()?;
     let dp = Datapath::load(&cfg.node, cfg.attach_mode)?;
-    Ok(Reconciler::new(cfg, routing, dp))
+    let scope = Scope {
+        node: cfg.node.clone(),
+        interfaces: cfg.interfaces.clone(),
+        pod_cidrs: cfg.pod_cidrs.clone(),
+        netns_dir: cfg.netns_dir.clone(),
+    };
+    Ok(Reconciler::new(scope, SAFETY_TICK, kernel::System { routing, dp }))
 }
 
 /// After a start that did not get to serve (failed, or stopped before its first state):
@@ -563,35 +334,6 @@ fn forwarding_on() -> Result<(), NodeError> {
         );
     }
     Ok(())
-}
-
-/// Resolves when the kernel announces a change; never without a datapath.
-async fn kernel_changed(kernel: Option<&mut Reconciler>) {
-    match kernel {
-        Some(k) => k.kernel_changed().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Waits for the source's first state; `None` when `shutdown` came first.
-async fn first_state(
-    desired: &mut StateRx,
-    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
-) -> Result<Option<Arc<DesiredState>>, NodeError> {
-    if desired.borrow().is_none() {
-        tracing::info!(
-            "waiting for the first full state (with Kubernetes: pods, namespaces, services, endpoint slices)"
-        );
-    }
-    loop {
-        if let Some(s) = desired.borrow_and_update().clone() {
-            return Ok(Some(s));
-        }
-        tokio::select! {
-            _ = shutdown.as_mut() => return Ok(None),
-            r = desired.changed() => r.map_err(|_| NodeError::Sync)?,
-        }
-    }
 }
 
 /// Scrape-time figures: the pinned counters (read through the pin, so a scrape needs no

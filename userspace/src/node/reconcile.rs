@@ -10,18 +10,18 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use meshpath_common::InterfaceValue;
 use meshpath_common::interface::IF_WORKLOAD;
+use meshpath_common::{InterfaceValue, Listener};
 
-use super::NodeError;
+use super::kernel::{Kernel, KernelError};
 use super::routes::RouteCache;
-use crate::datapath::Datapath;
-use crate::pod_ports::{self, Claim, PortClaims};
-use crate::routing::{Changes, Interface, Routing};
+use crate::pod_ports::{Claim, PortClaims};
+use crate::routing::{Changes, Interface};
 use crate::topology::{Role, Topology};
 use crate::workloads::WorkloadFile;
 
@@ -47,6 +47,27 @@ enum Place {
     Unresolved(String),
 }
 
+/// What the reconciler is told to keep in the kernel.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Desired {
+    /// Workloads of every node (only this node's are enrolled).
+    pub file: WorkloadFile,
+    /// IPs whose release is held back ([`super::releases`]): kept where they are enrolled
+    /// now, and let go at once when that place is gone.
+    pub held: BTreeSet<IpAddr>,
+}
+
+/// Which part of the node the reconciler looks after.
+#[derive(Clone, Debug)]
+pub(super) struct Scope {
+    pub node: String,
+    /// Interfaces named on the command line; empty means every non-loopback one.
+    pub interfaces: Vec<String>,
+    pub pod_cidrs: Vec<IpNet>,
+    /// Where pods' network namespaces are pinned ([`crate::pod_ports`]).
+    pub netns_dir: PathBuf,
+}
+
 /// What a pass was started by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Trigger {
@@ -56,15 +77,11 @@ pub(super) enum Trigger {
     Safety,
 }
 
-pub(super) struct Reconciler {
-    node: String,
-    /// Interfaces named on the command line; empty means every non-loopback one.
-    named: Vec<String>,
-    pod_cidrs: Vec<IpNet>,
+pub(super) struct Reconciler<K> {
+    scope: Scope,
     safety_tick: Duration,
-    routing: Routing,
-    dp: Datapath,
-    file: WorkloadFile,
+    kernel: K,
+    desired: Desired,
     routes: RouteCache,
     /// The interfaces as last listed; listed again when the kernel says they changed.
     ifaces: Option<Vec<Interface>>,
@@ -80,20 +97,19 @@ pub(super) struct Reconciler {
     last_attached: BTreeSet<u32>,
     /// Notifications taken by a pass that failed, for the next one.
     carried: Changes,
-    /// Where pods' network namespaces are pinned ([`crate::pod_ports`]).
-    netns_dir: PathBuf,
+    /// Held IPs the last pass let go, and why (for [`super::releases`]).
+    released: Vec<(IpAddr, String)>,
+    /// Passes that went through: until one has, no listener may be registered.
+    passes: u64,
 }
 
-impl Reconciler {
-    pub(super) fn new(cfg: &super::NodeConfig, routing: Routing, dp: Datapath) -> Self {
+impl<K: Kernel> Reconciler<K> {
+    pub(super) fn new(scope: Scope, safety_tick: Duration, kernel: K) -> Self {
         Self {
-            node: cfg.node.clone(),
-            named: cfg.interfaces.clone(),
-            pod_cidrs: cfg.pod_cidrs.clone(),
-            safety_tick: super::SAFETY_TICK,
-            routing,
-            dp,
-            file: WorkloadFile::default(),
+            scope,
+            safety_tick,
+            kernel,
+            desired: Desired::default(),
             routes: RouteCache::default(),
             ifaces: None,
             unresolved: BTreeMap::new(),
@@ -102,53 +118,82 @@ impl Reconciler {
             dirty: true,
             last_attached: BTreeSet::new(),
             carried: Changes::default(),
-            netns_dir: cfg.netns_dir.clone(),
+            released: Vec::new(),
+            passes: 0,
         }
     }
 
-    pub(super) fn datapath(&mut self) -> &mut Datapath {
-        &mut self.dp
+    pub(super) fn kernel(&mut self) -> &mut K {
+        &mut self.kernel
     }
 
-    pub(super) fn set_file(&mut self, file: WorkloadFile) {
-        self.file = file;
+    pub(super) fn set_desired(&mut self, desired: Desired) {
+        self.desired = desired;
         self.dirty = true;
+    }
+
+    /// Held IPs the last pass let go because their pod is gone (or moved), with why.
+    pub(super) fn take_released(&mut self) -> Vec<(IpAddr, String)> {
+        std::mem::take(&mut self.released)
+    }
+
+    /// Whether a pass has gone through: the kernel holds the desired state, so listeners may
+    /// be registered (before that, a connection could reach the proxy for a pod whose
+    /// interface has no classifier yet, or a pod of a previous run's map).
+    pub(super) fn has_reconciled(&self) -> bool {
+        self.passes > 0
+    }
+
+    /// Registers the proxy's listeners; refused until a pass has gone through. The cookies
+    /// of the slots afterwards, to tell this daemon's sockets from a successor's.
+    pub(super) fn register(
+        &mut self,
+        listeners: &[(Listener, bool, BorrowedFd<'_>)],
+    ) -> Result<Vec<Option<u64>>, KernelError> {
+        if !self.has_reconciled() {
+            return Err(KernelError::NotReconciled);
+        }
+        for (role, ipv6, fd) in listeners {
+            self.kernel.register_listener(*role, *ipv6, *fd)?;
+        }
+        self.kernel.listener_cookies()
     }
 
     /// Resolves when the kernel announces a change (kept for the next pass).
     pub(super) async fn kernel_changed(&mut self) {
-        self.routing.changed().await
+        self.kernel.changed().await
     }
 
     /// One pass. Nothing is redone when nothing changed: the same workloads over the same
     /// interfaces with the same classifiers, all resolved, recently checked.
-    pub(super) async fn reconcile(&mut self, trigger: Trigger) -> Result<(), NodeError> {
+    pub(super) async fn reconcile(&mut self, trigger: Trigger) -> Result<(), KernelError> {
         // What a failed pass had taken from the kernel's notifications is not lost with it.
         let mut changes = std::mem::take(&mut self.carried);
-        changes.merge(self.routing.changes());
+        changes.merge(self.kernel.changes());
         let result = self.pass(trigger, &changes).await;
-        if result.is_err() {
-            self.carried = changes;
+        match &result {
+            Ok(()) => self.passes += 1,
+            Err(_) => self.carried = changes,
         }
         result
     }
 
-    async fn pass(&mut self, trigger: Trigger, changes: &Changes) -> Result<(), NodeError> {
+    async fn pass(&mut self, trigger: Trigger, changes: &Changes) -> Result<(), KernelError> {
         let safety = trigger == Trigger::Safety || changes.lost;
         if safety {
-            for path in self.dp.restore_pins()? {
+            for path in self.kernel.restore_pins()? {
                 tracing::warn!(path = %path.display(), "a pin of this node was deleted behind the daemon; pinned it again");
             }
         }
         if safety || changes.interfaces || self.ifaces.is_none() {
-            self.ifaces = Some(self.routing.interfaces().await?);
+            self.ifaces = Some(self.kernel.interfaces().await?);
             // An address may have moved to the node, or off it.
             self.dirty = true;
         }
         let ifaces = self.ifaces.clone().unwrap_or_default();
         if safety {
             let names = ifaces.iter().map(|i| (i.index, i.name.clone())).collect();
-            for ifindex in self.dp.verify_attachments(&names) {
+            for ifindex in self.kernel.verify_attachments(&names) {
                 tracing::warn!(
                     ifindex,
                     interface = names.get(&ifindex).map(String::as_str).unwrap_or("?"),
@@ -157,7 +202,7 @@ impl Reconciler {
             }
         }
         let attached = self.attach(&ifaces, safety || changes.capture).await?;
-        let relisted = self.routes.track(&mut self.routing, &ifaces, changes, safety, self.safety_tick).await?;
+        let relisted = self.routes.track(&mut self.kernel, &ifaces, changes, safety, self.safety_tick).await?;
         self.dirty |= relisted.forgot;
         let full = relisted.relisted || self.map.is_none() || self.last_full.elapsed() >= FULL_PASS;
         if !full && !self.dirty && attached == self.last_attached && self.unresolved.is_empty() {
@@ -165,7 +210,7 @@ impl Reconciler {
         }
         if full {
             self.last_full = Instant::now();
-            self.map = Some(self.dp.workloads()?);
+            self.map = Some(self.kernel.workloads()?);
         }
         let desired = self.resolve(&ifaces, &attached).await?;
         self.apply(&desired, &ifaces)?;
@@ -178,23 +223,25 @@ impl Reconciler {
     /// Restores the capture rule and routes (when they may have changed), attaches the
     /// classifier where it should be, with each interface's flags written first, and prunes
     /// what vanished; the interfaces that carry it.
-    async fn attach(&mut self, ifaces: &[Interface], check_capture: bool) -> Result<BTreeSet<u32>, NodeError> {
-        let wanted: Vec<&Interface> = if self.named.is_empty() {
+    async fn attach(&mut self, ifaces: &[Interface], check_capture: bool) -> Result<BTreeSet<u32>, KernelError> {
+        let wanted: Vec<&Interface> = if self.scope.interfaces.is_empty() {
             ifaces.iter().filter(|i| !i.loopback).collect()
         } else {
             let named = |name: &String| ifaces.iter().find(|i| &i.name == name);
-            self.named
+            self.scope
+                .interfaces
                 .iter()
-                .map(|n| named(n).ok_or_else(|| NodeError::NoSuchInterface(n.clone())))
+                .map(|n| named(n).ok_or_else(|| KernelError::NoSuchInterface(n.clone())))
                 .collect::<Result<_, _>>()?
         };
         // Someone may have flushed our rule or routes: put them back (idempotent).
         if check_capture {
-            self.routing.install_capture().await?;
+            self.kernel.install_capture().await?;
         }
-        let values = self.dp.interfaces()?;
-        let classified = |i: &&Interface| Topology::of(i, ifaces, &self.pod_cidrs).classified();
-        for (i, topology) in wanted.into_iter().map(|i| (i, Topology::of(i, ifaces, &self.pod_cidrs))) {
+        let values = self.kernel.interface_values()?;
+        let cidrs = &self.scope.pod_cidrs;
+        let classified = |i: &&Interface| Topology::of(i, ifaces, cidrs).classified();
+        for (i, topology) in wanted.into_iter().map(|i| (i, Topology::of(i, ifaces, cidrs))) {
             if !topology.classified() {
                 continue;
             }
@@ -202,49 +249,55 @@ impl Reconciler {
             let mut want = topology.value();
             want.flags |= values.get(&i.index).map_or(0, |v| v.flags & IF_WORKLOAD);
             if values.get(&i.index) != Some(&want) {
-                self.dp.set_interface(i.index, want)?;
+                self.kernel.set_interface(i.index, want)?;
             }
             // An interface can vanish between listing and attaching (pod churn): skip it,
             // the next pass sees the new state.
-            if let Err(e) = self.dp.attach_tc(i.index, &i.name) {
+            if let Err(e) = self.kernel.attach(i.index, &i.name) {
                 tracing::warn!(interface = %i.name, "attaching the classifier failed (will retry): {e}");
             }
         }
         // What vanished, and a pod bridge that carries the classifier (an interface that
         // became one), lose it.
         let existing: BTreeSet<u32> = ifaces.iter().filter(classified).map(|i| i.index).collect();
-        self.dp.prune_tc(&existing)?;
-        let attached = self.dp.attached_interfaces();
+        self.kernel.prune(&existing)?;
+        let attached = self.kernel.attached();
         for ifindex in values.keys().filter(|i| !attached.contains(i)) {
-            self.dp.remove_interface(*ifindex)?;
+            self.kernel.remove_interface(*ifindex)?;
         }
         Ok(attached)
     }
 
     /// This node's workload IPs → the pod-facing interface the kernel routes them to; the
     /// others are kept (and logged once) as unresolved, to be retried every pass.
-    async fn resolve(&mut self, ifaces: &[Interface], attached: &BTreeSet<u32>) -> Result<DesiredMap, NodeError> {
-        let local: Vec<(IpAddr, String)> =
-            self.file.on_node(&self.node).flat_map(|w| w.ips.iter().map(|ip| (ip.to_canonical(), w.id()))).collect();
+    async fn resolve(&mut self, ifaces: &[Interface], attached: &BTreeSet<u32>) -> Result<DesiredMap, KernelError> {
+        let local: Vec<(IpAddr, String)> = self
+            .desired
+            .file
+            .on_node(&self.scope.node)
+            .flat_map(|w| w.ips.iter().map(|ip| (ip.to_canonical(), w.id())))
+            .collect();
         let own: BTreeSet<IpAddr> = ifaces.iter().flat_map(|i| i.addresses.iter().map(|a| a.to_canonical())).collect();
         let routable: Vec<IpAddr> =
             local.iter().map(|(ip, _)| *ip).filter(|ip| !own.contains(ip) && self.in_pod_cidrs(*ip)).collect();
-        let routes = self.routes.resolve(&self.routing, routable).await?;
+        let routes = self.routes.resolve(&mut self.kernel, routable).await?;
         let claims = self.claims_if_bridged(ifaces, routes.values().flatten()).await;
         let mut desired = DesiredMap::new();
         let mut problems = BTreeMap::new();
         for (ip, id) in local {
-            match self.place(ip, &own, routes.get(&ip).copied().flatten(), ifaces, attached, &claims) {
-                Place::On(ifx) => {
+            let place = self.place(ip, &own, routes.get(&ip).copied().flatten(), ifaces, attached, &claims);
+            match self.keep_held(ip, place) {
+                Some(Place::On(ifx)) => {
                     desired.insert(ip, (ifx, id));
                 }
-                Place::Held(problem) => {
+                Some(Place::Held(problem)) => {
                     desired.insert(ip, (0, id.clone()));
                     problems.insert(ip, (problem, id));
                 }
-                Place::Unresolved(problem) => {
+                Some(Place::Unresolved(problem)) => {
                     problems.insert(ip, (problem, id));
                 }
+                None => {}
             }
         }
         self.report(&problems);
@@ -252,22 +305,39 @@ impl Reconciler {
         Ok(desired)
     }
 
+    /// A held IP stays only where it is enrolled now: anywhere else, or nowhere, its pod is
+    /// gone (or another took its address), so it is released at once (`None`).
+    fn keep_held(&mut self, ip: IpAddr, place: Place) -> Option<Place> {
+        if !self.desired.held.contains(&ip) {
+            return Some(place);
+        }
+        let now = self.map.as_ref().and_then(|m| m.get(&ip)).copied();
+        let why = match (place, now) {
+            (Place::On(ifx), Some(n)) if ifx == n => return Some(Place::On(ifx)),
+            (Place::On(ifx), Some(_)) => format!("its address is now behind another interface (ifindex {ifx})"),
+            (Place::On(_), None) => "it was not enrolled".to_owned(),
+            (Place::Held(why) | Place::Unresolved(why), _) => why,
+        };
+        self.released.push((ip, why));
+        None
+    }
+
     /// The pods' own word on their ports, read only when some workload is routed via a pod
     /// bridge; an unreadable namespace directory is the reason those stay unresolved.
     async fn claims_if_bridged<'a>(
-        &self,
+        &mut self,
         ifaces: &[Interface],
         mut routed_via: impl Iterator<Item = &'a u32>,
     ) -> Result<PortClaims, String> {
         let bridges: BTreeSet<u32> = ifaces
             .iter()
-            .filter(|i| Topology::of(i, ifaces, &self.pod_cidrs).role == Role::PodBridge)
+            .filter(|i| Topology::of(i, ifaces, &self.scope.pod_cidrs).role == Role::PodBridge)
             .map(|i| i.index)
             .collect();
         if bridges.is_empty() || !routed_via.any(|ifx| bridges.contains(ifx)) {
             return Ok(PortClaims::default());
         }
-        match pod_ports::scan(&self.netns_dir).await {
+        match self.kernel.pod_sides(&self.scope.netns_dir).await {
             Ok(seen) => Ok(PortClaims::confirmed(&seen, ifaces)),
             Err(e) => Err(format!("its pod's port cannot be read: {e} (see --netns-dir)")),
         }
@@ -289,14 +359,14 @@ impl Reconciler {
             return Place::Unresolved("it is an address of this node, not of a pod".into());
         }
         if !self.in_pod_cidrs(ip) {
-            return Place::Unresolved(format!("it is outside the pod networks ({})", cidrs(&self.pod_cidrs)));
+            return Place::Unresolved(format!("it is outside the pod networks ({})", cidrs(&self.scope.pod_cidrs)));
         }
         let Some(ifx) = route else {
             return Place::Unresolved("no device route to it on this node (is its veth up?)".into());
         };
         let iface = ifaces.iter().find(|i| i.index == ifx);
         let name = iface.map_or("?", |i| i.name.as_str());
-        let ifx = match iface.map(|i| Topology::of(i, ifaces, &self.pod_cidrs).role) {
+        let ifx = match iface.map(|i| Topology::of(i, ifaces, &self.scope.pod_cidrs).role) {
             Some(Role::PodBridge) => match self.port_behind(ip, ifx, name, ifaces, claims) {
                 Ok(port) => port,
                 Err(place) => return place,
@@ -345,13 +415,14 @@ impl Reconciler {
             }
             None => Err(Place::Unresolved(format!(
                 "it is routed via the bridge {name}, and no pod namespace in {} holds it on a port of it",
-                self.netns_dir.display()
+                self.scope.netns_dir.display()
             ))),
         }
     }
 
     fn in_pod_cidrs(&self, ip: IpAddr) -> bool {
-        self.pod_cidrs.is_empty() || self.pod_cidrs.iter().any(|n| n.contains(&ip))
+        let cidrs = &self.scope.pod_cidrs;
+        cidrs.is_empty() || cidrs.iter().any(|n| n.contains(&ip))
     }
 
     /// Logs what newly cannot be enrolled: one line per IP for a few, one summary per reason
@@ -382,19 +453,19 @@ impl Reconciler {
     /// Writes the difference between `desired` and the map. Interface flags go after their
     /// IPs on the way in and before them on the way out, so a workload's own TCP is never
     /// dropped as coming from an unenrolled source.
-    fn apply(&mut self, desired: &DesiredMap, ifaces: &[Interface]) -> Result<(), NodeError> {
+    fn apply(&mut self, desired: &DesiredMap, ifaces: &[Interface]) -> Result<(), KernelError> {
         let names: BTreeMap<u32, &str> = ifaces.iter().map(|i| (i.index, i.name.as_str())).collect();
         let wanted_ifs: BTreeSet<u32> = desired.values().map(|(ifx, _)| *ifx).collect();
-        let values = self.dp.interfaces()?;
+        let values = self.kernel.interface_values()?;
         for (ifx, v) in &values {
             if v.flags & IF_WORKLOAD != 0 && !wanted_ifs.contains(ifx) {
-                self.dp.set_interface(*ifx, InterfaceValue { flags: v.flags & !IF_WORKLOAD, ..*v })?;
+                self.kernel.set_interface(*ifx, InterfaceValue { flags: v.flags & !IF_WORKLOAD, ..*v })?;
             }
         }
         let current = self.map.get_or_insert_with(BTreeMap::new);
         let stale: Vec<IpAddr> = current.keys().filter(|ip| !desired.contains_key(ip)).copied().collect();
         for ip in stale {
-            self.dp.remove_workload(ip)?;
+            self.kernel.remove_workload(ip)?;
             current.remove(&ip);
             tracing::info!(%ip, "unenrolled");
         }
@@ -403,7 +474,7 @@ impl Reconciler {
         for ifx in &wanted_ifs {
             for (ip, (_, id)) in desired.iter().filter(|(_, (i, _))| i == ifx) {
                 if current.get(ip) != Some(ifx) {
-                    self.dp.upsert_workload(*ip, *ifx)?;
+                    self.kernel.upsert_workload(*ip, *ifx)?;
                     current.insert(*ip, *ifx);
                     let ifname = names.get(ifx).copied().unwrap_or("?");
                     tracing::info!(workload = %id, %ip, interface = ifname, ifindex = ifx, "enrolled");
@@ -412,7 +483,7 @@ impl Reconciler {
             // Held IPs (behind none) have no interface to flag.
             let v = values.get(ifx).copied().unwrap_or_default();
             if *ifx != 0 && v.flags & IF_WORKLOAD == 0 {
-                self.dp.set_interface(*ifx, InterfaceValue { flags: v.flags | IF_WORKLOAD, ..v })?;
+                self.kernel.set_interface(*ifx, InterfaceValue { flags: v.flags | IF_WORKLOAD, ..v })?;
             }
         }
         Ok(())
@@ -421,4 +492,187 @@ impl Reconciler {
 
 fn cidrs(nets: &[IpNet]) -> String {
     nets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::time::Duration;
+
+    use meshpath_common::interface::{IF_BRIDGE_PORT, IF_POD};
+
+    use super::super::kernel::fake::{Fake, Op, uplink, veth};
+    use super::*;
+    use crate::pod_ports::PodSide;
+    use crate::workloads::Workload;
+
+    const NODE: &str = "n1";
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("an IP")
+    }
+
+    fn workload(name: &str, node: &str, ips: &[&str]) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: "ns".into(),
+            service_account: "sa".into(),
+            node: node.into(),
+            ips: ips.iter().map(|i| ip(i)).collect(),
+        }
+    }
+
+    /// A node with an uplink (ifindex 2) and the veths of pods a (3) and b (4).
+    fn node() -> Fake {
+        let mut k = Fake {
+            ifaces: vec![uplink(2, "eth0", "192.168.1.1"), veth(3, "vpa"), veth(4, "vpb")],
+            ..Fake::default()
+        };
+        k.routes = [("10.244.1.10", 3), ("fd00::10", 3), ("10.244.1.11", 4), ("192.168.1.1", 2), ("10.9.0.1", 2)]
+            .into_iter()
+            .map(|(a, i)| (ip(a), i))
+            .collect();
+        k
+    }
+
+    fn reconciler(k: Fake) -> Reconciler<Fake> {
+        let scope = Scope {
+            node: NODE.into(),
+            interfaces: Vec::new(),
+            pod_cidrs: vec!["10.244.0.0/16".parse().expect("a net"), "fd00::/64".parse().expect("a net")],
+            netns_dir: "/run/netns".into(),
+        };
+        Reconciler::new(scope, Duration::from_secs(10), k)
+    }
+
+    fn desire(r: &mut Reconciler<Fake>, ws: &[Workload], held: &[&str]) {
+        let file = WorkloadFile { workloads: ws.to_vec() };
+        r.set_desired(Desired { file, held: held.iter().map(|i| ip(i)).collect() });
+    }
+
+    async fn pass(r: &mut Reconciler<Fake>) {
+        r.reconcile(Trigger::Change).await.expect("a pass");
+        assert_eq!(r.kernel().broken, Vec::<String>::new(), "a write broke a rule of the datapath");
+    }
+
+    fn map(r: &mut Reconciler<Fake>) -> Vec<(String, u32)> {
+        r.kernel().map.iter().map(|(ip, i)| (ip.to_string(), *i)).collect()
+    }
+
+    #[tokio::test]
+    async fn pods_are_enrolled_behind_their_veths_after_the_classifier_and_before_their_flag() {
+        let mut r = reconciler(node());
+        desire(&mut r, &[workload("a", NODE, &["10.244.1.10", "fd00::10"]), workload("c", "n2", &["10.244.2.10"])], &[]);
+        pass(&mut r).await;
+        assert_eq!(map(&mut r), [("10.244.1.10".into(), 3), ("fd00::10".into(), 3)], "only this node's pods");
+        let ops = r.kernel().ops.clone();
+        let at = |op: &Op| ops.iter().position(|o| o == op).unwrap_or_else(|| panic!("no {op:?} in {ops:?}"));
+        let flagged = ops
+            .iter()
+            .position(|o| matches!(o, Op::SetInterface(3, v) if v.flags & IF_WORKLOAD != 0))
+            .expect("vpa flagged as a workload's");
+        assert!(at(&Op::Attach(3)) < at(&Op::Upsert(ip("10.244.1.10"), 3)), "attach before enrolling: {ops:?}");
+        assert!(at(&Op::Upsert(ip("fd00::10"), 3)) < flagged, "every IP before the flag: {ops:?}");
+        assert_eq!(r.kernel().values[&3].flags, IF_POD | IF_WORKLOAD);
+        assert_eq!(r.kernel().values[&2].flags, 0, "the uplink is no pod interface");
+    }
+
+    #[tokio::test]
+    async fn a_pod_leaving_loses_its_flag_before_its_ips() {
+        let mut r = reconciler(node());
+        desire(&mut r, &[workload("a", NODE, &["10.244.1.10", "fd00::10"])], &[]);
+        pass(&mut r).await;
+        r.kernel().ops.clear();
+        desire(&mut r, &[], &[]);
+        pass(&mut r).await;
+        let ops = r.kernel().ops.clone();
+        let unflagged = ops
+            .iter()
+            .position(|o| matches!(o, Op::SetInterface(3, v) if v.flags & IF_WORKLOAD == 0))
+            .expect("vpa's flag cleared");
+        let first_removal = ops.iter().position(|o| matches!(o, Op::Remove(_))).expect("IPs removed");
+        assert!(unflagged < first_removal, "the flag before its IPs: {ops:?}");
+        assert!(map(&mut r).is_empty());
+    }
+
+    #[tokio::test]
+    async fn addresses_that_are_not_a_pods_are_never_enrolled() {
+        let mut r = reconciler(node());
+        desire(
+            &mut r,
+            &[
+                workload("own", NODE, &["192.168.1.1"]),
+                workload("outside", NODE, &["10.9.0.1"]),
+                workload("unrouted", NODE, &["10.244.1.99"]),
+                workload("b", NODE, &["10.244.1.11"]),
+            ],
+            &[],
+        );
+        pass(&mut r).await;
+        assert_eq!(map(&mut r), [("10.244.1.11".into(), 4)]);
+        let reasons: Vec<&str> = r.unresolved.values().map(String::as_str).collect();
+        assert!(reasons.iter().any(|r| r.contains("no device route")), "{reasons:?}");
+        assert!(reasons.iter().any(|r| r.contains("outside the pod networks")), "{reasons:?}");
+        assert!(reasons.iter().any(|r| r.contains("address of this node")), "{reasons:?}");
+    }
+
+    #[tokio::test]
+    async fn listeners_are_registered_only_after_a_pass_went_through() {
+        let mut k = node();
+        k.fail_upsert = Some(ip("10.244.1.10"));
+        let mut r = reconciler(k);
+        let sock = std::net::TcpListener::bind("127.0.0.1:0").expect("a socket");
+        let fds = [(Listener::Outbound, false, sock.as_fd())];
+        assert!(matches!(r.register(&fds), Err(KernelError::NotReconciled)));
+        desire(&mut r, &[workload("a", NODE, &["10.244.1.10"])], &[]);
+        assert!(r.reconcile(Trigger::Safety).await.is_err(), "the map write fails");
+        assert!(matches!(r.register(&fds), Err(KernelError::NotReconciled)), "a failed pass is no pass");
+        r.kernel().fail_upsert = None;
+        pass(&mut r).await;
+        let slots = r.register(&fds).expect("registered");
+        assert!(slots[Listener::Outbound.slot(false) as usize].is_some());
+        assert!(r.kernel().ops.ends_with(&[Op::Register(Listener::Outbound, false)]));
+    }
+
+    #[tokio::test]
+    async fn a_held_ip_stays_where_it_is_and_is_let_go_once_its_pod_is_gone_or_moved() {
+        let mut r = reconciler(node());
+        let a = workload("a", NODE, &["10.244.1.10"]);
+        let b = workload("b", NODE, &["10.244.1.11"]);
+        desire(&mut r, &[a.clone(), b.clone()], &[]);
+        pass(&mut r).await;
+        // Both left the desired state; the releases keep them, held.
+        desire(&mut r, &[a.clone(), b.clone()], &["10.244.1.10", "10.244.1.11"]);
+        pass(&mut r).await;
+        assert_eq!(map(&mut r), [("10.244.1.10".into(), 3), ("10.244.1.11".into(), 4)]);
+        assert!(r.take_released().is_empty());
+        // a's veth goes (pod deleted); b's address is now routed to a's old veth index.
+        r.kernel().ifaces.retain(|i| i.index != 3);
+        r.kernel().routes.remove(&ip("10.244.1.10"));
+        r.kernel().routes.insert(ip("10.244.1.11"), 5);
+        r.kernel().ifaces.push(veth(5, "vpx"));
+        r.kernel().changes.interfaces = true;
+        pass(&mut r).await;
+        let released: Vec<IpAddr> = r.take_released().into_iter().map(|(ip, _)| ip).collect();
+        assert_eq!(released, [ip("10.244.1.10"), ip("10.244.1.11")]);
+        assert!(map(&mut r).is_empty(), "neither is served where its old pod was");
+    }
+
+    #[tokio::test]
+    async fn a_bridged_pod_is_enrolled_behind_the_port_its_namespace_names_and_a_contested_one_behind_none() {
+        // flannel's cni0, holding the pods' gateway.
+        let bridge = Interface { bridge: true, peer: None, addresses: vec![ip("10.244.1.1")], ..veth(10, "cni0") };
+        let port = |index: u32, peer: u32| Interface { master: Some(10), peer: Some(peer), ..veth(index, "vp") };
+        let mut k = Fake { ifaces: vec![bridge, port(11, 2), port(12, 2)], ..Fake::default() };
+        k.routes = [(ip("10.244.1.10"), 10), (ip("10.244.1.12"), 10)].into();
+        let side = |a: &str, pod_if, peer| PodSide { ip: ip(a), pod_if, peer, netns: "x".into() };
+        k.sides = vec![side("10.244.1.10", 2, 11), side("10.244.1.12", 2, 11), side("10.244.1.12", 2, 12)];
+        let mut r = reconciler(k);
+        desire(&mut r, &[workload("a", NODE, &["10.244.1.10"]), workload("e", NODE, &["10.244.1.12"])], &[]);
+        pass(&mut r).await;
+        assert_eq!(map(&mut r), [("10.244.1.10".into(), 11), ("10.244.1.12".into(), 0)]);
+        assert_eq!(r.kernel().values[&11].flags & (IF_BRIDGE_PORT | IF_WORKLOAD), IF_BRIDGE_PORT | IF_WORKLOAD);
+        assert!(!r.kernel().attached.contains(&10), "the bridge itself carries no classifier");
+    }
+
 }

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::routing::{Changes, Interface, Routing, RoutingError};
+use super::kernel::{Kernel, KernelError};
+use crate::routing::{Changes, Interface};
 
 /// At 10 000 workloads the rolling re-check is a handful of lookups per tick, not a burst.
 pub(super) const ROUTE_RECHECK: Duration = Duration::from_secs(300);
@@ -46,12 +47,12 @@ impl RouteCache {
     /// tick, a slice of the rest is looked up again. `forgot` when any cached lookup went.
     pub(super) async fn track(
         &mut self,
-        routing: &mut Routing,
+        kernel: &mut impl Kernel,
         ifaces: &[Interface],
         changes: &Changes,
         safety: bool,
         tick: Duration,
-    ) -> Result<Tracked, RoutingError> {
+    ) -> Result<Tracked, KernelError> {
         let mut out = Tracked::default();
         if changes.lost {
             tracing::info!("routing notifications were lost; looking up every workload's interface again");
@@ -73,7 +74,7 @@ impl RouteCache {
         }
         if safety {
             let slice = refresh_slice(&self.routes, &mut self.cursor, tick);
-            for (ip, route) in routing.interfaces_for(slice).await? {
+            for (ip, route) in kernel.routes(slice).await? {
                 if self.routes.get(&ip).copied() != route {
                     tracing::debug!(%ip, ?route, "route changed");
                     self.routes.remove(&ip);
@@ -89,12 +90,12 @@ impl RouteCache {
     /// IPs are asked again next pass, their veth may come up any moment.
     pub(super) async fn resolve(
         &mut self,
-        routing: &Routing,
+        kernel: &mut impl Kernel,
         ips: impl IntoIterator<Item = IpAddr>,
-    ) -> Result<BTreeMap<IpAddr, Option<u32>>, RoutingError> {
+    ) -> Result<BTreeMap<IpAddr, Option<u32>>, KernelError> {
         let ips: Vec<IpAddr> = ips.into_iter().collect();
         let unknown: Vec<IpAddr> = ips.iter().filter(|ip| !self.routes.contains_key(ip)).copied().collect();
-        let looked_up = routing.interfaces_for(unknown).await?;
+        let looked_up = kernel.routes(unknown).await?;
         let resolved: BTreeMap<IpAddr, Option<u32>> = ips
             .into_iter()
             .map(|ip| (ip, self.routes.get(&ip).copied().or_else(|| looked_up.get(&ip).copied().flatten())))

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
+use crate::drain;
 use crate::k8s::{self, K8sError};
 use crate::state::DesiredState;
 use crate::workloads::{WorkloadFile, WorkloadsError};
@@ -33,9 +34,9 @@ pub enum Source {
 }
 
 impl Source {
-    /// Starts following the source until `stop` changes. A workload file is read and
+    /// Starts following the source until `stop` is signalled. A workload file is read and
     /// validated here, so a bad one fails the start.
-    pub async fn start(&self, poll: Duration, stop: watch::Receiver<bool>) -> Result<StateRx, SourceError> {
+    pub async fn start(&self, poll: Duration, stop: drain::Watcher) -> Result<StateRx, SourceError> {
         match self {
             Source::File(path) => {
                 let (file, first) = FileSource::open(path, poll)?;
@@ -77,7 +78,7 @@ impl FileSource {
         Ok((Self { path: path.to_owned(), settle, settling: None, last_text, read_failed: false, read }, file))
     }
 
-    fn spawn(mut self, first: WorkloadFile, poll: Duration, mut stop: watch::Receiver<bool>) -> StateRx {
+    fn spawn(mut self, first: WorkloadFile, poll: Duration, mut stop: drain::Watcher) -> StateRx {
         let (tx, rx) = watch::channel(Some(Arc::new(DesiredState { workloads: first, ..Default::default() })));
         let mut changes = watch_dir(&self.path);
         tokio::spawn(async move {
@@ -86,7 +87,7 @@ impl FileSource {
                 // change settles), plus a forced read now and then; without, every poll.
                 let wait = if changes.is_some() && self.settling.is_none() { FORCED_READ } else { poll };
                 tokio::select! {
-                    _ = stop.changed() => return,
+                    _ = stop.signalled() => return,
                     _ = tokio::time::sleep(wait) => {}
                     event = next_change(&mut changes) => {
                         if !event {

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_seqpacket::ancillary::{AncillaryMessageWriter, OwnedAncillaryMessage};
 use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
 
-use crate::admin::Readiness;
+use super::lifecycle::Readiness;
 use crate::proxy::Proxy;
 use crate::proxy::handover::HandedRelay;
 use crate::record::ConnectionRecord;
@@ -115,8 +115,11 @@ pub fn remove_stale_socket(node: &str) -> std::io::Result<()> {
 /// for the takeover.
 pub struct Successors {
     current: Arc<Mutex<Option<UnixSeqpacket>>>,
+    /// Told of each hello, so the serving daemon starts watching its slots at once.
+    hello: Arc<tokio::sync::Notify>,
     path: PathBuf,
     accept: tokio::task::JoinHandle<()>,
+    ready: Readiness,
 }
 
 impl Successors {
@@ -134,6 +137,9 @@ impl Successors {
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(io)?;
         let current: Arc<Mutex<Option<UnixSeqpacket>>> = Arc::default();
         let slot = current.clone();
+        let hello = Arc::new(tokio::sync::Notify::new());
+        let said_hello = hello.clone();
+        let handing_over = ready.clone();
         let accept = tokio::spawn(async move {
             loop {
                 let Ok(sock) = listener.accept().await else {
@@ -146,25 +152,25 @@ impl Successors {
                             successor_pid = pid,
                             "a successor is starting; it takes over once ready (readiness answers 503 meanwhile)"
                         );
-                        ready.set_handing_over(true);
+                        handing_over.set_handing_over(true);
                         *lock(&slot) = Some(sock);
+                        said_hello.notify_one();
                     }
                     _ => tracing::warn!("a connection to the handover socket said no hello; closed"),
                 }
             }
         });
-        Ok(Self { current, path, accept })
+        Ok(Self { current, hello, path, accept, ready })
     }
 
     /// A daemon stopping with no successor removes its socket: no one listens there anymore.
     pub fn close(self) {
-        self.accept.abort();
         let _ = std::fs::remove_file(&self.path);
     }
 
     /// Whether the announced successor went away before taking over (readiness is then
     /// answered as before).
-    pub fn check_alive(&self, ready: &Readiness) -> bool {
+    pub fn went_away(&self) -> bool {
         let mut current = lock(&self.current);
         let Some(sock) = current.as_ref() else { return false };
         // The successor sends nothing after its hello: a readable socket means it closed.
@@ -176,8 +182,13 @@ impl Successors {
         }
         tracing::warn!("the successor went away before it took over; this daemon serves on");
         *current = None;
-        ready.set_handing_over(false);
+        self.ready.set_handing_over(false);
         true
+    }
+
+    /// Resolves at the next hello (or at once, for one not waited for yet).
+    pub async fn hello(&self) {
+        self.hello.notified().await
     }
 
     /// Whether a successor said hello and has not taken over yet.
@@ -189,6 +200,12 @@ impl Successors {
     /// carry on here).
     pub fn take(&self) -> Option<Successor> {
         lock(&self.current).take().map(|sock| Successor { sock })
+    }
+}
+
+impl Drop for Successors {
+    fn drop(&mut self) {
+        self.accept.abort();
     }
 }
 
