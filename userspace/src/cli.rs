@@ -134,8 +134,9 @@ pub struct NodeArgs {
     #[arg(long, env = "MESHPATH_INBOUND_PLAINTEXT", default_value = "permissive")]
     pub inbound_plaintext: PlaintextPolicy,
     /// Run only the proxy, without loading or touching the datapath: connections must reach
-    /// its listeners some other way (TPROXY rules, as the benchmarks' baselines do).
-    #[arg(long, env = "MESHPATH_PROXY_ONLY")]
+    /// its listeners some other way. For the benchmarks' iptables baselines (TPROXY rules
+    /// deliver to the same proxy); not for a node (docs/benchmarks.md).
+    #[arg(long, env = "MESHPATH_PROXY_ONLY", hide = true)]
     pub proxy_only: bool,
     /// Connections (and HBONE streams) the proxy holds at once; more are refused and counted
     /// (`meshpath_connections_failed_total{reason="over_limit"}`). Default: what the open-files
