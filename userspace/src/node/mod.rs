@@ -28,11 +28,13 @@ use tokio::sync::watch;
 
 use crate::admin::{self, Readiness};
 use crate::datapath::{self, AttachMode, Datapath, DatapathError};
+use crate::drain::{self, Mode};
 use crate::identity::manager::CertificateManager;
 use crate::identity::{CertificateProvider, IdentityError, ca, files};
 use crate::metrics::{self, Metrics};
 use crate::proxy::limits::{self, Limits};
 use crate::proxy::{self, PlaintextPolicy, Proxy, ProxyConfig, access_log::AccessLog};
+use crate::record::DrainCounts;
 use crate::routing::{self, Interface, Routing, RoutingError};
 use crate::state::{DesiredState, WorkloadIndex};
 use crate::topology::{Role, Topology};
@@ -178,6 +180,15 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
 
     let proxy = new_proxy(&cfg, log, certs, &metrics);
     metrics.set_sources(ScrapeSources { node: cfg.node.clone(), proxy: proxy.clone() });
+    // `meshpath status` lists this daemon's open connections through it.
+    let _control = instance.as_ref().and_then(|_| {
+        let path = instance::control_socket(&cfg.node, std::process::id());
+        proxy
+            .listen_control(&path)
+            .inspect_err(|e| tracing::warn!("`meshpath status` will not list connections: {e}"))
+            .ok()
+    });
+    let (proxy_drain, proxy_watcher) = drain::new();
     if let Some(events) = kernel.as_mut().and_then(|k| k.datapath().take_events()) {
         drops::spawn(events, stop_rx.clone());
     }
@@ -232,7 +243,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             return undo_start(&cfg.node, fresh, Err(e)).await;
         }
     };
-    let proxy_task = tokio::spawn(proxy.clone().serve(listeners, stop_rx.clone()));
+    let proxy_task = tokio::spawn(proxy.clone().serve(listeners, proxy_watcher));
     if let Some(p) = predecessor {
         tokio::spawn(p.adopt_relays(proxy.clone()));
     }
@@ -261,17 +272,18 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let drained = match (stop, successors) {
         (Stop::TakenOver { .. }, Some(successors)) => {
             let _ = admin_stop.send(true);
-            step_down(&proxy, &mut kernel, &stop_tx, proxy_task, successors, cfg.drain_timeout).await
+            step_down(&proxy, &mut kernel, (&stop_tx, &proxy_drain), proxy_task, successors, cfg.drain_timeout).await
         }
         (_, successors) => {
             if let Some(s) = successors {
                 s.close();
             }
             let _ = stop_tx.send(true);
+            proxy_drain.start(Mode::Graceful);
             // The accept loops are done: the listeners are closed and out of the SOCKMAP, so
             // new enrolled connections are dropped (fail closed) while the open ones finish.
             let _ = proxy_task.await;
-            drain(&proxy, cfg.drain_timeout, 0).await
+            drain(&proxy, &proxy_drain, cfg.drain_timeout, 0).await
         }
     };
     proxy.count_drained(&drained);
@@ -301,17 +313,18 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
 async fn step_down(
     proxy: &Arc<Proxy>,
     kernel: &mut Option<Reconciler>,
-    stop_tx: &watch::Sender<bool>,
+    (stop_tx, proxy_drain): (&watch::Sender<bool>, &drain::Trigger),
     proxy_task: tokio::task::JoinHandle<()>,
     successors: Successors,
     timeout: Duration,
-) -> Drained {
+) -> DrainCounts {
     tracing::info!(
         linger = ?takeover::LINGER,
         "taken over: new connections go to the successor; accepting what is still queued here, then draining"
     );
     tokio::time::sleep(takeover::LINGER).await;
     let _ = stop_tx.send(true);
+    proxy_drain.start(Mode::Graceful);
     let _ = proxy_task.await;
     drop(kernel.take());
     let open = proxy.open_connections();
@@ -323,7 +336,7 @@ async fn step_down(
             (successor, n)
         })
     });
-    let mut drained = drain(proxy, timeout, open).await;
+    let mut drained = drain(proxy, proxy_drain, timeout, open).await;
     // No relay moves after the deadline: the channel closes, and the successor learns what
     // became of the rest.
     proxy.stop_handing_over();
@@ -344,23 +357,18 @@ async fn step_down(
     drained
 }
 
-/// What became of the connections open when a daemon stopped serving.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Drained {
-    pub handed_over: u64,
-    pub finished: u64,
-    pub cut: u64,
-}
+/// How long connections cut at the drain's deadline get to write their records.
+const CUT_GRACE: Duration = Duration::from_secs(1);
 
-/// Lets open connections finish, up to `timeout`; what is left is cut when the process
-/// exits. `open` is the count to report from (0: what is open now).
-async fn drain(proxy: &Proxy, timeout: Duration, open: usize) -> Drained {
+/// Lets open connections finish, up to `timeout` (the graceful drain has started); what is
+/// left is cut then, each connection writing its record. `open` is the count to report from
+/// (0: what is open now).
+async fn drain(proxy: &Proxy, proxy_drain: &drain::Trigger, timeout: Duration, open: usize) -> DrainCounts {
     let open = if open == 0 { proxy.open_connections() } else { open };
     if open == 0 {
-        return Drained::default();
+        return DrainCounts::default();
     }
     tracing::info!(connections = open, ?timeout, "draining: new connections are refused, open ones may finish");
-    proxy.start_drain();
     let deadline = tokio::time::Instant::now() + timeout;
     while proxy.open_connections() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -368,9 +376,12 @@ async fn drain(proxy: &Proxy, timeout: Duration, open: usize) -> Drained {
     let cut = proxy.open_connections();
     match cut {
         0 => tracing::info!("drained: every connection finished"),
-        left => tracing::warn!(connections = left, "drain deadline passed; cutting the connections left"),
+        left => {
+            tracing::warn!(connections = left, "drain deadline passed; cutting the connections left");
+            proxy_drain.stop(CUT_GRACE).await;
+        }
     }
-    Drained { handed_over: 0, finished: open.saturating_sub(cut) as u64, cut: cut as u64 }
+    DrainCounts { handed_over: 0, finished: open.saturating_sub(cut) as u64, cut: cut as u64 }
 }
 
 /// Why [`follow`] returned.
