@@ -3,7 +3,6 @@
 //! process exits), its registry entry while it is open, its connection slot, and what tells
 //! it to stop.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,6 +23,22 @@ pub struct Ledger {
     pub log: AccessLog,
     pub registry: Arc<Registry>,
 }
+
+/// `$work` (a future), or `Err` with why the connection's `$stop` ended it first. The stop is
+/// looked at first, so a connection cut by the daemon says so even when the cut also fails
+/// its sockets. A macro rather than a function: the work's future is built in place, where a
+/// future handed to a function is held twice by a debug build's task (the relays' futures
+/// are most of a connection's memory).
+macro_rules! unless_stopped {
+    ($stop:expr, $work:expr) => {
+        tokio::select! {
+            biased;
+            c = $stop.wait() => Err(c),
+            r = $work => Ok(r),
+        }
+    };
+}
+pub(super) use unless_stopped;
 
 /// What a connection watches to end early: the proxy's drain ([`Mode::Immediate`] cuts it)
 /// and its own close handle.
@@ -48,16 +63,6 @@ impl Stop {
         tokio::select! {
             () = drain.at_least(Mode::Immediate) => Closed::cut(),
             c = closed => c.unwrap_or_else(Closed::cut),
-        }
-    }
-
-    /// Runs `work` unless the connection must end first. The stop is looked at first, so a
-    /// connection cut by the daemon says so even when the cut also fails its sockets.
-    pub async fn guard<T>(&mut self, work: impl Future<Output = T>) -> Result<T, Closed> {
-        tokio::select! {
-            biased;
-            c = self.wait() => Err(c),
-            r = work => Ok(r),
         }
     }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::conn::Conn;
+use super::conn::{Conn, unless_stopped};
 use super::registry::{Entry, Kind};
 use super::{Error, Proxy, relay};
 use crate::record::{ConnectionRecord, DrainOutcome, Outcome};
@@ -88,8 +88,9 @@ impl Proxy {
         let mut pause = Some(self.handover.signal());
         let mut stop = conn.stop();
         let ended = loop {
-            let relayed = relay::relay(client, upstream, entry.request(), entry.response(), pause.take());
-            match stop.guard(relayed).await {
+            let relayed =
+                unless_stopped!(stop, relay::relay(client, upstream, entry.request(), entry.response(), pause.take()));
+            match relayed {
                 Ok(Ok(relay::Relayed::Paused)) if self.handover.send(client, upstream, &conn.snapshot()).await => {
                     conn.rec.outcome = Outcome::HandedOver;
                     break Ok(());

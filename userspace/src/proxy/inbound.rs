@@ -10,7 +10,7 @@ use h2::server::SendResponse;
 use http::{Method, Request, Response};
 use tokio::net::TcpStream;
 
-use super::conn::Conn;
+use super::conn::{Conn, unless_stopped};
 use super::registry::{Closed, Kind};
 use super::{Error, PlaintextPolicy, Proxy, is_proxy_port, socket};
 use crate::drain::Mode;
@@ -134,7 +134,11 @@ async fn stream(
     respond: SendResponse<Bytes>,
 ) {
     let mut stop = conn.stop();
-    let result = super::until_stopped(&mut stop, serve_stream(&p, &local, &mut conn, req, respond)).await;
+    let result = tokio::select! {
+        biased;
+        r = serve_stream(&p, &local, &mut conn, req, respond) => r,
+        c = stop.wait() => Err(Error::Closed(c)),
+    };
     conn.finish(result);
 }
 
@@ -168,8 +172,12 @@ async fn serve_stream(
     conn.rec.upstream_src = upstream.local_addr().ok().map(canonical);
     let send = respond.send_response(Response::new(()), false).map_err(Error::StreamGone)?;
     // On this side the stream is what arrives from the client: the request.
-    let relay = super::h2::relay(&mut upstream, send, req.into_body(), entry.response(), entry.request());
-    match conn.stop().guard(relay).await {
+    let mut stop = conn.stop();
+    let relayed = unless_stopped!(
+        stop,
+        super::h2::relay(&mut upstream, send, req.into_body(), entry.response(), entry.request())
+    );
+    match relayed {
         Ok(r) => r.map_err(Error::Relay),
         Err(closed) => {
             // The stream was dropped with the relay: h2 cancels it towards the peer.

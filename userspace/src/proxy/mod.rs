@@ -33,7 +33,6 @@ mod testnet;
 mod tests;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
@@ -51,7 +50,7 @@ use crate::record::{ConnectionRecord, DrainCounts, Outcome};
 use crate::state::{WorkloadIndex, canonical};
 use crate::sync::lock;
 use access_log::AccessLog;
-use conn::{Conn, Ledger, Stop};
+use conn::{Conn, Ledger};
 pub use error::Error;
 use pool::Pool;
 use registry::{Kind, Registry};
@@ -327,27 +326,46 @@ impl Proxy {
     async fn handle(self: Arc<Self>, role: Listener, mut client: TcpStream, index: Arc<WorkloadIndex>, mut conn: Conn) {
         let _ = client.set_nodelay(true);
         let orig_dst = conn.rec.orig_dst;
+        // The work first: its relays watch the same stop and reset their sockets on the way
+        // out. Each future is built in place (see `conn::unless_stopped`).
         let mut stop = conn.stop();
-        // Only a connection made straight to our loopback address gets here without
-        // sk_lookup: that is a call to the proxy itself, never a workload's traffic.
         let result = match role {
+            // Only a connection made straight to our loopback address gets here without
+            // sk_lookup: that is a call to the proxy itself, never a workload's traffic.
             _ if orig_dst.ip().is_loopback() => Err(Error::SelfCall(orig_dst.port())),
             // HBONE connections carry many streams, each with its own record.
             Listener::Hbone => {
-                let result = until_stopped(&mut stop, inbound::hbone(&self, &index, client, &mut conn)).await;
+                let result = tokio::select! {
+                    biased;
+                    r = inbound::hbone(&self, &index, client, &mut conn) => r,
+                    c = stop.wait() => Err(Error::Closed(c)),
+                };
                 return conn.finish(result);
             }
-            Listener::Outbound => {
-                until_stopped(&mut stop, outbound::handle(&self, &index, &mut client, &mut conn)).await
-            }
-            Listener::InboundPlain => {
-                until_stopped(&mut stop, inbound::plaintext(&self, &index, &mut client, &mut conn)).await
-            }
+            _ => tokio::select! {
+                biased;
+                r = self.route(role, &index, &mut client, &mut conn) => r,
+                c = stop.wait() => Err(Error::Closed(c)),
+            },
         };
         if result.is_err() {
             socket::reset_on_close(&client);
         }
         conn.finish(result);
+    }
+
+    /// A captured connection (outbound), or plaintext to an enrolled pod.
+    async fn route(
+        &self,
+        role: Listener,
+        index: &WorkloadIndex,
+        client: &mut TcpStream,
+        conn: &mut Conn,
+    ) -> Result<(), Error> {
+        match role {
+            Listener::Outbound => outbound::handle(self, index, client, conn).await,
+            _ => inbound::plaintext(self, index, client, conn).await,
+        }
     }
 
     /// A connection's account, watching this proxy's drain.
@@ -403,16 +421,6 @@ impl Proxy {
 
     fn is_pod_ip(&self, index: &WorkloadIndex, ip: IpAddr) -> bool {
         self.cfg.pod_cidrs.iter().any(|n| n.contains(&ip)) || index.get(ip).is_some()
-    }
-}
-
-/// Runs a connection's `work` until it ends or the connection must stop. The work comes
-/// first: its relays watch the same stop and reset their sockets on the way out.
-async fn until_stopped(stop: &mut Stop, work: impl Future<Output = Result<(), Error>>) -> Result<(), Error> {
-    tokio::select! {
-        biased;
-        r = work => r,
-        c = stop.wait() => Err(Error::Closed(c)),
     }
 }
 

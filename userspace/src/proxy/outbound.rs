@@ -6,7 +6,7 @@ use std::sync::Arc;
 use meshpath_common::names::PORT_HBONE;
 use tokio::net::TcpStream;
 
-use super::conn::Conn;
+use super::conn::{Conn, unless_stopped};
 use super::h2::client::{ClientError, H2Client};
 use super::pool::PoolKey;
 use super::registry::Kind;
@@ -102,7 +102,8 @@ async fn hbone(
         }
     };
     conn.rec.upstream_src = Some(canonical(lease.conn.client.local));
-    let relayed = conn.stop().guard(super::h2::relay(client, send, recv, entry.request(), entry.response())).await;
+    let mut stop = conn.stop();
+    let relayed = unless_stopped!(stop, super::h2::relay(client, send, recv, entry.request(), entry.response()));
     drop(lease);
     // A stream dropped with its relay (closed or cut) is cancelled towards the peer by h2;
     // the caller resets the client.
