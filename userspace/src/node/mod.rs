@@ -272,7 +272,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let drained = match (stop, successors) {
         (Stop::TakenOver { .. }, Some(successors)) => {
             let _ = admin_stop.send(true);
-            step_down(&proxy, &mut kernel, (&stop_tx, &proxy_drain), proxy_task, successors, cfg.drain_timeout).await
+            step_down(&proxy, &mut kernel, &stop_tx, &proxy_drain, proxy_task, successors, cfg.drain_timeout).await
         }
         (_, successors) => {
             if let Some(s) = successors {
@@ -313,7 +313,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
 async fn step_down(
     proxy: &Arc<Proxy>,
     kernel: &mut Option<Reconciler>,
-    (stop_tx, proxy_drain): (&watch::Sender<bool>, &drain::Trigger),
+    stop_tx: &watch::Sender<bool>,
+    proxy_drain: &drain::Trigger,
     proxy_task: tokio::task::JoinHandle<()>,
     successors: Successors,
     timeout: Duration,
