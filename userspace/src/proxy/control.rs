@@ -194,5 +194,6 @@ mod tests {
         drop(socket);
         assert!(!path.exists(), "the socket goes with its daemon");
         assert!(matches!(request(&path, &Request::List).await, Err(ControlError::Io { .. })));
+        let _ = std::fs::remove_dir(path.parent().expect("a directory"));
     }
 }

@@ -75,6 +75,17 @@ struct Node {
     drain: drain::Trigger,
 }
 
+/// A test's files go with it (also when it fails).
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.log);
+        if let Some(dir) = self.log.parent() {
+            // The last node of the process takes the directory.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
 struct Opts {
     plaintext: PlaintextPolicy,
     connect_timeout: Duration,
@@ -549,16 +560,16 @@ async fn a_graceful_drain_lets_open_connections_finish() {
 #[test]
 fn connections_dropped_with_the_runtime_write_their_records() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-    let (log, clients) = rt.block_on(async {
+    let (n1, clients) = rt.block_on(async {
         let (net, n1, n2) = two_nodes().await;
         let clients = one_of_each(&n1).await;
         drop((net, n2));
-        (n1.log.clone(), clients)
+        (n1, clients)
     });
-    assert!(records(&log).is_empty(), "nothing ended yet");
+    assert!(records(&n1.log).is_empty(), "nothing ended yet");
     // The process exits without a drain: its tasks are dropped with the runtime.
     drop(rt);
-    let recs = records(&log);
+    let recs = records(&n1.log);
     assert_eq!(recs.len(), 4, "{recs:#?}");
     assert!(recs.iter().all(|r| r.outcome == Outcome::Cut && r.error.is_some()), "{recs:#?}");
     drop(clients);
