@@ -1,10 +1,15 @@
 //! What operators read, checked against known traffic in a lab: Prometheus metrics on 15020,
-//! the structured access log through `tracing`, and `meshpath status`.
+//! the structured access log through `tracing`, `meshpath status` (open connections
+//! included) and `meshpath close`.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use meshpath::record::Outcome;
 use meshpath_common::names::PORT_METRICS;
+use meshpath_lab::traffic::{EchoServer, in_netns};
 use meshpath_lab::{Lab, http_get, smoke};
 
 mod support;
@@ -173,5 +178,123 @@ fn status_shows_attachments_workloads_listeners_and_follows_enrolment() -> Resul
         .expect_err("status of an unknown node must fail")
         .to_string();
     ensure!(err.contains("no meshpath datapath for node no-such-node"), "{err}");
+    Ok(())
+}
+
+/// Where the held connections' servers listen (echoing as bytes arrive).
+const HELD_PORT: u16 = 9090;
+
+/// A connection from pod `from` to pod `to` that stays open, after 1000 bytes went there
+/// and back.
+fn held(lab: &Lab, from: &str, to: &str) -> Result<TcpStream> {
+    let dst = lab.addr(to, false, HELD_PORT);
+    let mut s = in_netns(&lab.pod(from).netns, || TcpStream::connect_timeout(&dst, Duration::from_secs(3)))??;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(&[7u8; 1000])?;
+    let mut back = [0u8; 1000];
+    s.read_exact(&mut back).with_context(|| format!("{from} -> {to}: the echo"))?;
+    Ok(s)
+}
+
+/// Whether the proxy ended `s` (EOF or reset) within 5 s.
+fn ended(s: &mut TcpStream) -> bool {
+    let mut rest = Vec::new();
+    match s.read_to_end(&mut rest) {
+        Ok(_) => true,
+        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    }
+}
+
+/// An open connection as status lists it: kind, listener, source IP, source identity,
+/// destination workload, target (`-` for none).
+type Row = (String, String, String, String, String, String);
+
+/// What node `node`'s daemon lists, checking each connection moved its 1000 bytes both ways.
+fn listed(lab: &Lab, node: usize) -> Result<Vec<Row>> {
+    let s = status(lab, node)?;
+    let daemons = s["connections"].as_array().context("connections")?;
+    ensure!(daemons.len() == 1 && daemons[0]["error"].is_null(), "connections: {daemons:?}");
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    let mut out = Vec::new();
+    for c in daemons[0]["open"].as_array().context("open")? {
+        ensure!(c["bytes_sent"].as_u64() >= Some(1000) && c["bytes_received"].as_u64() >= Some(1000), "bytes: {c}");
+        let src_ip = c["src"].as_str().and_then(|a| a.rsplit_once(':')).map(|(ip, _)| ip.to_owned());
+        out.push((
+            text(&c["kind"]),
+            text(&c["listener"]),
+            src_ip.unwrap_or_default(),
+            text(&c["src_identity"]),
+            text(&c["dst_workload"]),
+            text(&c["target"]),
+        ));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Open connections of every kind show in `meshpath status` (JSON and text) with their bytes;
+/// `meshpath close` ends one with its record; a stop that cuts the rest writes a record for
+/// each.
+#[test]
+fn status_lists_open_connections_of_every_kind_and_each_ends_with_a_record() -> Result<()> {
+    let mut lab = started_lab()?;
+    let _servers: Vec<EchoServer> = ["a", "c", "d", "e"]
+        .iter()
+        .map(|p| EchoServer::start_streaming(&lab.pod(p).netns, HELD_PORT))
+        .collect::<std::io::Result<_>>()?;
+    // A plain relay that lives through a takeover: the successor carries it on, adopted.
+    let adopted = held(&lab, "a", "d")?;
+    lab.take_over(0, Duration::from_secs(30))?;
+    let mut clients = vec![adopted];
+    for (from, to) in [("a", "c"), ("a", "d"), ("a", "e"), ("b", "a")] {
+        clients.push(held(&lab, from, to)?);
+    }
+    let (a, b, c, d, e) = (lab.pod("a").v4, lab.pod("b").v4, lab.pod("c").v4, lab.pod("d").v4, lab.pod("e").v4);
+    let id_a = lab.identity("a").to_string();
+    let at = |ip| format!("{ip}:{HELD_PORT}");
+    let row = |kind: &str, listener: &str, src, id: &str, dst: &str, target| {
+        (kind.to_owned(), listener.to_owned(), format!("{src}"), id.to_owned(), dst.to_owned(), at(target))
+    };
+    let mut want = vec![
+        row("adopted", "outbound", a, "-", "-", d),
+        row("hbone_stream", "outbound", a, &id_a, "lab/pod-c", c),
+        row("plain_relay", "outbound", a, "-", "-", d),
+        row("same_node", "outbound", a, &id_a, "lab/pod-e", e),
+        row("plain_relay", "inbound_plain", b, "-", "lab/pod-a", a),
+    ];
+    want.sort();
+    let got = listed(&lab, 0)?;
+    ensure!(got == want, "node 1 lists\n{got:#?}\nwant\n{want:#?}");
+    // The tunnel's other end lists the stream, with the identity a proved.
+    let n2 = listed(&lab, 1)?;
+    ensure!(n2 == [row("hbone_stream", "hbone", a, &id_a, "lab/pod-c", c)], "node 2 lists {n2:#?}");
+    let text = lab.meshpath(0, &["status", "--node", &lab.nodes[0].name])?;
+    ensure!(text.contains("open connections (5)"), "{text}");
+    for kind in ["adopted", "hbone_stream", "plain_relay", "same_node"] {
+        ensure!(text.lines().any(|l| l.contains(kind) && l.contains("sent 1000")), "no {kind} in\n{text}");
+    }
+
+    // Closed by an operator: the same-node pair ends, and its record says so.
+    let s = status(&lab, 0)?;
+    let same = s["connections"][0]["open"].as_array().into_iter().flatten().find(|c| c["kind"] == "same_node");
+    let id = same.and_then(|c| c["id"].as_u64()).context("the same-node pair's id")?;
+    let said = lab.meshpath(0, &["close", "--node", &lab.nodes[0].name, &id.to_string()])?;
+    ensure!(said.contains(&format!("closed connection {id}")), "{said}");
+    ensure!(ended(&mut clients[3]), "the closed connection is still open");
+    let closed = lab.wait_record(0, Duration::from_secs(3), |r| r.orig_dst.ip() == e && r.src.ip() == a)?;
+    let closed = closed.context("no record of the closed connection")?;
+    ensure!(closed.outcome == Outcome::Cut && closed.bytes_sent == 1000, "{closed:?}");
+    ensure!(closed.error.as_deref().is_some_and(|e| e.contains("meshpath close")), "{closed:?}");
+    ensure!(listed(&lab, 0)?.len() == 4, "the closed connection is still listed");
+
+    // Stopped with four connections open, past the drain's deadline: each is cut, and each
+    // has its record.
+    let before = lab.records(0)?.len();
+    lab.stop_daemon(0, false)?;
+    for (i, client) in clients.iter_mut().enumerate().filter(|(i, _)| *i != 3) {
+        ensure!(ended(client), "connection #{i} outlived its daemon");
+    }
+    let cut: Vec<_> = lab.records(0)?.into_iter().skip(before).collect();
+    ensure!(cut.len() == 4 && cut.iter().all(|r| r.outcome == Outcome::Cut), "records at the stop: {cut:#?}");
     Ok(())
 }

@@ -59,6 +59,17 @@ pub enum Command {
         #[arg(short = 'o', long, default_value = "text")]
         output: Output,
     },
+    /// Close an open connection (`meshpath status` lists them): both sides are reset and its
+    /// record says `cut`.
+    Close {
+        #[arg(long, env = "MESHPATH_NODE", default_value_t = hostname())]
+        node: String,
+        /// The daemon holding it (its pid), when several serve the node (a takeover).
+        #[arg(long)]
+        daemon: Option<u32>,
+        /// The connection's number, as `status` shows it.
+        id: u64,
+    },
     /// Create a root for the built-in CA in a directory (root-cert.pem, root-key.pem), to
     /// share between nodes, e.g. as the meshpath-ca Secret.
     CaInit {
@@ -246,6 +257,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Output::Text => print!("{}", status.text()),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Close { node, daemon, id } => {
+            println!("{}", runtime()?.block_on(crate::status::close(&node, id, daemon))?);
             Ok(ExitCode::SUCCESS)
         }
         Command::CaInit { dir, trust_domain } => {

@@ -65,6 +65,11 @@ impl Trigger {
         self.tx.receiver_count()
     }
 
+    /// Resolves once every watcher is dropped (at once when none is held).
+    pub async fn released(&self) {
+        self.tx.closed().await;
+    }
+
     /// Another watcher (for work started by the owner itself).
     pub fn watcher(&self) -> Watcher {
         Watcher { rx: self.tx.subscribe() }

@@ -53,6 +53,34 @@ impl TcpLabels {
     }
 }
 
+/// One open connection's labelled series, looked up once when it opens: its bytes are then
+/// counted as they move, one atomic add per chunk, with no lookup (a connection that lives
+/// for hours shows its bytes all along, not at its close).
+#[derive(Clone, Debug)]
+pub struct ConnCounters {
+    closed: Counter,
+    /// Istio's `received_bytes`: client to server.
+    request: Counter,
+    /// Istio's `sent_bytes`: server to client.
+    response: Counter,
+}
+
+impl ConnCounters {
+    /// Bytes the client sent towards the server.
+    pub fn request(&self, n: u64) {
+        self.request.inc_by(n);
+    }
+
+    /// Bytes the server sent back.
+    pub fn response(&self, n: u64) {
+        self.response.inc_by(n);
+    }
+
+    pub fn closed(&self) {
+        self.closed.inc();
+    }
+}
+
 /// HBONE pool occupancy, for metrics and logs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PoolStats {
@@ -130,15 +158,15 @@ impl Metrics {
         let _ = self.sources.set(Box::new(s));
     }
 
-    pub fn opened(&self, labels: &TcpLabels) {
+    /// Counts a connection as opened under `labels`, and gives the series its bytes and its
+    /// close are counted in.
+    pub fn open(&self, labels: &TcpLabels) -> ConnCounters {
         self.opened.get_or_create(labels).inc();
-    }
-
-    /// A connection ended: `rec.bytes_sent` went from client to server (the request).
-    pub fn closed(&self, labels: &TcpLabels, rec: &ConnectionRecord) {
-        self.closed.get_or_create(labels).inc();
-        self.received.get_or_create(labels).inc_by(rec.bytes_sent);
-        self.sent.get_or_create(labels).inc_by(rec.bytes_received);
+        ConnCounters {
+            closed: self.closed.get_or_create(labels).clone(),
+            request: self.received.get_or_create(labels).clone(),
+            response: self.sent.get_or_create(labels).clone(),
+        }
     }
 
     /// Counts `n` connections of a stop or takeover under what became of them.
@@ -233,7 +261,6 @@ mod tests {
             bytes_received: 2000,
             outcome: Outcome::Ok,
             error: None,
-            opened: true,
         }
     }
 
@@ -242,8 +269,17 @@ mod tests {
         let m = Metrics::new();
         let r = rec("outbound", true);
         let l = TcpLabels::of(&r);
-        m.opened(&l);
-        m.closed(&l, &r);
+        let c = m.open(&l);
+        c.request(40);
+        let text = m.render();
+        let open = r#"{reporter="source",source_workload="web-0",source_workload_namespace="shop",source_principal="spiffe://td/ns/shop/sa/web",destination_workload="unknown",destination_workload_namespace="unknown",destination_principal="unknown",request_protocol="tcp",connection_security_policy="mutual_tls"}"#;
+        assert!(
+            text.lines().any(|l| l == format!("istio_tcp_received_bytes_total{open} 40")),
+            "bytes show while the connection is open:\n{text}"
+        );
+        c.request(60);
+        c.response(2000);
+        c.closed();
         let text = m.render();
         let want = r#"{reporter="source",source_workload="web-0",source_workload_namespace="shop",source_principal="spiffe://td/ns/shop/sa/web",destination_workload="unknown",destination_workload_namespace="unknown",destination_principal="unknown",request_protocol="tcp",connection_security_policy="mutual_tls"}"#;
         for line in [

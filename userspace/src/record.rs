@@ -48,10 +48,13 @@ pub enum Outcome {
     /// Moved, both sockets, to a successor daemon during a takeover; the successor's record
     /// of the same connection (its bytes counted from the start) says how it ended.
     HandedOver,
+    /// Ended by the daemon while open: still open at the drain's deadline, still open when
+    /// the daemon stopped, or closed on request (`meshpath close`). Both sides are reset.
+    Cut,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 20] = [
+    pub const ALL: [Outcome; 21] = [
         Outcome::Ok,
         Outcome::SelfCall,
         Outcome::UnknownSource,
@@ -72,6 +75,7 @@ impl Outcome {
         Outcome::Reset,
         Outcome::OverLimit,
         Outcome::HandedOver,
+        Outcome::Cut,
     ];
 
     /// The stable code (what the access log and the metrics carry).
@@ -97,6 +101,7 @@ impl Outcome {
             Outcome::Reset => "reset",
             Outcome::OverLimit => "over_limit",
             Outcome::HandedOver => "handed_over",
+            Outcome::Cut => "cut",
         }
     }
 }
@@ -123,6 +128,27 @@ impl DrainOutcome {
             DrainOutcome::Cut => "cut",
             DrainOutcome::Adopted => "adopted",
         }
+    }
+}
+
+/// What became of the connections open when a daemon stopped serving (its own count, or its
+/// predecessor's as the takeover reported it): the metrics count each under its
+/// [`DrainOutcome`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DrainCounts {
+    pub handed_over: u64,
+    pub finished: u64,
+    pub cut: u64,
+}
+
+impl DrainCounts {
+    /// Each count with its outcome.
+    pub fn by_outcome(&self) -> [(DrainOutcome, u64); 3] {
+        [
+            (DrainOutcome::HandedOver, self.handed_over),
+            (DrainOutcome::Finished, self.finished),
+            (DrainOutcome::Cut, self.cut),
+        ]
     }
 }
 
@@ -165,9 +191,6 @@ pub struct ConnectionRecord {
     /// What went wrong, in words, when the outcome is not `ok`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// Whether the connection was counted as opened in the metrics (so its close is too).
-    #[serde(skip)]
-    pub opened: bool,
 }
 
 #[cfg(test)]

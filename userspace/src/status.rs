@@ -1,16 +1,21 @@
 //! `meshpath status`: what meshpath has put into this network namespace and bpffs for a
 //! node, read from the kernel (not from the daemon), so it also works while the daemon is
-//! down: attachments, enrolled workloads, listener sockets and the SOCKMAP, counters.
+//! down: attachments, enrolled workloads, listener sockets and the SOCKMAP, counters. The
+//! open connections are each daemon's to tell (its control socket); `meshpath close` ends
+//! one of them.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::datapath::{self, AttachMode, Counters, DatapathError, Hook};
 use crate::node::instance::{self, DaemonNote};
+use crate::proxy::control::{self, ControlError, Request, Response};
+use crate::proxy::registry::OpenConnection;
 use crate::routing::{self, Routing, RoutingError};
 use crate::state::WorkloadIndex;
 use crate::topology::Topology;
@@ -26,6 +31,16 @@ pub enum StatusError {
     Workloads(#[from] WorkloadsError),
     #[error("no meshpath datapath for node {node} (nothing pinned in {dir}); is the node name right?")]
     NotInstalled { node: String, dir: String },
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("no meshpath daemon of node {0} is running")]
+    NoDaemon(String),
+    #[error("several daemons serve node {node} (pids {pids}): say which with --daemon")]
+    WhichDaemon { node: String, pids: String },
+    #[error("daemon {pid} has no open connection {id} (see `meshpath status`)")]
+    NotOpen { pid: u32, id: u64 },
+    #[error("daemon {0} gave an answer meshpath does not expect")]
+    Unexpected(u32),
 }
 
 #[derive(Debug, Serialize)]
@@ -37,7 +52,19 @@ pub struct Status {
     pub listeners: Vec<ListenerState>,
     /// The daemons serving or draining the node now.
     pub daemons: Vec<DaemonNote>,
+    /// Each daemon's open connections.
+    pub connections: Vec<DaemonConnections>,
     pub counters: Counters,
+}
+
+/// One daemon's open connections, as it told them.
+#[derive(Debug, Serialize)]
+pub struct DaemonConnections {
+    pub pid: u32,
+    pub open: Vec<OpenConnection>,
+    /// Why the daemon did not tell (`open` is then empty).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -157,9 +184,75 @@ pub async fn collect(node: &str, workloads: Option<&Path>, pod_cidrs: &[IpNet]) 
         attachments,
         workloads,
         listeners,
+        connections: connections(node, &daemons).await,
         daemons,
         counters: datapath::read_pinned_counters(node)?,
     })
+}
+
+/// Asks each daemon of `node` for its open connections.
+async fn connections(node: &str, daemons: &[DaemonNote]) -> Vec<DaemonConnections> {
+    let mut out = Vec::new();
+    for d in daemons {
+        let answer = control::request(&instance::control_socket(node, d.pid), &Request::List).await;
+        let (open, error) = match answer {
+            Ok(Response::Connections(open)) => (open, None),
+            Ok(_) => (Vec::new(), Some("an answer meshpath does not expect".to_owned())),
+            Err(e) => (Vec::new(), Some(e.to_string())),
+        };
+        out.push(DaemonConnections { pid: d.pid, open, error });
+    }
+    out
+}
+
+/// `meshpath close`: ends open connection `id` of a daemon of `node` (`daemon`, or the only
+/// one); its record says `cut`.
+pub async fn close(node: &str, id: u64, daemon: Option<u32>) -> Result<String, StatusError> {
+    datapath::validate_node_name(node)?;
+    let pids: Vec<u32> = instance::live(node).iter().map(|d| d.pid).collect();
+    let pid = match (daemon, pids.as_slice()) {
+        (Some(p), _) => p,
+        (None, []) => return Err(StatusError::NoDaemon(node.into())),
+        (None, [p]) => *p,
+        (None, _) => {
+            let pids = pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+            return Err(StatusError::WhichDaemon { node: node.into(), pids });
+        }
+    };
+    match control::request(&instance::control_socket(node, pid), &Request::Close { id }).await? {
+        Response::Closed { found: true } => Ok(format!("closed connection {id} of daemon {pid}")),
+        Response::Closed { found: false } => Err(StatusError::NotOpen { pid, id }),
+        _ => Err(StatusError::Unexpected(pid)),
+    }
+}
+
+/// The open-connections part of the human form.
+fn connections_text(s: &mut String, daemons: &[DaemonConnections]) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let total: usize = daemons.iter().map(|d| d.open.len()).sum();
+    let _ = writeln!(s, "\nopen connections ({total})");
+    for d in daemons {
+        if let Some(e) = &d.error {
+            let _ = writeln!(s, "  pid {}: not listed: {e}", d.pid);
+        }
+        for c in &d.open {
+            let age = Duration::from_millis(now.saturating_sub(c.start_ms)).as_secs();
+            let _ = writeln!(
+                s,
+                "  pid {} #{:<6} {:<12} {:<13} {} ({}) -> {} {}  sent {} received {}  {age}s",
+                d.pid,
+                c.id,
+                c.kind.code(),
+                c.listener,
+                c.src,
+                c.src_identity.as_deref().unwrap_or("no identity"),
+                c.dst_workload.as_deref().unwrap_or("-"),
+                c.target,
+                c.bytes_sent,
+                c.bytes_received
+            );
+        }
+    }
 }
 
 /// Listening TCP sockets of this network namespace, from /proc/net/tcp{,6}.
@@ -241,6 +334,7 @@ impl Status {
         for d in &self.daemons {
             let _ = writeln!(s, "  pid {:<10} {}", d.pid, d.state.code());
         }
+        connections_text(&mut s, &self.connections);
         let c = &self.counters;
         let _ = writeln!(
             s,

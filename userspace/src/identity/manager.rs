@@ -10,9 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
-
 use super::{CertificateProvider, Identity, IdentityError, WorkloadCertificate};
+use crate::drain::Watcher;
 use crate::sync::lock;
 
 /// Retry delays after a failed renewal: doubling from the first to the last.
@@ -73,11 +72,11 @@ impl CertificateManager {
         lock(&self.cache).retain(|id, _| keep(id));
     }
 
-    /// Renews due certificates until `stop` changes.
-    pub async fn run_renewals(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    /// Renews due certificates until a drain starts.
+    pub async fn run_renewals(self: Arc<Self>, mut stop: Watcher) {
         loop {
             tokio::select! {
-                _ = stop.changed() => return,
+                _ = stop.signalled() => return,
                 _ = tokio::time::sleep(SWEEP) => {}
             }
             self.renew_due().await;

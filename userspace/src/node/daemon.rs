@@ -13,8 +13,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-
 use super::instance::Instance;
 use super::kernel::{Kernel, System};
 use super::lifecycle::{Condition, Event, Phase, Readiness};
@@ -22,12 +20,13 @@ use super::reconcile::{Desired, Reconciler, Trigger};
 use super::releases::Releases;
 use super::source::StateRx;
 use super::takeover::{self, Predecessor, Successors};
-use super::{Drained, NodeConfig, NodeError, SAFETY_TICK};
+use super::{NodeConfig, NodeError, SAFETY_TICK};
 use crate::admin;
 use crate::datapath;
 use crate::drain::{self, Mode};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy};
+use crate::record::DrainCounts;
 use crate::state::{DesiredState, WorkloadIndex};
 
 /// The stop signal, pinned for the daemon's whole life.
@@ -56,14 +55,21 @@ pub(super) struct Term {
     reconciler: Reconciler<System>,
     /// The probe and metrics ports.
     admin: drain::Trigger,
-    /// The proxy's accept loops (the listeners close when it is signalled).
-    serve: watch::Sender<bool>,
+    /// The proxy's listeners and connections: a graceful drain closes the listeners (and
+    /// asks HBONE peers to go away), an immediate one cuts what is left.
+    serve: drain::Trigger,
     proxy_task: tokio::task::JoinHandle<()>,
     successors: Option<Successors>,
     /// The cookies of this term's sockets, by slot.
     own_slots: Vec<Option<u64>>,
     /// Second fds of the listeners, to put them back into slots emptied behind this daemon.
     listeners: Vec<(Listener, bool, OwnedFd)>,
+}
+
+/// What is left of a term once it no longer accepts.
+struct Closed {
+    admin: drain::Trigger,
+    serve: drain::Trigger,
 }
 
 /// What the SOCKMAP slots say of a serving term.
@@ -163,8 +169,8 @@ impl Daemon {
         let own_slots = reconciler.register(&fds)?;
         drop(fds);
         tracing::info!(count = listeners.len(), "proxy listeners registered in the SOCKMAP");
-        let (serve, serve_rx) = watch::channel(false);
-        let proxy_task = tokio::spawn(self.proxy.clone().serve(listeners, serve_rx));
+        let (serve, watcher) = drain::new();
+        let proxy_task = tokio::spawn(self.proxy.clone().serve(listeners, watcher));
         if let Some(p) = predecessor {
             tokio::spawn(p.adopt_relays(self.proxy.clone()));
         }
@@ -391,8 +397,8 @@ impl Daemon {
         let successors = term.successors.take();
         let work = async move {
             tokio::time::sleep(takeover::LINGER).await;
-            term.close().await;
-            hand_over_and_drain(&proxy, successors, timeout).await
+            let closed = term.close().await;
+            hand_over_and_drain(&proxy, &closed.serve, successors, timeout).await
         };
         tokio::pin!(work);
         loop {
@@ -435,10 +441,10 @@ impl Daemon {
         if let Some(s) = term.successors.take() {
             s.close();
         }
-        let admin = term.close().await;
-        let drained = super::drain(&self.proxy, self.cfg.drain_timeout, 0).await;
+        let closed = term.close().await;
+        let drained = super::drain(&self.proxy, &closed.serve, self.cfg.drain_timeout, 0).await;
         self.proxy.count_drained(&drained);
-        admin.stop(Duration::from_secs(1)).await;
+        closed.admin.stop(Duration::from_secs(1)).await;
         tracing::info!(
             pin_dir = %datapath::node_pin_dir(&self.cfg.node).map(|p| p.display().to_string()).unwrap_or_default(),
             "stopped; the datapath stays pinned and drops enrolled traffic until a daemon takes over (`meshpath uninstall` removes it)"
@@ -473,15 +479,16 @@ impl Term {
         self.reconciler.register(&fds).map(|_| ())
     }
 
-    /// Stops accepting (the listeners close, and leave the SOCKMAP) and closes the program
-    /// links; what is open keeps going. The admin ports are the caller's to close.
-    async fn close(self) -> drain::Trigger {
+    /// Stops accepting (the listeners close, and leave the SOCKMAP; HBONE peers are asked
+    /// to go away) and closes the program links; what is open keeps going, under the
+    /// returned triggers.
+    async fn close(self) -> Closed {
         // The second fds first: the listeners must close with the accept loops.
         drop(self.listeners);
-        let _ = self.serve.send(true);
+        self.serve.start(Mode::Graceful);
         let _ = self.proxy_task.await;
         drop(self.reconciler);
-        self.admin
+        Closed { admin: self.admin, serve: self.serve }
     }
 }
 
@@ -498,7 +505,12 @@ fn classify(now: &[Option<u64>], own: &[Option<u64>]) -> Slots {
 }
 
 /// Hands the plain relays to the successor (if one said hello) and drains the rest.
-async fn hand_over_and_drain(proxy: &Arc<Proxy>, successors: Option<Successors>, timeout: Duration) -> Drained {
+async fn hand_over_and_drain(
+    proxy: &Arc<Proxy>,
+    serve: &drain::Trigger,
+    successors: Option<Successors>,
+    timeout: Duration,
+) -> DrainCounts {
     let open = proxy.open_connections();
     let sender = successors.and_then(|s| s.take()).map(|successor| {
         let (outbox, relays) = tokio::sync::mpsc::channel(64);
@@ -508,7 +520,7 @@ async fn hand_over_and_drain(proxy: &Arc<Proxy>, successors: Option<Successors>,
             (successor, n)
         })
     });
-    let mut drained = super::drain(proxy, timeout, open).await;
+    let mut drained = super::drain(proxy, serve, timeout, open).await;
     // No relay moves after the deadline: the channel closes, and the successor learns what
     // became of the rest.
     proxy.stop_handing_over();

@@ -61,6 +61,11 @@ fn dir(node: &str) -> PathBuf {
     PathBuf::from(STATE_DIR).join(node).join("daemons")
 }
 
+/// The control socket of daemon `pid` of `node`, beside its note (see `proxy::control`).
+pub fn control_socket(node: &str, pid: u32) -> PathBuf {
+    dir(node).join(format!("{pid}.sock"))
+}
+
 /// This daemon's note, kept up to date and removed when it ends.
 pub struct Instance {
     file: Flock<File>,
@@ -118,6 +123,7 @@ impl Instance {
 impl Drop for Instance {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(self.path.with_extension("sock"));
         // The directory goes with the last daemon's note.
         if let Some(dir) = self.path.parent() {
             let _ = std::fs::remove_dir(dir);
@@ -143,6 +149,7 @@ pub fn live(node: &str) -> Vec<DaemonNote> {
         // A lock we can take is one no daemon holds.
         if Flock::lock(file, FlockArg::LockSharedNonblock).is_ok() {
             let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_file(path.with_extension("sock"));
             continue;
         }
         if let Some(note) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()) {

@@ -40,6 +40,7 @@ use crate::identity::{CertificateProvider, IdentityError, ca, files};
 use crate::metrics::{self, Metrics};
 use crate::proxy::limits::{self, Limits};
 use crate::proxy::{self, PlaintextPolicy, Proxy, ProxyConfig, access_log::AccessLog};
+use crate::record::DrainCounts;
 use crate::routing::{self, Interface, Routing, RoutingError};
 use crate::state::WorkloadIndex;
 use crate::topology::{Role, Topology};
@@ -179,6 +180,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()> + Send) -> 
     let fresh = datapath::is_fresh(&cfg.node)?;
     let proxy = new_proxy(&cfg, log, certs, &metrics);
     metrics.set_sources(ScrapeSources { node: cfg.node.clone(), proxy: proxy.clone() });
+    // `meshpath status` lists this daemon's open connections through it.
+    let _control = instance.as_ref().and_then(|_| {
+        let path = instance::control_socket(&cfg.node, std::process::id());
+        proxy
+            .listen_control(&path)
+            .inspect_err(|e| tracing::warn!("`meshpath status` will not list connections: {e}"))
+            .ok()
+    });
     let mut daemon = daemon::Daemon {
         releases: releases::Releases::new(cfg.release_hold),
         cfg,
@@ -209,8 +218,8 @@ async fn run_proxy_only(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> 
     let metrics = Metrics::new();
     let proxy = new_proxy(&cfg, log, certs, &metrics);
     let listeners = proxy::bind_listeners()?;
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let serving = tokio::spawn(proxy.clone().serve(listeners, stop_rx));
+    let (serve, watcher) = drain::new();
+    let serving = tokio::spawn(proxy.clone().serve(listeners, watcher));
     tokio::pin!(shutdown);
     loop {
         if let Some(state) = desired.borrow_and_update().clone() {
@@ -221,40 +230,38 @@ async fn run_proxy_only(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> 
             r = desired.changed() => if r.is_err() { break },
         }
     }
-    let _ = stop.send(true);
+    serve.start(drain::Mode::Graceful);
     let _ = serving.await;
-    proxy.count_drained(&drain(&proxy, cfg.drain_timeout, 0).await);
+    proxy.count_drained(&drain(&proxy, &serve, cfg.drain_timeout, 0).await);
     tasks.stop(Duration::from_secs(1)).await;
     Ok(())
 }
 
-/// What became of the connections open when a daemon stopped serving.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Drained {
-    pub handed_over: u64,
-    pub finished: u64,
-    pub cut: u64,
-}
+/// How long connections cut at the drain's deadline get to write their records.
+const CUT_GRACE: Duration = Duration::from_secs(1);
 
-/// Lets open connections finish, up to `timeout`; what is left is cut when the process
-/// exits. `open` is the count to report from (0: what is open now).
-async fn drain(proxy: &Proxy, timeout: Duration, open: usize) -> Drained {
+/// Lets the proxy's open connections finish (its graceful drain has started), up to
+/// `timeout`; what is left is cut then, each connection writing its record. `open` is the
+/// count to report from (0: what is open now).
+async fn drain(proxy: &Proxy, serve: &drain::Trigger, timeout: Duration, open: usize) -> DrainCounts {
     let open = if open == 0 { proxy.open_connections() } else { open };
     if open == 0 {
-        return Drained::default();
+        return DrainCounts::default();
     }
     tracing::info!(connections = open, ?timeout, "draining: new connections are refused, open ones may finish");
-    proxy.start_drain();
-    let deadline = tokio::time::Instant::now() + timeout;
-    while proxy.open_connections() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let cut = proxy.open_connections();
-    match cut {
-        0 => tracing::info!("drained: every connection finished"),
-        left => tracing::warn!(connections = left, "drain deadline passed; cutting the connections left"),
-    }
-    Drained { handed_over: 0, finished: open.saturating_sub(cut) as u64, cut: cut as u64 }
+    let cut = match tokio::time::timeout(timeout, serve.released()).await {
+        Ok(()) => {
+            tracing::info!("drained: every connection finished");
+            0
+        }
+        Err(_) => {
+            let left = proxy.open_connections();
+            tracing::warn!(connections = left, "drain deadline passed; cutting the connections left");
+            serve.stop(CUT_GRACE).await;
+            left
+        }
+    };
+    DrainCounts { handed_over: 0, finished: open.saturating_sub(cut) as u64, cut: cut as u64 }
 }
 
 fn new_proxy(cfg: &NodeConfig, log: AccessLog, certs: Arc<CertificateManager>, metrics: &Arc<Metrics>) -> Arc<Proxy> {

@@ -28,10 +28,8 @@ use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
 use super::lifecycle::Readiness;
 use crate::proxy::Proxy;
 use crate::proxy::handover::HandedRelay;
-use crate::record::ConnectionRecord;
+use crate::record::{ConnectionRecord, DrainCounts};
 use crate::sync::lock;
-
-use super::Drained;
 
 /// How often a serving daemon looks whether a successor took its SOCKMAP slots.
 pub const WATCH: Duration = Duration::from_millis(100);
@@ -243,7 +241,7 @@ impl Successor {
 
     /// Tells the successor what became of this daemon's connections (its metrics count
     /// them), and that no relay follows.
-    pub async fn report(&self, drained: &Drained) {
+    pub async fn report(&self, drained: &DrainCounts) {
         let msg = Message::Done { handed_over: drained.handed_over, finished: drained.finished, cut: drained.cut };
         if let Err(e) = send(&self.sock, &msg, &[]).await {
             tracing::debug!("telling the successor the drain's outcome: {e}");
@@ -288,7 +286,7 @@ impl Predecessor {
                         cut,
                         "the predecessor stepped down: its plain relays carry on here, its other connections finished or were cut"
                     );
-                    proxy.count_drained(&Drained { handed_over, finished, cut });
+                    proxy.count_drained(&DrainCounts { handed_over, finished, cut });
                     return;
                 }
                 Ok(Some((Message::Hello { .. }, _))) => tracing::warn!("a hello from the predecessor; ignored"),
@@ -329,8 +327,6 @@ mod tests {
             bytes_received: 9,
             outcome: crate::record::Outcome::Ok,
             error: None,
-            // Not carried (the successor counts the connection opened itself).
-            opened: false,
         }
     }
 

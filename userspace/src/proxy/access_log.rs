@@ -75,8 +75,9 @@ impl AccessLog {
     pub fn record(&self, r: &ConnectionRecord) {
         // A flood of refusals is a summary line per interval (see `Failures`), not a line
         // each, in the log and in the file alike. A relay handed to a successor is no
-        // failure: its record always goes.
-        if !matches!(r.outcome, Outcome::Ok | Outcome::HandedOver) && !self.failures.allow(r.outcome) {
+        // failure, and a cut is the daemon's doing (no client can cause a flood of them):
+        // their records always go.
+        if !matches!(r.outcome, Outcome::Ok | Outcome::HandedOver | Outcome::Cut) && !self.failures.allow(r.outcome) {
             return;
         }
         tracing::info!(

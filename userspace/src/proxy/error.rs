@@ -11,6 +11,7 @@ use http::StatusCode;
 use super::h2::RelayError;
 use super::h2::client::ClientError;
 use super::outbound::HboneConnectError;
+use super::registry::Closed;
 use crate::identity::IdentityError;
 use crate::record::Outcome;
 use crate::tls::TlsError;
@@ -50,8 +51,9 @@ pub enum Error {
     HboneConnect(Arc<HboneConnectError>),
     #[error("HBONE CONNECT {target}: {source}")]
     HboneStream { target: SocketAddr, source: Box<ClientError> },
-    #[error("the HBONE connection closed without a CONNECT")]
-    NoStream,
+    /// With the HTTP/2 error it ended on, if any.
+    #[error("the HBONE connection closed without a CONNECT{}", .0.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
+    NoStream(Option<h2::Error>),
     #[error("the stream went away before its 200: {0}")]
     StreamGone(h2::Error),
     #[error("reset: {0}")]
@@ -60,6 +62,9 @@ pub enum Error {
     Reset(std::io::Error),
     #[error("{0}")]
     OverLimit(&'static str),
+    /// Closed from outside while open: cut by a drain, or closed through its handle.
+    #[error("{}", .0.reason)]
+    Closed(Closed),
 }
 
 impl From<super::limits::Over> for Error {
@@ -90,9 +95,10 @@ impl Error {
             Error::TlsHandshakeTimeout(_) => Outcome::TlsHandshakeTimeout,
             Error::HboneConnect(_) => Outcome::HboneConnectFailed,
             Error::HboneStream { .. } => Outcome::HboneRefused,
-            Error::NoStream => Outcome::NoStream,
+            Error::NoStream(_) => Outcome::NoStream,
             Error::StreamGone(_) | Error::Relay(_) | Error::Reset(_) => Outcome::Reset,
             Error::OverLimit(_) => Outcome::OverLimit,
+            Error::Closed(c) => c.outcome,
         }
     }
 

@@ -6,13 +6,16 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::conn::{Conn, unless_stopped};
+use super::registry::{Entry, Kind};
 use super::{Error, Proxy, relay};
 use crate::record::{ConnectionRecord, DrainOutcome, Outcome};
+use crate::state::canonical;
 use crate::sync::lock;
 
 /// One relay on its way to the successor: the client's and the upstream socket, and the
@@ -73,31 +76,36 @@ impl Handover {
 
 impl Proxy {
     /// Relays `client` and `upstream` until both directions end, or until a takeover moves
-    /// them to the successor (the record then ends `handed_over` here).
+    /// them to the successor (the record then ends `handed_over` here). On a failure the
+    /// upstream side is reset (the caller resets the client's).
     pub(super) async fn relay_or_hand_over(
         &self,
         client: &mut TcpStream,
         upstream: &mut TcpStream,
-        rec: &mut ConnectionRecord,
-    ) -> std::io::Result<()> {
-        let mut moved = relay::Moved { a_to_b: rec.bytes_sent, b_to_a: rec.bytes_received };
+        conn: &mut Conn,
+        entry: &Entry,
+    ) -> Result<(), Error> {
         let mut pause = Some(self.handover.signal());
-        let result = loop {
-            let ended = relay::relay(client, upstream, &mut moved, pause.take()).await;
-            (rec.bytes_sent, rec.bytes_received) = (moved.a_to_b, moved.b_to_a);
-            match ended {
-                Ok(relay::Relayed::Paused) if self.handover.send(client, upstream, rec).await => {
-                    rec.outcome = Outcome::HandedOver;
+        let mut stop = conn.stop();
+        let ended = loop {
+            let relayed =
+                unless_stopped!(stop, relay::relay(client, upstream, entry.request(), entry.response(), pause.take()));
+            match relayed {
+                Ok(Ok(relay::Relayed::Paused)) if self.handover.send(client, upstream, &conn.snapshot()).await => {
+                    conn.rec.outcome = Outcome::HandedOver;
                     break Ok(());
                 }
                 // The successor is gone: this process carries the relay to its end.
-                Ok(relay::Relayed::Paused) => continue,
-                Ok(relay::Relayed::Finished) => break Ok(()),
-                Err(e) => break Err(e),
+                Ok(Ok(relay::Relayed::Paused)) => continue,
+                Ok(Ok(relay::Relayed::Finished)) => break Ok(()),
+                Ok(Err(e)) => break Err(Error::Reset(e)),
+                Err(closed) => break Err(Error::Closed(closed)),
             }
         };
-        (rec.bytes_sent, rec.bytes_received) = (moved.a_to_b, moved.b_to_a);
-        result
+        if ended.is_err() {
+            super::socket::reset_on_close(upstream);
+        }
+        ended
     }
 
     /// Carries on a relay the predecessor handed over: it holds a connection slot (even past
@@ -116,22 +124,23 @@ impl Proxy {
                 return;
             }
         };
-        self.metrics.drained(DrainOutcome::Adopted, 1);
+        self.ledger.metrics.drained(DrainOutcome::Adopted, 1);
         let slot = self.limits.carry(record.src.ip());
+        let target = upstream.peer_addr().map(canonical).unwrap_or(record.orig_dst);
+        // The record's duration counts from the connection's start in the predecessor.
+        let before = Duration::from_millis(super::unix_ms().saturating_sub(record.start_ms));
+        record.outcome = Outcome::Ok;
+        record.error = None;
+        let mut conn = self.conn(record, Some(slot));
+        conn.started_before(before);
         let proxy = self.clone();
         tokio::spawn(async move {
-            let _slot = slot;
-            // The record's duration counts from the connection's start in the predecessor.
-            let before = Duration::from_millis(super::unix_ms().saturating_sub(record.start_ms));
-            let started = Instant::now().checked_sub(before).unwrap_or_else(Instant::now);
-            record.outcome = Outcome::Ok;
-            proxy.open(&mut record);
-            let result = proxy.relay_or_hand_over(&mut client, &mut upstream, &mut record).await.map_err(|e| {
-                super::socket::reset_on_close(&upstream);
+            let entry = conn.open(Kind::Adopted, target);
+            let result = proxy.relay_or_hand_over(&mut client, &mut upstream, &mut conn, &entry).await;
+            if result.is_err() {
                 super::socket::reset_on_close(&client);
-                Error::Reset(e)
-            });
-            proxy.finish(record, started, result);
+            }
+            conn.finish(result);
         });
     }
 }

@@ -3,7 +3,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use h2::RecvStream;
@@ -11,7 +10,10 @@ use h2::server::SendResponse;
 use http::{Method, Request, Response};
 use tokio::net::TcpStream;
 
+use super::conn::{Conn, unless_stopped};
+use super::registry::{Closed, Kind};
 use super::{Error, PlaintextPolicy, Proxy, is_proxy_port, socket};
+use crate::drain::Mode;
 use crate::identity::{Identity, WorkloadCertificate};
 use crate::record::ConnectionRecord;
 use crate::state::{WorkloadIndex, WorkloadInfo, canonical};
@@ -29,70 +31,82 @@ pub(super) async fn plaintext(
     p: &Proxy,
     index: &WorkloadIndex,
     client: &mut TcpStream,
-    rec: &mut ConnectionRecord,
+    conn: &mut Conn,
 ) -> Result<(), Error> {
-    if let Some(w) = index.get(rec.orig_dst.ip()) {
-        rec.dst_identity = Some(w.identity.to_string());
+    let dst = conn.rec.orig_dst;
+    if let Some(w) = index.get(dst.ip()) {
+        conn.rec.dst_identity = Some(w.identity.to_string());
     }
     match p.cfg.plaintext {
         PlaintextPolicy::Strict => Err(Error::PlaintextRefused),
         PlaintextPolicy::Permissive => {
-            p.open(rec);
-            p.relay_plain(client, rec.orig_dst, Some(rec.src.ip()), rec).await
+            let src = conn.rec.src.ip();
+            p.relay_plain(client, dst, Some(src), conn, Kind::PlainRelay).await
         }
     }
 }
 
-/// One HBONE connection: TLS as the dialed workload, then one task per CONNECT stream.
-/// `rec` describes the connection; it is logged only if the connection fails before its
-/// first stream, each stream logging a record of its own.
-pub(super) async fn hbone(p: Arc<Proxy>, index: Arc<WorkloadIndex>, tcp: TcpStream, mut rec: ConnectionRecord) {
-    let started = Instant::now();
-    let dialed = rec.orig_dst;
+/// One HBONE connection: TLS as the dialed workload, then one task per CONNECT stream. The
+/// connection's own record is written only if it fails before its first stream (each stream
+/// writes a record of its own).
+pub(super) async fn hbone(p: &Arc<Proxy>, index: &WorkloadIndex, tcp: TcpStream, conn: &mut Conn) -> Result<(), Error> {
+    let dialed = conn.rec.orig_dst;
     // The connection was dialed to a pod's IP; we answer as that pod.
     let local = match index.get(dialed.ip()) {
         Some(w) if w.node == p.cfg.node => w.clone(),
         _ => {
             socket::reset_on_close(&tcp);
-            return p.finish(rec, started, Err(Error::UnknownDestination(dialed.ip())));
+            return Err(Error::UnknownDestination(dialed.ip()));
         }
     };
-    rec.dst_identity = Some(local.identity.to_string());
-    let config = match server_tls(&p, &local).await {
-        Ok(c) => c,
-        Err(e) => return p.finish(rec, started, Err(e)),
-    };
+    conn.rec.dst_identity = Some(local.identity.to_string());
+    let config = server_tls(p, &local).await?;
     let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
     let tls = match tokio::time::timeout(p.cfg.connect_timeout, accept).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return p.finish(rec, started, Err(Error::TlsHandshake(e))),
-        Err(_) => return p.finish(rec, started, Err(Error::TlsHandshakeTimeout(p.cfg.connect_timeout))),
+        Ok(Err(e)) => return Err(Error::TlsHandshake(e)),
+        Err(_) => return Err(Error::TlsHandshakeTimeout(p.cfg.connect_timeout)),
     };
     let peer_id = tls::peer_identity(tls.get_ref().1.peer_certificates(), &local.identity.trust_domain);
-    rec.src_identity = peer_id.as_ref().map(ToString::to_string);
-    // The app will see the tunnel's source IP as its client: an IP of a known workload must
-    // belong to the identity the peer just proved, or one workload could speak as another.
+    check_peer(&mut conn.rec, index, peer_id.as_ref())?;
+    let label = format!("{} -> {dialed}", conn.rec.src);
+    let template = conn.rec.clone();
+    let stop = conn.stop().drain();
+    let served = super::h2::server::serve(tls, &label, p.cfg.connect_timeout, stop.clone(), |req, respond| {
+        // Opened before its task runs, as every connection's account.
+        let mut conn = p.conn(template.clone(), None);
+        // The template is the connection's: each stream starts when it arrives.
+        conn.rec.start_ms = super::unix_ms();
+        stream(p.clone(), local.clone(), conn, req, respond)
+    })
+    .await;
+    match served {
+        (0, _) if stop.mode() == Some(Mode::Immediate) => Err(Error::Closed(Closed::cut())),
+        (0, ended) => Err(Error::NoStream(ended.err())),
+        (_, ended) => {
+            if let Err(e) = ended {
+                tracing::info!(conn = %label, "HBONE connection ended: {e}");
+            }
+            conn.dismiss();
+            Ok(())
+        }
+    }
+}
+
+/// The app will see the tunnel's source IP as its client: an IP of a known workload must
+/// belong to the identity the peer just proved, or one workload could speak as another.
+fn check_peer(rec: &mut ConnectionRecord, index: &WorkloadIndex, peer_id: Option<&Identity>) -> Result<(), Error> {
+    rec.src_identity = peer_id.map(ToString::to_string);
     if let Some(owner) = index.get(rec.src.ip()) {
-        if Some(&owner.identity) != peer_id.as_ref() {
+        if Some(&owner.identity) != peer_id {
             let presented = rec.src_identity.clone().unwrap_or_else(|| "no identity".into());
-            let e = Error::IdentityMismatch { ip: rec.src.ip(), owner: owner.identity.to_string(), presented };
-            return p.finish(rec, started, Err(e));
+            return Err(Error::IdentityMismatch { ip: rec.src.ip(), owner: owner.identity.to_string(), presented });
         }
         // Proven by the certificate, not by the address alone.
         rec.src_workload = Some(owner.id.clone());
     }
     rec.mtls = true;
-    let label = format!("{} -> {dialed}", rec.src);
-    let template = rec.clone();
-    let served = super::h2::server::serve(tls, &label, p.cfg.connect_timeout, p.drain.subscribe(), |req, respond| {
-        stream(p.clone(), local.clone(), template.clone(), req, respond)
-    })
-    .await;
-    match served {
-        Ok(0) => p.finish(rec, started, Err(Error::NoStream)),
-        Ok(_) => {}
-        Err(e) => tracing::info!(conn = %label, "HBONE connection ended: {e}"),
-    }
+    Ok(())
 }
 
 /// The TLS configuration for `w`, built once per certificate.
@@ -115,50 +129,62 @@ async fn server_tls(p: &Proxy, w: &WorkloadInfo) -> Result<Arc<rustls::ServerCon
 async fn stream(
     p: Arc<Proxy>,
     local: Arc<WorkloadInfo>,
-    mut rec: ConnectionRecord,
+    mut conn: Conn,
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
 ) {
-    let started = Instant::now();
-    // The template is the connection's: each stream starts when it arrives.
-    rec.start_ms = super::unix_ms();
-    let result = serve_stream(&p, &local, &mut rec, req, respond).await;
-    p.finish(rec, started, result);
+    let mut stop = conn.stop();
+    let result = tokio::select! {
+        biased;
+        r = serve_stream(&p, &local, &mut conn, req, respond) => r,
+        c = stop.wait() => Err(Error::Closed(c)),
+    };
+    conn.finish(result);
 }
 
 async fn serve_stream(
     p: &Proxy,
     local: &WorkloadInfo,
-    rec: &mut ConnectionRecord,
+    conn: &mut Conn,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) -> Result<(), Error> {
+    let reject = |respond: &mut SendResponse<Bytes>, e: &Error| super::h2::server::reject(respond, e.status());
     // Each stream holds a connection upstream: it takes a slot of its own.
-    let _slot = p
-        .limits
-        .admit(rec.src.ip())
-        .map_err(Error::from)
-        .inspect_err(|e| super::h2::server::reject(&mut respond, e.status()))?;
+    let slot = p.limits.admit(conn.rec.src.ip()).map_err(Error::from).inspect_err(|e| reject(&mut respond, e))?;
+    conn.hold(slot);
     // The index of now, not of the connection's start: a workload that left since gets 503.
-    let checked = check_request(req.method(), req.uri(), rec.orig_dst.ip(), &local.identity, &p.index(), &p.cfg.node);
-    let target = checked.inspect_err(|e| super::h2::server::reject(&mut respond, e.status()))?;
-    rec.orig_dst = target;
-    rec.dst_workload = Some(local.id.clone());
-    p.open(rec);
+    let checked =
+        check_request(req.method(), req.uri(), conn.rec.orig_dst.ip(), &local.identity, &p.index(), &p.cfg.node);
+    let target = checked.inspect_err(|e| reject(&mut respond, e))?;
+    conn.rec.orig_dst = target;
+    conn.rec.dst_workload = Some(local.id.clone());
+    let entry = conn.open(Kind::HboneStream, target);
     // The outer connection comes from the client pod's IP (the peer proxy dials from it):
     // the app sees its real client.
     let timeout = p.cfg.connect_timeout;
-    let mut upstream = socket::connect_upstream(target, Some(rec.src.ip()), timeout)
+    let mut upstream = p
+        .sockets
+        .connect(target, Some(conn.rec.src.ip()), timeout)
         .await
         .map_err(|e| Error::upstream(target, e, timeout))
-        .inspect_err(|e| super::h2::server::reject(&mut respond, e.status()))?;
-    rec.upstream_src = upstream.local_addr().ok().map(canonical);
+        .inspect_err(|e| reject(&mut respond, e))?;
+    conn.rec.upstream_src = upstream.local_addr().ok().map(canonical);
     let send = respond.send_response(Response::new(()), false).map_err(Error::StreamGone)?;
-    let (n, result) = super::h2::relay(&mut upstream, send, req.into_body()).await;
-    // On this side the stream is what arrives from the client.
-    rec.bytes_sent = n.received;
-    rec.bytes_received = n.sent;
-    result.map_err(Error::Relay)
+    // On this side the stream is what arrives from the client: the request.
+    let mut stop = conn.stop();
+    let relayed = unless_stopped!(
+        stop,
+        super::h2::relay(&mut upstream, send, req.into_body(), entry.response(), entry.request())
+    );
+    match relayed {
+        Ok(r) => r.map_err(Error::Relay),
+        Err(closed) => {
+            // The stream was dropped with the relay: h2 cancels it towards the peer.
+            socket::reset_on_close(&upstream);
+            Err(Error::Closed(closed))
+        }
+    }
 }
 
 /// Validates a CONNECT request the way ztunnel does ([`Error::status`] is what to answer).

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,6 @@ pub struct Limits {
     max_per_source: usize,
     open: AtomicUsize,
     per_source: Mutex<HashMap<IpAddr, usize>>,
-    refused: AtomicU64,
     /// When a refusal was last logged, and refusals since.
     last_logged: Mutex<(Option<Instant>, u64)>,
 }
@@ -50,7 +49,6 @@ impl Limits {
             max_per_source,
             open: AtomicUsize::new(0),
             per_source: Mutex::default(),
-            refused: AtomicU64::new(0),
             last_logged: Mutex::new((None, 0)),
         })
     }
@@ -67,18 +65,9 @@ impl Limits {
         self.max_total
     }
 
-    pub fn max_per_source(&self) -> usize {
-        self.max_per_source
-    }
-
     /// Slots in use.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
-    }
-
-    /// Connections refused so far.
-    pub fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
     }
 
     /// A slot for a connection from `source`, or why there is none.
@@ -114,7 +103,6 @@ impl Limits {
 
     /// Counts a refusal; logs one line per interval at most, with how many it stands for.
     fn refusal(&self, over: Over, source: IpAddr) {
-        self.refused.fetch_add(1, Ordering::Relaxed);
         let mut last = lock(&self.last_logged);
         last.1 += 1;
         if last.0.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
@@ -173,7 +161,7 @@ mod tests {
         assert_eq!(l.admit(a).unwrap_err(), Over::Source);
         let _s3 = l.admit(b).unwrap();
         assert_eq!(l.admit(b).unwrap_err(), Over::Node);
-        assert_eq!((l.open(), l.refused()), (3, 2));
+        assert_eq!(l.open(), 3);
         drop(s1);
         assert!(l.admit(b).is_ok(), "a freed slot is free for anyone");
         // A v4-mapped address is the same client.

@@ -8,9 +8,15 @@
 //!
 //! The accepted socket's local address *is* the original destination (sk_lookup assigns
 //! the connection to our socket without rewriting it), and its peer is the real client.
-//! Upstream connections carry the proxy mark so the datapath never captures them again.
+//! Upstream connections are made through a [`socket::SocketFactory`]: in production they
+//! carry the proxy mark so the datapath never captures them again.
+//!
+//! Every connection is a [`conn::Conn`]: listed in the [`registry`] while open, and its
+//! record written whichever way it ends (a drain that cuts it at exit included).
 
 pub mod access_log;
+pub mod conn;
+pub mod control;
 pub mod error;
 pub mod h2;
 pub mod handover;
@@ -18,28 +24,37 @@ pub mod inbound;
 pub mod limits;
 pub mod outbound;
 pub mod pool;
+pub mod registry;
 pub mod relay;
 pub mod socket;
+#[cfg(test)]
+mod testnet;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use meshpath_common::Listener;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
+use crate::drain::{self, Mode, Watcher};
 use crate::identity::Identity;
 use crate::identity::manager::CertificateManager;
-use crate::metrics::{Metrics, TcpLabels};
-use crate::record::{ConnectionRecord, Outcome};
+use crate::metrics::Metrics;
+use crate::record::{ConnectionRecord, DrainCounts, Outcome};
 use crate::state::{WorkloadIndex, canonical};
 use crate::sync::lock;
 use access_log::AccessLog;
+use conn::{Conn, Ledger};
 pub use error::Error;
 use pool::Pool;
+use registry::{Kind, Registry};
+use socket::{SocketFactory, TransparentSockets};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -47,6 +62,8 @@ pub enum ProxyError {
     Listen { what: &'static str, port: u16, source: std::io::Error },
     #[error(transparent)]
     AccessLog(#[from] access_log::AccessLogError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
 }
 
 /// What happens to plaintext connections to enrolled pods (the 15006 listener).
@@ -106,39 +123,46 @@ pub struct Proxy {
     cfg: ProxyConfig,
     limits: Arc<limits::Limits>,
     index: RwLock<Arc<WorkloadIndex>>,
-    log: AccessLog,
-    metrics: Arc<Metrics>,
+    ledger: Arc<Ledger>,
     certs: Arc<CertificateManager>,
     pool: Arc<Pool>,
+    sockets: Arc<dyn SocketFactory>,
     /// TLS server configurations of local workloads, rebuilt when their certificate changes.
     server_tls: Mutex<HashMap<Identity, inbound::ServerTls>>,
-    /// Set when the daemon drains: HBONE connections from peers are asked to go away.
-    drain: watch::Sender<bool>,
+    /// Every connection watches this; [`Proxy::serve`] passes the node's drain on to it.
+    conns: drain::Trigger,
     /// Plain relays moving to a successor during a takeover.
     handover: handover::Handover,
 }
 
 impl Proxy {
+    /// A proxy with the production sockets (transparent, marked).
     pub fn new(cfg: ProxyConfig, log: AccessLog, certs: Arc<CertificateManager>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Self::with_sockets(cfg, log, certs, metrics, Arc::new(TransparentSockets))
+    }
+
+    /// A proxy that makes its upstream connections with `sockets`.
+    pub fn with_sockets(
+        cfg: ProxyConfig,
+        log: AccessLog,
+        certs: Arc<CertificateManager>,
+        metrics: Arc<Metrics>,
+        sockets: Arc<dyn SocketFactory>,
+    ) -> Arc<Self> {
         let pool = Pool::new(cfg.hbone_idle_timeout);
+        let (conns, _) = drain::new();
         Arc::new(Self {
             limits: cfg.limits.clone(),
             cfg,
             index: RwLock::new(Arc::default()),
-            log,
-            metrics,
+            ledger: Arc::new(Ledger { metrics, log, registry: Arc::default() }),
             certs,
             pool,
+            sockets,
             server_tls: Mutex::default(),
-            drain: watch::Sender::new(false),
+            conns,
             handover: handover::Handover::default(),
         })
-    }
-
-    /// Drains: peers' HBONE connections get a GOAWAY (their open streams finish, new ones go
-    /// elsewhere). New connections are already refused: the listeners are closed.
-    pub fn start_drain(&self) {
-        self.drain.send_replace(true);
     }
 
     /// A takeover: plain relays pause and go to `outbox`, to carry on in the successor.
@@ -153,15 +177,10 @@ impl Proxy {
 
     /// Counts what became of the connections of a daemon that stopped serving (this one's,
     /// or its predecessor's as it reported them).
-    pub fn count_drained(&self, d: &crate::node::Drained) {
-        use crate::record::DrainOutcome;
-        for (outcome, n) in [
-            (DrainOutcome::HandedOver, d.handed_over),
-            (DrainOutcome::Finished, d.finished),
-            (DrainOutcome::Cut, d.cut),
-        ] {
+    pub fn count_drained(&self, d: &DrainCounts) {
+        for (outcome, n) in d.by_outcome() {
             if n > 0 {
-                self.metrics.drained(outcome, n);
+                self.ledger.metrics.drained(outcome, n);
             }
         }
     }
@@ -169,6 +188,17 @@ impl Proxy {
     /// Connections and HBONE streams open now (what a drain waits for).
     pub fn open_connections(&self) -> usize {
         self.limits.open()
+    }
+
+    /// The connections open now: listed, and closed one by one.
+    pub fn registry(&self) -> &Registry {
+        &self.ledger.registry
+    }
+
+    /// Serves the registry on a unix socket at `path`, root's only, for `meshpath status`
+    /// and `meshpath close`; it goes (socket file and all) when the handle is dropped.
+    pub fn listen_control(&self, path: &Path) -> Result<control::ControlSocket, ProxyError> {
+        Ok(control::ControlSocket::listen(path, self.ledger.registry.clone())?)
     }
 
     /// Replaces the workload index. Certificates of workloads that left this node are
@@ -203,36 +233,46 @@ impl Proxy {
         self.pool.stats()
     }
 
-    /// Accepts on every listener until `shutdown` changes; then the listeners are
-    /// closed, which also removes them from the SOCKMAP.
-    pub async fn serve(self: Arc<Self>, listeners: Vec<BoundListener>, shutdown: watch::Receiver<bool>) {
-        tokio::spawn(self.pool.clone().run_evictions(shutdown.clone()));
-        tokio::spawn(self.certs.clone().run_renewals(shutdown.clone()));
+    /// Accepts on every listener until `drain` signals; then the listeners are closed (which
+    /// also removes them from the SOCKMAP) and this returns. The open connections drain with
+    /// `drain`, which is held until the last of them has ended: a graceful drain lets them
+    /// finish (peers' HBONE connections get a GOAWAY), an immediate one cuts them, each
+    /// writing its record.
+    pub async fn serve(self: Arc<Self>, listeners: Vec<BoundListener>, drain: Watcher) {
+        tokio::spawn(self.pool.clone().run_evictions(drain.clone()));
+        tokio::spawn(self.certs.clone().run_renewals(drain.clone()));
         let tasks: Vec<_> =
-            listeners.into_iter().map(|l| tokio::spawn(self.clone().accept_loop(l, shutdown.clone()))).collect();
+            listeners.into_iter().map(|l| tokio::spawn(self.clone().accept_loop(l, drain.clone()))).collect();
         for t in tasks {
             let _ = t.await;
         }
+        tokio::spawn(self.drain_connections(drain));
     }
 
-    async fn accept_loop(self: Arc<Self>, l: BoundListener, mut shutdown: watch::Receiver<bool>) {
+    /// Passes the node's drain on to every connection, and holds `drain` until they ended.
+    async fn drain_connections(self: Arc<Self>, mut drain: Watcher) {
+        let mode = drain.signalled().await;
+        self.conns.start(mode);
+        if mode == Mode::Graceful {
+            tokio::select! {
+                () = self.conns.released() => return,
+                () = drain.at_least(Mode::Immediate) => self.conns.start(Mode::Immediate),
+            }
+        }
+        self.conns.released().await;
+    }
+
+    async fn accept_loop(self: Arc<Self>, l: BoundListener, mut drain: Watcher) {
         let mut failing = false;
         loop {
             tokio::select! {
-                _ = shutdown.changed() => return,
+                _ = drain.signalled() => return,
                 r = l.socket.accept() => match r {
                     Ok((stream, peer)) => {
                         failing = false;
-                        match self.limits.admit(peer.ip()) {
-                            Ok(slot) => {
-                                tokio::spawn(self.clone().handle(l.role, stream, peer, slot));
-                            }
-                            Err(_) => {
-                                // Refused at the door, counted, no record: a flood must not
-                                // cost a log line each (the limiter logs a summary).
-                                socket::reset_on_close(&stream);
-                                self.metrics.failed_at(l.role.name(), Outcome::OverLimit);
-                            }
+                        match stream.local_addr() {
+                            Ok(orig_dst) => self.accepted(l.role, stream, peer, orig_dst),
+                            Err(e) => tracing::debug!(error = %e, "accepted socket vanished"),
                         }
                     }
                     Err(e) => {
@@ -248,44 +288,89 @@ impl Proxy {
         }
     }
 
-    async fn handle(self: Arc<Self>, role: Listener, mut client: TcpStream, peer: SocketAddr, _slot: limits::Slot) {
-        let orig_dst = match client.local_addr() {
-            Ok(a) => canonical(a),
-            Err(e) => {
-                tracing::debug!(error = %e, "accepted socket vanished");
+    /// Takes on a connection `role`'s listener accepted from `peer`, to `orig_dst` (the
+    /// accepted socket's own address in production: sk_lookup does not rewrite it).
+    pub fn accepted(self: &Arc<Self>, role: Listener, stream: TcpStream, peer: SocketAddr, orig_dst: SocketAddr) {
+        let slot = match self.limits.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(_) => {
+                // Refused at the door, counted, no record: a flood must not cost a log line
+                // each (the limiter logs a summary).
+                socket::reset_on_close(&stream);
+                self.ledger.metrics.failed_at(role.name(), Outcome::OverLimit);
                 return;
             }
         };
         // One snapshot of what the proxy knows serves the whole connection.
         let index = self.index();
-        // Outbound to a service address under kube-proxy: its DNAT came first. Only a known
-        // service address replaces the endpoint (other DNATs, e.g. a NodePort, lead to pods
-        // the proxy should reach as such); without services there is nothing to look up.
-        let orig_dst = match role {
+        let orig_dst = self.destination(&index, role, &stream, canonical(orig_dst));
+        // The account is opened here, not in the task: a task the runtime drops before it
+        // ever runs still writes its record.
+        let conn = self.conn(self.record(&index, role, canonical(peer), orig_dst), Some(slot));
+        tokio::spawn(self.clone().handle(role, stream, index, conn));
+    }
+
+    /// Where the client was going. Outbound to a service address under kube-proxy: its DNAT
+    /// came first. Only a known service address replaces the endpoint (other DNATs, e.g. a
+    /// NodePort, lead to pods the proxy should reach as such); without services there is
+    /// nothing to look up.
+    fn destination(&self, index: &WorkloadIndex, role: Listener, s: &TcpStream, local: SocketAddr) -> SocketAddr {
+        match role {
             Listener::Outbound if index.has_services() => {
-                socket::pre_nat_destination(&client, orig_dst).filter(|pre| index.is_service(*pre)).unwrap_or(orig_dst)
+                self.sockets.pre_nat_destination(s, local).filter(|pre| index.is_service(*pre)).unwrap_or(local)
             }
-            _ => orig_dst,
-        };
+            _ => local,
+        }
+    }
+
+    async fn handle(self: Arc<Self>, role: Listener, mut client: TcpStream, index: Arc<WorkloadIndex>, mut conn: Conn) {
         let _ = client.set_nodelay(true);
-        let mut rec = self.record(&index, role, canonical(peer), orig_dst);
-        let started = Instant::now();
-        // Only a connection made straight to our loopback address gets here without
-        // sk_lookup: that is a call to the proxy itself, never a workload's traffic.
-        let result = if orig_dst.ip().is_loopback() {
-            Err(Error::SelfCall(orig_dst.port()))
-        } else {
-            match role {
-                Listener::Outbound => outbound::handle(&self, &index, &mut client, &mut rec).await,
-                Listener::InboundPlain => inbound::plaintext(&self, &index, &mut client, &mut rec).await,
-                // HBONE connections carry many streams, each with its own record.
-                Listener::Hbone => return inbound::hbone(self, index, client, rec).await,
+        let orig_dst = conn.rec.orig_dst;
+        // The work first: its relays watch the same stop and reset their sockets on the way
+        // out. Each future is built in place (see `conn::unless_stopped`).
+        let mut stop = conn.stop();
+        let result = match role {
+            // Only a connection made straight to our loopback address gets here without
+            // sk_lookup: that is a call to the proxy itself, never a workload's traffic.
+            _ if orig_dst.ip().is_loopback() => Err(Error::SelfCall(orig_dst.port())),
+            // HBONE connections carry many streams, each with its own record.
+            Listener::Hbone => {
+                let result = tokio::select! {
+                    biased;
+                    r = inbound::hbone(&self, &index, client, &mut conn) => r,
+                    c = stop.wait() => Err(Error::Closed(c)),
+                };
+                return conn.finish(result);
             }
+            _ => tokio::select! {
+                biased;
+                r = self.route(role, &index, &mut client, &mut conn) => r,
+                c = stop.wait() => Err(Error::Closed(c)),
+            },
         };
         if result.is_err() {
             socket::reset_on_close(&client);
         }
-        self.finish(rec, started, result);
+        conn.finish(result);
+    }
+
+    /// A captured connection (outbound), or plaintext to an enrolled pod.
+    async fn route(
+        &self,
+        role: Listener,
+        index: &WorkloadIndex,
+        client: &mut TcpStream,
+        conn: &mut Conn,
+    ) -> Result<(), Error> {
+        match role {
+            Listener::Outbound => outbound::handle(self, index, client, conn).await,
+            _ => inbound::plaintext(self, index, client, conn).await,
+        }
+    }
+
+    /// A connection's account, watching this proxy's drain.
+    fn conn(&self, rec: ConnectionRecord, slot: Option<limits::Slot>) -> Conn {
+        Conn::new(self.ledger.clone(), rec, self.conns.watcher(), slot)
     }
 
     /// A record for a connection from `src` to `orig_dst`, with the workloads filled in.
@@ -314,27 +399,7 @@ impl Proxy {
             bytes_received: 0,
             outcome: Outcome::Ok,
             error: None,
-            opened: false,
         }
-    }
-
-    /// Counts the connection as opened, once its path (and so its labels) is known.
-    fn open(&self, rec: &mut ConnectionRecord) {
-        self.metrics.opened(&TcpLabels::of(rec));
-        rec.opened = true;
-    }
-
-    fn finish(&self, mut rec: ConnectionRecord, started: Instant, result: Result<(), Error>) {
-        rec.duration_ms = started.elapsed().as_millis() as u64;
-        if let Err(e) = result {
-            rec.outcome = e.outcome();
-            rec.error = Some(e.message());
-        }
-        if rec.opened {
-            self.metrics.closed(&TcpLabels::of(&rec), &rec);
-        }
-        self.metrics.finished(&rec);
-        self.log.record(&rec);
     }
 
     /// Plain TCP to `dst`, from `source` (a client's IP, transparently) or from the node.
@@ -343,16 +408,15 @@ impl Proxy {
         client: &mut TcpStream,
         dst: SocketAddr,
         source: Option<IpAddr>,
-        rec: &mut ConnectionRecord,
+        conn: &mut Conn,
+        kind: Kind,
     ) -> Result<(), Error> {
+        let entry = conn.open(kind, dst);
         let timeout = self.cfg.connect_timeout;
         let mut upstream =
-            socket::connect_upstream(dst, source, timeout).await.map_err(|e| Error::upstream(dst, e, timeout))?;
-        rec.upstream_src = upstream.local_addr().ok().map(canonical);
-        self.relay_or_hand_over(client, &mut upstream, rec).await.map_err(|e| {
-            socket::reset_on_close(&upstream);
-            Error::Reset(e)
-        })
+            self.sockets.connect(dst, source, timeout).await.map_err(|e| Error::upstream(dst, e, timeout))?;
+        conn.rec.upstream_src = upstream.local_addr().ok().map(canonical);
+        self.relay_or_hand_over(client, &mut upstream, conn, &entry).await
     }
 
     fn is_pod_ip(&self, index: &WorkloadIndex, ip: IpAddr) -> bool {

@@ -6,9 +6,11 @@ use std::sync::Arc;
 use meshpath_common::names::PORT_HBONE;
 use tokio::net::TcpStream;
 
+use super::conn::{Conn, unless_stopped};
 use super::h2::client::{ClientError, H2Client};
 use super::pool::PoolKey;
-use super::{Error, Proxy, is_proxy_port, socket};
+use super::registry::Kind;
+use super::{Error, Proxy, is_proxy_port};
 use crate::identity::IdentityError;
 use crate::state::{WorkloadIndex, WorkloadInfo, canonical};
 use crate::tls::{self, TlsError};
@@ -32,8 +34,9 @@ pub(super) async fn handle(
     p: &Proxy,
     index: &WorkloadIndex,
     client: &mut TcpStream,
-    rec: &mut super::ConnectionRecord,
+    conn: &mut Conn,
 ) -> Result<(), Error> {
+    let rec = &mut conn.rec;
     // A service address (seen before any DNAT) leads to one of its ready endpoints.
     let target = match index.resolve_service(rec.orig_dst) {
         None => rec.orig_dst,
@@ -43,18 +46,17 @@ pub(super) async fn handle(
         }
     };
     rec.dst_workload = index.get(target.ip()).map(|w| w.id.clone());
-    let src = index.get(rec.src.ip()).cloned();
-    let dst = index.get(target.ip()).cloned();
-    let Some(dst) = dst else {
+    let client_ip = rec.src.ip();
+    let src = index.get(client_ip).cloned();
+    let Some(dst) = index.get(target.ip()).cloned() else {
         // Not in the mesh: plain TCP, as ambient does. Pod destinations keep the client's
         // address (the reply comes back through this node); others leave from the node's.
-        let source = p.is_pod_ip(index, target.ip()).then_some(rec.src.ip());
-        p.open(rec);
-        return p.relay_plain(client, target, source, rec).await;
+        let source = p.is_pod_ip(index, target.ip()).then_some(client_ip);
+        return p.relay_plain(client, target, source, conn, Kind::PlainRelay).await;
     };
     // The datapath only captures enrolled sources, so a miss is a race with an unenrolment:
     // without the client's identity nothing can be presented.
-    let src = src.ok_or(Error::UnknownSource(rec.src.ip()))?;
+    let src = src.ok_or(Error::UnknownSource(client_ip))?;
     rec.src_identity = Some(src.identity.to_string());
     rec.dst_identity = Some(dst.identity.to_string());
     if dst.node == p.cfg.node {
@@ -63,20 +65,19 @@ pub(super) async fn handle(
         if is_proxy_port(target.port()) {
             return Err(Error::SelfCall(target.port()));
         }
-        p.open(rec);
         // Same node: the bytes never leave this host's memory and the kernel vouches for
         // the source (the classifier drops enrolled IPs arriving from a foreign interface),
         // so the hand-over is direct and TLS would only encrypt a memory copy.
-        return p.relay_plain(client, target, Some(rec.src.ip()), rec).await;
+        return p.relay_plain(client, target, Some(client_ip), conn, Kind::SameNode).await;
     }
-    hbone(p, client, rec, target, &src, &dst).await
+    hbone(p, client, conn, target, &src, &dst).await
 }
 
 /// Tunnels the connection to the destination's node inside HBONE.
 async fn hbone(
     p: &Proxy,
     client: &mut TcpStream,
-    rec: &mut super::ConnectionRecord,
+    conn: &mut Conn,
     target: SocketAddr,
     src: &Arc<WorkloadInfo>,
     dst: &Arc<WorkloadInfo>,
@@ -85,26 +86,28 @@ async fn hbone(
         src_id: src.identity.clone(),
         dst_id: dst.identity.clone(),
         dst: SocketAddr::new(target.ip(), PORT_HBONE),
-        src_ip: rec.src.ip(),
+        src_ip: conn.rec.src.ip(),
     };
-    rec.mtls = true;
-    p.open(rec);
+    conn.rec.mtls = true;
+    let entry = conn.open(Kind::HboneStream, target);
     // A pooled connection can start draining (GOAWAY) just as we pick it: then it is marked
     // and the next checkout opens or picks another. Once is enough.
     let mut retried = false;
     let (lease, send, recv) = loop {
         let lease = p.pool.checkout(&key, || connect(p, &key)).await.map_err(Error::HboneConnect)?;
-        match lease.conn.client.connect(target, rec.src, p.cfg.connect_timeout).await {
+        match lease.conn.client.connect(target, conn.rec.src, p.cfg.connect_timeout).await {
             Ok((send, recv)) => break (lease, send, recv),
             Err(ClientError::Unavailable(_)) if !retried => retried = true,
             Err(source) => return Err(Error::HboneStream { target, source: Box::new(source) }),
         }
     };
-    rec.upstream_src = Some(canonical(lease.conn.client.local));
-    let (n, result) = super::h2::relay(client, send, recv).await;
-    rec.bytes_sent = n.sent;
-    rec.bytes_received = n.received;
-    result.map_err(Error::Relay)
+    conn.rec.upstream_src = Some(canonical(lease.conn.client.local));
+    let mut stop = conn.stop();
+    let relayed = unless_stopped!(stop, super::h2::relay(client, send, recv, entry.request(), entry.response()));
+    drop(lease);
+    // A stream dropped with its relay (closed or cut) is cancelled towards the peer by h2;
+    // the caller resets the client.
+    relayed.map_err(Error::Closed)?.map_err(Error::Relay)
 }
 
 /// A new HBONE connection for `key`: TCP from the client pod's IP to `podIP:15008`, TLS with
@@ -116,7 +119,9 @@ async fn connect(p: &Proxy, key: &PoolKey) -> Result<H2Client, HboneConnectError
         .await
         .map_err(|source| HboneConnectError::Identity { identity: key.src_id.to_string(), source })?;
     let config = tls::client_config(&cert, &key.dst_id)?;
-    let tcp = socket::connect_upstream(key.dst, Some(key.src_ip), p.cfg.connect_timeout)
+    let tcp = p
+        .sockets
+        .connect(key.dst, Some(key.src_ip), p.cfg.connect_timeout)
         .await
         .map_err(|source| HboneConnectError::Connect { dst: key.dst, source })?;
     let local = tcp.local_addr().map_err(|source| HboneConnectError::Connect { dst: key.dst, source })?;

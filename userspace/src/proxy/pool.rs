@@ -10,10 +10,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
-
 use super::h2::client::H2Client;
 use super::outbound::HboneConnectError;
+use crate::drain::Watcher;
 use crate::identity::Identity;
 use crate::metrics::PoolStats;
 use crate::sync::lock;
@@ -165,12 +164,13 @@ impl<E> Pool<E> {
         evicted
     }
 
-    /// Evicts periodically until `stop` changes.
-    pub async fn run_evictions(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    /// Evicts periodically until a drain starts (the connections still in use end with
+    /// their streams, the idle ones with the process).
+    pub async fn run_evictions(self: Arc<Self>, mut stop: Watcher) {
         let period = (self.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
         loop {
             tokio::select! {
-                _ = stop.changed() => return,
+                _ = stop.signalled() => return,
                 _ = tokio::time::sleep(period) => {}
             }
             let n = self.evict();

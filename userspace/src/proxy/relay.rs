@@ -10,19 +10,13 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::sync::watch;
 
+use super::registry::Meter;
+
 /// The first buffer of a direction that wakes up.
 pub const MIN_BUFFER: usize = 4 * 1024;
 /// What a bulk transfer grows to: 64 KiB reads take an eighth of the wake-ups and syscalls
 /// of tokio's default 8 KiB (measured: `cargo xtask bench`, 1-stream throughput).
 pub const MAX_BUFFER: usize = 64 * 1024;
-
-/// Bytes moved by a relay, both ways.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Moved {
-    /// From `a` to `b`.
-    pub a_to_b: u64,
-    pub b_to_a: u64,
-}
 
 /// How a relay ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,16 +29,16 @@ pub enum Relayed {
 }
 
 /// Relays until both directions have ended, or until `pause` turns true (`None`: never).
-/// On an error the bytes moved so far are kept in `moved`.
+/// Bytes are counted as they move, `a` to `b` in `up`, back in `down`.
 pub async fn relay(
     a: &mut TcpStream,
     b: &mut TcpStream,
-    moved: &mut Moved,
+    up: Meter<'_>,
+    down: Meter<'_>,
     pause: Option<watch::Receiver<bool>>,
 ) -> io::Result<Relayed> {
     let (ar, aw) = a.split();
     let (br, bw) = b.split();
-    let (up, down) = (&mut moved.a_to_b, &mut moved.b_to_a);
     let (x, y) = tokio::try_join!(copy(ar, bw, up, pause.clone()), copy(br, aw, down, pause))?;
     Ok(if x == Relayed::Paused || y == Relayed::Paused { Relayed::Paused } else { Relayed::Finished })
 }
@@ -54,7 +48,7 @@ pub async fn relay(
 async fn copy(
     from: ReadHalf<'_>,
     mut to: WriteHalf<'_>,
-    count: &mut u64,
+    count: Meter<'_>,
     pause: Option<watch::Receiver<bool>>,
 ) -> io::Result<Relayed> {
     let mut size = MIN_BUFFER;
@@ -78,7 +72,7 @@ async fn copy(
                 }
                 Ok(n) => {
                     to.write_all(&buf[..n]).await?;
-                    *count += n as u64;
+                    count.add(n as u64);
                     size = next_size(size, n);
                     if buf.len() < size {
                         buf.resize(size, 0);
@@ -116,6 +110,8 @@ fn next_size(size: usize, read: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::registry::testing::entry as test_entry;
+    use std::sync::Arc;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
@@ -147,29 +143,29 @@ mod tests {
         let (mut b, mut server) = pair().await;
         let (pause, paused) = watch::channel(false);
         let first = tokio::spawn(async move {
-            let mut moved = Moved::default();
-            let r = relay(&mut a, &mut b, &mut moved, Some(paused)).await;
-            (r.unwrap(), moved, a, b)
+            let e = test_entry();
+            let r = relay(&mut a, &mut b, e.request(), e.response(), Some(paused)).await;
+            (r.unwrap(), e.bytes(), a, b)
         });
         client.write_all(b"before").await.unwrap();
         let mut got = [0u8; 6];
         server.read_exact(&mut got).await.unwrap();
         pause.send_replace(true);
         let (ended, moved, mut a, mut b) = first.await.unwrap();
-        assert_eq!((ended, moved.a_to_b), (Relayed::Paused, 6));
+        assert_eq!((ended, moved.0), (Relayed::Paused, 6));
         // Written while no relay runs: it waits in the kernel, not in a lost buffer.
         client.write_all(b" and after").await.unwrap();
         client.shutdown().await.unwrap();
         let second = tokio::spawn(async move {
-            let mut moved = Moved::default();
-            relay(&mut a, &mut b, &mut moved, None).await.map(|r| (r, moved))
+            let e = test_entry();
+            relay(&mut a, &mut b, e.request(), e.response(), None).await.map(|r| (r, e.bytes()))
         });
         let mut rest = Vec::new();
         server.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, b" and after");
         server.shutdown().await.unwrap();
         let (ended, moved) = second.await.unwrap().unwrap();
-        assert_eq!((ended, moved.a_to_b, moved.b_to_a), (Relayed::Finished, 10, 0));
+        assert_eq!((ended, moved), (Relayed::Finished, (10, 0)));
     }
 
     #[tokio::test]
@@ -177,14 +173,17 @@ mod tests {
         // client <-> (a | relay | b) <-> server
         let (mut client, mut a) = pair().await;
         let (mut b, mut server) = pair().await;
+        let e = Arc::new(test_entry());
+        let counted = e.clone();
         let relay = tokio::spawn(async move {
-            let mut moved = Moved::default();
-            relay(&mut a, &mut b, &mut moved, None).await.map(|r| (r, moved))
+            relay(&mut a, &mut b, e.request(), e.response(), None).await.map(|r| (r, e.bytes()))
         });
         let request: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         client.write_all(&request).await.unwrap();
+        let mut got = vec![0u8; 1000];
+        server.read_exact(&mut got).await.unwrap();
+        assert!(counted.bytes().0 >= 1000, "bytes are counted as they move, not at the end");
         client.shutdown().await.unwrap();
-        let mut got = Vec::new();
         server.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, request, "the request arrives whole, and its end too");
         server.write_all(b"answer after the half-close").await.unwrap();
@@ -194,6 +193,6 @@ mod tests {
         assert_eq!(answer, b"answer after the half-close");
         let (ended, moved) = relay.await.unwrap().unwrap();
         assert_eq!(ended, Relayed::Finished);
-        assert_eq!(moved, Moved { a_to_b: 300_000, b_to_a: 27 });
+        assert_eq!(moved, (300_000, 27));
     }
 }

@@ -12,6 +12,7 @@ use h2::{RecvStream, SendStream};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::registry::Meter;
 use super::socket;
 
 /// Flow-control windows and frame size (ztunnel's values): large enough that one stream can
@@ -53,14 +54,8 @@ pub enum RelayError {
     Stream(h2::Error),
 }
 
-/// Bytes moved by a relay, both ways: `sent` from TCP into the stream.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Relayed {
-    pub sent: u64,
-    pub received: u64,
-}
-
-/// Relays between `tcp` and a CONNECT stream until both directions are done.
+/// Relays between `tcp` and a CONNECT stream until both directions are done, counting bytes
+/// as they move: from `tcp` into the stream in `from_tcp`, back in `to_tcp`.
 ///
 /// End of data is passed on as end of data (FIN ↔ END_STREAM), each direction on its own,
 /// so half-closed connections work. A reset on one side becomes a reset on the other:
@@ -69,12 +64,13 @@ pub async fn relay(
     tcp: &mut TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
-) -> (Relayed, Result<(), RelayError>) {
-    let mut n = Relayed::default();
+    from_tcp: Meter<'_>,
+    to_tcp: Meter<'_>,
+) -> Result<(), RelayError> {
     let result = {
         let (mut rd, mut wr) = tcp.split();
-        let up = tcp_to_stream(&mut rd, &mut send, &mut n.sent);
-        let down = stream_to_tcp(&mut recv, &mut wr, &mut n.received);
+        let up = tcp_to_stream(&mut rd, &mut send, from_tcp);
+        let down = stream_to_tcp(&mut recv, &mut wr, to_tcp);
         tokio::try_join!(up, down).map(|_| ())
     };
     match &result {
@@ -85,13 +81,13 @@ pub async fn relay(
             send.send_reset(h2::Reason::CANCEL);
         }
     }
-    (n, result)
+    result
 }
 
 async fn tcp_to_stream(
     rd: &mut tokio::net::tcp::ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
-    count: &mut u64,
+    count: Meter<'_>,
 ) -> Result<(), RelayError> {
     let mut buf = BytesMut::new();
     loop {
@@ -135,7 +131,7 @@ async fn tcp_to_stream(
                 None => return Err(RelayError::Stream(h2::Error::from(h2::Reason::STREAM_CLOSED))),
             };
             let part = chunk.split_to(granted.min(chunk.len()));
-            *count += part.len() as u64;
+            count.add(part.len() as u64);
             send.send_data(part, false).map_err(RelayError::Stream)?;
         }
     }
@@ -144,7 +140,7 @@ async fn tcp_to_stream(
 async fn stream_to_tcp(
     recv: &mut RecvStream,
     wr: &mut tokio::net::tcp::WriteHalf<'_>,
-    count: &mut u64,
+    count: Meter<'_>,
 ) -> Result<(), RelayError> {
     while let Some(chunk) = recv.data().await {
         let chunk = match chunk {
@@ -154,7 +150,7 @@ async fn stream_to_tcp(
             Err(e) => return Err(RelayError::Stream(e)),
         };
         wr.write_all(&chunk).await.map_err(RelayError::Tcp)?;
-        *count += chunk.len() as u64;
+        count.add(chunk.len() as u64);
         // Window credit goes back only once the bytes are written: TCP back-pressure
         // reaches the sender.
         let _ = recv.flow_control().release_capacity(chunk.len());
