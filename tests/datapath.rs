@@ -12,7 +12,7 @@ use meshpath_lab::Lab;
 use meshpath_lab::smoke;
 
 mod support;
-use support::{send, started_lab, started_lab_with, wait_until};
+use support::{RELEASE, send, started_lab, started_lab_with, wait_until};
 
 #[test]
 fn traffic_matrix_goes_through_the_proxy_and_spoofing_is_dropped() -> Result<()> {
@@ -282,9 +282,9 @@ fn workload_file_changes_apply_live_and_bad_files_change_nothing() -> Result<()>
     let _servers = smoke::start_servers(&lab)?;
     let a: IpAddr = lab.pod("a").v4;
 
-    // Unenrol a: its traffic goes direct within a second.
+    // Unenrol a: its traffic goes direct once the release hold is over (its veth stays).
     lab.write_workloads(&["c"])?;
-    wait_until("a to leave node 1's map", Duration::from_secs(2), || Ok(!lab.workload_map(0)?.contains_key(&a)))?;
+    wait_until("a to leave node 1's map", RELEASE, || Ok(!lab.workload_map(0)?.contains_key(&a)))?;
     let x = send(&lab, "a", "d", Duration::from_secs(3))?;
     let client = x.client;
     std::thread::sleep(Duration::from_millis(300));
@@ -332,7 +332,7 @@ fn workload_file_changes_apply_live_and_bad_files_change_nothing() -> Result<()>
     lab.write_workloads_text(&good_text)?;
     wait_until("b enrolled again", Duration::from_secs(3), || Ok(lab.workload_map(0)?.contains_key(&lab.pod("b").v4)))?;
     std::fs::write(lab.workloads_path(), &moved)?;
-    wait_until("an in-place edit to unenrol b", Duration::from_secs(3), || {
+    wait_until("an in-place edit to unenrol b", RELEASE, || {
         Ok(!lab.workload_map(0)?.contains_key(&lab.pod("b").v4))
     })?;
     let line = std::fs::read_to_string(&log)?

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, ensure};
 use meshpath_lab::{Lab, smoke, traffic};
 
 mod support;
-use support::{send, started_lab, started_lab_with, wait_until};
+use support::{RELEASE, send, started_lab, started_lab_with, wait_until};
 
 /// Resident memory of `node`'s daemon, KiB.
 fn daemon_rss_kib(lab: &Lab, node: usize) -> Result<u64> {
@@ -159,7 +159,7 @@ fn a_flood_past_the_limits_is_refused_and_counted_and_good_clients_still_connect
     // The daemon kept working (its reconcile needs descriptors too) and logged summaries,
     // not a line per refused connection.
     lab.write_workloads(&["a", "c"])?;
-    wait_until("e unenrolled after the flood", Duration::from_secs(3), || {
+    wait_until("e unenrolled after the flood", RELEASE, || {
         Ok(!lab.workload_map(0)?.contains_key(&lab.pod("e").v4))
     })?;
     let log = std::fs::read_to_string(lab.daemon_log_path(0))?;

@@ -15,7 +15,7 @@ use meshpath_common::names::{MAP_COUNTERS, MAP_INTERFACES, MAP_LISTENERS, MAP_WO
 use meshpath_lab::{Lab, Topology};
 
 mod support;
-use support::{started_lab, wait_until};
+use support::{RELEASE, started_lab, wait_until};
 
 /// Output modes: plain, JSON, pretty JSON.
 const MODES: [&[&str]; 3] = [&[], &["-j"], &["-p"]];
@@ -96,7 +96,7 @@ fn enrol(lab: &Lab, pods: &[&str]) -> Result<()> {
     all.extend_from_slice(pods);
     lab.write_workloads(&all)?;
     let want: Vec<IpAddr> = pods.iter().flat_map(|p| [lab.pod(p).v4, lab.pod(p).v6]).collect();
-    wait_until(&format!("node 1's maps to hold {pods:?}"), Duration::from_secs(5), || {
+    wait_until(&format!("node 1's maps to hold {pods:?}"), RELEASE, || {
         let map = lab.workload_map(0)?;
         Ok(map.len() == want.len()
             && want.iter().all(|ip| map.contains_key(ip))

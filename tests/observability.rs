@@ -13,7 +13,7 @@ use meshpath_lab::traffic::{EchoServer, in_netns};
 use meshpath_lab::{Lab, http_get, smoke};
 
 mod support;
-use support::{send, started_lab, started_lab_with, wait_until};
+use support::{RELEASE, send, started_lab, started_lab_with, wait_until};
 
 /// The value of the sample `name{labels}` in a scrape, if present.
 fn sample(scrape: &str, name_and_labels: &str) -> Option<f64> {
@@ -153,9 +153,10 @@ fn status_shows_attachments_workloads_listeners_and_follows_enrolment() -> Resul
     );
     ensure!(s["daemons"].as_array().is_some_and(|d| d.len() == 1 && d[0]["pid"] == pid), "daemons: {}", s["daemons"]);
 
-    // Unenrol a (and e): status follows.
+    // Unenrol a (and e): status follows, once the release hold (5 s: a's veth stays, so
+    // nothing confirms the release sooner) is over.
     lab.write_workloads(&["c"])?;
-    wait_until("a to leave node 1's status", Duration::from_secs(3), || {
+    wait_until("a to leave node 1's status", RELEASE, || {
         Ok(status(&lab, 0)?["workloads"].as_array().is_some_and(|v| v.is_empty()))
     })?;
 

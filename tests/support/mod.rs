@@ -10,6 +10,10 @@ use anyhow::{Context, Result, ensure};
 use meshpath_lab::smoke::APP_PORT;
 use meshpath_lab::{Lab, traffic};
 
+/// How long a daemon keeps a workload IP that left the desired state while its pod's
+/// interface stays (`--release-hold-secs`, default 5), and a margin for the poll and pass.
+pub const RELEASE: Duration = Duration::from_secs(5 + 2);
+
 pub fn started_lab() -> Result<Lab> {
     started_lab_with(&[])
 }
