@@ -267,7 +267,7 @@ impl Reconciler {
         if bridges.is_empty() || !routed_via.any(|ifx| bridges.contains(ifx)) {
             return Ok(PortClaims::default());
         }
-        match pod_ports::scan(&self.netns_dir).await {
+        match pod_ports::scan(&self.netns_dir, ifaces).await {
             Ok(seen) => Ok(PortClaims::confirmed(&seen, ifaces)),
             Err(e) => Err(format!("its pod's port cannot be read: {e} (see --netns-dir)")),
         }
