@@ -29,6 +29,7 @@ use crate::admin::Readiness;
 use crate::proxy::Proxy;
 use crate::proxy::handover::HandedRelay;
 use crate::record::ConnectionRecord;
+use crate::state_dir;
 use crate::sync::lock;
 
 use super::Drained;
@@ -125,6 +126,9 @@ impl Successors {
     pub fn listen(node: &str, ready: Readiness) -> Result<Self, TakeoverError> {
         let path = socket_path(node);
         let io = |source| TakeoverError::Io { path: path.display().to_string(), source };
+        if let Some(dir) = path.parent() {
+            state_dir::private_dir(dir).map_err(io)?;
+        }
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
             _ => {}
