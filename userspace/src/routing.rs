@@ -105,6 +105,16 @@ pub struct Peer {
     pub netns: i32,
 }
 
+/// A veth's peer in another namespace, from its IFLA_LINK and IFLA_LINK_NETNSID. A negative
+/// id is the kernel's "none assigned": such a peer cannot be told apart from any other
+/// namespace's interface of that index.
+fn veth_peer(veth: bool, link: Option<u32>, netns: Option<i32>) -> Option<Peer> {
+    match (link, netns) {
+        (Some(index), Some(netns)) if veth && netns >= 0 => Some(Peer { index, netns }),
+        _ => None,
+    }
+}
+
 /// What the kernel announced since the last look.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changes {
@@ -274,12 +284,7 @@ impl Routing {
                     lower: master.is_some(),
                     bridge,
                     master,
-                    // A negative id is the kernel's "none assigned": such a peer cannot be
-                    // told apart from any other namespace's interface of that index.
-                    peer: match (link, netns) {
-                        (Some(index), Some(netns)) if veth && netns >= 0 => Some(Peer { index, netns }),
-                        _ => None,
-                    },
+                    peer: veth_peer(veth, link, netns),
                     mac,
                 });
             }
@@ -563,6 +568,16 @@ pub fn names_by_index(ifaces: &[Interface]) -> BTreeMap<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_veths_peer_needs_its_namespaces_id() {
+        assert_eq!(veth_peer(true, Some(2), Some(3)), Some(Peer { index: 2, netns: 3 }));
+        // In this namespace (no id), with no id assigned (-1), or not a veth: no peer elsewhere.
+        assert_eq!(veth_peer(true, Some(2), None), None);
+        assert_eq!(veth_peer(true, Some(2), Some(-1)), None);
+        assert_eq!(veth_peer(false, Some(2), Some(3)), None);
+        assert_eq!(veth_peer(true, None, Some(3)), None);
+    }
 
     fn route(family: AddressFamily, len: u8, dst: Option<IpAddr>) -> RouteMessage {
         let mut r = RouteMessage::default();
