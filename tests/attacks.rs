@@ -1,14 +1,20 @@
 //! A hostile pod and a careless operator against the real kernel, each in a lab of its own:
 //! VLAN-tagged frames, addresses of other nodes' pods, the capture rule deleted under a
 //! stopped daemon, uninstall under a running one, workload IPs that are not pods', pins
-//! deleted, a failed start, a workload file written in place. Every one must fail closed.
+//! deleted, a failed start, a workload file written in place, an unprivileged user locking
+//! the node. Every one must fail closed.
 
 use std::net::IpAddr;
-use std::process::Command;
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use meshpath_common::names::{HANDOVER_SOCKET, STATE_DIR};
 use meshpath_lab::capture::Capture;
+use meshpath_lab::hostile::{Reach, reach_as};
 use meshpath_lab::{Lab, raw, smoke, traffic};
 
 mod support;
@@ -256,7 +262,7 @@ fn a_start_stopped_before_its_first_state_leaves_nothing_behind() -> Result<()> 
     let log = std::fs::File::create(lab.dir.join("nowhere.log"))?;
     /// Killed if the test fails before it stops the daemon: the lab's teardown can then
     /// uninstall (a live daemon holds the node lock).
-    struct KillOnDrop(std::process::Child);
+    struct KillOnDrop(Child);
     impl Drop for KillOnDrop {
         fn drop(&mut self) {
             let _ = self.0.kill();
@@ -406,5 +412,94 @@ fn a_workload_file_written_in_place_with_a_pause_sends_no_connection_around_the_
     );
     ensure!(log.contains("its release is cancelled"), "the full file did not cancel the hold");
     println!("{} exchanges during the slow write, all through the proxy", exchanges.len());
+
+/// `nobody`: a user on the node with no business in meshpath's state.
+const NOBODY: (u32, u32) = (65534, 65534);
+
+/// `flock -n <mode> <lock> sleep 60` as [`NOBODY`]: the lock held by a user, until drop.
+struct Holder(Child);
+
+impl Holder {
+    /// The holder, if it got the lock (it is still running a moment later); its complaint
+    /// if it could not.
+    fn try_lock(lock: &Path, mode: &str) -> Result<std::result::Result<Self, String>> {
+        let mut cmd = Command::new("flock");
+        cmd.args(["-n", mode]).arg(lock).args(["sleep", "60"]).uid(NOBODY.0).gid(NOBODY.1);
+        let mut holder = Holder(cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?);
+        std::thread::sleep(Duration::from_millis(300));
+        match holder.0.try_wait()? {
+            None => Ok(Ok(holder)),
+            Some(_) => {
+                let mut err = String::new();
+                std::io::Read::read_to_string(&mut holder.0.stderr.take().context("stderr")?, &mut err)?;
+                Ok(Err(err.trim().to_owned()))
+            }
+        }
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Paths under `dir` (itself included) that anyone but root may read, write or enter.
+fn open_to_others(dir: &Path) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(p) = pending.pop() {
+        let meta = std::fs::symlink_metadata(&p)?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            found.push(format!("{} ({:o})", p.display(), meta.permissions().mode() & 0o7777));
+        }
+        if meta.is_dir() {
+            pending.extend(std::fs::read_dir(&p)?.map(|e| e.map(|e| e.path())).collect::<std::io::Result<Vec<_>>>()?);
+        }
+    }
+    Ok(found)
+}
+
+/// Whoever can open the node lock can `flock` it: shared beside the daemons, every
+/// uninstall refuses; exclusive, every daemon start fails. Everything in the node's state
+/// directory is root-only: as `nobody`, the lock, the daemons' notes and the handover socket
+/// cannot be opened or connected to, and with `nobody` trying to hold the lock throughout,
+/// uninstall and a daemon start go through.
+#[test]
+fn an_unprivileged_user_can_neither_open_nor_lock_the_nodes_state() -> Result<()> {
+    let mut lab = built_lab()?;
+    lab.start_daemon(0)?;
+    let state = Path::new(STATE_DIR).join(&lab.nodes[0].name);
+    let lock = state.join("lock");
+    let notes: Vec<PathBuf> =
+        std::fs::read_dir(state.join("daemons"))?.map(|e| e.map(|e| e.path())).collect::<std::io::Result<_>>()?;
+    ensure!(!notes.is_empty(), "the daemon wrote no note");
+    let socket = state.join(HANDOVER_SOCKET);
+    ensure!(socket.exists(), "no handover socket at {}", socket.display());
+
+    // A file any user may read shows the try can succeed.
+    let control = PathBuf::from("/etc/passwd");
+    let files: Vec<PathBuf> = [control.clone(), lock.clone()].into_iter().chain(notes).collect();
+    let tries = reach_as(Path::new(env!("CARGO_BIN_EXE_meshpath-lab")), NOBODY, &files, &[socket])?;
+    ensure!(tries.len() == files.len() + 1, "not every path was tried: {tries:?}");
+    for (path, r) in &tries {
+        let want = if *path == control { Reach::Reached } else { Reach::Denied };
+        ensure!(*r == want, "as nobody, {}: {r:?}, not {want:?} (all: {tries:?})", path.display());
+    }
+    let open = open_to_others(&state)?;
+    ensure!(open.is_empty(), "open to users other than root: {open:#?}");
+
+    // Shared beside the daemon: uninstall would refuse forever.
+    let shared = Holder::try_lock(&lock, "-s")?;
+    ensure!(shared.is_err(), "nobody holds node 1's lock shared beside its daemon");
+    lab.stop_daemon(0, false)?;
+    lab.uninstall(0).context("uninstall with nobody at the lock")?;
+    // Exclusive with no daemon: every start would fail.
+    let exclusive = Holder::try_lock(&lock, "-x")?;
+    ensure!(exclusive.is_err(), "nobody holds node 1's lock exclusively");
+    let refused = exclusive.err().unwrap_or_default();
+    ensure!(refused.contains("Permission denied"), "flock as nobody failed otherwise: {refused}");
+    lab.start_daemon(0).context("a daemon start with nobody at the lock")?;
     Ok(())
 }

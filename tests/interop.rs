@@ -1,10 +1,12 @@
 //! Interoperability with Istio's ztunnel, both ways, in a lab where pod c's side of the mesh
 //! is a real ztunnel instead of meshpath. Needs a ztunnel binary built with its test CA
-//! (`--features testing`), so it is ignored by default; run it with
+//! (`--features testing`), so it is ignored by default; `cargo xtask interop` runs it (as CI
+//! does) with the ztunnel kept beside the checkout, checked against its `SHA256SUMS` first,
+//! or by hand:
 //!
 //! ```text
 //! MESHPATH_ZTUNNEL=/path/to/ztunnel MESHPATH_ZTUNNEL_SRC=/path/to/ztunnel-source \
-//!     cargo test -p meshpath --test interop -- --ignored
+//!     cargo test -p meshpath-lab --test interop -- --ignored
 //! ```
 //!
 //! ztunnel runs in dedicated mode inside pod c's namespace (as it would inside a pod), with

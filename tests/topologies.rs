@@ -1,7 +1,8 @@
 //! The CNI matrix. Each lab topology end to end (every smoke scenario in both families,
 //! node-originated probes, the proxy killed, what `status` calls each interface, a clean
 //! uninstall); another CNI's TCX programs before and after meshpath's; a pod bridge whose
-//! pods' namespaces cannot be read refused at start with the reason.
+//! pods' namespaces cannot be read refused at start with the reason; another lab's pods,
+//! with the same addresses, not taken for a bridged node's own.
 
 mod support;
 
@@ -209,6 +210,43 @@ fn a_pod_bridge_without_readable_pod_namespaces_is_refused_with_the_reason() -> 
     );
     let left = lab.leftovers(0)?;
     ensure!(left.is_empty(), "the refused start left: {left:#?}");
+    Ok(())
+}
+
+/// Namespaces on the host that are not this node's pods claim nothing. Here another lab's:
+/// its pods hold the same addresses, every pod's interface has the same index, and (routed,
+/// so its nodes have no bridge and no VXLAN device) its pod e's peer has the index of this
+/// node's port vpa. Every bridged pod is enrolled behind its own port and its traffic flows.
+#[test]
+fn another_labs_pods_with_the_same_addresses_do_not_take_a_bridged_pods_port() -> Result<()> {
+    let _other = Lab::build_with(&meshpath(), Topology::Routed).context("building the other lab")?;
+    let mut lab = Lab::build_with(&meshpath(), Topology::Bridge).context("building the lab")?;
+    lab.start_daemons()?;
+    for pod in lab.pods.iter().filter(|p| p.enrolled) {
+        let port = ifindex(&lab.nodes[pod.node].name, &pod.host_if)?;
+        let want = [pod.v4, pod.v6];
+        // The first pass may still be under way when readiness is up: give it a moment.
+        let enrolled = |lab: &Lab| -> Result<bool> {
+            let map = lab.workload_map(pod.node)?;
+            Ok(want.iter().all(|ip| map.get(ip) == Some(&port)))
+        };
+        let waited =
+            wait_until(&format!("pod {} enrolled behind {}", pod.name, pod.host_if), Duration::from_secs(5), || {
+                enrolled(&lab)
+            });
+        if let Err(e) = waited {
+            let map = lab.workload_map(pod.node)?;
+            bail!("{e}: {:?} -> {:?}", want, want.map(|ip| map.get(&ip).copied()));
+        }
+    }
+    let _servers = smoke::start_servers(&lab)?;
+    for (from, to) in [("a", "e"), ("e", "a"), ("d", "a"), ("a", "c"), ("c", "e")] {
+        send(&lab, from, to, Duration::from_secs(3)).with_context(|| format!("{from} -> {to}"))?;
+    }
+    for n in 0..2 {
+        let log = std::fs::read_to_string(lab.daemon_log_path(n))?;
+        ensure!(!log.contains("not enrolled"), "node {} left a pod out:\n{log}", n + 1);
+    }
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 //! - [`chain`]: another CNI's TCX programs (assembled BPF), to chain with meshpath's;
 //! - [`hbone_client`]: a hand-driven HBONE client, to send what a peer proxy would not;
 //! - [`raw`]: raw (VLAN-tagged, forged) frames from a pod;
+//! - [`hostile`]: what an unprivileged user on the node can open;
 //! - [`tunlink`]: the `l3` topology's node link, a relayed tun pair;
 //! - [`upgrade`]: takeovers of the nodes' daemons under load, every byte checked;
 //! - [`apiserver`] and [`cluster`]: an in-process Kubernetes API server and the lab's pods,
@@ -26,6 +27,7 @@ pub mod capture;
 pub mod chain;
 pub mod cluster;
 pub mod hbone_client;
+pub mod hostile;
 pub mod lab;
 pub mod loadgen;
 pub mod raw;

@@ -49,6 +49,16 @@ enum Command {
         #[arg(long)]
         count: usize,
     },
+    /// (For the hostile tests, run as another user.) Tries to reach each path as the calling
+    /// user: a socket is connected to, a file opened and locked shared. Prints one line per
+    /// path: `reached`, `denied` (no permission) or `error: ...`.
+    #[command(hide = true)]
+    Reach {
+        #[arg(long)]
+        file: Vec<PathBuf>,
+        #[arg(long)]
+        socket: Vec<PathBuf>,
+    },
     /// Measure meshpath's capture against the iptables designs it replaces and no proxy at
     /// all, in dedicated labs; write BENCHMARKS.md and its chart.
     Bench {
@@ -89,6 +99,10 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    if let Command::Reach { file, socket } = &cli.command {
+        meshpath_lab::hostile::print_reach(file, socket);
+        return Ok(ExitCode::SUCCESS);
+    }
     if !nix::unistd::geteuid().is_root() {
         bail!("the lab creates network namespaces and loads eBPF programs: run it as root");
     }
@@ -118,7 +132,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             run_soak(&bin, &cfg, &out, json.as_deref())
         }
         Command::Bench { quick, out, chart, json, .. } => run_bench(&bin, quick, &out, &chart, json.as_deref()),
-        Command::Cleanup | Command::Hold { .. } => unreachable!("handled above"),
+        Command::Cleanup | Command::Hold { .. } | Command::Reach { .. } => unreachable!("handled above"),
     }
 }
 

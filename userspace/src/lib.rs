@@ -10,6 +10,7 @@
 //!   each connection (access log, metrics);
 //! - [`workloads`] reads the workload file, [`k8s`] follows the Kubernetes API;
 //! - [`topology`] says what each interface is; [`pod_ports`] which bridge port each pod is on;
+//! - [`state_dir`] keeps the node's files in `/run/meshpath` root-only;
 //! - [`metrics`], [`admin`] (15020/15021) and [`status`] show what is going on;
 //! - [`bpftool`] is `meshpath map`: maps shown and dumped as `bpftool map` does, or decoded.
 //!
@@ -31,6 +32,7 @@ pub mod proxy;
 pub mod record;
 pub mod routing;
 pub mod state;
+pub mod state_dir;
 pub mod status;
 pub mod sync;
 pub mod tls;

@@ -89,10 +89,30 @@ pub struct Interface {
     pub bridge: bool,
     /// The bridge or bond it is enslaved to (IFLA_MASTER).
     pub master: Option<u32>,
-    /// For a veth whose peer is in another namespace: the peer's ifindex there.
-    pub peer: Option<u32>,
+    /// For a veth whose peer is in another namespace: where that peer is.
+    pub peer: Option<Peer>,
     /// Its link-layer address, when it has a 6-byte one.
     pub mac: Option<[u8; 6]>,
+}
+
+/// A veth's peer in another namespace, as this namespace names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// The peer's ifindex in its namespace (IFLA_LINK).
+    pub index: u32,
+    /// Its namespace's id as this namespace numbers it (IFLA_LINK_NETNSID; see
+    /// [`Routing::nsid_of`]).
+    pub netns: i32,
+}
+
+/// A veth's peer in another namespace, from its IFLA_LINK and IFLA_LINK_NETNSID. A negative
+/// id is the kernel's "none assigned": such a peer cannot be told apart from any other
+/// namespace's interface of that index.
+fn veth_peer(veth: bool, link: Option<u32>, netns: Option<i32>) -> Option<Peer> {
+    match (link, netns) {
+        (Some(index), Some(netns)) if veth && netns >= 0 => Some(Peer { index, netns }),
+        _ => None,
+    }
 }
 
 /// What the kernel announced since the last look.
@@ -230,7 +250,7 @@ impl Routing {
         // its namespace, and is no upper).
         let mut uppers_of = std::collections::BTreeSet::new();
         while let Some(msg) = links.try_next().await.map_err(nl("listing links"))? {
-            let (mut name, mut master, mut link, mut elsewhere) = (None, None, None, false);
+            let (mut name, mut master, mut link, mut netns) = (None, None, None, None);
             let (mut veth, mut bridge, mut mac) = (false, false, None);
             for a in &msg.attributes {
                 match a {
@@ -238,7 +258,7 @@ impl Routing {
                     LinkAttribute::Controller(m) => master = Some(*m),
                     LinkAttribute::Address(a) => mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
                     LinkAttribute::Link(i) => link = Some(*i),
-                    LinkAttribute::LinkNetNsId(_) => elsewhere = true,
+                    LinkAttribute::LinkNetNsId(id) => netns = Some(*id),
                     LinkAttribute::LinkInfo(info) => {
                         veth = info.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
                         bridge = info.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge)));
@@ -248,7 +268,7 @@ impl Routing {
             }
             // A veth's link is its peer, not a device it is stacked on; a device naming itself
             // as its link (some drivers do) is no lower device either.
-            if let (Some(lower), false, false) = (link, elsewhere, veth)
+            if let (Some(lower), None, false) = (link, netns, veth)
                 && lower != msg.header.index
             {
                 uppers_of.insert(lower);
@@ -264,7 +284,7 @@ impl Routing {
                     lower: master.is_some(),
                     bridge,
                     master,
-                    peer: link.filter(|_| veth && elsewhere),
+                    peer: veth_peer(veth, link, netns),
                     mac,
                 });
             }
@@ -283,6 +303,38 @@ impl Routing {
             }
         }
         Ok(out)
+    }
+
+    /// The id this connection's namespace gives the namespace `ns` (an open namespace file)
+    /// is, if it gives it one (RTM_GETNSID). The kernel assigns one when a link whose peer is
+    /// there is listed here, so every namespace a [`Peer`] of [`Self::interfaces`] names has
+    /// one; asking does not assign any.
+    pub async fn nsid_of(&self, ns: std::os::fd::BorrowedFd<'_>) -> Result<Option<i32>> {
+        use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+        use rtnetlink::packet_route::RouteNetlinkMessage as M;
+        use rtnetlink::packet_route::nsid::{NsidAttribute, NsidMessage};
+        use std::os::fd::AsRawFd as _;
+        let what = || nl("asking a namespace's id");
+        let mut msg = NsidMessage::default();
+        // An open descriptor is never negative.
+        msg.attributes.push(NsidAttribute::Fd(ns.as_raw_fd().unsigned_abs()));
+        let mut req = NetlinkMessage::from(M::GetNsId(msg));
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        let mut replies = self.handle.clone().request(req).map_err(what())?;
+        let mut id = None;
+        while let Some(reply) = futures::StreamExt::next(&mut replies).await {
+            match reply.payload {
+                NetlinkPayload::Error(e) if e.code.is_some() => return Err(what()(rtnetlink::Error::NetlinkError(e))),
+                NetlinkPayload::InnerMessage(M::NewNsId(m)) => {
+                    id = m.attributes.iter().find_map(|a| match a {
+                        NsidAttribute::Id(i) if *i >= 0 => Some(*i),
+                        _ => None,
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(id)
     }
 
     /// The interface the kernel routes `ip` through (what `ip route get <ip>` says), if the
@@ -516,6 +568,16 @@ pub fn names_by_index(ifaces: &[Interface]) -> BTreeMap<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_veths_peer_needs_its_namespaces_id() {
+        assert_eq!(veth_peer(true, Some(2), Some(3)), Some(Peer { index: 2, netns: 3 }));
+        // In this namespace (no id), with no id assigned (-1), or not a veth: no peer elsewhere.
+        assert_eq!(veth_peer(true, Some(2), None), None);
+        assert_eq!(veth_peer(true, Some(2), Some(-1)), None);
+        assert_eq!(veth_peer(false, Some(2), Some(3)), None);
+        assert_eq!(veth_peer(true, None, Some(3)), None);
+    }
 
     fn route(family: AddressFamily, len: u8, dst: Option<IpAddr>) -> RouteMessage {
         let mut r = RouteMessage::default();

@@ -111,6 +111,7 @@ fn has_node_address(i: &Interface, pod_cidrs: &[IpNet]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routing::Peer;
 
     fn iface(addresses: &[&str], ethernet: bool) -> Interface {
         Interface {
@@ -164,7 +165,13 @@ mod tests {
         assert!(!Topology::of(&cni0, &[], &pods).classified(), "classified on its ports instead");
         // Its ports are pod-facing, routed via the bridge, and readdress to its MAC.
         let cni0 = Interface { index: 4, ..cni0 };
-        let veth = Interface { index: 9, lower: true, master: Some(4), peer: Some(2), ..iface(&[], true) };
+        let veth = Interface {
+            index: 9,
+            lower: true,
+            master: Some(4),
+            peer: Some(Peer { index: 2, netns: 0 }),
+            ..iface(&[], true)
+        };
         let port = Topology::of(&veth, std::slice::from_ref(&cni0), &pods);
         assert_eq!(port.role, Role::PodPort { bridge: 4, mac: [2, 0, 0, 0, 0, 3] });
         assert_eq!(port.value().routed_via(9), 4);

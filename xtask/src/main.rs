@@ -1,8 +1,10 @@
-//! Developer tasks: `cargo xtask setup | build | run | lab | bench | lint | fuzz | test`.
+//! Developer tasks: `cargo xtask setup | build | run | lab | bench | lint | fuzz | test | interop`.
 //!
 //! Every task sets up what it needs first (the eBPF toolchain, bpffs) and says what it is
 //! doing, so a fresh machine needs nothing but `cargo xtask test`.
 #![forbid(unsafe_code)]
+
+mod ztunnel;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -94,6 +96,14 @@ enum Task {
         /// Extra arguments for the test binaries (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// Run the interop test against Istio's ztunnel (tests/interop.rs, ignored by `test`),
+    /// with the ztunnel binary checked against the SHA256SUMS beside it first.
+    Interop {
+        /// Where ztunnel, its SHA256SUMS and its test CA (src/tls/) are
+        /// [default: ../shared/peers/ztunnel beside this checkout].
+        #[arg(long, env = "MESHPATH_ZTUNNEL_DIR")]
+        ztunnel_dir: Option<PathBuf>,
     },
 }
 
@@ -202,9 +212,32 @@ fn run(task: Task) -> Result<()> {
             }
             let result = run_tests(&mut cmd);
             status(&mut bins.lab(["cleanup"]))?;
-            result
+            result.map(|_| ())
         }
+        Task::Interop { ztunnel_dir } => interop(&ztunnel_dir.unwrap_or_else(|| ztunnel::default_dir(&root()))),
     }
+}
+
+/// The interop test with the ztunnel in `dir`, checked before anything is built: a missing
+/// or different binary fails at once, and a run where the test did not run fails too.
+fn interop(dir: &Path) -> Result<()> {
+    let binary = ztunnel::checked(dir)?;
+    setup()?;
+    require_root("the interop test")?;
+    let bins = build(false)?;
+    status(&mut bins.lab(["cleanup"]))?;
+    step(&format!("running the interop test against {}", binary.display()));
+    let mut cmd = cargo();
+    cmd.args(["test", "--package", "meshpath-lab", "--test", "interop", "--", "--ignored"])
+        .env(MESHPATH_BIN_ENV, &bins.meshpath)
+        .env("MESHPATH_ZTUNNEL", &binary)
+        .env("MESHPATH_ZTUNNEL_SRC", dir);
+    let result = run_tests(&mut cmd);
+    status(&mut bins.lab(["cleanup"]))?;
+    if result?.passed == 0 {
+        bail!("the interop test did not run");
+    }
+    Ok(())
 }
 
 /// Names the lab's topology to `cmd` (else it inherits the environment's, or routed).
@@ -261,7 +294,7 @@ fn status(cmd: &mut Command) -> Result<()> {
 
 /// Runs cargo test, echoing its output, and ends with one summary line over every test
 /// binary (cargo's own last line is often an empty doc-test run).
-fn run_tests(cmd: &mut Command) -> Result<()> {
+fn run_tests(cmd: &mut Command) -> Result<TestCounts> {
     use std::io::{BufRead, BufReader};
     let shown = format!("{cmd:?}");
     let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().with_context(|| format!("running {shown}"))?;
@@ -288,7 +321,12 @@ fn run_tests(cmd: &mut Command) -> Result<()> {
     if !st.success() {
         bail!("{shown} failed ({st})");
     }
-    Ok(())
+    Ok(TestCounts { passed })
+}
+
+/// What a [`run_tests`] that succeeded ran.
+struct TestCounts {
+    passed: u64,
 }
 
 fn require_root(what: &str) -> Result<()> {

@@ -534,7 +534,7 @@ impl Datapath {
     /// (and the clsact qdisc if the interface has none).
     fn attach_netlink(&mut self, ifindex: u32, ifname: &str, hook: Hook) -> Result<()> {
         let state = netlink_state_dir(&self.node)?;
-        std::fs::create_dir_all(&state).map_err(io_err(&state))?;
+        crate::state_dir::private_dir(&state).map_err(io_err(&state))?;
         let marker = state.join(ifindex.to_string());
         let created_qdisc = match tc::qdisc_add_clsact(ifname) {
             Ok(()) => true,
@@ -543,7 +543,11 @@ impl Datapath {
         };
         // Remember a qdisc we created before anything can fail, so uninstall removes it.
         if created_qdisc || !marker.exists() {
-            std::fs::write(&marker, if created_qdisc { "qdisc-created\n" } else { "qdisc-existing\n" })
+            let text = if created_qdisc { "qdisc-created\n" } else { "qdisc-existing\n" };
+            let mut options = std::fs::OpenOptions::new();
+            options.create(true).truncate(true).write(true);
+            crate::state_dir::private_file(&marker, &options)
+                .and_then(|mut f| io::Write::write_all(&mut f, text.as_bytes()))
                 .map_err(io_err(&marker))?;
         }
         let handle = TcHandle::new(0, TC_FILTER_HANDLE);

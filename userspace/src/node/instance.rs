@@ -11,6 +11,8 @@ use meshpath_common::names::STATE_DIR;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
+use crate::state_dir;
+
 /// Where a daemon is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -81,9 +83,9 @@ impl Instance {
         let path = dir.join(format!("{}.json", std::process::id()));
         // Locked before it gets its name: a reader never finds it unlocked while we live.
         let open = || -> std::io::Result<Flock<File>> {
-            std::fs::create_dir_all(&dir)?;
+            state_dir::private_dir(&dir)?;
             let tmp = path.with_extension("tmp");
-            let f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&tmp)?;
+            let f = state_dir::private_file(&tmp, std::fs::OpenOptions::new().create(true).truncate(true).write(true))?;
             let f = Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| std::io::Error::from(e))?;
             std::fs::rename(&tmp, &path)?;
             Ok(f)

@@ -44,7 +44,12 @@ pub trait Kernel {
     /// Resolves when the kernel announces a change (kept for [`Self::changes`]).
     fn changed(&mut self) -> impl Future<Output = ()>;
     /// The pods' own word on their bridge ports, read from their network namespaces.
-    fn pod_sides(&mut self, netns_dir: &Path) -> impl Future<Output = Result<Vec<PodSide>, PodPortsError>>;
+    /// `host` is the node's interfaces (a namespace none of them leads to is not looked into).
+    fn pod_sides(
+        &mut self,
+        netns_dir: &Path,
+        host: &[Interface],
+    ) -> impl Future<Output = Result<Vec<PodSide>, PodPortsError>>;
 
     /// Pins someone deleted, pinned again; the paths restored.
     fn restore_pins(&mut self) -> Result<Vec<PathBuf>>;
@@ -98,8 +103,8 @@ impl Kernel for System {
         self.routing.changed().await
     }
 
-    async fn pod_sides(&mut self, netns_dir: &Path) -> Result<Vec<PodSide>, PodPortsError> {
-        pod_ports::scan(netns_dir).await
+    async fn pod_sides(&mut self, netns_dir: &Path, host: &[Interface]) -> Result<Vec<PodSide>, PodPortsError> {
+        pod_ports::scan(netns_dir, host).await
     }
 
     fn restore_pins(&mut self) -> Result<Vec<PathBuf>> {
@@ -171,7 +176,7 @@ pub mod fake {
     use super::{Kernel, KernelError, Result};
     use crate::datapath::DatapathError;
     use crate::pod_ports::{PodPortsError, PodSide};
-    use crate::routing::{Changes, Interface};
+    use crate::routing::{Changes, Interface, Peer};
 
     /// A write to the kernel.
     #[derive(Clone, Debug, PartialEq, Eq)]
@@ -215,7 +220,7 @@ pub mod fake {
             lower: false,
             bridge: false,
             master: None,
-            peer: Some(2),
+            peer: Some(Peer { index: 2, netns: 1 }),
             mac: Some([2, 0, 0, 0, 0, index as u8]),
         }
     }
@@ -272,7 +277,7 @@ pub mod fake {
             std::future::pending().await
         }
 
-        async fn pod_sides(&mut self, _: &Path) -> std::result::Result<Vec<PodSide>, PodPortsError> {
+        async fn pod_sides(&mut self, _: &Path, _: &[Interface]) -> std::result::Result<Vec<PodSide>, PodPortsError> {
             Ok(self.sides.clone())
         }
 

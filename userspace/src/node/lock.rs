@@ -2,7 +2,8 @@
 //! `meshpath uninstall` takes it exclusively, so it can never remove a datapath under a
 //! running daemon, whatever network namespace or ports that daemon uses. It is a file in
 //! the node's state directory (`/run/meshpath/<node>/lock`, a hostPath in the DaemonSet),
-//! so the kernel releases it when its holder dies, even by SIGKILL.
+//! so the kernel releases it when its holder dies, even by SIGKILL. Only root may open it
+//! ([`crate::state_dir`]): any user holding it would stop daemons or uninstall.
 
 use std::fs::File;
 use std::io;
@@ -11,7 +12,7 @@ use std::path::PathBuf;
 use meshpath_common::names::STATE_DIR;
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::datapath;
+use crate::{datapath, state_dir};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
@@ -37,9 +38,13 @@ fn open(node: &str) -> Result<(File, PathBuf), LockError> {
     let path = lock_path(node)?;
     let io = |source| LockError::Io { path: path.display().to_string(), source };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
+        // Every daemon start and uninstall comes here first: what an older version left
+        // open to all is closed before anything else is opened.
+        state_dir::private_dir(dir).map_err(io)?;
+        state_dir::close_up(dir).map_err(io)?;
     }
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io)?;
+    let file = state_dir::private_file(&path, std::fs::OpenOptions::new().create(true).truncate(false).write(true))
+        .map_err(io)?;
     Ok((file, path))
 }
 

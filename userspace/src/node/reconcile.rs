@@ -337,7 +337,7 @@ impl<K: Kernel> Reconciler<K> {
         if bridges.is_empty() || !routed_via.any(|ifx| bridges.contains(ifx)) {
             return Ok(PortClaims::default());
         }
-        match self.kernel.pod_sides(&self.scope.netns_dir).await {
+        match self.kernel.pod_sides(&self.scope.netns_dir, ifaces).await {
             Ok(seen) => Ok(PortClaims::confirmed(&seen, ifaces)),
             Err(e) => Err(format!("its pod's port cannot be read: {e} (see --netns-dir)")),
         }
@@ -504,6 +504,7 @@ mod tests {
     use super::super::kernel::fake::{Fake, Op, uplink, veth};
     use super::*;
     use crate::pod_ports::PodSide;
+    use crate::routing::Peer;
     use crate::workloads::Workload;
 
     const NODE: &str = "n1";
@@ -662,10 +663,15 @@ mod tests {
     async fn a_bridged_pod_is_enrolled_behind_the_port_its_namespace_names_and_a_contested_one_behind_none() {
         // flannel's cni0, holding the pods' gateway.
         let bridge = Interface { bridge: true, peer: None, addresses: vec![ip("10.244.1.1")], ..veth(10, "cni0") };
-        let port = |index: u32, peer: u32| Interface { master: Some(10), peer: Some(peer), ..veth(index, "vp") };
+        // Every pod's namespace is numbered 1 here: only the interface index tells them apart.
+        let port = |index: u32, peer: u32| Interface {
+            master: Some(10),
+            peer: Some(Peer { index: peer, netns: 1 }),
+            ..veth(index, "vp")
+        };
         let mut k = Fake { ifaces: vec![bridge, port(11, 2), port(12, 2)], ..Fake::default() };
         k.routes = [(ip("10.244.1.10"), 10), (ip("10.244.1.12"), 10)].into();
-        let side = |a: &str, pod_if, peer| PodSide { ip: ip(a), pod_if, peer, netns: "x".into() };
+        let side = |a: &str, pod_if, peer| PodSide { ip: ip(a), pod_if, peer, netns_id: 1, netns: "x".into() };
         k.sides = vec![side("10.244.1.10", 2, 11), side("10.244.1.12", 2, 11), side("10.244.1.12", 2, 12)];
         let mut r = reconciler(k);
         desire(&mut r, &[workload("a", NODE, &["10.244.1.10"]), workload("e", NODE, &["10.244.1.12"])], &[]);

@@ -29,6 +29,7 @@ use super::lifecycle::Readiness;
 use crate::proxy::Proxy;
 use crate::proxy::handover::HandedRelay;
 use crate::record::{ConnectionRecord, DrainCounts};
+use crate::state_dir;
 use crate::sync::lock;
 
 /// How often a serving daemon looks whether a successor took its SOCKMAP slots.
@@ -126,6 +127,9 @@ impl Successors {
     pub fn listen(node: &str, ready: Readiness) -> Result<Self, TakeoverError> {
         let path = socket_path(node);
         let io = |source| TakeoverError::Io { path: path.display().to_string(), source };
+        if let Some(dir) = path.parent() {
+            state_dir::private_dir(dir).map_err(io)?;
+        }
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
             _ => {}
