@@ -559,9 +559,16 @@ impl Lab {
         datapath::read_pinned_workloads(&self.nodes[node].name).map_err(|e| LabError::Other(e.to_string()))
     }
 
-    /// The pinned interface map of `node`: ifindex → `IF_*` flags.
-    pub fn interface_map(&self, node: usize) -> Result<std::collections::BTreeMap<u32, u32>> {
-        datapath::read_pinned_interfaces(&self.nodes[node].name).map_err(|e| LabError::Other(e.to_string()))
+    /// The pinned interface map of `node`: ifindex → its value (`IF_*` flags, bridge).
+    pub fn interface_map(
+        &self,
+        node: usize,
+    ) -> Result<std::collections::BTreeMap<u32, meshpath_common::InterfaceValue>> {
+        let other = |e: &dyn std::fmt::Display| LabError::Other(e.to_string());
+        let dir = datapath::node_pin_dir(&self.nodes[node].name).map_err(|e| other(&e))?;
+        let path = dir.join(meshpath_common::names::MAP_INTERFACES);
+        let fd = datapath::bpf::obj_get(&path).map_err(|e| other(&format!("{}: {e}", path.display())))?;
+        datapath::pinned::interfaces(std::os::fd::AsFd::as_fd(&fd)).map_err(|e| other(&e))
     }
 
     /// The value of one series of `node`'s `/metrics` (name and labels as printed), 0 when

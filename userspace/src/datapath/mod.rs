@@ -15,10 +15,10 @@ pub use sys::{async_events, bpf};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
+use aya::maps::{HashMap as BpfHashMap, IterableMap, MapData, MapError};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, SkLookup, TcAttachType};
@@ -241,7 +241,7 @@ fn read_pinned<T>(
 ) -> Result<T> {
     let path = node_pin_dir(node)?.join(name);
     let fd = bpf::obj_get(&path).map_err(io_err(&path))?;
-    Ok(decode(std::os::fd::AsFd::as_fd(&fd))?)
+    Ok(decode(fd.as_fd())?)
 }
 
 /// The pinned counters of a node, summed over CPUs (for `status`, metrics and tests).
@@ -249,32 +249,9 @@ pub fn read_pinned_counters(node: &str) -> Result<Counters> {
     read_pinned(node, MAP_COUNTERS, pinned::counters).map(|values| Counters::from_values(&values))
 }
 
-/// The pinned interface map of a node: ifindex → `IF_*` flags.
-pub fn read_pinned_interfaces(node: &str) -> Result<BTreeMap<u32, u32>> {
-    read_pinned(node, MAP_INTERFACES, pinned::interfaces)
-}
-
 /// The pinned workload map of a node: IP → ifindex.
 pub fn read_pinned_workloads(node: &str) -> Result<BTreeMap<std::net::IpAddr, u32>> {
     read_pinned(node, MAP_WORKLOADS, pinned::workloads)
-}
-
-fn workload_entries<T: std::borrow::Borrow<MapData>>(
-    map: &BpfHashMap<T, PodKey, PodValue>,
-) -> Result<BTreeMap<std::net::IpAddr, u32>> {
-    map.iter()
-        .map(|r| r.map(|(k, v)| (std::net::IpAddr::from(k.0), v.0.ifindex)))
-        .collect::<Result<_, _>>()
-        .map_err(|source| DatapathError::Map { name: MAP_WORKLOADS, source })
-}
-
-fn sum_counters<T: std::borrow::Borrow<MapData>>(map: &PerCpuArray<T, u64>) -> Result<Counters> {
-    let mut out = Counters::default();
-    for c in Counter::ALL {
-        let values = map.get(&c.index(), 0).map_err(|source| DatapathError::Map { name: MAP_COUNTERS, source })?;
-        *out.slot(c) = values.iter().sum();
-    }
-    Ok(out)
 }
 
 /// A loaded and attached datapath for one node.
@@ -291,7 +268,6 @@ pub struct Datapath {
     interfaces: BpfHashMap<MapData, u32, IfValue>,
     /// A SOCKMAP with 8-byte values, which aya's `SockMap` does not take: written raw.
     listeners: MapData,
-    counters: PerCpuArray<MapData, u64>,
     events: Option<Events>,
     /// A second fd of each pinned map, to pin it again if its pin is deleted.
     pinned_maps: Vec<(&'static str, std::os::fd::OwnedFd)>,
@@ -347,8 +323,6 @@ impl Datapath {
             aya::maps::Map::SockMap(m) => m,
             _ => return Err(DatapathError::Missing { kind: "SOCKMAP", name: MAP_LISTENERS }),
         };
-        let counters = PerCpuArray::try_from(take_map(&mut ebpf, MAP_COUNTERS)?)
-            .map_err(|source| DatapathError::Map { name: MAP_COUNTERS, source })?;
 
         let mut pinned_maps = Vec::new();
         for (name, path) in map_paths {
@@ -364,16 +338,11 @@ impl Datapath {
             workloads,
             interfaces,
             listeners,
-            counters,
             events: Some(events),
             pinned_maps,
             ebpf,
             pin_dir,
         })
-    }
-
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
     }
 
     /// Takes the drop events out so the caller can follow them asynchronously.
@@ -397,7 +366,7 @@ impl Datapath {
         for (name, fd) in &self.pinned_maps {
             let path = self.pin_dir.join(name);
             if !path.exists() {
-                bpf::obj_pin(std::os::fd::AsFd::as_fd(fd), &path).map_err(io_err(&path))?;
+                bpf::obj_pin(fd.as_fd(), &path).map_err(io_err(&path))?;
                 restored.push(path);
             }
         }
@@ -601,11 +570,7 @@ impl Datapath {
 
     /// The interfaces in the interface map, with their values.
     pub fn interfaces(&self) -> Result<BTreeMap<u32, InterfaceValue>> {
-        self.interfaces
-            .iter()
-            .map(|r| r.map(|(k, v)| (k, v.0)))
-            .collect::<Result<_, _>>()
-            .map_err(|source| DatapathError::Map { name: MAP_INTERFACES, source })
+        Ok(pinned::interfaces(self.interfaces.map().fd().as_fd())?)
     }
 
     /// Sets an interface's value in the interface map.
@@ -624,12 +589,11 @@ impl Datapath {
 
     /// Current content of the workload map: IP → ifindex.
     pub fn workloads(&self) -> Result<BTreeMap<std::net::IpAddr, u32>> {
-        workload_entries(&self.workloads)
+        Ok(pinned::workloads(self.workloads.map().fd().as_fd())?)
     }
 
     /// Registers a listening socket so sk_lookup can steer into it.
     pub fn register_listener<S: AsRawFd>(&mut self, listener: Listener, ipv6: bool, socket: &S) -> Result<()> {
-        use std::os::fd::AsFd;
         // An 8-byte SOCKMAP value is the socket's fd on update (and its cookie on lookup).
         let fd = socket.as_raw_fd() as u64;
         let io = |source| DatapathError::Io { path: self.pin_dir.join(MAP_LISTENERS), source };
@@ -639,19 +603,9 @@ impl Datapath {
 
     /// The cookie of the socket in each listener slot (`None`: empty), by slot.
     pub fn listener_cookies(&self) -> Result<Vec<Option<u64>>> {
-        use std::os::fd::AsFd;
-        let io = |source| DatapathError::Io { path: self.pin_dir.join(MAP_LISTENERS), source };
-        let map = bpf::MapFd::open(self.listeners.fd().as_fd()).map_err(io)?;
-        (0..Listener::SLOTS)
-            .map(|slot| {
-                let mut cookie = [0u8; 8];
-                Ok(map.lookup(&slot.to_ne_bytes(), &mut cookie).map_err(io)?.then(|| u64::from_ne_bytes(cookie)))
-            })
-            .collect()
-    }
-
-    pub fn counters(&self) -> Result<Counters> {
-        sum_counters(&self.counters)
+        let slots = pinned::listener_slots(self.listeners.fd().as_fd())?;
+        let path = self.pin_dir.join(MAP_LISTENERS);
+        slots.into_iter().map(|s| s.socket.map_err(io_err(&path))).collect()
     }
 }
 
