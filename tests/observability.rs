@@ -1,6 +1,7 @@
 //! What operators read, checked against known traffic in a lab: Prometheus metrics on 15020,
 //! the structured access log through `tracing`, and `meshpath status`.
 
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -8,7 +9,7 @@ use meshpath_common::names::PORT_METRICS;
 use meshpath_lab::{Lab, http_get, smoke};
 
 mod support;
-use support::{send, started_lab, started_lab_with, wait_until};
+use support::{meshpath, send, started_lab, started_lab_with, wait_until};
 
 /// The value of the sample `name{labels}` in a scrape, if present.
 fn sample(scrape: &str, name_and_labels: &str) -> Option<f64> {
@@ -147,6 +148,20 @@ fn status_shows_attachments_workloads_listeners_and_follows_enrolment() -> Resul
         "slot owners: {listeners:?}"
     );
     ensure!(s["daemons"].as_array().is_some_and(|d| d.len() == 1 && d[0]["pid"] == pid), "daemons: {}", s["daemons"]);
+
+    // `ip netns exec`, which the lab's description suggests, gives its command a fresh /sys
+    // without bpffs: status still finds the node's pins, and says through whose mounts.
+    let n1 = lab.nodes[0].name.clone();
+    let out =
+        Command::new("ip").args(["netns", "exec", &n1]).arg(meshpath()).args(["status", "--node", &n1]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && text.matches("in SOCKMAP").count() == 6 && text.contains("vpa"),
+        "`ip netns exec {n1} meshpath status` failed ({}):\n{text}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(text.contains("read as that process sees them"), "{text}");
 
     // Unenrol a (and e): status follows.
     lab.write_workloads(&["c"])?;

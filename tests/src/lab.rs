@@ -565,7 +565,7 @@ impl Lab {
         node: usize,
     ) -> Result<std::collections::BTreeMap<u32, meshpath_common::InterfaceValue>> {
         let other = |e: &dyn std::fmt::Display| LabError::Other(e.to_string());
-        let dir = datapath::node_pin_dir(&self.nodes[node].name).map_err(|e| other(&e))?;
+        let dir = datapath::readable_pin_dir(&self.nodes[node].name).map_err(|e| other(&e))?;
         let path = dir.join(meshpath_common::names::MAP_INTERFACES);
         let fd = datapath::bpf::obj_get(&path).map_err(|e| other(&format!("{}: {e}", path.display())))?;
         datapath::pinned::interfaces(std::os::fd::AsFd::as_fd(&fd)).map_err(|e| other(&e))

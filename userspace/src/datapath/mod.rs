@@ -86,6 +86,35 @@ pub fn node_pin_dir(node: &str) -> Result<PathBuf> {
     Ok(Path::new(PIN_DIR).join(node))
 }
 
+/// Where this process can read `node`'s pins: [`node_pin_dir`], or, when this mount
+/// namespace has no bpffs on /sys/fs/bpf, the same directory as PID 1 or the nearest
+/// ancestor process sees it (`/proc/<pid>/root/...`): `ip netns exec` runs its command in a
+/// mount namespace of its own with a fresh /sys, while the shell that ran it still sees the
+/// host's. [`node_pin_dir`] when none has it.
+pub fn readable_pin_dir(node: &str) -> Result<PathBuf> {
+    let dir = node_pin_dir(node)?;
+    if dir.exists() || is_bpffs(Path::new(BPFFS_ROOT)) {
+        return Ok(dir);
+    }
+    let relative = dir.strip_prefix("/").unwrap_or(&dir).to_owned();
+    let seen_by = |pid: u32| Path::new("/proc").join(pid.to_string()).join("root").join(&relative);
+    Ok(std::iter::once(1).chain(ancestors()).map(seen_by).find(|p| is_bpffs(p)).unwrap_or(dir))
+}
+
+/// Whether `dir` (from [`readable_pin_dir`]) is read through another process's mounts.
+pub fn read_through_another_mount_namespace(dir: &Path) -> bool {
+    !dir.starts_with(PIN_DIR)
+}
+
+/// This process's ancestors, nearest first, below PID 1 (at most 64).
+fn ancestors() -> impl Iterator<Item = u32> {
+    let parent_of = |pid: &u32| -> Option<u32> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status.lines().find_map(|l| l.strip_prefix("PPid:"))?.trim().parse().ok()
+    };
+    std::iter::successors(Some(std::os::unix::process::parent_id()), parent_of).take_while(|p| *p > 1).take(64)
+}
+
 /// Whether nothing of `node` is pinned or noted as attached over netlink.
 pub fn is_fresh(node: &str) -> Result<bool> {
     Ok(!node_pin_dir(node)?.exists() && !netlink_state_dir(node)?.exists())
@@ -239,7 +268,7 @@ fn read_pinned<T>(
     name: &'static str,
     decode: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> Result<T, pinned::DecodeError>,
 ) -> Result<T> {
-    let path = node_pin_dir(node)?.join(name);
+    let path = readable_pin_dir(node)?.join(name);
     let fd = bpf::obj_get(&path).map_err(io_err(&path))?;
     Ok(decode(fd.as_fd())?)
 }
@@ -653,7 +682,7 @@ pub struct Attachments {
 }
 
 pub fn attachments(node: &str) -> Result<Attachments> {
-    let dir = node_pin_dir(node)?;
+    let dir = readable_pin_dir(node)?;
     let mut tcx: Vec<(u32, Hook)> = pinned_tc_links_of(&dir)?.into_iter().map(|(i, h, _)| (i, h)).collect();
     let mut netlink: Vec<u32> = netlink_filters(node)?.into_iter().map(|(i, _)| i).collect();
     tcx.sort_unstable();
@@ -668,7 +697,7 @@ pub fn registered_listeners(node: &str) -> Result<Vec<(Listener, bool, bool)>> {
     let mut out = Vec::new();
     for s in slots {
         if let Some((role, ipv6)) = s.role {
-            let path = || node_pin_dir(node).map(|d| d.join(MAP_LISTENERS)).unwrap_or_default();
+            let path = || readable_pin_dir(node).map(|d| d.join(MAP_LISTENERS)).unwrap_or_default();
             let registered = s.socket.map_err(|source| DatapathError::Io { path: path(), source })?;
             out.push((role, ipv6, registered.is_some()));
         }
@@ -679,7 +708,7 @@ pub fn registered_listeners(node: &str) -> Result<Vec<(Listener, bool, bool)>> {
 /// The socket cookie in each slot of a node's pinned SOCKMAP (`None`: empty), by slot: a
 /// takeover shows as every filled slot's cookie changing.
 pub fn pinned_listener_cookies(node: &str) -> Result<Vec<Option<u64>>> {
-    let path = || node_pin_dir(node).map(|d| d.join(MAP_LISTENERS)).unwrap_or_default();
+    let path = || readable_pin_dir(node).map(|d| d.join(MAP_LISTENERS)).unwrap_or_default();
     read_pinned(node, MAP_LISTENERS, pinned::listener_slots)?
         .into_iter()
         .map(|s| s.socket.map_err(|source| DatapathError::Io { path: path(), source }))
