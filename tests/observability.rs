@@ -1,11 +1,15 @@
 //! What operators read, checked against known traffic in a lab: Prometheus metrics on 15020,
 //! the structured access log through `tracing`, and `meshpath status`.
 
-use std::process::Command;
-use std::time::Duration;
+use std::io::BufRead;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
+use meshpath::record::Outcome;
 use meshpath_common::names::PORT_METRICS;
+use meshpath_lab::lab::{MESHPATH_BIN_ENV, read_records};
 use meshpath_lab::{Lab, http_get, smoke};
 
 mod support;
@@ -188,5 +192,142 @@ fn status_shows_attachments_workloads_listeners_and_follows_enrolment() -> Resul
         .expect_err("status of an unknown node must fail")
         .to_string();
     ensure!(err.contains("no meshpath datapath for node no-such-node"), "{err}");
+    Ok(())
+}
+
+/// `meshpath-lab run` (what `cargo xtask run` starts), stopped with SIGINT when dropped.
+struct RunningLab(Option<Child>);
+
+impl RunningLab {
+    /// Sends SIGINT, as Ctrl-C does, and waits up to `timeout` for the exit.
+    fn interrupt(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let mut child = self.0.take().context("already stopped")?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the lab did not exit within {timeout:?} of SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for RunningLab {
+    fn drop(&mut self) {
+        if self.0.is_some() {
+            let _ = self.interrupt(Duration::from_secs(30));
+        }
+    }
+}
+
+/// What `meshpath-lab run` printed up to its "press Ctrl-C" line.
+struct Printed {
+    lab: String,
+    /// (command, what it shows), in order.
+    commands: Vec<(String, String)>,
+    access_logs: Vec<String>,
+}
+
+fn read_until_ready(lines: &mpsc::Receiver<String>, timeout: Duration) -> Result<Printed> {
+    let deadline = Instant::now() + timeout;
+    let mut all = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .with_context(|| format!("no \"press Ctrl-C\" line; printed:\n{}", all.join("\n")))?;
+        let ready = line.contains("press Ctrl-C");
+        all.push(line);
+        if ready {
+            break;
+        }
+    }
+    let lab = all.iter().find_map(|l| l.strip_prefix("lab ")?.split_whitespace().next()).context("no lab line")?;
+    let commands = all
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| Some((l.strip_prefix("  $ ")?.to_owned(), all.get(i + 1)?.trim().to_owned())))
+        .collect();
+    let logs = all.iter().find_map(|l| l.split_once("access logs ")).context("no access log line")?.1;
+    let access_logs = logs.split_whitespace().filter(|w| w.starts_with('/')).map(str::to_owned).collect();
+    Ok(Printed { lab: lab.to_owned(), commands, access_logs })
+}
+
+fn shell(command: &str) -> Result<std::process::Output> {
+    Ok(Command::new("sh").args(["-c", command]).stdin(Stdio::null()).output()?)
+}
+
+/// `cargo xtask run`'s first five minutes: the lab prints three commands to try, each does
+/// what it says (an HBONE connection keeping the client's address, a plaintext one the
+/// strict node refuses, `status` through `ip netns exec`), the access logs it names hold
+/// them, and Ctrl-C tears everything down.
+#[test]
+fn the_running_lab_prints_commands_that_work_and_ctrl_c_tears_it_down() -> Result<()> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshpath-lab"))
+        .arg("run")
+        .env(MESHPATH_BIN_ENV, meshpath())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut running = RunningLab(Some(child));
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(std::io::Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let printed = read_until_ready(&lines, Duration::from_secs(90))?;
+    let [(hbone, hbone_shows), (refused, refused_shows), (status, _)] = printed.commands.as_slice() else {
+        bail!("wanted three commands, got {:?}", printed.commands);
+    };
+
+    let out = shell(hbone)?;
+    let want = hbone_shows.split("<port>").next().unwrap_or_default();
+    let got = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success() && got.starts_with(want), "`{hbone}` printed {got:?} ({}), not {want:?}", out.status);
+
+    let out = shell(refused)?;
+    let want = refused_shows.split("  (").next().unwrap_or_default();
+    let got = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && got.contains(want), "`{refused}` printed {got:?} ({}), not {want:?}", out.status);
+
+    let out = shell(status)?;
+    let got = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && got.matches("in SOCKMAP").count() == 6 && got.contains("vpc"),
+        "`{status}` printed ({}):\n{got}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let [_, n2_log] = printed.access_logs.as_slice() else { bail!("access logs: {:?}", printed.access_logs) };
+    let outcomes: Vec<(String, Outcome)> =
+        read_records(n2_log.as_ref())?.into_iter().map(|r| (r.listener, r.outcome)).collect();
+    for want in [("hbone".to_owned(), Outcome::Ok), ("inbound_plain".to_owned(), Outcome::PlaintextRefused)] {
+        ensure!(outcomes.contains(&want), "{n2_log} lacks {want:?}: {outcomes:?}");
+    }
+
+    let exit = running.interrupt(Duration::from_secs(30))?;
+    ensure!(exit.success(), "the lab exited with {exit} after SIGINT");
+    let netns = Command::new("ip").args(["netns", "list"]).output()?;
+    let left: Vec<String> = String::from_utf8_lossy(&netns.stdout)
+        .lines()
+        .filter(|l| l.starts_with(&printed.lab))
+        .map(str::to_owned)
+        .collect();
+    ensure!(left.is_empty(), "namespaces left after Ctrl-C: {left:?}");
+    for node in ["n1", "n2"] {
+        let pins = meshpath::datapath::node_pin_dir(&format!("{}-{node}", printed.lab))?;
+        ensure!(!pins.exists(), "{} left after Ctrl-C", pins.display());
+    }
     Ok(())
 }

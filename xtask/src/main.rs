@@ -12,8 +12,18 @@ use clap::{Parser, Subcommand};
 
 /// Debian packages the build and the lab need. `libstd-rust-web-dev-bpf` ships a prebuilt
 /// `core` for bpfel-unknown-none matching Debian's rustc, so no nightly is needed.
-const DEBIAN_PACKAGES: &[&str] =
-    &["llvm-22-dev", "rustc-web", "libstd-rust-web-dev-bpf", "bpftool", "iproute2", "util-linux", "iptables", "ipset"];
+/// `curl` is for trying the lab by hand (`cargo xtask run` prints curl commands).
+const DEBIAN_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "rustc-web",
+    "libstd-rust-web-dev-bpf",
+    "bpftool",
+    "iproute2",
+    "util-linux",
+    "iptables",
+    "ipset",
+    "curl",
+];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// How the lab and the kernel tests learn which meshpath binary to run.
