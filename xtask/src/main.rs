@@ -249,8 +249,13 @@ fn step(msg: &str) {
     eprintln!("==> {msg}");
 }
 
+/// The workspace `cargo xtask` runs in. `cargo run` names the invoking tree's xtask package
+/// at run time; the path compiled in is only a fallback, since worktrees that share a target
+/// directory share this binary too, and it must act on the caller's tree.
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ is in the workspace").to_owned()
+    let manifest_dir =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), PathBuf::from);
+    manifest_dir.parent().expect("xtask/ is in the workspace").to_owned()
 }
 
 fn cargo() -> Command {
