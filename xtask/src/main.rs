@@ -80,7 +80,8 @@ enum Task {
         #[arg(long, conflicts_with = "soak")]
         quick: bool,
         /// The soak: a minute of churn per path, 10 000 connections held, idle CPU and memory
-        /// (under 10 minutes). With MESHPATH_ZTUNNEL set, ztunnel's HBONE runs beside meshpath's.
+        /// (about 5 minutes of fixed waits, 6 with ztunnel, plus building the labs and opening
+        /// the held connections). With MESHPATH_ZTUNNEL set, ztunnel's HBONE runs beside meshpath's.
         #[arg(long)]
         soak: bool,
     },
