@@ -659,13 +659,19 @@ impl Lab {
             TryCommand {
                 what: "HBONE: pod a (enrolled, node 1) to pod c (enrolled, node 2), mutual TLS between the nodes",
                 command: format!("ip netns exec {} curl -sS --max-time 5 {}", a.netns, url(c)),
-                shows: format!("{}:{TRY_PORT} saw you as {}:<port>  (the client's own address, across nodes)", c.v4, a.v4),
+                shows: format!(
+                    "{}:{TRY_PORT} saw you as {}:<port>  (the client's own address, across nodes)",
+                    c.v4, a.v4
+                ),
             },
             TryCommand {
                 what: "refused: pod d (not enrolled) to pod c, whose node 2 accepts only mTLS (strict)",
                 command: format!("ip netns exec {} curl -sS --max-time 5 {}", d.netns, url(c)),
-                shows: "curl: (56) Recv failure: Connection reset by peer  (outcome plaintext_refused in node 2's access log)"
-                    .into(),
+                shows: format!(
+                    "curl: (56) Recv failure: Connection reset by peer  (or (7) when the reset beats curl's connect; \
+                     outcome plaintext_refused from {} in node 2's access log)",
+                    d.v4
+                ),
             },
             TryCommand {
                 what: "node 2 as the kernel holds it: attachments, enrolled IPs, listeners, counters",
