@@ -345,74 +345,6 @@ fn a_workload_file_written_in_place_never_applies_its_empty_or_partial_states() 
     Ok(())
 }
 
-/// Issue sequence: the workload file truncated in place, pod a's entry alone written, a
-/// pause long enough for the daemons to apply that short file (0.7 s, the lab polls every
-/// 100 ms), then the rest. Pods c and e leave the desired state for that moment; their
-/// release is held back, so none of their connections goes around the proxy: every
-/// exchange their clients complete has the proxy's outbound record on their node.
-#[test]
-fn a_workload_file_written_in_place_with_a_pause_sends_no_connection_around_the_proxy() -> Result<()> {
-    use std::io::Write;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let lab = started_lab()?;
-    let _servers = smoke::start_servers(&lab)?;
-    let full = lab.workloads_yaml(&["a", "c", "e"]);
-    let path = lab.workloads_path();
-    let stop = AtomicBool::new(false);
-    // e (node 1) to d and c (node 2) to b: non-enrolled destinations, so a client whose
-    // pod is unenrolled would reach them directly, without a record.
-    let flows = [("e", "d", 0usize), ("c", "b", 1usize)];
-    let exchanges = std::thread::scope(|s| -> Result<Vec<(usize, std::net::SocketAddr)>> {
-        let clients: Vec<_> = flows
-            .iter()
-            .map(|&(from, to, node)| {
-                let (lab, stop) = (&lab, &stop);
-                s.spawn(move || {
-                    let mut done = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        if let Ok(x) = send(lab, from, to, Duration::from_secs(2)) {
-                            done.push((node, x.client));
-                        }
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    done
-                })
-            })
-            .collect();
-        std::thread::sleep(Duration::from_millis(300));
-        let cut = full.find("  - name: pod-c").context("no entry of c")?;
-        let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(&path)?;
-        f.write_all(&full.as_bytes()[..cut])?;
-        f.flush()?;
-        std::thread::sleep(Duration::from_millis(700));
-        f.write_all(&full.as_bytes()[cut..])?;
-        drop(f);
-        std::thread::sleep(Duration::from_millis(1500));
-        stop.store(true, Ordering::Relaxed);
-        let mut all = Vec::new();
-        for c in clients {
-            all.extend(c.join().map_err(|_| anyhow::anyhow!("a client thread panicked"))?);
-        }
-        Ok(all)
-    })?;
-    ensure!(exchanges.len() >= 50, "only {} exchanges completed: nothing was tested", exchanges.len());
-    // Records are written as connections end: give the last ones a moment.
-    std::thread::sleep(Duration::from_millis(300));
-    let mut direct = Vec::new();
-    for node in [0, 1] {
-        let proxied: std::collections::BTreeSet<std::net::SocketAddr> =
-            lab.records(node)?.into_iter().filter(|r| r.listener == "outbound").map(|r| r.src).collect();
-        direct.extend(exchanges.iter().filter(|(n, c)| *n == node && !proxied.contains(c)).map(|(_, c)| *c));
-    }
-    ensure!(direct.is_empty(), "{} of {} connections went around the proxy: {direct:?}", direct.len(), exchanges.len());
-    let log = std::fs::read_to_string(lab.daemon_log_path(0))?;
-    ensure!(
-        log.contains("left the desired state; released after the hold"),
-        "node 1 never applied the short file: the pause tested nothing"
-    );
-    ensure!(log.contains("its release is cancelled"), "the full file did not cancel the hold");
-    println!("{} exchanges during the slow write, all through the proxy", exchanges.len());
-
 /// `nobody`: a user on the node with no business in meshpath's state.
 const NOBODY: (u32, u32) = (65534, 65534);
 
@@ -501,5 +433,75 @@ fn an_unprivileged_user_can_neither_open_nor_lock_the_nodes_state() -> Result<()
     let refused = exclusive.err().unwrap_or_default();
     ensure!(refused.contains("Permission denied"), "flock as nobody failed otherwise: {refused}");
     lab.start_daemon(0).context("a daemon start with nobody at the lock")?;
+    Ok(())
+}
+
+/// Issue sequence: the workload file truncated in place, pod a's entry alone written, a
+/// pause long enough for the daemons to apply that short file (0.7 s, the lab polls every
+/// 100 ms), then the rest. Pods c and e leave the desired state for that moment; their
+/// release is held back, so none of their connections goes around the proxy: every
+/// exchange their clients complete has the proxy's outbound record on their node.
+#[test]
+fn a_workload_file_written_in_place_with_a_pause_sends_no_connection_around_the_proxy() -> Result<()> {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let lab = started_lab()?;
+    let _servers = smoke::start_servers(&lab)?;
+    let full = lab.workloads_yaml(&["a", "c", "e"]);
+    let path = lab.workloads_path();
+    let stop = AtomicBool::new(false);
+    // e (node 1) to d and c (node 2) to b: non-enrolled destinations, so a client whose
+    // pod is unenrolled would reach them directly, without a record.
+    let flows = [("e", "d", 0usize), ("c", "b", 1usize)];
+    let exchanges = std::thread::scope(|s| -> Result<Vec<(usize, std::net::SocketAddr)>> {
+        let clients: Vec<_> = flows
+            .iter()
+            .map(|&(from, to, node)| {
+                let (lab, stop) = (&lab, &stop);
+                s.spawn(move || {
+                    let mut done = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok(x) = send(lab, from, to, Duration::from_secs(2)) {
+                            done.push((node, x.client));
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    done
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let cut = full.find("  - name: pod-c").context("no entry of c")?;
+        let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(&path)?;
+        f.write_all(&full.as_bytes()[..cut])?;
+        f.flush()?;
+        std::thread::sleep(Duration::from_millis(700));
+        f.write_all(&full.as_bytes()[cut..])?;
+        drop(f);
+        std::thread::sleep(Duration::from_millis(1500));
+        stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for c in clients {
+            all.extend(c.join().map_err(|_| anyhow::anyhow!("a client thread panicked"))?);
+        }
+        Ok(all)
+    })?;
+    ensure!(exchanges.len() >= 50, "only {} exchanges completed: nothing was tested", exchanges.len());
+    // Records are written as connections end: give the last ones a moment.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut direct = Vec::new();
+    for node in [0, 1] {
+        let proxied: std::collections::BTreeSet<std::net::SocketAddr> =
+            lab.records(node)?.into_iter().filter(|r| r.listener == "outbound").map(|r| r.src).collect();
+        direct.extend(exchanges.iter().filter(|(n, c)| *n == node && !proxied.contains(c)).map(|(_, c)| *c));
+    }
+    ensure!(direct.is_empty(), "{} of {} connections went around the proxy: {direct:?}", direct.len(), exchanges.len());
+    let log = std::fs::read_to_string(lab.daemon_log_path(0))?;
+    ensure!(
+        log.contains("left the desired state; released after the hold"),
+        "node 1 never applied the short file: the pause tested nothing"
+    );
+    ensure!(log.contains("its release is cancelled"), "the full file did not cancel the hold");
+    println!("{} exchanges during the slow write, all through the proxy", exchanges.len());
     Ok(())
 }

@@ -332,9 +332,7 @@ fn workload_file_changes_apply_live_and_bad_files_change_nothing() -> Result<()>
     lab.write_workloads_text(&good_text)?;
     wait_until("b enrolled again", Duration::from_secs(3), || Ok(lab.workload_map(0)?.contains_key(&lab.pod("b").v4)))?;
     std::fs::write(lab.workloads_path(), &moved)?;
-    wait_until("an in-place edit to unenrol b", RELEASE, || {
-        Ok(!lab.workload_map(0)?.contains_key(&lab.pod("b").v4))
-    })?;
+    wait_until("an in-place edit to unenrol b", RELEASE, || Ok(!lab.workload_map(0)?.contains_key(&lab.pod("b").v4)))?;
     let line = std::fs::read_to_string(&log)?
         .lines()
         .rfind(|l| l.contains("rejected workload file"))

@@ -39,9 +39,7 @@ fn ips_of(lab: &Lab, pods: &[&str]) -> BTreeSet<IpAddr> {
 fn expect_map(lab: &Lab, node: usize, pods: &[&str], what: &str) -> Result<Duration> {
     let start = Instant::now();
     let want = ips_of(lab, pods);
-    wait_until(&format!("{what}: node {} to hold {pods:?}", node + 1), RELEASE, || {
-        Ok(map_ips(lab, node)? == want)
-    })?;
+    wait_until(&format!("{what}: node {} to hold {pods:?}", node + 1), RELEASE, || Ok(map_ips(lab, node)? == want))?;
     Ok(start.elapsed())
 }
 

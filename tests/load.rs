@@ -159,9 +159,7 @@ fn a_flood_past_the_limits_is_refused_and_counted_and_good_clients_still_connect
     // The daemon kept working (its reconcile needs descriptors too) and logged summaries,
     // not a line per refused connection.
     lab.write_workloads(&["a", "c"])?;
-    wait_until("e unenrolled after the flood", RELEASE, || {
-        Ok(!lab.workload_map(0)?.contains_key(&lab.pod("e").v4))
-    })?;
+    wait_until("e unenrolled after the flood", RELEASE, || Ok(!lab.workload_map(0)?.contains_key(&lab.pod("e").v4)))?;
     let log = std::fs::read_to_string(lab.daemon_log_path(0))?;
     let lines = log.lines().filter(|l| l.contains("refusing connections")).count();
     ensure!((1..=6).contains(&lines), "{lines} log lines about refusals for more than 90 refused connections");

@@ -100,7 +100,7 @@ fn enrol(lab: &Lab, pods: &[&str]) -> Result<()> {
         let map = lab.workload_map(0)?;
         Ok(map.len() == want.len()
             && want.iter().all(|ip| map.contains_key(ip))
-            && lab.interface_map(0)?.values().filter(|f| *f & IF_WORKLOAD != 0).count() == pods.len())
+            && lab.interface_map(0)?.values().filter(|v| v.flags & IF_WORKLOAD != 0).count() == pods.len())
     })
 }
 

@@ -1,21 +1,23 @@
 //! What operators read, checked against known traffic in a lab: Prometheus metrics on 15020,
-//! the structured access log through `tracing`, `meshpath status` (open connections
-//! included) and `meshpath close`.
+//! the structured access log through `tracing`, and `meshpath status`.
 
-use std::io::{Read, Write};
+use std::collections::BTreeMap;
+use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use meshpath::record::Outcome;
 use meshpath_common::names::PORT_METRICS;
+use meshpath_lab::lab::{MESHPATH_BIN_ENV, read_records};
 use meshpath_lab::traffic::{EchoServer, in_netns};
 use meshpath_lab::{Lab, http_get, smoke};
 
 mod support;
-use support::{RELEASE, send, started_lab, started_lab_with, wait_until};
+use support::{RELEASE, meshpath, send, started_lab, started_lab_with, wait_until};
 
-/// The value of the sample `name{labels}` in a scrape, if present.
 fn sample(scrape: &str, name_and_labels: &str) -> Option<f64> {
     scrape.lines().find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.trim().parse().ok())
 }
@@ -153,6 +155,20 @@ fn status_shows_attachments_workloads_listeners_and_follows_enrolment() -> Resul
     );
     ensure!(s["daemons"].as_array().is_some_and(|d| d.len() == 1 && d[0]["pid"] == pid), "daemons: {}", s["daemons"]);
 
+    // `ip netns exec`, which the lab's description suggests, gives its command a fresh /sys
+    // without bpffs: status still finds the node's pins, and says through whose mounts.
+    let n1 = lab.nodes[0].name.clone();
+    let out =
+        Command::new("ip").args(["netns", "exec", &n1]).arg(meshpath()).args(["status", "--node", &n1]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && text.matches("in SOCKMAP").count() == 6 && text.contains("vpa"),
+        "`ip netns exec {n1} meshpath status` failed ({}):\n{text}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(text.contains("read as that process sees them"), "{text}");
+
     // Unenrol a (and e): status follows, once the release hold (5 s: a's veth stays, so
     // nothing confirms the release sooner) is over.
     lab.write_workloads(&["c"])?;
@@ -179,6 +195,161 @@ fn status_shows_attachments_workloads_listeners_and_follows_enrolment() -> Resul
         .expect_err("status of an unknown node must fail")
         .to_string();
     ensure!(err.contains("no meshpath datapath for node no-such-node"), "{err}");
+    Ok(())
+}
+
+/// `meshpath-lab run` (what `cargo xtask run` starts), stopped with SIGINT when dropped.
+struct RunningLab(Option<Child>);
+
+impl RunningLab {
+    /// Sends SIGINT, as Ctrl-C does, and waits up to `timeout` for the exit.
+    fn interrupt(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let mut child = self.0.take().context("already stopped")?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the lab did not exit within {timeout:?} of SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for RunningLab {
+    fn drop(&mut self) {
+        if self.0.is_some() {
+            let _ = self.interrupt(Duration::from_secs(30));
+        }
+    }
+}
+
+/// What `meshpath-lab run` printed up to its "press Ctrl-C" line.
+struct Printed {
+    lab: String,
+    /// (command, what it shows), in order.
+    commands: Vec<(String, String)>,
+    access_logs: Vec<String>,
+    /// Each pod's IPv4 address, by name, from the pod lines.
+    pods: BTreeMap<String, String>,
+}
+
+fn read_until_ready(lines: &mpsc::Receiver<String>, timeout: Duration) -> Result<Printed> {
+    let deadline = Instant::now() + timeout;
+    let mut all = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .with_context(|| format!("no \"press Ctrl-C\" line; printed:\n{}", all.join("\n")))?;
+        let ready = line.contains("press Ctrl-C");
+        all.push(line);
+        if ready {
+            break;
+        }
+    }
+    let lab = all.iter().find_map(|l| l.strip_prefix("lab ")?.split_whitespace().next()).context("no lab line")?;
+    let commands = all
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| Some((l.strip_prefix("  $ ")?.to_owned(), all.get(i + 1)?.trim().to_owned())))
+        .collect();
+    let logs = all.iter().find_map(|l| l.split_once("access logs ")).context("no access log line")?.1;
+    let access_logs = logs.split_whitespace().filter(|w| w.starts_with('/')).map(str::to_owned).collect();
+    let pods = all
+        .iter()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("  pod ")?.split_once(' ')?;
+            Some((name.to_owned(), rest.split_once("): ")?.1.split_whitespace().next()?.to_owned()))
+        })
+        .collect();
+    Ok(Printed { lab: lab.to_owned(), commands, access_logs, pods })
+}
+
+fn shell(command: &str) -> Result<std::process::Output> {
+    Ok(Command::new("sh").args(["-c", command]).stdin(Stdio::null()).output()?)
+}
+
+/// `cargo xtask run`'s first five minutes: the lab prints three commands to try, each does
+/// what it says (an HBONE connection keeping the client's address, a plaintext one the
+/// strict node refuses, `status` through `ip netns exec`), the access logs it names hold
+/// them, and Ctrl-C tears everything down.
+#[test]
+fn the_running_lab_prints_commands_that_work_and_ctrl_c_tears_it_down() -> Result<()> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshpath-lab"))
+        .arg("run")
+        .env(MESHPATH_BIN_ENV, meshpath())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut running = RunningLab(Some(child));
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(std::io::Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let printed = read_until_ready(&lines, Duration::from_secs(90))?;
+    let [(hbone, hbone_shows), (refused, refused_shows), (status, _)] = printed.commands.as_slice() else {
+        bail!("wanted three commands, got {:?}", printed.commands);
+    };
+
+    let out = shell(hbone)?;
+    let want = hbone_shows.split("<port>").next().unwrap_or_default();
+    let got = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success() && got.starts_with(want), "`{hbone}` printed {got:?} ({}), not {want:?}", out.status);
+
+    // The proxy resets it once accepted; curl says so as (56), or as (7) when the reset
+    // comes before it looks at its connect. The access log below says who refused it.
+    let out = shell(refused)?;
+    let got = String::from_utf8_lossy(&out.stderr);
+    let curl_code = |code: &str| got.starts_with(&format!("curl: ({code})"));
+    ensure!(
+        !out.status.success() && (curl_code("56") || curl_code("7")) && refused_shows.starts_with("curl: (56)"),
+        "`{refused}` printed {got:?} ({}), the lab said {refused_shows:?}",
+        out.status
+    );
+
+    let out = shell(status)?;
+    let got = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && got.matches("in SOCKMAP").count() == 6 && got.contains("vpc"),
+        "`{status}` printed ({}):\n{got}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Node 2 served a's tunnel and refused d's plaintext.
+    let [_, n2_log] = printed.access_logs.as_slice() else { bail!("access logs: {:?}", printed.access_logs) };
+    let records: Vec<(String, String, Outcome)> =
+        read_records(n2_log.as_ref())?.into_iter().map(|r| (r.listener, r.src.ip().to_string(), r.outcome)).collect();
+    for (listener, pod, outcome) in [("hbone", "a", Outcome::Ok), ("inbound_plain", "d", Outcome::PlaintextRefused)] {
+        let src = printed.pods.get(pod).with_context(|| format!("no line for pod {pod}: {:?}", printed.pods))?;
+        let want = (listener.to_owned(), src.clone(), outcome);
+        ensure!(records.contains(&want), "{n2_log} lacks {want:?}: {records:?}");
+    }
+
+    let exit = running.interrupt(Duration::from_secs(30))?;
+    ensure!(exit.success(), "the lab exited with {exit} after SIGINT");
+    let netns = Command::new("ip").args(["netns", "list"]).output()?;
+    let left: Vec<String> = String::from_utf8_lossy(&netns.stdout)
+        .lines()
+        .filter(|l| l.starts_with(&printed.lab))
+        .map(str::to_owned)
+        .collect();
+    ensure!(left.is_empty(), "namespaces left after Ctrl-C: {left:?}");
+    for node in ["n1", "n2"] {
+        let pins = meshpath::datapath::node_pin_dir(&format!("{}-{node}", printed.lab))?;
+        ensure!(!pins.exists(), "{} left after Ctrl-C", pins.display());
+    }
     Ok(())
 }
 

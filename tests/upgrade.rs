@@ -89,7 +89,10 @@ fn a_successor_killed_after_taking_over_leaves_the_node_served_again_within_5s()
         .with_context(|| {
             let log = std::fs::read_to_string(lab.daemon_log_path(0)).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(25).collect::<Vec<_>>().into_iter().rev().collect();
-            format!("after killing the successor {kill_after:?} into its start; node 1's log ends:\n{}", tail.join("\n"))
+            format!(
+                "after killing the successor {kill_after:?} into its start; node 1's log ends:\n{}",
+                tail.join("\n")
+            )
         })?;
         println!("  node 1 ready and carrying connections {:?} after the kill", killed.elapsed());
         let alive = lab.nodes[0].daemon.as_mut().map(|c| c.try_wait()).transpose()?;

@@ -28,7 +28,9 @@ fn main() {
         if env::var_os("MESHPATH_REQUIRE_EBPF").is_some() {
             fail(&format!("{missing}: run `cargo xtask setup`"));
         }
-        println!("cargo:warning={missing}: this build embeds no eBPF object and `meshpath node` will refuse to start (`cargo xtask setup` installs it)");
+        println!(
+            "cargo:warning={missing}: this build embeds no eBPF object and `meshpath node` will refuse to start (`cargo xtask setup` installs it)"
+        );
         std::fs::write(out_dir.join("meshpath-ebpf.o"), [])
             .unwrap_or_else(|e| fail(&format!("writing the empty eBPF object: {e}")));
         return;

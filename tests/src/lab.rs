@@ -170,6 +170,19 @@ pub struct Takeover {
 
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
+/// Port of the HTTP servers `cargo xtask run` starts in every pod, for [`Lab::try_commands`].
+pub const TRY_PORT: u16 = 80;
+
+/// A command to try by hand in a running lab.
+#[derive(Clone, Debug)]
+pub struct TryCommand {
+    pub what: &'static str,
+    /// A shell command line.
+    pub command: String,
+    /// What it prints.
+    pub shows: String,
+}
+
 /// IPv4 and IPv6 pod networks of the lab (what `--pod-cidr` is set to).
 pub const POD_CIDRS: [&str; 2] = ["10.244.0.0/16", "fd00:244::/32"];
 
@@ -559,9 +572,16 @@ impl Lab {
         datapath::read_pinned_workloads(&self.nodes[node].name).map_err(|e| LabError::Other(e.to_string()))
     }
 
-    /// The pinned interface map of `node`: ifindex → `IF_*` flags.
-    pub fn interface_map(&self, node: usize) -> Result<std::collections::BTreeMap<u32, u32>> {
-        datapath::read_pinned_interfaces(&self.nodes[node].name).map_err(|e| LabError::Other(e.to_string()))
+    /// The pinned interface map of `node`: ifindex → its value (`IF_*` flags, bridge).
+    pub fn interface_map(
+        &self,
+        node: usize,
+    ) -> Result<std::collections::BTreeMap<u32, meshpath_common::InterfaceValue>> {
+        let other = |e: &dyn std::fmt::Display| LabError::Other(e.to_string());
+        let dir = datapath::readable_pin_dir(&self.nodes[node].name).map_err(|e| other(&e))?;
+        let path = dir.join(meshpath_common::names::MAP_INTERFACES);
+        let fd = datapath::bpf::obj_get(&path).map_err(|e| other(&format!("{}: {e}", path.display())))?;
+        datapath::pinned::interfaces(std::os::fd::AsFd::as_fd(&fd)).map_err(|e| other(&e))
     }
 
     /// The value of one series of `node`'s `/metrics` (name and labels as printed), 0 when
@@ -626,6 +646,39 @@ impl Lab {
             );
         }
         s
+    }
+
+    /// Commands to try by hand while the lab runs, with the HTTP servers of
+    /// [`crate::traffic::EchoServer::start_http`] on [`TRY_PORT`] in every pod: an HBONE
+    /// connection across nodes, a plaintext one the strict node refuses, and `status`.
+    pub fn try_commands(&self) -> Vec<TryCommand> {
+        let (a, c, d) = (self.pod("a"), self.pod("c"), self.pod("d"));
+        let n2 = &self.nodes[c.node].name;
+        let url = |p: &Pod| format!("http://{}:{TRY_PORT}/", p.v4);
+        vec![
+            TryCommand {
+                what: "HBONE: pod a (enrolled, node 1) to pod c (enrolled, node 2), mutual TLS between the nodes",
+                command: format!("ip netns exec {} curl -sS --max-time 5 {}", a.netns, url(c)),
+                shows: format!(
+                    "{}:{TRY_PORT} saw you as {}:<port>  (the client's own address, across nodes)",
+                    c.v4, a.v4
+                ),
+            },
+            TryCommand {
+                what: "refused: pod d (not enrolled) to pod c, whose node 2 accepts only mTLS (strict)",
+                command: format!("ip netns exec {} curl -sS --max-time 5 {}", d.netns, url(c)),
+                shows: format!(
+                    "curl: (56) Recv failure: Connection reset by peer  (or (7) when the reset beats curl's connect; \
+                     outcome plaintext_refused from {} in node 2's access log)",
+                    d.v4
+                ),
+            },
+            TryCommand {
+                what: "node 2 as the kernel holds it: attachments, enrolled IPs, listeners, counters",
+                command: format!("ip netns exec {n2} {} status --node {n2}", self.binary.display()),
+                shows: "the node's programs, pod c's IPs on vpc, six listeners in the SOCKMAP".into(),
+            },
+        ]
     }
 
     /// Everything of meshpath's still present for `node`: policy rules, routes in its table,

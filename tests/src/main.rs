@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use meshpath_lab::lab::{MESHPATH_BIN_ENV, TOPOLOGY_ENV};
-use meshpath_lab::{Lab, Topology, bench, smoke, upgrade};
+use meshpath_lab::lab::{MESHPATH_BIN_ENV, TOPOLOGY_ENV, TRY_PORT};
+use meshpath_lab::{Lab, Topology, bench, smoke, traffic, upgrade};
 
 #[derive(Parser)]
 #[command(name = "meshpath-lab", about = "meshpath in a two-node lab of network namespaces")]
@@ -142,10 +142,26 @@ fn run_lab(bin: &Path, topology: Topology) -> Result<ExitCode> {
     // Listening from the start: Ctrl-C while the lab is being built still tears it down.
     let stop = rt.block_on(async { StopSignals::install() })?;
     let mut lab = build_and_start(bin, topology)?;
+    let servers = lab
+        .pods
+        .iter()
+        .map(|p| traffic::EchoServer::start_http(&p.netns, TRY_PORT))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("starting the pods' HTTP servers")?;
     println!("{}", lab.describe());
+    println!("every pod serves HTTP on port {TRY_PORT}. Try, as root, in another shell:");
+    for t in lab.try_commands() {
+        println!("\n  {}:\n  $ {}\n    {}", t.what, t.command, t.shows);
+    }
+    println!(
+        "\naccess logs (a JSON line per connection): {} and {}",
+        lab.access_log_path(0).display(),
+        lab.access_log_path(1).display()
+    );
     println!("meshpath runs in both nodes; press Ctrl-C to stop and tear the lab down.");
     let which = rt.block_on(stop.wait());
     eprintln!("{which}: tearing the lab down...");
+    drop(servers);
     report_teardown(&mut lab);
     Ok(ExitCode::SUCCESS)
 }

@@ -47,6 +47,12 @@ impl EchoServer {
         })
     }
 
+    /// A tiny HTTP/1.0 server for trying the lab by hand (`cargo xtask run`): any request is
+    /// answered with the server's address and the client's as the server saw it.
+    pub fn start_http(ns: &str, port: u16) -> io::Result<Self> {
+        Self::start_with(ns, port, serve_http)
+    }
+
     fn start_with(ns: &str, port: u16, serve: fn(TcpStream, SocketAddr) -> io::Result<()>) -> io::Result<Self> {
         let listener = in_netns(ns, || -> io::Result<TcpListener> {
             let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
@@ -95,6 +101,29 @@ fn serve_one(mut stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
     stream.write_all(&req)?;
     stream.shutdown(std::net::Shutdown::Write)?;
     Ok(())
+}
+
+/// Reads a request's head (up to a blank line, at most 16 KiB, 5 s) and answers
+/// `HTTP/1.0 200` with `<server address> saw you as <client address>`.
+fn serve_http(mut stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+        match stream.read(&mut buf)? {
+            0 => break,
+            n => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let body = format!("{} saw you as {}\n", canonical(stream.local_addr()?), canonical(peer));
+    let response = format!(
+        "HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes())?;
+    stream.shutdown(std::net::Shutdown::Write)
 }
 
 /// What one request/response exchange showed.

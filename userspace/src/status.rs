@@ -29,8 +29,8 @@ pub enum StatusError {
     Routing(#[from] RoutingError),
     #[error(transparent)]
     Workloads(#[from] WorkloadsError),
-    #[error("no meshpath datapath for node {node} (nothing pinned in {dir}); is the node name right?")]
-    NotInstalled { node: String, dir: String },
+    #[error("no meshpath datapath for node {node}: nothing pinned in {dir}; {hint}")]
+    NotInstalled { node: String, dir: String, hint: &'static str },
     #[error(transparent)]
     Control(#[from] ControlError),
     #[error("no meshpath daemon of node {0} is running")]
@@ -108,9 +108,9 @@ pub struct ListenerState {
 /// Gathers the status of `node` in the current network namespace.
 pub async fn collect(node: &str, workloads: Option<&Path>, pod_cidrs: &[IpNet]) -> Result<Status, StatusError> {
     datapath::validate_node_name(node)?;
-    let dir = datapath::node_pin_dir(node)?;
+    let dir = datapath::readable_pin_dir(node)?;
     if !dir.exists() {
-        return Err(StatusError::NotInstalled { node: node.into(), dir: dir.display().to_string() });
+        return Err(StatusError::NotInstalled { node: node.into(), dir: dir.display().to_string(), hint: hint() });
     }
     let ifaces = Routing::connect()?.interfaces().await?;
     let names = routing::names_by_index(&ifaces);
@@ -255,6 +255,17 @@ fn connections_text(s: &mut String, daemons: &[DaemonConnections]) {
     }
 }
 
+/// What to check when a node has no pins here.
+fn hint() -> &'static str {
+    if datapath::is_bpffs(Path::new(meshpath_common::names::BPFFS_ROOT)) {
+        "is the node name right? (`ls /sys/fs/bpf/meshpath` lists the nodes with pins)"
+    } else {
+        "this mount namespace has no bpffs on /sys/fs/bpf (`ip netns exec` mounts a fresh /sys) and no ancestor \
+         process shows the node's pins either: check the node name, or run \
+         `nsenter --net=/run/netns/<netns> meshpath status --node <node>`, which keeps the host's mounts"
+    }
+}
+
 /// Listening TCP sockets of this network namespace, from /proc/net/tcp{,6}.
 fn listening_sockets() -> Vec<SocketAddr> {
     let mut out = Vec::new();
@@ -293,6 +304,9 @@ impl Status {
     pub fn text(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "node {}  (pins {})", self.node, self.pin_dir);
+        if datapath::read_through_another_mount_namespace(Path::new(&self.pin_dir)) {
+            let _ = writeln!(s, "  (read as that process sees them: this mount namespace has no bpffs on /sys/fs/bpf)");
+        }
         let _ = writeln!(s, "\nattached programs");
         for a in &self.attachments {
             let place = match (&a.interface, a.ifindex) {

@@ -76,7 +76,8 @@ pub fn client_config(cert: &WorkloadCertificate, expected: &Identity) -> Result<
 }
 
 /// A client that presents no certificate: what a non-mesh client looks like to an HBONE
-/// server. Only the lab uses it, to show such clients are refused.
+/// server. Only the lab's tests use it, to show such clients are refused.
+#[cfg(feature = "testing")]
 pub fn anonymous_client_config(
     roots: &[CertificateDer<'static>],
     expected: &Identity,

@@ -14,8 +14,18 @@ use clap::{Parser, Subcommand};
 
 /// Debian packages the build and the lab need. `libstd-rust-web-dev-bpf` ships a prebuilt
 /// `core` for bpfel-unknown-none matching Debian's rustc, so no nightly is needed.
-const DEBIAN_PACKAGES: &[&str] =
-    &["llvm-22-dev", "rustc-web", "libstd-rust-web-dev-bpf", "bpftool", "iproute2", "util-linux", "iptables", "ipset"];
+/// `curl` is for trying the lab by hand (`cargo xtask run` prints curl commands).
+const DEBIAN_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "rustc-web",
+    "libstd-rust-web-dev-bpf",
+    "bpftool",
+    "iproute2",
+    "util-linux",
+    "iptables",
+    "ipset",
+    "curl",
+];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// How the lab and the kernel tests learn which meshpath binary to run.
@@ -72,7 +82,8 @@ enum Task {
         #[arg(long, conflicts_with = "soak")]
         quick: bool,
         /// The soak: a minute of churn per path, 10 000 connections held, idle CPU and memory
-        /// (under 10 minutes). With MESHPATH_ZTUNNEL set, ztunnel's HBONE runs beside meshpath's.
+        /// (about 5 minutes of fixed waits, 6 with ztunnel, plus building the labs and opening
+        /// the held connections). With MESHPATH_ZTUNNEL set, ztunnel's HBONE runs beside meshpath's.
         #[arg(long)]
         soak: bool,
     },
@@ -272,8 +283,13 @@ fn step(msg: &str) {
     eprintln!("==> {msg}");
 }
 
+/// The workspace `cargo xtask` runs in. `cargo run` names the invoking tree's xtask package
+/// at run time; the path compiled in is only a fallback, since worktrees that share a target
+/// directory share this binary too, and it must act on the caller's tree.
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ is in the workspace").to_owned()
+    let manifest_dir =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), PathBuf::from);
+    manifest_dir.parent().expect("xtask/ is in the workspace").to_owned()
 }
 
 fn cargo() -> Command {

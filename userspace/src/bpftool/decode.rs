@@ -1,6 +1,6 @@
 //! `map dump --decode`: meshpath's own maps in human terms. MP_WORKLOADS as IP → interface,
 //! workload and SPIFFE identity (the last two from the workload file, when given);
-//! MP_WORKLOAD_IFS as interfaces; MP_LISTENERS as listener slots and whether the proxy's
+//! MP_INTERFACES as interfaces and their flags; MP_LISTENERS as listener slots and whether the proxy's
 //! socket is in each; MP_COUNTERS as named counters, in total and per CPU.
 //!
 //! Interface indexes belong to the node daemon's network namespace: `--netns` enters it
@@ -143,11 +143,11 @@ impl Tool {
                 Body::Workloads(rows.collect())
             }),
             MAP_INTERFACES => pinned::interfaces(fd).map(|ifs| {
-                let rows = ifs.into_iter().map(|(ifindex, bits)| FlaggedInterface {
+                let rows = ifs.into_iter().map(|(ifindex, value)| FlaggedInterface {
                     interface: interface(ifindex),
                     flags: [(IF_WORKLOAD, "workload"), (IF_POD, "pod"), (IF_L3, "l3"), (IF_BRIDGE_PORT, "bridge_port")]
                         .into_iter()
-                        .filter(|(bit, _)| bits & bit != 0)
+                        .filter(|(bit, _)| value.flags & bit != 0)
                         .map(|(_, name)| name)
                         .collect(),
                 });

@@ -1,6 +1,7 @@
-//! Reading meshpath's maps from any fd (a pin, an id): the one decoder of their entries,
-//! used by `status`, `map dump --decode`, the metrics and the lab. Nothing is loaded; each
-//! map's layout is checked against meshpath's before a byte of it is read.
+//! Reading meshpath's maps from any fd (a pin, an id, the loaded object's own): the one
+//! decoder of their entries, used by the daemon, `status`, `map dump --decode`, the metrics
+//! and the lab. Nothing is loaded; each map's layout is checked against meshpath's before a
+//! byte of it is read.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -87,10 +88,21 @@ pub fn workloads(fd: BorrowedFd<'_>) -> Result<BTreeMap<IpAddr, u32>> {
         .collect())
 }
 
-/// [`MAP_INTERFACES`]: the interfaces the classifier knows, with their `IF_*` flags.
-pub fn interfaces(fd: BorrowedFd<'_>) -> Result<BTreeMap<u32, u32>> {
+/// [`MAP_INTERFACES`]: the interfaces the classifier knows, with their values (`IF_*` flags,
+/// a bridge port's bridge).
+pub fn interfaces(fd: BorrowedFd<'_>) -> Result<BTreeMap<u32, InterfaceValue>> {
     let m = Checked::open(fd, MAP_INTERFACES, 4, Some(size_of::<InterfaceValue>()))?;
-    Ok(m.entries()?.into_iter().map(|(k, v)| (u32::from_ne_bytes(array(&k)), u32::from_ne_bytes(array(&v)))).collect())
+    Ok(m.entries()?.into_iter().map(|(k, v)| (u32::from_ne_bytes(array(&k)), interface_value(&v))).collect())
+}
+
+/// An [`InterfaceValue`] from its 16 bytes (`#[repr(C)]`, no padding), field by field.
+fn interface_value(b: &[u8]) -> InterfaceValue {
+    InterfaceValue {
+        flags: u32::from_ne_bytes(array(&b[0..4])),
+        bridge: u32::from_ne_bytes(array(&b[4..8])),
+        bridge_mac: array(&b[8..14]),
+        _pad: array(&b[14..16]),
+    }
 }
 
 /// One slot of [`MAP_LISTENERS`].
@@ -145,4 +157,21 @@ pub fn counters(fd: BorrowedFd<'_>) -> Result<Vec<CounterValues>> {
             CounterValues { index, counter, per_cpu: v.chunks_exact(8).map(|c| u64::from_ne_bytes(array(c))).collect() }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_values_decode_field_by_field() {
+        let v = InterfaceValue::bridge_port(meshpath_common::interface::IF_POD, 7, [2, 0, 0, 0, 0, 9]);
+        let mut bytes = Vec::new();
+        bytes.extend(v.flags.to_ne_bytes());
+        bytes.extend(v.bridge.to_ne_bytes());
+        bytes.extend(v.bridge_mac);
+        bytes.extend(v._pad);
+        assert_eq!(bytes.len(), size_of::<InterfaceValue>());
+        assert_eq!(interface_value(&bytes), v);
+    }
 }

@@ -176,7 +176,9 @@ impl Daemon {
         }
         let successors = Successors::listen(&self.cfg.node, self.ready.clone())
             .inspect_err(|e| {
-                tracing::warn!("a successor will find no handover channel (its takeover still works, without moving relays): {e}")
+                tracing::warn!(
+                    "a successor will find no handover channel (its takeover still works, without moving relays): {e}"
+                )
             })
             .ok();
         self.ready.met(Condition::ListenersRegistered);
@@ -235,7 +237,8 @@ impl Daemon {
     fn apply(&self, reconciler: &mut Reconciler<System>) {
         let workloads = self.releases.effective();
         let services = self.state.as_ref().map(|s| s.services.clone()).unwrap_or_default();
-        let index = WorkloadIndex::new(&DesiredState { workloads: workloads.clone(), services }, &self.cfg.trust_domain);
+        let index =
+            WorkloadIndex::new(&DesiredState { workloads: workloads.clone(), services }, &self.cfg.trust_domain);
         self.proxy.set_workloads(index);
         reconciler.set_desired(Desired { file: workloads, held: self.releases.held() });
     }

@@ -525,10 +525,8 @@ mod tests {
 
     /// A node with an uplink (ifindex 2) and the veths of pods a (3) and b (4).
     fn node() -> Fake {
-        let mut k = Fake {
-            ifaces: vec![uplink(2, "eth0", "192.168.1.1"), veth(3, "vpa"), veth(4, "vpb")],
-            ..Fake::default()
-        };
+        let mut k =
+            Fake { ifaces: vec![uplink(2, "eth0", "192.168.1.1"), veth(3, "vpa"), veth(4, "vpb")], ..Fake::default() };
         k.routes = [("10.244.1.10", 3), ("fd00::10", 3), ("10.244.1.11", 4), ("192.168.1.1", 2), ("10.9.0.1", 2)]
             .into_iter()
             .map(|(a, i)| (ip(a), i))
@@ -563,7 +561,11 @@ mod tests {
     #[tokio::test]
     async fn pods_are_enrolled_behind_their_veths_after_the_classifier_and_before_their_flag() {
         let mut r = reconciler(node());
-        desire(&mut r, &[workload("a", NODE, &["10.244.1.10", "fd00::10"]), workload("c", "n2", &["10.244.2.10"])], &[]);
+        desire(
+            &mut r,
+            &[workload("a", NODE, &["10.244.1.10", "fd00::10"]), workload("c", "n2", &["10.244.2.10"])],
+            &[],
+        );
         pass(&mut r).await;
         assert_eq!(map(&mut r), [("10.244.1.10".into(), 3), ("fd00::10".into(), 3)], "only this node's pods");
         let ops = r.kernel().ops.clone();
@@ -680,5 +682,4 @@ mod tests {
         assert_eq!(r.kernel().values[&11].flags & (IF_BRIDGE_PORT | IF_WORKLOAD), IF_BRIDGE_PORT | IF_WORKLOAD);
         assert!(!r.kernel().attached.contains(&10), "the bridge itself carries no classifier");
     }
-
 }
