@@ -22,6 +22,7 @@ pub mod bpftool;
 pub mod cli;
 pub mod datapath;
 pub mod drain;
+pub mod flags;
 pub mod identity;
 pub mod k8s;
 pub mod metrics;

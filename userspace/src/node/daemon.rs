@@ -185,7 +185,7 @@ impl Daemon {
         if let Some(i) = self.instance.as_mut() {
             i.set(Phase::Serving.into(), Some(own_slots.iter().flatten().copied().collect()));
         }
-        tracing::info!(node = %self.cfg.node, source = ?self.cfg.source, "node ready");
+        tracing::info!(node = %self.cfg.node, source = ?self.cfg.source(), "node ready");
         Ok(Some(Term { reconciler, admin, serve, proxy_task, successors, own_slots, listeners: dups }))
     }
 

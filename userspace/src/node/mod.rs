@@ -13,6 +13,7 @@
 //! - [`takeover`]: a successor daemon taking the node over, relays and all;
 //! - [`drops`]: the datapath's drop events, as rate-limited log lines.
 
+mod config;
 mod daemon;
 mod drops;
 pub mod instance;
@@ -30,24 +31,23 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::IpNet;
-
 use crate::admin;
-use crate::datapath::{self, AttachMode, Datapath, DatapathError};
+use crate::datapath::{self, Datapath, DatapathError};
 use crate::drain;
+use crate::identity::IdentityError;
 use crate::identity::manager::CertificateManager;
-use crate::identity::{CertificateProvider, IdentityError, ca, files};
 use crate::metrics::{self, Metrics};
 use crate::proxy::limits::{self, Limits};
-use crate::proxy::{self, PlaintextPolicy, Proxy, ProxyConfig, access_log::AccessLog};
+use crate::proxy::{self, Proxy, ProxyConfig, access_log::AccessLog};
 use crate::record::DrainCounts;
 use crate::routing::{self, Interface, Routing, RoutingError};
 use crate::state::WorkloadIndex;
 use crate::topology::{Role, Topology};
+pub use config::{CertSource, NodeConfig, TcAttach};
 use kernel::KernelError;
 use lock::{LockError, NodeLock};
 use reconcile::{Reconciler, Scope};
-use source::{Source, SourceError};
+use source::SourceError;
 use takeover::Predecessor;
 
 #[derive(Debug, thiserror::Error)]
@@ -92,66 +92,6 @@ pub enum NodeError {
     Forwarding,
 }
 
-/// Settings of the node daemon.
-#[derive(Clone, Debug)]
-pub struct NodeConfig {
-    pub node: String,
-    pub source: Source,
-    /// Interfaces to attach the classifier to; empty means every non-loopback interface,
-    /// including ones that appear later.
-    pub interfaces: Vec<String>,
-    pub pod_cidrs: Vec<IpNet>,
-    /// Where pods' network namespaces are pinned: read to find each pod's bridge port.
-    pub netns_dir: PathBuf,
-    pub access_log: Option<PathBuf>,
-    pub readiness_port: u16,
-    pub metrics_port: u16,
-    pub poll_interval: Duration,
-    pub connect_timeout: Duration,
-    pub attach_mode: AttachMode,
-    pub trust_domain: String,
-    pub certificates: CertSource,
-    pub plaintext: PlaintextPolicy,
-    pub hbone_idle_timeout: Duration,
-    /// How long a stopping daemon lets open connections finish.
-    pub drain_timeout: Duration,
-    /// How long a workload IP leaving the desired state stays enrolled (unless its pod's
-    /// interface goes first, or it comes back).
-    pub release_hold: Duration,
-    /// Connections (and HBONE streams) held at once; `None`: what the open-files limit holds.
-    pub max_connections: Option<usize>,
-    /// Of those, per client address; `None`: an eighth of the node's.
-    pub max_connections_per_source: Option<usize>,
-    /// Run the proxy without loading the datapath (connections reach the listeners by
-    /// other means, e.g. TPROXY rules: the benchmarks' baselines).
-    pub proxy_only: bool,
-}
-
-/// Where workload certificates come from.
-#[derive(Clone, Debug)]
-pub enum CertSource {
-    /// The built-in CA, with its root in `dir` (created there if absent) or in memory.
-    BuiltinCa { dir: Option<PathBuf>, ttl: Duration },
-    /// `<dir>/<namespace>/<service-account>/{cert-chain,key,root-cert}.pem`.
-    Files { dir: PathBuf },
-}
-
-impl CertSource {
-    fn provider(&self, trust_domain: &str) -> Result<Box<dyn CertificateProvider>, IdentityError> {
-        Ok(match self {
-            CertSource::BuiltinCa { dir, ttl } => {
-                let ca = ca::BuiltinCa::open(dir.as_deref(), trust_domain, *ttl)?;
-                tracing::info!(root = %ca.origin, ttl = ?ttl, "workload certificates come from the built-in CA");
-                Box::new(ca::CaProvider(ca))
-            }
-            CertSource::Files { dir } => {
-                tracing::info!(dir = %dir.display(), "workload certificates come from files");
-                Box::new(files::FileProvider::new(dir)?)
-            }
-        })
-    }
-}
-
 /// The safety tick: even when the kernel announces nothing, every this often the whole
 /// state is looked at again (interfaces, the capture rule and routes, pins, a slice of the
 /// cached route lookups). Everything else is driven by changes.
@@ -167,9 +107,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()> + Send) -> 
     let (tasks, watcher) = drain::new();
     // Everything cheap is validated before the kernel is touched: a bad workload file or
     // Kubernetes configuration fails the start here.
-    let desired = cfg.source.start(cfg.poll_interval, watcher.clone()).await?;
+    let desired = cfg.source().start(cfg.poll_interval, watcher.clone()).await?;
     let log = AccessLog::open(cfg.access_log.as_deref())?;
-    let certs = CertificateManager::new(cfg.certificates.provider(&cfg.trust_domain)?);
+    let certs = CertificateManager::new(cfg.certificates().provider(&cfg.trust_domain)?);
     let metrics = Metrics::new();
     let _lock = NodeLock::shared(&cfg.node)?;
     let instance = instance::Instance::create(&cfg.node);
@@ -212,9 +152,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()> + Send) -> 
 async fn run_proxy_only(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
     tracing::info!("proxy only: no datapath is loaded; something else must deliver connections to the listeners");
     let (tasks, watcher) = drain::new();
-    let mut desired = cfg.source.start(cfg.poll_interval, watcher).await?;
+    let mut desired = cfg.source().start(cfg.poll_interval, watcher).await?;
     let log = AccessLog::open(cfg.access_log.as_deref())?;
-    let certs = CertificateManager::new(cfg.certificates.provider(&cfg.trust_domain)?);
+    let certs = CertificateManager::new(cfg.certificates().provider(&cfg.trust_domain)?);
     let metrics = Metrics::new();
     let proxy = new_proxy(&cfg, log, certs, &metrics);
     let listeners = proxy::bind_listeners()?;
@@ -268,9 +208,7 @@ fn new_proxy(cfg: &NodeConfig, log: AccessLog, certs: Arc<CertificateManager>, m
     let config = ProxyConfig {
         node: cfg.node.clone(),
         pod_cidrs: cfg.pod_cidrs.clone(),
-        connect_timeout: cfg.connect_timeout,
-        plaintext: cfg.plaintext,
-        hbone_idle_timeout: cfg.hbone_idle_timeout,
+        flags: cfg.proxy.clone(),
         limits: connection_limits(cfg),
     };
     Proxy::new(config, log, certs, metrics.clone())
@@ -281,8 +219,8 @@ fn new_proxy(cfg: &NodeConfig, log: AccessLog, certs: Arc<CertificateManager>, m
 fn connection_limits(cfg: &NodeConfig) -> Arc<Limits> {
     let fds = limits::raise_fd_limit();
     let (total, per_source) = Limits::for_fd_limit(fds);
-    let total = cfg.max_connections.unwrap_or(total);
-    let per_source = cfg.max_connections_per_source.unwrap_or(per_source.min(total));
+    let total = cfg.proxy.max_connections.unwrap_or(total);
+    let per_source = cfg.proxy.max_connections_per_source.unwrap_or(per_source.min(total));
     tracing::info!(open_files = fds, max_connections = total, max_per_source = per_source, "connection limits");
     Limits::new(total, per_source)
 }
@@ -305,7 +243,7 @@ async fn load_kernel(cfg: &NodeConfig) -> Result<Reconciler<kernel::System>, Nod
         return Err(NodeError::PodNamespaces { bridge: bridge.name.clone(), dir: cfg.netns_dir.clone(), source });
     }
     routing.watch()?;
-    let dp = Datapath::load(&cfg.node, cfg.attach_mode)?;
+    let dp = Datapath::load(&cfg.node, cfg.attach_mode())?;
     let scope = Scope {
         node: cfg.node.clone(),
         interfaces: cfg.interfaces.clone(),

@@ -37,7 +37,7 @@ pub(super) async fn plaintext(
     if let Some(w) = index.get(dst.ip()) {
         conn.rec.dst_identity = Some(w.identity.to_string());
     }
-    match p.cfg.plaintext {
+    match p.cfg.flags.plaintext {
         PlaintextPolicy::Strict => Err(Error::PlaintextRefused),
         PlaintextPolicy::Permissive => {
             let src = conn.rec.src.ip();
@@ -62,17 +62,17 @@ pub(super) async fn hbone(p: &Arc<Proxy>, index: &WorkloadIndex, tcp: TcpStream,
     conn.rec.dst_identity = Some(local.identity.to_string());
     let config = server_tls(p, &local).await?;
     let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
-    let tls = match tokio::time::timeout(p.cfg.connect_timeout, accept).await {
+    let tls = match tokio::time::timeout(p.cfg.flags.connect_timeout, accept).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(Error::TlsHandshake(e)),
-        Err(_) => return Err(Error::TlsHandshakeTimeout(p.cfg.connect_timeout)),
+        Err(_) => return Err(Error::TlsHandshakeTimeout(p.cfg.flags.connect_timeout)),
     };
     let peer_id = tls::peer_identity(tls.get_ref().1.peer_certificates(), &local.identity.trust_domain);
     check_peer(&mut conn.rec, index, peer_id.as_ref())?;
     let label = format!("{} -> {dialed}", conn.rec.src);
     let template = conn.rec.clone();
     let stop = conn.stop().drain();
-    let served = super::h2::server::serve(tls, &label, p.cfg.connect_timeout, stop.clone(), |req, respond| {
+    let served = super::h2::server::serve(tls, &label, p.cfg.flags.connect_timeout, stop.clone(), |req, respond| {
         // Opened before its task runs, as every connection's account.
         let mut conn = p.conn(template.clone(), None);
         // The template is the connection's: each stream starts when it arrives.
@@ -162,7 +162,7 @@ async fn serve_stream(
     let entry = conn.open(Kind::HboneStream, target);
     // The outer connection comes from the client pod's IP (the peer proxy dials from it):
     // the app sees its real client.
-    let timeout = p.cfg.connect_timeout;
+    let timeout = p.cfg.flags.connect_timeout;
     let mut upstream = p
         .sockets
         .connect(target, Some(conn.rec.src.ip()), timeout)

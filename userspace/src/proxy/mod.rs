@@ -83,12 +83,31 @@ pub struct ProxyConfig {
     /// as their source (the return path comes back through this node's datapath); other
     /// destinations are reached from the node's own address so NAT on the way out works.
     pub pod_cidrs: Vec<IpNet>,
-    pub connect_timeout: Duration,
-    pub plaintext: PlaintextPolicy,
-    /// HBONE connections without streams for this long are closed.
-    pub hbone_idle_timeout: Duration,
-    /// Connections (and HBONE streams) held at once.
+    pub flags: ProxyFlags,
+    /// Connections (and HBONE streams) held at once (from `flags` and the open-files limit).
     pub limits: Arc<limits::Limits>,
+}
+
+/// The proxy's part of `meshpath node`'s flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ProxyFlags {
+    /// Timeout for upstream connects.
+    #[arg(long = "connect-timeout-secs", value_name = "SECS", env = "MESHPATH_CONNECT_TIMEOUT_SECS", default_value = "10", value_parser = crate::flags::secs(1..=300))]
+    pub connect_timeout: Duration,
+    /// Plaintext connections to enrolled pods: deliver them (permissive) or refuse them (strict).
+    #[arg(long = "inbound-plaintext", env = "MESHPATH_INBOUND_PLAINTEXT", default_value = "permissive")]
+    pub plaintext: PlaintextPolicy,
+    /// Close HBONE connections that carried no stream for this long.
+    #[arg(long = "hbone-idle-timeout-secs", value_name = "SECS", env = "MESHPATH_HBONE_IDLE_TIMEOUT_SECS", default_value = "300", value_parser = crate::flags::secs(1..=86_400))]
+    pub hbone_idle_timeout: Duration,
+    /// Connections (and HBONE streams) the proxy holds at once; more are refused and counted
+    /// (`meshpath_connections_failed_total{reason="over_limit"}`). Default: what the open-files
+    /// limit (raised to its hard limit) holds, two per connection, after 512 for the daemon.
+    #[arg(long, env = "MESHPATH_MAX_CONNECTIONS", value_parser = crate::flags::count())]
+    pub max_connections: Option<usize>,
+    /// Of those, how many one client address may hold. Default: an eighth of --max-connections.
+    #[arg(long, env = "MESHPATH_MAX_CONNECTIONS_PER_SOURCE", value_parser = crate::flags::count())]
+    pub max_connections_per_source: Option<usize>,
 }
 
 /// A bound listener of one role and family.
@@ -149,7 +168,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         sockets: Arc<dyn SocketFactory>,
     ) -> Arc<Self> {
-        let pool = Pool::new(cfg.hbone_idle_timeout);
+        let pool = Pool::new(cfg.flags.hbone_idle_timeout);
         let (conns, _) = drain::new();
         Arc::new(Self {
             limits: cfg.limits.clone(),
@@ -412,7 +431,7 @@ impl Proxy {
         kind: Kind,
     ) -> Result<(), Error> {
         let entry = conn.open(kind, dst);
-        let timeout = self.cfg.connect_timeout;
+        let timeout = self.cfg.flags.connect_timeout;
         let mut upstream =
             self.sockets.connect(dst, source, timeout).await.map_err(|e| Error::upstream(dst, e, timeout))?;
         conn.rec.upstream_src = upstream.local_addr().ok().map(canonical);

@@ -95,7 +95,7 @@ async fn hbone(
     let mut retried = false;
     let (lease, send, recv) = loop {
         let lease = p.pool.checkout(&key, || connect(p, &key)).await.map_err(Error::HboneConnect)?;
-        match lease.conn.client.connect(target, conn.rec.src, p.cfg.connect_timeout).await {
+        match lease.conn.client.connect(target, conn.rec.src, p.cfg.flags.connect_timeout).await {
             Ok((send, recv)) => break (lease, send, recv),
             Err(ClientError::Unavailable(_)) if !retried => retried = true,
             Err(source) => return Err(Error::HboneStream { target, source: Box::new(source) }),
@@ -121,12 +121,12 @@ async fn connect(p: &Proxy, key: &PoolKey) -> Result<H2Client, HboneConnectError
     let config = tls::client_config(&cert, &key.dst_id)?;
     let tcp = p
         .sockets
-        .connect(key.dst, Some(key.src_ip), p.cfg.connect_timeout)
+        .connect(key.dst, Some(key.src_ip), p.cfg.flags.connect_timeout)
         .await
         .map_err(|source| HboneConnectError::Connect { dst: key.dst, source })?;
     let local = tcp.local_addr().map_err(|source| HboneConnectError::Connect { dst: key.dst, source })?;
     let handshake = tokio_rustls::TlsConnector::from(config).connect(tls::server_name(), tcp);
-    let stream = match tokio::time::timeout(p.cfg.connect_timeout, handshake).await {
+    let stream = match tokio::time::timeout(p.cfg.flags.connect_timeout, handshake).await {
         Ok(r) => r.map_err(|source| HboneConnectError::Handshake { dst: key.dst, source })?,
         Err(_) => {
             let source = std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");

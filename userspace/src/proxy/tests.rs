@@ -115,9 +115,13 @@ async fn node_with(name: &str, net: &Arc<TestNet>, ca: &Arc<BuiltinCa>, o: Opts)
     let cfg = ProxyConfig {
         node: name.into(),
         pod_cidrs: vec!["10.0.0.0/16".parse().expect("a network")],
-        connect_timeout: o.connect_timeout,
-        plaintext: o.plaintext,
-        hbone_idle_timeout: Duration::from_secs(60),
+        flags: ProxyFlags {
+            connect_timeout: o.connect_timeout,
+            plaintext: o.plaintext,
+            hbone_idle_timeout: Duration::from_secs(60),
+            max_connections: Some(100),
+            max_connections_per_source: Some(o.per_source),
+        },
         limits: limits::Limits::new(100, o.per_source),
     };
     let log = log_path(name);

@@ -1,0 +1,144 @@
+//! `meshpath node`'s settings, defined once: the command line parses straight into them
+//! (every flag is also a `MESHPATH_*` environment variable, which is how a DaemonSet sets
+//! them), and the daemon hands each part on whole (the proxy its [`ProxyFlags`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use ipnet::IpNet;
+
+use super::source::Source;
+use crate::datapath::AttachMode;
+use crate::flags;
+use crate::identity::{CertificateProvider, IdentityError, ca, files};
+use crate::proxy::ProxyFlags;
+
+#[derive(Clone, Debug, Args)]
+pub struct NodeConfig {
+    /// Name of this node (the pin directory /sys/fs/bpf/meshpath/<node>).
+    #[arg(long, env = "MESHPATH_NODE", default_value_t = flags::hostname())]
+    pub node: String,
+    /// YAML file listing the enrolled workloads; changes are applied live. Without it,
+    /// meshpath follows the Kubernetes API (KUBECONFIG, ~/.kube/config or in-cluster).
+    #[arg(long, env = "MESHPATH_WORKLOADS")]
+    pub workloads: Option<PathBuf>,
+    /// Interfaces to classify on (default: every non-loopback interface, as they come).
+    #[arg(long = "interface", env = "MESHPATH_INTERFACES", value_delimiter = ',')]
+    pub interfaces: Vec<String>,
+    /// Pod networks; outbound connections to them keep the client pod's source IP.
+    #[arg(long = "pod-cidr", env = "MESHPATH_POD_CIDRS", value_delimiter = ',')]
+    pub pod_cidrs: Vec<IpNet>,
+    /// Where pods' network namespaces are pinned (ip netns, containerd, CRI-O): behind a pod
+    /// bridge (flannel's cni0), each pod's port is read from its namespace.
+    #[arg(long, env = "MESHPATH_NETNS_DIR", default_value = "/run/netns")]
+    pub netns_dir: PathBuf,
+    /// Append one JSON line per finished connection to this file.
+    #[arg(long, env = "MESHPATH_ACCESS_LOG")]
+    pub access_log: Option<PathBuf>,
+    #[arg(long, env = "MESHPATH_READINESS_PORT", default_value_t = meshpath_common::names::PORT_READINESS)]
+    pub readiness_port: u16,
+    /// Port of the Prometheus endpoint (`/metrics`), on every address of the node.
+    #[arg(long, env = "MESHPATH_METRICS_PORT", default_value_t = meshpath_common::names::PORT_METRICS)]
+    pub metrics_port: u16,
+    /// How often the workload file is checked for changes (the kernel's interfaces and routes
+    /// are followed by notification).
+    #[arg(long = "poll-interval-ms", value_name = "MS", env = "MESHPATH_POLL_INTERVAL_MS", default_value = "250", value_parser = flags::millis(10..=60_000))]
+    pub poll_interval: Duration,
+    /// How to attach the TC classifier: TCX where the kernel has it (auto), or force one.
+    #[arg(long, env = "MESHPATH_TC_ATTACH", default_value = "auto")]
+    pub tc_attach: TcAttach,
+    /// Trust domain of workload identities (spiffe://<trust-domain>/ns/<ns>/sa/<sa>).
+    #[arg(long, env = "MESHPATH_TRUST_DOMAIN", default_value = "cluster.local", value_parser = flags::trust_domain)]
+    pub trust_domain: String,
+    /// Built-in CA: directory of its root (root-cert.pem, root-key.pem), created there if
+    /// absent. Without it (and without --cert-dir) the root lives in memory and only this
+    /// node trusts it.
+    #[arg(long, env = "MESHPATH_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// Read workload certificates from <dir>/<namespace>/<service-account>/ instead of
+    /// minting them (cert-chain.pem, key.pem, root-cert.pem; reloaded when they change).
+    #[arg(long, env = "MESHPATH_CERT_DIR", conflicts_with = "ca_dir")]
+    pub cert_dir: Option<PathBuf>,
+    /// Lifetime of certificates the built-in CA mints; they are renewed at half-life.
+    #[arg(long = "cert-ttl-secs", value_name = "SECS", env = "MESHPATH_CERT_TTL_SECS", default_value = "86400", value_parser = flags::secs(10..=365 * 24 * 3600))]
+    pub cert_ttl: Duration,
+    #[command(flatten)]
+    pub proxy: ProxyFlags,
+    /// Run only the proxy, without loading or touching the datapath: connections must reach
+    /// its listeners some other way. For the benchmarks' iptables baselines (TPROXY rules
+    /// deliver to the same proxy); not for a node (docs/benchmarks.md).
+    #[arg(long, env = "MESHPATH_PROXY_ONLY", hide = true)]
+    pub proxy_only: bool,
+    /// On SIGTERM, how long open connections and HBONE streams may finish (new ones are
+    /// refused at once, until a successor serves); keep it under the pod's
+    /// terminationGracePeriodSeconds. 0 exits at once, cutting them.
+    #[arg(long = "drain-timeout-secs", value_name = "SECS", env = "MESHPATH_DRAIN_TIMEOUT_SECS", default_value = "5", value_parser = flags::secs(0..=3600))]
+    pub drain_timeout: Duration,
+    /// How long a workload IP that leaves the desired state stays captured, in case it comes
+    /// back (a file written in place, a watch relisting); released at once when its pod's
+    /// interface or namespace is gone, or another pod takes the address. 0 releases at once.
+    #[arg(long = "release-hold-secs", value_name = "SECS", env = "MESHPATH_RELEASE_HOLD_SECS", default_value = "5", value_parser = flags::secs(0..=300))]
+    pub release_hold: Duration,
+}
+
+/// How the classifier is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttach {
+    /// TCX where the kernel has it, else netlink.
+    Auto,
+    Tcx,
+    /// clsact qdisc + cls_bpf filter over netlink (kernels before 6.6).
+    Netlink,
+}
+
+impl NodeConfig {
+    /// Where the desired state comes from.
+    pub fn source(&self) -> Source {
+        match &self.workloads {
+            Some(path) => Source::File(path.clone()),
+            None => Source::Kubernetes,
+        }
+    }
+
+    pub fn attach_mode(&self) -> AttachMode {
+        match self.tc_attach {
+            TcAttach::Auto => AttachMode::detect(),
+            TcAttach::Tcx => AttachMode::Tcx,
+            TcAttach::Netlink => AttachMode::Netlink,
+        }
+    }
+
+    /// Where workload certificates come from.
+    pub fn certificates(&self) -> CertSource {
+        match &self.cert_dir {
+            Some(dir) => CertSource::Files { dir: dir.clone() },
+            None => CertSource::BuiltinCa { dir: self.ca_dir.clone(), ttl: self.cert_ttl },
+        }
+    }
+}
+
+/// Where workload certificates come from.
+#[derive(Clone, Debug)]
+pub enum CertSource {
+    /// The built-in CA, with its root in `dir` (created there if absent) or in memory.
+    BuiltinCa { dir: Option<PathBuf>, ttl: Duration },
+    /// `<dir>/<namespace>/<service-account>/{cert-chain,key,root-cert}.pem`.
+    Files { dir: PathBuf },
+}
+
+impl CertSource {
+    pub fn provider(&self, trust_domain: &str) -> Result<Box<dyn CertificateProvider>, IdentityError> {
+        Ok(match self {
+            CertSource::BuiltinCa { dir, ttl } => {
+                let ca = ca::BuiltinCa::open(dir.as_deref(), trust_domain, *ttl)?;
+                tracing::info!(root = %ca.origin, ttl = ?ttl, "workload certificates come from the built-in CA");
+                Box::new(ca::CaProvider(ca))
+            }
+            CertSource::Files { dir } => {
+                tracing::info!(dir = %dir.display(), "workload certificates come from files");
+                Box::new(files::FileProvider::new(dir)?)
+            }
+        })
+    }
+}
