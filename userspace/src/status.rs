@@ -4,6 +4,7 @@
 //! open connections are each daemon's to tell (its control socket); `meshpath close` ends
 //! one of them.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
@@ -16,7 +17,7 @@ use crate::datapath::{self, AttachMode, Counters, DatapathError, Hook};
 use crate::node::instance::{self, DaemonNote};
 use crate::proxy::control::{self, ControlError, Request, Response};
 use crate::proxy::registry::OpenConnection;
-use crate::routing::{self, Routing, RoutingError};
+use crate::routing::{self, Interface, Routing, RoutingError};
 use crate::state::WorkloadIndex;
 use crate::topology::Topology;
 use crate::workloads::{WorkloadFile, WorkloadsError};
@@ -114,11 +115,30 @@ pub async fn collect(node: &str, workloads: Option<&Path>, pod_cidrs: &[IpNet]) 
     }
     let ifaces = Routing::connect()?.interfaces().await?;
     let names = routing::names_by_index(&ifaces);
-    let att = datapath::attachments(node)?;
+    let daemons = instance::live(node);
+    Ok(Status {
+        node: node.into(),
+        pin_dir: dir.display().to_string(),
+        attachments: attachments(node, &ifaces, &names, pod_cidrs)?,
+        workloads: enrolled(node, workloads, &names)?,
+        listeners: listeners(node, &daemons)?,
+        connections: connections(node, &daemons).await,
+        daemons,
+        counters: datapath::read_pinned_counters(node)?,
+    })
+}
 
-    let mut attachments = Vec::new();
+/// The node's program attachments, as its pins and state say and the kernel confirms.
+fn attachments(
+    node: &str,
+    ifaces: &[Interface],
+    names: &BTreeMap<u32, String>,
+    pod_cidrs: &[IpNet],
+) -> Result<Vec<Attachment>, StatusError> {
+    let att = datapath::attachments(node)?;
+    let mut out = Vec::new();
     if att.sk_lookup {
-        attachments.push(Attachment {
+        out.push(Attachment {
             program: meshpath_common::names::PROG_SK_LOOKUP,
             hook: "sk_lookup",
             interface: None,
@@ -134,27 +154,33 @@ pub async fn collect(node: &str, workloads: Option<&Path>, pod_cidrs: &[IpNet]) 
         for &(ifindex, hook) in list {
             let name = names.get(&ifindex).cloned();
             let iface = ifaces.iter().find(|i| i.index == ifindex);
-            let topology = iface.map(|i| Topology::of(i, &ifaces, pod_cidrs).name());
-            let live = name.as_deref().is_some_and(|n| datapath::tc_attached(mode, n, hook));
-            attachments.push(Attachment {
+            out.push(Attachment {
                 program: hook.program(),
                 hook: "tc",
+                live: name.as_deref().is_some_and(|n| datapath::tc_attached(mode, n, hook)),
                 interface: name,
                 ifindex: Some(ifindex),
                 direction: Some(hook.name()),
                 mode: if mode == AttachMode::Tcx { "tcx" } else { "netlink" },
-                topology,
-                live,
+                topology: iface.map(|i| Topology::of(i, ifaces, pod_cidrs).name()),
             });
         }
     }
+    Ok(out)
+}
 
+/// The workload map, each IP with its interface and (from the workload file) its workload.
+fn enrolled(
+    node: &str,
+    workloads: Option<&Path>,
+    names: &BTreeMap<u32, String>,
+) -> Result<Vec<EnrolledIp>, StatusError> {
     // The trust domain does not matter here: only workload names are shown.
     let owners = match workloads {
         Some(p) => WorkloadIndex::from_file(&WorkloadFile::load(p)?, "cluster.local"),
         None => WorkloadIndex::default(),
     };
-    let workloads = datapath::read_pinned_workloads(node)?
+    Ok(datapath::read_pinned_workloads(node)?
         .into_iter()
         .map(|(ip, ifindex)| EnrolledIp {
             ip,
@@ -162,12 +188,14 @@ pub async fn collect(node: &str, workloads: Option<&Path>, pod_cidrs: &[IpNet]) 
             interface: names.get(&ifindex).cloned(),
             workload: owners.get(ip).map(|w| w.id.clone()),
         })
-        .collect();
+        .collect())
+}
 
+/// Each listener slot: whether a socket listens here and is registered, and whose it is.
+fn listeners(node: &str, daemons: &[DaemonNote]) -> Result<Vec<ListenerState>, StatusError> {
     let listening = listening_sockets();
     let cookies = datapath::pinned_listener_cookies(node)?;
-    let daemons = instance::live(node);
-    let listeners: Vec<ListenerState> = datapath::registered_listeners(node)?
+    Ok(datapath::registered_listeners(node)?
         .into_iter()
         .map(|(role, ipv6, registered)| {
             let ip = if ipv6 { IpAddr::V6(Ipv6Addr::LOCALHOST) } else { IpAddr::V4(Ipv4Addr::LOCALHOST) };
@@ -176,18 +204,7 @@ pub async fn collect(node: &str, workloads: Option<&Path>, pod_cidrs: &[IpNet]) 
             let owner = cookie.and_then(|c| daemons.iter().find(|d| d.sockets.contains(&c))).cloned();
             ListenerState { role: role.name(), address, listening: listening.contains(&address), registered, owner }
         })
-        .collect();
-
-    Ok(Status {
-        node: node.into(),
-        pin_dir: dir.display().to_string(),
-        attachments,
-        workloads,
-        listeners,
-        connections: connections(node, &daemons).await,
-        daemons,
-        counters: datapath::read_pinned_counters(node)?,
-    })
+        .collect())
 }
 
 /// Asks each daemon of `node` for its open connections.
