@@ -110,6 +110,14 @@ fn outcome_codes_are_documented() -> Result<()> {
 }
 
 #[test]
+fn drain_outcomes_are_documented() -> Result<()> {
+    let list = DocList::load("docs/observability.md", "drain-outcomes")?;
+    let code =
+        DrainOutcome::ALL.iter().map(|o| (o.code().to_owned(), format!("record::DrainOutcome::{o:?}"))).collect();
+    report(list.compare(&code, |c| format!("| `{c}` | <what it means> |")))
+}
+
+#[test]
 fn readiness_conditions_are_documented() -> Result<()> {
     use meshpath::node::lifecycle::Condition;
     let list = DocList::load("docs/lifecycle.md", "readiness")?;

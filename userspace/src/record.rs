@@ -121,6 +121,9 @@ pub enum DrainOutcome {
 }
 
 impl DrainOutcome {
+    pub const ALL: [DrainOutcome; 4] =
+        [DrainOutcome::HandedOver, DrainOutcome::Finished, DrainOutcome::Cut, DrainOutcome::Adopted];
+
     pub const fn code(self) -> &'static str {
         match self {
             DrainOutcome::HandedOver => "handed_over",
