@@ -27,7 +27,7 @@ use meshpath_lab::istiod::auth::Account;
 use meshpath_lab::istiod::pki::LabRoot;
 use meshpath_lab::istiod::proto::istio::security::{Action, Scope};
 use meshpath_lab::istiod::proto::istio::workload::Workload;
-use meshpath_lab::istiod::xds::{self as fake, Records, RequestKind};
+use meshpath_lab::istiod::xds::{self as fake, Change, Records, RequestKind};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::Code;
@@ -275,8 +275,9 @@ async fn the_first_push_of_both_types_is_applied_then_ready_with_an_ack_per_nonc
 async fn a_malformed_resource_is_nacked_alone_naming_it_and_the_rest_applied() -> Result<()> {
     let mut run = start(ClientSetup::default()).await?;
     run.ready().await?;
-    run.istiod.xds.put_raw(ADDRESS_TYPE, "lab/garbled", vec![0x0a, 0xff, 0xff, 0xff]);
-    run.istiod.xds.put(pod("ccc", "n1"));
+    let garbled =
+        Change::Raw { type_url: ADDRESS_TYPE, name: "lab/garbled".into(), bytes: vec![0x0a, 0xff, 0xff, 0xff] };
+    run.istiod.xds.change([garbled, Change::put(pod("ccc", "n1"))]);
     let records =
         run.records("a NACK", |r| r.requests.iter().any(|q| matches!(q.kind, RequestKind::Nack { .. }))).await?;
     let nacks: Vec<&String> = records
@@ -288,6 +289,9 @@ async fn a_malformed_resource_is_nacked_alone_naming_it_and_the_rest_applied() -
         })
         .collect();
     ensure!(nacks.len() == 1, "one NACK: {nacks:?}");
+    let pushed: Vec<&str> =
+        records.responses.last().context("the push")?.resources.iter().map(|r| r.0.as_str()).collect();
+    ensure!(pushed.len() == 2 && pushed.contains(&"lab/garbled"), "both in one response: {pushed:?}");
     ensure!(nacks[0].starts_with("lab/garbled: it does not decode"), "the NACK names it: {}", nacks[0]);
     ensure!(!nacks[0].contains("ccc"), "only the bad one: {}", nacks[0]);
     run.state_until("pod ccc beside the bad one", |s| s.node_of(&uid("ccc")).is_some()).await?;

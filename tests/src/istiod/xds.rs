@@ -273,6 +273,47 @@ struct Store {
     versions: u64,
 }
 
+impl Store {
+    /// Applies one change; says whether it changed anything.
+    fn apply(&mut self, change: &Change) -> bool {
+        match change {
+            Change::Raw { type_url, name, bytes } => {
+                self.versions += 1;
+                let value = Any { type_url: (*type_url).into(), value: bytes.clone() };
+                let stored = Stored { version: self.versions.to_string(), value };
+                self.resources.entry(type_url).or_default().insert(name.clone(), stored);
+                true
+            }
+            Change::Remove { type_url, name } => {
+                self.resources.get_mut(type_url).and_then(|m| m.remove(name)).is_some()
+            }
+        }
+    }
+}
+
+/// A change of what the fake serves.
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// Serve `bytes` as `name` (a new version), whatever they are.
+    Raw {
+        type_url: &'static str,
+        name: String,
+        bytes: Vec<u8>,
+    },
+    Remove {
+        type_url: &'static str,
+        name: String,
+    },
+}
+
+impl Change {
+    /// Serve `resource` (a new version).
+    pub fn put(resource: impl Into<LabResource>) -> Self {
+        let r = resource.into();
+        Change::Raw { type_url: r.type_url(), name: r.name(), bytes: r.encode() }
+    }
+}
+
 struct Shared {
     auth: Authenticator,
     trust_domain: String,
@@ -313,28 +354,29 @@ impl Xds {
 
     /// Adds or replaces a resource (a new version), pushed to every stream.
     pub fn put(&self, resource: impl Into<LabResource>) {
-        let r = resource.into();
-        self.put_raw(r.type_url(), &r.name(), r.encode());
+        self.change([Change::put(resource)]);
     }
 
     /// Serves `bytes` as resource `name` of `type_url`, whatever they are.
     pub fn put_raw(&self, type_url: &'static str, name: &str, bytes: Vec<u8>) {
-        let mut store = lock(&self.shared.store);
-        store.versions += 1;
-        let stored =
-            Stored { version: store.versions.to_string(), value: Any { type_url: type_url.into(), value: bytes } };
-        store.resources.entry(type_url).or_default().insert(name.into(), stored);
-        drop(store);
-        self.shared.changes.send_modify(|n| *n += 1);
+        self.change([Change::Raw { type_url, name: name.into(), bytes }]);
     }
 
     /// Removes a resource; streams that had it are told. Says whether it was there.
-    pub fn remove(&self, type_url: &str, name: &str) -> bool {
-        let removed = lock(&self.shared.store).resources.get_mut(type_url).and_then(|m| m.remove(name)).is_some();
-        if removed {
+    pub fn remove(&self, type_url: &'static str, name: &str) -> bool {
+        self.change([Change::Remove { type_url, name: name.into() }]) == 1
+    }
+
+    /// Applies `changes` at once: a stream gets them in one response per type (as istiod
+    /// pushes a debounced batch). Returns how many changed something.
+    pub fn change(&self, changes: impl IntoIterator<Item = Change>) -> usize {
+        let mut store = lock(&self.shared.store);
+        let changed = changes.into_iter().filter(|c| store.apply(c)).count();
+        drop(store);
+        if changed > 0 {
             self.shared.changes.send_modify(|n| *n += 1);
         }
-        removed
+        changed
     }
 
     /// The version served of a resource.
