@@ -238,12 +238,15 @@ impl Records {
         self.requests.iter().filter(move |r| r.stream == id)
     }
 
-    /// The answer to the response with `nonce`, if any.
-    pub fn answer_to(&self, nonce: &str) -> Option<&RequestKind> {
-        self.requests.iter().map(|r| &r.kind).find(|k| match k {
-            RequestKind::Ack { nonce: n } | RequestKind::Nack { nonce: n, .. } => n == nonce,
-            RequestKind::Subscribe { .. } => false,
-        })
+    /// The answers (ACKs and NACKs) to the response with `nonce`.
+    pub fn answers_to(&self, nonce: &str) -> Vec<&RequestKind> {
+        let answers = self.requests.iter().map(|r| &r.kind);
+        answers
+            .filter(|k| match k {
+                RequestKind::Ack { nonce: n } | RequestKind::Nack { nonce: n, .. } => n == nonce,
+                RequestKind::Subscribe { .. } => false,
+            })
+            .collect()
     }
 }
 
