@@ -479,45 +479,47 @@ async fn raw_stream(
     Ok(tokio::time::timeout(WAIT, answer).await?)
 }
 
+/// One stream opened by hand against a gate of the fake.
+struct Gate<'a> {
+    what: &'a str,
+    headers: Vec<(&'static str, &'a str)>,
+    first: client_proto::DeltaDiscoveryRequest,
+    /// The code istiod answers with; `None`: a first response.
+    want: Option<Code>,
+}
+
+fn first_request(node_id: Option<&str>) -> client_proto::DeltaDiscoveryRequest {
+    client_proto::DeltaDiscoveryRequest {
+        node: node_id.map(|id| client_proto::Node { id: id.into(), metadata: None }),
+        type_url: ADDRESS_TYPE.into(),
+        ..Default::default()
+    }
+}
+
 #[tokio::test]
 async fn each_gate_of_the_fake_refuses_with_istiods_code() -> Result<()> {
     init_logs();
     let istiod = fake_istiod().await?;
-    let node = |id: &str| client_proto::DeltaDiscoveryRequest {
-        node: Some(client_proto::Node { id: id.into(), metadata: None }),
-        type_url: ADDRESS_TYPE.into(),
-        ..Default::default()
-    };
-    let good_id = "ztunnel~10.0.0.1~mp.istio-system~istio-system.svc.cluster.local";
+    let good = Some("ztunnel~10.0.0.1~mp.istio-system~istio-system.svc.cluster.local");
     let bearer = format!("Bearer {TOKEN}");
-    let good = [("authorization", bearer.as_str()), ("clusterid", CLUSTER)];
-    let no_node = client_proto::DeltaDiscoveryRequest { type_url: ADDRESS_TYPE.into(), ..Default::default() };
-    let cases: Vec<(&str, Vec<(&'static str, &str)>, client_proto::DeltaDiscoveryRequest, Option<Code>)> = vec![
-        ("all good", good.to_vec(), node(good_id), None),
-        ("no token", vec![("clusterid", CLUSTER)], node(good_id), Some(Code::Unauthenticated)),
-        (
-            "unknown token",
-            vec![("authorization", "Bearer nope"), ("clusterid", CLUSTER)],
-            node(good_id),
-            Some(Code::Unauthenticated),
-        ),
-        ("no clusterid", vec![("authorization", bearer.as_str())], node(good_id), Some(Code::Unauthenticated)),
-        (
-            "other cluster",
-            vec![("authorization", bearer.as_str()), ("clusterid", "c2")],
-            node(good_id),
-            Some(Code::Unauthenticated),
-        ),
-        ("no node", good.to_vec(), no_node, Some(Code::InvalidArgument)),
-        ("malformed node id", good.to_vec(), node("ztunnel~10.0.0.1"), Some(Code::InvalidArgument)),
-        (
+    let (token, cluster) = (("authorization", bearer.as_str()), ("clusterid", CLUSTER));
+    let gate = |what, headers, node, want| Gate { what, headers, first: first_request(node), want };
+    let cases = [
+        gate("all good", vec![token, cluster], good, None),
+        gate("no token", vec![cluster], good, Some(Code::Unauthenticated)),
+        gate("unknown token", vec![("authorization", "Bearer nope"), cluster], good, Some(Code::Unauthenticated)),
+        gate("no clusterid", vec![token], good, Some(Code::Unauthenticated)),
+        gate("other cluster", vec![token, ("clusterid", "c2")], good, Some(Code::Unauthenticated)),
+        gate("no node", vec![token, cluster], None, Some(Code::InvalidArgument)),
+        gate("malformed node id", vec![token, cluster], Some("ztunnel~10.0.0.1"), Some(Code::InvalidArgument)),
+        gate(
             "another namespace",
-            good.to_vec(),
-            node("ztunnel~10.0.0.1~mp.lab~lab.svc.cluster.local"),
+            vec![token, cluster],
+            Some("ztunnel~10.0.0.1~mp.lab~lab.svc.cluster.local"),
             Some(Code::PermissionDenied),
         ),
     ];
-    for (what, headers, first, want) in cases {
+    for Gate { what, headers, first, want } in cases {
         let got = raw_stream(&istiod, &headers, first).await.with_context(|| what.to_owned())?;
         match (got, want) {
             (Ok(()), None) => {}

@@ -50,7 +50,7 @@ const NODE_TYPES: [&str; 4] = ["sidecar", "router", "waypoint", "ztunnel"];
 /// A resource the fake serves, under its xDS name.
 #[derive(Clone, Debug, PartialEq)]
 pub enum LabResource {
-    Workload(Workload),
+    Workload(Box<Workload>),
     Service(Service),
     Authorization(Authorization),
 }
@@ -76,7 +76,7 @@ impl LabResource {
     fn encode(&self) -> Vec<u8> {
         let address = |t| Address { r#type: Some(t) }.encode_to_vec();
         match self {
-            LabResource::Workload(w) => address(address::Type::Workload(w.clone())),
+            LabResource::Workload(w) => address(address::Type::Workload(w.as_ref().clone())),
             LabResource::Service(s) => address(address::Type::Service(s.clone())),
             LabResource::Authorization(a) => a.encode_to_vec(),
         }
@@ -85,7 +85,7 @@ impl LabResource {
 
 impl From<Workload> for LabResource {
     fn from(w: Workload) -> Self {
-        LabResource::Workload(w)
+        LabResource::Workload(Box::new(w))
     }
 }
 
@@ -537,7 +537,7 @@ impl AggregatedDiscoveryService for AdsService {
 
 /// What woke a stream up.
 enum Event {
-    Request(DeltaDiscoveryRequest),
+    Request(Box<DeltaDiscoveryRequest>),
     Gone,
     Changed,
     Dropped,
@@ -562,12 +562,12 @@ impl Conn {
         let mut first = true;
         loop {
             let event = tokio::select! {
-                r = inbound.message() => r.ok().flatten().map_or(Event::Gone, Event::Request),
+                r = inbound.message() => r.ok().flatten().map_or(Event::Gone, |r| Event::Request(Box::new(r))),
                 Ok(()) = changes.changed() => Event::Changed,
                 Ok(()) = drops.changed() => Event::Dropped,
             };
             let result = match event {
-                Event::Request(r) => self.receive(r, std::mem::take(&mut first)).await,
+                Event::Request(r) => self.receive(*r, std::mem::take(&mut first)).await,
                 Event::Changed => self.push_all().await,
                 Event::Gone => return,
                 Event::Dropped => Err(Status::unavailable("the fake istiod dropped the stream")),
