@@ -44,6 +44,8 @@ use super::proto::istio::workload::{
 const MAX_RECORDS: usize = 10_000;
 /// Responses queued for a stream before pushes wait for the client.
 const QUEUED: usize = 16;
+/// The largest request the fake reads (a NACK names every refused resource).
+const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 /// Node types istiod accepts in a node id (`pkg/model/proxy.go`).
 const NODE_TYPES: [&str; 4] = ["sidecar", "router", "waypoint", "ztunnel"];
 
@@ -352,7 +354,7 @@ impl Xds {
     /// The gRPC service, for the listener.
     pub(super) fn service(&self) -> AggregatedDiscoveryServiceServer<AdsService> {
         AggregatedDiscoveryServiceServer::new(AdsService { shared: self.shared.clone() })
-            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 
     /// Adds or replaces a resource (a new version), pushed to every stream.
