@@ -1,5 +1,10 @@
-//! istiod's workload xDS: the generated types of its APIs ([`proto`]) and the names of the
-//! resource types meshpath subscribes to.
+//! istiod's workload xDS: the generated types of its APIs ([`proto`]), the names of the
+//! resource types meshpath subscribes to, the protocol as a state machine ([`session`]), the
+//! transport that carries it ([`client`]) and its settings ([`config`]).
+
+pub mod client;
+pub mod config;
+pub mod session;
 
 /// Code generated from `userspace/proto/` (clients only).
 #[allow(clippy::all, clippy::pedantic, unused_qualifications, rust_2018_idioms, missing_docs)]
