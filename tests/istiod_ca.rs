@@ -282,6 +282,7 @@ async fn istiod_is_verified_against_the_mesh_root() -> Result<()> {
     let client = s.client()?;
     let err = client.fetch(&web()).await.err().context("trusted a CA the mesh root did not sign")?;
     ensure!(matches!(err, IdentityError::CaCall { code: Code::Unavailable, .. }), "{err}");
+    ensure!(err.to_string().contains("invalid peer certificate"), "{err}");
     ensure!(s.fake.records().is_empty(), "the request must not reach a server that failed verification");
     drop(other);
     // The root file is read again: with the mesh root back in place, the same client works.
@@ -297,6 +298,7 @@ async fn istiod_unreachable_or_a_lifetime_above_its_maximum_is_a_clear_error() -
     let down = IstiodCa::new(IstiodCaArgs { address: format!("https://{closed}"), ..s.args() })?;
     let err = down.fetch(&web()).await.err().context("fetched from a closed port")?;
     ensure!(matches!(err, IdentityError::CaCall { code: Code::Unavailable, .. }), "{err}");
+    ensure!(err.to_string().contains(&closed.to_string()) && err.to_string().contains("Connection refused"), "{err}");
     let long = IstiodCa::new(IstiodCaArgs { ttl: Duration::from_secs(91 * 24 * 3600), ..s.args() })?;
     let err = long.fetch(&web()).await.err().context("a 91-day certificate issued")?;
     ensure!(

@@ -93,7 +93,12 @@ impl IstiodCa {
         md.insert("authorization", bearer(&self.args.token).await?);
         md.insert(CLUSTER_ID_HEADER, self.cluster_id.clone());
         let answer = IstioCertificateServiceClient::new(channel).create_certificate(request).await.map_err(|s| {
-            IdentityError::CaCall { identity: id.to_string(), code: s.code(), message: s.message().to_string() }
+            IdentityError::CaCall {
+                identity: id.to_string(),
+                address: self.address.clone(),
+                code: s.code(),
+                message: describe(&s),
+            }
         })?;
         accept(id, &answer.into_inner().cert_chain, key, roots, SystemTime::now())
     }
@@ -134,6 +139,22 @@ impl CertificateProvider for IstiodCa {
     fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCertificate, IdentityError>> {
         Box::pin(self.create(id))
     }
+}
+
+/// A status's message, and for a transport failure what caused it (tonic's message alone
+/// says "tcp connect error", not why).
+fn describe(status: &tonic::Status) -> String {
+    let mut text = status.message().to_string();
+    let mut cause = std::error::Error::source(status);
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        // tonic's wrapper says nothing of its own.
+        if c_text != "transport error" && !text.contains(&c_text) {
+            text = format!("{text}: {c_text}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// `https://` when the address has no scheme (as ztunnel); plaintext is refused.
@@ -254,7 +275,7 @@ fn check_validity(id: &Identity, leaf: &CertificateDer<'_>, now: SystemTime) -> 
     let (not_before, not_after) =
         super::validity(leaf).map_err(|reason| IdentityError::BadAnswer { identity: id.to_string(), reason })?;
     if let Ok(ago) = now.duration_since(not_after) {
-        return Err(IdentityError::Expired { identity: id.to_string(), ago });
+        return Err(IdentityError::Expired { identity: id.to_string(), ago: whole_secs(ago) });
     }
     match not_before.duration_since(now) {
         Ok(starts_in) if starts_in > CLOCK_SKEW => {
@@ -263,6 +284,10 @@ fn check_validity(id: &Identity, leaf: &CertificateDer<'_>, now: SystemTime) -> 
         Ok(_) => Ok(not_before),
         Err(_) => Ok(now),
     }
+}
+
+fn whole_secs(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs())
 }
 
 /// The leaf must chain to one of `roots` through the answer's other certificates, for client

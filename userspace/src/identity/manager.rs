@@ -92,7 +92,8 @@ impl CertificateManager {
         match lock(&self.cache).get(id) {
             Some(e) if e.failures > 0 && e.next_try > now => Err(IdentityError::RetryLater {
                 identity: id.to_string(),
-                retry_in: e.next_try - now,
+                // Whole milliseconds: the message is for people.
+                retry_in: Duration::from_millis((e.next_try - now).as_millis().try_into().unwrap_or(u64::MAX)),
                 last: e.last_error.clone(),
             }),
             _ => Ok(()),

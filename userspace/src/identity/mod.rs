@@ -37,8 +37,8 @@ pub enum IdentityError {
     CaConfig { address: String, reason: String },
     #[error("the token for istiod's CA, {path}: {reason}")]
     Token { path: String, reason: String },
-    #[error("istiod's CA did not issue a certificate for {identity}: {code:?}: {message}")]
-    CaCall { identity: String, code: tonic::Code, message: String },
+    #[error("istiod's CA at {address} did not issue a certificate for {identity}: {code:?}: {message}")]
+    CaCall { identity: String, address: String, code: tonic::Code, message: String },
     #[error("istiod's CA answered with no certificate for {identity}")]
     EmptyAnswer { identity: String },
     #[error("istiod's CA answered with an unreadable certificate for {identity}: {reason}")]
