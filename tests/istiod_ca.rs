@@ -252,11 +252,14 @@ async fn without_impersonation_istiod_issues_the_callers_own_identity_and_the_cl
     Ok(())
 }
 
+/// Whether an error is of the kind expected.
+type IsError = fn(&IdentityError) -> bool;
+
 #[tokio::test]
 async fn wrong_answers_are_refused_by_the_client() -> Result<()> {
     let s = Setup::new().await?;
     let client = s.client()?;
-    let cases: [(Fault, fn(&IdentityError) -> bool, &str); 5] = [
+    let cases: [(Fault, IsError, &str); 5] = [
         (Fault::WrongSan, |e| matches!(e, IdentityError::WrongSan { .. }), "not spiffe://cluster.local/ns/shop/sa/web"),
         (Fault::Expired, |e| matches!(e, IdentityError::Expired { .. }), "expired"),
         (Fault::NotYetValid, |e| matches!(e, IdentityError::NotYetValid { .. }), "not valid yet"),
