@@ -39,6 +39,9 @@ pub const CLUSTER_ID_HEADER: &str = "clusterid";
 const CLOCK_SKEW: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 PINGs on an idle connection to istiod, as ztunnel's: a dead peer is noticed.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where istiod's CA is and how to reach it. The environment names are the ztunnel chart's
 /// and ztunnel's own, so a chart's values carry over.
@@ -125,6 +128,8 @@ impl IstiodCa {
             .map_err(err)?
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(CALL_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .connect_lazy();
         *cached = Some((root_pem, channel.clone()));
         Ok(channel)

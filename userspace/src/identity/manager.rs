@@ -78,7 +78,7 @@ impl CertificateManager {
         }
         self.backing_off(id)?;
         let fetched = self.provider.fetch(id).await;
-        self.record(id, fetched)
+        self.record(id, fetched, false)
     }
 
     fn gate(&self, id: &Identity) -> Arc<tokio::sync::Mutex<()>> {
@@ -101,15 +101,20 @@ impl CertificateManager {
     }
 
     /// Stores the outcome of a fetch of `id` and says what a caller gets: the certificate
-    /// now valid, or the error.
+    /// now valid, or the error. A renewal (`renewing`) stores nothing for an identity
+    /// forgotten while it was under way.
     fn record(
         &self,
         id: &Identity,
         fetched: Result<WorkloadCertificate, IdentityError>,
+        renewing: bool,
     ) -> Result<Arc<WorkloadCertificate>, IdentityError> {
         lock(&self.fetching).retain(|_, g| Arc::strong_count(g) > 1);
         let now = Instant::now();
         let mut cache = lock(&self.cache);
+        if renewing && !cache.contains_key(id) {
+            return fetched.map(Arc::new);
+        }
         let entry = cache.entry(id.clone()).or_insert_with(|| Entry {
             cert: None,
             expires: now,
@@ -184,7 +189,7 @@ impl CertificateManager {
         let still_due = lock(&self.cache).get(id).is_some_and(|e| e.next_try <= Instant::now());
         if still_due {
             let fetched = self.provider.fetch(id).await;
-            let _ = self.record(id, fetched);
+            let _ = self.record(id, fetched, true);
         }
     }
 }
@@ -233,6 +238,8 @@ mod tests {
         ttl: Duration,
         fetches: AtomicU32,
         failing: Mutex<HashSet<Identity>>,
+        /// How long each fetch takes.
+        latency: Duration,
     }
 
     impl Counting {
@@ -256,6 +263,7 @@ mod tests {
         fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCertificate, IdentityError>> {
             Box::pin(async move {
                 self.fetches.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(self.latency).await;
                 if self.failing.lock().unwrap().contains(id) {
                     return Err(IdentityError::Ca("told to fail".into()));
                 }
@@ -265,11 +273,16 @@ mod tests {
     }
 
     fn setup(ttl: Duration) -> (Arc<Counting>, Arc<CertificateManager>) {
+        setup_slow(ttl, Duration::ZERO)
+    }
+
+    fn setup_slow(ttl: Duration, latency: Duration) -> (Arc<Counting>, Arc<CertificateManager>) {
         let p = Arc::new(Counting {
             ca: BuiltinCa::open(None, "cluster.local", ttl).unwrap(),
             ttl,
             fetches: AtomicU32::new(0),
             failing: Mutex::default(),
+            latency,
         });
         (p.clone(), CertificateManager::new(Box::new(p)))
     }
@@ -362,6 +375,23 @@ mod tests {
         assert!(m.cached(&id("a")).is_some(), "the background retry stored the certificate");
         stop.start(crate::drain::Mode::Immediate);
         task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_under_way_does_not_bring_back_a_forgotten_identity() {
+        let (p, m) = setup_slow(Duration::from_secs(60), Duration::from_secs(1));
+        m.get(&id("a")).await.unwrap();
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let renewing = tokio::spawn({
+            let m = m.clone();
+            async move { m.renew_due().await }
+        });
+        while p.fetches() < 2 {
+            tokio::task::yield_now().await;
+        }
+        m.retain(|_| false);
+        renewing.await.unwrap();
+        assert!(m.cache.lock().unwrap().is_empty(), "the workload left while its renewal was under way");
     }
 
     #[test]
