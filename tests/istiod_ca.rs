@@ -316,12 +316,13 @@ async fn istiod_unreachable_or_a_lifetime_above_its_maximum_is_a_clear_error() -
 #[tokio::test]
 async fn renewal_at_half_life_and_the_old_certificate_kept_while_renewals_fail() -> Result<()> {
     let s = Setup::new().await?;
-    let ttl = Duration::from_secs(4);
+    // Long enough for a loaded machine: renewal at ~3 s, 3 s more before the expiry.
+    let ttl = Duration::from_secs(6);
     let m = CertificateManager::new(Box::new(IstiodCa::new(IstiodCaArgs { ttl, ..s.args() })?));
     let (stop, watcher) = meshpath::drain::new();
     let renewals = tokio::spawn(m.clone().run_renewals(watcher));
     let first = m.get(&web()).await?;
-    let second = wait_for("a renewal", Duration::from_secs(4), || async {
+    let second = wait_for("a renewal", Duration::from_secs(6), || async {
         let c = m.get(&web()).await?;
         Ok((c.serial() != first.serial()).then_some(c))
     })
@@ -331,7 +332,7 @@ async fn renewal_at_half_life_and_the_old_certificate_kept_while_renewals_fail()
     ensure!(serials.contains(&first.serial()) && serials.contains(&second.serial()), "{serials:?}");
 
     s.fake.set_fault(Some(Fault::Refuse(Code::Unavailable)));
-    wait_for("a failed renewal", Duration::from_secs(4), || async {
+    wait_for("a failed renewal", Duration::from_secs(6), || async {
         Ok(s.fake.records().iter().any(|r| r.code == Code::Unavailable).then_some(()))
     })
     .await?;
