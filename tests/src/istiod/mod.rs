@@ -13,6 +13,7 @@
 //! ```
 
 pub mod auth;
+pub mod ca;
 pub mod pki;
 pub mod proto;
 pub mod xds;
