@@ -10,7 +10,9 @@ use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use meshpath::record::Outcome;
-use meshpath_common::names::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE};
+use meshpath_common::names::{
+    DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, REDIRECTION_ANNOTATION, REDIRECTION_ENABLED,
+};
 use meshpath_lab::apiserver::{Kind, Verb};
 use meshpath_lab::cluster::{self, ECHO_SERVICE, MESH_NAMESPACE, WEB_SERVICE};
 use meshpath_lab::{Lab, readiness, smoke, traffic};
@@ -116,13 +118,14 @@ fn enrolment_follows_labels_ips_and_deletions_and_rbac_covers_exactly_the_reques
     // RBAC: the ClusterRole grants exactly the (verb, group, resource) the daemons asked for.
     let mut asked: BTreeSet<(String, String, String)> = BTreeSet::new();
     for r in api.requests() {
-        let verb = match r.verb {
-            Verb::List => "list",
-            Verb::Watch => "watch",
-            Verb::Get => "get",
+        let (verb, resource) = match r.verb {
+            Verb::List => ("list", r.kind.plural().to_owned()),
+            Verb::Watch => ("watch", r.kind.plural().to_owned()),
+            Verb::Get => ("get", r.kind.plural().to_owned()),
+            Verb::PatchStatus => ("patch", format!("{}/status", r.kind.plural())),
         };
         let group = r.kind.api_version().rsplit_once('/').map(|(g, _)| g).unwrap_or("").to_string();
-        asked.insert((verb.into(), group, r.kind.plural().into()));
+        asked.insert((verb.into(), group, resource));
     }
     let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/rbac.yaml"))?;
     let role: ClusterRole = serde_yaml::Deserializer::from_str(&rbac)
@@ -286,5 +289,67 @@ fn outages_expired_watches_and_restarts_keep_the_state() -> Result<()> {
     lab.cluster().restart(&n1)?;
     lab.wait_ready(1, Duration::from_secs(30))?;
     ensure!(map_ips(&lab, 1)?.is_empty(), "a stale entry survived the restart: {:?}", map_ips(&lab, 1)?);
+    Ok(())
+}
+
+/// Whether the API server's pod `name` carries the redirection annotation.
+fn annotated(lab: &Lab, pod: &str) -> Result<bool> {
+    let name = format!("pod-{pod}");
+    let obj = lab.cluster().api.object(Kind::Pod, Some(lab.pod_namespace(pod)), &name).context("no such pod")?;
+    Ok(obj["metadata"]["annotations"][REDIRECTION_ANNOTATION] == REDIRECTION_ENABLED)
+}
+
+/// Pod `pod` as the server holds it (annotations included), with its enrolment label set.
+fn relabelled(lab: &Lab, pod: &str, mode: Option<&str>) -> Result<serde_json::Value> {
+    let name = format!("pod-{pod}");
+    let mut obj = lab.cluster().api.object(Kind::Pod, Some(lab.pod_namespace(pod)), &name).context("no such pod")?;
+    let labels = &mut obj["metadata"]["labels"];
+    match mode {
+        Some(m) => labels[DATAPLANE_MODE_LABEL] = m.into(),
+        None => {
+            if let Some(l) = labels.as_object_mut() {
+                l.remove(DATAPLANE_MODE_LABEL);
+            }
+        }
+    }
+    Ok(obj)
+}
+
+/// Like istio-cni, the node marks each pod it captures (`ambient.istio.io/redirection:
+/// enabled`, through `pods/status`) once the pod's IPs are in the map and the listeners are
+/// registered, and removes the mark once the pod is released; a stale mark on a pod it does
+/// not capture is removed.
+#[test]
+fn captured_pods_carry_the_redirection_annotation_until_their_release() -> Result<()> {
+    let lab = k8s_lab()?;
+    expect_map(&lab, 0, &["a", "e"], "initial sync")?;
+    let api = &lab.cluster().api;
+    let mut stale = lab.pod_object("b");
+    stale
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(REDIRECTION_ANNOTATION.into(), REDIRECTION_ENABLED.into());
+    api.apply(&stale)?;
+    wait_until("a, e and c marked, b's stale mark removed", Duration::from_secs(5), || {
+        Ok(annotated(&lab, "a")? && annotated(&lab, "e")? && annotated(&lab, "c")? && !annotated(&lab, "b")?)
+    })?;
+    // The marks came after the listeners were registered, on both nodes.
+    for node in [0, 1] {
+        let log = std::fs::read_to_string(lab.daemon_log_path(node))?;
+        let registered = log.find("proxy listeners registered").context("no registration in the log")?;
+        let marked = log.find("redirection annotation set").context("no mark in the log")?;
+        ensure!(registered < marked, "node {} marked a pod before it served", node + 1);
+    }
+    // Pod a opts out: its release is held, and so is its mark; then both go.
+    let opted_out = Instant::now();
+    api.apply_value(relabelled(&lab, "a", Some(DATAPLANE_MODE_NONE))?)?;
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(annotated(&lab, "a")?, "a's mark went before its release");
+    wait_until("a's mark removed after its release", RELEASE, || Ok(!annotated(&lab, "a")?))?;
+    ensure!(opted_out.elapsed() >= Duration::from_secs(4), "a's mark went before the hold was over");
+    ensure!(annotated(&lab, "e")?, "e lost its mark with a");
+    let patches = api.requests().iter().filter(|r| r.verb == Verb::PatchStatus).count();
+    ensure!(patches <= 6, "{patches} status patches for 4 changes of marks: patching more than it must");
     Ok(())
 }

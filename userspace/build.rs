@@ -16,6 +16,7 @@ fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let root = manifest.parent().expect("userspace/ lives in the workspace").to_path_buf();
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    protos(&manifest);
     for p in ["ebpf/src", "ebpf/Cargo.toml", "common/src", "common/Cargo.toml"] {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }
@@ -63,6 +64,19 @@ fn main() {
     let obj = target_dir.join(BPF_TARGET).join("release").join("meshpath-ebpf");
     std::fs::copy(&obj, out_dir.join("meshpath-ebpf.o"))
         .unwrap_or_else(|e| fail(&format!("copying {}: {e}", obj.display())));
+}
+
+/// istiod's APIs (`proto/`), compiled by protox (no system protoc needed): the clients only,
+/// the lab builds its own servers from the same files.
+fn protos(manifest: &Path) {
+    let dir = manifest.join("proto");
+    println!("cargo:rerun-if-changed={}", dir.display());
+    let files = ["xds.proto", "workload.proto", "authorization.proto", "citadel.proto"].map(|f| dir.join(f));
+    let fds = protox::compile(files, [&dir]).unwrap_or_else(|e| fail(&format!("compiling the protos: {e}")));
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_fds(fds)
+        .unwrap_or_else(|e| fail(&format!("generating code from the protos: {e}")));
 }
 
 fn which(bin: &str) -> Option<PathBuf> {

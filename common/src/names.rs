@@ -84,6 +84,11 @@ pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
 pub const DATAPLANE_MODE_NONE: &str = "none";
 /// Annotation of pods with an injected sidecar, which are never enrolled (Istio's rule).
 pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
+/// Annotation on a captured pod (what istio-cni sets): istiod marks a workload HBONE in its
+/// xDS only when the pod carries it, so peers send plaintext to a pod without it.
+pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+/// [`REDIRECTION_ANNOTATION`]'s value on a captured pod.
+pub const REDIRECTION_ENABLED: &str = "enabled";
 /// The label tying an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 

@@ -142,6 +142,9 @@ pub enum Verb {
     List,
     Watch,
     Get,
+    /// A JSON merge patch of an object's status subresource (what the node patches its
+    /// pods' redirection annotation through).
+    PatchStatus,
 }
 
 /// One request the server answered (after routing), for tests to assert on.
@@ -384,6 +387,13 @@ impl ApiServer {
         Ok(change.rv.to_string())
     }
 
+    /// The object as the server holds it now (`namespace` is ignored for cluster-scoped kinds).
+    pub fn object(&self, kind: Kind, namespace: Option<&str>, name: &str) -> Option<Value> {
+        let namespace = if kind.namespaced() { namespace.unwrap_or_default() } else { "" };
+        let store = lock(&self.inner.shared.store);
+        store.objects.get(&kind)?.get(&(namespace.to_owned(), name.to_owned())).map(|o| (**o).clone())
+    }
+
     /// Deletes an object (`namespace` is ignored for cluster-scoped kinds). Watches get a
     /// `DELETED` event with its last state and a new resourceVersion, which is returned.
     pub fn delete(&self, kind: Kind, namespace: Option<&str>, name: &str) -> Result<String, ApiServerError> {
@@ -597,8 +607,8 @@ async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener, mut stop:
                 let shared = shared.clone();
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
-                        let response = handle(&shared, req);
-                        async move { Ok::<_, Infallible>(response) }
+                        let shared = shared.clone();
+                        async move { Ok::<_, Infallible>(serve_request(&shared, req).await) }
                     });
                     let conn = hyper::server::conn::http1::Builder::new();
                     if let Err(e) = conn.serve_connection(TokioIo::new(stream), service).await {
@@ -619,6 +629,8 @@ struct Route {
     kind: Kind,
     namespace: Option<String>,
     name: Option<String>,
+    /// `status`, for a path ending in the status subresource.
+    status: bool,
 }
 
 impl Route {
@@ -630,11 +642,12 @@ impl Route {
         if segments.iter().any(|s| s.is_empty()) {
             return None;
         }
-        let (plural, namespace, name) = match segments[..] {
-            ["namespaces", ns, plural] => (plural, Some(ns), None),
-            ["namespaces", ns, plural, name] => (plural, Some(ns), Some(name)),
-            [plural] => (plural, None, None),
-            [plural, name] => (plural, None, Some(name)),
+        let (plural, namespace, name, status) = match segments[..] {
+            ["namespaces", ns, plural] => (plural, Some(ns), None, false),
+            ["namespaces", ns, plural, name] => (plural, Some(ns), Some(name), false),
+            ["namespaces", ns, plural, name, "status"] => (plural, Some(ns), Some(name), true),
+            [plural] => (plural, None, None, false),
+            [plural, name] => (plural, None, Some(name), false),
             _ => return None,
         };
         let kind = Kind::ALL.into_iter().find(|k| k.group_path() == group && k.plural() == plural)?;
@@ -643,15 +656,75 @@ impl Route {
         if (namespace.is_some() && !kind.namespaced()) || (name.is_some() && kind.namespaced() && namespace.is_none()) {
             return None;
         }
-        Some(Route { kind, namespace: namespace.map(str::to_owned), name: name.map(str::to_owned) })
+        Some(Route { kind, namespace: namespace.map(str::to_owned), name: name.map(str::to_owned), status })
     }
 }
 
-fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+/// Answers one request: a status patch (which reads its body), or a read.
+async fn serve_request(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let Some(route) = Route::parse(req.uri().path()) else {
         return status_response(&ApiError::new(404, "NotFound", "the server could not find the requested resource"));
     };
-    if req.method() != Method::GET {
+    if req.method() == Method::PATCH && route.status {
+        return patch_status(shared, &route, req).await.unwrap_or_else(|e| status_response(&e));
+    }
+    handle(shared, route, req)
+}
+
+/// A JSON merge patch (RFC 7386) of an object through its status subresource, as
+/// `kubectl patch --subresource status --type merge` sends it. Watches see the change.
+async fn patch_status(shared: &Shared, route: &Route, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let merge = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v == "application/merge-patch+json");
+    if !merge {
+        return Err(ApiError::new(415, "UnsupportedMediaType", "only merge patches are served"));
+    }
+    let body = req.into_body().collect().await.map_err(|e| bad_request(format!("reading the body: {e}")))?;
+    let patch: Value = serde_json::from_slice(&body.to_bytes()).map_err(|e| bad_request(format!("the patch: {e}")))?;
+    lock(&shared.requests).push(RequestRecord {
+        kind: route.kind,
+        verb: Verb::PatchStatus,
+        namespace: route.namespace.clone(),
+        params: BTreeMap::new(),
+    });
+    let key = (route.namespace.clone().unwrap_or_default(), route.name.clone().unwrap_or_default());
+    let mut store = lock(&shared.store);
+    let Some(current) = store.objects.get(&route.kind).and_then(|o| o.get(&key)).cloned() else {
+        return Err(ApiError {
+            details: Some(json!({"name": key.1, "kind": route.kind.plural()})),
+            ..ApiError::new(404, "NotFound", format!("{} \"{}\" not found", route.kind.plural(), key.1))
+        });
+    };
+    let mut obj = (*current).clone();
+    merge_patch(&mut obj, &patch);
+    if obj == *current {
+        return Ok(json_response(StatusCode::OK, &obj));
+    }
+    let change = store.commit(route.kind, key, obj, false);
+    let _ = shared.events.send(Msg::Change(change.clone()));
+    Ok(json_response(StatusCode::OK, &change.obj))
+}
+
+/// RFC 7386: objects merge key by key, `null` removes a key, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Some(fields) = patch.as_object() else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let map = target.as_object_mut().expect("made an object just above");
+    for (k, v) in fields {
+        if v.is_null() {
+            map.remove(k);
+        } else {
+            merge_patch(map.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
+fn handle(shared: &Shared, route: Route, req: Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::GET || route.status {
         return status_response(&ApiError::new(
             405,
             "MethodNotAllowed",
@@ -674,6 +747,7 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         Verb::Get => get(shared, &route),
         Verb::List => list(shared, &route, &params).map(|list| json_response(StatusCode::OK, &list)),
         Verb::Watch => start_watch(shared, &route, &params),
+        Verb::PatchStatus => unreachable!("status patches are served by patch_status"),
     };
     response.unwrap_or_else(|e| status_response(&e))
 }
@@ -1307,6 +1381,16 @@ mod tests {
             kube::Error::Api(status) => status.code,
             other => panic!("expected a Status, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn merge_patches_merge_objects_remove_nulls_and_replace_the_rest() {
+        let mut obj = json!({"metadata": {"name": "a", "annotations": {"x": "1", "y": "2"}}, "spec": [1, 2]});
+        merge_patch(&mut obj, &json!({"metadata": {"annotations": {"x": null, "z": "3"}}, "spec": [3]}));
+        assert_eq!(obj, json!({"metadata": {"name": "a", "annotations": {"y": "2", "z": "3"}}, "spec": [3]}));
+        let mut bare = json!({"metadata": {"name": "b"}});
+        merge_patch(&mut bare, &json!({"metadata": {"annotations": {"k": "v"}}}));
+        assert_eq!(bare["metadata"]["annotations"]["k"], "v");
     }
 
     #[tokio::test]

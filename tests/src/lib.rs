@@ -28,6 +28,7 @@ pub mod chain;
 pub mod cluster;
 pub mod hbone_client;
 pub mod hostile;
+pub mod istiod;
 pub mod lab;
 pub mod loadgen;
 pub mod raw;

@@ -39,3 +39,4 @@ pub mod sync;
 pub mod tls;
 pub mod topology;
 pub mod workloads;
+pub mod xds;

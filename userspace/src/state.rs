@@ -16,6 +16,9 @@ pub struct DesiredState {
     /// Enrolled workloads of every node.
     pub workloads: WorkloadFile,
     pub services: ServiceTable,
+    /// Pods (`namespace/name`) carrying the redirection annotation, with their node (the
+    /// Kubernetes source only): those no longer captured lose it.
+    pub annotated: BTreeMap<String, String>,
 }
 
 /// One Service port on one cluster IP, with where it leads.

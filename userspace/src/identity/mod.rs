@@ -2,13 +2,13 @@
 //!
 //! An identity is a SPIFFE ID, `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`,
 //! as Istio issues them. A [`CertificateProvider`] turns an identity into a certificate; the
-//! [`manager::CertificateManager`] caches them and renews them in the background. Two
-//! providers exist: the built-in CA ([`ca`]) and certificate files per service account
-//! ([`files`]). An Istio-CA (CSR over gRPC) provider would be a third implementation of the
-//! same trait.
+//! [`manager::CertificateManager`] caches them and renews them in the background. Three
+//! providers exist: the built-in CA ([`ca`]), certificate files per service account
+//! ([`files`]) and istiod's CA, asked with a CSR over gRPC ([`istiod`]).
 
 pub mod ca;
 pub mod files;
+pub mod istiod;
 pub mod manager;
 
 use std::fmt;
@@ -31,6 +31,26 @@ pub enum IdentityError {
     Ca(String),
     #[error("certificate for {identity}: {reason}")]
     Certificate { identity: String, reason: String },
+    #[error("certificate for {identity}: the last attempt failed ({last}); the next one is in {retry_in:?}")]
+    RetryLater { identity: String, retry_in: Duration, last: String },
+    #[error("istiod's CA at {address}: {reason}")]
+    CaConfig { address: String, reason: String },
+    #[error("the token for istiod's CA, {path}: {reason}")]
+    Token { path: String, reason: String },
+    #[error("istiod's CA at {address} did not issue a certificate for {identity}: {code:?}: {message}")]
+    CaCall { identity: String, address: String, code: tonic::Code, message: String },
+    #[error("istiod's CA answered with no certificate for {identity}")]
+    EmptyAnswer { identity: String },
+    #[error("istiod's CA answered with an unreadable certificate for {identity}: {reason}")]
+    BadAnswer { identity: String, reason: String },
+    #[error("istiod's CA answered with a certificate for {found:?}, not {identity}")]
+    WrongSan { identity: String, found: Vec<String> },
+    #[error("istiod's certificate for {identity} does not chain to the mesh root: {reason}")]
+    Untrusted { identity: String, reason: String },
+    #[error("istiod's certificate for {identity} is not valid yet (it starts in {starts_in:?})")]
+    NotYetValid { identity: String, starts_in: Duration },
+    #[error("istiod's certificate for {identity} expired {ago:?} ago")]
+    Expired { identity: String, ago: Duration },
 }
 
 /// A SPIFFE workload identity.

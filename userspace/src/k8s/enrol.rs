@@ -15,7 +15,8 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use crate::workloads::{Workload, WorkloadFile};
 
 use meshpath_common::names::{
-    DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, SIDECAR_STATUS_ANNOTATION,
+    DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, REDIRECTION_ANNOTATION, REDIRECTION_ENABLED,
+    SIDECAR_STATUS_ANNOTATION,
 };
 
 fn label(labels: Option<&BTreeMap<String, String>>) -> Option<&str> {
@@ -101,6 +102,21 @@ pub fn enrolled_workloads<'a>(pods: impl IntoIterator<Item = &'a Pod>, namespace
     }
     workloads.sort_by_key(|w| w.id());
     WorkloadFile { workloads }
+}
+
+/// Pods carrying the redirection annotation (`namespace/name` → node), enrolled or not.
+pub fn annotated<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> BTreeMap<String, String> {
+    pods.into_iter()
+        .filter(|p| {
+            let a = p.metadata.annotations.as_ref();
+            a.and_then(|a| a.get(REDIRECTION_ANNOTATION)).is_some_and(|v| v == REDIRECTION_ENABLED)
+        })
+        .filter_map(|p| {
+            let m = &p.metadata;
+            let node = p.spec.as_ref()?.node_name.clone()?;
+            Some((format!("{}/{}", m.namespace.as_deref()?, m.name.as_deref()?), node))
+        })
+        .collect()
 }
 
 #[cfg(test)]

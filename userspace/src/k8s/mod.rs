@@ -8,6 +8,7 @@
 //! the state never shrinks to a half-listed one. Nothing is published before every watcher
 //! has listed once: until then the daemon is not ready.
 
+pub mod annotate;
 pub mod enrol;
 pub mod services;
 
@@ -61,6 +62,7 @@ impl Stores {
         DesiredState {
             workloads: enrol::enrolled_workloads(pods.iter().map(Arc::as_ref), &ns_refs),
             services: services::service_table(services.iter().map(Arc::as_ref), &slice_refs),
+            annotated: enrol::annotated(pods.iter().map(Arc::as_ref)),
         }
     }
 }

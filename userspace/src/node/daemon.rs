@@ -5,6 +5,7 @@
 //! admin ports, the handover socket. A daemon usually has one; a daemon taken over whose
 //! successor dies starts another (see [`super::lifecycle`]).
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -13,6 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::annotate::{Annotations, Wanted};
 use super::instance::Instance;
 use super::kernel::{Kernel, System};
 use super::lifecycle::{Condition, Event, Phase, Readiness};
@@ -45,6 +47,10 @@ pub(super) struct Daemon {
     pub instance: Option<Instance>,
     /// Tasks that live as long as the process (drop events): they stop with it.
     pub tasks: drain::Watcher,
+    /// The redirection annotation of the node's pods (with Kubernetes only).
+    pub annotations: Option<Annotations>,
+    /// Pods this daemon last wanted annotated.
+    pub annotated: BTreeSet<String>,
     pub phase: Phase,
     /// The stop signal came.
     pub signalled: bool,
@@ -182,6 +188,7 @@ impl Daemon {
             })
             .ok();
         self.ready.met(Condition::ListenersRegistered);
+        self.annotate(&reconciler);
         if let Some(i) = self.instance.as_mut() {
             i.set(Phase::Serving.into(), Some(own_slots.iter().flatten().copied().collect()));
         }
@@ -237,8 +244,10 @@ impl Daemon {
     fn apply(&self, reconciler: &mut Reconciler<System>) {
         let workloads = self.releases.effective();
         let services = self.state.as_ref().map(|s| s.services.clone()).unwrap_or_default();
-        let index =
-            WorkloadIndex::new(&DesiredState { workloads: workloads.clone(), services }, &self.cfg.trust_domain);
+        let index = WorkloadIndex::new(
+            &DesiredState { workloads: workloads.clone(), services, ..Default::default() },
+            &self.cfg.trust_domain,
+        );
         self.proxy.set_workloads(index);
         reconciler.set_desired(Desired { file: workloads, held: self.releases.held() });
     }
@@ -249,6 +258,26 @@ impl Daemon {
         if self.releases.confirm(&gone) {
             self.apply(reconciler);
         }
+    }
+
+    /// Wants the annotation on every pod of this node whose IPs are all in the map behind
+    /// its interface (this daemon serves: its listeners are registered), and off the ones it
+    /// annotated before or that carry it but are not captured.
+    fn annotate(&mut self, reconciler: &Reconciler<System>) {
+        let Some(annotations) = &self.annotations else { return };
+        let enrolled = reconciler.enrolled();
+        let effective = self.releases.effective();
+        let captured: BTreeSet<String> = effective
+            .on_node(&self.cfg.node)
+            .filter(|w| w.ips.iter().all(|ip| enrolled.contains(&ip.to_canonical())))
+            .map(|w| w.id())
+            .collect();
+        let carrying = self.state.iter().flat_map(|s| s.annotated.iter()).filter(|(_, n)| **n == self.cfg.node);
+        let mut wanted: Wanted = carrying.map(|(pod, _)| (pod.clone(), false)).collect();
+        wanted.extend(self.annotated.iter().map(|pod| (pod.clone(), false)));
+        wanted.extend(captured.iter().map(|pod| (pod.clone(), true)));
+        annotations.want(wanted);
+        self.annotated = captured;
     }
 
     /// Serves until the stop signal or a takeover: each change of the desired state or the
@@ -371,6 +400,7 @@ impl Daemon {
                     tracing::info!("reconcile recovered: the kernel matches the desired state again");
                 }
                 self.confirm_releases(&mut term.reconciler);
+                self.annotate(&term.reconciler);
                 false
             }
             Err(e) => {

@@ -5,6 +5,7 @@
 //! - [`lifecycle`]: the phases of a daemon's life, their transitions and readiness, and
 //!   [`daemon`] the driver that does each phase's work;
 //! - [`source`]: the workload file or Kubernetes, each publishing the desired state;
+//! - [`annotate`]: the redirection annotation on the node's captured pods (Kubernetes);
 //! - [`releases`]: workload IPs leaving the desired state, held back for a bounded time;
 //! - [`reconcile`]: attachments, route resolution and the map diff, over the [`kernel`] seam;
 //! - [`routes`]: the cache of which interface each workload IP is routed to;
@@ -13,6 +14,7 @@
 //! - [`takeover`]: a successor daemon taking the node over, relays and all;
 //! - [`drops`]: the datapath's drop events, as rate-limited log lines.
 
+mod annotate;
 mod config;
 mod daemon;
 mod drops;
@@ -36,6 +38,7 @@ use crate::datapath::{self, Datapath, DatapathError};
 use crate::drain;
 use crate::identity::IdentityError;
 use crate::identity::manager::CertificateManager;
+use crate::k8s;
 use crate::metrics::{self, Metrics};
 use crate::proxy::limits::{self, Limits};
 use crate::proxy::{self, Proxy, ProxyConfig, access_log::AccessLog};
@@ -60,6 +63,8 @@ pub enum NodeError {
     Kernel(#[from] KernelError),
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error(transparent)]
+    Kubernetes(#[from] k8s::K8sError),
     #[error(transparent)]
     Proxy(#[from] proxy::ProxyError),
     #[error(transparent)]
@@ -108,6 +113,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()> + Send) -> 
     // Everything cheap is validated before the kernel is touched: a bad workload file or
     // Kubernetes configuration fails the start here.
     let desired = cfg.source().start(cfg.poll_interval, watcher.clone()).await?;
+    let annotations = match cfg.source() {
+        source::Source::Kubernetes => Some(annotate::Annotations::spawn(k8s::client().await?, watcher.clone())),
+        source::Source::File(_) => None,
+    };
     let log = AccessLog::open(cfg.access_log.as_deref())?;
     let certs = CertificateManager::new(cfg.certificates().provider(&cfg.trust_domain)?);
     let metrics = Metrics::new();
@@ -138,6 +147,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()> + Send) -> 
         ready: lifecycle::Readiness::default(),
         instance,
         tasks: watcher,
+        annotations,
+        annotated: Default::default(),
         phase: lifecycle::Phase::Starting,
         signalled: false,
     };

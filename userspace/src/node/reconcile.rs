@@ -137,6 +137,12 @@ impl<K: Kernel> Reconciler<K> {
         std::mem::take(&mut self.released)
     }
 
+    /// The IPs in the workload map behind an interface (not those held behind none), as of
+    /// the last pass.
+    pub(super) fn enrolled(&self) -> BTreeSet<IpAddr> {
+        self.map.iter().flatten().filter(|(_, ifx)| **ifx != 0).map(|(ip, _)| *ip).collect()
+    }
+
     /// Whether a pass has gone through: the kernel holds the desired state, so listeners may
     /// be registered (before that, a connection could reach the proxy for a pod whose
     /// interface has no classifier yet, or a pod of a previous run's map).

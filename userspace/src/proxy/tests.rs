@@ -64,7 +64,11 @@ fn state(workloads: &str) -> DesiredState {
         (addr("10.96.0.1:80"), ServiceBackends { service: "ns/web".into(), endpoints: vec![addr("10.0.0.9:8080")] }),
         (addr("10.96.0.2:80"), ServiceBackends { service: "ns/empty".into(), endpoints: vec![] }),
     ]);
-    DesiredState { workloads: WorkloadFile::parse(workloads, "test").expect("a workload file"), services }
+    DesiredState {
+        workloads: WorkloadFile::parse(workloads, "test").expect("a workload file"),
+        services,
+        ..Default::default()
+    }
 }
 
 /// One node's proxy, its access log and the trigger of its drain.
