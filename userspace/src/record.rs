@@ -16,6 +16,9 @@ pub enum Outcome {
     SelfCall,
     /// A captured connection whose source is not (or no longer) an enrolled workload.
     UnknownSource,
+    /// A captured pod the control plane has not described yet, still unknown after the
+    /// bounded wait (istiod: its workload has not come by xDS).
+    SourcePending,
     /// No workload of this node has the destination address.
     UnknownDestination,
     /// A hostname authority: meshpath resolves no service hostnames.
@@ -27,6 +30,9 @@ pub enum Outcome {
     IdentityMismatch,
     /// Plaintext to an enrolled pod on a node with the strict policy.
     PlaintextRefused,
+    /// A destination behind a waypoint: refused until waypoint routing exists (sending it
+    /// to the pod would bypass the waypoint's policy).
+    WaypointUnsupported,
     /// An HBONE request that is not a CONNECT to `IP:port` of the dialed address.
     BadRequest,
     UpstreamConnectFailed,
@@ -54,15 +60,17 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 21] = [
+    pub const ALL: [Outcome; 23] = [
         Outcome::Ok,
         Outcome::SelfCall,
         Outcome::UnknownSource,
+        Outcome::SourcePending,
         Outcome::UnknownDestination,
         Outcome::UnknownService,
         Outcome::NoEndpoint,
         Outcome::IdentityMismatch,
         Outcome::PlaintextRefused,
+        Outcome::WaypointUnsupported,
         Outcome::BadRequest,
         Outcome::UpstreamConnectFailed,
         Outcome::UpstreamConnectTimeout,
@@ -84,11 +92,13 @@ impl Outcome {
             Outcome::Ok => "ok",
             Outcome::SelfCall => "self_call",
             Outcome::UnknownSource => "unknown_source",
+            Outcome::SourcePending => "source_pending",
             Outcome::UnknownDestination => "unknown_destination",
             Outcome::UnknownService => "unknown_service",
             Outcome::NoEndpoint => "no_endpoint",
             Outcome::IdentityMismatch => "identity_mismatch",
             Outcome::PlaintextRefused => "plaintext_refused",
+            Outcome::WaypointUnsupported => "waypoint_unsupported",
             Outcome::BadRequest => "bad_request",
             Outcome::UpstreamConnectFailed => "upstream_connect_failed",
             Outcome::UpstreamConnectTimeout => "upstream_connect_timeout",

@@ -2,7 +2,7 @@
 //! workload file, or Kubernetes), and the [`WorkloadIndex`] through which the proxy, the
 //! metrics and `status` look workloads and services up.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,12 +13,16 @@ use crate::workloads::WorkloadFile;
 /// What a source says the mesh looks like.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DesiredState {
-    /// Enrolled workloads of every node.
+    /// Enrolled workloads: of every node (workload file, Kubernetes), or of this node only
+    /// (under istiod, whose [`DesiredState::mesh`] says who everyone is).
     pub workloads: WorkloadFile,
     pub services: ServiceTable,
     /// Pods (`namespace/name`) carrying the redirection annotation, with their node (the
     /// Kubernetes source only): those no longer captured lose it.
     pub annotated: BTreeMap<String, String>,
+    /// The mesh as istiod's xDS describes it (every workload and service, kept up to date by
+    /// deltas); `None` when the workloads and services above describe the mesh.
+    pub mesh: Option<WorkloadIndex>,
 }
 
 /// One Service port on one cluster IP, with where it leads.
@@ -28,10 +32,21 @@ pub struct ServiceBackends {
     pub service: String,
     /// Ready endpoints, sorted.
     pub endpoints: Vec<SocketAddr>,
+    /// A waypoint stands in front of the service (xDS).
+    pub waypoint: bool,
 }
 
 /// Every TCP service address of the cluster.
 pub type ServiceTable = BTreeMap<SocketAddr, ServiceBackends>;
+
+/// How a workload's peers reach it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tunnel {
+    /// Through its node's proxy, in HBONE.
+    Hbone,
+    /// Plain TCP to the pod: no node proxy captures it (yet).
+    Plain,
+}
 
 /// A workload as the proxy needs it.
 #[derive(Debug, PartialEq, Eq)]
@@ -40,30 +55,49 @@ pub struct WorkloadInfo {
     pub id: String,
     pub node: String,
     pub identity: Identity,
+    pub tunnel: Tunnel,
+    /// A waypoint stands in front of it (xDS): its traffic must pass there.
+    pub waypoint: bool,
 }
 
-/// Workloads by IP, on every node, and services by address.
-#[derive(Debug, Default)]
+impl WorkloadInfo {
+    /// A workload enrolled by the workload file or Kubernetes: HBONE, no waypoint.
+    pub fn enrolled(id: String, node: String, identity: Identity) -> Self {
+        Self { id, node, identity, tunnel: Tunnel::Hbone, waypoint: false }
+    }
+}
+
+/// Workloads by IP, on every node, and services by address. Cloning it is cheap (persistent
+/// maps), so every change can publish a snapshot; updates change only what they touch.
+#[derive(Clone, Debug, Default)]
 pub struct WorkloadIndex {
-    by_ip: BTreeMap<IpAddr, Arc<WorkloadInfo>>,
-    services: ServiceTable,
-    /// Round-robin position over each service's endpoints.
-    next_endpoint: AtomicUsize,
+    by_ip: imbl::HashMap<IpAddr, Arc<WorkloadInfo>>,
+    services: imbl::HashMap<SocketAddr, Arc<ServiceBackends>>,
+    /// Round-robin position over each service's endpoints (shared by the snapshots).
+    next_endpoint: Arc<AtomicUsize>,
+}
+
+impl PartialEq for WorkloadIndex {
+    fn eq(&self, other: &Self) -> bool {
+        self.by_ip == other.by_ip && self.services == other.services
+    }
 }
 
 impl WorkloadIndex {
+    /// The index a state describes: istiod's, or the one its workloads and services make.
     pub fn new(state: &DesiredState, trust_domain: &str) -> Self {
-        Self { services: state.services.clone(), ..Self::from_file(&state.workloads, trust_domain) }
+        if let Some(mesh) = &state.mesh {
+            return mesh.clone();
+        }
+        let services = state.services.iter().map(|(a, b)| (canonical(*a), Arc::new(b.clone()))).collect();
+        Self { services, ..Self::from_file(&state.workloads, trust_domain) }
     }
 
     pub fn from_file(f: &WorkloadFile, trust_domain: &str) -> Self {
-        let mut by_ip = BTreeMap::new();
+        let mut by_ip = imbl::HashMap::new();
         for w in &f.workloads {
-            let info = Arc::new(WorkloadInfo {
-                id: w.id(),
-                node: w.node.clone(),
-                identity: Identity::new(trust_domain, &w.namespace, &w.service_account),
-            });
+            let identity = Identity::new(trust_domain, &w.namespace, &w.service_account);
+            let info = Arc::new(WorkloadInfo::enrolled(w.id(), w.node.clone(), identity));
             for ip in &w.ips {
                 by_ip.insert(ip.to_canonical(), info.clone());
             }
@@ -75,9 +109,9 @@ impl WorkloadIndex {
         self.by_ip.get(&ip.to_canonical())
     }
 
-    /// Identities of the workloads on `node`.
-    pub fn identities_on(&self, node: &str) -> BTreeSet<Identity> {
-        self.by_ip.values().filter(|w| w.node == node).map(|w| w.identity.clone()).collect()
+    /// How many workload addresses and service addresses it holds.
+    pub fn len(&self) -> (usize, usize) {
+        (self.by_ip.len(), self.services.len())
     }
 
     pub fn has_services(&self) -> bool {
@@ -89,15 +123,40 @@ impl WorkloadIndex {
         self.services.contains_key(&canonical(addr))
     }
 
+    pub fn service(&self, addr: SocketAddr) -> Option<&Arc<ServiceBackends>> {
+        self.services.get(&canonical(addr))
+    }
+
     /// The service at `addr` (a cluster IP and port) and one of its ready endpoints, taken in
     /// turn; `Some((service, None))` when it has none.
-    pub fn resolve_service(&self, addr: SocketAddr) -> Option<(&str, Option<SocketAddr>)> {
+    pub fn resolve_service(&self, addr: SocketAddr) -> Option<(&ServiceBackends, Option<SocketAddr>)> {
         let b = self.services.get(&canonical(addr))?;
         if b.endpoints.is_empty() {
-            return Some((&b.service, None));
+            return Some((b, None));
         }
         let i = self.next_endpoint.fetch_add(1, Ordering::Relaxed);
-        Some((&b.service, Some(b.endpoints[i % b.endpoints.len()])))
+        Some((b, Some(b.endpoints[i % b.endpoints.len()])))
+    }
+
+    /// Puts `ip` under `info` (replacing what held it).
+    pub fn insert_ip(&mut self, ip: IpAddr, info: Arc<WorkloadInfo>) {
+        self.by_ip.insert(ip.to_canonical(), info);
+    }
+
+    /// Takes `ip` out if `owner` still holds it (another workload may have taken the address).
+    pub fn remove_ip(&mut self, ip: IpAddr, owner: &Arc<WorkloadInfo>) {
+        let ip = ip.to_canonical();
+        if self.by_ip.get(&ip).is_some_and(|held| Arc::ptr_eq(held, owner)) {
+            self.by_ip.remove(&ip);
+        }
+    }
+
+    /// Sets (or with `None` removes) what a service address leads to.
+    pub fn set_service(&mut self, addr: SocketAddr, backends: Option<ServiceBackends>) {
+        match backends {
+            Some(b) => self.services.insert(canonical(addr), Arc::new(b)),
+            None => self.services.remove(&canonical(addr)),
+        };
     }
 }
 

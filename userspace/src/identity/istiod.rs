@@ -53,11 +53,13 @@ pub struct IstiodCaArgs {
     /// The name istiod's serving certificate is checked against, when it is not the address's host.
     #[arg(long = "ca-hostname", env = "ALT_CA_HOSTNAME")]
     pub hostname: Option<String>,
-    /// This cluster's name in the mesh, sent as `clusterid`.
-    #[arg(long = "cluster-id", env = "CLUSTER_ID", default_value = "Kubernetes")]
+    /// This cluster's name in the mesh, sent as `clusterid`: the xDS settings' (`CLUSTER_ID`,
+    /// defined there once).
+    #[arg(skip)]
     pub cluster_id: String,
-    /// The projected service-account token (audience `istio-ca`), read for every request.
-    #[arg(long = "ca-token", env = "AUTH_TOKEN", default_value = "/var/run/secrets/tokens/istio-token")]
+    /// The projected service-account token (audience `istio-ca`), read for every request: the
+    /// xDS settings' (`AUTH_TOKEN`, defined there once).
+    #[arg(skip)]
     pub token: PathBuf,
     /// The mesh root (the `istio-ca-root-cert` ConfigMap), which istiod and its answers are checked against.
     #[arg(long = "ca-root", env = "CA_ROOT_CA", default_value = "/var/run/secrets/istio/root-cert.pem")]

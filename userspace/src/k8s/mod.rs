@@ -63,6 +63,7 @@ impl Stores {
             workloads: enrol::enrolled_workloads(pods.iter().map(Arc::as_ref), &ns_refs),
             services: services::service_table(services.iter().map(Arc::as_ref), &slice_refs),
             annotated: enrol::annotated(pods.iter().map(Arc::as_ref)),
+            mesh: None,
         }
     }
 }
@@ -72,11 +73,27 @@ fn init_done<K>(e: &watcher::Event<K>) -> bool {
     matches!(e, watcher::Event::InitDone)
 }
 
+/// What the watchers follow.
+#[derive(Clone, Debug, Default)]
+pub struct Scope {
+    /// Only the pods of this node, and no Services or EndpointSlices (a control plane
+    /// describes the mesh): a node never lists every pod of the cluster.
+    pub node: Option<String>,
+}
+
 /// Starts the watchers; the receiver holds `None` until the first full sync, then the
 /// latest state. They stop when `stop` is signalled.
-pub fn start(client: Client, mut stop: crate::drain::Watcher) -> watch::Receiver<Option<Arc<DesiredState>>> {
+pub fn start(
+    client: Client,
+    scope: Scope,
+    mut stop: crate::drain::Watcher,
+) -> watch::Receiver<Option<Arc<DesiredState>>> {
     let (tx, rx) = watch::channel(None);
     let cfg = watcher::Config::default();
+    let pods_cfg = match &scope.node {
+        Some(node) => cfg.clone().fields(&format!("spec.nodeName={node}")),
+        None => cfg.clone(),
+    };
     let (pods, pods_w) = reflector::store::<Pod>();
     let (namespaces, ns_w) = reflector::store::<Namespace>();
     let (svcs, svc_w) = reflector::store::<Service>();
@@ -84,18 +101,24 @@ pub fn start(client: Client, mut stop: crate::drain::Watcher) -> watch::Receiver
     // One stream of (kind, "a list completed") per watcher; errors are logged and retried.
     macro_rules! watch_kind {
         ($kind:expr, $api:expr, $writer:expr) => {
-            reflector::reflector($writer, watcher($api, cfg.clone()).default_backoff())
+            watch_kind!($kind, $api, $writer, cfg.clone())
+        };
+        ($kind:expr, $api:expr, $writer:expr, $cfg:expr) => {
+            reflector::reflector($writer, watcher($api, $cfg).default_backoff())
                 .map_ok(|e| init_done(&e))
                 .map(|r| ($kind, r))
                 .boxed()
         };
     }
-    let streams = vec![
-        watch_kind!("pods", Api::<Pod>::all(client.clone()), pods_w),
+    let mut streams = vec![
+        watch_kind!("pods", Api::<Pod>::all(client.clone()), pods_w, pods_cfg),
         watch_kind!("namespaces", Api::<Namespace>::all(client.clone()), ns_w),
-        watch_kind!("services", Api::<Service>::all(client.clone()), svc_w),
-        watch_kind!("endpointslices", Api::<EndpointSlice>::all(client), slice_w),
     ];
+    if scope.node.is_none() {
+        streams.push(watch_kind!("services", Api::<Service>::all(client.clone()), svc_w));
+        streams.push(watch_kind!("endpointslices", Api::<EndpointSlice>::all(client), slice_w));
+    }
+    let kinds = streams.len();
     let stores = Stores { pods, namespaces, services: svcs, slices };
     tokio::spawn(async move {
         let mut events = futures::stream::select_all(streams);
@@ -107,7 +130,7 @@ pub fn start(client: Client, mut stop: crate::drain::Watcher) -> watch::Receiver
                 _ = stop.signalled() => return,
                 _ = async { tokio::time::sleep_until(due.expect("guarded")).await }, if due.is_some() => {
                     due = None;
-                    if listed.len() < 4 {
+                    if listed.len() < kinds {
                         continue;
                     }
                     let state = Arc::new(stores.state());

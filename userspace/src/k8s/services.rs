@@ -74,7 +74,7 @@ pub fn service_table<'a>(services: impl IntoIterator<Item = &'a Service>, slices
                     endpoints.iter().filter(|e| e.is_ipv4() == ip.is_ipv4()).copied().collect();
                 table.insert(
                     SocketAddr::new(ip.to_canonical(), service_port),
-                    ServiceBackends { service: format!("{ns}/{name}"), endpoints: same_family },
+                    ServiceBackends { service: format!("{ns}/{name}"), endpoints: same_family, waypoint: false },
                 );
             }
         }

@@ -8,17 +8,37 @@ use std::time::Duration;
 use clap::Args;
 use ipnet::IpNet;
 
-use super::source::Source;
+use super::source::{IstiodSource, Source};
 use crate::datapath::AttachMode;
 use crate::flags;
+use crate::identity::istiod::{IstiodCa, IstiodCaArgs};
 use crate::identity::{CertificateProvider, IdentityError, ca, files};
 use crate::proxy::ProxyFlags;
+use crate::xds::config::{ConfigError, XdsArgs};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeConfigError {
+    #[error("--{0} cannot be used with --control-plane istiod (istiod's CA issues the certificates)")]
+    NotWithIstiod(&'static str),
+    #[error("--workloads cannot be used with --control-plane istiod: capture follows Kubernetes, the mesh istiod")]
+    WorkloadFileWithIstiod,
+    #[error(transparent)]
+    Xds(#[from] ConfigError),
+}
 
 #[derive(Clone, Debug, Args)]
 pub struct NodeConfig {
     /// Name of this node (the pin directory /sys/fs/bpf/meshpath/<node>).
     #[arg(long, env = "MESHPATH_NODE", default_value_t = flags::hostname())]
     pub node: String,
+    /// Who says what the mesh is: meshpath itself (the built-in CA, and Kubernetes or the
+    /// workload file), or istiod (its workload xDS and CA; capture still follows Kubernetes).
+    #[arg(long, env = "MESHPATH_CONTROL_PLANE", default_value = "standalone")]
+    pub control_plane: ControlPlane,
+    #[command(flatten, next_help_heading = "istiod (--control-plane istiod)")]
+    pub xds: XdsArgs,
+    #[command(flatten, next_help_heading = "istiod (--control-plane istiod)")]
+    pub istiod_ca: IstiodCaArgs,
     /// YAML file listing the enrolled workloads; changes are applied live. Without it,
     /// meshpath follows the Kubernetes API (KUBECONFIG, ~/.kube/config or in-cluster).
     #[arg(long, env = "MESHPATH_WORKLOADS")]
@@ -82,6 +102,18 @@ pub struct NodeConfig {
     pub release_hold: Duration,
 }
 
+/// Who says what the mesh is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ControlPlane {
+    /// The built-in CA (or certificate files), and Kubernetes or the workload file.
+    Standalone,
+    /// istiod: workloads, services and policies by xDS, certificates from its CA.
+    Istiod,
+}
+
+/// How long a captured connection waits for istiod to describe its source pod.
+const SOURCE_WAIT: Duration = Duration::from_secs(5);
+
 /// How the classifier is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum TcAttach {
@@ -93,11 +125,46 @@ pub enum TcAttach {
 }
 
 impl NodeConfig {
-    /// Where the desired state comes from.
-    pub fn source(&self) -> Source {
-        match &self.workloads {
-            Some(path) => Source::File(path.clone()),
-            None => Source::Kubernetes,
+    /// Checks the settings of the control plane chosen; `env` is the process environment
+    /// (its `ISTIO_META_*` entries become xDS node metadata).
+    pub fn check(&mut self, env: impl IntoIterator<Item = (String, String)>) -> Result<(), NodeConfigError> {
+        if self.control_plane == ControlPlane::Standalone {
+            return Ok(());
+        }
+        for (flag, set) in [("ca-dir", self.ca_dir.is_some()), ("cert-dir", self.cert_dir.is_some())] {
+            if set {
+                return Err(NodeConfigError::NotWithIstiod(flag));
+            }
+        }
+        if self.workloads.is_some() {
+            return Err(NodeConfigError::WorkloadFileWithIstiod);
+        }
+        self.xds.node_name.get_or_insert_with(|| self.node.clone());
+        let settings = self.xds.settings(env)?;
+        // The CA takes the cluster and the token from the xDS settings: one definition each.
+        self.istiod_ca.cluster_id = settings.cluster_id.clone();
+        self.istiod_ca.token = settings.token_file.clone();
+        Ok(())
+    }
+
+    /// Where the desired state comes from (after [`NodeConfig::check`]).
+    pub fn source(&self) -> Result<Source, NodeConfigError> {
+        Ok(match (&self.control_plane, &self.workloads) {
+            (ControlPlane::Istiod, _) => Source::Istiod(Box::new(IstiodSource {
+                node: self.node.clone(),
+                trust_domain: self.trust_domain.clone(),
+                xds: self.xds.settings(std::env::vars())?,
+            })),
+            (ControlPlane::Standalone, Some(path)) => Source::File(path.clone()),
+            (ControlPlane::Standalone, None) => Source::Kubernetes,
+        })
+    }
+
+    /// How long a captured connection waits for the control plane to describe its source.
+    pub fn source_wait(&self) -> Duration {
+        match self.control_plane {
+            ControlPlane::Istiod => SOURCE_WAIT,
+            ControlPlane::Standalone => Duration::ZERO,
         }
     }
 
@@ -111,9 +178,10 @@ impl NodeConfig {
 
     /// Where workload certificates come from.
     pub fn certificates(&self) -> CertSource {
-        match &self.cert_dir {
-            Some(dir) => CertSource::Files { dir: dir.clone() },
-            None => CertSource::BuiltinCa { dir: self.ca_dir.clone(), ttl: self.cert_ttl },
+        match (&self.control_plane, &self.cert_dir) {
+            (ControlPlane::Istiod, _) => CertSource::Istiod(Box::new(self.istiod_ca.clone())),
+            (ControlPlane::Standalone, Some(dir)) => CertSource::Files { dir: dir.clone() },
+            (ControlPlane::Standalone, None) => CertSource::BuiltinCa { dir: self.ca_dir.clone(), ttl: self.cert_ttl },
         }
     }
 }
@@ -125,6 +193,8 @@ pub enum CertSource {
     BuiltinCa { dir: Option<PathBuf>, ttl: Duration },
     /// `<dir>/<namespace>/<service-account>/{cert-chain,key,root-cert}.pem`.
     Files { dir: PathBuf },
+    /// istiod's CA.
+    Istiod(Box<IstiodCaArgs>),
 }
 
 impl CertSource {
@@ -138,6 +208,10 @@ impl CertSource {
             CertSource::Files { dir } => {
                 tracing::info!(dir = %dir.display(), "workload certificates come from files");
                 Box::new(files::FileProvider::new(dir)?)
+            }
+            CertSource::Istiod(args) => {
+                tracing::info!(address = %args.address, ttl = ?args.ttl, "workload certificates come from istiod's CA");
+                Box::new(IstiodCa::new(args.as_ref().clone())?)
             }
         })
     }

@@ -26,10 +26,12 @@ use super::{NodeConfig, NodeError, SAFETY_TICK};
 use crate::admin;
 use crate::datapath;
 use crate::drain::{self, Mode};
+use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy};
 use crate::record::DrainCounts;
 use crate::state::{DesiredState, WorkloadIndex};
+use crate::workloads::WorkloadFile;
 
 /// The stop signal, pinned for the daemon's whole life.
 pub(super) type Shutdown<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send)>;
@@ -40,6 +42,8 @@ pub(super) struct Daemon {
     pub proxy: Arc<Proxy>,
     pub metrics: Arc<Metrics>,
     pub desired: StateRx,
+    /// The identities of the node's workloads, for the certificates' prefetch.
+    pub identities: tokio::sync::watch::Sender<BTreeSet<Identity>>,
     /// The source's latest state (`None` before its first).
     pub state: Option<Arc<DesiredState>>,
     pub releases: Releases,
@@ -76,6 +80,15 @@ pub(super) struct Term {
 struct Closed {
     admin: drain::Trigger,
     serve: drain::Trigger,
+}
+
+/// What a new desired state changed.
+enum Followed {
+    /// The source ended: the last state stays.
+    Ended,
+    /// Only the control plane's mesh: the proxy has it, the kernel has nothing to do.
+    MeshOnly,
+    Changed,
 }
 
 /// What the SOCKMAP slots say of a serving term.
@@ -166,6 +179,10 @@ impl Daemon {
         reconciler.reconcile(Trigger::Safety).await?;
         self.confirm_releases(&mut reconciler);
         self.ready.met(Condition::PodsPlaced);
+        if predecessor.is_some() && !self.ready_to_take_over(shutdown).await {
+            admin.stop(Duration::from_secs(1)).await;
+            return Ok(None);
+        }
         let dups = listeners
             .iter()
             .map(|l| Ok((l.role, l.ipv6, l.socket.as_fd().try_clone_to_owned()?)))
@@ -192,8 +209,33 @@ impl Daemon {
         if let Some(i) = self.instance.as_mut() {
             i.set(Phase::Serving.into(), Some(own_slots.iter().flatten().copied().collect()));
         }
-        tracing::info!(node = %self.cfg.node, source = ?self.cfg.source(), "node ready");
+        tracing::info!(node = %self.cfg.node, control_plane = ?self.cfg.control_plane, "node ready");
         Ok(Some(Term { reconciler, admin, serve, proxy_task, successors, own_slots, listeners: dups }))
+    }
+
+    /// A successor takes the node over only with what serving needs from a control plane
+    /// (its first push, every local certificate): until then the predecessor serves on.
+    /// `false` when the stop signal came first.
+    async fn ready_to_take_over(&mut self, shutdown: &mut Shutdown<'_>) -> bool {
+        let needed = [Condition::ControlPlaneSynced, Condition::Certificates];
+        let mut told = false;
+        loop {
+            let missing: Vec<&str> = needed.iter().filter(|c| !self.ready.is_met(**c)).map(|c| c.code()).collect();
+            if missing.is_empty() {
+                return true;
+            }
+            if !told {
+                tracing::info!(waiting_for = %missing.join(", "), "not taking the node over yet; the serving daemon serves on");
+                told = true;
+            }
+            tokio::select! {
+                _ = shutdown.as_mut() => {
+                    self.signalled = true;
+                    return false;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
     }
 
     /// Probes (`/healthz/ready`) and metrics, on their own trigger: a daemon taken over gives
@@ -243,13 +285,29 @@ impl Daemon {
     /// Hands the state (with the releases held back) to the proxy and the reconciler.
     fn apply(&self, reconciler: &mut Reconciler<System>) {
         let workloads = self.releases.effective();
-        let services = self.state.as_ref().map(|s| s.services.clone()).unwrap_or_default();
-        let index = WorkloadIndex::new(
-            &DesiredState { workloads: workloads.clone(), services, ..Default::default() },
-            &self.cfg.trust_domain,
-        );
-        self.proxy.set_workloads(index);
+        self.update_proxy(&workloads);
         reconciler.set_desired(Desired { file: workloads, held: self.releases.held() });
+    }
+
+    /// Gives the proxy the index (a control plane's, or the one the workloads make) and the
+    /// certificates' prefetch the node's identities.
+    fn update_proxy(&self, workloads: &WorkloadFile) {
+        let state = self.state.as_deref();
+        let index = match state.and_then(|s| s.mesh.clone()) {
+            Some(mesh) => mesh,
+            None => {
+                let services = state.map(|s| s.services.clone()).unwrap_or_default();
+                let state = DesiredState { workloads: workloads.clone(), services, ..Default::default() };
+                WorkloadIndex::new(&state, &self.cfg.trust_domain)
+            }
+        };
+        let local = super::local_identities(workloads, &self.cfg.node, &self.cfg.trust_domain);
+        self.proxy.set_workloads(index, &local);
+        self.identities.send_if_modified(|ids| {
+            let changed = *ids != local;
+            *ids = local;
+            changed
+        });
     }
 
     /// Ends the holds the last pass found gone; the proxy forgets them at once.
@@ -325,7 +383,11 @@ impl Daemon {
                 () = hello(term.successors.as_ref()) => continue,
                 _ = term.reconciler.kernel_changed() => Trigger::Change,
                 changed = self.desired.changed(), if following => {
-                    following = self.on_desired(changed.is_ok(), &mut term.reconciler);
+                    match self.on_desired(changed.is_ok(), &mut term.reconciler) {
+                        Followed::Ended => following = false,
+                        Followed::MeshOnly => continue,
+                        Followed::Changed => {}
+                    }
                     Trigger::Change
                 }
             };
@@ -359,18 +421,26 @@ impl Daemon {
         None
     }
 
-    /// A new desired state (or the source's end); whether to keep following the source.
-    fn on_desired(&mut self, changed: bool, reconciler: &mut Reconciler<System>) -> bool {
+    /// A new desired state (or the source's end). A change of the control plane's mesh
+    /// alone goes to the proxy only: the kernel's part follows the node's pods.
+    fn on_desired(&mut self, changed: bool, reconciler: &mut Reconciler<System>) -> Followed {
         if !changed {
             tracing::error!("the source of the desired state stopped; keeping the last state");
-            return false;
+            return Followed::Ended;
         }
-        let latest = self.desired.borrow_and_update().clone();
-        if let Some(state) = latest {
-            self.take_state(state);
-            self.apply(reconciler);
+        let Some(state) = self.desired.borrow_and_update().clone() else { return Followed::Changed };
+        let mesh_only = self
+            .state
+            .as_deref()
+            .is_some_and(|old| old.workloads == state.workloads && old.annotated == state.annotated);
+        if mesh_only {
+            self.state = Some(state);
+            self.update_proxy(&self.releases.effective());
+            return Followed::MeshOnly;
         }
-        true
+        self.take_state(state);
+        self.apply(reconciler);
+        Followed::Changed
     }
 
     /// What the slots say of this term. Slots emptied behind it (a successor that died as

@@ -101,16 +101,29 @@ pub enum Condition {
     PodsPlaced,
     /// The proxy's listeners are in the SOCKMAP: connections reach this daemon.
     ListenersRegistered,
+    /// The control plane's first push of each type is applied (istiod; met at once without).
+    ControlPlaneSynced,
+    /// Every identity of the node's workloads has a certificate (istiod; met at once with the
+    /// built-in CA or certificate files, which fail per connection instead).
+    Certificates,
 }
 
 impl Condition {
-    pub const ALL: [Condition; 3] = [Condition::FirstState, Condition::PodsPlaced, Condition::ListenersRegistered];
+    pub const ALL: [Condition; 5] = [
+        Condition::FirstState,
+        Condition::PodsPlaced,
+        Condition::ListenersRegistered,
+        Condition::ControlPlaneSynced,
+        Condition::Certificates,
+    ];
 
     pub const fn code(self) -> &'static str {
         match self {
             Condition::FirstState => "first_state",
             Condition::PodsPlaced => "pods_placed",
             Condition::ListenersRegistered => "listeners_registered",
+            Condition::ControlPlaneSynced => "control_plane_synced",
+            Condition::Certificates => "certificates",
         }
     }
 }
@@ -136,6 +149,10 @@ impl Readiness {
 
     pub fn unmet(&self, c: Condition) {
         lock(&self.inner).met.remove(&c);
+    }
+
+    pub fn is_met(&self, c: Condition) -> bool {
+        lock(&self.inner).met.contains(&c)
     }
 
     pub fn set_handing_over(&self, on: bool) {
@@ -221,7 +238,10 @@ mod tests {
     #[test]
     fn ready_only_with_every_condition_and_no_successor_starting() {
         let r = Readiness::default();
-        assert_eq!(r.why_not().as_deref(), Some("waiting for first_state, pods_placed, listeners_registered"));
+        assert_eq!(
+            r.why_not().as_deref(),
+            Some("waiting for first_state, pods_placed, listeners_registered, control_plane_synced, certificates")
+        );
         for c in Condition::ALL {
             assert!(!r.is_ready());
             r.met(c);

@@ -15,6 +15,7 @@
 //! - [`drops`]: the datapath's drop events, as rate-limited log lines.
 
 mod annotate;
+mod certs;
 mod config;
 mod daemon;
 mod drops;
@@ -28,6 +29,7 @@ mod routes;
 pub mod source;
 pub mod takeover;
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,6 +38,7 @@ use std::time::Duration;
 use crate::admin;
 use crate::datapath::{self, Datapath, DatapathError};
 use crate::drain;
+use crate::identity::Identity;
 use crate::identity::IdentityError;
 use crate::identity::manager::CertificateManager;
 use crate::k8s;
@@ -46,12 +49,16 @@ use crate::record::DrainCounts;
 use crate::routing::{self, Interface, Routing, RoutingError};
 use crate::state::WorkloadIndex;
 use crate::topology::{Role, Topology};
-pub use config::{CertSource, NodeConfig, TcAttach};
+use crate::workloads::WorkloadFile;
+use crate::xds::client::XdsStatus;
+pub use config::{CertSource, ControlPlane, NodeConfig, NodeConfigError, TcAttach};
 use kernel::KernelError;
+use lifecycle::Condition;
 use lock::{LockError, NodeLock};
 use reconcile::{Reconciler, Scope};
 use source::SourceError;
 use takeover::Predecessor;
+use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -63,6 +70,8 @@ pub enum NodeError {
     Kernel(#[from] KernelError),
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error(transparent)]
+    Config(#[from] NodeConfigError),
     #[error(transparent)]
     Kubernetes(#[from] k8s::K8sError),
     #[error(transparent)]
@@ -104,22 +113,30 @@ pub(super) const SAFETY_TICK: Duration = Duration::from_secs(10);
 
 /// Runs until `shutdown` resolves. On return the listeners are closed, so enrolled traffic
 /// fails closed, while programs, maps and routing stay in the kernel for the next instance.
-pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), NodeError> {
+pub async fn run(mut cfg: NodeConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), NodeError> {
     datapath::validate_node_name(&cfg.node)?;
+    cfg.check(std::env::vars())?;
     if cfg.proxy_only {
         return run_proxy_only(cfg, shutdown).await;
     }
     let (tasks, watcher) = drain::new();
     // Everything cheap is validated before the kernel is touched: a bad workload file or
     // Kubernetes configuration fails the start here.
-    let desired = cfg.source().start(cfg.poll_interval, watcher.clone()).await?;
-    let annotations = match cfg.source() {
-        source::Source::Kubernetes => Some(annotate::Annotations::spawn(k8s::client().await?, watcher.clone())),
+    let source = cfg.source()?;
+    let following = source.start(cfg.poll_interval, watcher.clone()).await?;
+    let annotations = match source {
+        source::Source::Kubernetes | source::Source::Istiod(_) => {
+            Some(annotate::Annotations::spawn(k8s::client().await?, watcher.clone()))
+        }
         source::Source::File(_) => None,
     };
     let log = AccessLog::open(cfg.access_log.as_deref())?;
     let certs = CertificateManager::new(cfg.certificates().provider(&cfg.trust_domain)?);
     let metrics = Metrics::new();
+    let ready = lifecycle::Readiness::default();
+    follow_control_plane(following.control_plane, ready.clone(), watcher.clone());
+    let istiod = cfg.control_plane == ControlPlane::Istiod;
+    let identities = certs::spawn(certs.clone(), ready.clone(), istiod, watcher.clone());
     let _lock = NodeLock::shared(&cfg.node)?;
     let instance = instance::Instance::create(&cfg.node);
     // A daemon serving the node now hands it over once this one is ready.
@@ -142,9 +159,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()> + Send) -> 
         cfg,
         proxy,
         metrics,
-        desired,
+        desired: following.state,
+        identities,
         state: None,
-        ready: lifecycle::Readiness::default(),
+        ready,
         instance,
         tasks: watcher,
         annotations,
@@ -163,7 +181,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()> + Send) -> 
 async fn run_proxy_only(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
     tracing::info!("proxy only: no datapath is loaded; something else must deliver connections to the listeners");
     let (tasks, watcher) = drain::new();
-    let mut desired = cfg.source().start(cfg.poll_interval, watcher).await?;
+    let mut desired = cfg.source()?.start(cfg.poll_interval, watcher).await?.state;
     let log = AccessLog::open(cfg.access_log.as_deref())?;
     let certs = CertificateManager::new(cfg.certificates().provider(&cfg.trust_domain)?);
     let metrics = Metrics::new();
@@ -174,7 +192,8 @@ async fn run_proxy_only(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> 
     tokio::pin!(shutdown);
     loop {
         if let Some(state) = desired.borrow_and_update().clone() {
-            proxy.set_workloads(WorkloadIndex::new(&state, &cfg.trust_domain));
+            let local = local_identities(&state.workloads, &cfg.node, &cfg.trust_domain);
+            proxy.set_workloads(WorkloadIndex::new(&state, &cfg.trust_domain), &local);
         }
         tokio::select! {
             _ = &mut shutdown => break,
@@ -186,6 +205,38 @@ async fn run_proxy_only(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> 
     proxy.count_drained(&drain(&proxy, &serve, cfg.drain_timeout, 0).await);
     tasks.stop(Duration::from_secs(1)).await;
     Ok(())
+}
+
+/// The identities of `workloads` on `node`: the certificates the node keeps.
+fn local_identities(workloads: &WorkloadFile, node: &str, trust_domain: &str) -> BTreeSet<Identity> {
+    workloads.on_node(node).map(|w| Identity::new(trust_domain, &w.namespace, &w.service_account)).collect()
+}
+
+/// Readiness follows the control plane's first push (met at once without one). A client
+/// that has applied its first push stays synced across reconnects: the node serves on with
+/// the last state.
+fn follow_control_plane(
+    status: Option<watch::Receiver<XdsStatus>>,
+    ready: lifecycle::Readiness,
+    mut stop: drain::Watcher,
+) {
+    let Some(mut status) = status else {
+        ready.met(Condition::ControlPlaneSynced);
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            if status.borrow_and_update().ready {
+                ready.met(Condition::ControlPlaneSynced);
+                tracing::info!("istiod's first push is applied");
+                return;
+            }
+            tokio::select! {
+                _ = stop.signalled() => return,
+                r = status.changed() => if r.is_err() { return },
+            }
+        }
+    });
 }
 
 /// How long connections cut at the drain's deadline get to write their records.
@@ -221,6 +272,7 @@ fn new_proxy(cfg: &NodeConfig, log: AccessLog, certs: Arc<CertificateManager>, m
         pod_cidrs: cfg.pod_cidrs.clone(),
         flags: cfg.proxy.clone(),
         limits: connection_limits(cfg),
+        source_wait: cfg.source_wait(),
     };
     Proxy::new(config, log, certs, metrics.clone())
 }

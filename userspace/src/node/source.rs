@@ -1,6 +1,12 @@
 //! Where the node's desired state comes from. Every source runs as a task of its own and
 //! publishes on a watch channel: `None` until its first complete state, then each new one.
 //! The node daemon follows the channel and never needs to know which source it is.
+//!
+//! Under istiod two sources make one state: Kubernetes says which of this node's pods are
+//! captured (only this node's pods are watched), istiod's xDS who everyone in the mesh is
+//! ([`DesiredState::mesh`]). The state is published once Kubernetes has listed, whatever
+//! istiod does: captured pods must be held by the datapath (their connections then wait
+//! for istiod, bounded, and fail closed) rather than left uncaptured.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,11 +16,20 @@ use tokio::sync::watch;
 
 use crate::drain;
 use crate::k8s::{self, K8sError};
-use crate::state::DesiredState;
+use crate::state::{DesiredState, WorkloadIndex};
 use crate::workloads::{WorkloadFile, WorkloadsError};
+use crate::xds::client::{XdsClient, XdsStatus};
+use crate::xds::config::XdsSettings;
+use crate::xds::mesh::Mesh;
 
 /// The latest desired state (`None` before the first one).
 pub type StateRx = watch::Receiver<Option<Arc<DesiredState>>>;
+
+/// A source being followed: its states, and the control plane's client status (istiod).
+pub struct Following {
+    pub state: StateRx,
+    pub control_plane: Option<watch::Receiver<XdsStatus>>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -31,20 +46,67 @@ pub enum Source {
     File(PathBuf),
     /// The Kubernetes API (KUBECONFIG, ~/.kube/config or in-cluster).
     Kubernetes,
+    /// istiod's xDS for the mesh, Kubernetes (this node's pods) for capture.
+    Istiod(Box<IstiodSource>),
+}
+
+/// What the istiod source needs.
+#[derive(Clone, Debug)]
+pub struct IstiodSource {
+    pub node: String,
+    /// Of workloads whose resource names none.
+    pub trust_domain: String,
+    pub xds: XdsSettings,
 }
 
 impl Source {
     /// Starts following the source until `stop` is signalled. A workload file is read and
     /// validated here, so a bad one fails the start.
-    pub async fn start(&self, poll: Duration, stop: drain::Watcher) -> Result<StateRx, SourceError> {
-        match self {
+    pub async fn start(&self, poll: Duration, stop: drain::Watcher) -> Result<Following, SourceError> {
+        let state = match self {
             Source::File(path) => {
                 let (file, first) = FileSource::open(path, poll)?;
-                Ok(file.spawn(first, poll, stop))
+                file.spawn(first, poll, stop)
             }
-            Source::Kubernetes => Ok(k8s::start(k8s::client().await?, stop)),
-        }
+            Source::Kubernetes => k8s::start(k8s::client().await?, k8s::Scope::default(), stop),
+            Source::Istiod(istiod) => return Ok(istiod.start(stop).await?),
+        };
+        Ok(Following { state, control_plane: None })
     }
+}
+
+impl IstiodSource {
+    async fn start(&self, stop: drain::Watcher) -> Result<Following, K8sError> {
+        let scope = k8s::Scope { node: Some(self.node.clone()) };
+        let pods = k8s::start(k8s::client().await?, scope, stop.clone());
+        let mesh = Mesh::new(&self.trust_domain);
+        let index = mesh.subscribe();
+        let client = XdsClient::new(self.xds.clone(), mesh);
+        let status = client.status();
+        tokio::spawn(client.run(stop.clone()));
+        Ok(Following { state: merge(pods, index, stop), control_plane: Some(status) })
+    }
+}
+
+/// This node's pods from Kubernetes, with the mesh from xDS: a state as soon as the pods
+/// are listed, then one per change of either.
+fn merge(mut pods: StateRx, mut mesh: watch::Receiver<WorkloadIndex>, mut stop: drain::Watcher) -> StateRx {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        loop {
+            let local = pods.borrow_and_update().clone();
+            let index = mesh.borrow_and_update().clone();
+            if let Some(local) = local {
+                tx.send_replace(Some(Arc::new(DesiredState { mesh: Some(index), ..(*local).clone() })));
+            }
+            tokio::select! {
+                _ = stop.signalled() => return,
+                r = pods.changed() => if r.is_err() { return },
+                r = mesh.changed() => if r.is_err() { return },
+            }
+        }
+    });
+    rx
 }
 
 /// How long a read of the workload file is trusted without reading it again.

@@ -22,6 +22,10 @@ pub enum Error {
     SelfCall(u16),
     #[error("the source {0} is not an enrolled workload")]
     UnknownSource(IpAddr),
+    #[error("the control plane has not described the source {ip} after {waited:?}")]
+    SourcePending { ip: IpAddr, waited: Duration },
+    #[error("{0} is behind a waypoint, and meshpath does not route through waypoints yet")]
+    Waypoint(String),
     #[error("no local workload has {0}")]
     UnknownDestination(IpAddr),
     #[error("no service {0:?} (hostnames are not resolved)")]
@@ -82,6 +86,8 @@ impl Error {
         match self {
             Error::SelfCall(_) => Outcome::SelfCall,
             Error::UnknownSource(_) => Outcome::UnknownSource,
+            Error::SourcePending { .. } => Outcome::SourcePending,
+            Error::Waypoint(_) => Outcome::WaypointUnsupported,
             Error::UnknownDestination(_) => Outcome::UnknownDestination,
             Error::UnknownService(_) => Outcome::UnknownService,
             Error::NoEndpoint(_) => Outcome::NoEndpoint,

@@ -32,10 +32,10 @@ mod testnet;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
@@ -86,6 +86,9 @@ pub struct ProxyConfig {
     pub flags: ProxyFlags,
     /// Connections (and HBONE streams) held at once (from `flags` and the open-files limit).
     pub limits: Arc<limits::Limits>,
+    /// How long a captured connection whose source the index does not know yet waits for it
+    /// (under istiod, a pod captured before its workload came by xDS); zero: not at all.
+    pub source_wait: Duration,
 }
 
 /// The proxy's part of `meshpath node`'s flags.
@@ -141,7 +144,7 @@ pub fn bind_listeners() -> Result<Vec<BoundListener>, ProxyError> {
 pub struct Proxy {
     cfg: ProxyConfig,
     limits: Arc<limits::Limits>,
-    index: RwLock<Arc<WorkloadIndex>>,
+    index: tokio::sync::watch::Sender<Arc<WorkloadIndex>>,
     ledger: Arc<Ledger>,
     certs: Arc<CertificateManager>,
     pool: Arc<Pool>,
@@ -173,7 +176,7 @@ impl Proxy {
         Arc::new(Self {
             limits: cfg.limits.clone(),
             cfg,
-            index: RwLock::new(Arc::default()),
+            index: tokio::sync::watch::channel(Arc::default()).0,
             ledger: Arc::new(Ledger { metrics, log, registry: Arc::default() }),
             certs,
             pool,
@@ -220,26 +223,26 @@ impl Proxy {
         Ok(control::ControlSocket::listen(path, self.ledger.registry.clone())?)
     }
 
-    /// Replaces the workload index. Certificates of workloads that left this node are
-    /// forgotten; those of new ones are fetched now, so their first connection does not wait
-    /// and a provider problem shows in the log at once.
-    pub fn set_workloads(self: &Arc<Self>, index: WorkloadIndex) {
-        let local = index.identities_on(&self.cfg.node);
-        *self.index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index);
+    /// Replaces the workload index; certificates of identities no longer in `local` (the
+    /// node's workloads) are forgotten.
+    pub fn set_workloads(&self, index: WorkloadIndex, local: &BTreeSet<Identity>) {
+        self.index.send_replace(Arc::new(index));
         self.certs.retain(|id| local.contains(id));
         lock(&self.server_tls).retain(|id, _| local.contains(id));
-        let certs = self.certs.clone();
-        tokio::spawn(async move {
-            for id in local {
-                if let Err(e) = certs.get(&id).await {
-                    tracing::error!(identity = %id, "no certificate for a local workload; its mTLS connections will fail: {e}");
-                }
-            }
-        });
     }
 
     fn index(&self) -> Arc<WorkloadIndex> {
-        self.index.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.index.borrow().clone()
+    }
+
+    /// The first index that knows `ip`, waiting up to [`ProxyConfig::source_wait`].
+    async fn index_knowing(&self, ip: IpAddr) -> Result<Arc<WorkloadIndex>, Error> {
+        let waited = self.cfg.source_wait;
+        let mut rx = self.index.subscribe();
+        match tokio::time::timeout(waited, rx.wait_for(|i| i.get(ip).is_some())).await {
+            Ok(Ok(index)) => Ok(index.clone()),
+            _ => Err(Error::SourcePending { ip, waited }),
+        }
     }
 
     /// Connections (and HBONE streams) held, and the limit.

@@ -12,7 +12,7 @@ use super::pool::PoolKey;
 use super::registry::Kind;
 use super::{Error, Proxy, is_proxy_port};
 use crate::identity::IdentityError;
-use crate::state::{WorkloadIndex, WorkloadInfo, canonical};
+use crate::state::{Tunnel, WorkloadIndex, WorkloadInfo, canonical};
 use crate::tls::{self, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,17 +36,30 @@ pub(super) async fn handle(
     client: &mut TcpStream,
     conn: &mut Conn,
 ) -> Result<(), Error> {
+    let client_ip = conn.rec.src.ip();
+    // A pod captured before the control plane described it: wait for that, bounded.
+    let waited;
+    let index = match index.get(client_ip) {
+        None if !p.cfg.source_wait.is_zero() => {
+            waited = p.index_knowing(client_ip).await?;
+            conn.rec.src_workload = waited.get(client_ip).map(|w| w.id.clone());
+            &*waited
+        }
+        _ => index,
+    };
     let rec = &mut conn.rec;
     // A service address (seen before any DNAT) leads to one of its ready endpoints.
     let target = match index.resolve_service(rec.orig_dst) {
         None => rec.orig_dst,
         Some((service, endpoint)) => {
-            rec.dst_service = Some(service.to_owned());
-            endpoint.ok_or_else(|| Error::NoEndpoint(service.to_owned()))?
+            rec.dst_service = Some(service.service.clone());
+            if service.waypoint {
+                return Err(Error::Waypoint(service.service.clone()));
+            }
+            endpoint.ok_or_else(|| Error::NoEndpoint(service.service.clone()))?
         }
     };
     rec.dst_workload = index.get(target.ip()).map(|w| w.id.clone());
-    let client_ip = rec.src.ip();
     let src = index.get(client_ip).cloned();
     let Some(dst) = index.get(target.ip()).cloned() else {
         // Not in the mesh: plain TCP, as ambient does. Pod destinations keep the client's
@@ -54,11 +67,12 @@ pub(super) async fn handle(
         let source = p.is_pod_ip(index, target.ip()).then_some(client_ip);
         return p.relay_plain(client, target, source, conn, Kind::PlainRelay).await;
     };
+    if dst.waypoint {
+        return Err(Error::Waypoint(dst.id.clone()));
+    }
     // The datapath only captures enrolled sources, so a miss is a race with an unenrolment:
     // without the client's identity nothing can be presented.
     let src = src.ok_or(Error::UnknownSource(client_ip))?;
-    rec.src_identity = Some(src.identity.to_string());
-    rec.dst_identity = Some(dst.identity.to_string());
     if dst.node == p.cfg.node {
         // A hand-over to one of our own ports would loop (across nodes the peer refuses
         // it with 503, as ztunnel does).
@@ -68,8 +82,16 @@ pub(super) async fn handle(
         // Same node: the bytes never leave this host's memory and the kernel vouches for
         // the source (the classifier drops enrolled IPs arriving from a foreign interface),
         // so the hand-over is direct and TLS would only encrypt a memory copy.
+        rec.src_identity = Some(src.identity.to_string());
+        rec.dst_identity = Some(dst.identity.to_string());
         return p.relay_plain(client, target, Some(client_ip), conn, Kind::SameNode).await;
     }
+    if dst.tunnel == Tunnel::Plain {
+        // A pod no node proxy captures (the control plane says so): plain, from the client.
+        return p.relay_plain(client, target, Some(client_ip), conn, Kind::PlainRelay).await;
+    }
+    rec.src_identity = Some(src.identity.to_string());
+    rec.dst_identity = Some(dst.identity.to_string());
     hbone(p, client, conn, target, &src, &dst).await
 }
 

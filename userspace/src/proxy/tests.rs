@@ -6,7 +6,7 @@
 //! network is 10.0.0.0/16; 10.0.0.9 is a pod outside the mesh. Service ns/web
 //! (10.96.0.1:80) leads to 10.0.0.9:8080, service ns/empty (10.96.0.2:80) nowhere.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,7 +25,7 @@ use crate::drain::Drained;
 use crate::identity::ca::BuiltinCa;
 use crate::identity::{BoxFuture, CertificateProvider, IdentityError, WorkloadCertificate};
 use crate::record::ConnectionRecord;
-use crate::state::{DesiredState, ServiceBackends};
+use crate::state::{DesiredState, ServiceBackends, Tunnel, WorkloadInfo};
 use crate::workloads::WorkloadFile;
 
 const TD: &str = "cluster.local";
@@ -61,14 +61,39 @@ fn ca() -> Arc<BuiltinCa> {
 
 fn state(workloads: &str) -> DesiredState {
     let services = BTreeMap::from([
-        (addr("10.96.0.1:80"), ServiceBackends { service: "ns/web".into(), endpoints: vec![addr("10.0.0.9:8080")] }),
-        (addr("10.96.0.2:80"), ServiceBackends { service: "ns/empty".into(), endpoints: vec![] }),
+        (
+            addr("10.96.0.1:80"),
+            ServiceBackends { service: "ns/web".into(), endpoints: vec![addr("10.0.0.9:8080")], waypoint: false },
+        ),
+        (addr("10.96.0.2:80"), ServiceBackends { service: "ns/empty".into(), endpoints: vec![], waypoint: false }),
     ]);
     DesiredState {
         workloads: WorkloadFile::parse(workloads, "test").expect("a workload file"),
         services,
         ..Default::default()
     }
+}
+
+/// The identities of `workloads` on `node`: the certificates the proxy keeps.
+fn local_identities(workloads: &str, node: &str) -> BTreeSet<Identity> {
+    let file = WorkloadFile::parse(workloads, "test").expect("a workload file");
+    file.on_node(node).map(|w| Identity::new(TD, &w.namespace, &w.service_account)).collect()
+}
+
+/// `index` with workload `id` (its identity `sa-<name>`) at `ip` on `node`, as xDS says it.
+fn with_workload(
+    mut index: WorkloadIndex,
+    ip: &str,
+    id: &str,
+    node: &str,
+    tunnel: Tunnel,
+    waypoint: bool,
+) -> WorkloadIndex {
+    let sa = format!("sa-{}", id.rsplit('/').next().unwrap_or(id));
+    let info =
+        WorkloadInfo { id: id.into(), node: node.into(), identity: Identity::new(TD, "ns", &sa), tunnel, waypoint };
+    index.insert_ip(ip.parse().expect("an IP"), Arc::new(info));
+    index
 }
 
 /// One node's proxy, its access log and the trigger of its drain.
@@ -95,6 +120,7 @@ struct Opts {
     connect_timeout: Duration,
     per_source: usize,
     workloads: String,
+    source_wait: Duration,
 }
 
 impl Default for Opts {
@@ -104,6 +130,7 @@ impl Default for Opts {
             connect_timeout: Duration::from_secs(2),
             per_source: 100,
             workloads: WORKLOADS.into(),
+            source_wait: Duration::ZERO,
         }
     }
 }
@@ -127,13 +154,15 @@ async fn node_with(name: &str, net: &Arc<TestNet>, ca: &Arc<BuiltinCa>, o: Opts)
             max_connections_per_source: Some(o.per_source),
         },
         limits: limits::Limits::new(100, o.per_source),
+        source_wait: o.source_wait,
     };
     let log = log_path(name);
     let metrics = Metrics::new();
     let certs = CertificateManager::new(Box::new(SharedCa(ca.clone())));
     let access = AccessLog::open(Some(&log)).expect("an access log");
     let proxy = Proxy::with_sockets(cfg, access, certs, metrics.clone(), net.clone());
-    proxy.set_workloads(WorkloadIndex::new(&state(&o.workloads), TD));
+    let local = local_identities(&o.workloads, name);
+    proxy.set_workloads(WorkloadIndex::new(&state(&o.workloads), TD), &local);
     let (drain, watcher) = drain::new();
     // No listeners of its own: the test network hands connections in; serve passes the
     // drain on to them.
@@ -627,4 +656,59 @@ async fn connections_past_the_limit_are_refused_at_the_door_and_counted() {
     assert_eq!(greeting(&mut other).await, "peer=10.0.0.5");
     assert_eq!(n1.proxy.open_connections(), 2);
     assert!(records(&n1.log).is_empty(), "a refusal at the door costs no record");
+}
+
+#[tokio::test]
+async fn a_source_the_control_plane_describes_late_waits_for_it_then_proceeds() {
+    let (net, ca) = (TestNet::new(), ca());
+    let n1 = node_with("n1", &net, &ca, Opts { source_wait: Duration::from_secs(5), ..Opts::default() }).await;
+    net.echo(addr("10.0.0.9:80")).await;
+    let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.8:40100"), addr("10.0.0.9:80")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(records(&n1.log).is_empty(), "the connection waits for its source");
+    let index = WorkloadIndex::new(&state(WORKLOADS), TD);
+    n1.proxy.set_workloads(with_workload(index, "10.0.0.8", "ns/late", "n1", Tunnel::Hbone, false), &BTreeSet::new());
+    assert_eq!(exchange(&mut c, b"").await.expect("an answer"), b"peer=10.0.0.8\n");
+    drop(c);
+    let r = record_of(&n1.log, "10.0.0.8:40100").await;
+    assert_eq!((r.outcome, r.src_workload.as_deref()), (Outcome::Ok, Some("ns/late")));
+}
+
+#[tokio::test]
+async fn a_source_never_described_fails_closed_after_the_wait() {
+    let (net, ca) = (TestNet::new(), ca());
+    let n1 = node_with("n1", &net, &ca, Opts { source_wait: Duration::from_millis(400), ..Opts::default() }).await;
+    net.echo(addr("10.0.0.9:80")).await;
+    let started = std::time::Instant::now();
+    let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.8:40101"), addr("10.0.0.9:80")).await;
+    assert!(ended(&mut c).await);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    let r = record_of(&n1.log, "10.0.0.8:40101").await;
+    assert_eq!((r.outcome, r.bytes_sent), (Outcome::SourcePending, 0));
+}
+
+#[tokio::test]
+async fn a_destination_behind_a_waypoint_is_refused() {
+    let (_net, n1, _n2) = two_nodes().await;
+    let index = WorkloadIndex::new(&state(WORKLOADS), TD);
+    let local = local_identities(WORKLOADS, "n1");
+    n1.proxy.set_workloads(with_workload(index, "10.0.0.3", "ns/c", "n2", Tunnel::Hbone, true), &local);
+    let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.1:40102"), addr("10.0.0.3:8080")).await;
+    assert!(ended(&mut c).await);
+    let r = record_of(&n1.log, "10.0.0.1:40102").await;
+    assert_eq!((r.outcome, r.bytes_received), (Outcome::WaypointUnsupported, 0));
+}
+
+#[tokio::test]
+async fn a_peer_the_control_plane_says_is_not_captured_is_reached_plain_from_the_client() {
+    let (_net, n1, n2) = two_nodes().await;
+    let index = WorkloadIndex::new(&state(WORKLOADS), TD);
+    let local = local_identities(WORKLOADS, "n1");
+    n1.proxy.set_workloads(with_workload(index, "10.0.0.3", "ns/c", "n2", Tunnel::Plain, false), &local);
+    let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.1:40103"), addr("10.0.0.3:8080")).await;
+    assert_eq!(exchange(&mut c, b"").await.expect("an answer"), b"peer=10.0.0.1\n");
+    drop(c);
+    let r = record_of(&n1.log, "10.0.0.1:40103").await;
+    assert_eq!((r.outcome, r.mtls, r.dst_workload.as_deref()), (Outcome::Ok, false, Some("ns/c")));
+    assert!(records(&n2.log).is_empty(), "nothing went through c's node proxy");
 }

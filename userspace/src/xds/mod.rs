@@ -1,9 +1,11 @@
 //! istiod's workload xDS: the generated types of its APIs ([`proto`]), the names of the
 //! resource types meshpath subscribes to, the protocol as a state machine ([`session`]), the
-//! transport that carries it ([`client`]) and its settings ([`config`]).
+//! transport that carries it ([`client`]), its settings ([`config`]) and the node's view of
+//! the mesh it keeps up to date ([`mesh`]).
 
 pub mod client;
 pub mod config;
+pub mod mesh;
 pub mod session;
 
 /// Code generated from `userspace/proto/` (clients only).
