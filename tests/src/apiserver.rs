@@ -394,6 +394,12 @@ impl ApiServer {
         store.objects.get(&kind)?.get(&(namespace.to_owned(), name.to_owned())).map(|o| (**o).clone())
     }
 
+    /// Every object of `kind` as the server holds it now, in list order.
+    pub fn objects(&self, kind: Kind) -> Vec<Value> {
+        let store = lock(&self.inner.shared.store);
+        store.objects.get(&kind).map(|m| m.values().map(|o| (**o).clone()).collect()).unwrap_or_default()
+    }
+
     /// Deletes an object (`namespace` is ignored for cluster-scoped kinds). Watches get a
     /// `DELETED` event with its last state and a new resourceVersion, which is returned.
     pub fn delete(&self, kind: Kind, namespace: Option<&str>, name: &str) -> Result<String, ApiServerError> {

@@ -148,6 +148,11 @@ impl LabCluster {
         self.rt.block_on(self.api.stop());
     }
 
+    /// The runtime the API server (and the lab's istiod) run on.
+    pub(crate) fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.rt
+    }
+
     /// Serves again on the same address (the API server is back).
     pub fn restart(&self, lab_node1_netns: &str) -> Result<()> {
         let addr = self.addr;

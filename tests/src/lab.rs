@@ -66,6 +66,8 @@ pub enum Topology {
 
 /// The environment variable the lab reads its topology from when none is given.
 pub const TOPOLOGY_ENV: &str = "MESHPATH_LAB_TOPOLOGY";
+/// Names the lab's control plane (`standalone` or `istiod`) to `meshpath-lab`.
+pub const CONTROL_PLANE_ENV: &str = "MESHPATH_LAB_CONTROL_PLANE";
 
 impl Topology {
     /// `$MESHPATH_LAB_TOPOLOGY`, else routed.
@@ -147,6 +149,8 @@ pub struct Lab {
     pub use_builtin_ca: bool,
     /// The lab's Kubernetes API server, once started: daemons then follow it.
     pub cluster: Option<cluster::LabCluster>,
+    /// The lab's istiod, once started: daemons then run with `--control-plane istiod`.
+    pub istiod: Option<crate::lab_istiod::LabIstiod>,
     /// Whether daemons get `--pod-cidr` (so they keep the client's IP toward pods). The
     /// benchmarks turn it off so every proxied path connects upstream alike.
     pub pod_cidr_args: bool,
@@ -230,6 +234,7 @@ impl Lab {
             node_args: vec![vec![], vec!["--inbound-plaintext".into(), "strict".into()]],
             use_builtin_ca: true,
             cluster: None,
+            istiod: None,
             pod_cidr_args: true,
             topology,
             tun_link: None,
@@ -426,7 +431,9 @@ impl Lab {
             "--trust-domain",
             Self::TRUST_DOMAIN,
         ]);
-        if self.use_builtin_ca {
+        if self.istiod.is_some() {
+            self.istiod_env(node, &mut cmd);
+        } else if self.use_builtin_ca {
             cmd.arg("--ca-dir").arg(self.ca_dir());
         }
         if self.pod_cidr_args {
@@ -812,6 +819,7 @@ impl Lab {
         }
         // Its devices must be gone before their namespaces are.
         drop(self.tun_link.take());
+        drop(self.istiod.take());
         for ns in std::mem::take(&mut self.namespaces).into_iter().rev() {
             if let Err(e) = ip(&["netns", "del", &ns]) {
                 problems.push(e.to_string());

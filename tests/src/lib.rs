@@ -30,6 +30,7 @@ pub mod hbone_client;
 pub mod hostile;
 pub mod istiod;
 pub mod lab;
+pub mod lab_istiod;
 pub mod loadgen;
 pub mod raw;
 pub mod smoke;

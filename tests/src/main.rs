@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use meshpath_lab::lab::{MESHPATH_BIN_ENV, TOPOLOGY_ENV, TRY_PORT};
+use meshpath_lab::lab::{CONTROL_PLANE_ENV, MESHPATH_BIN_ENV, TOPOLOGY_ENV, TRY_PORT};
 use meshpath_lab::{Lab, Topology, bench, smoke, traffic, upgrade};
 
 #[derive(Parser)]
@@ -21,8 +21,20 @@ struct Cli {
     /// How the lab's nodes are joined, for `run` and `smoke` (the benchmarks use routed).
     #[arg(long, global = true, value_enum, default_value_t, env = TOPOLOGY_ENV)]
     topology: Topology,
+    /// Who describes the mesh to the nodes, for `run`, `smoke` and `upgrade`: the workload
+    /// file (standalone), or the lab's API server and a fake istiod (istiod).
+    #[arg(long, global = true, value_enum, default_value_t, env = CONTROL_PLANE_ENV)]
+    control_plane: ControlPlane,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The lab's control plane.
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+enum ControlPlane {
+    #[default]
+    Standalone,
+    Istiod,
 }
 
 #[derive(Subcommand)]
@@ -124,9 +136,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         None => meshpath_lab::meshpath_binary()?,
     };
     match cli.command {
-        Command::Run => run_lab(&bin, cli.topology),
-        Command::Smoke => run_smoke(&bin, cli.topology),
-        Command::Upgrade => run_upgrade(&bin, cli.topology),
+        Command::Run => run_lab(&bin, cli.topology, cli.control_plane),
+        Command::Smoke => run_smoke(&bin, cli.topology, cli.control_plane),
+        Command::Upgrade => run_upgrade(&bin, cli.topology, cli.control_plane),
         Command::Bench { soak: true, out, json, churn_secs, held, .. } => {
             let cfg = bench::soak::SoakConfig { churn: Duration::from_secs(churn_secs), held, ..Default::default() };
             run_soak(&bin, &cfg, &out, json.as_deref())
@@ -136,12 +148,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn run_lab(bin: &Path, topology: Topology) -> Result<ExitCode> {
+fn run_lab(bin: &Path, topology: Topology, control_plane: ControlPlane) -> Result<ExitCode> {
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
     // Listening from the start: Ctrl-C while the lab is being built still tears it down.
     let stop = rt.block_on(async { StopSignals::install() })?;
-    let mut lab = build_and_start(bin, topology)?;
+    let mut lab = build_and_start(bin, topology, control_plane)?;
     let servers = lab
         .pods
         .iter()
@@ -166,8 +178,8 @@ fn run_lab(bin: &Path, topology: Topology) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_smoke(bin: &Path, topology: Topology) -> Result<ExitCode> {
-    let mut lab = build_and_start(bin, topology)?;
+fn run_smoke(bin: &Path, topology: Topology, control_plane: ControlPlane) -> Result<ExitCode> {
+    let mut lab = build_and_start(bin, topology, control_plane)?;
     eprintln!("sending traffic...");
     let smoke::Smoke { mut outcomes, evidence } = smoke::run_all(&lab)?;
     eprintln!("taking both nodes over under load...");
@@ -186,8 +198,8 @@ fn run_smoke(bin: &Path, topology: Topology) -> Result<ExitCode> {
     Ok(if failed == 0 && clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-fn run_upgrade(bin: &Path, topology: Topology) -> Result<ExitCode> {
-    let mut lab = build_and_start(bin, topology)?;
+fn run_upgrade(bin: &Path, topology: Topology, control_plane: ControlPlane) -> Result<ExitCode> {
+    let mut lab = build_and_start(bin, topology, control_plane)?;
     let started = Instant::now();
     let progress = |l: &str| eprintln!("[{:>5.1}s] {l}", started.elapsed().as_secs_f64());
     progress("load on every path: new connections and long-lived streams (plain and HBONE, IPv4 and IPv6)");
@@ -200,11 +212,20 @@ fn run_upgrade(bin: &Path, topology: Topology) -> Result<ExitCode> {
     Ok(if ok && clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-fn build_and_start(bin: &Path, topology: Topology) -> Result<Lab> {
+fn build_and_start(bin: &Path, topology: Topology, control_plane: ControlPlane) -> Result<Lab> {
     eprintln!("building the lab (2 nodes, 5 pods, {} topology)...", topology.name());
     let mut lab = Lab::build_with(bin, topology)?;
+    if let ControlPlane::Istiod = control_plane {
+        eprintln!("starting the lab's API server and istiod (fake): workloads, services and certificates from xDS...");
+        lab.start_cluster()?;
+        lab.start_istiod()?;
+    }
     eprintln!("starting meshpath on both nodes...");
     lab.start_daemons()?;
+    if let ControlPlane::Istiod = control_plane {
+        eprintln!("waiting for istiod to tell every node that the enrolled pods speak HBONE...");
+        lab.wait_mesh_synced(Duration::from_secs(20))?;
+    }
     Ok(lab)
 }
 

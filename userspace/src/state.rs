@@ -49,7 +49,7 @@ pub enum Tunnel {
 }
 
 /// A workload as the proxy needs it.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkloadInfo {
     /// `namespace/name`.
     pub id: String,
@@ -143,6 +143,19 @@ impl WorkloadIndex {
         self.by_ip.insert(ip.to_canonical(), info);
     }
 
+    /// This node's captured pods are reached through its proxy even while the control plane
+    /// still calls them plain: istiod marks a pod HBONE only once this node has annotated it,
+    /// a round trip during which the node knows better.
+    pub fn captured_here(mut self, ips: impl IntoIterator<Item = IpAddr>) -> Self {
+        for ip in ips {
+            if let Some(w) = self.get(ip).filter(|w| w.tunnel == Tunnel::Plain) {
+                let hbone = Arc::new(WorkloadInfo { tunnel: Tunnel::Hbone, ..(**w).clone() });
+                self.insert_ip(ip, hbone);
+            }
+        }
+        self
+    }
+
     /// Takes `ip` out if `owner` still holds it (another workload may have taken the address).
     pub fn remove_ip(&mut self, ip: IpAddr, owner: &Arc<WorkloadInfo>) {
         let ip = ip.to_canonical();
@@ -163,4 +176,29 @@ impl WorkloadIndex {
 /// IPv4-mapped IPv6 socket addresses as plain IPv4.
 pub fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str, tunnel: Tunnel) -> Arc<WorkloadInfo> {
+        let identity = Identity::new("cluster.local", "ns", id);
+        Arc::new(WorkloadInfo { tunnel, ..WorkloadInfo::enrolled(id.into(), "n1".into(), identity) })
+    }
+
+    #[test]
+    fn pods_captured_here_are_reached_through_the_proxy_before_the_control_plane_says_so() {
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap());
+        let mut index = WorkloadIndex::default();
+        index.insert_ip(a, info("a", Tunnel::Plain));
+        index.insert_ip(b, info("b", Tunnel::Plain));
+        // c is captured here but not described yet: it stays unknown (its source waits).
+        let index = index.captured_here([a, c]);
+        assert_eq!(index.get(a).map(|w| w.tunnel), Some(Tunnel::Hbone));
+        assert_eq!(index.get(a).map(|w| w.id.as_str()), Some("a"));
+        assert_eq!(index.get(b).map(|w| w.tunnel), Some(Tunnel::Plain), "not captured here");
+        assert!(index.get(c).is_none());
+    }
 }

@@ -33,6 +33,9 @@ const MESHPATH_BIN_ENV: &str = "MESHPATH_BIN";
 /// How the lab's nodes are joined (read by the lab binary and the kernel tests).
 const TOPOLOGY_ENV: &str = "MESHPATH_LAB_TOPOLOGY";
 const TOPOLOGIES: [&str; 3] = ["routed", "bridge", "l3"];
+/// The lab's control plane, passed to `meshpath-lab` (its `--control-plane`).
+const CONTROL_PLANE_ENV: &str = "MESHPATH_LAB_CONTROL_PLANE";
+const CONTROL_PLANES: [&str; 2] = ["standalone", "istiod"];
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -59,6 +62,10 @@ enum Task {
         /// The lab's topology (lab mode): routed (veth node link), bridge (cni0 and VXLAN) or l3 (no Ethernet header).
         #[arg(long, value_parser = TOPOLOGIES)]
         topology: Option<String>,
+        /// The lab's control plane (lab mode): standalone (the workload file) or istiod (the
+        /// lab's API server and a fake istiod).
+        #[arg(long, value_parser = CONTROL_PLANES)]
+        control_plane: Option<String>,
         /// Extra arguments for `meshpath node` (Kubernetes mode).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -74,6 +81,9 @@ enum Task {
         /// routed (veth node link), bridge (cni0 and VXLAN) or l3 (no Ethernet header).
         #[arg(long, value_parser = TOPOLOGIES)]
         topology: Option<String>,
+        /// standalone (the workload file) or istiod (the lab's API server and a fake istiod).
+        #[arg(long, value_parser = CONTROL_PLANES)]
+        control_plane: Option<String>,
     },
     /// Benchmark meshpath against the iptables designs and no proxy (release build); writes
     /// BENCHMARKS.md and benchmarks.svg at the top of the repository.
@@ -135,7 +145,7 @@ fn run(task: Task) -> Result<()> {
             setup()?;
             build(release).map(|_| ())
         }
-        Task::Run { node, topology, args } => {
+        Task::Run { node, topology, control_plane, args } => {
             setup()?;
             if let Some(kubeconfig) = kubeconfig() {
                 require_root("the node daemon")?;
@@ -154,6 +164,11 @@ fn run(task: Task) -> Result<()> {
             if let (Some(_), Some(t)) = (kubeconfig(), &topology) {
                 bail!("--topology {t} applies to the lab; a Kubernetes config was found, so this runs the node daemon");
             }
+            if let (Some(_), Some(c)) = (kubeconfig(), &control_plane) {
+                bail!(
+                    "--control-plane {c} applies to the lab; a Kubernetes config was found, so this runs the node daemon (give `-- --control-plane {c}` for its flag)"
+                );
+            }
             if node.is_some() || !args.is_empty() {
                 bail!(
                     "--node and daemon arguments apply to the Kubernetes mode; no KUBECONFIG or ~/.kube/config was found"
@@ -162,9 +177,11 @@ fn run(task: Task) -> Result<()> {
             require_root("the lab")?;
             let bins = build(false)?;
             step("starting the lab (Ctrl-C stops it and tears it down)");
-            status(with_topology(&mut bins.lab(["run"]), topology.as_deref()))
+            let mut cmd = bins.lab(["run"]);
+            with_control_plane(&mut cmd, control_plane.as_deref());
+            status(with_topology(&mut cmd, topology.as_deref()))
         }
-        Task::Lab { smoke, upgrade, topology } => {
+        Task::Lab { smoke, upgrade, topology, control_plane } => {
             setup()?;
             require_root("the lab")?;
             let bins = build(false)?;
@@ -173,7 +190,9 @@ fn run(task: Task) -> Result<()> {
                 (_, true) => "upgrade",
                 _ => "run",
             };
-            status(with_topology(&mut bins.lab([what]), topology.as_deref()))
+            let mut cmd = bins.lab([what]);
+            with_control_plane(&mut cmd, control_plane.as_deref());
+            status(with_topology(&mut cmd, topology.as_deref()))
         }
         Task::Bench { quick, soak } => {
             setup()?;
@@ -249,6 +268,13 @@ fn interop(dir: &Path) -> Result<()> {
         bail!("the interop test did not run");
     }
     Ok(())
+}
+
+/// Names the lab's control plane to `cmd` (else standalone).
+fn with_control_plane(cmd: &mut Command, control_plane: Option<&str>) {
+    if let Some(c) = control_plane {
+        cmd.env(CONTROL_PLANE_ENV, c);
+    }
 }
 
 /// Names the lab's topology to `cmd` (else it inherits the environment's, or routed).

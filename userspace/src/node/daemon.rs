@@ -294,7 +294,7 @@ impl Daemon {
     fn update_proxy(&self, workloads: &WorkloadFile) {
         let state = self.state.as_deref();
         let index = match state.and_then(|s| s.mesh.clone()) {
-            Some(mesh) => mesh,
+            Some(mesh) => mesh.captured_here(workloads.on_node(&self.cfg.node).flat_map(|w| w.ips.iter().copied())),
             None => {
                 let services = state.map(|s| s.services.clone()).unwrap_or_default();
                 let state = DesiredState { workloads: workloads.clone(), services, ..Default::default() };

@@ -73,6 +73,10 @@ pub(super) async fn handle(
     // The datapath only captures enrolled sources, so a miss is a race with an unenrolment:
     // without the client's identity nothing can be presented.
     let src = src.ok_or(Error::UnknownSource(client_ip))?;
+    if dst.tunnel == Tunnel::Plain {
+        // A pod no node proxy captures (the control plane says so): plain, from the client.
+        return p.relay_plain(client, target, Some(client_ip), conn, Kind::PlainRelay).await;
+    }
     if dst.node == p.cfg.node {
         // A hand-over to one of our own ports would loop (across nodes the peer refuses
         // it with 503, as ztunnel does).
@@ -85,10 +89,6 @@ pub(super) async fn handle(
         rec.src_identity = Some(src.identity.to_string());
         rec.dst_identity = Some(dst.identity.to_string());
         return p.relay_plain(client, target, Some(client_ip), conn, Kind::SameNode).await;
-    }
-    if dst.tunnel == Tunnel::Plain {
-        // A pod no node proxy captures (the control plane says so): plain, from the client.
-        return p.relay_plain(client, target, Some(client_ip), conn, Kind::PlainRelay).await;
     }
     rec.src_identity = Some(src.identity.to_string());
     rec.dst_identity = Some(dst.identity.to_string());

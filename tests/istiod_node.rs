@@ -1,0 +1,193 @@
+//! `--control-plane istiod` end to end in the lab: both node daemons follow the lab's API
+//! server for capture and the fake istiod for the mesh and their certificates, and what
+//! istiod says (only istiod: the API server holds no Services or EndpointSlices, the lab no
+//! CA key) shows up in real traffic.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use meshpath::record::{ConnectionRecord, Outcome};
+use meshpath::tls;
+use meshpath_lab::apiserver::Kind;
+use meshpath_lab::hbone_client::{self, Answer, Probe};
+use meshpath_lab::istiod::proto::istio::workload::{GatewayAddress, PortList, TunnelProtocol};
+use meshpath_lab::istiod::xds::{LabResource, pod_uid};
+use meshpath_lab::lab_istiod::CLUSTER_ID;
+use meshpath_lab::smoke::{self, APP_PORT};
+use meshpath_lab::{Lab, traffic};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+mod support;
+use support::{built_lab, send, wait_until};
+
+const WAIT: Duration = Duration::from_secs(10);
+const CONNECT: Duration = Duration::from_secs(10);
+
+/// A lab whose daemons run under the lab's istiod, every enrolled pod known as HBONE.
+fn istiod_lab() -> Result<Lab> {
+    let mut lab = built_lab()?;
+    lab.start_cluster()?;
+    lab.start_istiod()?;
+    lab.start_daemons().context("starting the daemons under istiod")?;
+    lab.wait_mesh_synced(Duration::from_secs(20))?;
+    Ok(lab)
+}
+
+fn uid(lab: &Lab, pod: &str) -> String {
+    pod_uid(CLUSTER_ID, lab.pod_namespace(pod), &format!("pod-{pod}"))
+}
+
+/// Edits pod `pod`'s workload in istiod, then waits until both nodes ACKed the change.
+fn edit_workload(
+    lab: &Lab,
+    pod: &str,
+    f: impl Fn(&mut meshpath_lab::istiod::proto::istio::workload::Workload) + Send + 'static,
+) -> Result<()> {
+    let name = uid(lab, pod);
+    let target = name.clone();
+    let before = lab.istiod().fake.xds.version(meshpath::xds::ADDRESS_TYPE, &name);
+    lab.istiod().edit(move |r| {
+        if let LabResource::Workload(w) = r
+            && w.uid == target
+        {
+            f(w)
+        }
+    });
+    acked(lab, &name, before)
+}
+
+/// Waits until `name` is served at a version other than `before` and both nodes ACKed it.
+fn acked(lab: &Lab, name: &str, before: Option<String>) -> Result<()> {
+    let nodes: Vec<String> = (0..lab.nodes.len()).map(|n| lab.node_pod_name(n)).collect();
+    let istiod = lab.istiod();
+    wait_until(&format!("both nodes to ACK a new version of {name}"), WAIT, || {
+        let now = istiod.fake.xds.version(meshpath::xds::ADDRESS_TYPE, name);
+        Ok(now.is_some() && now != before && istiod.acked_by(&nodes, name))
+    })
+}
+
+/// The newest record of `node` toward `dst`, waiting for one that `pred` accepts.
+fn record(lab: &Lab, node: usize, pred: impl Fn(&ConnectionRecord) -> bool) -> Result<ConnectionRecord> {
+    lab.wait_record(node, WAIT, pred)?.with_context(|| format!("no such record on node {}", node + 1))
+}
+
+#[test]
+fn the_mesh_comes_from_xds_alone_and_changes_take_effect() -> Result<()> {
+    let lab = istiod_lab()?;
+    let _servers = smoke::start_servers(&lab)?;
+    let api = &lab.cluster().api;
+    ensure!(api.objects(Kind::Service).is_empty() && api.objects(Kind::EndpointSlice).is_empty());
+    let c = lab.pod("c").v4;
+    let web: SocketAddr = meshpath_lab::cluster::WEB_SERVICE.parse()?;
+
+    // The baseline: HBONE to c, and the service (known to xDS only) leads to it.
+    ensure!(send(&lab, "a", "c", CONNECT)?.echoed_intact, "a -> c");
+    record(&lab, 0, |r| r.orig_dst.ip() == c && r.mtls && r.outcome == Outcome::Ok)?;
+    let x = traffic::exchange(&lab.pod("a").netns, None, web, &traffic::payload(512), CONNECT)?;
+    ensure!(x.echoed_intact, "a -> web");
+    let r = record(&lab, 0, |r| r.orig_dst == web && r.outcome == Outcome::Ok)?;
+    ensure!(r.dst_service.as_deref() == Some("lab/web") && r.mtls, "{r:?}");
+
+    // A service's target port, changed in the workload's port list: node 2 dials c there.
+    let other_port = APP_PORT + 1000;
+    let _other = traffic::EchoServer::start(&lab.pod("c").netns, other_port)?;
+    edit_workload(&lab, "c", move |w| {
+        for ports in w.services.values_mut() {
+            *ports = PortList { ports: ports.ports.iter().map(|p| p_with_target(p, other_port)).collect() };
+        }
+    })?;
+    let x = traffic::exchange(&lab.pod("a").netns, None, web, &traffic::payload(512), CONNECT)?;
+    ensure!(x.echoed_intact, "a -> web, new target port");
+    let to_other = SocketAddr::new(c, other_port);
+    record(&lab, 1, |r| r.listener == "hbone" && r.orig_dst == to_other && r.outcome == Outcome::Ok)?;
+
+    // A waypoint on the service: refused, never sent around it.
+    let svc = format!("{}/web.{}.svc.cluster.local", meshpath_lab::cluster::MESH_NAMESPACE, "lab");
+    let before = lab.istiod().fake.xds.version(meshpath::xds::ADDRESS_TYPE, &svc);
+    lab.istiod().edit(|r| {
+        if let LabResource::Service(s) = r
+            && s.name == "web"
+        {
+            s.waypoint = Some(GatewayAddress::default());
+        }
+    });
+    acked(&lab, &svc, before)?;
+    let refused = traffic::exchange(&lab.pod("a").netns, None, web, &traffic::payload(64), CONNECT);
+    ensure!(!refused.as_ref().is_ok_and(|x| x.echoed_intact), "a waypoint's service was reached: {refused:?}");
+    record(&lab, 0, |r| r.orig_dst == web && r.outcome == Outcome::WaypointUnsupported)?;
+
+    // c no longer HBONE for its peers: node 1 sends plaintext, node 2 (strict) refuses it.
+    edit_workload(&lab, "c", |w| w.tunnel_protocol = TunnelProtocol::None as i32)?;
+    let plain = send(&lab, "a", "c", CONNECT);
+    ensure!(!plain.as_ref().is_ok_and(|x| x.echoed_intact), "strict node 2 took plaintext: {plain:?}");
+    record(&lab, 0, |r| r.orig_dst.ip() == c && r.orig_dst.port() == APP_PORT && !r.mtls && r.start_ms > 0)?;
+    record(&lab, 1, |r| r.src.ip() == lab.pod("a").v4 && r.outcome == Outcome::PlaintextRefused)?;
+    edit_workload(&lab, "c", |w| w.tunnel_protocol = TunnelProtocol::Hbone as i32)?;
+    ensure!(send(&lab, "a", "c", CONNECT)?.echoed_intact, "a -> c, HBONE again");
+
+    // Another identity for c: node 1 now expects it, and c's certificate does not prove it.
+    edit_workload(&lab, "c", |w| w.service_account = "sa-impostor".into())?;
+    let wrong = send(&lab, "a", "c", CONNECT);
+    ensure!(!wrong.as_ref().is_ok_and(|x| x.echoed_intact), "reached c expecting another identity: {wrong:?}");
+    let r = record(&lab, 0, |r| {
+        r.orig_dst.ip() == c && r.dst_identity.as_deref().is_some_and(|i| i.ends_with("/sa/sa-impostor"))
+    })?;
+    ensure!(r.outcome != Outcome::Ok, "{r:?}");
+    Ok(())
+}
+
+fn p_with_target(
+    p: &meshpath_lab::istiod::proto::istio::workload::Port,
+    target: u16,
+) -> meshpath_lab::istiod::proto::istio::workload::Port {
+    meshpath_lab::istiod::proto::istio::workload::Port { service_port: p.service_port, target_port: u32::from(target) }
+}
+
+#[test]
+fn every_leaf_a_node_presents_was_issued_by_istiods_ca() -> Result<()> {
+    let lab = istiod_lab()?;
+    for entry in std::fs::read_dir(&lab.dir)? {
+        let path = entry?.path();
+        let text = std::fs::read(&path).unwrap_or_default();
+        ensure!(
+            !String::from_utf8_lossy(&text).contains("PRIVATE KEY"),
+            "a private key in the lab: {}",
+            path.display()
+        );
+    }
+    let root = CertificateDer::from_pem_file(&lab.istiod().root)?;
+    let issued = lab.istiod().issued_serials();
+    for (from, to) in [("d", "a"), ("d", "e"), ("b", "c")] {
+        let config = tls::anonymous_client_config(std::slice::from_ref(&root), &lab.identity(to))?;
+        let probed = hbone_client::probe(
+            &lab.pod(from).netns,
+            config,
+            lab.addr(to, false, 15008),
+            &[Probe::connect(lab.addr(to, false, APP_PORT))],
+            b"x",
+            CONNECT,
+        )?;
+        ensure!(!probed.server_serial.is_empty(), "{to}'s node presented no certificate");
+        ensure!(
+            issued.contains(&probed.server_serial),
+            "{to}'s node presented serial {} which istiod's CA never issued (issued: {issued:?})",
+            probed.server_serial
+        );
+        // Without a client certificate the stream is refused: the server checked it.
+        ensure!(!matches!(probed.answers[..], [Answer::Status(200, _)]), "{:?}", probed.answers);
+    }
+    // Each was asked for by the node proxy, impersonating the pod's identity.
+    let records = lab.istiod().ca.records();
+    for pod in ["a", "c", "e"] {
+        let id = lab.identity(pod).to_string();
+        ensure!(
+            records.iter().any(|r| r.impersonated.as_deref() == Some(id.as_str())
+                && r.caller.as_deref() == Some("istio-system/ztunnel")
+                && r.serial.is_some()),
+            "no certificate issued for {id} to the node account: {records:#?}"
+        );
+    }
+    Ok(())
+}
