@@ -191,3 +191,122 @@ fn every_leaf_a_node_presents_was_issued_by_istiods_ca() -> Result<()> {
     }
     Ok(())
 }
+
+/// Cuts (or restores) every node's way to istiod: new connections to its port are reset in
+/// node 1's namespace, where it listens, and open streams are ended.
+fn istiod_reachable(lab: &Lab, reachable: bool) -> Result<()> {
+    let op = if reachable { "-D" } else { "-I" };
+    let port = meshpath_lab::lab_istiod::ISTIOD_PORT.to_string();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.nodes[0].name, "iptables", op, "INPUT", "-p", "tcp", "--dport", &port])
+        .args(["-j", "REJECT", "--reject-with", "tcp-reset"])
+        .output()?;
+    ensure!(out.status.success(), "iptables {op}: {}", String::from_utf8_lossy(&out.stderr));
+    if !reachable {
+        lab.istiod().fake.xds.drop_streams();
+    }
+    Ok(())
+}
+
+/// The lines of `node`'s log about its xDS stream, from line `from` on.
+fn xds_lines(lab: &Lab, node: usize, from: usize) -> Result<Vec<String>> {
+    let log = std::fs::read_to_string(lab.daemon_log_path(node))?;
+    Ok(log.lines().skip(from).filter(|l| l.contains("xds: ")).map(str::to_owned).collect())
+}
+
+fn log_len(lab: &Lab, node: usize) -> Result<usize> {
+    Ok(std::fs::read_to_string(lab.daemon_log_path(node))?.lines().count())
+}
+
+/// Backoff from 10 ms doubling to 15 s: a few seconds of outage are a handful of attempts.
+const MAX_LINES_IN_OUTAGE: usize = 12;
+
+#[test]
+fn istiod_lost_while_serving_the_node_serves_on_then_resyncs() -> Result<()> {
+    let lab = istiod_lab()?;
+    let _servers = smoke::start_servers(&lab)?;
+    let from = log_len(&lab, 0)?;
+    istiod_reachable(&lab, false)?;
+    // While istiod is away, a change is made there.
+    let other_port = APP_PORT + 1000;
+    let _other = traffic::EchoServer::start(&lab.pod("c").netns, other_port)?;
+    lab.istiod().edit(move |r| {
+        if let LabResource::Workload(w) = r {
+            w.services.values_mut().flat_map(|p| p.ports.iter_mut()).for_each(|p| p.target_port = other_port.into());
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        ensure!(send(&lab, "a", "c", CONNECT)?.echoed_intact, "a -> c while istiod is away");
+        ensure!(meshpath_lab::readiness(&lab.nodes[0].name)?, "node 1 unready while istiod is away");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let lines = xds_lines(&lab, 0, from)?;
+    ensure!(!lines.is_empty() && lines.len() <= MAX_LINES_IN_OUTAGE, "want one line per backoff step: {lines:#?}");
+    istiod_reachable(&lab, true)?;
+    // Back: the node re-syncs and the change made meanwhile takes effect.
+    let web: SocketAddr = meshpath_lab::cluster::WEB_SERVICE.parse()?;
+    let to_other = SocketAddr::new(lab.pod("c").v4, other_port);
+    wait_until("the change made while istiod was away to take effect", Duration::from_secs(30), || {
+        let _ = traffic::exchange(&lab.pod("a").netns, None, web, &traffic::payload(64), CONNECT);
+        Ok(lab.records(1)?.iter().any(|r| r.orig_dst == to_other && r.outcome == Outcome::Ok))
+    })
+}
+
+#[test]
+fn istiod_unreachable_at_start_not_ready_and_enrolled_traffic_fails_closed() -> Result<()> {
+    let mut lab = built_lab()?;
+    lab.start_cluster()?;
+    lab.start_istiod()?;
+    istiod_reachable(&lab, false)?;
+    let _servers = smoke::start_servers(&lab)?;
+    lab.spawn_daemon(0)?;
+    lab.spawn_daemon(1)?;
+    std::thread::sleep(Duration::from_secs(4));
+    ensure!(!meshpath_lab::readiness(&lab.nodes[0].name)?, "node 1 ready without istiod");
+    // a is captured (Kubernetes says so) but istiod has not described anyone: a's connection
+    // waits for that, bounded, then fails closed.
+    let attempt = send(&lab, "a", "d", Duration::from_secs(15));
+    ensure!(!attempt.as_ref().is_ok_and(|x| x.echoed_intact), "a reached d without istiod: {attempt:?}");
+    record(&lab, 0, |r| r.src.ip() == lab.pod("a").v4 && r.outcome == Outcome::SourcePending)?;
+    let lines = xds_lines(&lab, 0, 0)?;
+    ensure!(!lines.is_empty() && lines.len() <= MAX_LINES_IN_OUTAGE + 2, "want one line per backoff step: {lines:#?}");
+    istiod_reachable(&lab, true)?;
+    lab.wait_ready(0, Duration::from_secs(30))?;
+    lab.wait_ready(1, Duration::from_secs(30))?;
+    lab.wait_mesh_synced(Duration::from_secs(30))?;
+    ensure!(send(&lab, "a", "c", CONNECT)?.echoed_intact, "a -> c once istiod is back");
+    Ok(())
+}
+
+#[test]
+fn a_takeover_while_istiod_is_down_waits_and_the_old_daemon_serves_on() -> Result<()> {
+    let mut lab = istiod_lab()?;
+    let _servers = smoke::start_servers(&lab)?;
+    let name = lab.nodes[0].name.clone();
+    let before = meshpath::datapath::pinned_listener_cookies(&name)?;
+    istiod_reachable(&lab, false)?;
+    let successor = lab.spawn_logged(0)?;
+    // Held here until istiod answers: the old daemon keeps the slots and serves.
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < deadline {
+        ensure!(send(&lab, "a", "c", CONNECT)?.echoed_intact, "the old daemon stopped serving");
+        ensure!(
+            meshpath::datapath::pinned_listener_cookies(&name)? == before,
+            "the successor took the slots without istiod's first push and certificates"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let old = lab.nodes[0].daemon.replace(successor);
+    istiod_reachable(&lab, true)?;
+    wait_until("the successor to take the slots once istiod is back", Duration::from_secs(30), || {
+        let now = meshpath::datapath::pinned_listener_cookies(&name)?;
+        Ok(now.iter().zip(&before).all(|(n, b)| b.is_none() || (n.is_some() && n != b)))
+    })?;
+    if let Some(mut old) = old {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(old.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+        old.wait()?;
+    }
+    ensure!(send(&lab, "a", "c", CONNECT)?.echoed_intact, "a -> c through the successor");
+    Ok(())
+}
