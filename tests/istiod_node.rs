@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use meshpath::record::{ConnectionRecord, Outcome};
 use meshpath::tls;
-use meshpath_lab::apiserver::Kind;
+use meshpath_lab::apiserver::{Kind, Verb};
 use meshpath_lab::hbone_client::{self, Answer, Probe};
 use meshpath_lab::istiod::proto::istio::workload::{GatewayAddress, PortList, TunnelProtocol};
 use meshpath_lab::istiod::xds::{LabResource, pod_uid};
@@ -79,6 +79,16 @@ fn the_mesh_comes_from_xds_alone_and_changes_take_effect() -> Result<()> {
     let _servers = smoke::start_servers(&lab)?;
     let api = &lab.cluster().api;
     ensure!(api.objects(Kind::Service).is_empty() && api.objects(Kind::EndpointSlice).is_empty());
+    // Each node watches its own pods only, and never services.
+    let requests = api.requests();
+    ensure!(!requests.iter().any(|r| matches!(r.kind, Kind::Service | Kind::EndpointSlice)), "{requests:#?}");
+    let nodes: Vec<String> = lab.nodes.iter().map(|n| format!("spec.nodeName={}", n.name)).collect();
+    let pod_reads: Vec<_> = requests.iter().filter(|r| r.kind == Kind::Pod && r.verb != Verb::PatchStatus).collect();
+    ensure!(!pod_reads.is_empty(), "no pod list or watch");
+    ensure!(
+        pod_reads.iter().all(|r| r.param("fieldSelector").is_some_and(|f| nodes.iter().any(|n| n == f))),
+        "a pod list or watch not scoped to its node: {pod_reads:#?}"
+    );
     let c = lab.pod("c").v4;
     let web: SocketAddr = meshpath_lab::cluster::WEB_SERVICE.parse()?;
 
