@@ -118,7 +118,8 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Run the interop test against Istio's ztunnel (tests/interop.rs, ignored by `test`),
+    /// Run the interop tests against Istio's ztunnel (tests/interop.rs and
+    /// tests/istiod_ztunnel.rs, ignored by `test`),
     /// with the ztunnel binary checked against the SHA256SUMS beside it first.
     Interop {
         /// Where ztunnel, its SHA256SUMS and its test CA (src/tls/) are
@@ -248,6 +249,9 @@ fn run(task: Task) -> Result<()> {
     }
 }
 
+/// How many tests `cargo xtask interop` runs: each must pass, none be skipped.
+const INTEROP_TESTS: u64 = 2;
+
 /// The interop test with the ztunnel in `dir`, checked before anything is built: a missing
 /// or different binary fails at once, and a run where the test did not run fails too.
 fn interop(dir: &Path) -> Result<()> {
@@ -258,14 +262,15 @@ fn interop(dir: &Path) -> Result<()> {
     status(&mut bins.lab(["cleanup"]))?;
     step(&format!("running the interop test against {}", binary.display()));
     let mut cmd = cargo();
-    cmd.args(["test", "--package", "meshpath-lab", "--test", "interop", "--", "--ignored"])
+    // Both ways on the lab, then ztunnel on the fake istiod (tests/istiod_ztunnel.rs).
+    cmd.args(["test", "--package", "meshpath-lab", "--test", "interop", "--test", "istiod_ztunnel", "--", "--ignored"])
         .env(MESHPATH_BIN_ENV, &bins.meshpath)
         .env("MESHPATH_ZTUNNEL", &binary)
         .env("MESHPATH_ZTUNNEL_SRC", dir);
     let result = run_tests(&mut cmd);
     status(&mut bins.lab(["cleanup"]))?;
-    if result?.passed == 0 {
-        bail!("the interop test did not run");
+    if result?.passed < INTEROP_TESTS {
+        bail!("the interop tests did not all run");
     }
     Ok(())
 }

@@ -20,7 +20,7 @@
 //! `serverAuth + clientAuth`, not a CA), then the root. Every request is recorded. Tests can
 //! make it answer wrongly ([`Fault`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -148,6 +148,32 @@ pub struct CsrRecord {
     pub code: Code,
     /// Why it was refused, as istiod would log it.
     pub reason: String,
+    /// The call's gRPC metadata, pseudo-headers aside (the token too: it is a lab).
+    pub headers: BTreeMap<String, String>,
+    /// The request's `metadata` fields (strings as they are, other values in Debug form).
+    pub metadata: BTreeMap<String, String>,
+    /// What the CSR is made of; `None` when it does not parse.
+    pub csr: Option<CsrFields>,
+    /// The leaf issued (DER).
+    pub leaf: Option<Vec<u8>>,
+}
+
+/// The fields of a CSR a CA looks at, as text (OIDs by their short names where known), to
+/// compare node proxies' requests field by field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CsrFields {
+    /// The subject (empty for an empty one).
+    pub subject: String,
+    /// The public key's algorithm and its parameter (the curve, for EC keys).
+    pub key_algorithm: String,
+    pub key_parameter: Option<String>,
+    pub signature_algorithm: String,
+    /// Every extension requested: its name and whether it is critical.
+    pub extensions: Vec<(String, bool)>,
+    /// Every subject alternative name, of any kind.
+    pub sans: Vec<String>,
+    /// The attributes of the request (the extension request among them).
+    pub attributes: Vec<String>,
 }
 
 struct Tables {
@@ -344,6 +370,7 @@ impl FakeCa {
         let (chain, leaf) = self.sign(&req.csr, &san, ttl, fault)?;
         record.issued = leaf_san(&leaf);
         record.serial = serial(&leaf);
+        record.leaf = Some(leaf);
         Ok(chain)
     }
 
@@ -411,6 +438,10 @@ impl IstioCertificateService for FakeCa {
             validity_duration: req.validity_duration,
             code: Code::Ok,
             reason: String::new(),
+            headers: super::xds::headers(&md),
+            metadata: super::xds::struct_strings(req.metadata.as_ref()),
+            csr: csr_fields(&req.csr),
+            leaf: None,
         };
         let answer = self.answer(&md, &req, &mut record);
         if let Err(r) = &answer {
@@ -485,6 +516,45 @@ fn asked_sans(csr: &str) -> Vec<String> {
             _ => None,
         })
         .collect()
+}
+
+/// What `csr` (PEM) is made of, if it parses.
+pub fn csr_fields(csr: &str) -> Option<CsrFields> {
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::cri_attributes::ParsedCriAttribute;
+    use x509_parser::extensions::ParsedExtension;
+    use x509_parser::prelude::FromDer;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(csr.as_bytes()).ok()?;
+    let (_, req) = X509CertificationRequest::from_der(&pem.contents).ok()?;
+    let info = &req.certification_request_info;
+    let spki = &info.subject_pki.algorithm;
+    let requested: Vec<_> = info
+        .iter_attributes()
+        .filter_map(|a| match a.parsed_attribute() {
+            ParsedCriAttribute::ExtensionRequest(r) => Some(r.extensions.iter()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let sans = requested.iter().filter_map(|e| match e.parsed_extension() {
+        ParsedExtension::SubjectAlternativeName(san) => Some(san.general_names.iter().map(|n| n.to_string())),
+        _ => None,
+    });
+    Some(CsrFields {
+        subject: info.subject.to_string(),
+        key_algorithm: oid_name(&spki.algorithm),
+        key_parameter: spki.parameters.as_ref().and_then(|p| p.as_oid().ok()).map(|o| oid_name(&o)),
+        signature_algorithm: oid_name(&req.signature_algorithm.algorithm),
+        extensions: requested.iter().map(|e| (oid_name(&e.oid), e.critical)).collect(),
+        sans: sans.flatten().collect(),
+        attributes: info.iter_attributes().map(|a| oid_name(&a.oid)).collect(),
+    })
+}
+
+/// An OID's short name, or its dotted form.
+fn oid_name(oid: &x509_parser::der_parser::oid::Oid<'_>) -> String {
+    let registry = x509_parser::objects::oid_registry();
+    x509_parser::objects::oid2sn(oid, registry).map_or_else(|_| oid.to_id_string(), str::to_owned)
 }
 
 fn impersonated(req: &IstioCertificateRequest) -> Option<String> {

@@ -54,6 +54,11 @@ impl LabRoot {
         &self.pem
     }
 
+    /// Its private key (PKCS#8 PEM), for a CA that signs with it ([`super::ca::CaSettings`]).
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
     /// What signs (for the CA side).
     pub fn issuer(&self) -> &Issuer<'static, KeyPair> {
         &self.issuer

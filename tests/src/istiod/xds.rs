@@ -103,9 +103,11 @@ impl From<Authorization> for LabResource {
     }
 }
 
-/// A pod's workload uid as istiod writes it: `<cluster>//v1/Pod/<namespace>/<name>`.
+/// A pod's workload uid as istiod writes it: `<cluster>//Pod/<namespace>/<name>`
+/// (`generatePodUID`, `pilot/pkg/serviceregistry/kube/controller/ambient/helpers.go`; the
+/// `<cluster>//v1/Pod/...` of ztunnel's test fixtures is an older istiod's).
 pub fn pod_uid(cluster: &str, namespace: &str, name: &str) -> String {
-    format!("{cluster}//v1/Pod/{namespace}/{name}")
+    format!("{cluster}//Pod/{namespace}/{name}")
 }
 
 fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
@@ -116,9 +118,12 @@ fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
 }
 
 /// A healthy HBONE pod of `namespace` with service account `service_account`, on `node`.
+/// Its `cluster_id` is the cluster of its uid ([`pod_uid`]): istiod sets it on every pod's
+/// workload (`podWorkloadBuilder`, `pilot/pkg/serviceregistry/kube/controller/ambient/workloads.go`).
 pub fn workload(uid: &str, namespace: &str, name: &str, service_account: &str, node: &str, ips: &[IpAddr]) -> Workload {
     Workload {
         uid: uid.into(),
+        cluster_id: uid.split_once("//").map_or("", |(cluster, _)| cluster).into(),
         name: name.into(),
         namespace: namespace.into(),
         addresses: ips.iter().map(ip_bytes).collect(),
@@ -451,7 +456,8 @@ impl Shared {
     }
 }
 
-fn headers(metadata: &MetadataMap) -> BTreeMap<String, String> {
+/// A call's headers (pseudo-headers are not in the metadata), values as text.
+pub(super) fn headers(metadata: &MetadataMap) -> BTreeMap<String, String> {
     metadata
         .clone()
         .into_headers()
@@ -496,7 +502,12 @@ fn check_node(node: Option<&Node>, caller: &Account, trust_domain: &str) -> Resu
 }
 
 fn strings(node: &Node) -> BTreeMap<String, String> {
-    let fields = node.metadata.as_ref().map(|m| m.fields.clone()).unwrap_or_default();
+    struct_strings(node.metadata.as_ref())
+}
+
+/// A protobuf `Struct`'s fields: strings as they are, other values in their Debug form.
+pub(super) fn struct_strings(s: Option<&prost_types::Struct>) -> BTreeMap<String, String> {
+    let fields = s.map(|m| m.fields.clone()).unwrap_or_default();
     fields
         .into_iter()
         .map(|(k, v)| match v.kind {
@@ -703,7 +714,8 @@ mod tests {
     fn resources_are_named_as_istiod_names_them() {
         let ip: IpAddr = "10.0.0.9".parse().expect("ip");
         let w = workload(&pod_uid("c1", "ns", "a"), "ns", "a", "sa", "n1", &[ip]);
-        assert_eq!(LabResource::from(w).name(), "c1//v1/Pod/ns/a");
+        assert_eq!(w.cluster_id, "c1");
+        assert_eq!(LabResource::from(w).name(), "c1//Pod/ns/a");
         let s = service("ns", "web", "web.ns.svc.cluster.local", &[ip], &[(80, 8080)]);
         assert_eq!(LabResource::from(s).name(), "ns/web.ns.svc.cluster.local");
         let a = authorization("ns", "deny", Scope::Namespace, Action::Deny, vec![]);
