@@ -119,6 +119,11 @@ impl Lab {
         self.dir.join(format!("istio-token-n{}", node + 1))
     }
 
+    /// The token file of lab pod `pod` (its own service account, bound to it).
+    pub fn pod_token_path(&self, pod: &str) -> PathBuf {
+        self.dir.join(format!("istio-token-pod-{pod}"))
+    }
+
     /// The name of `node`'s daemon pod.
     pub fn node_pod_name(&self, node: usize) -> String {
         format!("meshpath-n{}", node + 1)
@@ -134,12 +139,31 @@ impl Lab {
         remove_services(&api)?;
         let other = |e: &dyn std::fmt::Display| LabError::Other(format!("the lab's istiod: {e}"));
         let mut builder = FakeIstiod::builder(CLUSTER_ID).map_err(|e| other(&e))?;
-        let mut settings = CaSettings::new(builder.root().pem(), &builder.root().issuer().key().serialize_pem());
+        let mut settings = CaSettings::new(builder.root().pem(), &builder.root().key_pem());
         for node in 0..self.nodes.len() {
             let token = format!("{}-node-token-{}", self.id, node + 1);
             builder = builder.token(&token, Account::new(NODE_NAMESPACE, NODE_ACCOUNT));
             settings.tokens.insert(token.clone(), self.node_caller(node));
             std::fs::write(self.istiod_token_path(node), token)?;
+        }
+        // Each pod's own token too, for a proxy that serves one pod (ztunnel's dedicated mode).
+        for pod in &self.pods {
+            let token = format!("{}-pod-token-{}", self.id, pod.name);
+            let (ns, sa) = (self.pod_namespace(pod.name), format!("sa-{}", pod.name));
+            builder = builder.token(&token, Account::new(ns, &sa));
+            let caller = Caller {
+                namespace: ns.into(),
+                service_account: sa,
+                pod: format!("pod-{}", pod.name),
+                pod_uid: self
+                    .cluster()
+                    .api
+                    .object(Kind::Pod, Some(ns), &format!("pod-{}", pod.name))
+                    .and_then(|p| p["metadata"]["uid"].as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+            };
+            settings.tokens.insert(token.clone(), caller);
+            std::fs::write(self.pod_token_path(pod.name), token)?;
         }
         let ca = FakeCa::new(settings).map_err(|e| other(&e))?;
         let ip = addr.ip().to_string();
