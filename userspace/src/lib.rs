@@ -24,6 +24,7 @@ pub mod datapath;
 pub mod drain;
 pub mod flags;
 pub mod identity;
+pub mod inpod;
 pub mod k8s;
 pub mod metrics;
 pub mod netns;

@@ -302,7 +302,7 @@ fn listening_sockets() -> Vec<SocketAddr> {
 }
 
 /// `0100007F:3A99` (IPv4) or 32 hex digits `:port` (IPv6), each 32-bit word in host order.
-fn parse_proc_addr(s: &str, v6: bool) -> Option<SocketAddr> {
+pub(crate) fn parse_proc_addr(s: &str, v6: bool) -> Option<SocketAddr> {
     let (ip, port) = s.split_once(':')?;
     let port = u16::from_str_radix(port, 16).ok()?;
     let words: Vec<u32> =
