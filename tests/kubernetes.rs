@@ -353,3 +353,37 @@ fn captured_pods_carry_the_redirection_annotation_until_their_release() -> Resul
     ensure!(patches <= 6, "{patches} status patches for 4 changes of marks: patching more than it must");
     Ok(())
 }
+
+/// `iptables -t nat <op> ISTIO_PRERT` inside pod `pod`'s namespace: the chain istio-cni
+/// leaves in a pod it redirected in place.
+fn istio_chain(lab: &Lab, pod: &str, op: &str) -> Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.pod(pod).netns, "iptables", "-t", "nat", op, "ISTIO_PRERT"])
+        .output()?;
+    ensure!(out.status.success(), "iptables {op}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// A node moving from ztunnel to meshpath: a pod that still carries istio-cni's in-pod
+/// rules is not captured twice; it is named in one line and captured once they are gone.
+#[test]
+fn a_pod_still_redirected_by_istio_cni_is_left_uncaptured_with_one_line() -> Result<()> {
+    let mut lab = built_lab()?;
+    lab.start_cluster()?;
+    istio_chain(&lab, "e", "-N")?;
+    lab.start_daemons().context("starting the daemons in Kubernetes mode")?;
+    expect_map(&lab, 0, &["a"], "a captured, e left out")?;
+    ensure!(!annotated(&lab, "e")?, "e annotated though not captured");
+    let log = std::fs::read_to_string(lab.daemon_log_path(0))?;
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("not captured") && l.contains("pod-e")).collect();
+    ensure!(lines.len() == 1 && lines[0].contains("ISTIO_PRERT"), "want one line naming the chain: {lines:#?}");
+    // The rules go (the pod restarted, or by hand); the next change of the pod captures it.
+    istio_chain(&lab, "e", "-X")?;
+    let api = &lab.cluster().api;
+    let mut touched = relabelled(&lab, "e", None)?;
+    touched["metadata"]["labels"]["touched"] = "yes".into();
+    api.apply_value(touched).map_err(|e| anyhow::anyhow!("{e}"))?;
+    expect_map(&lab, 0, &["a", "e"], "e captured once the rules are gone")?;
+    wait_until("e annotated", RELEASE, || annotated(&lab, "e"))?;
+    Ok(())
+}

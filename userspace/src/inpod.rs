@@ -104,6 +104,13 @@ impl InpodTraces {
     pub fn is_empty(&self) -> bool {
         self.chains.is_empty() && self.nft_tables.is_empty() && self.listeners.is_empty()
     }
+
+    /// Whether the pod's traffic is redirected in place: istio-cni's rules are there.
+    /// Listeners alone do not say so: an app may use those ports, and ztunnel's in-pod
+    /// sockets close with it while the rules stay.
+    pub fn redirects(&self) -> bool {
+        !self.chains.is_empty() || !self.nft_tables.is_empty()
+    }
 }
 
 impl fmt::Display for InpodTraces {
@@ -335,5 +342,13 @@ COMMIT
              istio-ambient-mangle; ztunnel's in-pod listeners 0.0.0.0:15008): restart the pod to capture it"
         );
         assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn only_rules_say_a_pod_is_redirected_in_place() {
+        let listening = InpodTraces { listeners: ["[::]:15008".parse().unwrap()].into(), ..Default::default() };
+        assert!(!listening.is_empty() && !listening.redirects(), "an app on 15008 is not istio-cni's rules");
+        let nft = InpodTraces { nft_tables: ["istio-ambient-nat".to_string()].into(), ..Default::default() };
+        assert!(nft.redirects());
     }
 }

@@ -209,7 +209,14 @@ impl Daemon {
         if let Some(i) = self.instance.as_mut() {
             i.set(Phase::Serving.into(), Some(own_slots.iter().flatten().copied().collect()));
         }
-        tracing::info!(node = %self.cfg.node, control_plane = ?self.cfg.control_plane, "node ready");
+        match self.ready.why_not() {
+            None => tracing::info!(node = %self.cfg.node, control_plane = ?self.cfg.control_plane, "node ready"),
+            Some(why) => tracing::info!(
+                node = %self.cfg.node,
+                control_plane = ?self.cfg.control_plane,
+                "serving; not ready yet: {why}"
+            ),
+        }
         Ok(Some(Term { reconciler, admin, serve, proxy_task, successors, own_slots, listeners: dups }))
     }
 

@@ -6,6 +6,7 @@
 //!   [`daemon`] the driver that does each phase's work;
 //! - [`source`]: the workload file or Kubernetes, each publishing the desired state;
 //! - [`annotate`]: the redirection annotation on the node's captured pods (Kubernetes);
+//! - [`inpod_gate`]: pods still redirected by istio-cni in their own namespace, left uncaptured;
 //! - [`releases`]: workload IPs leaving the desired state, held back for a bounded time;
 //! - [`reconcile`]: attachments, route resolution and the map diff, over the [`kernel`] seam;
 //! - [`routes`]: the cache of which interface each workload IP is routed to;
@@ -19,6 +20,7 @@ mod certs;
 mod config;
 mod daemon;
 mod drops;
+mod inpod_gate;
 pub mod instance;
 mod kernel;
 pub mod lifecycle;
@@ -123,9 +125,12 @@ pub async fn run(mut cfg: NodeConfig, shutdown: impl Future<Output = ()> + Send)
     // Everything cheap is validated before the kernel is touched: a bad workload file or
     // Kubernetes configuration fails the start here.
     let source = cfg.source()?;
-    let following = source.start(cfg.poll_interval, watcher.clone()).await?;
+    let mut following = source.start(cfg.poll_interval, watcher.clone()).await?;
     let annotations = match source {
         source::Source::Kubernetes | source::Source::Istiod(_) => {
+            // Pods come from the cluster, also the ones istio-cni redirected in place.
+            let (state, dir) = (following.state.clone(), cfg.netns_dir.clone());
+            following.state = inpod_gate::gate(state, cfg.node.clone(), dir, watcher.clone());
             Some(annotate::Annotations::spawn(k8s::client().await?, watcher.clone()))
         }
         source::Source::File(_) => None,
