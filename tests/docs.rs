@@ -169,6 +169,9 @@ impl Sources for Everything {
     fn connections(&self) -> (usize, usize) {
         (0, 0)
     }
+    fn control_plane(&self) -> Option<meshpath::metrics::ControlPlaneStats> {
+        Some(Default::default())
+    }
 }
 
 /// Each metric's exposed name and type, from `# TYPE` lines: a counter's samples carry

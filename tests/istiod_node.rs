@@ -79,6 +79,12 @@ fn the_mesh_comes_from_xds_alone_and_changes_take_effect() -> Result<()> {
     let _servers = smoke::start_servers(&lab)?;
     let api = &lab.cluster().api;
     ensure!(api.objects(Kind::Service).is_empty() && api.objects(Kind::EndpointSlice).is_empty());
+    // The metrics show the stream and the mesh it described.
+    let scrape = meshpath_lab::http_get(&lab.nodes[0].name, 15020, "/metrics")?;
+    for want in ["meshpath_xds_connected 1", "meshpath_mesh_workload_addresses 10", "meshpath_mesh_service_addresses 2"]
+    {
+        ensure!(scrape.lines().any(|l| l == want), "no `{want}` in the metrics:\n{scrape}");
+    }
     // Each node watches its own pods only, and never services.
     let requests = api.requests();
     ensure!(!requests.iter().any(|r| matches!(r.kind, Kind::Service | Kind::EndpointSlice)), "{requests:#?}");

@@ -108,6 +108,19 @@ pub trait Sources: Send + Sync + 'static {
     fn pool(&self) -> PoolStats;
     /// Connections (and HBONE streams) the proxy holds, and its limit.
     fn connections(&self) -> (usize, usize);
+    /// The control plane's stream and the mesh it described (`None` without one).
+    fn control_plane(&self) -> Option<ControlPlaneStats>;
+}
+
+/// What the metrics show of istiod's stream and of the mesh it describes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ControlPlaneStats {
+    pub connected: bool,
+    pub attempts: u64,
+    pub nacks: u64,
+    /// Workload and service addresses the node knows.
+    pub workload_addresses: usize,
+    pub service_addresses: usize,
 }
 
 pub struct Metrics {
@@ -234,8 +247,30 @@ impl Collector for ScrapeTime {
             let g = ConstGauge::new(v as i64);
             g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
         }
+        if let Some(cp) = s.control_plane() {
+            encode_control_plane(&cp, &mut encoder)?;
+        }
         Ok(())
     }
+}
+
+fn encode_control_plane(cp: &ControlPlaneStats, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+    for (name, help, v) in [
+        ("meshpath_xds_connection_attempts", "Connection attempts to istiod's xDS", cp.attempts),
+        ("meshpath_xds_nacks", "xDS responses answered with a NACK", cp.nacks),
+    ] {
+        let c = ConstCounter::new(v);
+        c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+    }
+    for (name, help, v) in [
+        ("meshpath_xds_connected", "1 while a stream to istiod's xDS is open", usize::from(cp.connected)),
+        ("meshpath_mesh_workload_addresses", "Workload addresses the mesh description holds", cp.workload_addresses),
+        ("meshpath_mesh_service_addresses", "Service addresses the mesh description holds", cp.service_addresses),
+    ] {
+        let g = ConstGauge::new(v as i64);
+        g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -305,6 +340,10 @@ mod tests {
         fn connections(&self) -> (usize, usize) {
             (4, 100)
         }
+        fn control_plane(&self) -> Option<ControlPlaneStats> {
+            let (workload_addresses, service_addresses) = (6, 2);
+            Some(ControlPlaneStats { connected: true, attempts: 3, nacks: 1, workload_addresses, service_addresses })
+        }
     }
 
     #[test]
@@ -318,6 +357,11 @@ mod tests {
             "meshpath_hbone_pool_streams 3",
             "meshpath_proxy_connections_open 4",
             "meshpath_proxy_connections_limit 100",
+            "meshpath_xds_connection_attempts_total 3",
+            "meshpath_xds_nacks_total 1",
+            "meshpath_xds_connected 1",
+            "meshpath_mesh_workload_addresses 6",
+            "meshpath_mesh_service_addresses 2",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
         }

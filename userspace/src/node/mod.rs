@@ -139,6 +139,7 @@ pub async fn run(mut cfg: NodeConfig, shutdown: impl Future<Output = ()> + Send)
     let certs = CertificateManager::new(cfg.certificates().provider(&cfg.trust_domain)?);
     let metrics = Metrics::new();
     let ready = lifecycle::Readiness::default();
+    let xds = following.control_plane.clone();
     follow_control_plane(following.control_plane, ready.clone(), watcher.clone());
     let istiod = cfg.control_plane == ControlPlane::Istiod;
     let identities = certs::spawn(certs.clone(), ready.clone(), istiod, watcher.clone());
@@ -150,7 +151,7 @@ pub async fn run(mut cfg: NodeConfig, shutdown: impl Future<Output = ()> + Send)
     // into the kernel.
     let fresh = datapath::is_fresh(&cfg.node)?;
     let proxy = new_proxy(&cfg, log, certs, &metrics);
-    metrics.set_sources(ScrapeSources { node: cfg.node.clone(), proxy: proxy.clone() });
+    metrics.set_sources(ScrapeSources { node: cfg.node.clone(), proxy: proxy.clone(), xds });
     // `meshpath status` lists this daemon's open connections through it.
     let _control = instance.as_ref().and_then(|_| {
         let path = instance::control_socket(&cfg.node, std::process::id());
@@ -354,6 +355,7 @@ fn forwarding_on() -> Result<(), NodeError> {
 struct ScrapeSources {
     node: String,
     proxy: Arc<Proxy>,
+    xds: Option<watch::Receiver<XdsStatus>>,
 }
 
 impl metrics::Sources for ScrapeSources {
@@ -368,6 +370,18 @@ impl metrics::Sources for ScrapeSources {
 
     fn connections(&self) -> (usize, usize) {
         self.proxy.connections()
+    }
+
+    fn control_plane(&self) -> Option<metrics::ControlPlaneStats> {
+        let status = self.xds.as_ref()?.borrow().clone();
+        let (workload_addresses, service_addresses) = self.proxy.mesh_size();
+        Some(metrics::ControlPlaneStats {
+            connected: status.connected,
+            attempts: status.attempts,
+            nacks: status.nacks,
+            workload_addresses,
+            service_addresses,
+        })
     }
 }
 

@@ -250,6 +250,11 @@ impl Proxy {
         (self.limits.open(), self.limits.max_total())
     }
 
+    /// Workload and service addresses of the index the proxy reads.
+    pub fn mesh_size(&self) -> (usize, usize) {
+        self.index.borrow().len()
+    }
+
     /// HBONE pool occupancy.
     pub fn pool_stats(&self) -> crate::metrics::PoolStats {
         self.pool.stats()
