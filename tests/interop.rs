@@ -13,18 +13,33 @@
 //! its fake CA. meshpath's built-in CA is given that CA's root and key (the fixtures
 //! `src/tls/root-cert.pem` and `src/tls/ca-key.pem` of ztunnel's source), so both sides
 //! trust each other's certificates, and nothing else is shared.
+//!
+//! The second test does the same under the lab's fake istiod (tests/src/lab_istiod.rs):
+//! meshpath on both nodes with `--control-plane istiod`, ztunnel with pod c's token, both
+//! fed by the one fake (xDS and CA), so every certificate either side presents is one the
+//! fake issued. It needs only `MESHPATH_ZTUNNEL`.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::core::v1::Pod as PodObject;
 use meshpath::identity::ca;
 use meshpath::record::Outcome;
+use meshpath::tls;
+use meshpath_common::names::{DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE};
+use meshpath_lab::hbone_client::{self, Answer, Probe};
+use meshpath_lab::istiod::proto::istio::workload::TunnelProtocol;
+use meshpath_lab::istiod::xds::{LabResource, pod_uid};
+use meshpath_lab::lab_istiod::CLUSTER_ID;
 use meshpath_lab::smoke::APP_PORT;
 use meshpath_lab::{Lab, traffic};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 
 mod support;
 use support::{built_lab, send};
@@ -32,6 +47,10 @@ use support::{built_lab, send};
 /// ztunnel's SOCKS5 listener (enabled with UNSTABLE_ENABLE_SOCKS5), its way in for a client
 /// without traffic capture.
 const ZTUNNEL_SOCKS5: u16 = 15080;
+
+/// ztunnel's admin port (config dump), in pod c's namespace.
+const ZTUNNEL_ADMIN: u16 = 15000;
+const ZTUNNEL_LOG: &str = "ztunnel.log";
 
 struct Ztunnel(Child);
 
@@ -48,25 +67,38 @@ fn env_path(name: &str) -> Result<PathBuf> {
         .with_context(|| format!("{name} is not set (see the top of tests/interop.rs)"))
 }
 
-fn start_ztunnel(lab: &Lab, binary: &PathBuf) -> Result<Ztunnel> {
+/// ztunnel with its test CA and a local xDS file: the first test's peer.
+fn start_ztunnel(lab: &Lab, binary: &Path) -> Result<Ztunnel> {
     let config = lab.dir.join("ztunnel.yaml");
     std::fs::write(&config, meshpath_lab::bench::paths::ztunnel::config(lab))?;
-    let log = std::fs::File::create(lab.dir.join("ztunnel.log"))?;
+    let env = [
+        ("FAKE_CA", "true".to_owned()),
+        ("XDS_ADDRESS", String::new()),
+        ("PROXY_WORKLOAD_INFO", "lab/pod-c/sa-c".to_owned()),
+        ("LOCAL_XDS_PATH", config.display().to_string()),
+    ];
+    spawn_ztunnel(lab, binary, &env)
+}
+
+/// ztunnel in dedicated mode inside pod c's namespace, with `env` on top of the settings
+/// both tests share and nothing from this process's environment but PATH; waits until it
+/// listens on c's HBONE port.
+fn spawn_ztunnel(lab: &Lab, binary: &Path, env: &[(&str, String)]) -> Result<Ztunnel> {
+    let log = std::fs::File::create(lab.dir.join(ZTUNNEL_LOG))?;
     let child = Command::new("ip")
-        .args(["netns", "exec", &lab.pod("c").netns, "env"])
-        .args([
-            "FAKE_CA=true",
-            "XDS_ADDRESS=",
-            "PROXY_MODE=dedicated",
-            "PROXY_WORKLOAD_INFO=lab/pod-c/sa-c",
-            // Without in-pod routing for spoofed sources, ztunnel must connect from its own IP.
-            "ENABLE_ORIG_SRC=false",
-            "UNSTABLE_ENABLE_SOCKS5=true",
-            "RUST_LOG=info",
-        ])
-        .arg(format!("LOCAL_XDS_PATH={}", config.display()))
+        .args(["netns", "exec", &lab.pod("c").netns])
         .arg(binary)
         .arg("proxy")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs([
+            ("PROXY_MODE", "dedicated"),
+            // Without in-pod routing for spoofed sources, ztunnel must connect from its own IP.
+            ("ENABLE_ORIG_SRC", "false"),
+            ("UNSTABLE_ENABLE_SOCKS5", "true"),
+            ("RUST_LOG", "info"),
+        ])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -77,7 +109,7 @@ fn start_ztunnel(lab: &Lab, binary: &PathBuf) -> Result<Ztunnel> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(status) = z.0.try_wait()? {
-            bail!("ztunnel exited ({status}):\n{}", std::fs::read_to_string(lab.dir.join("ztunnel.log"))?);
+            bail!("ztunnel exited ({status}):\n{}", ztunnel_log(lab));
         }
         let up = traffic::in_netns(&lab.pod("c").netns, || {
             TcpStream::connect_timeout(&hbone, Duration::from_millis(200)).is_ok()
@@ -85,9 +117,20 @@ fn start_ztunnel(lab: &Lab, binary: &PathBuf) -> Result<Ztunnel> {
         if up {
             return Ok(z);
         }
-        ensure!(Instant::now() < deadline, "ztunnel not listening on {hbone} after 20 s");
+        ensure!(Instant::now() < deadline, "ztunnel not listening on {hbone} after 20 s:\n{}", ztunnel_log(lab));
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+fn ztunnel_log(lab: &Lab) -> String {
+    std::fs::read_to_string(lab.dir.join(ZTUNNEL_LOG)).unwrap_or_default()
+}
+
+/// `e`, followed by the end of ztunnel's log.
+fn with_ztunnel_log(lab: &Lab, e: anyhow::Error) -> anyhow::Error {
+    let log = ztunnel_log(lab);
+    let lines: Vec<&str> = log.lines().collect();
+    anyhow::anyhow!("{e:#}\n--- ztunnel's log ends ---\n{}", lines[lines.len().saturating_sub(30)..].join("\n"))
 }
 
 /// From pod c, through ztunnel's SOCKS5 port, to `dst`: sends `payload`, half-closes, and
@@ -163,4 +206,258 @@ fn meshpath_and_ztunnel_talk_hbone_both_ways() -> Result<()> {
     );
     println!("ztunnel -> meshpath: {} bytes in, client identity {:?}", r.bytes_sent, r.src_identity);
     Ok(())
+}
+
+/// How long xDS pushes and certificates may take to settle.
+const SETTLE: Duration = Duration::from_secs(30);
+const CONNECT: Duration = Duration::from_secs(10);
+
+/// The same two ways under one fake istiod (tests/src/lab_istiod.rs): meshpath runs with
+/// `--control-plane istiod` on both nodes, and ztunnel, in pod c's namespace, takes its
+/// workloads and its certificate from the same fake, with pod c's own token. No test CA,
+/// no built-in CA: every certificate either side presents was issued by the fake.
+#[test]
+#[ignore = "needs a ztunnel binary: MESHPATH_ZTUNNEL"]
+fn meshpath_and_ztunnel_on_one_fake_istiod_talk_hbone_both_ways() -> Result<()> {
+    let binary = env_path("MESHPATH_ZTUNNEL")?;
+    let mut lab = built_lab()?;
+    lab.start_cluster()?;
+    // Pod c is ztunnel's: node 2's meshpath must leave it alone.
+    lab.cluster().api.apply(&opted_out(lab.pod_object("c")))?;
+    lab.start_istiod()?;
+    // istiod tells every peer to use HBONE for c, as for a pod whose ztunnel serves it.
+    let target = uid(&lab, "c");
+    lab.istiod().edit(move |r| {
+        if let LabResource::Workload(w) = r
+            && w.uid == target
+        {
+            w.tunnel_protocol = TunnelProtocol::Hbone as i32;
+        }
+    });
+    lab.start_daemons().context("starting meshpath under the fake istiod")?;
+    lab.wait_mesh_synced(SETTLE)?;
+    let held = lab.workload_map(1)?;
+    ensure!(!held.contains_key(&lab.pod("c").v4), "node 2's meshpath captured pod c: {held:?}");
+    let _ztunnel = start_ztunnel_on_istiod(&lab, &binary)?;
+    let (a, c) = (uid(&lab, "a"), uid(&lab, "c"));
+    support::wait_until("ztunnel to ACK a's and c's workloads", SETTLE, || {
+        Ok(lab.istiod().acked_by(&["pod-c".to_owned()], &a) && lab.istiod().acked_by(&["pod-c".to_owned()], &c))
+    })
+    .map_err(|e| with_ztunnel_log(&lab, e))?;
+    print_ztunnel_stream(&lab)?;
+    let _servers = [
+        traffic::EchoServer::start(&lab.pod("a").netns, APP_PORT)?,
+        traffic::EchoServer::start(&lab.pod("c").netns, APP_PORT)?,
+    ];
+    meshpath_to_ztunnel(&lab).map_err(|e| with_ztunnel_log(&lab, e))?;
+    ztunnel_to_meshpath(&lab).map_err(|e| with_ztunnel_log(&lab, e))?;
+    certificates_all_from_the_fake(&lab)?;
+    // Nothing refused on either side: no NACK, no certificate ztunnel would not take.
+    let complaints: Vec<String> = ztunnel_log(&lab)
+        .lines()
+        .filter(|l| l.split('\t').nth(1).is_some_and(|level| level == "warn" || level == "error"))
+        .filter(|l| !EXPECTED_ZTUNNEL_WARNINGS.iter().any(|w| l.contains(w)))
+        .map(str::to_owned)
+        .collect();
+    ensure!(complaints.is_empty(), "ztunnel complained: {complaints:#?}");
+    Ok(())
+}
+
+/// What ztunnel rightly warns of in this test: the start-up check's bare TCP connection to
+/// 15008, and pod d's probe of 15008 without a client certificate.
+const EXPECTED_ZTUNNEL_WARNINGS: [&str; 2] = ["tls handshake eof", "NoCertificatesPresented"];
+
+/// ztunnel's xDS stream as the fake saw it: whom the token named, the node it said it is.
+fn print_ztunnel_stream(lab: &Lab) -> Result<()> {
+    let records = lab.istiod().fake.xds.records();
+    let stream = records
+        .streams
+        .iter()
+        .rev()
+        .find(|s| s.node.as_ref().is_some_and(|n| n.id.contains("~pod-c.")))
+        .context("the fake saw no xDS stream from ztunnel")?;
+    let node = stream.node.as_ref().map(|n| n.id.as_str());
+    ensure!(stream.refused.is_none(), "the fake refused ztunnel's stream: {:?}", stream.refused);
+    println!(
+        "ztunnel's xDS stream {}: node {node:?}, token of {:?}, clusterid {:?}",
+        stream.id,
+        stream.caller,
+        stream.headers.get("clusterid")
+    );
+    Ok(())
+}
+
+/// Pod `pod`'s workload name in the fake istiod.
+fn uid(lab: &Lab, pod: &str) -> String {
+    pod_uid(CLUSTER_ID, lab.pod_namespace(pod), &format!("pod-{pod}"))
+}
+
+fn opted_out(mut pod: PodObject) -> PodObject {
+    pod.metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(DATAPLANE_MODE_LABEL.into(), DATAPLANE_MODE_NONE.into());
+    pod
+}
+
+/// ztunnel as pod c's own proxy on the lab's istiod, with the chart's settings.
+fn start_ztunnel_on_istiod(lab: &Lab, binary: &Path) -> Result<Ztunnel> {
+    let istiod = lab.istiod();
+    let root = istiod.root.display().to_string();
+    let (pod, ns) = (lab.pod("c"), lab.pod_namespace("c"));
+    let env = [
+        ("XDS_ADDRESS", istiod.url.clone()),
+        ("CA_ADDRESS", istiod.url.clone()),
+        ("XDS_ROOT_CA", root.clone()),
+        ("CA_ROOT_CA", root),
+        ("AUTH_TOKEN", lab.pod_token_path("c").display().to_string()),
+        ("CLUSTER_ID", CLUSTER_ID.to_owned()),
+        ("NODE_NAME", lab.nodes[pod.node].name.clone()),
+        // istiod takes the proxy's namespace from these and checks it against the token's.
+        ("POD_NAME", "pod-c".to_owned()),
+        ("POD_NAMESPACE", ns.to_owned()),
+        ("INSTANCE_IP", pod.v4.to_string()),
+        ("PROXY_WORKLOAD_INFO", format!("{ns}/pod-c/sa-c")),
+    ];
+    spawn_ztunnel(lab, binary, &env)
+}
+
+/// a -> c: node 1's meshpath tunnels a's connection to ztunnel's 15008 in c.
+fn meshpath_to_ztunnel(lab: &Lab) -> Result<()> {
+    let x = send(lab, "a", "c", CONNECT).context("a -> c through meshpath then ztunnel")?;
+    ensure!(x.echoed_intact, "payload altered between meshpath and ztunnel");
+    let client = x.client;
+    let r = lab.wait_record(0, Duration::from_secs(3), |r| r.src == client)?.context("node 1 did not record a -> c")?;
+    println!("meshpath -> ztunnel: node 1 recorded {r:?}");
+    ensure!(r.mtls && r.outcome == Outcome::Ok && r.listener == "outbound", "node 1 recorded {r:?}");
+    let (a, c) = (lab.identity("a").to_string(), lab.identity("c").to_string());
+    ensure!(r.src_identity.as_deref() == Some(a.as_str()), "source identity {:?}", r.src_identity);
+    ensure!(r.dst_identity.as_deref() == Some(c.as_str()), "ztunnel's identity {:?}", r.dst_identity);
+    // ztunnel's own access log: it verified a's certificate and names a as the peer.
+    let line = wait_ztunnel_access(lab, "inbound", &a)?;
+    println!("meshpath -> ztunnel: ztunnel logged {line}");
+    Ok(())
+}
+
+/// c -> a: ztunnel tunnels to a:15008, node 1's meshpath delivers to a's app from c's address.
+fn ztunnel_to_meshpath(lab: &Lab) -> Result<()> {
+    let payload = traffic::payload(100_000);
+    let dst = lab.addr("a", false, APP_PORT);
+    let answer = via_socks5(lab, dst, &payload).context("c -> a through ztunnel then meshpath")?;
+    let text = String::from_utf8_lossy(&answer[..answer.len().min(40)]).into_owned();
+    ensure!(answer.ends_with(&payload), "payload altered between ztunnel and meshpath (answer starts {text:?})");
+    ensure!(text.starts_with(&format!("peer={}:", lab.pod("c").v4)), "the app in a saw {text:?}, not c's address");
+    let r = lab
+        .wait_record(0, Duration::from_secs(3), |r| r.listener == "hbone" && r.orig_dst == dst)?
+        .context("node 1 did not record ztunnel's CONNECT")?;
+    println!("ztunnel -> meshpath: node 1 recorded {r:?}");
+    ensure!(r.outcome == Outcome::Ok && r.mtls, "node 1 recorded {r:?}");
+    let c = lab.identity("c").to_string();
+    ensure!(r.src_identity.as_deref() == Some(c.as_str()), "ztunnel's identity: {:?}", r.src_identity);
+    ensure!(r.bytes_sent >= payload.len() as u64, "node 1 counted {} bytes from ztunnel", r.bytes_sent);
+    let line = wait_ztunnel_access(lab, "outbound", &lab.identity("a").to_string())?;
+    println!("ztunnel -> meshpath: ztunnel logged {line}");
+    Ok(())
+}
+
+/// ztunnel's access log line for a finished connection in `direction` whose peer is `peer`.
+fn wait_ztunnel_access(lab: &Lab, direction: &str, peer: &str) -> Result<String> {
+    let peer_key = if direction == "inbound" { "src.identity" } else { "dst.identity" };
+    let found = || {
+        ztunnel_log(lab)
+            .lines()
+            .find(|l| {
+                l.contains("connection complete")
+                    && l.contains(&format!("direction=\"{direction}\""))
+                    && l.contains(&format!("{peer_key}=\"{peer}\""))
+            })
+            .map(str::to_owned)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(line) = found() {
+            return Ok(line);
+        }
+        ensure!(Instant::now() < deadline, "ztunnel logged no {direction} connection with {peer_key}={peer}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Each side's HBONE listener, as pod d (outside the mesh) sees it, presents a leaf that
+/// chains to the fake's root, for the pod's identity, with a serial the fake's CA logged;
+/// ztunnel's config dump holds the same leaf; the lab holds no private key of any CA.
+fn certificates_all_from_the_fake(lab: &Lab) -> Result<()> {
+    let istiod = lab.istiod();
+    let root = CertificateDer::from_pem_file(&istiod.root)?;
+    let records = istiod.ca.records();
+    let mut serials = BTreeMap::new();
+    for to in ["a", "c"] {
+        let config = tls::anonymous_client_config(std::slice::from_ref(&root), &lab.identity(to))?;
+        let probe = [Probe::connect(lab.addr(to, false, APP_PORT))];
+        let probed =
+            hbone_client::probe(&lab.pod("d").netns, config, lab.addr(to, false, 15008), &probe, b"x", CONNECT)?;
+        // Without a client certificate the stream is refused: the server checked it.
+        ensure!(!matches!(probed.answers[..], [Answer::Status(200, _)]), "{to}: {:?}", probed.answers);
+        let record = records
+            .iter()
+            .find(|r| r.serial.as_deref() == Some(probed.server_serial.as_str()))
+            .with_context(|| format!("{to}'s side presented serial {} the fake never issued", probed.server_serial))?;
+        println!(
+            "{to}'s side presents serial {}: issued by the fake for {:?} to {:?} (impersonating {:?})",
+            probed.server_serial, record.issued, record.caller, record.impersonated
+        );
+        ensure!(record.issued.as_deref() == Some(lab.identity(to).to_string().as_str()), "{record:?}");
+        serials.insert(to, record.clone());
+    }
+    // meshpath asked as the node account for a; ztunnel, with c's own token, for itself.
+    let a = &serials["a"];
+    ensure!(a.caller.as_deref() == Some("istio-system/ztunnel"), "{a:?}");
+    ensure!(a.impersonated.as_deref() == Some(lab.identity("a").to_string().as_str()), "{a:?}");
+    let c = &serials["c"];
+    ensure!(c.caller.as_deref() == Some("lab/sa-c") && c.impersonated.is_none(), "{c:?}");
+    let held = ztunnel_certificate(lab, &lab.identity("c").to_string())?;
+    let leaf = c.leaf.as_deref().context("the fake kept no leaf")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).context("parsing c's leaf")?;
+    let decimal = cert.tbs_certificate.serial.to_string();
+    ensure!(held == decimal, "ztunnel's config dump holds serial {held}, it presents {decimal}");
+    println!("ztunnel's config dump holds serial {held} for c, the one it presents");
+    for entry in std::fs::read_dir(&lab.dir)? {
+        let path = entry?.path();
+        let text = std::fs::read(&path).unwrap_or_default();
+        ensure!(
+            !String::from_utf8_lossy(&text).contains("PRIVATE KEY"),
+            "a private key in the lab: {}",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The serial (decimal) of the certificate ztunnel's config dump holds for `identity`.
+fn ztunnel_certificate(lab: &Lab, identity: &str) -> Result<String> {
+    let body = admin_get(lab, "/config_dump")?;
+    let dump: serde_json::Value = serde_json::from_str(&body).context("ztunnel's config dump is not JSON")?;
+    let certs = dump["certificates"].as_array().cloned().unwrap_or_default();
+    let c = certs
+        .iter()
+        .find(|c| c["identity"] == identity && c["state"] == "Available")
+        .with_context(|| format!("no certificate for {identity} in ztunnel's config dump: {certs:#?}"))?;
+    let serial = c["certChain"][0]["serialNumber"].as_str().with_context(|| format!("{c:#}"))?;
+    Ok(serial.to_owned())
+}
+
+/// `GET path` on ztunnel's admin port (HTTP/1.0: the answer ends with the connection); the
+/// body of a 200.
+fn admin_get(lab: &Lab, path: &str) -> Result<String> {
+    let text = traffic::in_netns(&lab.pod("c").netns, || -> std::io::Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", ZTUNNEL_ADMIN))?;
+        s.set_read_timeout(Some(CONNECT))?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })??;
+    let (head, body) = text.split_once("\r\n\r\n").context("no end of headers")?;
+    ensure!(head.lines().next().is_some_and(|l| l.contains(" 200 ")), "GET {path}: {head}");
+    Ok(body.to_owned())
 }

@@ -249,8 +249,9 @@ fn run(task: Task) -> Result<()> {
     }
 }
 
-/// How many tests `cargo xtask interop` runs: each must pass, none be skipped.
-const INTEROP_TESTS: u64 = 2;
+/// How many tests `cargo xtask interop` runs: each must pass, none be skipped (both ways
+/// with ztunnel's test CA, both ways under the fake istiod, ztunnel alone on the fake).
+const INTEROP_TESTS: u64 = 3;
 
 /// The interop test with the ztunnel in `dir`, checked before anything is built: a missing
 /// or different binary fails at once, and a run where the test did not run fails too.
@@ -262,7 +263,8 @@ fn interop(dir: &Path) -> Result<()> {
     status(&mut bins.lab(["cleanup"]))?;
     step(&format!("running the interop test against {}", binary.display()));
     let mut cmd = cargo();
-    // Both ways on the lab, then ztunnel on the fake istiod (tests/istiod_ztunnel.rs).
+    // Both ways on the lab (ztunnel's test CA, then the fake istiod's), then ztunnel alone
+    // on the fake istiod (tests/istiod_ztunnel.rs).
     cmd.args(["test", "--package", "meshpath-lab", "--test", "interop", "--test", "istiod_ztunnel", "--", "--ignored"])
         .env(MESHPATH_BIN_ENV, &bins.meshpath)
         .env("MESHPATH_ZTUNNEL", &binary)
