@@ -15,7 +15,7 @@ use meshpath_lab::istiod::proto::istio::workload::{GatewayAddress, PortList, Tun
 use meshpath_lab::istiod::xds::{LabResource, pod_uid};
 use meshpath_lab::lab_istiod::CLUSTER_ID;
 use meshpath_lab::smoke::{self, APP_PORT};
-use meshpath_lab::{Lab, traffic};
+use meshpath_lab::{Lab, Topology, traffic};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
@@ -27,7 +27,10 @@ const CONNECT: Duration = Duration::from_secs(10);
 
 /// A lab whose daemons run under the lab's istiod, every enrolled pod known as HBONE.
 fn istiod_lab() -> Result<Lab> {
-    let mut lab = built_lab()?;
+    istiod_lab_in(built_lab()?)
+}
+
+fn istiod_lab_in(mut lab: Lab) -> Result<Lab> {
     lab.start_cluster()?;
     lab.start_istiod()?;
     lab.start_daemons().context("starting the daemons under istiod")?;
@@ -151,6 +154,19 @@ fn the_mesh_comes_from_xds_alone_and_changes_take_effect() -> Result<()> {
         r.orig_dst.ip() == c && r.dst_identity.as_deref().is_some_and(|i| i.ends_with("/sa/sa-impostor"))
     })?;
     ensure!(r.outcome != Outcome::Ok, "{r:?}");
+    Ok(())
+}
+
+/// The smoke (every scenario, both families, the TLS evidence, spoofing) in each topology,
+/// under istiod: `cargo xtask test` runs the CNI matrix this way too.
+#[test]
+fn every_smoke_scenario_in_every_topology_under_istiod() -> Result<()> {
+    for topology in [Topology::Routed, Topology::Bridge, Topology::L3] {
+        let lab = istiod_lab_in(Lab::build_with(&support::meshpath(), topology)?)?;
+        let smoke::Smoke { outcomes, evidence } = smoke::run_all(&lab)?;
+        println!("{} topology under istiod; TLS evidence: {}", topology.name(), evidence.summary());
+        ensure!(outcomes.iter().all(|o| o.ok), "{} topology:\n{}", topology.name(), smoke::table(&outcomes));
+    }
     Ok(())
 }
 
