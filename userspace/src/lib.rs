@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod netns;
 pub mod node;
 pub mod pod_ports;
+pub mod policy;
 pub mod proxy;
 pub mod record;
 pub mod routing;
