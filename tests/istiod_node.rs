@@ -342,3 +342,50 @@ fn a_takeover_while_istiod_is_down_waits_and_the_old_daemon_serves_on() -> Resul
     ensure!(send(&lab, "a", "c", CONNECT)?.echoed_intact, "a -> c through the successor");
     Ok(())
 }
+
+/// An L4 policy from istiod decides at the destination, on every path: an ALLOW policy with
+/// no rule in namespace `lab` lets nothing in (ztunnel: "allow policies exist, but none
+/// allowed"), so HBONE streams get 401, same-node hand-overs and plaintext are refused;
+/// removed, everything passes again.
+#[test]
+fn an_istiod_policy_decides_at_the_destination_on_every_path() -> Result<()> {
+    use meshpath_lab::istiod::proto::istio::security::{Action, Scope};
+    let lab = istiod_lab()?;
+    let _servers = smoke::start_servers(&lab)?;
+    let policy = meshpath_lab::istiod::xds::authorization("lab", "nothing-in", Scope::Namespace, Action::Allow, vec![]);
+    let key = "lab/nothing-in";
+    let xds = &lab.istiod().fake.xds;
+    let nodes: Vec<String> = (0..lab.nodes.len()).map(|n| lab.node_pod_name(n)).collect();
+    let acked_policy = || {
+        let Some(version) = xds.version(meshpath::xds::AUTHORIZATION_TYPE, key) else { return false };
+        let r = xds.records();
+        nodes.iter().all(|pod| {
+            r.responses.iter().any(|resp| {
+                resp.resources.iter().any(|(n, v)| n == key && *v == version)
+                    && r.stream(resp.stream).and_then(|s| s.node.as_ref()).is_some_and(|n| n.id.contains(pod.as_str()))
+                    && !r.answers_to(&resp.nonce).is_empty()
+            })
+        })
+    };
+    xds.put(policy);
+    wait_until("both nodes to ACK the policy", WAIT, || Ok(acked_policy()))?;
+    let (a, c, e) = (lab.pod("a").v4, lab.pod("c").v4, lab.pod("e").v4);
+    for (from, to) in [("a", "c"), ("a", "e"), ("d", "a")] {
+        let r = send(&lab, from, to, CONNECT);
+        ensure!(!r.as_ref().is_ok_and(|x| x.echoed_intact), "{from} -> {to} passed the policy: {r:?}");
+    }
+    let denied = |r: &ConnectionRecord| {
+        r.outcome == Outcome::PolicyDenied
+            && r.error.as_deref().is_some_and(|e| e.contains("allow policies exist, but none allowed"))
+    };
+    record(&lab, 1, |r| r.listener == "hbone" && r.src.ip() == a && r.orig_dst.ip() == c && denied(r))?;
+    let out = record(&lab, 0, |r| r.listener == "outbound" && r.orig_dst.ip() == c && r.outcome != Outcome::Ok)?;
+    ensure!(out.error.as_deref().is_some_and(|e| e.contains("401")), "node 1 did not see a 401: {out:?}");
+    record(&lab, 0, |r| r.listener == "outbound" && r.orig_dst.ip() == e && denied(r))?;
+    record(&lab, 0, |r| r.listener == "inbound_plain" && r.src.ip() == lab.pod("d").v4 && denied(r))?;
+    ensure!(xds.remove(meshpath::xds::AUTHORIZATION_TYPE, key), "the policy was not served");
+    wait_until("the policy's removal to reach both nodes", WAIT, || {
+        Ok(send(&lab, "a", "c", CONNECT).is_ok_and(|x| x.echoed_intact)
+            && send(&lab, "a", "e", CONNECT).is_ok_and(|x| x.echoed_intact))
+    })
+}

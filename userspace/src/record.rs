@@ -30,6 +30,8 @@ pub enum Outcome {
     IdentityMismatch,
     /// Plaintext to an enrolled pod on a node with the strict policy.
     PlaintextRefused,
+    /// An authorization policy of the destination denied it.
+    PolicyDenied,
     /// A destination behind a waypoint: refused until waypoint routing exists (sending it
     /// to the pod would bypass the waypoint's policy).
     WaypointUnsupported,
@@ -60,7 +62,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 23] = [
+    pub const ALL: [Outcome; 24] = [
         Outcome::Ok,
         Outcome::SelfCall,
         Outcome::UnknownSource,
@@ -70,6 +72,7 @@ impl Outcome {
         Outcome::NoEndpoint,
         Outcome::IdentityMismatch,
         Outcome::PlaintextRefused,
+        Outcome::PolicyDenied,
         Outcome::WaypointUnsupported,
         Outcome::BadRequest,
         Outcome::UpstreamConnectFailed,
@@ -98,6 +101,7 @@ impl Outcome {
             Outcome::NoEndpoint => "no_endpoint",
             Outcome::IdentityMismatch => "identity_mismatch",
             Outcome::PlaintextRefused => "plaintext_refused",
+            Outcome::PolicyDenied => "policy_denied",
             Outcome::WaypointUnsupported => "waypoint_unsupported",
             Outcome::BadRequest => "bad_request",
             Outcome::UpstreamConnectFailed => "upstream_connect_failed",

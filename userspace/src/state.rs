@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::identity::Identity;
+use crate::policy::PolicyStore;
 use crate::workloads::WorkloadFile;
 
 /// What a source says the mesh looks like.
@@ -58,12 +59,14 @@ pub struct WorkloadInfo {
     pub tunnel: Tunnel,
     /// A waypoint stands in front of it (xDS): its traffic must pass there.
     pub waypoint: bool,
+    /// The workload-selector policies that apply to it (`namespace/name`, from xDS).
+    pub policies: Vec<String>,
 }
 
 impl WorkloadInfo {
     /// A workload enrolled by the workload file or Kubernetes: HBONE, no waypoint.
     pub fn enrolled(id: String, node: String, identity: Identity) -> Self {
-        Self { id, node, identity, tunnel: Tunnel::Hbone, waypoint: false }
+        Self { id, node, identity, tunnel: Tunnel::Hbone, waypoint: false, policies: Vec::new() }
     }
 }
 
@@ -75,6 +78,8 @@ pub struct WorkloadIndex {
     services: imbl::HashMap<SocketAddr, Arc<ServiceBackends>>,
     /// Round-robin position over each service's endpoints (shared by the snapshots).
     next_endpoint: Arc<AtomicUsize>,
+    /// The authorization policies of the mesh (istiod's), by scope.
+    policies: PolicyStore,
 }
 
 impl PartialEq for WorkloadIndex {
@@ -112,6 +117,15 @@ impl WorkloadIndex {
     /// How many workload addresses and service addresses it holds.
     pub fn len(&self) -> (usize, usize) {
         (self.by_ip.len(), self.services.len())
+    }
+
+    /// The mesh's authorization policies.
+    pub fn policies(&self) -> &PolicyStore {
+        &self.policies
+    }
+
+    pub fn set_policies(&mut self, policies: PolicyStore) {
+        self.policies = policies;
     }
 
     pub fn has_services(&self) -> bool {

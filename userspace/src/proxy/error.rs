@@ -36,6 +36,8 @@ pub enum Error {
     IdentityMismatch { ip: IpAddr, owner: String, presented: String },
     #[error("plaintext refused (strict mTLS)")]
     PlaintextRefused,
+    #[error("denied by policy: {0}")]
+    PolicyDenied(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("upstream connect to {dst} failed: {source}")]
@@ -93,6 +95,7 @@ impl Error {
             Error::NoEndpoint(_) => Outcome::NoEndpoint,
             Error::IdentityMismatch { .. } => Outcome::IdentityMismatch,
             Error::PlaintextRefused => Outcome::PlaintextRefused,
+            Error::PolicyDenied(_) => Outcome::PolicyDenied,
             Error::BadRequest(_) => Outcome::BadRequest,
             Error::UpstreamConnect { .. } => Outcome::UpstreamConnectFailed,
             Error::UpstreamTimeout { .. } => Outcome::UpstreamConnectTimeout,
@@ -112,6 +115,8 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            // ztunnel's answer to a stream its policies deny.
+            Error::PolicyDenied(_) => StatusCode::UNAUTHORIZED,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
     }

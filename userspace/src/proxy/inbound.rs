@@ -10,6 +10,7 @@ use h2::server::SendResponse;
 use http::{Method, Request, Response};
 use tokio::net::TcpStream;
 
+use super::authorize::authorize;
 use super::conn::{Conn, unless_stopped};
 use super::registry::{Closed, Kind};
 use super::{Error, PlaintextPolicy, Proxy, is_proxy_port, socket};
@@ -34,12 +35,17 @@ pub(super) async fn plaintext(
     conn: &mut Conn,
 ) -> Result<(), Error> {
     let dst = conn.rec.orig_dst;
-    if let Some(w) = index.get(dst.ip()) {
+    let local = index.get(dst.ip());
+    if let Some(w) = local {
         conn.rec.dst_identity = Some(w.identity.to_string());
     }
     match p.cfg.flags.plaintext {
         PlaintextPolicy::Strict => Err(Error::PlaintextRefused),
         PlaintextPolicy::Permissive => {
+            if let Some(w) = local {
+                // Plaintext proves no identity: only policies that need none can allow it.
+                authorize(index, conn.rec.src, None, w, dst)?;
+            }
             let src = conn.rec.src.ip();
             p.relay_plain(client, dst, Some(src), conn, Kind::PlainRelay).await
         }
@@ -69,6 +75,7 @@ pub(super) async fn hbone(p: &Arc<Proxy>, index: &WorkloadIndex, tcp: TcpStream,
     };
     let peer_id = tls::peer_identity(tls.get_ref().1.peer_certificates(), &local.identity.trust_domain);
     check_peer(&mut conn.rec, index, peer_id.as_ref())?;
+    let peer_id = peer_id.map(Arc::new);
     let label = format!("{} -> {dialed}", conn.rec.src);
     let template = conn.rec.clone();
     let stop = conn.stop().drain();
@@ -77,7 +84,7 @@ pub(super) async fn hbone(p: &Arc<Proxy>, index: &WorkloadIndex, tcp: TcpStream,
         let mut conn = p.conn(template.clone(), None);
         // The template is the connection's: each stream starts when it arrives.
         conn.rec.start_ms = super::unix_ms();
-        stream(p.clone(), local.clone(), conn, req, respond)
+        stream(p.clone(), local.clone(), peer_id.clone(), conn, req, respond)
     })
     .await;
     match served {
@@ -129,6 +136,7 @@ async fn server_tls(p: &Proxy, w: &WorkloadInfo) -> Result<Arc<rustls::ServerCon
 async fn stream(
     p: Arc<Proxy>,
     local: Arc<WorkloadInfo>,
+    peer: Option<Arc<Identity>>,
     mut conn: Conn,
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
@@ -136,7 +144,7 @@ async fn stream(
     let mut stop = conn.stop();
     let result = tokio::select! {
         biased;
-        r = serve_stream(&p, &local, &mut conn, req, respond) => r,
+        r = serve_stream(&p, &local, peer.as_deref(), &mut conn, req, respond) => r,
         c = stop.wait() => Err(Error::Closed(c)),
     };
     conn.finish(result);
@@ -145,6 +153,7 @@ async fn stream(
 async fn serve_stream(
     p: &Proxy,
     local: &WorkloadInfo,
+    peer: Option<&Identity>,
     conn: &mut Conn,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
@@ -153,11 +162,13 @@ async fn serve_stream(
     // Each stream holds a connection upstream: it takes a slot of its own.
     let slot = p.limits.admit(conn.rec.src.ip()).map_err(Error::from).inspect_err(|e| reject(&mut respond, e))?;
     conn.hold(slot);
-    // The index of now, not of the connection's start: a workload that left since gets 503.
-    let checked =
-        check_request(req.method(), req.uri(), conn.rec.orig_dst.ip(), &local.identity, &p.index(), &p.cfg.node);
+    // The index of now, not of the connection's start: a workload that left since gets 503,
+    // and the policies of now decide.
+    let index = p.index();
+    let checked = check_request(req.method(), req.uri(), conn.rec.orig_dst.ip(), &local.identity, &index, &p.cfg.node);
     let target = checked.inspect_err(|e| reject(&mut respond, e))?;
     conn.rec.orig_dst = target;
+    authorize(&index, conn.rec.src, peer, local, target).inspect_err(|e| reject(&mut respond, e))?;
     conn.rec.dst_workload = Some(local.id.clone());
     let entry = conn.open(Kind::HboneStream, target);
     // The outer connection comes from the client pod's IP (the peer proxy dials from it):

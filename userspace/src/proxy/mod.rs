@@ -15,6 +15,7 @@
 //! record written whichever way it ends (a drain that cuts it at exit included).
 
 pub mod access_log;
+mod authorize;
 pub mod conn;
 pub mod control;
 pub mod error;

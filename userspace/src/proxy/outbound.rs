@@ -88,6 +88,8 @@ pub(super) async fn handle(
         // so the hand-over is direct and TLS would only encrypt a memory copy.
         rec.src_identity = Some(src.identity.to_string());
         rec.dst_identity = Some(dst.identity.to_string());
+        // The destination's policies, as its HBONE listener would check them.
+        super::authorize::authorize(index, rec.src, Some(&src.identity), &dst, target)?;
         return p.relay_plain(client, target, Some(client_ip), conn, Kind::SameNode).await;
     }
     rec.src_identity = Some(src.identity.to_string());

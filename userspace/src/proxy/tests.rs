@@ -24,6 +24,7 @@ use super::*;
 use crate::drain::Drained;
 use crate::identity::ca::BuiltinCa;
 use crate::identity::{BoxFuture, CertificateProvider, IdentityError, WorkloadCertificate};
+use crate::policy;
 use crate::record::ConnectionRecord;
 use crate::state::{DesiredState, ServiceBackends, Tunnel, WorkloadInfo};
 use crate::workloads::WorkloadFile;
@@ -90,8 +91,8 @@ fn with_workload(
     waypoint: bool,
 ) -> WorkloadIndex {
     let sa = format!("sa-{}", id.rsplit('/').next().unwrap_or(id));
-    let info =
-        WorkloadInfo { id: id.into(), node: node.into(), identity: Identity::new(TD, "ns", &sa), tunnel, waypoint };
+    let identity = Identity::new(TD, "ns", &sa);
+    let info = WorkloadInfo { id: id.into(), node: node.into(), identity, tunnel, waypoint, policies: Vec::new() };
     index.insert_ip(ip.parse().expect("an IP"), Arc::new(info));
     index
 }
@@ -711,4 +712,65 @@ async fn a_peer_the_control_plane_says_is_not_captured_is_reached_plain_from_the
     let r = record_of(&n1.log, "10.0.0.1:40103").await;
     assert_eq!((r.outcome, r.mtls, r.dst_workload.as_deref()), (Outcome::Ok, false, Some("ns/c")));
     assert!(records(&n2.log).is_empty(), "nothing went through c's node proxy");
+}
+
+/// `index` with one namespace-wide policy of namespace `ns`: `action` for connections from
+/// principal `from` (istiod's form, without `spiffe://`), or from any one without.
+fn with_policy(mut index: WorkloadIndex, action: policy::Action, from: Option<&str>) -> WorkloadIndex {
+    let principals = from.map(|p| vec![policy::StringMatch::Exact(p.into())]).unwrap_or_default();
+    let rule = vec![vec![policy::Match { principals, ..Default::default() }]];
+    let rules = if from.is_some() { vec![rule] } else { vec![] };
+    let p = policy::Policy::new("ns", "p", policy::Scope::Namespace, action, rules, false).expect("a policy");
+    let mut store = index.policies().clone();
+    store.insert(p);
+    index.set_policies(store);
+    index
+}
+
+/// Both nodes get `index` (each keeping its own local identities).
+fn set_index(n1: &Node, n2: &Node, index: &WorkloadIndex) {
+    n1.proxy.set_workloads(index.clone(), &local_identities(WORKLOADS, "n1"));
+    n2.proxy.set_workloads(index.clone(), &local_identities(WORKLOADS, "n2"));
+}
+
+#[tokio::test]
+async fn a_deny_policy_answers_hbone_401_before_any_byte_and_names_itself() {
+    let (net, n1, n2) = two_nodes().await;
+    let index = WorkloadIndex::new(&state(WORKLOADS), TD);
+    set_index(&n1, &n2, &with_policy(index, policy::Action::Deny, Some("cluster.local/ns/ns/sa/sa-a")));
+    let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.1:40110"), addr("10.0.0.3:8080")).await;
+    assert!(ended(&mut c).await);
+    let inb = record(&n2.log, |r| r.listener == "hbone").await;
+    assert_eq!(inb.outcome, Outcome::PolicyDenied);
+    assert!(inb.error.as_deref().is_some_and(|e| e.contains("explicitly denied by: ns/p")), "{inb:?}");
+    assert!(!net.dials().contains(&Dial { dst: addr("10.0.0.3:8080"), source: Some("10.0.0.1".parse().unwrap()) }));
+    let out = record_of(&n1.log, "10.0.0.1:40110").await;
+    assert!(out.error.as_deref().is_some_and(|e| e.contains("401")), "the client side sees 401: {out:?}");
+}
+
+#[tokio::test]
+async fn an_allow_policy_admits_its_principal_only_on_every_path() {
+    let (_net, n1, n2) = two_nodes().await;
+    let index = WorkloadIndex::new(&state(WORKLOADS), TD);
+    set_index(&n1, &n2, &with_policy(index, policy::Action::Allow, Some("cluster.local/ns/ns/sa/sa-e")));
+    // HBONE from a: not the allowed principal.
+    let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.1:40111"), addr("10.0.0.3:8080")).await;
+    assert!(ended(&mut c).await);
+    let inb = record(&n2.log, |r| r.listener == "hbone" && r.src.port() != 0).await;
+    assert_eq!(inb.outcome, Outcome::PolicyDenied);
+    assert!(inb.error.as_deref().is_some_and(|e| e.contains("allow policies exist, but none allowed")), "{inb:?}");
+    // Same node, a -> e: the hand-over is checked too.
+    let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.1:40112"), addr("10.0.0.5:8080")).await;
+    assert!(ended(&mut c).await);
+    assert_eq!(record_of(&n1.log, "10.0.0.1:40112").await.outcome, Outcome::PolicyDenied);
+    // Plaintext proves no principal.
+    let mut c =
+        TestNet::capture(&n1.proxy, Listener::InboundPlain, addr("10.0.0.50:40113"), addr("10.0.0.1:8080")).await;
+    assert!(ended(&mut c).await);
+    assert_eq!(record_of(&n1.log, "10.0.0.50:40113").await.outcome, Outcome::PolicyDenied);
+    // e, the allowed principal, reaches c over HBONE and a on the same node.
+    let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.5:40114"), addr("10.0.0.3:8080")).await;
+    assert_eq!(exchange(&mut c, b"").await.expect("an answer"), b"peer=10.0.0.5\n");
+    let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.5:40115"), addr("10.0.0.1:8080")).await;
+    assert_eq!(exchange(&mut c, b"").await.expect("an answer"), b"peer=10.0.0.5\n");
 }

@@ -2,7 +2,7 @@
 //! and services) update the [`WorkloadIndex`] the proxy reads, touching only what a change
 //! concerns (a workload's addresses and the services it is in; a service's addresses), and
 //! each applied response publishes a snapshot (a pointer copy: the index is persistent).
-//! `Authorization`s are kept by name.
+//! `Authorization`s become the index's policies ([`crate::policy`]).
 //!
 //! Choices (ztunnel's, where it has one):
 //! - a resource's xDS name is its key: a workload's uid, a service's `namespace/hostname`;
@@ -24,6 +24,7 @@ use super::proto::istio::workload::{
 };
 use super::session::{Applier, Delta, Named, Rejected};
 use crate::identity::{Identity, valid_segment};
+use crate::policy::{Policy, PolicyStore};
 use crate::state::{ServiceBackends, Tunnel, WorkloadIndex, WorkloadInfo};
 
 /// A workload as held: what the index points at, and what its service memberships need.
@@ -63,7 +64,7 @@ pub struct Mesh {
     services: HashMap<String, ServiceDef>,
     /// Service key → uids of the workloads that say they are in it.
     members: HashMap<String, BTreeSet<String>>,
-    authorizations: BTreeMap<String, Arc<Authorization>>,
+    policies: PolicyStore,
     index: WorkloadIndex,
     published: watch::Sender<WorkloadIndex>,
 }
@@ -75,7 +76,7 @@ impl Mesh {
             workloads: HashMap::new(),
             services: HashMap::new(),
             members: HashMap::new(),
-            authorizations: BTreeMap::new(),
+            policies: PolicyStore::default(),
             index: WorkloadIndex::default(),
             published: watch::channel(WorkloadIndex::default()).0,
         }
@@ -88,7 +89,7 @@ impl Mesh {
 
     /// How many workloads, services and authorizations are held.
     pub fn counts(&self) -> (usize, usize, usize) {
-        (self.workloads.len(), self.services.len(), self.authorizations.len())
+        (self.workloads.len(), self.services.len(), self.policies.len())
     }
 
     fn apply_addresses(&mut self, updates: Vec<Named<Address>>, removed: Vec<String>) -> Vec<Rejected> {
@@ -160,6 +161,7 @@ impl Mesh {
             identity: Identity::new(trust_domain, &w.namespace, &w.service_account),
             tunnel,
             waypoint: w.waypoint.is_some(),
+            policies: w.authorization_policies.clone(),
         };
         let healthy = w.status == WorkloadStatus::Healthy as i32;
         Ok(Member { info: Arc::new(info), ips, ports, healthy })
@@ -236,18 +238,21 @@ impl Mesh {
         }
     }
 
+    /// A policy refused is left as it was (the last good version keeps deciding).
     fn apply_authorizations(&mut self, updates: Vec<Named<Authorization>>, removed: Vec<String>) -> Vec<Rejected> {
         for name in removed {
-            self.authorizations.remove(&name);
+            self.policies.remove(&name);
         }
         let mut rejected = Vec::new();
         for Named { name, resource } in updates {
-            if resource.name.is_empty() {
-                rejected.push(Rejected::refused(name, "a policy without a name"));
-                continue;
+            match Policy::from_resource(&name, resource) {
+                Ok(policy) => {
+                    self.policies.insert(policy);
+                }
+                Err(e) => rejected.push(Rejected::refused(name, e.to_string())),
             }
-            self.authorizations.insert(name, Arc::new(resource));
         }
+        self.index.set_policies(self.policies.clone());
         rejected
     }
 }
@@ -438,5 +443,30 @@ mod tests {
         }
         mesh.apply(addrs(vec![s], &[]));
         assert!(rx.borrow().service(sa("10.96.0.1:80")).unwrap().waypoint);
+    }
+
+    #[test]
+    fn policies_reach_the_index_and_a_malformed_one_is_refused_alone() {
+        use super::super::proto::istio::security::{Action, Scope};
+        let mut mesh = Mesh::new("cluster.local");
+        let rx = mesh.subscribe();
+        let policy = |name: &str| Authorization {
+            name: name.into(),
+            namespace: "ns".into(),
+            scope: Scope::Namespace as i32,
+            action: Action::Deny as i32,
+            ..Default::default()
+        };
+        let named = |key: &str, a: Authorization| Named { name: key.into(), resource: a };
+        let bad = Authorization { scope: 42, ..policy("bad") };
+        let rejected = mesh.apply(Delta::Authorizations {
+            updates: vec![named("ns/deny", policy("deny")), named("ns/bad", bad)],
+            removed: vec![],
+        });
+        assert_eq!(rejected.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["ns/bad"]);
+        assert!(rx.borrow().policies().get("ns/deny").is_some());
+        assert!(rx.borrow().policies().get("ns/bad").is_none());
+        mesh.apply(Delta::Authorizations { updates: vec![], removed: vec!["ns/deny".into()] });
+        assert!(rx.borrow().policies().is_empty());
     }
 }
