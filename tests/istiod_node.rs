@@ -367,7 +367,27 @@ fn an_istiod_policy_decides_at_the_destination_on_every_path() -> Result<()> {
             })
         })
     };
+    // A connection open before the policy: closed once it arrives (meshpath re-checks open
+    // connections). The time from the push to the close bounds the ACK-to-close time.
+    let streaming = APP_PORT + 2000;
+    let _echo = traffic::EchoServer::start_streaming(&lab.pod("c").netns, streaming)?;
+    let mut held = traffic::in_netns(&lab.pod("a").netns, || {
+        std::net::TcpStream::connect_timeout(&lab.addr("c", false, streaming), CONNECT)
+    })??;
+    held.set_read_timeout(Some(WAIT))?;
+    std::io::Write::write_all(&mut held, b"before")?;
+    let mut buf = [0u8; 64];
+    ensure!(std::io::Read::read(&mut held, &mut buf)? > 0, "the held connection echoed nothing");
+    let pushed = std::time::Instant::now();
     xds.put(policy);
+    let ended = loop {
+        match std::io::Read::read(&mut held, &mut buf) {
+            Ok(0) | Err(_) => break pushed.elapsed(),
+            Ok(_) => continue,
+        }
+    };
+    ensure!(ended < WAIT, "the open connection outlived the policy that denies it");
+    println!("push to close of an open HBONE stream: {ended:?}");
     wait_until("both nodes to ACK the policy", WAIT, || Ok(acked_policy()))?;
     let (a, c, e) = (lab.pod("a").v4, lab.pod("c").v4, lab.pod("e").v4);
     for (from, to) in [("a", "c"), ("a", "e"), ("d", "a")] {
@@ -378,8 +398,12 @@ fn an_istiod_policy_decides_at_the_destination_on_every_path() -> Result<()> {
         r.outcome == Outcome::PolicyDenied
             && r.error.as_deref().is_some_and(|e| e.contains("allow policies exist, but none allowed"))
     };
-    record(&lab, 1, |r| r.listener == "hbone" && r.src.ip() == a && r.orig_dst.ip() == c && denied(r))?;
-    let out = record(&lab, 0, |r| r.listener == "outbound" && r.orig_dst.ip() == c && r.outcome != Outcome::Ok)?;
+    // The held stream's record on node 2 says why it was closed.
+    let held_port = SocketAddr::new(c, streaming);
+    record(&lab, 1, |r| r.listener == "hbone" && r.orig_dst == held_port && denied(r))?;
+    record(&lab, 1, |r| r.listener == "hbone" && r.src.ip() == a && r.orig_dst.port() == APP_PORT && denied(r))?;
+    let to_c = SocketAddr::new(c, APP_PORT);
+    let out = record(&lab, 0, |r| r.listener == "outbound" && r.orig_dst == to_c && r.outcome != Outcome::Ok)?;
     ensure!(out.error.as_deref().is_some_and(|e| e.contains("401")), "node 1 did not see a 401: {out:?}");
     record(&lab, 0, |r| r.listener == "outbound" && r.orig_dst.ip() == e && denied(r))?;
     record(&lab, 0, |r| r.listener == "inbound_plain" && r.src.ip() == lab.pod("d").v4 && denied(r))?;

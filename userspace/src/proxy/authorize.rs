@@ -1,13 +1,16 @@
 //! The destination's authorization policies, checked on every path that delivers to a local
-//! pod (HBONE streams, plaintext, same-node hand-overs), in one place. Semantics are
-//! ztunnel's ([`crate::policy`]); the port is the workload's target port, never 15008.
+//! pod (HBONE streams, plaintext, same-node hand-overs), in one place, and again for the
+//! connections open when the policies or workloads change. Semantics are ztunnel's
+//! ([`crate::policy`]); the port is the workload's target port, never 15008.
 
 use std::net::SocketAddr;
 
 use super::Error;
+use super::registry::{Closed, Registry};
 use crate::identity::Identity;
-use crate::policy::{ConnectionFacts, Decision, DestinationView};
-use crate::state::{WorkloadIndex, WorkloadInfo};
+use crate::policy::{ConnectionFacts, Decision, DestinationView, Verdict};
+use crate::record::Outcome;
+use crate::state::{Tunnel, WorkloadIndex, WorkloadInfo};
 
 /// Whether `source` (its proven identity, none for plaintext) may reach `target` on `dst`.
 pub(super) fn authorize(
@@ -17,6 +20,45 @@ pub(super) fn authorize(
     dst: &WorkloadInfo,
     target: SocketAddr,
 ) -> Result<(), Error> {
+    let verdict = evaluate(index, source, identity, dst, target);
+    for would in &verdict.dry_run {
+        tracing::info!(src = %source, dst = %target, "dry-run policy: {would}");
+    }
+    allowed(verdict)
+}
+
+/// The open connections into this node's captured pods, checked against `index` again;
+/// each one denied now is closed and writes its record (`policy_denied`). ztunnel re-checks
+/// only when its policy store changes; this runs on every new index, so a workload that
+/// gains a policy key or another identity has its connections re-checked too. Returns how
+/// many it closed.
+pub(super) fn revoke_denied(registry: &Registry, index: &WorkloadIndex, node: &str) -> usize {
+    if index.policies().is_empty() {
+        return 0;
+    }
+    let mut closed = 0;
+    for c in registry.list() {
+        let local = index.get(c.target.ip()).filter(|w| w.node == node && w.tunnel == Tunnel::Hbone);
+        let Some(dst) = local else { continue };
+        let identity = c.src_identity.as_deref().and_then(|s| s.parse::<Identity>().ok());
+        if let Err(e) = allowed(evaluate(index, c.src, identity.as_ref(), dst, c.target)) {
+            let why = Closed { outcome: Outcome::PolicyDenied, reason: e.to_string() };
+            closed += usize::from(registry.close(c.id, why));
+        }
+    }
+    if closed > 0 {
+        tracing::info!(connections = closed, "closed open connections a policy now denies");
+    }
+    closed
+}
+
+fn evaluate(
+    index: &WorkloadIndex,
+    source: SocketAddr,
+    identity: Option<&Identity>,
+    dst: &WorkloadInfo,
+    target: SocketAddr,
+) -> Verdict {
     let facts = ConnectionFacts {
         source_identity: identity,
         source_ip: source.ip(),
@@ -24,10 +66,10 @@ pub(super) fn authorize(
         destination_port: target.port(),
     };
     let view = DestinationView { namespace: &dst.identity.namespace, policy_keys: &dst.policies };
-    let verdict = index.policies().evaluate(&facts, view);
-    for would in &verdict.dry_run {
-        tracing::info!(src = %source, dst = %target, "dry-run policy: {would}");
-    }
+    index.policies().evaluate(&facts, view)
+}
+
+fn allowed(verdict: Verdict) -> Result<(), Error> {
     match verdict.decision {
         Decision::Allow => Ok(()),
         deny @ Decision::Deny { .. } => Err(Error::PolicyDenied(deny.to_string())),

@@ -225,11 +225,13 @@ impl Proxy {
     }
 
     /// Replaces the workload index; certificates of identities no longer in `local` (the
-    /// node's workloads) are forgotten.
+    /// node's workloads) are forgotten, and open connections its policies deny are closed.
     pub fn set_workloads(&self, index: WorkloadIndex, local: &BTreeSet<Identity>) {
-        self.index.send_replace(Arc::new(index));
+        let index = Arc::new(index);
+        self.index.send_replace(index.clone());
         self.certs.retain(|id| local.contains(id));
         lock(&self.server_tls).retain(|id, _| local.contains(id));
+        authorize::revoke_denied(&self.ledger.registry, &index, &self.cfg.node);
     }
 
     fn index(&self) -> Arc<WorkloadIndex> {

@@ -219,6 +219,23 @@ async fn exchange(s: &mut TcpStream, data: &[u8]) -> std::io::Result<Vec<u8>> {
     Ok(back)
 }
 
+/// Sends `data` and reads the greeting and its echo, leaving the connection open.
+async fn exchange_open(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
+    s.write_all(data).await.expect("sent");
+    let mut back = Vec::new();
+    let read = async {
+        while !(back.ends_with(data) && back.contains(&b'\n')) {
+            let mut buf = [0u8; 256];
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => back.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+    back
+}
+
 /// Whether the peer ends `s` (EOF or reset) within 5 s.
 async fn ended(s: &mut TcpStream) -> bool {
     let mut rest = Vec::new();
@@ -773,4 +790,55 @@ async fn an_allow_policy_admits_its_principal_only_on_every_path() {
     assert_eq!(exchange(&mut c, b"").await.expect("an answer"), b"peer=10.0.0.5\n");
     let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.5:40115"), addr("10.0.0.1:8080")).await;
     assert_eq!(exchange(&mut c, b"").await.expect("an answer"), b"peer=10.0.0.5\n");
+}
+
+#[tokio::test]
+async fn open_connections_a_new_policy_denies_are_closed_with_their_record() {
+    let (_net, n1, n2) = two_nodes().await;
+    let index = WorkloadIndex::new(&state(WORKLOADS), TD);
+    set_index(&n1, &n2, &index);
+    let mut hbone =
+        TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.1:40120"), addr("10.0.0.3:8080")).await;
+    let mut local =
+        TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.1:40121"), addr("10.0.0.5:8080")).await;
+    for c in [&mut hbone, &mut local] {
+        assert_eq!(exchange_open(c, b"x").await, b"peer=10.0.0.1\nx");
+    }
+    set_index(&n1, &n2, &with_policy(index, policy::Action::Deny, Some("cluster.local/ns/ns/sa/sa-a")));
+    assert!(ended(&mut hbone).await && ended(&mut local).await, "both closed by the new policy");
+    let inb = record(&n2.log, |r| r.listener == "hbone").await;
+    assert_eq!(inb.outcome, Outcome::PolicyDenied);
+    assert!(inb.error.as_deref().is_some_and(|e| e.contains("explicitly denied by: ns/p")), "{inb:?}");
+    assert_eq!(record_of(&n1.log, "10.0.0.1:40121").await.outcome, Outcome::PolicyDenied);
+}
+
+/// Where meshpath goes further than ztunnel: a policy key newly attached to a workload (its
+/// selector now matches) closes that workload's open connections the policy denies.
+#[tokio::test]
+async fn a_policy_newly_attached_to_a_workload_closes_its_open_connections() {
+    let (_net, n1, n2) = two_nodes().await;
+    let rule = vec![vec![policy::Match {
+        principals: vec![policy::StringMatch::Exact("cluster.local/ns/ns/sa/sa-e".into())],
+        ..Default::default()
+    }]];
+    let selector =
+        policy::Policy::new("ns", "only-e", policy::Scope::WorkloadSelector, policy::Action::Allow, vec![rule], false)
+            .expect("a policy");
+    let mut index = WorkloadIndex::new(&state(WORKLOADS), TD);
+    let mut store = index.policies().clone();
+    store.insert(selector);
+    index.set_policies(store);
+    set_index(&n1, &n2, &index);
+    let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.1:40122"), addr("10.0.0.3:8080")).await;
+    assert_eq!(exchange_open(&mut c, b"x").await, b"peer=10.0.0.1\nx", "c names no policy yet");
+    let mut attached = with_workload(index, "10.0.0.3", "ns/c", "n2", Tunnel::Hbone, false);
+    let c_info = attached.get("10.0.0.3".parse().unwrap()).cloned().expect("c");
+    attached.insert_ip(
+        "10.0.0.3".parse().unwrap(),
+        Arc::new(WorkloadInfo { policies: vec!["ns/only-e".into()], ..(*c_info).clone() }),
+    );
+    set_index(&n1, &n2, &attached);
+    assert!(ended(&mut c).await, "closed once c's workload names the policy");
+    let inb = record(&n2.log, |r| r.listener == "hbone").await;
+    assert_eq!(inb.outcome, Outcome::PolicyDenied);
 }
