@@ -407,6 +407,24 @@ fn an_istiod_policy_decides_at_the_destination_on_every_path() -> Result<()> {
     ensure!(out.error.as_deref().is_some_and(|e| e.contains("401")), "node 1 did not see a 401: {out:?}");
     record(&lab, 0, |r| r.listener == "outbound" && r.orig_dst.ip() == e && denied(r))?;
     record(&lab, 0, |r| r.listener == "inbound_plain" && r.src.ip() == lab.pod("d").v4 && denied(r))?;
+    // Inspection from the live state: what applies to c, and whether a would reach c.
+    let n2 = lab.nodes[1].name.clone();
+    let listed = lab.meshpath(1, &["policy", "--node", &n2])?;
+    ensure!(listed.lines().any(|l| l.contains("lab/pod-c") && l.contains(key)), "policies of node 2:\n{listed}");
+    let status = lab.meshpath(1, &["status", "--node", &n2])?;
+    ensure!(status.contains("authorization policies") && status.contains(key), "status:\n{status}");
+    let to = lab.addr("c", false, APP_PORT).to_string();
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{n2}"))
+        .arg(&lab.binary)
+        .args(["policy", "--node", &n2, "--from", &a.to_string(), "--to", &to])
+        .output()?;
+    let answer = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.code() == Some(1) && answer.contains("allow policies exist, but none allowed"),
+        "meshpath policy --from a --to c: {:?} {answer}",
+        out.status
+    );
     ensure!(xds.remove(meshpath::xds::AUTHORIZATION_TYPE, key), "the policy was not served");
     wait_until("the policy's removal to reach both nodes", WAIT, || {
         Ok(send(&lab, "a", "c", CONNECT).is_ok_and(|x| x.echoed_intact)

@@ -1,6 +1,7 @@
 //! Command line. Every flag is also an environment variable (`MESHPATH_*`), which is how a
 //! DaemonSet sets them.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -69,6 +70,23 @@ pub enum Command {
         /// The connection's number, as `status` shows it.
         id: u64,
     },
+    /// The authorization policies a daemon holds: with --from and --to, whether a connection
+    /// from that source to that destination would pass now, and which policy decides.
+    Policy {
+        #[arg(long, env = "MESHPATH_NODE", default_value_t = flags::hostname())]
+        node: String,
+        /// The daemon to ask (its pid), when several serve the node (a takeover).
+        #[arg(long)]
+        daemon: Option<u32>,
+        /// The source address (a known workload's identity is taken; any other is plaintext).
+        #[arg(long, requires = "to")]
+        from: Option<IpAddr>,
+        /// The destination, `IP:port` (the workload's own port, not 15008).
+        #[arg(long, requires = "from")]
+        to: Option<SocketAddr>,
+        #[arg(short = 'o', long, default_value = "text")]
+        output: Output,
+    },
     /// Create a root for the built-in CA in a directory (root-cert.pem, root-key.pem), to
     /// share between nodes, e.g. as the meshpath-ca Secret.
     CaInit {
@@ -127,6 +145,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", runtime()?.block_on(crate::status::close(&node, id, daemon))?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Policy { node, daemon, from, to, output } => policy(&node, daemon, from.zip(to), output),
         Command::CaInit { dir, trust_domain } => {
             let existed = dir.join(crate::identity::ca::ROOT_KEY_FILE).exists();
             crate::identity::ca::BuiltinCa::open(Some(&dir), &trust_domain, Duration::from_secs(3600))?;
@@ -146,6 +165,41 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(crate::bpftool::run(a))
         }
     }
+}
+
+/// `meshpath policy`: the local workloads' policies, or one decision (exit status 1 when
+/// denied, so scripts can use it).
+fn policy(
+    node: &str,
+    daemon: Option<u32>,
+    check: Option<(IpAddr, SocketAddr)>,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
+    let rt = runtime()?;
+    let Some((from, to)) = check else {
+        let policies = rt.block_on(crate::status::workload_policies(node, daemon))?;
+        match output {
+            Output::Text if policies.iter().all(|w| w.policies.is_empty()) => {
+                println!("no authorization policy applies to a workload of node {node}")
+            }
+            Output::Text => print!("{}", crate::status::policies_text(&policies)),
+            Output::Json => println!("{}", serde_json::to_string_pretty(&policies)?),
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let d = rt.block_on(crate::status::check(node, daemon, from, to))?;
+    match output {
+        Output::Text => {
+            let who = d.from_identity.as_deref().unwrap_or("plaintext (no identity)");
+            let deciding = d.deciding.as_deref().map(|p| format!(" (policy {p})")).unwrap_or_default();
+            println!("{from} ({who}) -> {to}: {}{deciding}", d.decision);
+            for dry in &d.dry_run {
+                println!("  dry-run: {dry}");
+            }
+        }
+        Output::Json => println!("{}", serde_json::to_string_pretty(&d)?),
+    }
+    Ok(if d.allowed { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -28,9 +28,15 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             // Same one-line shape as every other error; clap's usage hint adds nothing here.
+            // Missing arguments are listed on the lines after the first: kept, on one line.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or_default();
-            eprintln!("meshpath: error: {} (see --help)", first.strip_prefix("error: ").unwrap_or(first));
+            let lines: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .map(str::trim)
+                .collect();
+            let line = lines.iter().filter(|l| !l.is_empty()).copied().collect::<Vec<_>>().join(" ");
+            eprintln!("meshpath: error: {} (see --help)", line.strip_prefix("error: ").unwrap_or(&line));
             return ExitCode::from(2);
         }
     };

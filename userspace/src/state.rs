@@ -114,6 +114,11 @@ impl WorkloadIndex {
         self.by_ip.get(&ip.to_canonical())
     }
 
+    /// Every workload address and its workload.
+    pub fn workloads(&self) -> impl Iterator<Item = (IpAddr, &Arc<WorkloadInfo>)> {
+        self.by_ip.iter().map(|(ip, w)| (*ip, w))
+    }
+
     /// How many workload addresses and service addresses it holds.
     pub fn len(&self) -> (usize, usize) {
         (self.by_ip.len(), self.services.len())

@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::datapath::{self, AttachMode, Counters, DatapathError, Hook};
 use crate::node::instance::{self, DaemonNote};
 use crate::proxy::control::{self, ControlError, Request, Response};
+use crate::proxy::inspect::{Decision, WorkloadPolicies};
 use crate::proxy::registry::OpenConnection;
 use crate::routing::{self, Interface, Routing, RoutingError};
 use crate::state::WorkloadIndex;
@@ -55,6 +56,9 @@ pub struct Status {
     pub daemons: Vec<DaemonNote>,
     /// Each daemon's open connections.
     pub connections: Vec<DaemonConnections>,
+    /// The authorization policies that apply to each local workload, as the newest daemon
+    /// holds them (empty without policies, or without a daemon).
+    pub policies: Vec<WorkloadPolicies>,
     pub counters: Counters,
 }
 
@@ -123,6 +127,7 @@ pub async fn collect(node: &str, workloads: Option<&Path>, pod_cidrs: &[IpNet]) 
         workloads: enrolled(node, workloads, &names)?,
         listeners: listeners(node, &daemons)?,
         connections: connections(node, &daemons).await,
+        policies: policies(node, &daemons).await,
         daemons,
         counters: datapath::read_pinned_counters(node)?,
     })
@@ -222,25 +227,77 @@ async fn connections(node: &str, daemons: &[DaemonNote]) -> Vec<DaemonConnection
     out
 }
 
+/// The policies of each local workload, from the serving daemon (else any); a daemon that
+/// cannot tell leaves the list empty.
+async fn policies(node: &str, daemons: &[DaemonNote]) -> Vec<WorkloadPolicies> {
+    let serving = daemons.iter().find(|d| d.state == instance::DaemonState::Serving);
+    let Some(d) = serving.or(daemons.first()) else { return Vec::new() };
+    match control::request(&instance::control_socket(node, d.pid), &Request::Policies).await {
+        Ok(Response::Policies(list)) => list,
+        _ => Vec::new(),
+    }
+}
+
+/// The daemon of `node` a request goes to: `daemon`, or the only one.
+fn daemon_pid(node: &str, daemon: Option<u32>) -> Result<u32, StatusError> {
+    datapath::validate_node_name(node)?;
+    let pids: Vec<u32> = instance::live(node).iter().map(|d| d.pid).collect();
+    match (daemon, pids.as_slice()) {
+        (Some(p), _) => Ok(p),
+        (None, []) => Err(StatusError::NoDaemon(node.into())),
+        (None, [p]) => Ok(*p),
+        (None, _) => {
+            let pids = pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+            Err(StatusError::WhichDaemon { node: node.into(), pids })
+        }
+    }
+}
+
+/// `meshpath policy`: the policies of each local workload, as a daemon of `node` holds them.
+pub async fn workload_policies(node: &str, daemon: Option<u32>) -> Result<Vec<WorkloadPolicies>, StatusError> {
+    let pid = daemon_pid(node, daemon)?;
+    match control::request(&instance::control_socket(node, pid), &Request::Policies).await? {
+        Response::Policies(list) => Ok(list),
+        _ => Err(StatusError::Unexpected(pid)),
+    }
+}
+
+/// `meshpath policy --from A --to B:P`: whether a daemon of `node` would let A reach B on
+/// port P now, and which policy decides.
+pub async fn check(node: &str, daemon: Option<u32>, from: IpAddr, to: SocketAddr) -> Result<Decision, StatusError> {
+    let pid = daemon_pid(node, daemon)?;
+    match control::request(&instance::control_socket(node, pid), &Request::Check { from, to }).await? {
+        Response::Decision(d) => Ok(d),
+        _ => Err(StatusError::Unexpected(pid)),
+    }
+}
+
 /// `meshpath close`: ends open connection `id` of a daemon of `node` (`daemon`, or the only
 /// one); its record says `cut`.
 pub async fn close(node: &str, id: u64, daemon: Option<u32>) -> Result<String, StatusError> {
-    datapath::validate_node_name(node)?;
-    let pids: Vec<u32> = instance::live(node).iter().map(|d| d.pid).collect();
-    let pid = match (daemon, pids.as_slice()) {
-        (Some(p), _) => p,
-        (None, []) => return Err(StatusError::NoDaemon(node.into())),
-        (None, [p]) => *p,
-        (None, _) => {
-            let pids = pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
-            return Err(StatusError::WhichDaemon { node: node.into(), pids });
-        }
-    };
+    let pid = daemon_pid(node, daemon)?;
     match control::request(&instance::control_socket(node, pid), &Request::Close { id }).await? {
         Response::Closed { found: true } => Ok(format!("closed connection {id} of daemon {pid}")),
         Response::Closed { found: false } => Err(StatusError::NotOpen { pid, id }),
         _ => Err(StatusError::Unexpected(pid)),
     }
+}
+
+/// The policies part of the human form (nothing when no workload has one).
+pub fn policies_text(policies: &[WorkloadPolicies]) -> String {
+    let mut s = String::new();
+    if policies.iter().all(|w| w.policies.is_empty() && w.unknown.is_empty()) {
+        return s;
+    }
+    let _ = writeln!(s, "\nauthorization policies (per local workload, in the order consulted)");
+    for w in policies {
+        let list = if w.policies.is_empty() { "none".to_owned() } else { w.policies.join(", ") };
+        let _ = writeln!(s, "  {:<30} {list}", w.workload);
+        if !w.unknown.is_empty() {
+            let _ = writeln!(s, "  {:<30} names unknown policies: {}", "", w.unknown.join(", "));
+        }
+    }
+    s
 }
 
 /// The open-connections part of the human form.
@@ -366,6 +423,7 @@ impl Status {
             let _ = writeln!(s, "  pid {:<10} {}", d.pid, d.state.code());
         }
         connections_text(&mut s, &self.connections);
+        s.push_str(&policies_text(&self.policies));
         let c = &self.counters;
         let _ = writeln!(
             s,

@@ -1,5 +1,6 @@
-//! The daemon's control socket: `meshpath status` lists the open connections through it and
-//! `meshpath close` closes one.
+//! The daemon's control socket: `meshpath status` lists the open connections and the local
+//! workloads' policies through it, `meshpath close` closes a connection and `meshpath policy`
+//! asks whether a connection would pass.
 //!
 //! A unix socket rather than a port: it is root's only by its file mode (0600), as what it
 //! shows names workloads and what it does ends connections, while a port on the node's
@@ -7,6 +8,7 @@
 //! the node's state directory, since during a takeover two daemons hold connections. One
 //! JSON request line, one JSON answer line, then the socket closes.
 
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,9 +17,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
 
+use super::inspect;
 use super::registry::{Closed, OpenConnection, Registry};
 use crate::record::Outcome;
+use crate::state::WorkloadIndex;
 
 /// A request is a line of a few dozen bytes.
 const MAX_REQUEST: u64 = 4096;
@@ -44,6 +49,10 @@ pub enum Request {
     List,
     /// Close connection `id`: it ends at once and its record says `cut`.
     Close { id: u64 },
+    /// The policies that apply to each local workload.
+    Policies,
+    /// Whether a connection from `from` to `to` would pass `to`'s policies now.
+    Check { from: IpAddr, to: SocketAddr },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,8 +63,17 @@ pub enum Response {
     Closed {
         found: bool,
     },
+    Policies(Vec<inspect::WorkloadPolicies>),
+    Decision(inspect::Decision),
     /// The request was not understood.
     Refused(String),
+}
+
+/// What the policy requests are answered from: the index the proxy serves with.
+#[derive(Clone, Debug)]
+pub struct View {
+    pub index: watch::Receiver<Arc<WorkloadIndex>>,
+    pub node: String,
 }
 
 /// A daemon's control socket; removed when dropped.
@@ -68,7 +86,7 @@ pub struct ControlSocket {
 impl ControlSocket {
     /// Listens at `path` (in place of what a dead daemon left there) for requests on
     /// `registry`.
-    pub fn listen(path: &Path, registry: Arc<Registry>) -> Result<Self, ControlError> {
+    pub fn listen(path: &Path, registry: Arc<Registry>, view: View) -> Result<Self, ControlError> {
         let io = |source| ControlError::Io { path: path.display().to_string(), source };
         // Bound under another name and made root's only before it takes its own: no one
         // else can connect, not even for an instant.
@@ -82,7 +100,7 @@ impl ControlSocket {
         let listener = UnixListener::bind(&tmp).map_err(io)?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)?;
-        let task = tokio::spawn(serve(listener, registry));
+        let task = tokio::spawn(serve(listener, registry, view));
         Ok(Self { path: path.to_owned(), task })
     }
 }
@@ -94,11 +112,11 @@ impl Drop for ControlSocket {
     }
 }
 
-async fn serve(listener: UnixListener, registry: Arc<Registry>) {
+async fn serve(listener: UnixListener, registry: Arc<Registry>, view: View) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(answer(stream, registry.clone()));
+                tokio::spawn(answer(stream, registry.clone(), view.clone()));
             }
             // EMFILE and friends: back off instead of spinning.
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -106,7 +124,7 @@ async fn serve(listener: UnixListener, registry: Arc<Registry>) {
     }
 }
 
-async fn answer(stream: UnixStream, registry: Arc<Registry>) {
+async fn answer(stream: UnixStream, registry: Arc<Registry>, view: View) {
     let (rd, mut wr) = stream.into_split();
     let mut line = String::new();
     let read = tokio::time::timeout(TIMEOUT, BufReader::new(rd.take(MAX_REQUEST)).read_line(&mut line)).await;
@@ -114,7 +132,7 @@ async fn answer(stream: UnixStream, registry: Arc<Registry>) {
         return;
     }
     let response = match serde_json::from_str(&line) {
-        Ok(request) => respond(&request, &registry),
+        Ok(request) => respond(&request, &registry, &view),
         Err(e) => Response::Refused(format!("not a request meshpath knows: {e}")),
     };
     let mut body = serde_json::to_vec(&response).unwrap_or_default();
@@ -122,8 +140,10 @@ async fn answer(stream: UnixStream, registry: Arc<Registry>) {
     let _ = tokio::time::timeout(TIMEOUT, wr.write_all(&body)).await;
 }
 
-fn respond(request: &Request, registry: &Registry) -> Response {
+fn respond(request: &Request, registry: &Registry, view: &View) -> Response {
     match request {
+        Request::Policies => Response::Policies(inspect::policies_on(&view.index.borrow(), &view.node)),
+        Request::Check { from, to } => Response::Decision(inspect::decide(&view.index.borrow(), *from, *to)),
         Request::List => Response::Connections(registry.list()),
         Request::Close { id } => {
             let closed = Closed { outcome: Outcome::Cut, reason: "cut: closed on request (meshpath close)".into() };
@@ -164,13 +184,54 @@ mod tests {
         d
     }
 
+    /// Workloads a (n1) and c (n2) of namespace ns, and a policy of ns denying a.
+    fn view() -> View {
+        use crate::policy::{Action, Match, Policy, Scope, StringMatch};
+        let file = "workloads:\n  - {name: a, namespace: ns, serviceAccount: sa-a, node: n1, ips: [10.0.0.1]}\n  - {name: c, namespace: ns, serviceAccount: sa-c, node: n2, ips: [10.0.0.3]}\n";
+        let state = crate::state::DesiredState {
+            workloads: crate::workloads::WorkloadFile::parse(file, "test").expect("a file"),
+            ..Default::default()
+        };
+        let mut index = WorkloadIndex::new(&state, "cluster.local");
+        let principals = vec![StringMatch::Exact("cluster.local/ns/ns/sa/sa-a".into())];
+        let rules = vec![vec![vec![Match { principals, ..Default::default() }]]];
+        let mut store = index.policies().clone();
+        store.insert(Policy::new("ns", "no-a", Scope::Namespace, Action::Deny, rules, false).expect("a policy"));
+        index.set_policies(store);
+        View { index: watch::channel(Arc::new(index)).1, node: "n1".into() }
+    }
+
+    #[tokio::test]
+    async fn answers_policy_questions_from_the_index() {
+        let path = dir().join("2.sock");
+        let _socket = ControlSocket::listen(&path, Arc::default(), view()).expect("listens");
+        let Response::Policies(list) = request(&path, &Request::Policies).await.expect("an answer") else {
+            panic!("not policies")
+        };
+        assert_eq!(list.len(), 1, "only n1's workload: {list:?}");
+        assert_eq!((list[0].workload.as_str(), &list[0].policies[..]), ("ns/a", &["ns/no-a".to_string()][..]));
+        let check = |from: &str, to: &str| Request::Check { from: from.parse().unwrap(), to: to.parse().unwrap() };
+        let Response::Decision(d) = request(&path, &check("10.0.0.1", "10.0.0.3:8080")).await.expect("an answer")
+        else {
+            panic!("not a decision")
+        };
+        assert!(!d.allowed);
+        assert_eq!((d.decision.as_str(), d.deciding.as_deref()), ("explicitly denied by: ns/no-a", Some("ns/no-a")));
+        assert_eq!(d.from_identity.as_deref(), Some("spiffe://cluster.local/ns/ns/sa/sa-a"));
+        let Response::Decision(d) = request(&path, &check("10.0.0.3", "10.0.0.1:8080")).await.expect("an answer")
+        else {
+            panic!("not a decision")
+        };
+        assert!(d.allowed, "{d:?}");
+    }
+
     #[tokio::test]
     async fn lists_and_closes_over_a_socket_only_its_owner_may_use() {
         let path = dir().join("1.sock");
         let registry = Arc::new(Registry::default());
         let (tx, mut closed) = tokio::sync::watch::channel(None);
         let entry = registry.add(testing::info(Kind::SameNode), testing::counters(), tx);
-        let socket = ControlSocket::listen(&path, registry.clone()).expect("listens");
+        let socket = ControlSocket::listen(&path, registry.clone(), view()).expect("listens");
         let mode = std::fs::metadata(&path).expect("the socket exists").permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "the control socket is root's only");
 

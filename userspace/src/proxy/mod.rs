@@ -22,6 +22,7 @@ pub mod error;
 pub mod h2;
 pub mod handover;
 pub mod inbound;
+pub mod inspect;
 pub mod limits;
 pub mod outbound;
 pub mod pool;
@@ -221,7 +222,8 @@ impl Proxy {
     /// Serves the registry on a unix socket at `path`, root's only, for `meshpath status`
     /// and `meshpath close`; it goes (socket file and all) when the handle is dropped.
     pub fn listen_control(&self, path: &Path) -> Result<control::ControlSocket, ProxyError> {
-        Ok(control::ControlSocket::listen(path, self.ledger.registry.clone())?)
+        let view = control::View { index: self.index.subscribe(), node: self.cfg.node.clone() };
+        Ok(control::ControlSocket::listen(path, self.ledger.registry.clone(), view)?)
     }
 
     /// Replaces the workload index; certificates of identities no longer in `local` (the
