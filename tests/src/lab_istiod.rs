@@ -90,7 +90,13 @@ impl LabIstiod {
     /// Whether the latest stream of every node in `pods` (their daemons' pod names) has
     /// ACKed a response that carried `name` at the version served now.
     pub fn acked_by(&self, pods: &[String], name: &str) -> bool {
-        let Some(version) = self.fake.xds.version(meshpath::xds::ADDRESS_TYPE, name) else { return false };
+        self.acked(pods, meshpath::xds::ADDRESS_TYPE, name)
+    }
+
+    /// Whether every node in `pods` has ACKed the state of resource `name` of `type_url`
+    /// served now: its version, or its removal.
+    pub fn acked(&self, pods: &[String], type_url: &str, name: &str) -> bool {
+        let version = self.fake.xds.version(type_url, name);
         let records = self.fake.xds.records();
         pods.iter().all(|pod| {
             let latest = records
@@ -100,11 +106,40 @@ impl LabIstiod {
                 .map(|s| s.id)
                 .max();
             let Some(stream) = latest else { return false };
-            records.responses.iter().filter(|r| r.stream == stream).any(|r| {
-                r.resources.iter().any(|(n, v)| n == name && *v == version)
-                    && records.answers_to(&r.nonce).iter().any(|a| matches!(a, xds::RequestKind::Ack { .. }))
+            records.responses.iter().filter(|r| r.stream == stream && r.type_url == type_url).any(|r| {
+                let carried = match &version {
+                    Some(version) => r.resources.iter().any(|(n, v)| n == name && v == version),
+                    None => r.removed.iter().any(|n| n == name),
+                };
+                carried && records.answers_to(&r.nonce).iter().any(|a| matches!(a, xds::RequestKind::Ack { .. }))
             })
         })
+    }
+
+    /// Serves `policy` (or with `None`, removes `key`) and waits until every node in `pods`
+    /// has ACKed that.
+    pub fn set_policy(
+        &self,
+        pods: &[String],
+        key: &str,
+        policy: Option<crate::istiod::proto::istio::security::Authorization>,
+        timeout: Duration,
+    ) -> std::result::Result<(), String> {
+        let type_url = meshpath::xds::AUTHORIZATION_TYPE;
+        match policy {
+            Some(p) => self.fake.xds.put(p),
+            None => {
+                self.fake.xds.remove(type_url, key);
+            }
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.acked(pods, type_url, key) {
+            if std::time::Instant::now() > deadline {
+                return Err(format!("policy {key}: not ACKed by every node within {timeout:?}"));
+            }
+            std::thread::sleep(FEED_POLL);
+        }
+        Ok(())
     }
 
     /// The serials of every leaf the CA issued (hex, lower case).
@@ -122,6 +157,11 @@ impl Lab {
     /// The token file of lab pod `pod` (its own service account, bound to it).
     pub fn pod_token_path(&self, pod: &str) -> PathBuf {
         self.dir.join(format!("istio-token-pod-{pod}"))
+    }
+
+    /// Every node's daemon pod name.
+    pub fn node_pod_names(&self) -> Vec<String> {
+        (0..self.nodes.len()).map(|n| self.node_pod_name(n)).collect()
     }
 
     /// The name of `node`'s daemon pod.

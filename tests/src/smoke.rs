@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::capture::{Capture, TlsEvidence, tls_evidence};
-use crate::lab::{Lab, Result};
+use crate::lab::{Lab, LabError, Result};
 use crate::traffic::{self, EchoServer};
 use meshpath::record::{self, ConnectionRecord};
 
@@ -349,7 +349,37 @@ pub fn run_all(lab: &Lab) -> Result<Smoke> {
     // An enrolled pod using an address it is not enrolled with would escape capture.
     let unlisted: IpAddr = "10.244.1.99".parse().expect("valid");
     outcomes.push(spoof(lab, "enrolled pod, unlisted source IP", "a", unlisted, "d")?);
+    outcomes.extend(policy_rows(lab)?);
     Ok(Smoke { outcomes, evidence })
+}
+
+/// Under istiod: an ALLOW policy of namespace `lab` naming a's identity only, pushed by
+/// istiod; a passes, e (another identity) and d (plaintext) are denied at the destination.
+/// The policy is removed afterwards.
+fn policy_rows(lab: &Lab) -> Result<Vec<Outcome>> {
+    use crate::istiod::proto::istio::security::{Action, Clause, Match, Rule, Scope, StringMatch, string_match};
+    let Some(istiod) = &lab.istiod else { return Ok(Vec::new()) };
+    let principal = format!("{}/ns/lab/sa/sa-a", Lab::TRUST_DOMAIN);
+    let exact = StringMatch { match_type: Some(string_match::MatchType::Exact(principal)) };
+    let rule =
+        Rule { clauses: vec![Clause { matches: vec![Match { principals: vec![exact], ..Default::default() }] }] };
+    let policy = crate::istiod::xds::authorization("lab", "only-a", Scope::Namespace, Action::Allow, vec![rule]);
+    let (nodes, key) = (lab.node_pod_names(), "lab/only-a");
+    let wait = Duration::from_secs(10);
+    istiod.set_policy(&nodes, key, Some(policy), wait).map_err(LabError::Other)?;
+    use Expect::*;
+    let s = |name, from, to, expect| Scenario { name, from, to, v6: false, port: APP_PORT, expect };
+    let mut rows = Vec::new();
+    for sc in [
+        s("policy: allowed principal -> enrolled", "a", "c", Through(&[(0, "outbound"), (1, "hbone")])),
+        s("policy: other principal -> enrolled", "e", "c", Refused(1, record::Outcome::PolicyDenied)),
+        s("policy: other principal, same node", "e", "a", Refused(0, record::Outcome::PolicyDenied)),
+        s("policy: plaintext -> enrolled", "d", "a", Refused(0, record::Outcome::PolicyDenied)),
+    ] {
+        rows.push(run(lab, &sc)?);
+    }
+    istiod.set_policy(&nodes, key, None, wait).map_err(LabError::Other)?;
+    Ok(rows)
 }
 
 /// A fixed-width table of outcomes.
