@@ -229,7 +229,7 @@ mod tests {
     async fn lists_and_closes_over_a_socket_only_its_owner_may_use() {
         let path = dir().join("1.sock");
         let registry = Arc::new(Registry::default());
-        let (tx, mut closed) = tokio::sync::watch::channel(None);
+        let (tx, mut closed) = watch::channel(None);
         let entry = registry.add(testing::info(Kind::SameNode), testing::counters(), tx);
         let socket = ControlSocket::listen(&path, registry.clone(), view()).expect("listens");
         let mode = std::fs::metadata(&path).expect("the socket exists").permissions().mode();
