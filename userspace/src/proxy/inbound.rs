@@ -168,8 +168,11 @@ async fn serve_stream(
     let checked = check_request(req.method(), req.uri(), conn.rec.orig_dst.ip(), &local.identity, &index, &p.cfg.node);
     let target = checked.inspect_err(|e| reject(&mut respond, e))?;
     conn.rec.orig_dst = target;
-    authorize(&index, conn.rec.src, peer, local, target).inspect_err(|e| reject(&mut respond, e))?;
-    conn.rec.dst_workload = Some(local.id.clone());
+    // The workload as described now (check_request found it): the policies it names may
+    // have changed since the connection was accepted.
+    let dst = index.get(target.ip()).map_or_else(|| Arc::new(local.clone()), Arc::clone);
+    authorize(&index, conn.rec.src, peer, &dst, target).inspect_err(|e| reject(&mut respond, e))?;
+    conn.rec.dst_workload = Some(dst.id.clone());
     let entry = conn.open(Kind::HboneStream, target);
     // The outer connection comes from the client pod's IP (the peer proxy dials from it):
     // the app sees its real client.

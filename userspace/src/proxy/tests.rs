@@ -842,3 +842,35 @@ async fn a_policy_newly_attached_to_a_workload_closes_its_open_connections() {
     let inb = record(&n2.log, |r| r.listener == "hbone").await;
     assert_eq!(inb.outcome, Outcome::PolicyDenied);
 }
+
+/// A stream on an HBONE connection accepted before its destination named a policy is checked
+/// against the workload as described now (found by the side-by-side run with ztunnel).
+#[tokio::test]
+async fn a_new_stream_on_a_pooled_connection_sees_the_policies_its_destination_names_now() {
+    let (_net, n1, n2) = two_nodes().await;
+    let rule = vec![vec![policy::Match {
+        principals: vec![policy::StringMatch::Exact("cluster.local/ns/ns/sa/sa-a".into())],
+        ..Default::default()
+    }]];
+    let selector =
+        policy::Policy::new("ns", "no-a", policy::Scope::WorkloadSelector, policy::Action::Deny, vec![rule], false)
+            .expect("a policy");
+    let mut index = WorkloadIndex::new(&state(WORKLOADS), TD);
+    let mut store = index.policies().clone();
+    store.insert(selector);
+    index.set_policies(store);
+    set_index(&n1, &n2, &index);
+    let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.1:40130"), addr("10.0.0.3:8080")).await;
+    assert_eq!(exchange(&mut c, b"").await.expect("an answer"), b"peer=10.0.0.1\n", "c names no policy yet");
+    let c_info = index.get("10.0.0.3".parse().unwrap()).cloned().expect("c");
+    index.insert_ip(
+        "10.0.0.3".parse().unwrap(),
+        Arc::new(WorkloadInfo { policies: vec!["ns/no-a".into()], ..(*c_info).clone() }),
+    );
+    set_index(&n1, &n2, &index);
+    let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.1:40131"), addr("10.0.0.3:8080")).await;
+    assert!(ended(&mut c).await);
+    let inb = record(&n2.log, |r| r.listener == "hbone" && r.outcome != Outcome::Ok).await;
+    assert_eq!(inb.outcome, Outcome::PolicyDenied, "{inb:?}");
+    assert_eq!(n1.proxy.pool_stats().connections, 1, "the second stream rode the pooled connection");
+}
