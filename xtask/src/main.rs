@@ -250,8 +250,9 @@ fn run(task: Task) -> Result<()> {
 }
 
 /// How many tests `cargo xtask interop` runs: each must pass, none be skipped (both ways
-/// with ztunnel's test CA, both ways under the fake istiod, ztunnel alone on the fake).
-const INTEROP_TESTS: u64 = 3;
+/// with ztunnel's test CA, both ways under the fake istiod, ztunnel alone on the fake, the
+/// policy cases side by side).
+const INTEROP_TESTS: u64 = 4;
 
 /// The interop test with the ztunnel in `dir`, checked before anything is built: a missing
 /// or different binary fails at once, and a run where the test did not run fails too.
@@ -263,8 +264,8 @@ fn interop(dir: &Path) -> Result<()> {
     status(&mut bins.lab(["cleanup"]))?;
     step(&format!("running the interop test against {}", binary.display()));
     let mut cmd = cargo();
-    // Both ways on the lab (ztunnel's test CA, then the fake istiod's), then ztunnel alone
-    // on the fake istiod (tests/istiod_ztunnel.rs).
+    // Both ways on the lab (ztunnel's test CA, then the fake istiod's), the policy cases
+    // side by side, then ztunnel alone on the fake istiod (tests/istiod_ztunnel.rs).
     cmd.args(["test", "--package", "meshpath-lab", "--test", "interop", "--test", "istiod_ztunnel", "--", "--ignored"])
         .env(MESHPATH_BIN_ENV, &bins.meshpath)
         .env("MESHPATH_ZTUNNEL", &binary)
