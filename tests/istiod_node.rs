@@ -431,3 +431,53 @@ fn an_istiod_policy_decides_at_the_destination_on_every_path() -> Result<()> {
             && send(&lab, "a", "e", CONNECT).is_ok_and(|x| x.echoed_intact))
     })
 }
+
+/// The same policy over IPv6, on a plain relay open before it (closed when it arrives), and
+/// across a takeover of the destination's node (the successor enforces it from its first
+/// connection: it takes the listeners over only once istiod's first push is applied).
+#[test]
+fn a_policy_closes_a_plain_relay_and_holds_over_v6_and_across_a_takeover() -> Result<()> {
+    use meshpath_lab::istiod::proto::istio::security::{Action, Scope};
+    let mut lab = istiod_lab()?;
+    let _servers = smoke::start_servers(&lab)?;
+    let streaming = APP_PORT + 2000;
+    let _echo = traffic::EchoServer::start_streaming(&lab.pod("a").netns, streaming)?;
+    let to_a = lab.addr("a", true, streaming);
+    let mut held = traffic::in_netns(&lab.pod("d").netns, || std::net::TcpStream::connect_timeout(&to_a, CONNECT))??;
+    held.set_read_timeout(Some(WAIT))?;
+    std::io::Write::write_all(&mut held, b"before")?;
+    let mut buf = [0u8; 64];
+    ensure!(std::io::Read::read(&mut held, &mut buf)? > 0, "the plain relay echoed nothing");
+
+    let (nodes, key) = (lab.node_pod_names(), "lab/nothing-in");
+    let policy = meshpath_lab::istiod::xds::authorization("lab", "nothing-in", Scope::Namespace, Action::Allow, vec![]);
+    lab.istiod().set_policy(&nodes, key, Some(policy), WAIT).map_err(anyhow::Error::msg)?;
+    // EOF or a reset is the close; the read timeout (WAIT) is not.
+    let closed = loop {
+        match std::io::Read::read(&mut held, &mut buf) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(e) => break !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+        }
+    };
+    ensure!(closed, "the plain relay stayed open");
+    let denied = |r: &ConnectionRecord| r.outcome == Outcome::PolicyDenied;
+    record(&lab, 0, |r| r.listener == "inbound_plain" && r.orig_dst == to_a && denied(r))?;
+
+    let c6 = lab.addr("c", true, APP_PORT);
+    let try_c6 = |lab: &Lab| traffic::exchange(&lab.pod("a").netns, None, c6, &traffic::payload(64), CONNECT);
+    ensure!(!try_c6(&lab).is_ok_and(|x| x.echoed_intact), "a reached c over IPv6 through the policy");
+    record(&lab, 1, |r| r.listener == "hbone" && r.orig_dst == c6 && denied(r))?;
+    let before = lab.records(1)?.len();
+    lab.take_over(1, Duration::from_secs(30))?;
+    ensure!(!try_c6(&lab).is_ok_and(|x| x.echoed_intact), "a reached c through node 2's successor");
+    let after = lab.records(1)?;
+    ensure!(
+        after[before..].iter().any(|r| r.listener == "hbone" && r.orig_dst == c6 && denied(r)),
+        "the successor did not deny: {:#?}",
+        &after[before..]
+    );
+    lab.istiod().set_policy(&nodes, key, None, WAIT).map_err(anyhow::Error::msg)?;
+    ensure!(try_c6(&lab)?.echoed_intact, "a -> c over IPv6 once the policy is gone");
+    Ok(())
+}
