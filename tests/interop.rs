@@ -42,7 +42,7 @@ use meshpath_lab::istiod::proto::istio::security::{
     Action, Address, Authorization, Clause, Match, Rule, Scope, StringMatch,
 };
 use meshpath_lab::istiod::proto::istio::workload::TunnelProtocol;
-use meshpath_lab::istiod::xds::{LabResource, RequestKind, authorization, pod_uid};
+use meshpath_lab::istiod::xds::{LabResource, authorization, pod_uid};
 use meshpath_lab::lab_istiod::CLUSTER_ID;
 use meshpath_lab::smoke::APP_PORT;
 use meshpath_lab::{Lab, traffic};
@@ -436,15 +436,8 @@ fn certificates_all_from_the_fake(lab: &Lab) -> Result<()> {
     let decimal = cert.tbs_certificate.serial.to_string();
     ensure!(held == decimal, "ztunnel's config dump holds serial {held}, it presents {decimal}");
     println!("ztunnel's config dump holds serial {held} for c, the one it presents");
-    for entry in std::fs::read_dir(&lab.dir)? {
-        let path = entry?.path();
-        let text = std::fs::read(&path).unwrap_or_default();
-        ensure!(
-            !String::from_utf8_lossy(&text).contains("PRIVATE KEY"),
-            "a private key in the lab: {}",
-            path.display()
-        );
-    }
+    let keys = lab.files_with_private_keys()?;
+    ensure!(keys.is_empty(), "private keys in the lab: {keys:?}");
     Ok(())
 }
 
@@ -743,27 +736,7 @@ fn cases(lab: &Lab) -> Vec<Case> {
 
 /// The proxies a policy must reach: both meshpath nodes and ztunnel (their pods' names).
 fn proxies(lab: &Lab) -> Vec<String> {
-    (0..lab.nodes.len()).map(|n| lab.node_pod_name(n)).chain(["pod-c".to_owned()]).collect()
-}
-
-/// Whether the latest stream of each of `pods` ACKed policy `key` at the version served now.
-fn policy_acked(lab: &Lab, pods: &[String], key: &str) -> bool {
-    let xds = &lab.istiod().fake.xds;
-    let Some(version) = xds.version(meshpath::xds::AUTHORIZATION_TYPE, key) else { return false };
-    let records = xds.records();
-    pods.iter().all(|pod| {
-        let latest = records
-            .streams
-            .iter()
-            .filter(|s| s.refused.is_none() && s.node.as_ref().is_some_and(|n| n.id.contains(&format!("~{pod}."))))
-            .map(|s| s.id)
-            .max();
-        let Some(stream) = latest else { return false };
-        records.responses.iter().filter(|r| r.stream == stream).any(|r| {
-            r.resources.iter().any(|(n, v)| n == key && *v == version)
-                && records.answers_to(&r.nonce).iter().any(|a| matches!(a, RequestKind::Ack { .. }))
-        })
-    })
+    lab.node_pod_names().into_iter().chain(["pod-c".to_owned()]).collect()
 }
 
 /// Names (or, with `None`, no longer names) `key` in a's and c's workloads; waits until
@@ -797,7 +770,9 @@ fn run_case(lab: &Lab, case: &Case) -> Result<Row> {
     }
     if let (Some(policy), Some(key)) = (&case.policy, &key) {
         lab.istiod().fake.xds.put(policy.clone());
-        support::wait_until(&format!("every proxy to ACK {key}"), SETTLE, || Ok(policy_acked(lab, &pods, key)))?;
+        support::wait_until(&format!("every proxy to ACK {key}"), SETTLE, || {
+            Ok(lab.istiod().acked(&pods, meshpath::xds::AUTHORIZATION_TYPE, key))
+        })?;
     }
     let row = Row {
         case: case.name,

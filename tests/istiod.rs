@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -111,27 +110,6 @@ impl State {
     }
 }
 
-static DIRS: AtomicU32 = AtomicU32::new(0);
-
-/// A directory of the test's own, removed at the end.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new() -> Result<Self> {
-        let n = DIRS.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("meshpath-istiod-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// How the client is set up, where a test differs from the good case.
 struct ClientSetup {
     token: String,
@@ -155,7 +133,7 @@ struct Running {
     token_file: PathBuf,
     stop: drain::Trigger,
     task: tokio::task::JoinHandle<()>,
-    _dir: Dir,
+    _dir: tempfile::TempDir,
 }
 
 async fn fake_istiod() -> Result<FakeIstiod> {
@@ -171,8 +149,8 @@ async fn start(setup: ClientSetup) -> Result<Running> {
     init_logs();
     let istiod = fake_istiod().await?;
     seed(&istiod);
-    let dir = Dir::new()?;
-    let (token_file, root_file) = (dir.0.join("istio-token"), dir.0.join("root-cert.pem"));
+    let dir = tempfile::Builder::new().prefix("meshpath-istiod-").tempdir()?;
+    let (token_file, root_file) = (dir.path().join("istio-token"), dir.path().join("root-cert.pem"));
     std::fs::write(&token_file, &setup.token)?;
     std::fs::write(&root_file, setup.root_pem.as_deref().unwrap_or(istiod.root_pem()))?;
     let args = XdsArgs {

@@ -33,20 +33,6 @@ fn db() -> Identity {
     Identity::new(TD, "shop", "db")
 }
 
-fn pod(ns: &str, name: &str, sa: &str, node: &str) -> LabPod {
-    LabPod {
-        namespace: ns.into(),
-        name: name.into(),
-        uid: format!("uid-{name}"),
-        service_account: sa.into(),
-        node: node.into(),
-    }
-}
-
-fn caller(ns: &str, sa: &str, pod: &str) -> Caller {
-    Caller { namespace: ns.into(), service_account: sa.into(), pod: pod.into(), pod_uid: format!("uid-{pod}") }
-}
-
 /// A directory with the lab root, a token file and the root file; the fake CA serving on
 /// loopback; the client's settings pointing at both. Everything goes when dropped.
 struct Setup {
@@ -73,12 +59,12 @@ impl Setup {
         BuiltinCa::open(Some(&dir.join("root")), TD, Duration::from_secs(3600))?;
         let root_pem = std::fs::read_to_string(dir.join("root/root-cert.pem"))?;
         let mut s = CaSettings::new(&root_pem, &std::fs::read_to_string(dir.join("root/root-key.pem"))?);
-        s.tokens.insert("node-token".into(), caller("istio-system", "ztunnel", "ztunnel-n1"));
-        s.tokens.insert("web-token".into(), caller("shop", "web", "web-1"));
+        s.tokens.insert("node-token".into(), Caller::new("istio-system", "ztunnel", "ztunnel-n1"));
+        s.tokens.insert("web-token".into(), Caller::new("shop", "web", "web-1"));
         s.pods = vec![
-            pod("istio-system", "ztunnel-n1", "ztunnel", "n1"),
-            pod("shop", "web-1", "web", "n1"),
-            pod("shop", "db-1", "db", "n2"),
+            LabPod::new("istio-system", "ztunnel-n1", "ztunnel", "n1"),
+            LabPod::new("shop", "web-1", "web", "n1"),
+            LabPod::new("shop", "db-1", "db", "n2"),
         ];
         let fake = FakeCa::new(s)?;
         let serving = fake.serve("127.0.0.1:0".parse()?).await?;
@@ -177,8 +163,8 @@ async fn a_token_of_a_pod_that_no_longer_exists_may_not_impersonate() -> Result<
     let s = Setup::new().await?;
     // The node proxy's pod was re-created: same name, another UID.
     s.fake.set_pods(vec![
-        LabPod { uid: "uid-new".into(), ..pod("istio-system", "ztunnel-n1", "ztunnel", "n1") },
-        pod("shop", "web-1", "web", "n1"),
+        LabPod { uid: "uid-new".into(), ..LabPod::new("istio-system", "ztunnel-n1", "ztunnel", "n1") },
+        LabPod::new("shop", "web-1", "web", "n1"),
     ]);
     refused(s.client()?.fetch(&web()).await, Code::Unauthenticated, IMPERSONATION_FAILURE)?;
     ensure!(s.last()?.reason.contains("UID does not match"), "{:?}", s.last()?);

@@ -63,7 +63,7 @@ fn edit_workload(
 
 /// Waits until `name` is served at a version other than `before` and both nodes ACKed it.
 fn acked(lab: &Lab, name: &str, before: Option<String>) -> Result<()> {
-    let nodes: Vec<String> = (0..lab.nodes.len()).map(|n| lab.node_pod_name(n)).collect();
+    let nodes = lab.node_pod_names();
     let istiod = lab.istiod();
     wait_until(&format!("both nodes to ACK a new version of {name}"), WAIT, || {
         let now = istiod.fake.xds.version(meshpath::xds::ADDRESS_TYPE, name);
@@ -180,15 +180,8 @@ fn p_with_target(
 #[test]
 fn every_leaf_a_node_presents_was_issued_by_istiods_ca() -> Result<()> {
     let lab = istiod_lab()?;
-    for entry in std::fs::read_dir(&lab.dir)? {
-        let path = entry?.path();
-        let text = std::fs::read(&path).unwrap_or_default();
-        ensure!(
-            !String::from_utf8_lossy(&text).contains("PRIVATE KEY"),
-            "a private key in the lab: {}",
-            path.display()
-        );
-    }
+    let keys = lab.files_with_private_keys()?;
+    ensure!(keys.is_empty(), "private keys in the lab: {keys:?}");
     let root = CertificateDer::from_pem_file(&lab.istiod().root)?;
     let issued = lab.istiod().issued_serials();
     for (from, to) in [("d", "a"), ("d", "e"), ("b", "c")] {
@@ -355,18 +348,8 @@ fn an_istiod_policy_decides_at_the_destination_on_every_path() -> Result<()> {
     let policy = meshpath_lab::istiod::xds::authorization("lab", "nothing-in", Scope::Namespace, Action::Allow, vec![]);
     let key = "lab/nothing-in";
     let xds = &lab.istiod().fake.xds;
-    let nodes: Vec<String> = (0..lab.nodes.len()).map(|n| lab.node_pod_name(n)).collect();
-    let acked_policy = || {
-        let Some(version) = xds.version(meshpath::xds::AUTHORIZATION_TYPE, key) else { return false };
-        let r = xds.records();
-        nodes.iter().all(|pod| {
-            r.responses.iter().any(|resp| {
-                resp.resources.iter().any(|(n, v)| n == key && *v == version)
-                    && r.stream(resp.stream).and_then(|s| s.node.as_ref()).is_some_and(|n| n.id.contains(pod.as_str()))
-                    && !r.answers_to(&resp.nonce).is_empty()
-            })
-        })
-    };
+    let nodes = lab.node_pod_names();
+    let acked_policy = || lab.istiod().acked(&nodes, meshpath::xds::AUTHORIZATION_TYPE, key);
     // A connection open before the policy: closed once it arrives (meshpath re-checks open
     // connections). The time from the push to the close bounds the ACK-to-close time.
     let streaming = APP_PORT + 2000;

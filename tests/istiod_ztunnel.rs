@@ -113,37 +113,19 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// The test's files (root, tokens, ztunnel's logs), removed when dropped.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn create() -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("meshpath-istiod-ztunnel-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 #[ignore = "needs a ztunnel binary: MESHPATH_ZTUNNEL (and root)"]
 fn ztunnel_runs_on_the_fake_istiod_and_asks_for_certificates_as_meshpath_does() -> Result<()> {
     let binary = PathBuf::from(
         std::env::var_os("MESHPATH_ZTUNNEL").context("MESHPATH_ZTUNNEL is not set (see the top of this file)")?,
     );
-    let dir = Dir::create()?;
+    let dir = tempfile::Builder::new().prefix("meshpath-istiod-ztunnel-").tempdir()?;
     let netns = Netns::create()?;
     let ns = netns.0.clone();
     // The whole test (the fake, the clients) runs on one thread inside the namespace.
     traffic::in_netns(&ns, || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        rt.block_on(run(&ns, &binary, &dir.0))
+        rt.block_on(run(&ns, &binary, dir.path()))
     })?
 }
 
@@ -167,28 +149,14 @@ async fn fake_istiod() -> Result<(FakeIstiod, FakeCa)> {
         .token(POD_A_TOKEN, Account::new(NS, "sa-a"));
     let mut settings = CaSettings::new(builder.root().pem(), &builder.root().key_pem());
     settings.cluster_id = CLUSTER.into();
-    settings.tokens.insert(NODE_TOKEN.into(), caller("istio-system", "ztunnel", "ztunnel-n1"));
-    settings.tokens.insert(POD_A_TOKEN.into(), caller(NS, "sa-a", "a"));
-    settings.pods = std::iter::once(lab_pod("istio-system", "ztunnel-n1", "ztunnel", NODE))
-        .chain(PODS.iter().map(|&(name, sa, node, _)| lab_pod(NS, name, sa, node)))
+    settings.tokens.insert(NODE_TOKEN.into(), Caller::new("istio-system", "ztunnel", "ztunnel-n1"));
+    settings.tokens.insert(POD_A_TOKEN.into(), Caller::new(NS, "sa-a", "a"));
+    settings.pods = std::iter::once(LabPod::new("istio-system", "ztunnel-n1", "ztunnel", NODE))
+        .chain(PODS.iter().map(|&(name, sa, node, _)| LabPod::new(NS, name, sa, node)))
         .collect();
     let ca = FakeCa::new(settings)?;
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, ISTIOD_PORT)).await?;
     Ok((builder.ca(ca.clone()).serve(listener)?, ca))
-}
-
-fn caller(ns: &str, sa: &str, pod: &str) -> Caller {
-    Caller { namespace: ns.into(), service_account: sa.into(), pod: pod.into(), pod_uid: format!("uid-{pod}") }
-}
-
-fn lab_pod(ns: &str, name: &str, sa: &str, node: &str) -> LabPod {
-    LabPod {
-        namespace: ns.into(),
-        name: name.into(),
-        uid: format!("uid-{name}"),
-        service_account: sa.into(),
-        node: node.into(),
-    }
 }
 
 /// The pods, the service (pod a behind it) and a policy letting b reach web's port.

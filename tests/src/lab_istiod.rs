@@ -159,6 +159,20 @@ impl Lab {
         self.dir.join(format!("istio-token-pod-{pod}"))
     }
 
+    /// The files of the lab's directory that hold a private key (under istiod: none; the
+    /// CA's key stays in the fake's memory, the nodes' keys in theirs).
+    pub fn files_with_private_keys(&self) -> Result<Vec<PathBuf>> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let text = std::fs::read(&path).unwrap_or_default();
+            if String::from_utf8_lossy(&text).contains("PRIVATE KEY") {
+                found.push(path);
+            }
+        }
+        Ok(found)
+    }
+
     /// Every node's daemon pod name.
     pub fn node_pod_names(&self) -> Vec<String> {
         (0..self.nodes.len()).map(|n| self.node_pod_name(n)).collect()
@@ -278,13 +292,7 @@ impl Lab {
     }
 
     fn node_caller(&self, node: usize) -> Caller {
-        let pod = self.node_pod_name(node);
-        Caller {
-            namespace: NODE_NAMESPACE.into(),
-            service_account: NODE_ACCOUNT.into(),
-            pod_uid: format!("uid-{pod}"),
-            pod,
-        }
+        Caller::new(NODE_NAMESPACE, NODE_ACCOUNT, &self.node_pod_name(node))
     }
 
     /// What the feed needs of the lab: its services and its daemons' pods.

@@ -83,6 +83,22 @@ pub struct LabPod {
     pub node: String,
 }
 
+impl Caller {
+    /// The caller of a token bound to pod `namespace/pod` (uid `uid-<pod>`).
+    pub fn new(namespace: &str, service_account: &str, pod: &str) -> Self {
+        let (namespace, service_account) = (namespace.into(), service_account.into());
+        Self { namespace, service_account, pod: pod.into(), pod_uid: format!("uid-{pod}") }
+    }
+}
+
+impl LabPod {
+    /// Pod `namespace/name` on `node` (uid `uid-<name>`), running as `service_account`.
+    pub fn new(namespace: &str, name: &str, service_account: &str, node: &str) -> Self {
+        let (namespace, service_account, node) = (namespace.into(), service_account.into(), node.into());
+        Self { namespace, name: name.into(), uid: format!("uid-{name}"), service_account, node }
+    }
+}
+
 /// How the fake is set up; the tables can change while it runs ([`FakeCa::set_pods`], …).
 pub struct CaSettings {
     /// The lab root (PEM): the fake signs with it.

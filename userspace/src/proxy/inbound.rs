@@ -152,7 +152,7 @@ async fn stream(
 
 async fn serve_stream(
     p: &Proxy,
-    local: &WorkloadInfo,
+    local: &Arc<WorkloadInfo>,
     peer: Option<&Identity>,
     conn: &mut Conn,
     req: Request<RecvStream>,
@@ -170,7 +170,7 @@ async fn serve_stream(
     conn.rec.orig_dst = target;
     // The workload as described now (check_request found it): the policies it names may
     // have changed since the connection was accepted.
-    let dst = index.get(target.ip()).map_or_else(|| Arc::new(local.clone()), Arc::clone);
+    let dst = index.get(target.ip()).unwrap_or(local).clone();
     authorize(&index, conn.rec.src, peer, &dst, target).inspect_err(|e| reject(&mut respond, e))?;
     conn.rec.dst_workload = Some(dst.id.clone());
     let entry = conn.open(Kind::HboneStream, target);

@@ -733,14 +733,34 @@ async fn a_peer_the_control_plane_says_is_not_captured_is_reached_plain_from_the
 
 /// `index` with one namespace-wide policy of namespace `ns`: `action` for connections from
 /// principal `from` (istiod's form, without `spiffe://`), or from any one without.
-fn with_policy(mut index: WorkloadIndex, action: policy::Action, from: Option<&str>) -> WorkloadIndex {
+fn with_policy(index: WorkloadIndex, action: policy::Action, from: Option<&str>) -> WorkloadIndex {
+    with_scoped_policy(index, "p", policy::Scope::Namespace, action, from)
+}
+
+/// `index` with policy `ns/<name>` of `scope`: `action` for principal `from`, or for any
+/// connection without.
+fn with_scoped_policy(
+    mut index: WorkloadIndex,
+    name: &str,
+    scope: policy::Scope,
+    action: policy::Action,
+    from: Option<&str>,
+) -> WorkloadIndex {
     let principals = from.map(|p| vec![policy::StringMatch::Exact(p.into())]).unwrap_or_default();
     let rule = vec![vec![policy::Match { principals, ..Default::default() }]];
     let rules = if from.is_some() { vec![rule] } else { vec![] };
-    let p = policy::Policy::new("ns", "p", policy::Scope::Namespace, action, rules, false).expect("a policy");
+    let p = policy::Policy::new("ns", name, scope, action, rules, false).expect("a policy");
     let mut store = index.policies().clone();
     store.insert(p);
     index.set_policies(store);
+    index
+}
+
+/// `index` where the workload at `ip` names policy `key` (its selector now matches it).
+fn naming(mut index: WorkloadIndex, ip: &str, key: &str) -> WorkloadIndex {
+    let ip = ip.parse().expect("an IP");
+    let w = index.get(ip).cloned().expect("a workload at that address");
+    index.insert_ip(ip, Arc::new(WorkloadInfo { policies: vec![key.into()], ..(*w).clone() }));
     index
 }
 
@@ -817,27 +837,13 @@ async fn open_connections_a_new_policy_denies_are_closed_with_their_record() {
 #[tokio::test]
 async fn a_policy_newly_attached_to_a_workload_closes_its_open_connections() {
     let (_net, n1, n2) = two_nodes().await;
-    let rule = vec![vec![policy::Match {
-        principals: vec![policy::StringMatch::Exact("cluster.local/ns/ns/sa/sa-e".into())],
-        ..Default::default()
-    }]];
-    let selector =
-        policy::Policy::new("ns", "only-e", policy::Scope::WorkloadSelector, policy::Action::Allow, vec![rule], false)
-            .expect("a policy");
-    let mut index = WorkloadIndex::new(&state(WORKLOADS), TD);
-    let mut store = index.policies().clone();
-    store.insert(selector);
-    index.set_policies(store);
+    let (scope, allow) = (policy::Scope::WorkloadSelector, policy::Action::Allow);
+    let index = WorkloadIndex::new(&state(WORKLOADS), TD);
+    let index = with_scoped_policy(index, "only-e", scope, allow, Some("cluster.local/ns/ns/sa/sa-e"));
     set_index(&n1, &n2, &index);
     let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.1:40122"), addr("10.0.0.3:8080")).await;
     assert_eq!(exchange_open(&mut c, b"x").await, b"peer=10.0.0.1\nx", "c names no policy yet");
-    let mut attached = with_workload(index, "10.0.0.3", "ns/c", "n2", Tunnel::Hbone, false);
-    let c_info = attached.get("10.0.0.3".parse().unwrap()).cloned().expect("c");
-    attached.insert_ip(
-        "10.0.0.3".parse().unwrap(),
-        Arc::new(WorkloadInfo { policies: vec!["ns/only-e".into()], ..(*c_info).clone() }),
-    );
-    set_index(&n1, &n2, &attached);
+    set_index(&n1, &n2, &naming(index, "10.0.0.3", "ns/only-e"));
     assert!(ended(&mut c).await, "closed once c's workload names the policy");
     let inb = record(&n2.log, |r| r.listener == "hbone").await;
     assert_eq!(inb.outcome, Outcome::PolicyDenied);
@@ -848,26 +854,13 @@ async fn a_policy_newly_attached_to_a_workload_closes_its_open_connections() {
 #[tokio::test]
 async fn a_new_stream_on_a_pooled_connection_sees_the_policies_its_destination_names_now() {
     let (_net, n1, n2) = two_nodes().await;
-    let rule = vec![vec![policy::Match {
-        principals: vec![policy::StringMatch::Exact("cluster.local/ns/ns/sa/sa-a".into())],
-        ..Default::default()
-    }]];
-    let selector =
-        policy::Policy::new("ns", "no-a", policy::Scope::WorkloadSelector, policy::Action::Deny, vec![rule], false)
-            .expect("a policy");
-    let mut index = WorkloadIndex::new(&state(WORKLOADS), TD);
-    let mut store = index.policies().clone();
-    store.insert(selector);
-    index.set_policies(store);
+    let (scope, deny) = (policy::Scope::WorkloadSelector, policy::Action::Deny);
+    let index = WorkloadIndex::new(&state(WORKLOADS), TD);
+    let index = with_scoped_policy(index, "no-a", scope, deny, Some("cluster.local/ns/ns/sa/sa-a"));
     set_index(&n1, &n2, &index);
     let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.1:40130"), addr("10.0.0.3:8080")).await;
     assert_eq!(exchange(&mut c, b"").await.expect("an answer"), b"peer=10.0.0.1\n", "c names no policy yet");
-    let c_info = index.get("10.0.0.3".parse().unwrap()).cloned().expect("c");
-    index.insert_ip(
-        "10.0.0.3".parse().unwrap(),
-        Arc::new(WorkloadInfo { policies: vec!["ns/no-a".into()], ..(*c_info).clone() }),
-    );
-    set_index(&n1, &n2, &index);
+    set_index(&n1, &n2, &naming(index, "10.0.0.3", "ns/no-a"));
     let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.1:40131"), addr("10.0.0.3:8080")).await;
     assert!(ended(&mut c).await);
     let inb = record(&n2.log, |r| r.listener == "hbone" && r.outcome != Outcome::Ok).await;
