@@ -522,7 +522,13 @@ fn check_settings(objects: &[serde_yaml::Value]) -> Result<()> {
         let got = settings.field(var);
         ensure!(got.as_deref() == Some(field), "{var} comes from {got:?}, want the downward API's {field}");
     }
-    for var in ["MESHPATH_CA_DIR", "MESHPATH_CERT_DIR", "MESHPATH_WORKLOADS"] {
+    for var in [
+        "MESHPATH_CA_DIR",
+        "MESHPATH_CERT_DIR",
+        "MESHPATH_WORKLOADS",
+        "MESHPATH_INBOUND_PLAINTEXT",
+        "MESHPATH_ROOT_NAMESPACE",
+    ] {
         ensure!(!settings.names().contains(var), "{var} is set: the daemon refuses it with istiod");
     }
     let pod = pod_spec(objects)?;

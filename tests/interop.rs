@@ -232,6 +232,8 @@ fn meshpath_and_ztunnel_on_one_fake_istiod_talk_hbone_both_ways() -> Result<()> 
     lab.start_cluster()?;
     // Pod c is ztunnel's: node 2's meshpath must leave it alone.
     lab.cluster().api.apply(&opted_out(lab.pod_object("c")))?;
+    // ztunnel is never told a node's default: no STRICT node, so both sides see one mesh.
+    lab.strict_nodes.clear();
     lab.start_istiod()?;
     let _ztunnel = start_meshpath_then_ztunnel(&mut lab, &binary)?;
     print_ztunnel_stream(&lab)?;
@@ -533,6 +535,8 @@ fn istiod_policies_decide_alike_in_meshpath_and_ztunnel() -> Result<()> {
     let api = lab.cluster().api.clone();
     api.apply(&opted_out(lab.pod_object("c")))?;
     api.apply(&with_account(lab.pod_object("a"), "sa-c"))?;
+    // ztunnel is never told a node's default: no STRICT node, so both sides see one mesh.
+    lab.strict_nodes.clear();
     lab.start_istiod()?;
     let _ztunnel = start_meshpath_then_ztunnel(&mut lab, &binary)?;
     redirect_app_port_to_ztunnel(&lab)?;

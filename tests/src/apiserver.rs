@@ -43,7 +43,7 @@
 //! set-based label selectors.
 
 use meshpath::sync::lock;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::convert::Infallible;
 use std::hash::{BuildHasher, RandomState};
 use std::io;
@@ -82,10 +82,20 @@ pub enum Kind {
     Namespace,
     Service,
     EndpointSlice,
+    /// Istio's `security.istio.io/v1` kinds (their CRDs installed).
+    AuthorizationPolicy,
+    PeerAuthentication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Pod, Kind::Namespace, Kind::Service, Kind::EndpointSlice];
+    pub const ALL: [Kind; 6] = [
+        Kind::Pod,
+        Kind::Namespace,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::AuthorizationPolicy,
+        Kind::PeerAuthentication,
+    ];
 
     /// The kind's `kind` field, e.g. `Pod`.
     pub fn name(self) -> &'static str {
@@ -94,12 +104,15 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::PeerAuthentication => "PeerAuthentication",
         }
     }
 
     pub fn api_version(self) -> &'static str {
         match self {
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::AuthorizationPolicy | Kind::PeerAuthentication => "security.istio.io/v1",
             _ => "v1",
         }
     }
@@ -111,6 +124,8 @@ impl Kind {
             Kind::Namespace => "namespaces",
             Kind::Service => "services",
             Kind::EndpointSlice => "endpointslices",
+            Kind::AuthorizationPolicy => "authorizationpolicies",
+            Kind::PeerAuthentication => "peerauthentications",
         }
     }
 
@@ -131,6 +146,7 @@ impl Kind {
     fn group_path(self) -> &'static str {
         match self {
             Kind::EndpointSlice => "/apis/discovery.k8s.io/v1",
+            Kind::AuthorizationPolicy | Kind::PeerAuthentication => "/apis/security.istio.io/v1",
             _ => "/api/v1",
         }
     }
@@ -224,6 +240,8 @@ struct Shared {
     disconnect: watch::Sender<u64>,
     requests: Mutex<Vec<RequestRecord>>,
     bookmark_interval: Mutex<Duration>,
+    /// Kinds answered 404, as for a CRD that is not installed.
+    uninstalled: Mutex<BTreeSet<Kind>>,
 }
 
 #[derive(Clone)]
@@ -270,6 +288,16 @@ impl Default for ApiServer {
 }
 
 impl ApiServer {
+    /// Serves `kind` (its CRD installed) or answers 404 for it (not installed).
+    pub fn set_installed(&self, kind: Kind, installed: bool) {
+        let mut uninstalled = lock(&self.inner.shared.uninstalled);
+        if installed {
+            uninstalled.remove(&kind);
+        } else {
+            uninstalled.insert(kind);
+        }
+    }
+
     /// An empty store, not yet serving.
     pub fn new() -> Self {
         let store = Store {
@@ -289,6 +317,7 @@ impl ApiServer {
             disconnect: watch::channel(0).0,
             requests: Mutex::new(Vec::new()),
             bookmark_interval: Mutex::new(DEFAULT_BOOKMARK_INTERVAL),
+            uninstalled: Mutex::new(BTreeSet::new()),
         };
         ApiServer { inner: Arc::new(Inner { shared: Arc::new(shared), serving: Mutex::new(Vec::new()) }) }
     }
@@ -641,8 +670,9 @@ struct Route {
 
 impl Route {
     fn parse(path: &str) -> Option<Route> {
-        let (group, rest) = ["/api/v1", "/apis/discovery.k8s.io/v1"]
+        let (group, rest) = Kind::ALL
             .into_iter()
+            .map(Kind::group_path)
             .find_map(|g| Some((g, path.strip_prefix(g)?.strip_prefix('/')?)))?;
         let segments: Vec<&str> = rest.split('/').collect();
         if segments.iter().any(|s| s.is_empty()) {
@@ -668,7 +698,8 @@ impl Route {
 
 /// Answers one request: a status patch (which reads its body), or a read.
 async fn serve_request(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
-    let Some(route) = Route::parse(req.uri().path()) else {
+    let route = Route::parse(req.uri().path()).filter(|r| !lock(&shared.uninstalled).contains(&r.kind));
+    let Some(route) = route else {
         return status_response(&ApiError::new(404, "NotFound", "the server could not find the requested resource"));
     };
     if req.method() == Method::PATCH && route.status {

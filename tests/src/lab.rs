@@ -141,9 +141,12 @@ pub struct Lab {
     pub pods: Vec<Pod>,
     /// Extra arguments for every `meshpath node` the lab starts.
     pub daemon_args: Vec<String>,
-    /// Extra arguments per node (after `daemon_args`). Node 2 refuses plaintext by default,
-    /// so the lab shows both policies.
+    /// Extra arguments per node (after `daemon_args`).
     pub node_args: Vec<Vec<String>>,
+    /// Nodes whose pods accept only mTLS (PeerAuthentication STRICT): standalone, their
+    /// daemons run with `--inbound-plaintext strict`; under istiod, the lab's istiod
+    /// attaches the STRICT policy to their pods. Node 2 by default, so the lab shows both.
+    pub strict_nodes: Vec<usize>,
     /// Whether daemons get `--ca-dir` (the lab's shared CA). Off when a test brings its
     /// own certificates with `--cert-dir`.
     pub use_builtin_ca: bool,
@@ -231,7 +234,8 @@ impl Lab {
             nodes,
             pods,
             daemon_args: Vec::new(),
-            node_args: vec![vec![], vec!["--inbound-plaintext".into(), "strict".into()]],
+            node_args: Vec::new(),
+            strict_nodes: vec![1],
             use_builtin_ca: true,
             cluster: None,
             istiod: None,
@@ -433,8 +437,13 @@ impl Lab {
         ]);
         if self.istiod.is_some() {
             self.istiod_env(node, &mut cmd);
-        } else if self.use_builtin_ca {
-            cmd.arg("--ca-dir").arg(self.ca_dir());
+        } else {
+            if self.use_builtin_ca {
+                cmd.arg("--ca-dir").arg(self.ca_dir());
+            }
+            if self.strict_nodes.contains(&node) {
+                cmd.args(["--inbound-plaintext", "strict"]);
+            }
         }
         if self.pod_cidr_args {
             for c in POD_CIDRS {

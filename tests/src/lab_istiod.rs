@@ -26,6 +26,8 @@ use crate::cluster::{ECHO_SERVICE, MESH_NAMESPACE, PLAIN_NAMESPACE, WEB_SERVICE}
 use crate::istiod::FakeIstiod;
 use crate::istiod::auth::Account;
 use crate::istiod::ca::{CaSettings, Caller, FakeCa, LabPod};
+use crate::istiod::proto::istio::security::string_match::MatchType;
+use crate::istiod::proto::istio::security::{Action, Clause, Match, Rule, Scope, StringMatch};
 use crate::istiod::proto::istio::workload::{TunnelProtocol, Workload};
 use crate::istiod::xds::{self, Change, LabResource};
 use crate::lab::{Lab, LabError, Result};
@@ -38,6 +40,8 @@ pub const CLUSTER_ID: &str = "Kubernetes";
 /// Where the node daemons run, and as whom: the account istiod trusts to impersonate.
 pub const NODE_NAMESPACE: &str = "istio-system";
 pub const NODE_ACCOUNT: &str = "ztunnel";
+/// The policy istiod makes of PeerAuthentication STRICT (namespace, name).
+pub const STRICT_POLICY: (&str, &str) = ("istio-system", "istio_converted_static_strict");
 /// How often the feed looks at the API server.
 const FEED_POLL: Duration = Duration::from_millis(50);
 
@@ -140,6 +144,81 @@ impl LabIstiod {
             std::thread::sleep(FEED_POLL);
         }
         Ok(())
+    }
+
+    /// Serves `policies` (in responses of `batch` each, as istiod's debounced pushes come)
+    /// and waits until every node in `pods` has ACKed each of them at the version served now.
+    pub fn set_policies(
+        &self,
+        pods: &[String],
+        policies: Vec<crate::istiod::proto::istio::security::Authorization>,
+        batch: usize,
+        timeout: Duration,
+    ) -> std::result::Result<(), String> {
+        let type_url = meshpath::xds::AUTHORIZATION_TYPE;
+        let names: Vec<String> = policies.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect();
+        let mut policies = policies.into_iter().peekable();
+        while policies.peek().is_some() {
+            self.fake.xds.change(policies.by_ref().take(batch.max(1)).map(Change::put));
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let missing = self.not_acked(pods, type_url, &names);
+            if missing == 0 {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "{missing} of {} policies not ACKed by every node within {timeout:?}",
+                    names.len()
+                ));
+            }
+            std::thread::sleep(FEED_POLL * 4);
+        }
+    }
+
+    /// How many of `names` (resources of `type_url`) some node in `pods` has not ACKed at the
+    /// version served now, on its latest stream: [`LabIstiod::acked`] for many names, from
+    /// one look at the records.
+    pub fn not_acked(&self, pods: &[String], type_url: &str, names: &[String]) -> usize {
+        let records = self.fake.xds.records();
+        let acked_nonces: std::collections::HashSet<&str> = records
+            .requests
+            .iter()
+            .filter_map(|r| match &r.kind {
+                xds::RequestKind::Ack { nonce } => Some(nonce.as_str()),
+                _ => None,
+            })
+            .collect();
+        let versions: Vec<Option<String>> = names.iter().map(|n| self.fake.xds.version(type_url, n)).collect();
+        let mut missing = std::collections::BTreeSet::new();
+        for pod in pods {
+            let latest = records
+                .streams
+                .iter()
+                .filter(|s| s.refused.is_none() && s.node.as_ref().is_some_and(|n| n.id.contains(&format!("~{pod}."))))
+                .map(|s| s.id)
+                .max();
+            // What this node ACKed: name → versions; removals as `None`.
+            let mut held: std::collections::HashMap<&str, Vec<Option<&str>>> = std::collections::HashMap::new();
+            let acked = records.responses.iter().filter(|r| {
+                Some(r.stream) == latest && r.type_url == type_url && acked_nonces.contains(r.nonce.as_str())
+            });
+            for r in acked {
+                for (n, v) in &r.resources {
+                    held.entry(n.as_str()).or_default().push(Some(v.as_str()));
+                }
+                for n in &r.removed {
+                    held.entry(n.as_str()).or_default().push(None);
+                }
+            }
+            for (i, (name, version)) in names.iter().zip(&versions).enumerate() {
+                if !held.get(name.as_str()).is_some_and(|vs| vs.contains(&version.as_deref())) {
+                    missing.insert(i);
+                }
+            }
+        }
+        missing.len()
     }
 
     /// The serials of every leaf the CA issued (hex, lower case).
@@ -326,7 +405,8 @@ impl Lab {
                 }
             })
             .collect();
-        MeshShape { services, daemons }
+        let strict_nodes = self.strict_nodes.iter().filter_map(|&n| Some(self.nodes.get(n)?.name.clone())).collect();
+        MeshShape { services, daemons, strict_nodes }
     }
 }
 
@@ -345,6 +425,8 @@ fn remove_services(api: &ApiServer) -> Result<()> {
 struct MeshShape {
     services: Vec<LabService>,
     daemons: Vec<LabPod>,
+    /// Nodes whose pods are STRICT (as a PeerAuthentication would make them).
+    strict_nodes: Vec<String>,
 }
 
 /// Derives the mesh from the API server whenever it changes (or a test edits it), and
@@ -392,8 +474,30 @@ impl Feed {
             let r = LabResource::from(xds::service(svc.namespace, svc.name, &hostname, &[svc.addr.ip()], &[port]));
             out.insert(r.name(), r);
         }
+        // PeerAuthentication STRICT, as istiod sends it: one DENY of every connection without
+        // identity, named by the strict workloads.
+        if !self.lab.strict_nodes.is_empty() {
+            let strict = LabResource::from(xds::authorization(
+                STRICT_POLICY.0,
+                STRICT_POLICY.1,
+                Scope::WorkloadSelector,
+                Action::Deny,
+                vec![Rule {
+                    clauses: vec![Clause {
+                        matches: vec![Match {
+                            not_principals: vec![StringMatch { match_type: Some(MatchType::Presence(())) }],
+                            ..Default::default()
+                        }],
+                    }],
+                }],
+            ));
+            out.insert(strict.name(), strict);
+        }
         for pod in pods {
             let Some(mut w) = workload(pod) else { continue };
+            if self.lab.strict_nodes.contains(&w.node) {
+                w.authorization_policies.push(format!("{}/{}", STRICT_POLICY.0, STRICT_POLICY.1));
+            }
             let name = w.name.clone();
             for svc in self.lab.services.iter().filter(|s| s.backends.iter().any(|b| name == format!("pod-{b}"))) {
                 let key = format!("{}/{}.{}.svc.cluster.local", svc.namespace, svc.name, svc.namespace);

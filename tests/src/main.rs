@@ -87,6 +87,17 @@ enum Command {
         /// With --soak: connections held per path.
         #[arg(long, default_value_t = 10_000, requires = "soak")]
         held: usize,
+        /// L4 authorization instead: new HBONE connections per second under the lab's istiod
+        /// with no policy, 10 000 elsewhere and 10 000 GLOBAL DENY (its own section of
+        /// BENCHMARKS.md); ztunnel's rows too with MESHPATH_ZTUNNEL set.
+        #[arg(long, conflicts_with_all = ["soak", "quick"])]
+        policies: bool,
+        /// With --policies: seconds per measurement.
+        #[arg(long, default_value_t = 20, requires = "policies")]
+        policy_secs: u64,
+        /// With --policies: rounds over every configuration.
+        #[arg(long, default_value_t = 3, requires = "policies")]
+        policy_rounds: usize,
         #[arg(long, default_value = "BENCHMARKS.md")]
         out: PathBuf,
         /// The chart (SVG), written next to `out`.
@@ -142,6 +153,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench { soak: true, out, json, churn_secs, held, .. } => {
             let cfg = bench::soak::SoakConfig { churn: Duration::from_secs(churn_secs), held, ..Default::default() };
             run_soak(&bin, &cfg, &out, json.as_deref())
+        }
+        Command::Bench { policies: true, out, json, policy_secs, policy_rounds, .. } => {
+            let cfg = bench::policies::PolicyConfig {
+                duration: Duration::from_secs(policy_secs),
+                rounds: policy_rounds,
+                ..Default::default()
+            };
+            run_policies(&bin, &cfg, &out, json.as_deref())
         }
         Command::Bench { quick, out, chart, json, .. } => run_bench(&bin, quick, &out, &chart, json.as_deref()),
         Command::Cleanup | Command::Hold { .. } | Command::Reach { .. } => unreachable!("handled above"),
@@ -249,9 +268,14 @@ fn run_bench(bin: &Path, quick: bool, out: &Path, chart: &str, json: Option<&Pat
         .and_then(|old| old.split_once(bench::ANALYSIS_MARKER).map(|(_, tail)| tail.to_owned()))
         .unwrap_or_else(|| "\n(no analysis written yet)\n".to_owned());
     let mut doc = format!("{}\n{}{analysis}", bench::document(&cfg, &samples, command, chart), bench::ANALYSIS_MARKER);
-    // The soak's section is another command's: kept as it was.
-    if let Some(section) = std::fs::read_to_string(out).ok().as_deref().and_then(bench::soak::section_of) {
+    // The soak's and the policies' sections are other commands': kept as they were.
+    let old = std::fs::read_to_string(out).unwrap_or_default();
+    if let Some(section) = bench::soak::section_of(&old) {
         doc = bench::soak::with_section(&doc, section, bench::ANALYSIS_MARKER);
+    }
+    let policies = (bench::policies::SECTION_START, bench::policies::SECTION_END);
+    if let Some(section) = bench::report::section_of(&old, policies) {
+        doc = bench::report::with_section(&doc, policies, section, bench::ANALYSIS_MARKER);
     }
     std::fs::write(out, doc).with_context(|| format!("writing {}", out.display()))?;
     let chart_path = out.parent().unwrap_or(Path::new(".")).join(chart);
@@ -307,6 +331,30 @@ fn run_soak(bin: &Path, cfg: &bench::soak::SoakConfig, out: &Path, json: Option<
     }
     println!("{section}");
     eprintln!("wrote the soak section of {} in {:.0}s", out.display(), started.elapsed().as_secs_f64());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_policies(bin: &Path, cfg: &bench::policies::PolicyConfig, out: &Path, json: Option<&Path>) -> Result<ExitCode> {
+    use bench::policies;
+    let started = Instant::now();
+    let progress = |line: &str| eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
+    let report = policies::run(bin, cfg, progress)?;
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let section = policies::markdown(&report, cfg, &bench::machine(), &date);
+    let old = std::fs::read_to_string(out).unwrap_or_else(|_| format!("# Benchmarks\n\n{}\n", bench::ANALYSIS_MARKER));
+    let marks = (policies::SECTION_START, policies::SECTION_END);
+    std::fs::write(out, bench::report::with_section(&old, marks, &section, bench::ANALYSIS_MARKER))
+        .with_context(|| format!("writing {}", out.display()))?;
+    if let Some(j) = json {
+        std::fs::write(j, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", j.display()))?;
+    }
+    println!("{section}");
+    eprintln!("wrote the policies' section of {} in {:.0}s", out.display(), started.elapsed().as_secs_f64());
     Ok(ExitCode::SUCCESS)
 }
 

@@ -35,6 +35,14 @@ pub fn trust_domain(s: &str) -> Result<String, String> {
         .map_err(|_| format!("{s:?} is not a trust domain (letters, digits, '-', '.', '_')"))
 }
 
+/// A Kubernetes namespace name (an RFC 1123 label).
+pub fn dns_label(s: &str) -> Result<String, String> {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+    let ok = (1..=63).contains(&s.len()) && s.chars().all(ok_char) && !s.starts_with('-') && !s.ends_with('-');
+    ok.then(|| s.to_owned())
+        .ok_or_else(|| format!("{s:?} is not a namespace name (1-63 lower-case letters, digits and '-')"))
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -57,6 +65,14 @@ mod tests {
         assert!(Probe::try_parse_from(["p", "--wait", "301"]).is_err());
         assert!(Probe::try_parse_from(["p", "--n", "0"]).is_err());
         assert!(Probe::try_parse_from(["p", "--wait", "-1"]).is_err());
+    }
+
+    #[test]
+    fn namespace_names_are_dns_labels() {
+        assert_eq!(dns_label("istio-system").as_deref(), Ok("istio-system"));
+        for bad in ["", "Istio", "-a", "a-", "a/b", "a.b", &"a".repeat(64)] {
+            assert!(dns_label(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::identity::Identity;
-use crate::policy::PolicyStore;
+use crate::policy::istio::Translation;
+use crate::policy::{PolicyDefaults, PolicyStore};
 use crate::workloads::WorkloadFile;
 
 /// What a source says the mesh looks like.
@@ -21,9 +22,38 @@ pub struct DesiredState {
     /// Pods (`namespace/name`) carrying the redirection annotation, with their node (the
     /// Kubernetes source only): those no longer captured lose it.
     pub annotated: BTreeMap<String, String>,
+    /// The authorization policies meshpath translated itself (standalone: Kubernetes'
+    /// AuthorizationPolicy and PeerAuthentication objects, and the default mTLS mode).
+    pub authorization: Authorization,
     /// The mesh as istiod's xDS describes it (every workload and service, kept up to date by
     /// deltas); `None` when the workloads and services above describe the mesh.
     pub mesh: Option<WorkloadIndex>,
+}
+
+/// Policies, and which workload-selector ones each workload gets, as istiod would list them
+/// in its Workloads' `authorization_policies` (under istiod, xDS carries both instead).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Authorization {
+    pub policies: PolicyStore,
+    /// By workload (`namespace/name`).
+    pub keys: BTreeMap<String, Vec<String>>,
+    /// The keys of a workload missing from `keys` (the workload file's, or one held back
+    /// after it left the state): what the mesh-wide default mode attaches.
+    pub default_keys: Vec<String>,
+}
+
+impl Authorization {
+    /// The defaults' policies alone (no Kubernetes objects): with STRICT as the mesh-wide
+    /// mode, every workload gets the DENY policy istiod makes of it.
+    pub fn of_defaults(d: &PolicyDefaults) -> Self {
+        let t = Translation::new(&d.root_namespace, d.mode, std::iter::empty(), std::iter::empty());
+        let default_keys = t.workload_policies("", &BTreeMap::new());
+        Self { policies: t.into_store(), keys: BTreeMap::new(), default_keys }
+    }
+
+    fn keys_of(&self, workload: &str) -> &[String] {
+        self.keys.get(workload).unwrap_or(&self.default_keys)
+    }
 }
 
 /// One Service port on one cluster IP, with where it leads.
@@ -59,7 +89,7 @@ pub struct WorkloadInfo {
     pub tunnel: Tunnel,
     /// A waypoint stands in front of it (xDS): its traffic must pass there.
     pub waypoint: bool,
-    /// The workload-selector policies that apply to it (`namespace/name`, from xDS).
+    /// The workload-selector policies that apply to it (`namespace/name`).
     pub policies: Vec<String>,
 }
 
@@ -78,7 +108,7 @@ pub struct WorkloadIndex {
     services: imbl::HashMap<SocketAddr, Arc<ServiceBackends>>,
     /// Round-robin position over each service's endpoints (shared by the snapshots).
     next_endpoint: Arc<AtomicUsize>,
-    /// The authorization policies of the mesh (istiod's), by scope.
+    /// The authorization policies of the mesh, by scope.
     policies: PolicyStore,
 }
 
@@ -95,19 +125,32 @@ impl WorkloadIndex {
             return mesh.clone();
         }
         let services = state.services.iter().map(|(a, b)| (canonical(*a), Arc::new(b.clone()))).collect();
-        Self { services, ..Self::from_file(&state.workloads, trust_domain) }
+        let auth = &state.authorization;
+        let by_ip = Self::workloads_of(&state.workloads, trust_domain, |id| auth.keys_of(id));
+        Self { by_ip, services, policies: auth.policies.clone(), ..Default::default() }
     }
 
+    /// The index of a workload file alone (no services, no policies).
     pub fn from_file(f: &WorkloadFile, trust_domain: &str) -> Self {
+        Self { by_ip: Self::workloads_of(f, trust_domain, |_| &[]), ..Default::default() }
+    }
+
+    fn workloads_of<'a>(
+        f: &WorkloadFile,
+        trust_domain: &str,
+        keys: impl Fn(&str) -> &'a [String],
+    ) -> imbl::HashMap<IpAddr, Arc<WorkloadInfo>> {
         let mut by_ip = imbl::HashMap::new();
         for w in &f.workloads {
             let identity = Identity::new(trust_domain, &w.namespace, &w.service_account);
-            let info = Arc::new(WorkloadInfo::enrolled(w.id(), w.node.clone(), identity));
+            let id = w.id();
+            let policies = keys(&id).to_vec();
+            let info = Arc::new(WorkloadInfo { policies, ..WorkloadInfo::enrolled(id, w.node.clone(), identity) });
             for ip in &w.ips {
                 by_ip.insert(ip.to_canonical(), info.clone());
             }
         }
-        Self { by_ip, ..Default::default() }
+        by_ip
     }
 
     pub fn get(&self, ip: IpAddr) -> Option<&Arc<WorkloadInfo>> {

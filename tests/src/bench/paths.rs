@@ -37,6 +37,8 @@ const TPROXY_MARK: &str = "0x4000/0x4000";
 const TPROXY_TABLE: &str = "100";
 /// The tproxy path's ipset.
 const TPROXY_IPSET: &str = "mp-bench-pods";
+/// How long the proxies under the lab's istiod get to take the mesh (pods a and c).
+const ISTIOD_SETTLE: Duration = Duration::from_secs(30);
 const CONNECTION_SYSCTLS: &[(&str, &str)] =
     &[("net/ipv4/tcp_tw_reuse", "1"), ("net/ipv4/ip_local_port_range", "1024 65000")];
 
@@ -57,6 +59,20 @@ pub struct Setup {
 
 impl Setup {
     pub fn build(kind: PathKind, binary: &Path) -> Result<Self> {
+        Self::build_with(kind, binary, false)
+    }
+
+    /// The HBONE paths (meshpath-hbone, ztunnel-hbone) with the mesh described by the lab's
+    /// fake istiod instead of a workload file, so that authorization policies can be pushed
+    /// to the proxies ([`crate::lab_istiod`]). Returns once the proxies ACKed pods a and c.
+    pub fn build_on_istiod(kind: PathKind, binary: &Path) -> Result<Self> {
+        if !matches!(kind, PathKind::MeshpathHbone | PathKind::ZtunnelHbone) {
+            return Err(LabError::Other(format!("{}: no istiod variant of this path", kind.name())));
+        }
+        Self::build_with(kind, binary, true)
+    }
+
+    fn build_with(kind: PathKind, binary: &Path, istiod: bool) -> Result<Self> {
         let mut lab = Lab::build_with(binary, crate::Topology::Routed)?;
         // Thousands of short connections a second from one client to one server: let
         // TIME_WAIT ports be reused (as load generators do), everywhere alike.
@@ -83,11 +99,19 @@ impl Setup {
         lab.pod_cidr_args = matches!(kind, PathKind::MeshpathHbone | PathKind::MeshpathRelay);
         // One client pod makes all the load: its share of the connection limit is all of it.
         lab.daemon_args = vec!["--max-connections-per-source".into(), "1000000".into()];
+        if istiod {
+            lab.start_cluster()?;
+            lab.start_istiod()?;
+        }
         match kind {
             PathKind::Direct => {}
             PathKind::Meshpath | PathKind::MeshpathRelay => {
                 lab.write_workloads_text(&workloads_yaml(&lab, 1))?;
                 lab.start_daemon(0)?;
+            }
+            PathKind::MeshpathHbone if istiod => {
+                lab.start_daemons()?;
+                lab.wait_mesh_synced(ISTIOD_SETTLE)?;
             }
             PathKind::MeshpathHbone => {
                 lab.write_workloads(&["a", "c"])?;
@@ -104,6 +128,7 @@ impl Setup {
                 let zt = legacy_capture(&mut lab)?;
                 legacy_proxy = Some(start_legacy_proxy(&lab, &zt)?);
             }
+            PathKind::ZtunnelHbone if istiod => ztunnels = ztunnel::start_on_istiod(&lab)?,
             PathKind::ZtunnelHbone => ztunnels = ztunnel::start(&lab)?,
         }
         let mut proxy_pids: Vec<u32> = lab.nodes.iter().filter_map(|n| n.daemon.as_ref().map(Child::id)).collect();
@@ -485,17 +510,82 @@ pub mod ztunnel {
         y
     }
 
-    /// Starts both ztunnels and redirects pod a's outbound TCP (but ztunnel's own, to port
-    /// 15008) to a's, as a sidecar's capture would.
+    /// Starts both ztunnels with ztunnel's test CA and a local workload file, and redirects
+    /// pod a's outbound TCP to a's (see [`start_with`]).
     pub fn start(lab: &Lab) -> Result<Vec<Child>> {
-        let bin = binary().ok_or_else(|| LabError::Other("MESHPATH_ZTUNNEL is not set".into()))?;
         let cfg = lab.dir.join("ztunnel.yaml");
         std::fs::write(&cfg, config(lab))?;
+        start_with(lab, |pod| {
+            vec![
+                "FAKE_CA=true".into(),
+                "XDS_ADDRESS=".into(),
+                format!("PROXY_WORKLOAD_INFO=lab/pod-{pod}/sa-{pod}"),
+                format!("LOCAL_XDS_PATH={}", cfg.display()),
+            ]
+        })
+    }
+
+    /// Starts both ztunnels on the lab's istiod (started, with pods a and c described as
+    /// HBONE: no meshpath daemon runs to annotate them), each with its pod's token, as the
+    /// interop test runs ztunnel; returns once both ACKed a's and c's workloads.
+    pub fn start_on_istiod(lab: &Lab) -> Result<Vec<Child>> {
+        use crate::istiod::proto::istio::workload::TunnelProtocol;
+        use crate::istiod::xds::{LabResource, pod_uid};
+        use crate::lab_istiod::CLUSTER_ID;
+        let uids: Vec<String> =
+            ["a", "c"].iter().map(|p| pod_uid(CLUSTER_ID, lab.pod_namespace(p), &format!("pod-{p}"))).collect();
+        let hbone = uids.clone();
+        lab.istiod().edit(move |r| {
+            if let LabResource::Workload(w) = r
+                && hbone.contains(&w.uid)
+            {
+                w.tunnel_protocol = TunnelProtocol::Hbone as i32;
+            }
+        });
+        let istiod = lab.istiod();
+        let children = start_with(lab, |pod| {
+            let p = lab.pod(pod);
+            let ns = lab.pod_namespace(pod);
+            vec![
+                format!("XDS_ADDRESS={}", istiod.url),
+                format!("CA_ADDRESS={}", istiod.url),
+                format!("XDS_ROOT_CA={}", istiod.root.display()),
+                format!("CA_ROOT_CA={}", istiod.root.display()),
+                format!("AUTH_TOKEN={}", lab.pod_token_path(pod).display()),
+                format!("CLUSTER_ID={CLUSTER_ID}"),
+                format!("NODE_NAME={}", lab.nodes[p.node].name),
+                // istiod takes the proxy's namespace from these and checks it against the token's.
+                format!("POD_NAME=pod-{pod}"),
+                format!("POD_NAMESPACE={ns}"),
+                format!("INSTANCE_IP={}", p.v4),
+                format!("PROXY_WORKLOAD_INFO={ns}/pod-{pod}/sa-{pod}"),
+            ]
+        })?;
+        let proxies = vec!["pod-a".to_owned(), "pod-c".to_owned()];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !uids.iter().all(|u| istiod.acked_by(&proxies, u)) {
+            if Instant::now() > deadline {
+                return Err(LabError::Other(format!(
+                    "the ztunnels did not ACK pods a and c within 30 s; see {}",
+                    lab.dir.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(children)
+    }
+
+    /// Starts ztunnel in dedicated mode in pods a and c, with `env(pod)` on top of the common
+    /// settings, and redirects pod a's outbound TCP (but ztunnel's own, to ports 15008 and
+    /// 15012) to a's, as a sidecar's capture would.
+    fn start_with(lab: &Lab, env: impl Fn(&str) -> Vec<String>) -> Result<Vec<Child>> {
+        let bin = binary().ok_or_else(|| LabError::Other("MESHPATH_ZTUNNEL is not set".into()))?;
         let a = lab.pod("a").netns.clone();
         for rule in [
-            // ztunnel's own HBONE connections (in dedicated mode it marks none of its sockets,
-            // and the bench's apps use other ports).
+            // ztunnel's own HBONE and istiod connections (in dedicated mode it marks none of
+            // its sockets, and the bench's apps use other ports).
             &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "15008", "-j", "RETURN"][..],
+            &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "15012", "-j", "RETURN"],
             &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "127.0.0.0/8", "-j", "RETURN"],
             &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001"],
         ] {
@@ -507,15 +597,8 @@ pub mod ztunnel {
             let log = std::fs::File::create(lab.dir.join(format!("ztunnel-{pod}.log")))?;
             let child = Command::new("ip")
                 .args(["netns", "exec", &ns, "env"])
-                .args([
-                    "FAKE_CA=true",
-                    "XDS_ADDRESS=",
-                    "PROXY_MODE=dedicated",
-                    "ENABLE_ORIG_SRC=false",
-                    "RUST_LOG=warn",
-                ])
-                .arg(format!("PROXY_WORKLOAD_INFO=lab/pod-{pod}/sa-{pod}"))
-                .arg(format!("LOCAL_XDS_PATH={}", cfg.display()))
+                .args(["PROXY_MODE=dedicated", "ENABLE_ORIG_SRC=false", "RUST_LOG=warn"])
+                .args(env(pod))
                 .arg(&bin)
                 .arg("proxy")
                 .stdin(Stdio::null())

@@ -274,6 +274,29 @@ pub fn svg_chart(samples: &[Sample], base: usize) -> String {
     s
 }
 
+/// `doc` with the section between `marks` (start, end) replaced by `section`, or, if it has
+/// none, `section` put before the analysis marker (at the end without one).
+pub fn with_section(doc: &str, marks: (&str, &str), section: &str, analysis_marker: &str) -> String {
+    let (start, end) = marks;
+    if let (Some(a), Some(b)) = (doc.find(start), doc.find(end))
+        && a < b
+    {
+        return format!("{}{}{}", &doc[..a], section.trim_end(), &doc[b + end.len()..]);
+    }
+    match doc.find(analysis_marker) {
+        Some(i) => format!("{}{}\n\n{}", &doc[..i], section.trim_end(), &doc[i..]),
+        None => format!("{doc}\n{section}"),
+    }
+}
+
+/// The section between `marks` of an existing document, to carry over when the rest is
+/// rewritten.
+pub fn section_of<'a>(doc: &'a str, marks: (&str, &str)) -> Option<&'a str> {
+    let (start, end) = marks;
+    let (a, b) = (doc.find(start)?, doc.find(end)?);
+    (a < b).then(|| &doc[a..b + end.len()])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

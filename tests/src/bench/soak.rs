@@ -328,19 +328,12 @@ fn soak_targets(samples: &[SoakSample]) -> Vec<SoakTarget> {
 
 /// `doc` with its soak section replaced by `section` (or put before the analysis marker).
 pub fn with_section(doc: &str, section: &str, analysis_marker: &str) -> String {
-    if let (Some(a), Some(b)) = (doc.find(SECTION_START), doc.find(SECTION_END)) {
-        return format!("{}{}{}", &doc[..a], section.trim_end(), &doc[b + SECTION_END.len()..]);
-    }
-    match doc.find(analysis_marker) {
-        Some(i) => format!("{}{}\n\n{}", &doc[..i], section.trim_end(), &doc[i..]),
-        None => format!("{doc}\n{section}"),
-    }
+    super::report::with_section(doc, (SECTION_START, SECTION_END), section, analysis_marker)
 }
 
 /// The soak section of an existing document, to carry over when the rest is rewritten.
 pub fn section_of(doc: &str) -> Option<&str> {
-    let (a, b) = (doc.find(SECTION_START)?, doc.find(SECTION_END)?);
-    (a < b).then(|| &doc[a..b + SECTION_END.len()])
+    super::report::section_of(doc, (SECTION_START, SECTION_END))
 }
 
 #[cfg(test)]

@@ -13,6 +13,8 @@ use crate::datapath::AttachMode;
 use crate::flags;
 use crate::identity::istiod::{IstiodCa, IstiodCaArgs};
 use crate::identity::{CertificateProvider, IdentityError, ca, files};
+use crate::policy::PolicyDefaults;
+use crate::policy::istio::MtlsMode;
 use crate::proxy::ProxyFlags;
 use crate::xds::config::{ConfigError, XdsArgs};
 
@@ -20,6 +22,10 @@ use crate::xds::config::{ConfigError, XdsArgs};
 pub enum NodeConfigError {
     #[error("--{0} cannot be used with --control-plane istiod (istiod's CA issues the certificates)")]
     NotWithIstiod(&'static str),
+    #[error(
+        "--{0} cannot be used with --control-plane istiod (istiod's PeerAuthentication and AuthorizationPolicy objects decide)"
+    )]
+    PolicyWithIstiod(&'static str),
     #[error("--workloads cannot be used with --control-plane istiod: capture follows Kubernetes, the mesh istiod")]
     WorkloadFileWithIstiod,
     #[error(transparent)]
@@ -83,6 +89,14 @@ pub struct NodeConfig {
     /// Lifetime of certificates the built-in CA mints; they are renewed at half-life.
     #[arg(long = "cert-ttl-secs", value_name = "SECS", env = "MESHPATH_CERT_TTL_SECS", default_value = "86400", value_parser = flags::secs(10..=365 * 24 * 3600))]
     pub cert_ttl: Duration,
+    /// The mesh-wide PeerAuthentication mode, where no PeerAuthentication sets one: plaintext
+    /// to enrolled pods delivered (`permissive`) or refused (`strict`). [default: permissive]
+    #[arg(long = "inbound-plaintext", env = "MESHPATH_INBOUND_PLAINTEXT")]
+    pub inbound_plaintext: Option<PlaintextDefault>,
+    /// Istio's root namespace: its AuthorizationPolicies without selector apply to the whole
+    /// mesh, its PeerAuthentication without selector sets the mesh-wide mode. [default: istio-system]
+    #[arg(long, env = "MESHPATH_ROOT_NAMESPACE", value_parser = flags::dns_label)]
+    pub root_namespace: Option<String>,
     #[command(flatten)]
     pub proxy: ProxyFlags,
     /// Run only the proxy, without loading or touching the datapath: connections must reach
@@ -101,6 +115,19 @@ pub struct NodeConfig {
     #[arg(long = "release-hold-secs", value_name = "SECS", env = "MESHPATH_RELEASE_HOLD_SECS", default_value = "5", value_parser = flags::secs(0..=300))]
     pub release_hold: Duration,
 }
+
+/// The mesh-wide mTLS mode for plaintext to enrolled pods, before any PeerAuthentication.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlaintextDefault {
+    /// Deliver it, recorded as not mTLS (Istio's default, PeerAuthentication PERMISSIVE).
+    #[default]
+    Permissive,
+    /// Refuse it: enrolled pods accept only mTLS (PeerAuthentication STRICT).
+    Strict,
+}
+
+/// Istio's default root namespace.
+const ROOT_NAMESPACE: &str = "istio-system";
 
 /// Who says what the mesh is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -139,6 +166,13 @@ impl NodeConfig {
         if self.workloads.is_some() {
             return Err(NodeConfigError::WorkloadFileWithIstiod);
         }
+        let policy_flags = [
+            ("inbound-plaintext", self.inbound_plaintext.is_some()),
+            ("root-namespace", self.root_namespace.is_some()),
+        ];
+        if let Some((flag, _)) = policy_flags.into_iter().find(|(_, set)| *set) {
+            return Err(NodeConfigError::PolicyWithIstiod(flag));
+        }
         self.xds.node_name.get_or_insert_with(|| self.node.clone());
         let settings = self.xds.settings(env)?;
         // The CA takes the cluster and the token from the xDS settings: one definition each.
@@ -155,9 +189,19 @@ impl NodeConfig {
                 trust_domain: self.trust_domain.clone(),
                 xds: self.xds.settings(std::env::vars())?,
             })),
-            (ControlPlane::Standalone, Some(path)) => Source::File(path.clone()),
-            (ControlPlane::Standalone, None) => Source::Kubernetes,
+            (ControlPlane::Standalone, Some(path)) => Source::File(path.clone(), self.policy_defaults()),
+            (ControlPlane::Standalone, None) => Source::Kubernetes(self.policy_defaults()),
         })
+    }
+
+    /// What standalone policies start from, before any Kubernetes object.
+    pub fn policy_defaults(&self) -> PolicyDefaults {
+        let mode = match self.inbound_plaintext.unwrap_or_default() {
+            PlaintextDefault::Permissive => MtlsMode::Permissive,
+            PlaintextDefault::Strict => MtlsMode::Strict,
+        };
+        let root_namespace = self.root_namespace.clone().unwrap_or_else(|| ROOT_NAMESPACE.to_owned());
+        PolicyDefaults { root_namespace, mode }
     }
 
     /// How long a captured connection waits for the control plane to describe its source.
@@ -214,5 +258,40 @@ impl CertSource {
                 Box::new(IstiodCa::new(args.as_ref().clone())?)
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Node {
+        #[command(flatten)]
+        cfg: NodeConfig,
+    }
+
+    fn parse(args: &[&str]) -> NodeConfig {
+        Node::try_parse_from(std::iter::once("node").chain(args.iter().copied())).expect("parses").cfg
+    }
+
+    fn defaults(root: &str, mode: MtlsMode) -> PolicyDefaults {
+        PolicyDefaults { root_namespace: root.into(), mode }
+    }
+
+    #[test]
+    fn policy_defaults_standalone_and_refused_under_istiod() {
+        assert_eq!(parse(&[]).policy_defaults(), defaults("istio-system", MtlsMode::Permissive));
+        let set = parse(&["--inbound-plaintext", "strict", "--root-namespace", "mesh-root"]);
+        assert_eq!(set.policy_defaults(), defaults("mesh-root", MtlsMode::Strict));
+        for (flag, value) in [("--inbound-plaintext", "permissive"), ("--root-namespace", "istio-system")] {
+            let mut cfg = parse(&["--control-plane", "istiod", flag, value]);
+            let err = cfg.check(Vec::new()).expect_err("refused under istiod");
+            assert!(matches!(err, NodeConfigError::PolicyWithIstiod(f) if format!("--{f}") == flag), "{err}");
+        }
+        assert!(Node::try_parse_from(["node", "--root-namespace", "Istio-System"]).is_err());
+        assert!(Node::try_parse_from(["node", "--inbound-plaintext", "disable"]).is_err());
     }
 }

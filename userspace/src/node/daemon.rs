@@ -303,8 +303,10 @@ impl Daemon {
         let index = match state.and_then(|s| s.mesh.clone()) {
             Some(mesh) => mesh.captured_here(workloads.on_node(&self.cfg.node).flat_map(|w| w.ips.iter().copied())),
             None => {
-                let services = state.map(|s| s.services.clone()).unwrap_or_default();
-                let state = DesiredState { workloads: workloads.clone(), services, ..Default::default() };
+                let (services, authorization) =
+                    state.map(|s| (s.services.clone(), s.authorization.clone())).unwrap_or_default();
+                let state =
+                    DesiredState { workloads: workloads.clone(), services, authorization, ..Default::default() };
                 WorkloadIndex::new(&state, &self.cfg.trust_domain)
             }
         };

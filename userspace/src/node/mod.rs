@@ -127,13 +127,13 @@ pub async fn run(mut cfg: NodeConfig, shutdown: impl Future<Output = ()> + Send)
     let source = cfg.source()?;
     let mut following = source.start(cfg.poll_interval, watcher.clone()).await?;
     let annotations = match source {
-        source::Source::Kubernetes | source::Source::Istiod(_) => {
+        source::Source::Kubernetes(_) | source::Source::Istiod(_) => {
             // Pods come from the cluster, also the ones istio-cni redirected in place.
             let (state, dir) = (following.state.clone(), cfg.netns_dir.clone());
             following.state = inpod_gate::gate(state, cfg.node.clone(), dir, watcher.clone());
             Some(annotate::Annotations::spawn(k8s::client().await?, watcher.clone()))
         }
-        source::Source::File(_) => None,
+        source::Source::File(..) => None,
     };
     let log = AccessLog::open(cfg.access_log.as_deref())?;
     let certs = CertificateManager::new(cfg.certificates().provider(&cfg.trust_domain)?);

@@ -16,7 +16,8 @@ use tokio::sync::watch;
 
 use crate::drain;
 use crate::k8s::{self, K8sError};
-use crate::state::{DesiredState, WorkloadIndex};
+use crate::policy::PolicyDefaults;
+use crate::state::{Authorization, DesiredState, WorkloadIndex};
 use crate::workloads::{WorkloadFile, WorkloadsError};
 use crate::xds::client::{XdsClient, XdsStatus};
 use crate::xds::config::XdsSettings;
@@ -42,10 +43,11 @@ pub enum SourceError {
 /// Where the desired state comes from.
 #[derive(Clone, Debug)]
 pub enum Source {
-    /// A workload file, polled for changes.
-    File(PathBuf),
-    /// The Kubernetes API (KUBECONFIG, ~/.kube/config or in-cluster).
-    Kubernetes,
+    /// A workload file, polled for changes; its policies are the defaults' alone.
+    File(PathBuf, PolicyDefaults),
+    /// The Kubernetes API (KUBECONFIG, ~/.kube/config or in-cluster), with Istio's
+    /// AuthorizationPolicy and PeerAuthentication objects where their CRDs are installed.
+    Kubernetes(PolicyDefaults),
     /// istiod's xDS for the mesh, Kubernetes (this node's pods) for capture.
     Istiod(Box<IstiodSource>),
 }
@@ -64,11 +66,14 @@ impl Source {
     /// validated here, so a bad one fails the start.
     pub async fn start(&self, poll: Duration, stop: drain::Watcher) -> Result<Following, SourceError> {
         let state = match self {
-            Source::File(path) => {
+            Source::File(path, defaults) => {
                 let (file, first) = FileSource::open(path, poll)?;
-                file.spawn(first, poll, stop)
+                file.spawn(first, Authorization::of_defaults(defaults), poll, stop)
             }
-            Source::Kubernetes => k8s::start(k8s::client().await?, k8s::Scope::default(), stop),
+            Source::Kubernetes(defaults) => {
+                let scope = k8s::Scope { node: None, policies: Some(defaults.clone()) };
+                k8s::start(k8s::client().await?, scope, stop)
+            }
             Source::Istiod(istiod) => return Ok(istiod.start(stop).await?),
         };
         Ok(Following { state, control_plane: None })
@@ -77,7 +82,7 @@ impl Source {
 
 impl IstiodSource {
     async fn start(&self, stop: drain::Watcher) -> Result<Following, K8sError> {
-        let scope = k8s::Scope { node: Some(self.node.clone()) };
+        let scope = k8s::Scope { node: Some(self.node.clone()), policies: None };
         let pods = k8s::start(k8s::client().await?, scope, stop.clone());
         let mesh = Mesh::new(&self.trust_domain);
         let index = mesh.subscribe();
@@ -140,8 +145,17 @@ impl FileSource {
         Ok((Self { path: path.to_owned(), settle, settling: None, last_text, read_failed: false, read }, file))
     }
 
-    fn spawn(mut self, first: WorkloadFile, poll: Duration, mut stop: drain::Watcher) -> StateRx {
-        let (tx, rx) = watch::channel(Some(Arc::new(DesiredState { workloads: first, ..Default::default() })));
+    fn spawn(
+        mut self,
+        first: WorkloadFile,
+        authorization: Authorization,
+        poll: Duration,
+        mut stop: drain::Watcher,
+    ) -> StateRx {
+        let state = move |workloads| {
+            Arc::new(DesiredState { workloads, authorization: authorization.clone(), ..Default::default() })
+        };
+        let (tx, rx) = watch::channel(Some(state(first)));
         let mut changes = watch_dir(&self.path);
         tokio::spawn(async move {
             loop {
@@ -160,7 +174,7 @@ impl FileSource {
                 }
                 if let Some(workloads) = self.poll() {
                     tracing::info!(workloads = workloads.workloads.len(), "workload file changed; applying");
-                    let _ = tx.send(Some(Arc::new(DesiredState { workloads, ..Default::default() })));
+                    let _ = tx.send(Some(state(workloads)));
                 }
             }
         });

@@ -18,6 +18,7 @@
 //! policy unseen; here such a resource is refused as a whole ([`PolicyError`]).
 
 pub mod eval;
+pub mod istio;
 pub mod model;
 pub mod store;
 
@@ -26,6 +27,14 @@ use std::net::IpAddr;
 pub use eval::{ConnectionFacts, Decision, DenyCode, DryRun, Verdict, decide};
 pub use model::{Action, Clause, Match, Policy, Rule, Scope, ServiceAccountMatch, StringMatch};
 pub use store::{DestinationView, PolicyStore};
+
+/// What standalone policies start from before any Kubernetes object: Istio's root
+/// namespace, and the mesh-wide mTLS mode where no PeerAuthentication sets one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyDefaults {
+    pub root_namespace: String,
+    pub mode: istio::MtlsMode,
+}
 
 /// Why an `Authorization` resource is refused. Each refuses only that resource.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,5 +57,7 @@ pub enum PolicyError {
     EmptyStringMatch { field: &'static str },
 }
 
+#[cfg(test)]
+mod istio_tests;
 #[cfg(test)]
 mod tests;

@@ -26,6 +26,13 @@ pub struct PolicyStore {
     by_namespace: HashMap<String, OrdMap<Arc<str>, Arc<Policy>>>,
 }
 
+/// Two stores are equal when they hold the same policies (the indexes follow from them).
+impl PartialEq for PolicyStore {
+    fn eq(&self, other: &Self) -> bool {
+        self.by_key == other.by_key
+    }
+}
+
 impl PolicyStore {
     /// Adds `policy`, replacing the one of the same key; returns the replaced one.
     pub fn insert(&mut self, policy: Policy) -> Option<Arc<Policy>> {

@@ -144,6 +144,18 @@ fn any_rule_matching_matches_the_policy() {
     assert!(!allows(&p, &from("green", "any", 80)));
 }
 
+// Hostile: one policy of thousands of rules decides by its last one, and by none.
+#[test]
+fn a_policy_of_thousands_of_rules_is_decided_by_any_of_them() {
+    let rule = |n: String| vec![vec![Match { namespaces: vec![StringMatch::Exact(n)], ..Default::default() }]];
+    let mut rules: Vec<Rule> = (0..5_000).map(|i| rule(format!("ns-{i}"))).collect();
+    let p = policy("shop/huge", Scope::Global, Action::Allow, rules.clone());
+    assert!(!allows(&p, &from("shop", "web", 80)));
+    assert!(allows(&p, &from("ns-4999", "any", 80)));
+    rules.push(rule("shop".into()));
+    assert!(allows(&policy("shop/huge", Scope::Global, Action::Allow, rules), &from("shop", "web", 80)));
+}
+
 // rbac.rs `rbac_test!` cases: each kind and its `not_*`, over plaintext and two identities.
 #[test]
 fn each_match_kind_and_its_negation() {

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use super::Error;
 use super::registry::{Closed, Registry};
 use crate::identity::Identity;
-use crate::policy::{ConnectionFacts, Decision, DestinationView, Verdict};
+use crate::policy::{ConnectionFacts, Decision, DestinationView, Verdict, istio};
 use crate::record::Outcome;
 use crate::state::{Tunnel, WorkloadIndex, WorkloadInfo};
 
@@ -72,6 +72,8 @@ fn evaluate(
 fn allowed(verdict: Verdict) -> Result<(), Error> {
     match verdict.decision {
         Decision::Allow => Ok(()),
+        // PeerAuthentication STRICT: said as such, as before policies existed.
+        Decision::Deny { policy: Some(p), .. } if istio::is_static_strict(&p) => Err(Error::PlaintextRefused),
         deny @ Decision::Deny { .. } => Err(Error::PolicyDenied(deny.to_string())),
     }
 }

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use super::authorize::authorize;
 use super::conn::{Conn, unless_stopped};
 use super::registry::{Closed, Kind};
-use super::{Error, PlaintextPolicy, Proxy, is_proxy_port, socket};
+use super::{Error, Proxy, is_proxy_port, socket};
 use crate::drain::Mode;
 use crate::identity::{Identity, WorkloadCertificate};
 use crate::record::ConnectionRecord;
@@ -27,7 +27,9 @@ pub(super) struct ServerTls {
     config: Arc<rustls::ServerConfig>,
 }
 
-/// Plaintext to an enrolled pod: delivered with the client's address, or refused.
+/// Plaintext to an enrolled pod: delivered with the client's address if its policies allow
+/// a connection without identity (PeerAuthentication STRICT arrives as a DENY policy that
+/// refuses it, as istiod sends it and as meshpath's `--inbound-plaintext strict` makes it).
 pub(super) async fn plaintext(
     p: &Proxy,
     index: &WorkloadIndex,
@@ -35,21 +37,13 @@ pub(super) async fn plaintext(
     conn: &mut Conn,
 ) -> Result<(), Error> {
     let dst = conn.rec.orig_dst;
-    let local = index.get(dst.ip());
-    if let Some(w) = local {
-        conn.rec.dst_identity = Some(w.identity.to_string());
-    }
-    match p.cfg.flags.plaintext {
-        PlaintextPolicy::Strict => Err(Error::PlaintextRefused),
-        PlaintextPolicy::Permissive => {
-            if let Some(w) = local {
-                // Plaintext proves no identity: only policies that need none can allow it.
-                authorize(index, conn.rec.src, None, w, dst)?;
-            }
-            let src = conn.rec.src.ip();
-            p.relay_plain(client, dst, Some(src), conn, Kind::PlainRelay).await
-        }
-    }
+    // Only enrolled pods are steered here; one the index does not know has no policies
+    // to decide by yet.
+    let Some(w) = index.get(dst.ip()) else { return Err(Error::UnknownDestination(dst.ip())) };
+    conn.rec.dst_identity = Some(w.identity.to_string());
+    authorize(index, conn.rec.src, None, w, dst)?;
+    let src = conn.rec.src.ip();
+    p.relay_plain(client, dst, Some(src), conn, Kind::PlainRelay).await
 }
 
 /// One HBONE connection: TLS as the dialed workload, then one task per CONNECT stream. The

@@ -68,15 +68,6 @@ pub enum ProxyError {
     Control(#[from] control::ControlError),
 }
 
-/// What happens to plaintext connections to enrolled pods (the 15006 listener).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum PlaintextPolicy {
-    /// Deliver them, recorded as not mTLS (Istio's default, PeerAuthentication PERMISSIVE).
-    Permissive,
-    /// Refuse them: enrolled pods accept only mTLS (PeerAuthentication STRICT).
-    Strict,
-}
-
 /// How upstream connections are made.
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
@@ -99,9 +90,6 @@ pub struct ProxyFlags {
     /// Timeout for upstream connects.
     #[arg(long = "connect-timeout-secs", value_name = "SECS", env = "MESHPATH_CONNECT_TIMEOUT_SECS", default_value = "10", value_parser = crate::flags::secs(1..=300))]
     pub connect_timeout: Duration,
-    /// Plaintext connections to enrolled pods: deliver them (permissive) or refuse them (strict).
-    #[arg(long = "inbound-plaintext", env = "MESHPATH_INBOUND_PLAINTEXT", default_value = "permissive")]
-    pub plaintext: PlaintextPolicy,
     /// Close HBONE connections that carried no stream for this long.
     #[arg(long = "hbone-idle-timeout-secs", value_name = "SECS", env = "MESHPATH_HBONE_IDLE_TIMEOUT_SECS", default_value = "300", value_parser = crate::flags::secs(1..=86_400))]
     pub hbone_idle_timeout: Duration,

@@ -24,9 +24,9 @@ use super::*;
 use crate::drain::Drained;
 use crate::identity::ca::BuiltinCa;
 use crate::identity::{BoxFuture, CertificateProvider, IdentityError, WorkloadCertificate};
-use crate::policy;
+use crate::policy::{self, PolicyDefaults, istio::MtlsMode};
 use crate::record::ConnectionRecord;
-use crate::state::{DesiredState, ServiceBackends, Tunnel, WorkloadInfo};
+use crate::state::{Authorization, DesiredState, ServiceBackends, Tunnel, WorkloadInfo};
 use crate::workloads::WorkloadFile;
 
 const TD: &str = "cluster.local";
@@ -60,7 +60,7 @@ fn ca() -> Arc<BuiltinCa> {
     Arc::new(BuiltinCa::open(None, TD, Duration::from_secs(3600)).expect("a CA"))
 }
 
-fn state(workloads: &str) -> DesiredState {
+fn state(workloads: &str, mode: MtlsMode) -> DesiredState {
     let services = BTreeMap::from([
         (
             addr("10.96.0.1:80"),
@@ -68,9 +68,11 @@ fn state(workloads: &str) -> DesiredState {
         ),
         (addr("10.96.0.2:80"), ServiceBackends { service: "ns/empty".into(), endpoints: vec![], waypoint: false }),
     ]);
+    let defaults = PolicyDefaults { root_namespace: "istio-system".into(), mode };
     DesiredState {
         workloads: WorkloadFile::parse(workloads, "test").expect("a workload file"),
         services,
+        authorization: Authorization::of_defaults(&defaults),
         ..Default::default()
     }
 }
@@ -117,7 +119,7 @@ impl Drop for Node {
 }
 
 struct Opts {
-    plaintext: PlaintextPolicy,
+    mode: MtlsMode,
     connect_timeout: Duration,
     per_source: usize,
     workloads: String,
@@ -127,7 +129,7 @@ struct Opts {
 impl Default for Opts {
     fn default() -> Self {
         Self {
-            plaintext: PlaintextPolicy::Permissive,
+            mode: MtlsMode::Permissive,
             connect_timeout: Duration::from_secs(2),
             per_source: 100,
             workloads: WORKLOADS.into(),
@@ -149,7 +151,6 @@ async fn node_with(name: &str, net: &Arc<TestNet>, ca: &Arc<BuiltinCa>, o: Opts)
         pod_cidrs: vec!["10.0.0.0/16".parse().expect("a network")],
         flags: ProxyFlags {
             connect_timeout: o.connect_timeout,
-            plaintext: o.plaintext,
             hbone_idle_timeout: Duration::from_secs(60),
             max_connections: Some(100),
             max_connections_per_source: Some(o.per_source),
@@ -163,7 +164,7 @@ async fn node_with(name: &str, net: &Arc<TestNet>, ca: &Arc<BuiltinCa>, o: Opts)
     let access = AccessLog::open(Some(&log)).expect("an access log");
     let proxy = Proxy::with_sockets(cfg, access, certs, metrics.clone(), net.clone());
     let local = local_identities(&o.workloads, name);
-    proxy.set_workloads(WorkloadIndex::new(&state(&o.workloads), TD), &local);
+    proxy.set_workloads(WorkloadIndex::new(&state(&o.workloads, o.mode), TD), &local);
     let (drain, watcher) = drain::new();
     // No listeners of its own: the test network hands connections in; serve passes the
     // drain on to them.
@@ -363,7 +364,7 @@ async fn permissive_plaintext_is_delivered_with_the_client_address_and_no_identi
 #[tokio::test]
 async fn strict_plaintext_is_refused() {
     let (net, ca) = (TestNet::new(), ca());
-    let o = Opts { plaintext: PlaintextPolicy::Strict, ..Opts::default() };
+    let o = Opts { mode: MtlsMode::Strict, ..Opts::default() };
     let n1 = node_with("n1", &net, &ca, o).await;
     net.echo(addr("10.0.0.1:8080")).await;
     let mut c =
@@ -684,7 +685,7 @@ async fn a_source_the_control_plane_describes_late_waits_for_it_then_proceeds() 
     let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.8:40100"), addr("10.0.0.9:80")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(records(&n1.log).is_empty(), "the connection waits for its source");
-    let index = WorkloadIndex::new(&state(WORKLOADS), TD);
+    let index = WorkloadIndex::new(&state(WORKLOADS, MtlsMode::Permissive), TD);
     n1.proxy.set_workloads(with_workload(index, "10.0.0.8", "ns/late", "n1", Tunnel::Hbone, false), &BTreeSet::new());
     assert_eq!(exchange(&mut c, b"").await.expect("an answer"), b"peer=10.0.0.8\n");
     drop(c);
@@ -708,7 +709,7 @@ async fn a_source_never_described_fails_closed_after_the_wait() {
 #[tokio::test]
 async fn a_destination_behind_a_waypoint_is_refused() {
     let (_net, n1, _n2) = two_nodes().await;
-    let index = WorkloadIndex::new(&state(WORKLOADS), TD);
+    let index = WorkloadIndex::new(&state(WORKLOADS, MtlsMode::Permissive), TD);
     let local = local_identities(WORKLOADS, "n1");
     n1.proxy.set_workloads(with_workload(index, "10.0.0.3", "ns/c", "n2", Tunnel::Hbone, true), &local);
     let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.1:40102"), addr("10.0.0.3:8080")).await;
@@ -720,7 +721,7 @@ async fn a_destination_behind_a_waypoint_is_refused() {
 #[tokio::test]
 async fn a_peer_the_control_plane_says_is_not_captured_is_reached_plain_from_the_client() {
     let (_net, n1, n2) = two_nodes().await;
-    let index = WorkloadIndex::new(&state(WORKLOADS), TD);
+    let index = WorkloadIndex::new(&state(WORKLOADS, MtlsMode::Permissive), TD);
     let local = local_identities(WORKLOADS, "n1");
     n1.proxy.set_workloads(with_workload(index, "10.0.0.3", "ns/c", "n2", Tunnel::Plain, false), &local);
     let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.1:40103"), addr("10.0.0.3:8080")).await;
@@ -773,7 +774,7 @@ fn set_index(n1: &Node, n2: &Node, index: &WorkloadIndex) {
 #[tokio::test]
 async fn a_deny_policy_answers_hbone_401_before_any_byte_and_names_itself() {
     let (net, n1, n2) = two_nodes().await;
-    let index = WorkloadIndex::new(&state(WORKLOADS), TD);
+    let index = WorkloadIndex::new(&state(WORKLOADS, MtlsMode::Permissive), TD);
     set_index(&n1, &n2, &with_policy(index, policy::Action::Deny, Some("cluster.local/ns/ns/sa/sa-a")));
     let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.1:40110"), addr("10.0.0.3:8080")).await;
     assert!(ended(&mut c).await);
@@ -788,7 +789,7 @@ async fn a_deny_policy_answers_hbone_401_before_any_byte_and_names_itself() {
 #[tokio::test]
 async fn an_allow_policy_admits_its_principal_only_on_every_path() {
     let (_net, n1, n2) = two_nodes().await;
-    let index = WorkloadIndex::new(&state(WORKLOADS), TD);
+    let index = WorkloadIndex::new(&state(WORKLOADS, MtlsMode::Permissive), TD);
     set_index(&n1, &n2, &with_policy(index, policy::Action::Allow, Some("cluster.local/ns/ns/sa/sa-e")));
     // HBONE from a: not the allowed principal.
     let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.1:40111"), addr("10.0.0.3:8080")).await;
@@ -815,7 +816,7 @@ async fn an_allow_policy_admits_its_principal_only_on_every_path() {
 #[tokio::test]
 async fn open_connections_a_new_policy_denies_are_closed_with_their_record() {
     let (_net, n1, n2) = two_nodes().await;
-    let index = WorkloadIndex::new(&state(WORKLOADS), TD);
+    let index = WorkloadIndex::new(&state(WORKLOADS, MtlsMode::Permissive), TD);
     set_index(&n1, &n2, &index);
     let mut hbone =
         TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.1:40120"), addr("10.0.0.3:8080")).await;
@@ -838,7 +839,7 @@ async fn open_connections_a_new_policy_denies_are_closed_with_their_record() {
 async fn a_policy_newly_attached_to_a_workload_closes_its_open_connections() {
     let (_net, n1, n2) = two_nodes().await;
     let (scope, allow) = (policy::Scope::WorkloadSelector, policy::Action::Allow);
-    let index = WorkloadIndex::new(&state(WORKLOADS), TD);
+    let index = WorkloadIndex::new(&state(WORKLOADS, MtlsMode::Permissive), TD);
     let index = with_scoped_policy(index, "only-e", scope, allow, Some("cluster.local/ns/ns/sa/sa-e"));
     set_index(&n1, &n2, &index);
     let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.1:40122"), addr("10.0.0.3:8080")).await;
@@ -855,7 +856,7 @@ async fn a_policy_newly_attached_to_a_workload_closes_its_open_connections() {
 async fn a_new_stream_on_a_pooled_connection_sees_the_policies_its_destination_names_now() {
     let (_net, n1, n2) = two_nodes().await;
     let (scope, deny) = (policy::Scope::WorkloadSelector, policy::Action::Deny);
-    let index = WorkloadIndex::new(&state(WORKLOADS), TD);
+    let index = WorkloadIndex::new(&state(WORKLOADS, MtlsMode::Permissive), TD);
     let index = with_scoped_policy(index, "no-a", scope, deny, Some("cluster.local/ns/ns/sa/sa-a"));
     set_index(&n1, &n2, &index);
     let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.1:40130"), addr("10.0.0.3:8080")).await;
