@@ -74,6 +74,12 @@ impl PolicyStore {
         }
     }
 
+    /// Whether `other` is this store unchanged (a snapshot of it, or of a copy made without
+    /// edits): cheap, and false only when it may differ.
+    pub fn is_snapshot_of(&self, other: &Self) -> bool {
+        self.by_key.ptr_eq(&other.by_key)
+    }
+
     pub fn get(&self, key: &str) -> Option<&Arc<Policy>> {
         self.by_key.get(key)
     }

@@ -414,7 +414,9 @@ fn a_snapshot_does_not_see_later_changes() {
     let mut store = PolicyStore::default();
     store.insert(policy("shop/p", Scope::Namespace, Action::Deny, everything()));
     let snapshot = store.clone();
+    assert!(snapshot.is_snapshot_of(&store), "an unchanged copy is the same store");
     store.remove("shop/p");
+    assert!(!snapshot.is_snapshot_of(&store), "an edited one is not");
     assert_eq!(snapshot.evaluate(&mtls().facts(), dest("shop", &[])).decision, denied_by("shop/p"));
     assert_eq!(store.evaluate(&mtls().facts(), dest("shop", &[])).decision, Decision::Allow);
 }

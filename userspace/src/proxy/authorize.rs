@@ -30,16 +30,21 @@ pub(super) fn authorize(
 /// The open connections into this node's captured pods, checked against `index` again;
 /// each one denied now is closed and writes its record (`policy_denied`). ztunnel re-checks
 /// only when its policy store changes; this runs on every new index, so a workload that
-/// gains a policy key or another identity has its connections re-checked too. Returns how
-/// many it closed.
-pub(super) fn revoke_denied(registry: &Registry, index: &WorkloadIndex, node: &str) -> usize {
+/// gains a policy key or another identity has its connections re-checked too. A connection
+/// whose destination and policies are those of `old` is skipped: its decision cannot have
+/// changed (its source's identity was proven once, at its start). Returns how many it closed.
+pub(super) fn revoke_denied(registry: &Registry, old: &WorkloadIndex, index: &WorkloadIndex, node: &str) -> usize {
     if index.policies().is_empty() {
         return 0;
     }
+    let same_policies = index.policies().is_snapshot_of(old.policies());
     let mut closed = 0;
     for c in registry.list() {
         let local = index.get(c.target.ip()).filter(|w| w.node == node && w.tunnel == Tunnel::Hbone);
         let Some(dst) = local else { continue };
+        if same_policies && old.get(c.target.ip()).is_some_and(|before| before == dst) {
+            continue;
+        }
         let identity = c.src_identity.as_deref().and_then(|s| s.parse::<Identity>().ok());
         if let Err(e) = allowed(evaluate(index, c.src, identity.as_ref(), dst, c.target)) {
             let why = Closed { outcome: Outcome::PolicyDenied, reason: e.to_string() };

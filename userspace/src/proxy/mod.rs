@@ -218,10 +218,10 @@ impl Proxy {
     /// node's workloads) are forgotten, and open connections its policies deny are closed.
     pub fn set_workloads(&self, index: WorkloadIndex, local: &BTreeSet<Identity>) {
         let index = Arc::new(index);
-        self.index.send_replace(index.clone());
+        let old = self.index.send_replace(index.clone());
         self.certs.retain(|id| local.contains(id));
         lock(&self.server_tls).retain(|id, _| local.contains(id));
-        authorize::revoke_denied(&self.ledger.registry, &index, &self.cfg.node);
+        authorize::revoke_denied(&self.ledger.registry, &old, &index, &self.cfg.node);
     }
 
     fn index(&self) -> Arc<WorkloadIndex> {
