@@ -470,3 +470,32 @@ fn status_lists_open_connections_of_every_kind_and_each_ends_with_a_record() -> 
     ensure!(cut.len() == 4 && cut.iter().all(|r| r.outcome == Outcome::Cut), "records at the stop: {cut:#?}");
     Ok(())
 }
+
+/// `--proxy-only` (the benchmarks' iptables baselines) answers the probes as a node does:
+/// ready once its listeners are bound and its first state applied, with metrics.
+#[test]
+fn proxy_only_answers_readiness_and_metrics() -> Result<()> {
+    let lab = support::built_lab()?;
+    let ns = lab.nodes[0].name.clone();
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg(&lab.binary)
+        .args(["node", "--proxy-only", "--node", &ns, "--workloads"])
+        .arg(lab.workloads_path())
+        .arg("--ca-dir")
+        .arg(lab.ca_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let ready = wait_until("the proxy-only daemon to be ready", Duration::from_secs(10), || {
+        Ok(meshpath_lab::readiness(&ns).unwrap_or(false))
+    });
+    let metrics = http_get(&ns, PORT_METRICS, "/metrics");
+    let _ = child.kill();
+    let _ = child.wait();
+    ready?;
+    let metrics = metrics?;
+    ensure!(metrics.starts_with("HTTP/1.1 200") && metrics.contains("meshpath_"), "metrics: {metrics}");
+    Ok(())
+}

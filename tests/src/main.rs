@@ -285,7 +285,8 @@ fn run_bench(bin: &Path, quick: bool, out: &Path, chart: &str, json: Option<&Pat
         std::fs::write(j, serde_json::to_string_pretty(&samples)?)
             .with_context(|| format!("writing {}", j.display()))?;
     }
-    println!("{}", bench::report::markdown(&samples, &cfg.sizes, cfg.rounds));
+    let peer = bench::report::peer_section(&samples, cfg.sizes[0]);
+    println!("{}{peer}", bench::report::markdown(&samples, &cfg.sizes, cfg.rounds));
     eprintln!("wrote {} and {} in {:.0}s", out.display(), chart_path.display(), started.elapsed().as_secs_f64());
     Ok(ExitCode::SUCCESS)
 }

@@ -493,6 +493,35 @@ pub mod ztunnel {
         std::env::var_os("MESHPATH_ZTUNNEL").filter(|v| !v.is_empty()).map(PathBuf::from).filter(|p| p.is_file())
     }
 
+    /// What the ztunnel binary is, from the README and SHA256SUMS beside it (the shared peer's
+    /// layout): its commit, its cargo features, and whether its checksum is the listed one.
+    pub fn build() -> Option<String> {
+        let bin = binary()?;
+        let dir = bin.parent()?;
+        let readme = std::fs::read_to_string(dir.join("README.md")).unwrap_or_default();
+        let commit = readme
+            .split_whitespace()
+            .find(|w| w.len() >= 40 && w.chars().take(40).all(|c| c.is_ascii_hexdigit()))
+            .map(|w| w[..12].to_owned());
+        let features = readme.lines().find_map(|l| l.split_once("--features ").map(|(_, f)| f.trim().to_owned()));
+        let listed = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap_or_default();
+        let sum = Command::new("sha256sum").arg(&bin).output().ok();
+        let sum = sum.and_then(|o| String::from_utf8(o.stdout).ok()?.split_whitespace().next().map(str::to_owned));
+        let checked = match &sum {
+            Some(s) if listed.contains(s.as_str()) => "its SHA256SUMS entry",
+            Some(_) => "NOT in its SHA256SUMS",
+            None => "checksum not computed",
+        };
+        let or_unknown = |v: Option<String>| v.unwrap_or_else(|| "unknown (no README beside the binary)".into());
+        Some(format!(
+            "ztunnel `{}`, commit {}, features `{}`, sha256 {}",
+            bin.display(),
+            or_unknown(commit),
+            or_unknown(features),
+            checked
+        ))
+    }
+
     /// ztunnel's local workload file: pods a and c with their lab identities, both speaking
     /// HBONE (the interop test uses it too).
     pub fn config(lab: &Lab) -> String {

@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use super::paths::Setup;
 use super::report::Stat;
-use super::{CONCURRENCY, ECHO_PORT, PathKind};
+use super::{CONCURRENCY, ECHO_PORT, PathKind, load_average};
 use crate::istiod::proto::istio::security::string_match::MatchType;
 use crate::istiod::proto::istio::security::{
     Action, Address, Authorization, Clause, Match, Rule, Scope, ServiceAccountMatch, StringMatch,
@@ -434,10 +434,6 @@ fn measure(s: &Setup, set: PolicySet, round: usize, d: Duration) -> Result<Polic
         fds: s.proxy_fds(),
         load1: load_average(),
     })
-}
-
-fn load_average() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
 }
 
 /// The bench's connection as the destination's proxy sees it: from a (`lab/sa-a`) to c's

@@ -123,6 +123,88 @@ pub fn targets(agg: &BTreeMap<(PathKind, usize), Vec<Option<Stat>>>, base: usize
     ]
 }
 
+/// Spread (max − min over median) under which the HBONE rows against ztunnel are trusted.
+pub const PEER_SPREAD: f64 = 0.10;
+
+/// The figures compared with ztunnel (indexes into [`METRICS`]).
+const PEER_METRICS: [usize; 7] = [0, 1, 2, 3, 4, 5, 9];
+
+/// One figure's meshpath-hbone / ztunnel-hbone ratios, one per round both ran.
+pub struct PeerRatios {
+    pub metric: usize,
+    pub per_round: Vec<f64>,
+}
+
+impl PeerRatios {
+    /// (max − min) / median of the ratios; `None` with fewer than two rounds.
+    pub fn spread(&self) -> Option<f64> {
+        if self.per_round.len() < 2 {
+            return None;
+        }
+        let s = stat(&mut self.per_round.clone())?;
+        (s.median > 0.0).then(|| (s.max - s.min) / s.median)
+    }
+}
+
+/// The per-round ratios of meshpath-hbone to ztunnel-hbone at `workloads`.
+pub fn peer_ratios(samples: &[Sample], workloads: usize) -> Vec<PeerRatios> {
+    let of = |p: PathKind| -> BTreeMap<usize, &Sample> {
+        samples.iter().filter(|s| s.path == p && s.workloads == workloads).map(|s| (s.round, s)).collect()
+    };
+    let (mesh, peer) = (of(PathKind::MeshpathHbone), of(PathKind::ZtunnelHbone));
+    PEER_METRICS
+        .iter()
+        .map(|&metric| {
+            let get = METRICS[metric].3;
+            let per_round = mesh
+                .iter()
+                .filter_map(|(round, m)| Some((get(m)?, get(peer.get(round)?)?)))
+                .filter(|(_, z)| *z > 0.0)
+                .map(|(m, z)| m / z)
+                .collect();
+            PeerRatios { metric, per_round }
+        })
+        .collect()
+}
+
+/// The HBONE rows against ztunnel with their spread; empty without ztunnel samples.
+pub fn peer_section(samples: &[Sample], workloads: usize) -> String {
+    let rows = peer_ratios(samples, workloads);
+    let rounds = rows.iter().map(|r| r.per_round.len()).max().unwrap_or(0);
+    if rounds == 0 {
+        return String::new();
+    }
+    let mut s = format!(
+        "\n### meshpath-hbone / ztunnel-hbone, round by round ({rounds} rounds at {workloads} workloads)\n\n\
+         Each round's ratio of the two paths measured side by side; rounds repeat (up to {MAX}) until every figure's \
+         spread, (max − min) / median, is under {limit:.0} %. Latency and CPU: < 1 is better.\n\n\
+         | figure | median | [min–max] | spread | under {limit:.0} % |\n|---|---|---|---|---|\n",
+        MAX = super::MAX_PEER_ROUNDS,
+        limit = PEER_SPREAD * 100.0,
+    );
+    for r in &rows {
+        let Some(st) = stat(&mut r.per_round.clone()) else { continue };
+        let (spread, ok) = match r.spread() {
+            Some(v) => (format!("{:.0} %", v * 100.0), if v < PEER_SPREAD { "yes" } else { "**no**" }),
+            None => ("–".into(), "one round only"),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {:.2} | [{:.2}–{:.2}] | {spread} | {ok} |",
+            METRICS[r.metric].0, st.median, st.min, st.max
+        );
+    }
+    s
+}
+
+/// The load average at the end of the rounds: median [min–max] over every sample.
+pub fn load_summary(samples: &[Sample]) -> String {
+    match stat(&mut samples.iter().filter_map(|s| s.load_1m).collect::<Vec<_>>()) {
+        Some(st) => format!("{:.2} [{:.2}–{:.2}]", st.median, st.min, st.max),
+        None => "not read".into(),
+    }
+}
+
 /// A markdown table's header: a `path` column, then `columns`.
 fn table_header(s: &mut String, columns: impl ExactSizeIterator<Item = String>) {
     let n = columns.len();
@@ -316,6 +398,7 @@ mod tests {
             rss_kib: Some(2048),
             proxy_cpu_ms_per_1000_conn: None,
             proxy_cpu_ms_per_gb: None,
+            load_1m: Some(1.5),
         }
     }
 
@@ -336,5 +419,29 @@ mod tests {
         assert!(t[0].met && (t[0].measured.unwrap() - 2001.0 / 1001.0).abs() < 1e-9);
         assert!(!t[3].met, "equal latencies do not meet <= 0.6");
         assert!(svg_chart(&samples, 10).starts_with("<svg"));
+        assert_eq!(load_summary(&samples), "1.50 [1.50–1.50]");
+        assert_eq!(peer_section(&samples, 10), "", "no ztunnel rows without ztunnel samples");
+    }
+
+    #[test]
+    fn peer_rows_are_per_round_ratios_with_their_spread() {
+        let mut samples = Vec::new();
+        // Ratios 1.0, 1.2, 1.1 for connections: spread (1.2 - 1.0) / 1.1 = 18 %.
+        for (r, conn) in [1000.0, 1200.0, 1100.0].into_iter().enumerate() {
+            samples.push(sample(PathKind::MeshpathHbone, 10, r, conn));
+            samples.push(sample(PathKind::ZtunnelHbone, 10, r, 1000.0));
+        }
+        let rows = peer_ratios(&samples, 10);
+        let conn = rows.iter().find(|r| r.metric == 0).expect("connections compared");
+        assert_eq!(conn.per_round, [1.0, 1.2, 1.1]);
+        assert!((conn.spread().expect("three rounds") - 0.2 / 1.1).abs() < 1e-9);
+        let latency = rows.iter().find(|r| r.metric == 2).expect("p50 compared");
+        assert_eq!(latency.spread(), Some(0.0));
+        let md = peer_section(&samples, 10);
+        assert!(md.contains("| new connections/s | 1.10 | [1.00–1.20] | 18 % | **no** |"), "{md}");
+        assert!(md.contains("| p50 latency | 1.00 | [1.00–1.00] | 0 % | yes |"), "{md}");
+        // A round only one path ran is no ratio.
+        samples.push(sample(PathKind::MeshpathHbone, 10, 3, 5000.0));
+        assert_eq!(peer_ratios(&samples, 10)[0].per_round.len(), 3);
     }
 }

@@ -192,7 +192,16 @@ async fn run_proxy_only(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> 
     let certs = CertificateManager::new(cfg.certificates().provider(&cfg.trust_domain)?);
     let metrics = Metrics::new();
     let proxy = new_proxy(&cfg, log, certs, &metrics);
+    metrics.set_sources(ScrapeSources { node: cfg.node.clone(), proxy: proxy.clone(), xds: None });
     let listeners = proxy::bind_listeners()?;
+    // Probes and metrics as a node's: ready once the listeners are bound and the first state
+    // is applied (no datapath, no control plane, nothing else to wait for).
+    let ready = lifecycle::Readiness::default();
+    let routes = admin::Routes { ready: Arc::new(ready.clone()), metrics: metrics.clone() };
+    let (admin_stop, admin_watcher) = drain::new();
+    for port in [cfg.readiness_port, cfg.metrics_port] {
+        tokio::spawn(admin::serve(admin::bind(port).await?, routes.clone(), admin_watcher.clone()));
+    }
     let (serve, watcher) = drain::new();
     let serving = tokio::spawn(proxy.clone().serve(listeners, watcher));
     tokio::pin!(shutdown);
@@ -200,6 +209,7 @@ async fn run_proxy_only(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> 
         if let Some(state) = desired.borrow_and_update().clone() {
             let local = local_identities(&state.workloads, &cfg.node, &cfg.trust_domain);
             proxy.set_workloads(WorkloadIndex::new(&state, &cfg.trust_domain), &local);
+            Condition::ALL.into_iter().for_each(|c| ready.met(c));
         }
         tokio::select! {
             _ = &mut shutdown => break,
@@ -209,6 +219,7 @@ async fn run_proxy_only(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> 
     serve.start(drain::Mode::Graceful);
     let _ = serving.await;
     proxy.count_drained(&drain(&proxy, &serve, cfg.drain_timeout, 0).await);
+    admin_stop.start(drain::Mode::Immediate);
     tasks.stop(Duration::from_secs(1)).await;
     Ok(())
 }
