@@ -103,12 +103,7 @@ impl LabIstiod {
         let version = self.fake.xds.version(type_url, name);
         let records = self.fake.xds.records();
         pods.iter().all(|pod| {
-            let latest = records
-                .streams
-                .iter()
-                .filter(|s| s.refused.is_none() && s.node.as_ref().is_some_and(|n| n.id.contains(&format!("~{pod}."))))
-                .map(|s| s.id)
-                .max();
+            let latest = latest_stream(&records, pod);
             let Some(stream) = latest else { return false };
             records.responses.iter().filter(|r| r.stream == stream && r.type_url == type_url).any(|r| {
                 let carried = match &version {
@@ -193,12 +188,7 @@ impl LabIstiod {
         let versions: Vec<Option<String>> = names.iter().map(|n| self.fake.xds.version(type_url, n)).collect();
         let mut missing = std::collections::BTreeSet::new();
         for pod in pods {
-            let latest = records
-                .streams
-                .iter()
-                .filter(|s| s.refused.is_none() && s.node.as_ref().is_some_and(|n| n.id.contains(&format!("~{pod}."))))
-                .map(|s| s.id)
-                .max();
+            let latest = latest_stream(&records, pod);
             // What this node ACKed: name → versions; removals as `None`.
             let mut held: std::collections::HashMap<&str, Vec<Option<&str>>> = std::collections::HashMap::new();
             let acked = records.responses.iter().filter(|r| {
@@ -408,6 +398,12 @@ impl Lab {
         let strict_nodes = self.strict_nodes.iter().filter_map(|&n| Some(self.nodes.get(n)?.name.clone())).collect();
         MeshShape { services, daemons, strict_nodes }
     }
+}
+
+/// The newest stream of node proxy `pod` the fake took (not refused).
+fn latest_stream(records: &xds::Records, pod: &str) -> Option<u64> {
+    let of_pod = |s: &&xds::StreamRecord| s.node.as_ref().is_some_and(|n| n.id.contains(&format!("~{pod}.")));
+    records.streams.iter().filter(|s| s.refused.is_none()).filter(of_pod).map(|s| s.id).max()
 }
 
 /// Services go: under istiod they come from xDS alone.

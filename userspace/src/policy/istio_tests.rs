@@ -5,12 +5,12 @@
 //! where meshpath departs from istiod.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 
 use ipnet::IpNet;
 use kube::api::DynamicObject;
 
 use super::istio::*;
+use super::tests::Conn;
 use super::*;
 use crate::identity::Identity;
 
@@ -115,27 +115,8 @@ fn except_port(port: u16) -> Match {
 
 // ---- Connections. ----
 
-#[derive(Debug)]
-struct Conn {
-    identity: Option<Identity>,
-    src: SocketAddr,
-    dst: SocketAddr,
-}
-
-impl Conn {
-    fn facts(&self) -> ConnectionFacts<'_> {
-        ConnectionFacts {
-            source_identity: self.identity.as_ref(),
-            source_ip: self.src.ip(),
-            destination_ip: self.dst.ip(),
-            destination_port: self.dst.port(),
-        }
-    }
-}
-
 fn conn(identity: Option<(&str, &str)>, src: &str, dst: &str) -> Conn {
-    let identity = identity.map(|(ns, sa)| Identity::new("cluster.local", ns, sa));
-    Conn { identity, src: src.parse().expect("src"), dst: dst.parse().expect("dst") }
+    Conn::new(identity.map(|(ns, sa)| Identity::new("cluster.local", ns, sa)), src, dst)
 }
 
 /// mTLS from `ns`/`sa` to port `port`.

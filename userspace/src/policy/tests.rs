@@ -11,19 +11,20 @@ use super::*;
 use crate::identity::Identity;
 use crate::xds::proto::istio::security as wire;
 
+/// A connection as the destination's proxy knows it (shared with the translation's tests).
 #[derive(Debug)]
-struct Conn {
+pub(super) struct Conn {
     identity: Option<Identity>,
     src: SocketAddr,
     dst: SocketAddr,
 }
 
 impl Conn {
-    fn new(identity: Option<Identity>, src: &str, dst: &str) -> Self {
+    pub(super) fn new(identity: Option<Identity>, src: &str, dst: &str) -> Self {
         Self { identity, src: src.parse().expect("src"), dst: dst.parse().expect("dst") }
     }
 
-    fn facts(&self) -> ConnectionFacts<'_> {
+    pub(super) fn facts(&self) -> ConnectionFacts<'_> {
         ConnectionFacts {
             source_identity: self.identity.as_ref(),
             source_ip: self.src.ip(),
