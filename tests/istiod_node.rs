@@ -426,24 +426,12 @@ fn a_policy_closes_a_plain_relay_and_holds_over_v6_and_across_a_takeover() -> Re
     let streaming = APP_PORT + 2000;
     let _echo = traffic::EchoServer::start_streaming(&lab.pod("a").netns, streaming)?;
     let to_a = lab.addr("a", true, streaming);
-    let mut held = traffic::in_netns(&lab.pod("d").netns, || std::net::TcpStream::connect_timeout(&to_a, CONNECT))??;
-    held.set_read_timeout(Some(WAIT))?;
-    std::io::Write::write_all(&mut held, b"before")?;
-    let mut buf = [0u8; 64];
-    ensure!(std::io::Read::read(&mut held, &mut buf)? > 0, "the plain relay echoed nothing");
+    let mut held = support::hold(&lab, "d", to_a, WAIT)?;
 
     let (nodes, key) = (lab.node_pod_names(), "lab/nothing-in");
     let policy = meshpath_lab::istiod::xds::authorization("lab", "nothing-in", Scope::Namespace, Action::Allow, vec![]);
     lab.istiod().set_policy(&nodes, key, Some(policy), WAIT).map_err(anyhow::Error::msg)?;
-    // EOF or a reset is the close; the read timeout (WAIT) is not.
-    let closed = loop {
-        match std::io::Read::read(&mut held, &mut buf) {
-            Ok(0) => break true,
-            Ok(_) => continue,
-            Err(e) => break !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
-        }
-    };
-    ensure!(closed, "the plain relay stayed open");
+    ensure!(support::closed(&mut held), "the plain relay stayed open");
     let denied = |r: &ConnectionRecord| r.outcome == Outcome::PolicyDenied;
     record(&lab, 0, |r| r.listener == "inbound_plain" && r.orig_dst == to_a && denied(r))?;
 

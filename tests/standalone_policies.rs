@@ -4,8 +4,6 @@
 //! runs with `--inbound-plaintext strict` (the mesh-wide default a PeerAuthentication may
 //! override), node 1 with the default, permissive.
 
-use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -16,7 +14,7 @@ use meshpath_lab::{Lab, traffic};
 use serde_json::{Value, json};
 
 mod support;
-use support::{built_lab, send, wait_until};
+use support::{built_lab, closed, hold, send, wait_until};
 
 const WAIT: Duration = Duration::from_secs(10);
 const CONNECT: Duration = Duration::from_secs(5);
@@ -60,28 +58,6 @@ fn expect(lab: &Lab, from: &str, to: &str, pass: bool) -> Result<()> {
 
 fn record(lab: &Lab, node: usize, pred: impl Fn(&ConnectionRecord) -> bool) -> Result<ConnectionRecord> {
     lab.wait_record(node, WAIT, pred)?.with_context(|| format!("no such record on node {}", node + 1))
-}
-
-/// A connection `from -> to` on `port`, echoed once, held open.
-fn hold(lab: &Lab, from: &str, to: SocketAddr) -> Result<std::net::TcpStream> {
-    let mut held = traffic::in_netns(&lab.pod(from).netns, || std::net::TcpStream::connect_timeout(&to, CONNECT))??;
-    held.set_read_timeout(Some(WAIT))?;
-    held.write_all(b"before")?;
-    let mut buf = [0u8; 64];
-    ensure!(held.read(&mut buf)? > 0, "{from} -> {to} echoed nothing");
-    Ok(held)
-}
-
-/// Whether the peer closed `held` (EOF or reset) within its read timeout.
-fn closed(held: &mut std::net::TcpStream) -> bool {
-    let mut buf = [0u8; 64];
-    loop {
-        match held.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) => return !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
-        }
-    }
 }
 
 /// PeerAuthentication: the node's default, a namespace's mode over it, a workload's over
@@ -131,8 +107,8 @@ fn authorization_policies_from_kubernetes_decide_and_close_what_they_deny() -> R
     let _echo_c = traffic::EchoServer::start_streaming(&lab.pod("c").netns, streaming)?;
     let _echo_a = traffic::EchoServer::start_streaming(&lab.pod("a").netns, streaming)?;
     expect(&lab, "a", "c", true)?;
-    let mut stream = hold(&lab, "a", lab.addr("c", false, streaming))?;
-    let mut relay = hold(&lab, "d", lab.addr("a", true, streaming))?;
+    let mut stream = hold(&lab, "a", lab.addr("c", false, streaming), WAIT)?;
+    let mut relay = hold(&lab, "d", lab.addr("a", true, streaming), WAIT)?;
 
     // Only e's service account may reach c (by principal, as users write it).
     let only_e = json!({

@@ -58,3 +58,29 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<b
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A connection from pod `from` to `to`, echoed once, held open; its reads time out after
+/// `timeout`.
+pub fn hold(lab: &Lab, from: &str, to: std::net::SocketAddr, timeout: Duration) -> Result<std::net::TcpStream> {
+    use std::io::{Read, Write};
+    let mut held = traffic::in_netns(&lab.pod(from).netns, || std::net::TcpStream::connect_timeout(&to, timeout))??;
+    held.set_read_timeout(Some(timeout))?;
+    held.write_all(b"before")?;
+    let mut buf = [0u8; 64];
+    ensure!(held.read(&mut buf)? > 0, "{from} -> {to} echoed nothing");
+    Ok(held)
+}
+
+/// Whether the peer closed `held` (EOF or reset) within its read timeout (which is not a
+/// close).
+pub fn closed(held: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let mut buf = [0u8; 64];
+    loop {
+        match held.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => return !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+        }
+    }
+}
