@@ -126,11 +126,13 @@ fn without_the_capture_rule_connections_are_dropped_not_sent_direct() -> Result<
 }
 
 /// A NAT on the node (kube-proxy's DNAT of a Service address) turns a non-enrolled client's
-/// connection toward an enrolled pod after the classifier saw it: it must not reach the pod
-/// around the proxy.
+/// connection toward an enrolled pod after the classifier saw it: the NAT table's route
+/// for the pod delivers it to the proxy. With that route deleted it is dropped by the
+/// egress guard, never forwarded around the proxy, until the daemon puts the route back.
 #[test]
-fn a_nat_on_the_node_does_not_open_a_way_around_the_proxy() -> Result<()> {
-    let lab = started_lab()?;
+fn a_nat_on_the_node_leads_to_the_proxy_and_never_around_it() -> Result<()> {
+    use meshpath_common::names::NAT_ROUTE_TABLE;
+    let mut lab = started_lab()?;
     let _servers = smoke::start_servers(&lab)?;
     let n1 = lab.nodes[0].name.clone();
     let e = lab.pod("e").v4;
@@ -141,14 +143,32 @@ fn a_nat_on_the_node_does_not_open_a_way_around_the_proxy() -> Result<()> {
         .args(["--to-destination", &format!("{e}:{}", smoke::APP_PORT)])
         .output()?;
     ensure!(out.status.success(), "iptables: {}", String::from_utf8_lossy(&out.stderr));
-    let before = lab.counters(0)?.undelivered;
     let service: std::net::SocketAddr = "10.96.0.77:80".parse()?;
-    let r = traffic::exchange(&lab.pod("b").netns, None, service, b"x", Duration::from_millis(1500));
+    let b = lab.pod("b").netns.clone();
+    let through = || traffic::exchange(&b, None, service, b"x", Duration::from_millis(1500));
+    let x = through().context("b -> the service address, through the proxy")?;
+    let r = lab.wait_record(0, Duration::from_secs(3), |r| r.src == x.client)?.context("no record of it")?;
+    ensure!(r.listener == "inbound_plain" && r.frontend == Some(service), "not through the proxy: {r:?}");
+    // The daemon gone and its route deleted: dropped as a bypass.
+    lab.stop_daemon(0, true)?;
+    let table = NAT_ROUTE_TABLE.to_string();
+    let delete_route = || ip(&n1, &["route", "del", "local", &e.to_string(), "table", &table]);
+    delete_route()?;
+    let before = lab.counters(0)?.undelivered;
+    let r = through();
     ensure!(r.is_err(), "b reached e through the NAT without the proxy: {r:?}");
     wait_until("the bypass to be counted", Duration::from_secs(3), || Ok(lab.counters(0)?.undelivered > before))?;
-    wait_until("node 1's log to name it", Duration::from_secs(3), || {
-        Ok(std::fs::read_to_string(lab.daemon_log_path(0))?.lines().any(|l| l.contains("reason=\"bypass\"")))
+    // Back, the daemon routes it to the proxy again.
+    lab.start_daemon(0)?;
+    wait_until("b -> e through the NAT again", Duration::from_secs(10), || Ok(through().is_ok()))?;
+    // Deleted under the running daemon: put back at once, and said.
+    delete_route()?;
+    wait_until("node 1's log to say its NAT route was restored", Duration::from_secs(5), || {
+        Ok(std::fs::read_to_string(lab.daemon_log_path(0))?.contains("NAT table were changed behind meshpath's back"))
     })?;
+    let routes = ip(&n1, &["route", "show", "table", &table])?;
+    ensure!(routes.contains(&format!("local {e} ")), "the route was not put back: {routes}");
+    through().context("b -> e after the route came back")?;
     Ok(())
 }
 

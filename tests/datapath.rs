@@ -180,23 +180,26 @@ fn uninstall_removes_every_rule_attachment_and_pin() -> Result<()> {
     Ok(())
 }
 
-/// Someone flushing the capture rule or its route (an admin, another agent) must not leave
-/// enrolled traffic uncaptured for long: the daemon checks them every tick and puts them back.
+/// Someone flushing the capture rule or its route, or the NAT rule (an admin, another agent)
+/// must not leave enrolled traffic uncaptured for long: the daemon puts them back.
 #[test]
 fn deleted_capture_rule_and_route_are_restored() -> Result<()> {
-    use meshpath_common::names::{ROUTE_TABLE, RULE_PRIORITY};
+    use meshpath_common::names::{NAT_RULE_PRIORITY, ROUTE_TABLE, RULE_PRIORITY};
     let lab = started_lab()?;
     let _servers = smoke::start_servers(&lab)?;
     let n1 = lab.nodes[0].name.clone();
     let table = ROUTE_TABLE.to_string();
     let ip = |args: &[&str]| support::ip(&n1, args);
     ip(&["rule", "del", "priority", &RULE_PRIORITY.to_string()])?;
+    ip(&["-6", "rule", "del", "priority", &NAT_RULE_PRIORITY.to_string()])?;
     ip(&["route", "del", "local", "default", "table", &table])?;
     // (No check that they are gone: the next tick may already have put them back; the
     // restore is seen in the log below.)
-    wait_until("the capture rule and route to come back", Duration::from_secs(5), || {
-        let rule_back = ip(&["rule", "show"])?.lines().any(|l| l.starts_with(&format!("{RULE_PRIORITY}:")));
-        Ok(rule_back && ip(&["route", "show", "table", &table])?.contains("local default"))
+    wait_until("the capture and NAT rules and the route to come back", Duration::from_secs(5), || {
+        let has = |rules: String, prio: u32| rules.lines().any(|l| l.starts_with(&format!("{prio}:")));
+        Ok(has(ip(&["rule", "show"])?, RULE_PRIORITY)
+            && has(ip(&["-6", "rule", "show"])?, NAT_RULE_PRIORITY)
+            && ip(&["route", "show", "table", &table])?.contains("local default"))
     })?;
     let x = send(&lab, "a", "b", Duration::from_secs(3)).context("a -> b after the restore")?;
     ensure!(x.echoed_intact);

@@ -75,6 +75,21 @@ pub const CAPTURE_MASK: u32 = 0x2000;
 pub const ROUTE_TABLE: u32 = 1519;
 /// Priority of the `fwmark CAPTURE_MARK/CAPTURE_MASK lookup ROUTE_TABLE` rule.
 pub const RULE_PRIORITY: u32 = 1519;
+/// Mark the TC classifier ORs into TCP it does not capture (neither end enrolled on this
+/// node). Should a NAT on this node then turn such a packet toward an enrolled pod
+/// (kube-proxy's DNAT of a ClusterIP, NodePort, LoadBalancer or external IP; a hostPort),
+/// the rule `fwmark NAT_MARK/NAT_MASK lookup NAT_ROUTE_TABLE` delivers it to this host, and
+/// sk_lookup to the proxy, instead of forwarding it around. Disjoint from the other marks.
+pub const NAT_MARK: u32 = 0x1000;
+pub const NAT_MASK: u32 = 0x1000;
+/// Routing table holding one `local <ip> dev lo` route per enrolled IP of this node: only
+/// packets a NAT turned toward those are delivered locally, the rest of the marked traffic
+/// falls through to the node's own rules.
+pub const NAT_ROUTE_TABLE: u32 = 1520;
+/// Priority of the `fwmark NAT_MARK/NAT_MASK lookup NAT_ROUTE_TABLE` rule.
+pub const NAT_RULE_PRIORITY: u32 = 1520;
+// Captured packets are routed by their own rule before the NAT rule looks.
+const _: () = assert!(RULE_PRIORITY < NAT_RULE_PRIORITY);
 
 /// Enrolment label on a namespace or pod, as Istio's ambient mode reads it.
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -97,10 +112,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn capture_mark_is_disjoint_from_proxy_mark() {
-        assert_eq!(CAPTURE_MARK & PROXY_MARK, 0);
-        assert_eq!(CAPTURE_MASK & PROXY_MARK, 0);
-        assert_eq!(CAPTURE_MARK & CAPTURE_MASK, CAPTURE_MARK);
+    fn marks_are_disjoint_from_each_other_and_from_kube_proxys() {
+        /// kube-proxy's masquerade and drop marks.
+        const KUBE_PROXY_MARKS: u32 = 0x4000 | 0x8000;
+        for (mark, mask) in [(CAPTURE_MARK, CAPTURE_MASK), (NAT_MARK, NAT_MASK)] {
+            assert_eq!(mask & PROXY_MARK_MASK, 0, "{mask:#x} overlaps the proxy's mark");
+            assert_eq!(mask & KUBE_PROXY_MARKS, 0, "{mask:#x} overlaps kube-proxy's marks");
+            assert_eq!(mark & mask, mark);
+        }
+        assert_eq!(CAPTURE_MASK & NAT_MASK, 0);
+        assert_ne!(ROUTE_TABLE, NAT_ROUTE_TABLE);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use crate::counters::Counter;
 use crate::interface::{IF_POD, IF_WORKLOAD};
-use crate::names::{CAPTURE_MARK, PROXY_MARK, PROXY_MARK_MASK};
+use crate::names::{CAPTURE_MARK, NAT_MARK, PROXY_MARK, PROXY_MARK_MASK};
 use crate::packet::{Flow, Frame, IPPROTO_TCP, IPPROTO_UNKNOWN};
 use crate::workload::{WorkloadKey, WorkloadValue};
 
@@ -14,6 +14,10 @@ pub enum Verdict {
     Pass,
     /// Mark with [`CAPTURE_MARK`] so policy routing delivers it locally to the proxy.
     Capture,
+    /// TCP neither end of which is enrolled here: it passes, marked with [`NAT_MARK`], so
+    /// that if a NAT on this node turns it toward an enrolled workload, policy routing
+    /// delivers it to the proxy instead of forwarding it around.
+    Unclaimed,
     /// Dropped, never let past the proxy.
     Drop(DropReason),
 }
@@ -155,8 +159,18 @@ pub fn decide<R: Routes, L: Fn(&WorkloadKey) -> Option<WorkloadValue>>(
     if let Some(reason) = spoofed(flow, at, src, routes) {
         return Verdict::Drop(reason);
     }
-    if (src.is_none() && dst.is_none()) || at.mark & PROXY_MARK_MASK == PROXY_MARK {
+    if at.mark & PROXY_MARK_MASK == PROXY_MARK {
         return Verdict::Pass;
+    }
+    // Each end's answer is made opaque first: LLVM would otherwise test both map pointers
+    // at once by OR-ing them, which the verifier rejects ("pointer |= pointer").
+    if core::hint::black_box(src.is_none()) && dst.is_none() {
+        // What hides behind an unreadable IPv6 chain may be TCP that a NAT turns toward an
+        // enrolled pod: it is treated as TCP.
+        return match flow.proto {
+            IPPROTO_TCP | IPPROTO_UNKNOWN => Verdict::Unclaimed,
+            _ => Verdict::Pass,
+        };
     }
     match flow.proto {
         // A connection attempt is captured only if it will reach the proxy: with the
@@ -220,6 +234,12 @@ pub fn misdelivered(flow: &Flow, ifindex: u32, dst: Option<WorkloadValue>) -> bo
 #[inline(always)]
 pub const fn captured_mark(mark: u32) -> u32 {
     mark | CAPTURE_MARK
+}
+
+/// The mark an unclaimed packet leaves the classifier with.
+#[inline(always)]
+pub const fn unclaimed_mark(mark: u32) -> u32 {
+    mark | NAT_MARK
 }
 
 #[cfg(test)]
@@ -287,13 +307,29 @@ mod tests {
 
     #[test]
     fn non_enrolled_and_non_tcp_traffic_passes() {
-        assert_eq!(run(flow(IPPROTO_TCP), POD_IF, IF_POD, 0, None, None, &ROUTED), Verdict::Pass);
+        assert_eq!(run(flow(17), POD_IF, IF_POD, 0, None, None, &ROUTED), Verdict::Pass);
         assert_eq!(run(flow(17), POD_IF, IF_WORKLOAD, 0, Some(POD), None, &ROUTED), Verdict::Pass);
         assert_eq!(run(flow(1), OTHER_IF, 0, 0, None, Some(POD), &ROUTED), Verdict::Pass);
         assert_eq!(
             decide(&Frame::Other, &Ingress { ifindex: 1, mark: 0, iface: IF_POD, via: 1 }, |_| None, &ROUTED),
             Verdict::Pass
         );
+    }
+
+    #[test]
+    fn tcp_between_non_enrolled_ends_passes_marked_for_a_nat_toward_an_enrolled_pod() {
+        // Pod-facing or uplink, readable or not: a NAT further on may turn it to a pod.
+        for (proto, iface) in [(IPPROTO_TCP, IF_POD), (IPPROTO_TCP, 0), (IPPROTO_UNKNOWN, 0)] {
+            assert_eq!(run(flow(proto), OTHER_IF, iface, 0, None, None, &ROUTED), Verdict::Unclaimed);
+        }
+        // Not the proxy's own packets, and other protocols are no business of the proxy's.
+        assert_eq!(run(flow(IPPROTO_TCP), OTHER_IF, 0, PROXY_MARK, None, None, &ROUTED), Verdict::Pass);
+        assert_eq!(run(flow(1), OTHER_IF, 0, 0, None, None, &ROUTED), Verdict::Pass);
+        // Spoofing is checked first.
+        let spoofed = run(flow(IPPROTO_TCP), POD_IF, IF_POD, 0, None, None, &Fake { back: false, local: true });
+        assert_eq!(spoofed, Verdict::Drop(DropReason::NoRouteBack));
+        assert_eq!(unclaimed_mark(0x4000) & NAT_MARK, NAT_MARK);
+        assert_eq!(unclaimed_mark(0x4000) & 0x4000, 0x4000, "other marks are kept");
     }
 
     #[test]
@@ -319,7 +355,7 @@ mod tests {
         let malformed = Verdict::Drop(DropReason::Malformed);
         assert_eq!(run(flow(IPPROTO_UNKNOWN), POD_IF, IF_WORKLOAD, 0, Some(POD), None, &ROUTED), malformed);
         assert_eq!(run(flow(IPPROTO_UNKNOWN), OTHER_IF, 0, 0, None, Some(POD), &ROUTED), malformed);
-        assert_eq!(run(flow(IPPROTO_UNKNOWN), OTHER_IF, 0, 0, None, None, &ROUTED), Verdict::Pass);
+        assert_eq!(run(flow(IPPROTO_UNKNOWN), OTHER_IF, 0, 0, None, None, &ROUTED), Verdict::Unclaimed);
     }
 
     #[test]
@@ -341,7 +377,7 @@ mod tests {
             assert_eq!(run(flow(proto), POD_IF, IF_POD, 0, None, Some(POD), &elsewhere), no_route);
         }
         // Uplinks are not checked (asymmetric routing is theirs to have).
-        assert_eq!(run(flow(IPPROTO_TCP), OTHER_IF, 0, 0, None, None, &elsewhere), Verdict::Pass);
+        assert_eq!(run(flow(IPPROTO_TCP), OTHER_IF, 0, 0, None, None, &elsewhere), Verdict::Unclaimed);
         // Link-scope sources carry no identity and have no route.
         let ll = Flow { src: WorkloadKey::from_v4([169, 254, 1, 2]), ..flow(17) };
         assert_eq!(run(ll, POD_IF, IF_POD, 0, None, None, &elsewhere), Verdict::Pass);
@@ -392,7 +428,7 @@ mod tests {
             decide(&Frame::Ip(flow(IPPROTO_TCP)), &Ingress { ifindex, mark: 0, iface, via: BRIDGE_IF }, lookup, &routes)
         };
         // A plain pod behind the bridge: its source routes back via the bridge.
-        assert_eq!(port(OTHER_IF, IF_POD, None, None), Verdict::Pass);
+        assert_eq!(port(OTHER_IF, IF_POD, None, None), Verdict::Unclaimed);
         // An enrolled pod on its own port is captured (delivery is asked of the bridge too).
         assert_eq!(port(POD_IF, IF_POD | IF_WORKLOAD, Some(POD), None), Verdict::Capture);
         assert_eq!(port(OTHER_IF, IF_POD, None, Some(POD)), Verdict::Capture);

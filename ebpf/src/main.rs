@@ -1,6 +1,7 @@
 //! meshpath's kernel side: a TC classifier that marks traffic of enrolled workloads for
 //! local delivery (and drops spoofed sources and connection attempts that would not reach
-//! the proxy), and an sk_lookup dispatcher that hands those connections to the proxy's
+//! the proxy; other TCP is marked so that a NAT toward an enrolled pod is delivered locally
+//! too), and an sk_lookup dispatcher that hands those connections to the proxy's
 //! listening sockets.
 //!
 //! The decisions themselves live in `meshpath_common` so they are unit-tested on the host;
@@ -65,6 +66,10 @@ fn try_tc_ingress(ctx: &TcContext) -> i32 {
     let at = Ingress { ifindex, mark, iface: iface.flags, via: iface.routed_via(ifindex) };
     match verdict::decide(&frame, &at, workload, &fib::Fib(ctx)) {
         Verdict::Pass => TC_ACT_UNSPEC,
+        Verdict::Unclaimed => {
+            ctx.set_mark(verdict::unclaimed_mark(mark));
+            TC_ACT_UNSPEC
+        }
         Verdict::Capture => {
             // A bridge would switch a frame for a pod on it straight to that pod's port:
             // addressed to the bridge itself, it goes up to the node's stack instead.

@@ -701,23 +701,24 @@ impl Lab {
     /// TC qdiscs, filters and TCX programs on any interface, and bpffs pins. Empty after
     /// `meshpath uninstall`.
     pub fn leftovers(&self, node: usize) -> Result<Vec<String>> {
-        use meshpath_common::names::{PROG_TC_EGRESS, PROG_TC_INGRESS, ROUTE_TABLE};
+        use meshpath_common::names::{NAT_ROUTE_TABLE, PROG_TC_EGRESS, PROG_TC_INGRESS, ROUTE_TABLE};
         let ns = self.nodes[node].name.clone();
         let mut found = Vec::new();
-        let table = ROUTE_TABLE.to_string();
-        for fam in ["-4", "-6"] {
-            for l in ip(&["-n", &ns, fam, "rule", "show"])?.lines() {
-                if l.split_whitespace().any(|w| w == table) {
-                    found.push(format!("rule: {}", l.trim()));
+        for table in [ROUTE_TABLE.to_string(), NAT_ROUTE_TABLE.to_string()] {
+            for fam in ["-4", "-6"] {
+                for l in ip(&["-n", &ns, fam, "rule", "show"])?.lines() {
+                    if l.split_whitespace().any(|w| w == table) {
+                        found.push(format!("rule: {}", l.trim()));
+                    }
                 }
-            }
-            // A table that was never filled does not exist: nothing in it.
-            let routes = match ip(&["-n", &ns, fam, "route", "show", "table", &table]) {
-                Err(LabError::Command { stderr, .. }) if stderr.contains("does not exist") => String::new(),
-                other => other?,
-            };
-            for l in routes.lines() {
-                found.push(format!("route in table {table}: {}", l.trim()));
+                // A table that was never filled does not exist: nothing in it.
+                let routes = match ip(&["-n", &ns, fam, "route", "show", "table", &table]) {
+                    Err(LabError::Command { stderr, .. }) if stderr.contains("does not exist") => String::new(),
+                    other => other?,
+                };
+                for l in routes.lines() {
+                    found.push(format!("route in table {table}: {}", l.trim()));
+                }
             }
         }
         for l in run(Command::new("tc").args(["-n", &ns, "qdisc", "show"]))?.lines() {

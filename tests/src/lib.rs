@@ -5,6 +5,7 @@
 //!   the real `meshpath node` binary;
 //! - [`traffic`]: sockets opened inside a pod's namespace, echo servers;
 //! - [`smoke`]: the traffic matrix, checked hop by hop against the proxies' access logs;
+//! - [`frontends`]: the NAT a node puts in front of its pods (kube-proxy's, a hostPort);
 //! - [`capture`]: an AF_PACKET capture of the underlay and a TLS-record walker over it;
 //! - [`chain`]: another CNI's TCX programs (assembled BPF), to chain with meshpath's;
 //! - [`hbone_client`]: a hand-driven HBONE client, to send what a peer proxy would not;
@@ -26,6 +27,7 @@ pub mod bench;
 pub mod capture;
 pub mod chain;
 pub mod cluster;
+pub mod frontends;
 pub mod hbone_client;
 pub mod hostile;
 pub mod istiod;

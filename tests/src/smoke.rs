@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::capture::{Capture, TlsEvidence, tls_evidence};
+use crate::frontends::{self, Kind};
 use crate::lab::{Lab, LabError, Result};
 use crate::traffic::{self, EchoServer};
 use meshpath::record::{self, ConnectionRecord};
@@ -26,6 +27,9 @@ pub struct Scenario {
     pub to: &'static str,
     pub v6: bool,
     pub port: u16,
+    /// Dialed through this frontend of the node's NAT ([`frontends`]) instead of the pod's
+    /// own address.
+    pub via: Option<Kind>,
     pub expect: Expect,
 }
 
@@ -53,7 +57,19 @@ pub struct Outcome {
 /// The matrix `lab --smoke` runs.
 pub fn matrix() -> Vec<Scenario> {
     use Expect::*;
-    let s = |name, from, to, v6, port, expect| Scenario { name, from, to, v6, port, expect };
+    let s = |name, from, to, v6, port, expect| Scenario { name, from, to, v6, port, via: None, expect };
+    let nat = |name, from, v6, kind, expect| Scenario {
+        name,
+        from,
+        to: frontends::TARGET,
+        v6,
+        port: APP_PORT,
+        via: Some(kind),
+        expect,
+    };
+    // Clients on the other node through node 1's own addresses are in tests/frontends.rs
+    // (behind flannel they arrive masqueraded, which this table does not follow).
+    let plain_in: Hops = &[(0, "inbound_plain")];
     vec![
         s(
             "enrolled -> enrolled, other node (HBONE)",
@@ -91,6 +107,13 @@ pub fn matrix() -> Vec<Scenario> {
             Refused(1, record::Outcome::PlaintextRefused),
         ),
         s("plain -> plain, other node", "b", "d", false, APP_PORT, Through(&[])),
+        nat("plain -> enrolled via ClusterIP, same node", "b", false, Kind::ClusterIp, Through(plain_in)),
+        nat("plain -> enrolled via ClusterIP, other node (v6)", "d", true, Kind::ClusterIp, Through(plain_in)),
+        nat("plain -> enrolled via NodePort, same node (v6)", "b", true, Kind::NodePort, Through(plain_in)),
+        nat("plain -> enrolled via LoadBalancer, same node", "b", false, Kind::LoadBalancer, Through(plain_in)),
+        nat("plain -> enrolled via externalIP, same node (v6)", "b", true, Kind::ExternalIp, Through(plain_in)),
+        nat("plain -> enrolled via hostPort, same node", "b", false, Kind::HostPort, Through(plain_in)),
+        nat("enrolled -> enrolled via NodePort, same node", "e", false, Kind::NodePort, Through(&[(0, "outbound")])),
     ]
 }
 
@@ -108,11 +131,13 @@ pub fn start_servers(lab: &Lab) -> Result<Vec<EchoServer>> {
 /// Runs one scenario and checks it against the access logs.
 pub fn run(lab: &Lab, sc: &Scenario) -> Result<Outcome> {
     let from = lab.pod(sc.from);
+    // Through a frontend, the records name the pod it was turned to.
     let dst = lab.addr(sc.to, sc.v6, sc.port);
+    let dialed = sc.via.map_or(dst, |k| k.addr(lab, sc.v6));
     let payload = traffic::payload(64 * 1024 + 17);
     // The refusing proxy records the accept time, which comes after this.
     let started_ms = now_ms();
-    let res = traffic::exchange(&from.netns, None, dst, &payload, CONNECT_TIMEOUT);
+    let res = traffic::exchange(&from.netns, None, dialed, &payload, CONNECT_TIMEOUT);
     let mut out =
         Outcome { scenario: sc.clone(), path: String::new(), server_saw: "-".into(), ok: false, detail: String::new() };
     match (&sc.expect, res) {
@@ -147,6 +172,7 @@ pub fn run(lab: &Lab, sc: &Scenario) -> Result<Outcome> {
             let path: Vec<String> = records.iter().map(|(n, r)| format!("n{}:{}", n + 1, r.listener)).collect();
             out.path = if path.is_empty() { "direct".into() } else { path.join(" > ") };
             check_security(lab, sc, &records, &mut problems);
+            check_frontend(lab, sc, dialed, &records, &mut problems);
             if !x.echoed_intact {
                 problems.push("payload came back altered".into());
             }
@@ -227,6 +253,25 @@ fn check_security(lab: &Lab, sc: &Scenario, records: &[(usize, ConnectionRecord)
     }
 }
 
+/// Through a frontend, the proxy on the node whose NAT turned the connection names the
+/// address the client dialed. (A ClusterIP dialed from a pod of another node was turned on
+/// that node, where no proxy saw it.)
+fn check_frontend(
+    lab: &Lab,
+    sc: &Scenario,
+    dialed: std::net::SocketAddr,
+    records: &[(usize, ConnectionRecord)],
+    problems: &mut Vec<String>,
+) {
+    let Some(kind) = sc.via else { return };
+    let nat = kind.nat_node(lab, sc.from);
+    if let Some((n, r)) = records.iter().find(|(n, _)| *n == nat)
+        && r.frontend != Some(dialed)
+    {
+        problems.push(format!("n{}:{} names frontend {:?}, not {dialed}", n + 1, r.listener, r.frontend));
+    }
+}
+
 fn check_record(r: &ConnectionRecord, role: &str, problems: &mut Vec<String>) {
     if r.listener != role {
         problems.push(format!("expected listener {role}, got {}", r.listener));
@@ -239,7 +284,7 @@ fn check_record(r: &ConnectionRecord, role: &str, problems: &mut Vec<String>) {
 /// Sends a connection from `from` with a forged source address; passes when it fails and
 /// the node counted a spoof drop.
 pub fn spoof(lab: &Lab, name: &'static str, from: &'static str, forged: IpAddr, to: &'static str) -> Result<Outcome> {
-    let sc = Scenario { name, from, to, v6: forged.is_ipv6(), port: APP_PORT, expect: Expect::Dropped };
+    let sc = Scenario { name, from, to, v6: forged.is_ipv6(), port: APP_PORT, via: None, expect: Expect::Dropped };
     let node = lab.pod(from).node;
     let before = lab.counters(node)?.spoof_dropped;
     let res = traffic::exchange(
@@ -300,7 +345,15 @@ pub fn hbone_evidence(lab: &Lab, n: usize) -> Result<(Vec<Outcome>, TlsEvidence)
     let evidence = tls_evidence(&capture.stop()?, MARKER);
 
     let row = |name: &'static str, ok: bool, path: String, detail: String| Outcome {
-        scenario: Scenario { name, from: "a", to: "c", v6: false, port: APP_PORT, expect: Expect::Through(&[]) },
+        scenario: Scenario {
+            name,
+            from: "a",
+            to: "c",
+            v6: false,
+            port: APP_PORT,
+            via: None,
+            expect: Expect::Through(&[]),
+        },
         path,
         server_saw: "-".into(),
         ok,
@@ -336,9 +389,11 @@ pub fn hbone_evidence(lab: &Lab, n: usize) -> Result<(Vec<Outcome>, TlsEvidence)
     Ok((rows, evidence))
 }
 
-/// The whole smoke run: servers up, the HBONE evidence, every scenario, the spoof check.
+/// The whole smoke run: servers up, the HBONE evidence, every scenario (the node's NAT
+/// frontends installed first), the spoof check.
 pub fn run_all(lab: &Lab) -> Result<Smoke> {
     let _servers = start_servers(lab)?;
+    frontends::install(lab)?;
     // First, while no HBONE connection exists yet, so its opening is in the capture.
     let (mut outcomes, evidence) = hbone_evidence(lab, 8)?;
     for sc in matrix() {
@@ -368,7 +423,7 @@ fn policy_rows(lab: &Lab) -> Result<Vec<Outcome>> {
     let wait = Duration::from_secs(10);
     istiod.set_policy(&nodes, key, Some(policy), wait).map_err(LabError::Other)?;
     use Expect::*;
-    let s = |name, from, to, expect| Scenario { name, from, to, v6: false, port: APP_PORT, expect };
+    let s = |name, from, to, expect| Scenario { name, from, to, v6: false, port: APP_PORT, via: None, expect };
     let mut rows = Vec::new();
     for sc in [
         s("policy: allowed principal -> enrolled", "a", "c", Through(&[(0, "outbound"), (1, "hbone")])),
@@ -385,12 +440,12 @@ fn policy_rows(lab: &Lab) -> Result<Vec<Outcome>> {
 /// A fixed-width table of outcomes.
 pub fn table(outcomes: &[Outcome]) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "{:<44} {:<6} {:<36} {:<16} result", "scenario", "pods", "path (proxy hops)", "server saw");
-    let _ = writeln!(s, "{}", "-".repeat(114));
+    let _ = writeln!(s, "{:<52} {:<6} {:<36} {:<16} result", "scenario", "pods", "path (proxy hops)", "server saw");
+    let _ = writeln!(s, "{}", "-".repeat(122));
     for o in outcomes {
         let _ = writeln!(
             s,
-            "{:<44} {:<6} {:<36} {:<16} {}{}",
+            "{:<52} {:<6} {:<36} {:<16} {}{}",
             o.scenario.name,
             format!("{}->{}", o.scenario.from, o.scenario.to),
             o.path,

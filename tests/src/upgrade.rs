@@ -176,6 +176,7 @@ impl UpgradeReport {
                     to: p.to,
                     v6: p.v6,
                     port: CHURN_PORT,
+                    via: None,
                     expect: smoke::Expect::Through(&[]),
                 },
                 path: format!("{} new, {} streams, {} failed", p.attempted, p.streams, p.failed + p.streams_failed),

@@ -285,6 +285,7 @@ mod tests {
             listener: listener.into(),
             src: "10.0.0.1:1000".parse().unwrap(),
             orig_dst: "10.0.0.2:80".parse().unwrap(),
+            frontend: None,
             src_workload: Some("shop/web-0".into()),
             dst_workload: None,
             dst_service: None,

@@ -187,6 +187,10 @@ pub struct ConnectionRecord {
     pub src: SocketAddr,
     /// The original destination (local address of the accepted socket).
     pub orig_dst: SocketAddr,
+    /// The address the client dialed when a NAT on this node (kube-proxy's for a Service,
+    /// NodePort or external address; a hostPort) turned the connection toward `orig_dst`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frontend: Option<SocketAddr>,
     /// Workload identities, when known.
     pub src_workload: Option<String>,
     pub dst_workload: Option<String>,

@@ -1,16 +1,23 @@
 //! The node's kernel routing state meshpath owns, managed over rtnetlink (no `ip`
-//! subprocesses): the capture rule and local table, plus interface discovery.
+//! subprocesses): the capture rule and local table, the NAT rule and its table of enrolled
+//! IPs, plus interface discovery.
 //!
 //! Captured packets carry [`CAPTURE_MARK`]; the rule sends them to [`ROUTE_TABLE`], whose
 //! only route is `local default dev lo`, so they are delivered to this host even when their
 //! destination is a pod or another node. sk_lookup then picks the proxy's socket.
+//!
+//! Other TCP carries [`NAT_MARK`]; its rule looks in [`NAT_ROUTE_TABLE`], which holds a
+//! local route per enrolled IP of this node: what a NAT turned toward one of those is
+//! delivered to this host too, everything else falls through to the node's own rules.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
-use meshpath_common::names::{CAPTURE_MARK, CAPTURE_MASK, ROUTE_TABLE, RULE_PRIORITY};
+use meshpath_common::names::{
+    CAPTURE_MARK, CAPTURE_MASK, NAT_MARK, NAT_MASK, NAT_ROUTE_TABLE, NAT_RULE_PRIORITY, ROUTE_TABLE, RULE_PRIORITY,
+};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType};
@@ -30,8 +37,15 @@ pub enum RoutingError {
 
 type Result<T, E = RoutingError> = std::result::Result<T, E>;
 
-/// Route lookups [`Routing::interfaces_for`] keeps in flight at once.
+/// Route lookups [`Routing::interfaces_for`] (and route writes of the NAT table) keeps in
+/// flight at once.
 const LOOKUPS_IN_FLIGHT: usize = 64;
+
+/// meshpath's rules: (priority, table, mark, mask).
+const RULES: [(u32, u32, u32, u32); 2] = [
+    (RULE_PRIORITY, ROUTE_TABLE, CAPTURE_MARK, CAPTURE_MASK),
+    (NAT_RULE_PRIORITY, NAT_ROUTE_TABLE, NAT_MARK, NAT_MASK),
+];
 
 fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> RoutingError {
     let what = what.into();
@@ -151,7 +165,7 @@ impl Routing {
         let (conn, handle, _) = match rtnetlink::new_connection_with_strict_check() {
             Ok(c) => c,
             Err(e) => {
-                // Before 4.20: unfiltered dumps, filtered here (see `capture_routes`).
+                // Before 4.20: unfiltered dumps, filtered here (see `table_routes`).
                 tracing::debug!(error = %e, "no strict netlink checking; route dumps are filtered in user space");
                 rtnetlink::new_connection().map_err(RoutingError::Connect)?
             }
@@ -226,7 +240,9 @@ impl Routing {
         }
         for msg in messages {
             match msg.payload {
-                NetlinkPayload::InnerMessage(M::NewRoute(r) | M::DelRoute(r)) if route_table(&r) == ROUTE_TABLE => {
+                NetlinkPayload::InnerMessage(M::NewRoute(r) | M::DelRoute(r))
+                    if matches!(route_table(&r), ROUTE_TABLE | NAT_ROUTE_TABLE) =>
+                {
                     out.capture = true;
                 }
                 NetlinkPayload::InnerMessage(M::NewRoute(r) | M::DelRoute(r)) => {
@@ -389,34 +405,34 @@ impl Routing {
             .ok_or_else(|| RoutingError::NoSuchInterface("lo".into()))
     }
 
-    /// Installs the capture rule and the local routes of [`ROUTE_TABLE`] for both families.
-    /// Idempotent: what already exists is kept. Returns whether anything was missing.
+    /// Installs the capture and NAT rules and the local routes of [`ROUTE_TABLE`] for both
+    /// families. Idempotent: what already exists is kept. Returns whether anything was missing.
     pub async fn install_capture(&self) -> Result<bool> {
-        // One rule and one local route per family.
-        const COMPLETE: usize = 4;
-        let present = self.capture_rules().await?.len() + self.capture_routes().await?.len();
+        // Two rules and one local route per family.
+        const COMPLETE: usize = 6;
+        let present = self.capture_rules().await?.len() + self.table_routes(ROUTE_TABLE).await?.len();
         if present >= COMPLETE {
             return Ok(false);
         }
         if present > 0 {
-            tracing::warn!(present, "capture rule or routes were removed behind meshpath's back; restoring them");
+            tracing::warn!(present, "capture rules or routes were removed behind meshpath's back; restoring them");
         }
         let lo = self.loopback_index().await?;
         for v6 in [false, true] {
             let fam = if v6 { "IPv6" } else { "IPv4" };
-            let rule =
-                self.handle.rule().add().priority(RULE_PRIORITY).table_id(ROUTE_TABLE).action(RuleAction::ToTable);
-            let added = if v6 {
-                let mut r = rule.v6().fw_mark(CAPTURE_MARK);
-                r.message_mut().attributes.push(RuleAttribute::FwMask(CAPTURE_MASK));
-                r.execute().await
-            } else {
-                let mut r = rule.v4().fw_mark(CAPTURE_MARK);
-                r.message_mut().attributes.push(RuleAttribute::FwMask(CAPTURE_MASK));
-                r.execute().await
-            };
-            ok_if_exists(added).map_err(nl(format!("adding the {fam} capture rule")))?;
-
+            for (priority, table, mark, mask) in RULES {
+                let rule = self.handle.rule().add().priority(priority).table_id(table).action(RuleAction::ToTable);
+                let added = if v6 {
+                    let mut r = rule.v6().fw_mark(mark);
+                    r.message_mut().attributes.push(RuleAttribute::FwMask(mask));
+                    r.execute().await
+                } else {
+                    let mut r = rule.v4().fw_mark(mark);
+                    r.message_mut().attributes.push(RuleAttribute::FwMask(mask));
+                    r.execute().await
+                };
+                ok_if_exists(added).map_err(nl(format!("adding the {fam} rule for table {table}")))?;
+            }
             let route = if v6 {
                 RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(Ipv6Addr::UNSPECIFIED, 0).build_local(lo)
             } else {
@@ -429,9 +445,54 @@ impl Routing {
             mark = format_args!("{CAPTURE_MARK:#x}/{CAPTURE_MASK:#x}"),
             table = ROUTE_TABLE,
             priority = RULE_PRIORITY,
-            "capture rule and local routes in place"
+            nat_mark = format_args!("{NAT_MARK:#x}/{NAT_MASK:#x}"),
+            nat_table = NAT_ROUTE_TABLE,
+            nat_priority = NAT_RULE_PRIORITY,
+            "capture and NAT rules and local routes in place"
         );
         Ok(true)
+    }
+
+    /// The enrolled IPs [`NAT_ROUTE_TABLE`] holds a local route for.
+    pub async fn nat_routes(&self) -> Result<std::collections::BTreeSet<IpAddr>> {
+        Ok(self
+            .table_routes(NAT_ROUTE_TABLE)
+            .await?
+            .iter()
+            .filter_map(destination)
+            .filter(|net| net.prefix_len() == net.max_prefix_len())
+            .map(|net| net.addr())
+            .collect())
+    }
+
+    /// Adds (or, with `add` false, deletes) the local route of each of `ips` in
+    /// [`NAT_ROUTE_TABLE`]. Idempotent.
+    pub async fn set_nat_routes(&self, ips: &[IpAddr], add: bool) -> Result<()> {
+        use futures::StreamExt as _;
+        let lo = self.loopback_index().await?;
+        let writes = futures::stream::iter(ips.iter().copied())
+            .map(|ip| {
+                let route = match ip {
+                    IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(a, 32).nat_local(lo),
+                    IpAddr::V6(a) => RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(a, 128).nat_local(lo),
+                };
+                let handle = self.handle.clone();
+                async move {
+                    let done = if add {
+                        ok_if_exists(handle.route().add(route).execute().await)
+                    } else {
+                        ok_if_missing(handle.route().del(route).execute().await)
+                    };
+                    let what = if add { "adding" } else { "deleting" };
+                    done.map_err(nl(format!("{what} the local route of {ip} in table {NAT_ROUTE_TABLE}")))
+                }
+            })
+            .buffer_unordered(LOOKUPS_IN_FLIGHT);
+        futures::pin_mut!(writes);
+        while let Some(r) = writes.next().await {
+            r?;
+        }
+        Ok(())
     }
 
     /// Deletes the clsact qdisc of `ifindex` (with whatever filters it still holds).
@@ -444,7 +505,7 @@ impl Routing {
         ok_if_missing(req.execute().await).map_err(nl(format!("deleting the clsact qdisc of ifindex {ifindex}")))
     }
 
-    /// meshpath's rules (by priority and table) in both families.
+    /// meshpath's rules (by priority and table, [`RULES`]) in both families.
     pub async fn capture_rules(&self) -> Result<Vec<RuleMessage>> {
         let mut out = Vec::new();
         for v in [IpVersion::V4, IpVersion::V6] {
@@ -458,17 +519,17 @@ impl Routing {
         Ok(out)
     }
 
-    /// Routes in [`ROUTE_TABLE`], both families.
-    pub async fn capture_routes(&self) -> Result<Vec<RouteMessage>> {
+    /// Routes in `table`, both families.
+    async fn table_routes(&self, table: u32) -> Result<Vec<RouteMessage>> {
         let mut out = Vec::new();
         for fam in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut msg = RouteMessage::default();
             msg.header.address_family = fam;
-            msg.attributes.push(RouteAttribute::Table(ROUTE_TABLE));
+            msg.attributes.push(RouteAttribute::Table(table));
             let mut routes = self.handle.route().get(msg).execute();
             while let Some(r) = routes.try_next().await.map_err(nl("listing routes"))? {
                 // Kernels without strict dump filtering send every table: keep checking.
-                if route_table(&r) == ROUTE_TABLE {
+                if route_table(&r) == table {
                     out.push(r);
                 }
             }
@@ -476,17 +537,20 @@ impl Routing {
         Ok(out)
     }
 
-    /// Removes the capture rules and the table's routes. Returns how many were removed.
+    /// Removes meshpath's rules and its tables' routes. Returns how many were removed.
     pub async fn remove_capture(&self) -> Result<(usize, usize)> {
         let rules = self.capture_rules().await?;
         let n_rules = rules.len();
         for r in rules {
             ok_if_missing(self.handle.rule().del(r).execute().await).map_err(nl("deleting a capture rule"))?;
         }
-        let routes = self.capture_routes().await?;
-        let n_routes = routes.len();
-        for r in routes {
-            ok_if_missing(self.handle.route().del(r).execute().await).map_err(nl("deleting a capture route"))?;
+        let mut n_routes = 0;
+        for table in [ROUTE_TABLE, NAT_ROUTE_TABLE] {
+            for r in self.table_routes(table).await? {
+                ok_if_missing(self.handle.route().del(r).execute().await)
+                    .map_err(nl(format!("deleting a route of table {table}")))?;
+                n_routes += 1;
+            }
         }
         Ok((n_rules, n_routes))
     }
@@ -511,12 +575,19 @@ fn destination(r: &RouteMessage) -> Option<IpNet> {
 }
 
 trait BuildLocal {
+    /// A local route in [`ROUTE_TABLE`].
     fn build_local(self, lo: u32) -> RouteMessage;
+    /// A local route in [`NAT_ROUTE_TABLE`].
+    fn nat_local(self, lo: u32) -> RouteMessage;
 }
 
 impl<T> BuildLocal for RouteMessageBuilder<T> {
     fn build_local(self, lo: u32) -> RouteMessage {
         self.table_id(ROUTE_TABLE).kind(RouteType::Local).scope(RouteScope::Host).output_interface(lo).build()
+    }
+
+    fn nat_local(self, lo: u32) -> RouteMessage {
+        self.table_id(NAT_ROUTE_TABLE).kind(RouteType::Local).scope(RouteScope::Host).output_interface(lo).build()
     }
 }
 
@@ -529,7 +600,7 @@ fn is_capture_rule(r: &RuleMessage) -> bool {
     let table =
         attr(|a| if let RuleAttribute::Table(t) = a { Some(*t) } else { None }).unwrap_or(r.header.table as u32);
     let prio = attr(|a| if let RuleAttribute::Priority(p) = a { Some(*p) } else { None });
-    table == ROUTE_TABLE && prio == Some(RULE_PRIORITY)
+    RULES.iter().any(|(p, t, _, _)| table == *t && prio == Some(*p))
 }
 
 fn route_table(r: &RouteMessage) -> u32 {

@@ -176,10 +176,6 @@ impl WorkloadIndex {
         self.policies = policies;
     }
 
-    pub fn has_services(&self) -> bool {
-        !self.services.is_empty()
-    }
-
     /// Whether `addr` is a service's cluster IP and port.
     pub fn is_service(&self, addr: SocketAddr) -> bool {
         self.services.contains_key(&canonical(addr))

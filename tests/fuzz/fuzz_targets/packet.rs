@@ -27,13 +27,15 @@ fuzz_target!(|data: &[u8]| {
     let enrolled = WorkloadKey::from_v4([10, 244, 1, 10]);
     let lookup = |k: &WorkloadKey| (*k == enrolled).then_some(WorkloadValue::new(7));
     let iface = u32::from(knobs >> 3) & (IF_POD | IF_WORKLOAD);
-    let at = Ingress { ifindex: 7, mark: u32::from(knobs), iface };
+    let at = Ingress { ifindex: 7, mark: u32::from(knobs), iface, via: 7 };
     let verdict = decide(&parsed, &at, lookup, &Fuzzed(knobs));
     if let Frame::Ip(flow) = parsed
         && lookup(&flow.src).is_none()
         && lookup(&flow.dst).is_none()
     {
-        // Traffic of no enrolled workload is never captured.
+        // Traffic of no enrolled workload is never captured, only marked for a NAT.
         assert_ne!(verdict, Verdict::Capture);
+    } else {
+        assert_ne!(verdict, Verdict::Unclaimed);
     }
 });

@@ -37,8 +37,12 @@ pub trait Kernel {
     fn interfaces(&mut self) -> impl Future<Output = Result<Vec<Interface>>>;
     /// The interface each IP's route leads to (`None`: no device route).
     fn routes(&mut self, ips: Vec<IpAddr>) -> impl Future<Output = Result<BTreeMap<IpAddr, Option<u32>>>>;
-    /// Puts the capture rule and its local routes in place (idempotent).
+    /// Puts the capture and NAT rules and the capture table's local route in place (idempotent).
     fn install_capture(&mut self) -> impl Future<Output = Result<()>>;
+    /// The IPs the NAT table holds a local route for.
+    fn nat_routes(&mut self) -> impl Future<Output = Result<BTreeSet<IpAddr>>>;
+    /// Adds (`add`) or deletes the NAT table's local routes of `ips` (idempotent).
+    fn set_nat_routes(&mut self, ips: &[IpAddr], add: bool) -> impl Future<Output = Result<()>>;
     /// What the kernel announced since the last look.
     fn changes(&mut self) -> Changes;
     /// Resolves when the kernel announces a change (kept for [`Self::changes`]).
@@ -93,6 +97,14 @@ impl Kernel for System {
     async fn install_capture(&mut self) -> Result<()> {
         self.routing.install_capture().await?;
         Ok(())
+    }
+
+    async fn nat_routes(&mut self) -> Result<BTreeSet<IpAddr>> {
+        Ok(self.routing.nat_routes().await?)
+    }
+
+    async fn set_nat_routes(&mut self, ips: &[IpAddr], add: bool) -> Result<()> {
+        Ok(self.routing.set_nat_routes(ips, add).await?)
     }
 
     fn changes(&mut self) -> Changes {
@@ -187,6 +199,7 @@ pub mod fake {
         RemoveInterface(u32),
         Upsert(IpAddr, u32),
         Remove(IpAddr),
+        NatRoute(IpAddr, bool),
         Register(Listener, bool),
     }
 
@@ -199,6 +212,8 @@ pub mod fake {
         pub attached: BTreeSet<u32>,
         pub values: BTreeMap<u32, InterfaceValue>,
         pub map: BTreeMap<IpAddr, u32>,
+        /// The NAT table's local routes.
+        pub nat_routes: BTreeSet<IpAddr>,
         pub slots: BTreeMap<u32, u64>,
         pub ops: Vec<Op>,
         /// Rules of the datapath broken by a write, in words.
@@ -246,6 +261,9 @@ pub mod fake {
         }
 
         fn check_remove(&mut self, ip: IpAddr) {
+            if self.nat_routes.contains(&ip) {
+                self.broken.push(format!("{ip} removed from the map while the NAT table still routes it locally"));
+            }
             if let Some(ifindex) = self.map.get(&ip)
                 && self.values.get(ifindex).is_some_and(|v| v.flags & IF_WORKLOAD != 0)
                 && self.map.iter().filter(|(_, i)| *i == ifindex).count() == 1
@@ -266,6 +284,25 @@ pub mod fake {
 
         async fn install_capture(&mut self) -> Result<()> {
             self.ops.push(Op::Capture);
+            Ok(())
+        }
+
+        async fn nat_routes(&mut self) -> Result<BTreeSet<IpAddr>> {
+            Ok(self.nat_routes.clone())
+        }
+
+        async fn set_nat_routes(&mut self, ips: &[IpAddr], add: bool) -> Result<()> {
+            for ip in ips {
+                if add && self.map.get(ip).is_none_or(|ifx| *ifx == 0) {
+                    self.broken.push(format!("NAT route to {ip}, which is not enrolled behind an interface"));
+                }
+                self.ops.push(Op::NatRoute(*ip, add));
+                if add {
+                    self.nat_routes.insert(*ip);
+                } else {
+                    self.nat_routes.remove(ip);
+                }
+            }
             Ok(())
         }
 

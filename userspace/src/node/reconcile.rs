@@ -90,6 +90,9 @@ pub(super) struct Reconciler<K> {
     /// What the workload map holds: meshpath is its only writer, so this is read from the
     /// kernel only on full passes.
     map: Option<BTreeMap<IpAddr, u32>>,
+    /// The IPs the NAT table routes locally; listed again when the kernel announces a
+    /// change of meshpath's tables.
+    nat: Option<BTreeSet<IpAddr>>,
     last_full: Instant,
     /// The desired state changed since the last pass over the workloads.
     dirty: bool,
@@ -114,6 +117,7 @@ impl<K: Kernel> Reconciler<K> {
             ifaces: None,
             unresolved: BTreeMap::new(),
             map: None,
+            nat: None,
             last_full: Instant::now(),
             dirty: true,
             last_attached: BTreeSet::new(),
@@ -210,19 +214,56 @@ impl<K: Kernel> Reconciler<K> {
         let attached = self.attach(&ifaces, safety || changes.capture).await?;
         let relisted = self.routes.track(&mut self.kernel, &ifaces, changes, safety, self.safety_tick).await?;
         self.dirty |= relisted.forgot;
+        if safety || changes.capture || self.nat.is_none() {
+            self.list_nat_routes().await?;
+        }
         let full = relisted.relisted || self.map.is_none() || self.last_full.elapsed() >= FULL_PASS;
-        if !full && !self.dirty && attached == self.last_attached && self.unresolved.is_empty() {
-            return Ok(());
+        if full || self.dirty || attached != self.last_attached || !self.unresolved.is_empty() {
+            if full {
+                self.last_full = Instant::now();
+                self.map = Some(self.kernel.workloads()?);
+            }
+            let desired = self.resolve(&ifaces, &attached).await?;
+            // An IP's NAT route goes before it leaves the map and comes after it entered: a
+            // local route to an IP the map lacks would hand what is DNATed to it to whatever
+            // listens on the node's wildcard address, not to the proxy.
+            let keep = desired.iter().filter(|(_, (ifx, _))| *ifx != 0).map(|(ip, _)| *ip).collect();
+            self.route_nat(&keep, false).await?;
+            self.apply(&desired, &ifaces)?;
+            // Only a pass that went through clears the flags: a failed one is retried next time.
+            self.dirty = false;
+            self.last_attached = attached;
         }
-        if full {
-            self.last_full = Instant::now();
-            self.map = Some(self.kernel.workloads()?);
+        let enrolled = self.enrolled();
+        self.route_nat(&enrolled, true).await
+    }
+
+    /// Reads which IPs the NAT table routes locally.
+    async fn list_nat_routes(&mut self) -> Result<(), KernelError> {
+        let listed = self.kernel.nat_routes().await?;
+        if self.nat.as_ref().is_some_and(|known| *known != listed) {
+            tracing::warn!("routes of the NAT table were changed behind meshpath's back; restoring them");
         }
-        let desired = self.resolve(&ifaces, &attached).await?;
-        self.apply(&desired, &ifaces)?;
-        // Only a pass that went through clears the flags: a failed one is retried next time.
-        self.dirty = false;
-        self.last_attached = attached;
+        self.nat = Some(listed);
+        Ok(())
+    }
+
+    /// Deletes the NAT table's routes to IPs outside `keep` and, with `add`, adds those of
+    /// `keep` it lacks: what a NAT on this node turns toward an enrolled IP then reaches the
+    /// proxy. After a failed write the table is listed again next pass.
+    async fn route_nat(&mut self, keep: &BTreeSet<IpAddr>, add: bool) -> Result<(), KernelError> {
+        let mut have = self.nat.take().unwrap_or_default();
+        let stale: Vec<IpAddr> = have.difference(keep).copied().collect();
+        let missing: Vec<IpAddr> = if add { keep.difference(&have).copied().collect() } else { Vec::new() };
+        if !stale.is_empty() {
+            self.kernel.set_nat_routes(&stale, false).await?;
+            have.retain(|ip| keep.contains(ip));
+        }
+        if !missing.is_empty() {
+            self.kernel.set_nat_routes(&missing, true).await?;
+            have.extend(missing);
+        }
+        self.nat = Some(have);
         Ok(())
     }
 
@@ -584,6 +625,40 @@ mod tests {
         assert!(at(&Op::Upsert(ip("fd00::10"), 3)) < flagged, "every IP before the flag: {ops:?}");
         assert_eq!(r.kernel().values[&3].flags, IF_POD | IF_WORKLOAD);
         assert_eq!(r.kernel().values[&2].flags, 0, "the uplink is no pod interface");
+    }
+
+    #[tokio::test]
+    async fn the_nat_table_routes_exactly_the_ips_enrolled_behind_an_interface_and_is_restored() {
+        let mut r = reconciler(node());
+        let a = workload("a", NODE, &["10.244.1.10", "fd00::10"]);
+        let b = workload("b", NODE, &["10.244.1.11"]);
+        desire(&mut r, &[a.clone(), b.clone(), workload("c", "n2", &["10.244.2.10"])], &[]);
+        pass(&mut r).await;
+        let all: BTreeSet<IpAddr> = ["10.244.1.10", "fd00::10", "10.244.1.11"].map(ip).into();
+        assert_eq!(r.kernel().nat_routes, all, "this node's enrolled IPs, no other");
+        // Someone deletes one and adds a stranger: the announced change puts it right.
+        r.kernel().nat_routes.remove(&ip("10.244.1.11"));
+        r.kernel().nat_routes.insert(ip("10.244.1.99"));
+        r.kernel().changes.capture = true;
+        pass(&mut r).await;
+        assert_eq!(r.kernel().nat_routes, all);
+        // Nothing announced, nothing changed: no write.
+        r.kernel().ops.clear();
+        pass(&mut r).await;
+        assert!(!r.kernel().ops.iter().any(|o| matches!(o, Op::NatRoute(..))), "{:?}", r.kernel().ops);
+        // b leaves, then a.
+        desire(&mut r, &[a], &[]);
+        pass(&mut r).await;
+        assert_eq!(r.kernel().nat_routes, ["10.244.1.10", "fd00::10"].map(ip).into());
+        r.kernel().ops.clear();
+        desire(&mut r, &[], &[]);
+        pass(&mut r).await;
+        assert!(r.kernel().nat_routes.is_empty());
+        let ops = r.kernel().ops.clone();
+        // Routed only while in the map: the route goes first.
+        let unrouted = ops.iter().position(|o| matches!(o, Op::NatRoute(_, false))).expect("routes deleted");
+        let removed = ops.iter().position(|o| matches!(o, Op::Remove(_))).expect("IPs removed");
+        assert!(unrouted < removed, "{ops:?}");
     }
 
     #[tokio::test]

@@ -320,6 +320,7 @@ mod tests {
             listener: "outbound".into(),
             src,
             orig_dst: dst,
+            frontend: None,
             src_workload: Some("lab/pod-a".into()),
             dst_workload: None,
             dst_service: None,

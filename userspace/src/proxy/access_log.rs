@@ -85,6 +85,7 @@ impl AccessLog {
             listener = %r.listener,
             src = %r.src,
             orig_dst = %r.orig_dst,
+            frontend = %r.frontend.map_or_else(|| "-".to_owned(), |f| f.to_string()),
             src_workload = r.src_workload.as_deref().unwrap_or("-"),
             dst_workload = r.dst_workload.as_deref().unwrap_or("-"),
             dst_service = r.dst_service.as_deref().unwrap_or("-"),

@@ -41,6 +41,8 @@ pub(super) async fn plaintext(
     // to decide by yet.
     let Some(w) = index.get(dst.ip()) else { return Err(Error::UnknownDestination(dst.ip())) };
     conn.rec.dst_identity = Some(w.identity.to_string());
+    // Turned to this pod by a NAT on this node: the service the client dialed, if known.
+    conn.rec.dst_service = conn.rec.frontend.and_then(|f| index.service(f)).map(|s| s.service.clone());
     authorize(index, conn.rec.src, None, w, dst)?;
     let src = conn.rec.src.ip();
     p.relay_plain(client, dst, Some(src), conn, Kind::PlainRelay).await

@@ -323,23 +323,34 @@ impl Proxy {
         };
         // One snapshot of what the proxy knows serves the whole connection.
         let index = self.index();
-        let orig_dst = self.destination(&index, role, &stream, canonical(orig_dst));
+        let (orig_dst, frontend) = self.destination(&index, role, &stream, canonical(orig_dst));
+        let mut rec = self.record(&index, role, canonical(peer), orig_dst);
+        rec.frontend = frontend;
         // The account is opened here, not in the task: a task the runtime drops before it
         // ever runs still writes its record.
-        let conn = self.conn(self.record(&index, role, canonical(peer), orig_dst), Some(slot));
+        let conn = self.conn(rec, Some(slot));
         tokio::spawn(self.clone().handle(role, stream, index, conn));
     }
 
-    /// Where the client was going. Outbound to a service address under kube-proxy: its DNAT
-    /// came first. Only a known service address replaces the endpoint (other DNATs, e.g. a
-    /// NodePort, lead to pods the proxy should reach as such); without services there is
-    /// nothing to look up.
-    fn destination(&self, index: &WorkloadIndex, role: Listener, s: &TcpStream, local: SocketAddr) -> SocketAddr {
-        match role {
-            Listener::Outbound if index.has_services() => {
-                self.sockets.pre_nat_destination(s, local).filter(|pre| index.is_service(*pre)).unwrap_or(local)
-            }
-            _ => local,
+    /// Where the client was going, and the address it dialed when a NAT on this node
+    /// rewrote that (kube-proxy's DNAT comes before local delivery). Outbound, a known
+    /// service address replaces the endpoint (other DNATs, e.g. a NodePort, lead to pods the
+    /// proxy should reach as such); otherwise the pod it was turned to stays the destination
+    /// and the record names the frontend. HBONE is dialed to a pod by a peer proxy.
+    fn destination(
+        &self,
+        index: &WorkloadIndex,
+        role: Listener,
+        s: &TcpStream,
+        local: SocketAddr,
+    ) -> (SocketAddr, Option<SocketAddr>) {
+        let pre_nat = match role {
+            Listener::Outbound | Listener::InboundPlain => self.sockets.pre_nat_destination(s, local),
+            Listener::Hbone => None,
+        };
+        match pre_nat {
+            Some(pre) if role == Listener::Outbound && index.is_service(pre) => (pre, None),
+            frontend => (local, frontend),
         }
     }
 
@@ -408,6 +419,7 @@ impl Proxy {
             listener: role.name().into(),
             src,
             orig_dst,
+            frontend: None,
             src_workload: s.map(|w| w.id.clone()),
             dst_workload: d.map(|w| w.id.clone()),
             dst_service: None,

@@ -43,6 +43,8 @@ pub struct TestNet {
     /// address they dialed.
     made: Mutex<HashMap<SocketAddr, (Option<IpAddr>, SocketAddr)>>,
     dials: Mutex<Vec<Dial>>,
+    /// Accepted connections a NAT turned, by their real peer address: what was dialed.
+    natted: Mutex<HashMap<SocketAddr, SocketAddr>>,
 }
 
 impl TestNet {
@@ -101,12 +103,34 @@ impl TestNet {
 
     /// A client at `from` connecting to `dst`, captured into `proxy`'s `role` listener.
     pub async fn capture(proxy: &Arc<Proxy>, role: Listener, from: SocketAddr, dst: SocketAddr) -> TcpStream {
-        let l = TcpListener::bind((LOOPBACK, 0)).await.expect("a loopback listener");
-        let client = TcpStream::connect(l.local_addr().expect("an address")).await.expect("connects");
-        let (accepted, _) = l.accept().await.expect("accepts");
+        let (client, accepted) = loopback_pair().await;
         proxy.accepted(role, accepted, from, dst);
         client
     }
+
+    /// As [`Self::capture`], dialed to `frontend`, which a NAT on the node turned toward
+    /// `dst` (the proxy finds `frontend` as the connection's pre-NAT destination).
+    pub async fn capture_via(
+        &self,
+        proxy: &Arc<Proxy>,
+        role: Listener,
+        from: SocketAddr,
+        frontend: SocketAddr,
+        dst: SocketAddr,
+    ) -> TcpStream {
+        let (client, accepted) = loopback_pair().await;
+        lock(&self.natted).insert(accepted.peer_addr().expect("a peer"), frontend);
+        proxy.accepted(role, accepted, from, dst);
+        client
+    }
+}
+
+/// Both ends of a loopback connection: the client's, and the accepted one.
+async fn loopback_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind((LOOPBACK, 0)).await.expect("a loopback listener");
+    let client = TcpStream::connect(l.local_addr().expect("an address")).await.expect("connects");
+    let (accepted, _) = l.accept().await.expect("accepts");
+    (client, accepted)
 }
 
 impl SocketFactory for TestNet {
@@ -138,8 +162,8 @@ impl SocketFactory for TestNet {
         })
     }
 
-    fn pre_nat_destination(&self, _: &TcpStream, _: SocketAddr) -> Option<SocketAddr> {
-        None
+    fn pre_nat_destination(&self, stream: &TcpStream, _: SocketAddr) -> Option<SocketAddr> {
+        lock(&self.natted).get(&stream.peer_addr().ok()?).copied()
     }
 }
 

@@ -321,6 +321,35 @@ async fn a_service_address_leads_to_a_ready_endpoint_or_is_refused_without_one()
 }
 
 #[tokio::test]
+async fn a_connection_a_nat_turned_to_a_pod_names_the_frontend_and_the_service_it_was() {
+    let (net, n1, _n2) = two_nodes().await;
+    let (pod, nodeport, web) = (addr("10.0.0.1:8080"), addr("192.168.0.1:30080"), addr("10.96.0.1:80"));
+    // Plaintext from outside the mesh through a NodePort, then through the ClusterIP of
+    // ns/web: delivered to the pod it was turned to, as a direct connection would be.
+    for (from, frontend, service) in [("10.0.0.50:40101", nodeport, None), ("10.0.0.50:40102", web, Some("ns/web"))] {
+        let mut c = net.capture_via(&n1.proxy, Listener::InboundPlain, addr(from), frontend, pod).await;
+        assert_eq!(exchange(&mut c, b"nat").await.expect("an answer"), b"peer=10.0.0.50\nnat");
+        let r = record_of(&n1.log, from).await;
+        assert_eq!((r.outcome, r.orig_dst, r.frontend), (Outcome::Ok, pod, Some(frontend)), "{r:?}");
+        assert_eq!(r.dst_service.as_deref(), service);
+    }
+    // An enrolled client through the NodePort: the pod stays the destination, the record
+    // names the frontend; through the service address the proxy picks the endpoint itself.
+    let mut c = net.capture_via(&n1.proxy, Listener::Outbound, addr("10.0.0.5:40103"), nodeport, pod).await;
+    assert_eq!(exchange(&mut c, b"np").await.expect("an answer"), b"peer=10.0.0.5\nnp");
+    let r = record_of(&n1.log, "10.0.0.5:40103").await;
+    assert_eq!((r.orig_dst, r.frontend), (pod, Some(nodeport)), "{r:?}");
+    let mut c = net.capture_via(&n1.proxy, Listener::Outbound, addr("10.0.0.5:40104"), web, pod).await;
+    assert!(exchange(&mut c, b"svc").await.is_ok());
+    let r = record_of(&n1.log, "10.0.0.5:40104").await;
+    assert_eq!((r.orig_dst, r.frontend, r.dst_service.as_deref()), (web, None, Some("ns/web")), "{r:?}");
+    // A connection no NAT touched names none.
+    let mut c = TestNet::capture(&n1.proxy, Listener::InboundPlain, addr("10.0.0.50:40105"), pod).await;
+    assert!(exchange(&mut c, b"x").await.is_ok());
+    assert_eq!(record_of(&n1.log, "10.0.0.50:40105").await.frontend, None);
+}
+
+#[tokio::test]
 async fn an_unenrolled_source_cannot_reach_the_mesh_but_reaches_the_rest() {
     let (_net, n1, _n2) = two_nodes().await;
     let mut c = TestNet::capture(&n1.proxy, Listener::Outbound, addr("10.0.0.8:40007"), addr("10.0.0.3:8080")).await;
