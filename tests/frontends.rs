@@ -28,7 +28,7 @@ fn lab(strict: &[usize]) -> Result<(Lab, Vec<traffic::EchoServer>)> {
     lab.strict_nodes = strict.to_vec();
     lab.start_daemons().context("starting the daemons")?;
     let servers = smoke::start_servers(&lab)?;
-    frontends::install(&lab)?;
+    frontends::install(&lab, APP_PORT)?;
     Ok((lab, servers))
 }
 

@@ -15,7 +15,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
 
 use crate::lab::{Lab, LabError, POD_CIDRS, Result, Topology, ip};
-use crate::smoke::APP_PORT;
 
 /// The pod every frontend leads to (enrolled, on node 1).
 pub const TARGET: &str = "a";
@@ -92,10 +91,10 @@ impl Kind {
     }
 }
 
-/// Installs the frontends on both nodes.
-pub fn install(lab: &Lab) -> Result<()> {
+/// Installs the frontends on both nodes, leading to the target's `port`.
+pub fn install(lab: &Lab, port: u16) -> Result<()> {
     for v6 in [false, true] {
-        let target = lab.addr(TARGET, v6, APP_PORT);
+        let target = lab.addr(TARGET, v6, port);
         for node in 0..lab.nodes.len() {
             let mut r = rules(lab, node, v6, target);
             if lab.topology == Topology::Bridge {

@@ -666,9 +666,10 @@ impl Lab {
 
     /// Commands to try by hand while the lab runs, with the HTTP servers of
     /// [`crate::traffic::EchoServer::start_http`] on [`TRY_PORT`] in every pod: an HBONE
-    /// connection across nodes, a plaintext one the strict node refuses, and `status`.
+    /// connection across nodes, a plaintext one the strict node refuses, one through
+    /// kube-proxy's NAT ([`crate::frontends`], installed toward [`TRY_PORT`]), and `status`.
     pub fn try_commands(&self) -> Vec<TryCommand> {
-        let (a, c, d) = (self.pod("a"), self.pod("c"), self.pod("d"));
+        let (a, b, c, d) = (self.pod("a"), self.pod("b"), self.pod("c"), self.pod("d"));
         let n2 = &self.nodes[c.node].name;
         let url = |p: &Pod| format!("http://{}:{TRY_PORT}/", p.v4);
         vec![
@@ -687,6 +688,19 @@ impl Lab {
                     "curl: (56) Recv failure: Connection reset by peer  (or (7) when the reset beats curl's connect; \
                      outcome plaintext_refused from {} in node 2's access log)",
                     d.v4
+                ),
+            },
+            TryCommand {
+                what: "through kube-proxy's NAT: pod b (not enrolled) to node 1's NodePort, which a DNAT turns \
+                       toward pod a (enrolled): through node 1's proxy",
+                command: format!(
+                    "ip netns exec {} curl -sS --max-time 5 http://{}/",
+                    b.netns,
+                    crate::frontends::Kind::NodePort.addr(self, false)
+                ),
+                shows: format!(
+                    "{}:{TRY_PORT} saw you as {}:<port>  (node 1's access log names the frontend)",
+                    a.v4, b.v4
                 ),
             },
             TryCommand {

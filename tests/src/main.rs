@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use meshpath_lab::lab::{CONTROL_PLANE_ENV, MESHPATH_BIN_ENV, TOPOLOGY_ENV, TRY_PORT};
-use meshpath_lab::{Lab, Topology, bench, smoke, traffic, upgrade};
+use meshpath_lab::{Lab, Topology, bench, frontends, smoke, traffic, upgrade};
 
 #[derive(Parser)]
 #[command(name = "meshpath-lab", about = "meshpath in a two-node lab of network namespaces")]
@@ -179,6 +179,7 @@ fn run_lab(bin: &Path, topology: Topology, control_plane: ControlPlane) -> Resul
         .map(|p| traffic::EchoServer::start_http(&p.netns, TRY_PORT))
         .collect::<std::io::Result<Vec<_>>>()
         .context("starting the pods' HTTP servers")?;
+    frontends::install(&lab, TRY_PORT).context("installing the kube-proxy-like NAT rules")?;
     println!("{}", lab.describe());
     println!("every pod serves HTTP on port {TRY_PORT}. Try, as root, in another shell:");
     for t in lab.try_commands() {

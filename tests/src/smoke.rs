@@ -393,7 +393,7 @@ pub fn hbone_evidence(lab: &Lab, n: usize) -> Result<(Vec<Outcome>, TlsEvidence)
 /// frontends installed first), the spoof check.
 pub fn run_all(lab: &Lab) -> Result<Smoke> {
     let _servers = start_servers(lab)?;
-    frontends::install(lab)?;
+    frontends::install(lab, APP_PORT)?;
     // First, while no HBONE connection exists yet, so its opening is in the capture.
     let (mut outcomes, evidence) = hbone_evidence(lab, 8)?;
     for sc in matrix() {
