@@ -169,6 +169,12 @@ fn a_nat_on_the_node_leads_to_the_proxy_and_never_around_it() -> Result<()> {
     let routes = ip(&n1, &["route", "show", "table", &table])?;
     ensure!(routes.contains(&format!("local {e} ")), "the route was not put back: {routes}");
     through().context("b -> e after the route came back")?;
+    // A route of someone else's in the table would deliver NATed traffic to whatever
+    // listens on the node: it goes.
+    ip(&n1, &["route", "add", "local", "10.244.1.0/24", "dev", "lo", "table", &table])?;
+    wait_until("the stranger route to be deleted", Duration::from_secs(5), || {
+        Ok(!ip(&n1, &["route", "show", "table", &table])?.contains("10.244.1.0/24"))
+    })?;
     Ok(())
 }
 

@@ -276,10 +276,10 @@ fn shell(command: &str) -> Result<std::process::Output> {
     Ok(Command::new("sh").args(["-c", command]).stdin(Stdio::null()).output()?)
 }
 
-/// `cargo xtask run`'s first five minutes: the lab prints three commands to try, each does
+/// `cargo xtask run`'s first five minutes: the lab prints four commands to try, each does
 /// what it says (an HBONE connection keeping the client's address, a plaintext one the
-/// strict node refuses, `status` through `ip netns exec`), the access logs it names hold
-/// them, and Ctrl-C tears everything down.
+/// strict node refuses, one through node 1's NodePort, `status` through `ip netns exec`),
+/// the access logs it names hold them, and Ctrl-C tears everything down.
 #[test]
 fn the_running_lab_prints_commands_that_work_and_ctrl_c_tears_it_down() -> Result<()> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_meshpath-lab"))
@@ -298,8 +298,10 @@ fn the_running_lab_prints_commands_that_work_and_ctrl_c_tears_it_down() -> Resul
         }
     });
     let printed = read_until_ready(&lines, Duration::from_secs(90))?;
-    let [(hbone, hbone_shows), (refused, refused_shows), (status, _)] = printed.commands.as_slice() else {
-        bail!("wanted three commands, got {:?}", printed.commands);
+    let [(hbone, hbone_shows), (refused, refused_shows), (nodeport, nodeport_shows), (status, _)] =
+        printed.commands.as_slice()
+    else {
+        bail!("wanted four commands, got {:?}", printed.commands);
     };
 
     let out = shell(hbone)?;
@@ -318,6 +320,15 @@ fn the_running_lab_prints_commands_that_work_and_ctrl_c_tears_it_down() -> Resul
         out.status
     );
 
+    let out = shell(nodeport)?;
+    let want = nodeport_shows.split("<port>").next().unwrap_or_default();
+    let got = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && got.starts_with(want),
+        "`{nodeport}` printed {got:?} ({}), not {want:?}",
+        out.status
+    );
+
     let out = shell(status)?;
     let got = String::from_utf8_lossy(&out.stdout);
     ensure!(
@@ -327,8 +338,17 @@ fn the_running_lab_prints_commands_that_work_and_ctrl_c_tears_it_down() -> Resul
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // Node 1 proxied b's connection through the NodePort, naming it.
+    let [n1_log, n2_log] = printed.access_logs.as_slice() else { bail!("access logs: {:?}", printed.access_logs) };
+    let b = printed.pods.get("b").with_context(|| format!("no line for pod b: {:?}", printed.pods))?;
+    let frontend = nodeport.rsplit("http://").next().unwrap_or_default().trim_end_matches('/');
+    ensure!(
+        read_records(n1_log.as_ref())?.iter().any(|r| r.listener == "inbound_plain"
+            && r.src.ip().to_string() == *b
+            && r.frontend.map(|f| f.to_string()).as_deref() == Some(frontend)),
+        "{n1_log} has no record of b through {frontend}"
+    );
     // Node 2 served a's tunnel and refused d's plaintext.
-    let [_, n2_log] = printed.access_logs.as_slice() else { bail!("access logs: {:?}", printed.access_logs) };
     let records: Vec<(String, String, Outcome)> =
         read_records(n2_log.as_ref())?.into_iter().map(|r| (r.listener, r.src.ip().to_string(), r.outcome)).collect();
     for (listener, pod, outcome) in [("hbone", "a", Outcome::Ok), ("inbound_plain", "d", Outcome::PlaintextRefused)] {

@@ -453,16 +453,25 @@ impl Routing {
         Ok(true)
     }
 
-    /// The enrolled IPs [`NAT_ROUTE_TABLE`] holds a local route for.
+    /// The IPs [`NAT_ROUTE_TABLE`] holds a local host route for. Any other route found there
+    /// (meshpath writes none) is deleted: it would deliver to this host what a NAT turns
+    /// toward addresses sk_lookup does not steer.
     pub async fn nat_routes(&self) -> Result<std::collections::BTreeSet<IpAddr>> {
-        Ok(self
-            .table_routes(NAT_ROUTE_TABLE)
-            .await?
-            .iter()
-            .filter_map(destination)
-            .filter(|net| net.prefix_len() == net.max_prefix_len())
-            .map(|net| net.addr())
-            .collect())
+        let mut hosts = std::collections::BTreeSet::new();
+        for r in self.table_routes(NAT_ROUTE_TABLE).await? {
+            match destination(&r) {
+                Some(net) if net.prefix_len() == net.max_prefix_len() && r.header.kind == RouteType::Local => {
+                    hosts.insert(net.addr());
+                }
+                net => {
+                    let shown = net.map_or_else(|| "?".to_owned(), |n| n.to_string());
+                    tracing::warn!(route = %shown, table = NAT_ROUTE_TABLE, "deleting a route meshpath did not write");
+                    ok_if_missing(self.handle.route().del(r).execute().await)
+                        .map_err(nl(format!("deleting the route to {shown} in table {NAT_ROUTE_TABLE}")))?;
+                }
+            }
+        }
+        Ok(hosts)
     }
 
     /// Adds (or, with `add` false, deletes) the local route of each of `ips` in

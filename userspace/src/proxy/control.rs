@@ -178,8 +178,9 @@ mod tests {
     use super::*;
     use crate::proxy::registry::{Kind, testing};
 
-    fn dir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("meshpath-control-test-{}", std::process::id()));
+    /// A directory of the test's own: tests run in parallel, and each removes its own.
+    fn dir(test: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("meshpath-control-test-{}-{test}", std::process::id()));
         std::fs::create_dir_all(&d).expect("a temporary directory");
         d
     }
@@ -203,8 +204,8 @@ mod tests {
 
     #[tokio::test]
     async fn answers_policy_questions_from_the_index() {
-        let path = dir().join("2.sock");
-        let _socket = ControlSocket::listen(&path, Arc::default(), view()).expect("listens");
+        let path = dir("policies").join("control.sock");
+        let socket = ControlSocket::listen(&path, Arc::default(), view()).expect("listens");
         let Response::Policies(list) = request(&path, &Request::Policies).await.expect("an answer") else {
             panic!("not policies")
         };
@@ -223,11 +224,13 @@ mod tests {
             panic!("not a decision")
         };
         assert!(d.allowed, "{d:?}");
+        drop(socket);
+        let _ = std::fs::remove_dir(path.parent().expect("a directory"));
     }
 
     #[tokio::test]
     async fn lists_and_closes_over_a_socket_only_its_owner_may_use() {
-        let path = dir().join("1.sock");
+        let path = dir("connections").join("control.sock");
         let registry = Arc::new(Registry::default());
         let (tx, mut closed) = watch::channel(None);
         let entry = registry.add(testing::info(Kind::SameNode), testing::counters(), tx);
