@@ -112,7 +112,6 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.log);
         if let Some(dir) = self.log.parent() {
-            // The last node of the process takes the directory.
             let _ = std::fs::remove_dir(dir);
         }
     }
@@ -138,11 +137,14 @@ impl Default for Opts {
     }
 }
 
+/// A node's access log, in a directory of its own: tests run in parallel, and each node
+/// removes its directory when it goes.
 fn log_path(node: &str) -> PathBuf {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!("meshpath-proxy-test-{}", std::process::id()));
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("meshpath-proxy-test-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a temporary directory");
-    dir.join(format!("{node}-{}.jsonl", NEXT.fetch_add(1, Ordering::Relaxed)))
+    dir.join(format!("{node}.jsonl"))
 }
 
 async fn node_with(name: &str, net: &Arc<TestNet>, ca: &Arc<BuiltinCa>, o: Opts) -> Node {
