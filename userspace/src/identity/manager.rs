@@ -24,7 +24,9 @@ use crate::sync::lock;
 /// Delays after a failed fetch: doubling from the first to the last (ztunnel's cap).
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(150);
-/// How often the renewal task looks for due certificates.
+/// The renewal task sleeps until the next certificate is due (or the cache changes), and
+/// runs at most this often: a provider handing out certificates already due for renewal
+/// cannot make it spin.
 const SWEEP: Duration = Duration::from_millis(500);
 /// Renewals under way at once (ztunnel's concurrency): one slow identity holds up no other.
 const RENEW_CONCURRENCY: usize = 8;
@@ -55,11 +57,18 @@ pub struct CertificateManager {
     /// One fetch at a time per identity, so N connections of a new identity get one
     /// certificate, and a slow fetch of one identity holds up no other.
     fetching: Mutex<HashMap<Identity, Arc<tokio::sync::Mutex<()>>>>,
+    /// Told when an entry's next try moved: the renewal task then looks at its deadline again.
+    scheduled: tokio::sync::Notify,
 }
 
 impl CertificateManager {
     pub fn new(provider: Box<dyn CertificateProvider>) -> Arc<Self> {
-        Arc::new(Self { provider, cache: Mutex::default(), fetching: Mutex::default() })
+        Arc::new(Self {
+            provider,
+            cache: Mutex::default(),
+            fetching: Mutex::default(),
+            scheduled: tokio::sync::Notify::new(),
+        })
     }
 
     fn cached(&self, id: &Identity) -> Option<Arc<WorkloadCertificate>> {
@@ -122,13 +131,15 @@ impl CertificateManager {
             failures: 0,
             last_error: String::new(),
         });
-        match fetched {
+        let result = match fetched {
             Ok(new) => Ok(self.stored(id, entry, new, now)),
             Err(e) => {
                 failed(id, entry, &e, now);
                 Err(e)
             }
-        }
+        };
+        self.scheduled.notify_one();
+        result
     }
 
     fn stored(
@@ -161,15 +172,25 @@ impl CertificateManager {
         lock(&self.cache).retain(|id, _| keep(id));
     }
 
-    /// Renews due certificates until a drain starts.
+    /// Renews due certificates until a drain starts. Nothing due, nothing done: the task
+    /// sleeps until the earliest next try, woken early only when one moves.
     pub async fn run_renewals(self: Arc<Self>, mut stop: Watcher) {
+        let mut earliest = Instant::now();
         loop {
+            let due = self.next_try().map(|t| t.max(earliest));
             tokio::select! {
                 _ = stop.signalled() => return,
-                _ = tokio::time::sleep(SWEEP) => {}
+                _ = self.scheduled.notified() => continue,
+                _ = async { tokio::time::sleep_until(due.expect("guarded")).await }, if due.is_some() => {}
             }
             self.renew_due().await;
+            earliest = Instant::now() + SWEEP;
         }
+    }
+
+    /// When the next fetch is due, if any identity is known.
+    fn next_try(&self) -> Option<Instant> {
+        lock(&self.cache).values().map(|e| e.next_try).min()
     }
 
     /// One renewal pass: fetches every identity whose `next_try` has come, a few at a time.
@@ -373,6 +394,22 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(p.fetches(), 2);
         assert!(m.cached(&id("a")).is_some(), "the background retry stored the certificate");
+        stop.start(crate::drain::Mode::Immediate);
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_renewal_task_sleeps_until_a_certificate_is_due_even_one_it_learns_of_asleep() {
+        let (p, m) = setup(Duration::from_secs(600));
+        let (stop, watcher) = crate::drain::new();
+        let task = tokio::spawn(m.clone().run_renewals(watcher));
+        // Nothing known: the task sleeps with no deadline until a first certificate is issued.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        m.get(&id("a")).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(290)).await;
+        assert_eq!(p.fetches(), 1, "renewed before half its life");
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(p.fetches(), 2, "not renewed at half its life");
         stop.start(crate::drain::Mode::Immediate);
         task.await.unwrap();
     }
