@@ -71,9 +71,8 @@ fn acked(lab: &Lab, name: &str, before: Option<String>) -> Result<()> {
     })
 }
 
-/// The newest record of `node` toward `dst`, waiting for one that `pred` accepts.
 fn record(lab: &Lab, node: usize, pred: impl Fn(&ConnectionRecord) -> bool) -> Result<ConnectionRecord> {
-    lab.wait_record(node, WAIT, pred)?.with_context(|| format!("no such record on node {}", node + 1))
+    support::record(lab, node, WAIT, pred)
 }
 
 #[test]

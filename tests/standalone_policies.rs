@@ -57,7 +57,7 @@ fn expect(lab: &Lab, from: &str, to: &str, pass: bool) -> Result<()> {
 }
 
 fn record(lab: &Lab, node: usize, pred: impl Fn(&ConnectionRecord) -> bool) -> Result<ConnectionRecord> {
-    lab.wait_record(node, WAIT, pred)?.with_context(|| format!("no such record on node {}", node + 1))
+    support::record(lab, node, WAIT, pred)
 }
 
 /// PeerAuthentication: the node's default, a namespace's mode over it, a workload's over

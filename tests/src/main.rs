@@ -318,11 +318,7 @@ fn run_soak(bin: &Path, cfg: &bench::soak::SoakConfig, out: &Path, json: Option<
     for s in setups {
         s.teardown()?;
     }
-    let date = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
+    let date = utc_now();
     let section = soak::markdown(&samples, cfg, &date);
     let old = std::fs::read_to_string(out).unwrap_or_else(|_| format!("# Benchmarks\n\n{}\n", bench::ANALYSIS_MARKER));
     std::fs::write(out, soak::with_section(&old, &section, bench::ANALYSIS_MARKER))
@@ -341,11 +337,7 @@ fn run_policies(bin: &Path, cfg: &bench::policies::PolicyConfig, out: &Path, jso
     let started = Instant::now();
     let progress = |line: &str| eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
     let report = policies::run(bin, cfg, progress)?;
-    let date = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
+    let date = utc_now();
     let section = policies::markdown(&report, cfg, &bench::machine(), &date);
     let old = std::fs::read_to_string(out).unwrap_or_else(|_| format!("# Benchmarks\n\n{}\n", bench::ANALYSIS_MARKER));
     let marks = (policies::SECTION_START, policies::SECTION_END);
@@ -397,4 +389,13 @@ impl StopSignals {
             _ = self.int.recv() => "SIGINT",
         }
     }
+}
+
+/// The date and time a benchmark section is stamped with (UTC, to the minute).
+fn utc_now() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
 }

@@ -59,6 +59,16 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<b
     }
 }
 
+/// The first record of `node` that `pred` accepts, waiting up to `wait` for it.
+pub fn record(
+    lab: &Lab,
+    node: usize,
+    wait: Duration,
+    pred: impl Fn(&meshpath::record::ConnectionRecord) -> bool,
+) -> Result<meshpath::record::ConnectionRecord> {
+    lab.wait_record(node, wait, pred)?.with_context(|| format!("no such record on node {}", node + 1))
+}
+
 /// A connection from pod `from` to `to`, echoed once, held open; its reads time out after
 /// `timeout`.
 pub fn hold(lab: &Lab, from: &str, to: std::net::SocketAddr, timeout: Duration) -> Result<std::net::TcpStream> {
