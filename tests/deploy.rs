@@ -327,6 +327,46 @@ fn the_daemonset_runs_with_what_the_daemon_needs(objects: &[serde_yaml::Value]) 
     Ok(())
 }
 
+#[test]
+fn the_daemonset_keeps_the_cni_plugin_chained_on_every_node() -> Result<()> {
+    for objects in [objects()?, istio_objects()?] {
+        cni_installer(&objects)?;
+    }
+    Ok(())
+}
+
+/// The `install-cni` container runs `meshpath cni install --watch` with the host's CNI
+/// directories where the installer's defaults look, and only variables the installer reads.
+fn cni_installer(objects: &[serde_yaml::Value]) -> Result<()> {
+    let pod = pod_spec(objects)?;
+    let c = pod.containers.iter().find(|c| c.name == "install-cni").context("no install-cni container")?;
+    ensure!(c.args.as_deref() == Some(&["cni".into(), "install".into(), "--watch".into()][..]), "{:?}", c.args);
+    let cmd = meshpath::cli::Cli::command();
+    let install = cmd.find_subcommand("cni").and_then(|c| c.find_subcommand("install")).context("cni install")?;
+    let reads: BTreeMap<String, Option<String>> = install
+        .get_arguments()
+        .filter_map(|a| {
+            let default = a.get_default_values().first().map(|d| d.to_string_lossy().into_owned());
+            Some((a.get_env()?.to_string_lossy().into_owned(), default))
+        })
+        .collect();
+    for e in c.env.iter().flatten() {
+        ensure!(reads.contains_key(&e.name), "{} is set but `meshpath cni install` reads no such variable", e.name);
+    }
+    for (var, dir) in [("MESHPATH_CNI_BIN_DIR", "/opt/cni/bin"), ("MESHPATH_CNI_CONF_DIR", "/etc/cni/net.d")] {
+        ensure!(reads.get(var) == Some(&Some(dir.to_owned())), "{var}'s default is not {dir}: {:?}", reads.get(var));
+        let mount = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == dir)
+            .with_context(|| format!("{dir} not mounted"))?;
+        let volume = pod.volumes.iter().flatten().find(|v| v.name == mount.name).context("no volume")?;
+        ensure!(volume.host_path.as_ref().map(|h| h.path.as_str()) == Some(dir), "{dir} is not the host's: {volume:?}");
+    }
+    Ok(())
+}
+
 /// Environment variables `meshpath node` reads (clap's `env` names).
 fn node_env_names() -> BTreeSet<String> {
     let cmd = meshpath::cli::Cli::command();
@@ -558,6 +598,9 @@ fn check_rbac(objects: &[serde_yaml::Value]) -> Result<()> {
         ("list", "", "namespaces"),
         ("watch", "", "namespaces"),
         ("patch", "", "pods/status"),
+        // The CNI plugin's: the pod of an ADD and its namespace.
+        ("get", "", "pods"),
+        ("get", "", "namespaces"),
     ]
     .into();
     ensure!(granted == want, "RBAC grants {granted:?}, istiod mode needs exactly {want:?}");

@@ -231,19 +231,38 @@ fn metric_names_are_documented_with_their_type() -> Result<()> {
 
 #[test]
 fn node_flags_are_documented_with_their_variable_and_default() -> Result<()> {
-    let list = DocList::load("docs/running.md", "node-flags")?;
+    flags_are_documented("docs/running.md", "node-flags", &["node"])
+}
+
+#[test]
+fn cni_install_flags_are_documented_with_their_variable_and_default() -> Result<()> {
+    flags_are_documented("docs/cni.md", "cni-install-flags", &["cni", "install"])
+}
+
+/// Defaults computed at run time (the host name, the binary's directory) are described, not
+/// quoted.
+const DESCRIBED_DEFAULTS: [&str; 2] = ["--node", "--plugin"];
+
+/// The list `name` in `file` has one row per flag of `meshpath <command>`, with its variable
+/// and default.
+fn flags_are_documented(file: &'static str, name: &'static str, command: &[&str]) -> Result<()> {
+    let list = DocList::load(file, name)?;
     let mut cli = meshpath::cli::Cli::command();
     // Propagates the global flags (--log-format) to the subcommands.
     cli.build();
-    let node = cli.find_subcommand("node").context("meshpath has no `node` subcommand")?;
+    let mut sub = &cli;
+    for c in command {
+        sub = sub.find_subcommand(c).with_context(|| format!("meshpath has no `{}` subcommand", command.join(" ")))?;
+    }
+    let command = command.join(" ");
     let mut code = BTreeMap::new();
     let mut facts = BTreeMap::new();
-    for arg in node.get_arguments().filter(|a| !matches!(a.get_id().as_str(), "help" | "version")) {
+    for arg in sub.get_arguments().filter(|a| !matches!(a.get_id().as_str(), "help" | "version")) {
         let Some(long) = arg.get_long() else { continue };
         let flag = format!("--{long}");
         let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
         let default: Vec<String> = arg.get_default_values().iter().map(|v| v.to_string_lossy().into_owned()).collect();
-        code.insert(flag.clone(), format!("meshpath::cli, `meshpath node {flag}`"));
+        code.insert(flag.clone(), format!("meshpath::cli, `meshpath {command} {flag}`"));
         facts.insert(flag, (env, default.join(",")));
     }
     let mut problems = list.compare(&code, |f| {
@@ -256,9 +275,8 @@ fn node_flags_are_documented_with_their_variable_and_default() -> Result<()> {
         let Some((env, default)) = facts.get(&flag) else { continue };
         let documented_env = code_span(row.get(1).map_or("", String::as_str));
         match env {
-            None => {
-                problems.push(format!("meshpath::cli: `meshpath node {flag}` has no environment variable: give it one"))
-            }
+            None => problems
+                .push(format!("meshpath::cli: `meshpath {command} {flag}` has no environment variable: give it one")),
             Some(env) if *env != documented_env => problems.push(format!(
                 "{}: `{flag}` reads `{env}`, not `{documented_env}`: correct its second cell",
                 list.place()
@@ -267,8 +285,7 @@ fn node_flags_are_documented_with_their_variable_and_default() -> Result<()> {
         }
         let cell = row.get(2).map_or("", String::as_str);
         let documented_default = code_span(cell);
-        // A default computed at run time (the host name) is described, not quoted.
-        let described = documented_default.is_empty() && cell != "–" && flag == "--node";
+        let described = documented_default.is_empty() && cell != "–" && DESCRIBED_DEFAULTS.contains(&flag.as_str());
         let agrees = if default.is_empty() { cell == "–" } else { documented_default == *default || described };
         if !agrees {
             let want = if default.is_empty() { "–".to_owned() } else { format!("`{default}`") };

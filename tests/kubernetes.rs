@@ -115,7 +115,13 @@ fn enrolment_follows_labels_ips_and_deletions_and_rbac_covers_exactly_the_reques
     expect_map(&lab, 0, &["a", "b"], "pod a back")?;
     expect_map(&lab, 1, &[], "host-network pod ignored")?;
 
-    // RBAC: the ClusterRole grants exactly the (verb, group, resource) the daemons asked for.
+    // The CNI plugin, deciding on a pod outside the mesh from the API server: one get of
+    // the pod and one of its namespace, nothing held up.
+    let add = lab.cni("b", "ADD")?;
+    ensure!(add.ok, "ADD of b: {}", add.msg());
+
+    // RBAC: the ClusterRole grants exactly the (verb, group, resource) the daemons and the
+    // plugin asked for.
     let mut asked: BTreeSet<(String, String, String)> = BTreeSet::new();
     for r in api.requests() {
         let (verb, resource) = match r.verb {
@@ -142,7 +148,33 @@ fn enrolment_follows_labels_ips_and_deletions_and_rbac_covers_exactly_the_reques
             }
         }
     }
-    ensure!(granted == asked, "RBAC grants {granted:?}\nbut the daemons asked for {asked:?}");
+    ensure!(granted == asked, "RBAC grants {granted:?}\nbut the daemons and the plugin asked for {asked:?}");
+    Ok(())
+}
+
+#[test]
+fn a_pod_without_an_address_yet_is_enrolled_on_the_cni_plugins_word_until_the_watch_decides() -> Result<()> {
+    let mut lab = k8s_lab()?;
+    expect_map(&lab, 0, &["a", "e"], "initial sync")?;
+    let _servers = smoke::start_servers(&lab)?;
+    lab.add_pod("f", 0, true, 20)?;
+    // The pod as the API server has it while its sandbox is made: scheduled, no address.
+    let mut pending = lab.pod_object("f");
+    pending.status =
+        Some(k8s_openapi::api::core::v1::PodStatus { phase: Some("Pending".into()), ..Default::default() });
+    lab.cluster().api.apply(&pending)?;
+    let add = lab.cni("f", "ADD")?;
+    ensure!(add.ok, "ADD of f: {}", add.msg());
+    ensure!(map_ips(&lab, 0)?.is_superset(&ips_of(&lab, &["f"])), "f is not in the map when its ADD returns");
+    let x = send(&lab, "f", "c", Duration::from_secs(3))?;
+    let r = lab.wait_record(0, Duration::from_secs(3), |r| r.src == x.client)?.context("f -> c not proxied")?;
+    ensure!(r.mtls && r.src_identity.as_deref() == Some(lab.identity("f").to_string().as_str()), "{r:?}");
+    // kubelet reports its addresses: nothing moves. Then the pod opts out: the watch, which
+    // has now decided on it, wins over the plugin's earlier word.
+    lab.cluster().api.apply(&lab.pod_object("f"))?;
+    expect_map(&lab, 0, &["a", "e", "f"], "f's addresses reported")?;
+    lab.cluster().api.apply(&with_label(lab.pod_object("f"), Some(DATAPLANE_MODE_NONE)))?;
+    expect_map(&lab, 0, &["a", "e"], "f opted out")?;
     Ok(())
 }
 

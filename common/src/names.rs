@@ -51,6 +51,17 @@ pub const STATE_DIR: &str = "/run/meshpath";
 /// itself and receives the relays handed over.
 pub const HANDOVER_SOCKET: &str = "handover.sock";
 
+/// The serving daemon's unix socket in `<STATE_DIR>/<node>/` where the CNI plugin hands it
+/// each new pod of the mesh, and waits until the pod is enrolled.
+pub const CNI_SOCKET: &str = "cni.sock";
+/// The pods the CNI plugin handed over, in `<STATE_DIR>/<node>/`: kept across daemon
+/// restarts and takeovers, gone with the node's `/run` at a reboot, as the pods are.
+pub const CNI_PODS_FILE: &str = "cni-pods.json";
+/// The CNI plugin's log in `<STATE_DIR>/<node>/`, which `meshpath status` shows.
+pub const CNI_LOG_FILE: &str = "cni.log";
+/// The CNI plugin's binary name, and its `type` in the chained conflist.
+pub const CNI_PLUGIN: &str = "meshpath-cni";
+
 /// Captured outbound traffic of enrolled pods.
 pub const PORT_OUTBOUND: u16 = 15001;
 /// Inbound plaintext to enrolled pods.

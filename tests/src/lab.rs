@@ -292,17 +292,55 @@ impl Lab {
             self.route_pods_over_the_node_link()?;
         }
         for p in self.pods.clone() {
-            self.add_netns(&p.netns)?;
-            let node = &self.nodes[p.node].name;
-            ip(&["link", "add", &p.host_if, "netns", node, "type", "veth", "peer", "name", "eth0", "netns", &p.netns])?;
-            ip(&["-n", &p.netns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", node, "link", "set", &p.host_if, "up"])?;
-            if self.topology == Topology::Bridge {
-                bridged_pod(node, &p)?;
-            } else {
-                routed_pod(node, &p)?;
-            }
+            self.wire_pod(&p)?;
         }
+        Ok(())
+    }
+
+    /// What a pod network's own plugin does for a new sandbox: its namespace, its veth, its
+    /// addresses and routes, as the topology wires them.
+    fn wire_pod(&mut self, p: &Pod) -> Result<()> {
+        self.add_netns(&p.netns)?;
+        let node = &self.nodes[p.node].name;
+        ip(&["link", "add", &p.host_if, "netns", node, "type", "veth", "peer", "name", "eth0", "netns", &p.netns])?;
+        ip(&["-n", &p.netns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", node, "link", "set", &p.host_if, "up"])?;
+        if self.topology == Topology::Bridge { bridged_pod(node, p) } else { routed_pod(node, p) }
+    }
+
+    /// A new pod `name` on node index `node`, with host number `host` in its node's pod
+    /// networks, wired as the pod network's plugin would (the CNI chain's first step; see
+    /// [`crate::cni`] for the rest). Not in the workload file until it is written again.
+    pub fn add_pod(&mut self, name: &'static str, node: usize, enrolled: bool, host: u8) -> Result<()> {
+        if self.pods.iter().any(|p| p.name == name) {
+            return Err(LabError::Other(format!("the lab already has a pod {name}")));
+        }
+        let p = Pod {
+            name,
+            node,
+            enrolled,
+            netns: format!("{}-{name}", self.id),
+            v4: format!("10.244.{}.{host}", node + 1).parse().expect("valid"),
+            v6: format!("fd00:244:{}::{host}", node + 1).parse().expect("valid"),
+            host_if: format!("vp{name}"),
+        };
+        self.wire_pod(&p)?;
+        self.pods.push(p);
+        Ok(())
+    }
+
+    /// Tears a pod's sandbox down (its namespace, and its veth with it), as a runtime does
+    /// after a failed ADD or at the pod's end.
+    pub fn remove_pod(&mut self, name: &str) -> Result<()> {
+        let Some(i) = self.pods.iter().position(|p| p.name == name) else {
+            return Err(LabError::Other(format!("the lab has no pod {name}")));
+        };
+        let p = self.pods.remove(i);
+        // Deleted with its pair at once: a namespace's devices go later, in the background.
+        let node = &self.nodes[p.node].name;
+        ip(&["-n", node, "link", "del", &p.host_if])?;
+        ip(&["netns", "del", &p.netns])?;
+        self.namespaces.retain(|n| *n != p.netns);
         Ok(())
     }
 

@@ -27,6 +27,7 @@ pub mod bench;
 pub mod capture;
 pub mod chain;
 pub mod cluster;
+pub mod cni;
 pub mod frontends;
 pub mod hbone_client;
 pub mod hostile;

@@ -246,6 +246,11 @@ fn build_and_start(bin: &Path, topology: Topology, control_plane: ControlPlane) 
         eprintln!("waiting for istiod to tell every node that the enrolled pods speak HBONE...");
         lab.wait_mesh_synced(Duration::from_secs(20))?;
     }
+    eprintln!("starting the pods as a container runtime would: meshpath-cni chained after the pod network (ADD)...");
+    for (pod, run) in lab.cni_add_all()? {
+        let what = if lab.pod(pod).enrolled { "enrolled" } else { "not in the mesh, left alone" };
+        eprintln!("  pod {pod}: {what} ({} ms)", run.took.as_millis());
+    }
     Ok(lab)
 }
 

@@ -98,6 +98,60 @@ pub enum Command {
     },
     /// Show or dump BPF maps exactly as `bpftool map` does; --decode for meshpath's own.
     Map(crate::bpftool::MapArgs),
+    /// Install or remove the chained CNI plugin that holds each new pod of the mesh until
+    /// the node's daemon has it.
+    #[command(subcommand)]
+    Cni(CniCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CniCommand {
+    /// Copy `meshpath-cni` into the CNI bin dir and chain it into the pod network's
+    /// configuration (the first file of the conf dir); with --watch, keep it chained.
+    Install(CniInstall),
+    /// Take `meshpath-cni` out of every configuration of the conf dir, and remove its binary
+    /// and kubeconfig.
+    Uninstall {
+        #[arg(long, env = "MESHPATH_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        #[arg(long, env = "MESHPATH_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CniInstall {
+    #[arg(long, env = "MESHPATH_NODE", default_value_t = flags::hostname())]
+    pub node: String,
+    #[arg(long, env = "MESHPATH_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    pub bin_dir: PathBuf,
+    #[arg(long, env = "MESHPATH_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub conf_dir: PathBuf,
+    /// The plugin decides from this workload file (a node without Kubernetes)...
+    #[arg(long, env = "MESHPATH_WORKLOADS", conflicts_with = "kubeconfig")]
+    pub workloads: Option<PathBuf>,
+    /// ...or from the API server through this kubeconfig. Without either, one is written
+    /// into the conf dir from this pod's service account.
+    #[arg(long, env = "MESHPATH_CNI_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespaces whose pods are never held (nor looked up).
+    #[arg(long, env = "MESHPATH_CNI_EXCLUDE_NAMESPACES", value_delimiter = ',', default_value = "kube-system")]
+    pub exclude_namespaces: Vec<String>,
+    /// How long an ADD waits for the daemon (and the API server) before it fails.
+    #[arg(long, env = "MESHPATH_CNI_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub timeout_secs: u64,
+    /// The plugin binary to install.
+    #[arg(long, env = "MESHPATH_CNI_PLUGIN", default_value_os_t = sibling_plugin())]
+    pub plugin: PathBuf,
+    /// Keep running, and chain the plugin again whenever the pod network rewrites its file.
+    #[arg(long, env = "MESHPATH_CNI_WATCH")]
+    pub watch: bool,
+}
+
+/// `meshpath-cni` beside this binary.
+fn sibling_plugin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.with_file_name(meshpath_common::names::CNI_PLUGIN)
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -158,6 +212,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Cni(CniCommand::Install(i)) => cni_install(i),
+        Command::Cni(CniCommand::Uninstall { bin_dir, conf_dir }) => {
+            let removed = crate::cni::install::uninstall(&bin_dir, &conf_dir)?;
+            if removed.is_empty() {
+                println!("meshpath-cni was not installed in {} or {}", bin_dir.display(), conf_dir.display());
+            }
+            for path in removed {
+                println!("removed meshpath-cni from {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         // Reports its own errors, in bpftool's shape.
         Command::Map(mut a) => {
             a.json |= cli.json;
@@ -200,6 +265,38 @@ fn policy(
         Output::Json => println!("{}", serde_json::to_string_pretty(&d)?),
     }
     Ok(if d.allowed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// `meshpath cni install`: once, or (`--watch`) until SIGTERM, leaving the plugin chained:
+/// pods of the mesh must not start uncaptured while the daemon restarts.
+fn cni_install(i: CniInstall) -> anyhow::Result<ExitCode> {
+    use crate::cni::install::{self, Decider, InstallConfig};
+    crate::datapath::validate_node_name(&i.node)?;
+    let decider = match (i.workloads, i.kubeconfig) {
+        (Some(w), _) => Decider::Workloads(w),
+        (None, Some(k)) => Decider::Kubeconfig(k),
+        (None, None) => Decider::ServiceAccount,
+    };
+    let cfg = InstallConfig {
+        node: i.node,
+        bin_dir: i.bin_dir,
+        conf_dir: i.conf_dir,
+        decider,
+        exclude_namespaces: i.exclude_namespaces,
+        timeout_secs: i.timeout_secs,
+        plugin: i.plugin,
+    };
+    let rt = runtime()?;
+    let stop = shutdown_signal(&rt);
+    let (trigger, watcher) = crate::drain::new();
+    rt.block_on(async {
+        tokio::spawn(async move {
+            stop.await;
+            trigger.start(crate::drain::Mode::Immediate);
+        });
+        install::run(&cfg, i.watch, watcher).await
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

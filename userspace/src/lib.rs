@@ -9,6 +9,7 @@
 //! - [`state`] is what the node knows (workloads, services), [`record`] what it did with
 //!   each connection (access log, metrics);
 //! - [`workloads`] reads the workload file, [`k8s`] follows the Kubernetes API;
+//! - [`cni`] is the chained CNI plugin that holds new pods until the daemon has them;
 //! - [`topology`] says what each interface is; [`pod_ports`] which bridge port each pod is on;
 //! - [`state_dir`] keeps the node's files in `/run/meshpath` root-only;
 //! - [`metrics`], [`admin`] (15020/15021) and [`status`] show what is going on;
@@ -20,6 +21,7 @@
 pub mod admin;
 pub mod bpftool;
 pub mod cli;
+pub mod cni;
 pub mod datapath;
 pub mod drain;
 pub mod flags;

@@ -22,6 +22,11 @@ pub struct DesiredState {
     /// Pods (`namespace/name`) carrying the redirection annotation, with their node (the
     /// Kubernetes source only): those no longer captured lose it.
     pub annotated: BTreeMap<String, String>,
+    /// The pods (`namespace/name`) the source has decided on one by one, enrolled or not
+    /// (Kubernetes: every pod of the node with an address); `None` when the source's
+    /// workloads are the whole word (the workload file). A pod the CNI plugin hands over
+    /// outside this set is enrolled on the plugin's word until the source sees it.
+    pub decided: Option<std::collections::BTreeSet<String>>,
     /// The authorization policies meshpath translated itself (standalone: Kubernetes'
     /// AuthorizationPolicy and PeerAuthentication objects, and the default mTLS mode).
     pub authorization: Authorization,

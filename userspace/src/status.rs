@@ -60,6 +60,31 @@ pub struct Status {
     /// holds them (empty without policies, or without a daemon).
     pub policies: Vec<WorkloadPolicies>,
     pub counters: Counters,
+    pub cni: CniStatus,
+}
+
+/// The chained CNI plugin on this node: the pods it handed over, and its last log lines.
+#[derive(Debug, Default, Serialize)]
+pub struct CniStatus {
+    /// `namespace/name (host interfaces)`.
+    pub pods: Vec<String>,
+    pub log: Vec<String>,
+    /// Why the pods could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Lines of the plugin's log `status` shows.
+const CNI_LOG_LINES: usize = 5;
+
+fn cni(node: &str) -> CniStatus {
+    let (pods, error) = match crate::cni::read_pods(&crate::cni::pods_path(node)) {
+        Ok(p) => {
+            (p.pods.values().map(|s| format!("{} ({})", s.pod.id(), s.host_interfaces.join(", "))).collect(), None)
+        }
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+    CniStatus { pods, log: crate::cni::log_tail(node, CNI_LOG_LINES), error }
 }
 
 /// One daemon's open connections, as it told them.
@@ -130,6 +155,7 @@ pub async fn collect(node: &str, workloads: Option<&Path>, pod_cidrs: &[IpNet]) 
         policies: policies(node, &daemons).await,
         daemons,
         counters: datapath::read_pinned_counters(node)?,
+        cni: cni(node),
     })
 }
 
@@ -424,6 +450,18 @@ impl Status {
         }
         connections_text(&mut s, &self.connections);
         s.push_str(&policies_text(&self.policies));
+        if !self.cni.log.is_empty() || !self.cni.pods.is_empty() || self.cni.error.is_some() {
+            let _ = writeln!(s, "\nCNI plugin: {} pods handed over", self.cni.pods.len());
+            for pod in &self.cni.pods {
+                let _ = writeln!(s, "  {pod}");
+            }
+            if let Some(e) = &self.cni.error {
+                let _ = writeln!(s, "  cannot read them: {e}");
+            }
+            for line in &self.cni.log {
+                let _ = writeln!(s, "  log: {line}");
+            }
+        }
         let c = &self.counters;
         let _ = writeln!(
             s,

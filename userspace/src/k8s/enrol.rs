@@ -57,6 +57,14 @@ pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     ips.iter().map(|ip: &IpAddr| ip.to_canonical()).collect()
 }
 
+/// Every pod (`namespace/name`) with an address: decided on, enrolled or not.
+pub fn with_addresses<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> std::collections::BTreeSet<String> {
+    pods.into_iter()
+        .filter(|p| !pod_ips(p).is_empty())
+        .filter_map(|p| Some(format!("{}/{}", p.metadata.namespace.as_deref()?, p.metadata.name.as_deref()?)))
+        .collect()
+}
+
 /// Every enrolled pod of the cluster with an IP and a node, as the workload list the
 /// datapath and the proxy work from. When two pods claim one IP (a finished pod's address
 /// reused before the old object is gone), the newer pod keeps it.

@@ -86,6 +86,7 @@ impl Stores {
             workloads,
             services: services::service_table(services.iter().map(Arc::as_ref), &slice_refs),
             annotated: enrol::annotated(pods.iter().map(Arc::as_ref)),
+            decided: Some(enrol::with_addresses(pods.iter().map(Arc::as_ref))),
             authorization,
             mesh: None,
         };

@@ -55,6 +55,8 @@ pub(super) struct Daemon {
     pub annotations: Option<Annotations>,
     /// Pods this daemon last wanted annotated.
     pub annotated: BTreeSet<String>,
+    /// What the CNI plugin handed over, and its socket's answers.
+    pub cni: super::cni::Plugin,
     pub phase: Phase,
     /// The stop signal came.
     pub signalled: bool,
@@ -74,6 +76,8 @@ pub(super) struct Term {
     own_slots: Vec<Option<u64>>,
     /// Second fds of the listeners, to put them back into slots emptied behind this daemon.
     listeners: Vec<(Listener, bool, OwnedFd)>,
+    /// The CNI plugin's socket, answered while this term serves.
+    cni: Option<super::cni::Listening>,
 }
 
 /// What is left of a term once it no longer accepts.
@@ -167,6 +171,8 @@ impl Daemon {
         let admin = self.serve_admin().await?;
         let listeners = proxy::bind_listeners()?;
         let mut reconciler = super::load_kernel(&self.cfg).await?;
+        // Pods the plugin hands over from here on are in the first pass.
+        let cni = self.cni.listen(&self.cfg.node);
         if let Some(events) = reconciler.kernel().dp.take_events() {
             super::drops::spawn(events, self.tasks.clone());
         }
@@ -178,6 +184,7 @@ impl Daemon {
         self.apply(&mut reconciler);
         reconciler.reconcile(Trigger::Safety).await?;
         self.confirm_releases(&mut reconciler);
+        self.cni.mapped(reconciler.mapped());
         self.ready.met(Condition::PodsPlaced);
         if predecessor.is_some() && !self.ready_to_take_over(shutdown).await {
             admin.stop(Duration::from_secs(1)).await;
@@ -217,7 +224,7 @@ impl Daemon {
                 "serving; not ready yet: {why}"
             ),
         }
-        Ok(Some(Term { reconciler, admin, serve, proxy_task, successors, own_slots, listeners: dups }))
+        Ok(Some(Term { reconciler, admin, serve, proxy_task, successors, own_slots, listeners: dups, cni }))
     }
 
     /// A successor takes the node over only with what serving needs from a control plane
@@ -285,7 +292,8 @@ impl Daemon {
 
     /// A new state from the source: releases it makes are held back ([`Releases`]).
     fn take_state(&mut self, state: Arc<DesiredState>) {
-        self.releases.update(state.workloads.clone(), tokio::time::Instant::now().into_std());
+        let workloads = self.cni.merge(&state, &self.cfg.node);
+        self.releases.update(workloads, tokio::time::Instant::now().into_std());
         self.state = Some(state);
     }
 
@@ -293,7 +301,7 @@ impl Daemon {
     fn apply(&self, reconciler: &mut Reconciler<System>) {
         let workloads = self.releases.effective();
         self.update_proxy(&workloads);
-        reconciler.set_desired(Desired { file: workloads, held: self.releases.held() });
+        reconciler.set_desired(Desired { file: workloads, held: self.releases.held(), ports: self.cni.ports.clone() });
     }
 
     /// Gives the proxy the index (a control plane's, or the one the workloads make) and the
@@ -382,7 +390,15 @@ impl Daemon {
                     if self.check_slots(term) == Slots::TakenOver {
                         return Event::TakenOver { signalled: false };
                     }
+                    self.cni.prune();
                     Trigger::Safety
+                }
+                () = self.cni.changed() => {
+                    if let Some(state) = self.state.clone() {
+                        self.take_state(state);
+                        self.apply(&mut term.reconciler);
+                    }
+                    Trigger::Change
                 }
                 _ = sleep_until(hold_ends) => {
                     self.releases.expire(tokio::time::Instant::now().into_std());
@@ -467,6 +483,7 @@ impl Daemon {
             term.successors = Successors::listen(&self.cfg.node, self.ready.clone())
                 .inspect_err(|e| tracing::warn!("listening on the handover socket again failed: {e}"))
                 .ok();
+            term.cni = self.cni.listen(&self.cfg.node);
         }
         slots
     }
@@ -480,6 +497,7 @@ impl Daemon {
                 }
                 self.confirm_releases(&mut term.reconciler);
                 self.annotate(&term.reconciler);
+                self.cni.mapped(term.reconciler.mapped());
                 false
             }
             Err(e) => {

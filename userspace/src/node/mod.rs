@@ -7,6 +7,7 @@
 //! - [`source`]: the workload file or Kubernetes, each publishing the desired state;
 //! - [`annotate`]: the redirection annotation on the node's captured pods (Kubernetes);
 //! - [`inpod_gate`]: pods still redirected by istio-cni in their own namespace, left uncaptured;
+//! - [`cni`]: the pods the CNI plugin hands over, and the socket it asks on;
 //! - [`releases`]: workload IPs leaving the desired state, held back for a bounded time;
 //! - [`reconcile`]: attachments, route resolution and the map diff, over the [`kernel`] seam;
 //! - [`routes`]: the cache of which interface each workload IP is routed to;
@@ -17,6 +18,7 @@
 
 mod annotate;
 mod certs;
+mod cni;
 mod config;
 mod daemon;
 mod drops;
@@ -160,6 +162,7 @@ pub async fn run(mut cfg: NodeConfig, shutdown: impl Future<Output = ()> + Send)
             .inspect_err(|e| tracing::warn!("`meshpath status` will not list connections: {e}"))
             .ok()
     });
+    let daemon_node = cfg.node.clone();
     let mut daemon = daemon::Daemon {
         releases: releases::Releases::new(cfg.release_hold),
         cfg,
@@ -173,6 +176,7 @@ pub async fn run(mut cfg: NodeConfig, shutdown: impl Future<Output = ()> + Send)
         tasks: watcher,
         annotations,
         annotated: Default::default(),
+        cni: cni::Plugin::new(&daemon_node),
         phase: lifecycle::Phase::Starting,
         signalled: false,
     };

@@ -55,6 +55,9 @@ pub(super) struct Desired {
     /// IPs whose release is held back ([`super::releases`]): kept where they are enrolled
     /// now, and let go at once when that place is gone.
     pub held: BTreeSet<IpAddr>,
+    /// The host-side interfaces the CNI plugin reported for an IP's pod ([`super::cni`]):
+    /// the port of a pod bridge it names is taken without reading the pods' namespaces.
+    pub ports: BTreeMap<IpAddr, Vec<String>>,
 }
 
 /// Which part of the node the reconciler looks after.
@@ -145,6 +148,12 @@ impl<K: Kernel> Reconciler<K> {
     /// the last pass.
     pub(super) fn enrolled(&self) -> BTreeSet<IpAddr> {
         self.map.iter().flatten().filter(|(_, ifx)| **ifx != 0).map(|(ip, _)| *ip).collect()
+    }
+
+    /// The workload map as of the last pass: each IP and the interface it is behind (0:
+    /// held behind none).
+    pub(super) fn mapped(&self) -> BTreeMap<IpAddr, u32> {
+        self.map.clone().unwrap_or_default()
     }
 
     /// Whether a pass has gone through: the kernel holds the desired state, so listeners may
@@ -328,7 +337,10 @@ impl<K: Kernel> Reconciler<K> {
         let routable: Vec<IpAddr> =
             local.iter().map(|(ip, _)| *ip).filter(|ip| !own.contains(ip) && self.in_pod_cidrs(*ip)).collect();
         let routes = self.routes.resolve(&mut self.kernel, routable).await?;
-        let claims = self.claims_if_bridged(ifaces, routes.values().flatten()).await;
+        // Pods the CNI plugin named a port for need no namespace read.
+        let unnamed: Vec<u32> =
+            routes.iter().filter(|(ip, _)| self.named_port(ip, ifaces).is_none()).filter_map(|(_, r)| *r).collect();
+        let claims = self.claims_if_bridged(ifaces, unnamed.iter()).await;
         let mut desired = DesiredMap::new();
         let mut problems = BTreeMap::new();
         for (ip, id) in local {
@@ -432,7 +444,14 @@ impl<K: Kernel> Reconciler<K> {
         Place::On(ifx)
     }
 
-    /// The port of `bridge` that the pod holding `ip` sits behind.
+    /// The bridge port the CNI plugin named for `ip`'s pod, if it named one that exists.
+    fn named_port<'a>(&self, ip: &IpAddr, ifaces: &'a [Interface]) -> Option<&'a Interface> {
+        let names = self.desired.ports.get(ip)?;
+        ifaces.iter().find(|i| i.master.is_some() && names.contains(&i.name))
+    }
+
+    /// The port of `bridge` that the pod holding `ip` sits behind: the one the CNI plugin
+    /// named, else the one its namespace leads to.
     fn port_behind(
         &self,
         ip: IpAddr,
@@ -441,8 +460,21 @@ impl<K: Kernel> Reconciler<K> {
         ifaces: &[Interface],
         claims: &Result<PortClaims, String>,
     ) -> Result<u32, Place> {
-        let claims = claims.as_ref().map_err(|e| Place::Unresolved(e.clone()))?;
         let port_of = |p: &u32| ifaces.iter().find(|i| i.index == *p && i.master == Some(bridge));
+        match self.named_port(&ip, ifaces) {
+            Some(port) if port.master == Some(bridge) && port.up => return Ok(port.index),
+            Some(port) if port.master == Some(bridge) => {
+                return Err(Place::Unresolved(format!("its port {} on {name} is down", port.name)));
+            }
+            Some(port) => {
+                return Err(Place::Unresolved(format!(
+                    "the CNI plugin named {} as its port, which is not a port of {name}, the bridge it is routed via",
+                    port.name
+                )));
+            }
+            None => {}
+        }
+        let claims = claims.as_ref().map_err(|e| Place::Unresolved(e.clone()))?;
         match claims.get(&ip) {
             // A port that is down carries nothing, as a routed veth that is down has no route.
             Some(Claim::Port(p)) if port_of(p).is_some_and(|i| i.up) => Ok(*p),
@@ -593,7 +625,7 @@ mod tests {
 
     fn desire(r: &mut Reconciler<Fake>, ws: &[Workload], held: &[&str]) {
         let file = WorkloadFile { workloads: ws.to_vec() };
-        r.set_desired(Desired { file, held: held.iter().map(|i| ip(i)).collect() });
+        r.set_desired(Desired { file, held: held.iter().map(|i| ip(i)).collect(), ..Default::default() });
     }
 
     async fn pass(r: &mut Reconciler<Fake>) {
