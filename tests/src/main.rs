@@ -98,6 +98,13 @@ enum Command {
         /// With --policies: rounds over every configuration.
         #[arg(long, default_value_t = 3, requires = "policies")]
         policy_rounds: usize,
+        /// The CNI plugin instead: the time of its ADD for new pods in and outside the mesh
+        /// (its own section of BENCHMARKS.md).
+        #[arg(long, conflicts_with_all = ["soak", "quick", "policies"])]
+        cni: bool,
+        /// With --cni: new pods of each kind.
+        #[arg(long, default_value_t = 200, requires = "cni")]
+        cni_pods: usize,
         #[arg(long, default_value = "BENCHMARKS.md")]
         out: PathBuf,
         /// The chart (SVG), written next to `out`.
@@ -161,6 +168,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ..Default::default()
             };
             run_policies(&bin, &cfg, &out, json.as_deref())
+        }
+        Command::Bench { cni: true, cni_pods, out, json, .. } => {
+            run_cni(&bin, &bench::cni::CniConfig { pods: cni_pods }, &out, json.as_deref())
         }
         Command::Bench { quick, out, chart, json, .. } => run_bench(&bin, quick, &out, &chart, json.as_deref()),
         Command::Cleanup | Command::Hold { .. } | Command::Reach { .. } => unreachable!("handled above"),
@@ -279,9 +289,13 @@ fn run_bench(bin: &Path, quick: bool, out: &Path, chart: &str, json: Option<&Pat
     if let Some(section) = bench::soak::section_of(&old) {
         doc = bench::soak::with_section(&doc, section, bench::ANALYSIS_MARKER);
     }
-    let policies = (bench::policies::SECTION_START, bench::policies::SECTION_END);
-    if let Some(section) = bench::report::section_of(&old, policies) {
-        doc = bench::report::with_section(&doc, policies, section, bench::ANALYSIS_MARKER);
+    for marks in [
+        (bench::policies::SECTION_START, bench::policies::SECTION_END),
+        (bench::cni::SECTION_START, bench::cni::SECTION_END),
+    ] {
+        if let Some(section) = bench::report::section_of(&old, marks) {
+            doc = bench::report::with_section(&doc, marks, section, bench::ANALYSIS_MARKER);
+        }
     }
     std::fs::write(out, doc).with_context(|| format!("writing {}", out.display()))?;
     let chart_path = out.parent().unwrap_or(Path::new(".")).join(chart);
@@ -354,6 +368,25 @@ fn run_policies(bin: &Path, cfg: &bench::policies::PolicyConfig, out: &Path, jso
     }
     println!("{section}");
     eprintln!("wrote the policies' section of {} in {:.0}s", out.display(), started.elapsed().as_secs_f64());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_cni(bin: &Path, cfg: &bench::cni::CniConfig, out: &Path, json: Option<&Path>) -> Result<ExitCode> {
+    use bench::cni;
+    let started = Instant::now();
+    let progress = |line: &str| eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
+    let report = cni::run(bin, cfg, progress)?;
+    let section = cni::markdown(&report, &bench::machine(), &utc_now());
+    let old = std::fs::read_to_string(out).unwrap_or_else(|_| format!("# Benchmarks\n\n{}\n", bench::ANALYSIS_MARKER));
+    let marks = (cni::SECTION_START, cni::SECTION_END);
+    std::fs::write(out, bench::report::with_section(&old, marks, &section, bench::ANALYSIS_MARKER))
+        .with_context(|| format!("writing {}", out.display()))?;
+    if let Some(j) = json {
+        std::fs::write(j, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", j.display()))?;
+    }
+    println!("{section}");
+    eprintln!("wrote the CNI section of {} in {:.0}s", out.display(), started.elapsed().as_secs_f64());
     Ok(ExitCode::SUCCESS)
 }
 

@@ -102,6 +102,10 @@ enum Task {
         /// MESHPATH_ZTUNNEL set. Writes its own section of BENCHMARKS.md.
         #[arg(long, conflicts_with_all = ["quick", "soak"])]
         policies: bool,
+        /// The CNI plugin: the time of its ADD for 200 new pods of the mesh and 200 outside it
+        /// (about a minute). Writes its own section of BENCHMARKS.md.
+        #[arg(long, conflicts_with_all = ["quick", "soak", "policies"])]
+        cni: bool,
     },
     /// `cargo fmt --check` and clippy (warnings denied) over every crate, the eBPF one too.
     Lint,
@@ -201,21 +205,23 @@ fn run(task: Task) -> Result<()> {
             with_control_plane(&mut cmd, control_plane.as_deref());
             status(with_topology(&mut cmd, topology.as_deref()))
         }
-        Task::Bench { quick, soak, policies } => {
+        Task::Bench { quick, soak, policies, cni } => {
             setup()?;
             require_root("the benchmark")?;
             let bins = build(true)?;
             status(&mut bins.lab(["cleanup"]))?;
-            step(match (quick, soak, policies) {
-                (true, _, _) => "benchmarking (quick: 10 workloads, short rounds)",
-                (_, true, _) => "soaking (a minute of churn per path, 10 000 connections held)",
-                (_, _, true) => "benchmarking L4 authorization (none, 10 000 elsewhere, 10 000 GLOBAL DENY)",
+            step(match (quick, soak, policies, cni) {
+                (true, ..) => "benchmarking (quick: 10 workloads, short rounds)",
+                (_, true, ..) => "soaking (a minute of churn per path, 10 000 connections held)",
+                (_, _, true, _) => "benchmarking L4 authorization (none, 10 000 elsewhere, 10 000 GLOBAL DENY)",
+                (.., true) => "benchmarking the CNI plugin's ADD (200 pods in the mesh, 200 outside)",
                 _ => "benchmarking (10, 1 000 and 10 000 workloads)",
             });
             let mut cmd = bins.lab(["bench", "--out", "BENCHMARKS.md", "--chart", "benchmarks.svg"]);
-            let json = match (soak, policies) {
-                (true, _) => "soak.json",
-                (_, true) => "policies.json",
+            let json = match (soak, policies, cni) {
+                (true, ..) => "soak.json",
+                (_, true, _) => "policies.json",
+                (.., true) => "cni.json",
                 _ => "benchmarks.json",
             };
             // Beside the build (CARGO_TARGET_DIR may be outside the checkout).
@@ -228,6 +234,9 @@ fn run(task: Task) -> Result<()> {
             }
             if policies {
                 cmd.arg("--policies");
+            }
+            if cni {
+                cmd.arg("--cni");
             }
             let result = status(&mut cmd);
             status(&mut bins.lab(["cleanup"]))?;

@@ -17,6 +17,7 @@
 //! Paths are measured in turn, round after round, in a rotating order, so drift (thermal,
 //! noisy neighbours) spreads over all of them. Every figure checks its bytes.
 
+pub mod cni;
 pub mod paths;
 pub mod policies;
 pub mod report;

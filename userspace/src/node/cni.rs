@@ -161,6 +161,21 @@ pub(super) fn merge(
     (out, ports)
 }
 
+/// `meshpath uninstall`: the socket a killed daemon left, the pods handed over and the
+/// plugin's log go with the node's datapath (a plugin still chained writes a new log).
+pub(super) fn remove_state(node: &str) -> std::io::Result<()> {
+    let dir = Path::new(STATE_DIR).join(node);
+    let log = crate::cni::log_path(node);
+    let files = [dir.join(CNI_SOCKET), crate::cni::pods_path(node), log.with_extension("log.1"), log];
+    for path in files {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// What the daemon holds of the plugin across its terms.
 pub(super) struct Plugin {
     registry: Arc<Registry>,

@@ -422,6 +422,7 @@ async fn remove_datapath(node: &str) -> Result<String, NodeError> {
     let state = || PathBuf::from(meshpath_common::names::STATE_DIR).join(node);
     takeover::remove_stale_socket(node).map_err(|source| DatapathError::Io { path: state(), source })?;
     instance::remove_dead(node).map_err(|source| DatapathError::Io { path: state(), source })?;
+    cni::remove_state(node).map_err(|source| DatapathError::Io { path: state(), source })?;
     // The clsact part only applies where meshpath attached over netlink.
     let netlink = if filters > 0 || !qdiscs.is_empty() {
         format!(", {filters} tc filter(s), {} clsact qdisc(s)", qdiscs.len())
