@@ -47,8 +47,8 @@ pub(super) type Mapped = Arc<BTreeMap<IpAddr, u32>>;
 pub(super) struct Registry {
     path: PathBuf,
     tx: watch::Sender<Arc<CniPods>>,
-    /// One writer of the file at a time.
-    write: std::sync::Mutex<()>,
+    /// One writer of the file at a time; the last read's error, logged once.
+    write: std::sync::Mutex<Option<String>>,
 }
 
 impl Registry {
@@ -56,25 +56,35 @@ impl Registry {
     pub(super) fn open(node: &str) -> Arc<Self> {
         let path = crate::cni::pods_path(node);
         let (tx, _) = watch::channel(Arc::new(CniPods::default()));
-        Arc::new(Self { path, tx, write: std::sync::Mutex::new(()) })
+        Arc::new(Self { path, tx, write: std::sync::Mutex::new(None) })
     }
 
     /// Reads the file (a successor may have written it while this daemon stood by). An
     /// unreadable file is logged and set aside: its pods are still enrolled from the source,
     /// as before the plugin, and found again by their namespaces.
     pub(super) fn reload(&self) {
+        let mut last_error = self.write.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let pods = match read(&self.path) {
             Ok(pods) => pods,
             Err(e) => {
-                tracing::error!("the CNI plugin's pods cannot be read, starting without them: {e}");
-                CniPods::default()
+                // Kept as they were: a file that cannot be read now says nothing new.
+                let e = e.to_string();
+                if last_error.as_ref() != Some(&e) {
+                    tracing::error!("the CNI plugin's pods cannot be read, keeping the last known: {e}");
+                }
+                *last_error = Some(e);
+                return;
             }
         };
-        if !pods.pods.is_empty() {
-            tracing::info!(count = pods.pods.len(), "pods handed over by the CNI plugin");
-        }
+        *last_error = None;
         self.tx.send_if_modified(|now| {
             let changed = **now != pods;
+            if changed {
+                tracing::info!(
+                    count = pods.pods.len(),
+                    "pods handed over by the CNI plugin, as the node's file has them"
+                );
+            }
             *now = Arc::new(pods);
             changed
         });
@@ -210,6 +220,11 @@ impl Plugin {
         workloads
     }
 
+    /// Whether the pods changed since the last merge.
+    pub(super) fn pending(&self) -> bool {
+        self.pods.has_changed().unwrap_or(false)
+    }
+
     /// Resolves when the plugin hands a pod over or takes one back.
     pub(super) async fn changed(&mut self) {
         if self.pods.changed().await.is_err() {
@@ -224,6 +239,11 @@ impl Plugin {
             *now = Arc::new(map);
             changed
         });
+    }
+
+    /// Reads the node's file again (see [`Registry::reload`]).
+    pub(super) fn reload(&self) {
+        self.registry.reload();
     }
 
     /// Lets go of pods whose namespace is gone, with a line each.

@@ -297,6 +297,14 @@ impl Daemon {
         self.state = Some(state);
     }
 
+    /// The plugin handed a pod over or took one back: the state is merged with it again.
+    fn follow_cni(&mut self, reconciler: &mut Reconciler<System>) {
+        if let Some(state) = self.state.clone() {
+            self.take_state(state);
+            self.apply(reconciler);
+        }
+    }
+
     /// Hands the state (with the releases held back) to the proxy and the reconciler.
     fn apply(&self, reconciler: &mut Reconciler<System>) {
         let workloads = self.releases.effective();
@@ -394,10 +402,7 @@ impl Daemon {
                     Trigger::Safety
                 }
                 () = self.cni.changed() => {
-                    if let Some(state) = self.state.clone() {
-                        self.take_state(state);
-                        self.apply(&mut term.reconciler);
-                    }
+                    self.follow_cni(&mut term.reconciler);
                     Trigger::Change
                 }
                 _ = sleep_until(hold_ends) => {
@@ -490,6 +495,12 @@ impl Daemon {
 
     /// One reconcile pass; whether it failed (a failure streak is logged once).
     async fn pass(&mut self, term: &mut Term, trigger: Trigger, failing: bool) -> bool {
+        // During a takeover the other daemon answers the plugin and writes the node's file:
+        // read before every pass, so a full one never unmaps a pod handed over to it.
+        self.cni.reload();
+        if self.cni.pending() {
+            self.follow_cni(&mut term.reconciler);
+        }
         match term.reconciler.reconcile(trigger).await {
             Ok(()) => {
                 if failing {
