@@ -356,17 +356,9 @@ fn run_policies(bin: &Path, cfg: &bench::policies::PolicyConfig, out: &Path, jso
     let started = Instant::now();
     let progress = |line: &str| eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
     let report = policies::run(bin, cfg, progress)?;
-    let date = utc_now();
-    let section = policies::markdown(&report, cfg, &bench::machine(), &date);
-    let old = std::fs::read_to_string(out).unwrap_or_else(|_| format!("# Benchmarks\n\n{}\n", bench::ANALYSIS_MARKER));
+    let section = policies::markdown(&report, cfg, &bench::machine(), &utc_now());
     let marks = (policies::SECTION_START, policies::SECTION_END);
-    std::fs::write(out, bench::report::with_section(&old, marks, &section, bench::ANALYSIS_MARKER))
-        .with_context(|| format!("writing {}", out.display()))?;
-    if let Some(j) = json {
-        std::fs::write(j, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", j.display()))?;
-    }
-    println!("{section}");
+    write_section(out, marks, &section, json, &report)?;
     eprintln!("wrote the policies' section of {} in {:.0}s", out.display(), started.elapsed().as_secs_f64());
     Ok(ExitCode::SUCCESS)
 }
@@ -377,17 +369,28 @@ fn run_cni(bin: &Path, cfg: &bench::cni::CniConfig, out: &Path, json: Option<&Pa
     let progress = |line: &str| eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
     let report = cni::run(bin, cfg, progress)?;
     let section = cni::markdown(&report, &bench::machine(), &utc_now());
-    let old = std::fs::read_to_string(out).unwrap_or_else(|_| format!("# Benchmarks\n\n{}\n", bench::ANALYSIS_MARKER));
-    let marks = (cni::SECTION_START, cni::SECTION_END);
-    std::fs::write(out, bench::report::with_section(&old, marks, &section, bench::ANALYSIS_MARKER))
-        .with_context(|| format!("writing {}", out.display()))?;
-    if let Some(j) = json {
-        std::fs::write(j, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", j.display()))?;
-    }
-    println!("{section}");
+    write_section(out, (cni::SECTION_START, cni::SECTION_END), &section, json, &report)?;
     eprintln!("wrote the CNI section of {} in {:.0}s", out.display(), started.elapsed().as_secs_f64());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Puts `section` between `marks` in `out` (the rest of it kept), `report` as JSON into
+/// `json`, and prints the section.
+fn write_section(
+    out: &Path,
+    marks: (&str, &str),
+    section: &str,
+    json: Option<&Path>,
+    report: &impl serde::Serialize,
+) -> Result<()> {
+    let old = std::fs::read_to_string(out).unwrap_or_else(|_| format!("# Benchmarks\n\n{}\n", bench::ANALYSIS_MARKER));
+    std::fs::write(out, bench::report::with_section(&old, marks, section, bench::ANALYSIS_MARKER))
+        .with_context(|| format!("writing {}", out.display()))?;
+    if let Some(j) = json {
+        std::fs::write(j, serde_json::to_string_pretty(report)?).with_context(|| format!("writing {}", j.display()))?;
+    }
+    println!("{section}");
+    Ok(())
 }
 
 /// Lets this process (and the daemons it starts, which inherit it) hold as many files as the

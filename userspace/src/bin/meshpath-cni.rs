@@ -33,7 +33,10 @@ fn main() -> ExitCode {
     let mut out = std::io::stdout().lock();
     match result {
         Ok(text) => {
-            let _ = writeln!(out, "{text}");
+            // DEL, CHECK and GC print nothing.
+            if !text.is_empty() {
+                let _ = writeln!(out, "{text}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

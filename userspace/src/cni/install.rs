@@ -42,7 +42,7 @@ pub enum InstallError {
     Config { path: PathBuf, why: String },
     #[error("no CNI configuration in {} yet (the pod network's plugin writes one)", .0.display())]
     NoPrimary(PathBuf),
-    #[error("the service account's {what} ({source}): run in a pod, or give --kubeconfig or --workloads")]
+    #[error("reading the service account's {what}: {source} (run in a pod, or give --kubeconfig or --workloads)")]
     ServiceAccount { what: &'static str, source: std::io::Error },
 }
 
@@ -196,31 +196,31 @@ pub fn uninstall(bin_dir: &Path, conf_dir: &Path) -> Result<Vec<PathBuf>, Instal
 /// rewrites its file (flannel, Calico at start) gets the entry back within
 /// [`WATCH_EVERY`]. A failure while watching is logged and retried, never fatal.
 pub async fn run(cfg: &InstallConfig, watch: bool, mut stop: drain::Watcher) -> Result<(), InstallError> {
-    install_once(cfg)?;
     if !watch {
-        return Ok(());
+        return install_once(cfg).map(|_| ());
     }
-    let mut failing = false;
+    // On a new node the pod network may write its configuration after this starts: waited for.
+    let (mut chained, mut failing) = (false, false);
     loop {
-        tokio::select! {
-            _ = stop.signalled() => return Ok(()),
-            _ = tokio::time::sleep(WATCH_EVERY) => {}
-        }
         match install_once(cfg) {
             Ok(rewritten) => {
-                if rewritten {
+                if rewritten && chained {
                     tracing::warn!("the pod network's configuration had lost meshpath-cni; chained it again");
-                } else if failing {
-                    tracing::info!("meshpath-cni is chained again");
+                } else if failing && !rewritten {
+                    tracing::info!("meshpath-cni is chained");
                 }
-                failing = false;
+                (chained, failing) = (true, false);
             }
             Err(e) => {
                 if !failing {
-                    tracing::error!("keeping meshpath-cni chained (retrying every {WATCH_EVERY:?}): {e}");
+                    tracing::warn!("keeping meshpath-cni chained (retrying every {WATCH_EVERY:?}): {e}");
                 }
                 failing = true;
             }
+        }
+        tokio::select! {
+            _ = stop.signalled() => return Ok(()),
+            _ = tokio::time::sleep(WATCH_EVERY) => {}
         }
     }
 }

@@ -162,9 +162,9 @@ pub async fn run(mut cfg: NodeConfig, shutdown: impl Future<Output = ()> + Send)
             .inspect_err(|e| tracing::warn!("`meshpath status` will not list connections: {e}"))
             .ok()
     });
-    let daemon_node = cfg.node.clone();
     let mut daemon = daemon::Daemon {
         releases: releases::Releases::new(cfg.release_hold),
+        cni: cni::Plugin::new(&cfg.node),
         cfg,
         proxy,
         metrics,
@@ -176,7 +176,6 @@ pub async fn run(mut cfg: NodeConfig, shutdown: impl Future<Output = ()> + Send)
         tasks: watcher,
         annotations,
         annotated: Default::default(),
-        cni: cni::Plugin::new(&daemon_node),
         phase: lifecycle::Phase::Starting,
         signalled: false,
     };
