@@ -263,7 +263,7 @@ fn after_a_reboot_no_pod_of_the_mesh_starts_before_its_daemon_has_it() -> Result
 }
 
 #[test]
-fn the_daemons_socket_is_root_only_and_answers_garbage_with_nothing() -> Result<()> {
+fn the_daemons_socket_is_root_only_and_answers_garbage_with_nothing_and_floods_hold_no_one_up() -> Result<()> {
     use std::io::{Read as _, Write as _};
     use std::os::unix::fs::PermissionsExt as _;
     use std::os::unix::net::UnixStream;
@@ -293,11 +293,15 @@ fn the_daemons_socket_is_root_only_and_answers_garbage_with_nothing() -> Result<
     let empty = r#"{"add":{"pod":{"namespace":"lab","name":"x","service_account":"sa"},"container_id":"c","netns":"/run/netns/x","host_interfaces":[],"ips":[]}}"#;
     let answer = exchange(format!("{empty}\n").as_bytes())?;
     ensure!(answer.contains("refused") && answer.contains("the pod has no address"), "{answer}");
-    // The daemon serves on: a pod's ADD goes through.
+    // The daemon serves on: a pod's ADD goes through, also beside 300 silent connections
+    // (each waits alone for its request: none holds a real one up).
     lab.add_pod("f", 0, true, 20)?;
     enrol(&lab, &["f"])?;
+    let silent = (0..300).map(|_| UnixStream::connect(&socket)).collect::<std::io::Result<Vec<_>>>()?;
     let add = lab.cni("f", "ADD")?;
-    ensure!(add.ok, "ADD after the garbage: {}", add.msg());
+    ensure!(add.ok, "ADD beside 300 silent connections: {}", add.msg());
+    ensure!(add.took < Duration::from_secs(3), "ADD beside 300 silent connections took {:?}", add.took);
+    drop(silent);
     ensure!(lab.nodes[0].daemon.as_mut().context("daemon")?.try_wait()?.is_none(), "the daemon exited");
     Ok(())
 }

@@ -27,10 +27,36 @@ use crate::workloads::{Workload, WorkloadFile};
 
 /// How long an ADD may wait for its pod in the map, whatever the plugin's own timeout.
 const ENROL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Requests answered at once; more wait for a turn (kubelet runs a few ADDs at a time).
-const CONCURRENT: usize = 64;
+/// Connections answered at once, each on its own task: kubelet runs a few ADDs at a time,
+/// and a silent connection must not hold a real one up. Beyond, new ones are closed at once
+/// (the plugin fails, kubelet retries).
+const CONCURRENT: usize = 1024;
 /// A request line must arrive this soon after the connection.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections closed without a usable request are logged at most this often, counted.
+const BAD_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Connections closed without a usable request: one line per [`BAD_LOG_EVERY`] at most, with
+/// how many there were (a flood must not write a line each).
+#[derive(Default)]
+struct BadRequests {
+    logged: Option<std::time::Instant>,
+    since: u64,
+}
+
+impl BadRequests {
+    fn note(&mut self, why: &str) {
+        self.since += 1;
+        if self.logged.is_none_or(|t| t.elapsed() >= BAD_LOG_EVERY) {
+            tracing::warn!(
+                count = self.since,
+                "CNI socket: connections closed without a usable request (the last: {why})"
+            );
+            self.logged = Some(std::time::Instant::now());
+            self.since = 0;
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CniError {
@@ -95,14 +121,20 @@ impl Registry {
     }
 
     /// Applies `change` (when it says it changed something): written, then published.
+    /// A file that could not be read is written whole again, changed or not.
     fn update(&self, change: impl FnOnce(&mut CniPods) -> bool) -> Result<(), CniError> {
-        let _writer = self.write.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last_error = self.write.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut pods = (**self.tx.borrow()).clone();
-        if !change(&mut pods) {
+        if !change(&mut pods) && last_error.is_none() {
             return Ok(());
         }
         write(&self.path, &pods)?;
-        self.tx.send_replace(Arc::new(pods));
+        *last_error = None;
+        self.tx.send_if_modified(|now| {
+            let changed = **now != pods;
+            *now = Arc::new(pods);
+            changed
+        });
         Ok(())
     }
 
@@ -294,7 +326,9 @@ fn listen(node: &str, registry: Arc<Registry>, mapped: watch::Receiver<Mapped>) 
     let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::symlink_metadata(&path).map_err(io)?);
     let (trigger, mut stop) = drain::new();
     let turns = Arc::new(Semaphore::new(CONCURRENT));
+    let bad = Arc::new(std::sync::Mutex::new(BadRequests::default()));
     tokio::spawn(async move {
+        let mut refusing = false;
         loop {
             let stream = tokio::select! {
                 _ = stop.signalled() => return,
@@ -307,10 +341,20 @@ fn listen(node: &str, registry: Arc<Registry>, mapped: watch::Receiver<Mapped>) 
                     }
                 },
             };
-            let Ok(turn) = turns.clone().acquire_owned().await else { return };
-            let (registry, mapped) = (registry.clone(), mapped.clone());
+            let Ok(turn) = turns.clone().try_acquire_owned() else {
+                if !std::mem::replace(&mut refusing, true) {
+                    tracing::warn!(
+                        "CNI socket: {CONCURRENT} connections open already; closing new ones until some end"
+                    );
+                }
+                continue;
+            };
+            refusing = false;
+            let (registry, mapped, bad) = (registry.clone(), mapped.clone(), bad.clone());
             tokio::spawn(async move {
-                answer(stream, &registry, mapped).await;
+                if let Err(why) = answer(stream, &registry, mapped).await {
+                    bad.lock().unwrap_or_else(std::sync::PoisonError::into_inner).note(&why);
+                }
                 drop(turn);
             });
         }
@@ -318,17 +362,12 @@ fn listen(node: &str, registry: Arc<Registry>, mapped: watch::Receiver<Mapped>) 
     Ok(Listening { trigger, path, inode })
 }
 
-async fn answer(mut stream: UnixStream, registry: &Registry, mapped: watch::Receiver<Mapped>) {
+/// Answers one connection; why it was closed unanswered.
+async fn answer(mut stream: UnixStream, registry: &Registry, mapped: watch::Receiver<Mapped>) -> Result<(), String> {
     let request = match tokio::time::timeout(READ_TIMEOUT, wire::receive::<Request>(&mut stream)).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            tracing::warn!("CNI socket: an unreadable request: {e}");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!("CNI socket: no request within {READ_TIMEOUT:?}");
-            return;
-        }
+        Ok(Err(e)) => return Err(format!("an unreadable request: {e}")),
+        Err(_) => return Err(format!("no request within {READ_TIMEOUT:?}")),
     };
     let reply = match request {
         Request::Add(sandbox) => add(sandbox, registry, mapped).await,
@@ -349,6 +388,7 @@ async fn answer(mut stream: UnixStream, registry: &Registry, mapped: watch::Rece
     };
     // The plugin may have given up already: it retries, nothing is lost.
     let _ = wire::send(&mut stream, &reply).await;
+    Ok(())
 }
 
 async fn add(sandbox: Sandbox, registry: &Registry, mapped: watch::Receiver<Mapped>) -> Reply {
