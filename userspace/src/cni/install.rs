@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use base64::Engine as _;
 use serde_json::{Value, json};
 
 use meshpath_common::names::CNI_PLUGIN;
@@ -237,19 +238,19 @@ fn service_account_kubeconfig() -> Result<String, InstallError> {
         source: std::io::ErrorKind::NotFound.into(),
     })?;
     let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
-    let host = if host.contains(':') { format!("[{host}]") } else { host };
-    let b64 = base64(ca.as_bytes());
-    Ok(format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: https://{host}:{port}\n    certificate-authority-data: {b64}\nusers:\n- name: meshpath-cni\n  user:\n    token: {}\ncontexts:\n- name: meshpath-cni\n  context:\n    cluster: local\n    user: meshpath-cni\ncurrent-context: meshpath-cni\n",
-        token.trim()
-    ))
+    Ok(kubeconfig_yaml(&host, &port, &ca, &token))
 }
 
-fn base64(bytes: &[u8]) -> String {
-    pem::encode_config(&pem::Pem::new("X", bytes.to_vec()), pem::EncodeConfig::new().set_line_wrap(usize::MAX))
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .collect()
+/// A kubeconfig for the API server at `host:port`, trusting `ca_pem`, with `token`.
+fn kubeconfig_yaml(host: &str, port: &str, ca_pem: &str, token: &str) -> String {
+    let host = if host.contains(':') { format!("[{host}]") } else { host.to_owned() };
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem.as_bytes());
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: https://{host}:{port}\n    \
+         certificate-authority-data: {ca}\nusers:\n- name: meshpath-cni\n  user:\n    token: {}\ncontexts:\n- name: \
+         meshpath-cni\n  context:\n    cluster: local\n    user: meshpath-cni\ncurrent-context: meshpath-cni\n",
+        token.trim()
+    )
 }
 
 #[cfg(test)]
@@ -266,6 +267,16 @@ mod tests {
             timeout_secs: 10,
             plugin: dir.join("plugin"),
         }
+    }
+
+    #[test]
+    fn the_written_kubeconfig_is_one_kube_reads() {
+        let text = kubeconfig_yaml("fd00::1", "6443", "-----BEGIN CERTIFICATE-----\nAA==\n", "tok\n");
+        let kc = kube::config::Kubeconfig::from_yaml(&text).expect("a kubeconfig");
+        let cluster = kc.clusters[0].cluster.as_ref().expect("cluster");
+        assert_eq!(cluster.server.as_deref(), Some("https://[fd00::1]:6443"));
+        assert!(cluster.certificate_authority_data.is_some());
+        assert_eq!(kc.current_context.as_deref(), Some("meshpath-cni"));
     }
 
     #[test]
