@@ -169,6 +169,11 @@ fn a_pod_without_an_address_yet_is_enrolled_on_the_cni_plugins_word_until_the_wa
     let x = send(&lab, "f", "c", Duration::from_secs(3))?;
     let r = lab.wait_record(0, Duration::from_secs(3), |r| r.src == x.client)?.context("f -> c not proxied")?;
     ensure!(r.mtls && r.src_identity.as_deref() == Some(lab.identity("f").to_string().as_str()), "{r:?}");
+    // A takeover before kubelet reports the addresses: only the plugin's word, kept in the
+    // node's file, holds f in the successor's desired state, without the plugin running again.
+    lab.take_over(0, Duration::from_secs(30))?;
+    ensure!(map_ips(&lab, 0)?.is_superset(&ips_of(&lab, &["f"])), "the successor unmapped f");
+    send(&lab, "f", "c", Duration::from_secs(3)).context("f -> c after the takeover")?;
     // kubelet reports its addresses: nothing moves. Then the pod opts out: the watch, which
     // has now decided on it, wins over the plugin's earlier word.
     lab.cluster().api.apply(&lab.pod_object("f"))?;
