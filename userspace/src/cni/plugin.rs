@@ -97,7 +97,7 @@ async fn add(inv: &Invocation, conf: &NetConf) -> Result<String, SpecError> {
             pod.id(),
             socket.display()
         );
-        tracing::warn!("ADD refused: {msg}");
+        // Logged once, with every other failure, by the binary.
         SpecError::new(Code::TryAgain, msg)
     };
     match ask(&socket, &Request::Add(sandbox.clone()), timeout).await {
