@@ -19,10 +19,10 @@ fn main() -> ExitCode {
         .ok()
         .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_owned))
         .unwrap_or_else(|| "1.0.0".to_owned());
+    init_log(&stdin);
     let result = match read {
         Err(e) => Err(SpecError::new(Code::BadConfig, format!("reading stdin: {e}"))),
         Ok(_) => Invocation::from_env(|k| std::env::var(k).ok()).and_then(|inv| {
-            init_log(&stdin);
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

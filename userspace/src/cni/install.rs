@@ -129,10 +129,15 @@ fn chained(conf: &Value, entry: &Value) -> bool {
 /// Writes `bytes` to `path` through a temporary file and a rename: a runtime never reads
 /// half a file.
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
-    use std::os::unix::fs::PermissionsExt as _;
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let tmp = path.with_extension("meshpath-tmp");
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(io(&tmp))?;
+    // Created with its final mode: a token is never readable by others, not even briefly.
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(io(&tmp))?;
+    file.write_all(bytes).map_err(io(&tmp))?;
+    // The umask may have taken bits the mode asked for (0755 for the binary).
+    file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 

@@ -121,10 +121,11 @@ impl Registry {
     }
 
     /// Applies `change` (when it says it changed something): written, then published.
-    /// A file that could not be read is written whole again, changed or not.
+    /// Starts from the file as it is (another daemon of the node may have written it last);
+    /// a file that could not be read is written whole again, changed or not.
     fn update(&self, change: impl FnOnce(&mut CniPods) -> bool) -> Result<(), CniError> {
         let mut last_error = self.write.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut pods = (**self.tx.borrow()).clone();
+        let mut pods = read(&self.path).unwrap_or_else(|_| (**self.tx.borrow()).clone());
         if !change(&mut pods) && last_error.is_none() {
             return Ok(());
         }
@@ -140,14 +141,20 @@ impl Registry {
 
     /// Lets go of pods whose network namespace is gone (a DEL the daemon never heard).
     pub(super) fn prune(&self) -> Result<Vec<String>, CniError> {
-        let gone: Vec<String> =
-            self.tx.borrow().pods.iter().filter(|(_, s)| !s.netns.exists()).map(|(id, _)| id.clone()).collect();
-        if !gone.is_empty() {
-            self.update(|pods| {
-                pods.pods.retain(|id, _| !gone.contains(id));
-                true
-            })?;
+        if self.tx.borrow().pods.values().all(|s| s.netns.exists()) {
+            return Ok(Vec::new());
         }
+        let mut gone = Vec::new();
+        self.update(|pods| {
+            pods.pods.retain(|id, s| {
+                let here = s.netns.exists();
+                if !here {
+                    gone.push(id.clone());
+                }
+                here
+            });
+            !gone.is_empty()
+        })?;
         Ok(gone)
     }
 }
@@ -163,7 +170,8 @@ fn read(path: &Path) -> Result<CniPods, CniError> {
 /// file whole.
 fn write(path: &Path, pods: &CniPods) -> Result<(), CniError> {
     let io = |source| CniError::Io { path: path.to_owned(), source };
-    let tmp = path.with_extension("json.tmp");
+    // Of this process: two daemons of a node never write one temporary file.
+    let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
     let text = serde_json::to_vec_pretty(pods).map_err(|source| CniError::Json { path: path.to_owned(), source })?;
     let mut file = state_dir::private_file(&tmp, std::fs::OpenOptions::new().write(true).create(true).truncate(true))
         .map_err(io)?;
@@ -299,11 +307,18 @@ pub(super) struct Listening {
     inode: u64,
 }
 
+impl Listening {
+    /// Whether the node's socket is still this one (a successor binds its own).
+    pub(super) fn owns(&self) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.inode)
+    }
+}
+
 impl Drop for Listening {
     fn drop(&mut self) {
-        use std::os::unix::fs::MetadataExt as _;
         self.trigger.start(drain::Mode::Immediate);
-        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
+        if self.owns() {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -430,6 +445,11 @@ fn invalid(s: &Sandbox) -> Option<String> {
     if s.container_id.is_empty() || !s.netns.is_absolute() {
         return Some("the pod needs a container id and an absolute network namespace path".into());
     }
+    // A process's namespace (cri-dockerd's) cannot be seen from the daemon's pod: its pod
+    // would look gone at once.
+    if s.netns.starts_with("/proc") {
+        return Some(format!("network namespace paths under /proc ({}) are not supported", s.netns.display()));
+    }
     None
 }
 
@@ -441,6 +461,9 @@ async fn wait_mapped(s: &Sandbox, mut mapped: watch::Receiver<Mapped>, timeout: 
         .iter()
         .filter_map(|name| Some((nix::net::if_::if_nametoindex(name.as_str()).ok()?, name.as_str())))
         .collect();
+    if hosts.is_empty() && !s.host_interfaces.is_empty() {
+        return Err(format!("none of its host-side interfaces ({}) exists on this node", s.host_interfaces.join(", ")));
+    }
     let placed = |map: &BTreeMap<IpAddr, u32>| -> Option<String> {
         let ifxs: BTreeSet<u32> = s.ips.iter().map(|ip| map.get(&ip.to_canonical()).copied()).collect::<Option<_>>()?;
         let ifx = *ifxs.first()?;
@@ -521,6 +544,9 @@ mod tests {
         let mut relative = sandbox("lab", "a", &["10.244.1.10"], &[]);
         relative.netns = "netns".into();
         assert!(invalid(&relative).is_some());
+        let mut process = sandbox("lab", "a", &["10.244.1.10"], &[]);
+        process.netns = "/proc/4242/ns/net".into();
+        assert!(invalid(&process).is_some_and(|why| why.contains("/proc")));
     }
 
     #[tokio::test]
@@ -542,5 +568,10 @@ mod tests {
         let (_tx, rx) = watch::channel(Mapped::default());
         let e = wait_mapped(&s, rx, Duration::from_millis(50)).await.expect_err("times out");
         assert!(e.contains("not in the map"), "{e}");
+        // Interfaces named that this node does not have: refused at once, never matched loosely.
+        let elsewhere = sandbox("lab", "a", &["10.244.1.10"], &["no-such-veth0"]);
+        let (_tx, rx) = watch::channel(Arc::new([(v4, 7)].into()));
+        let e = wait_mapped(&elsewhere, rx, Duration::from_secs(5)).await.expect_err("refused");
+        assert!(e.contains("no-such-veth0"), "{e}");
     }
 }

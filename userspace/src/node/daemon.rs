@@ -171,8 +171,8 @@ impl Daemon {
         let admin = self.serve_admin().await?;
         let listeners = proxy::bind_listeners()?;
         let mut reconciler = super::load_kernel(&self.cfg).await?;
-        // Pods the plugin hands over from here on are in the first pass.
-        let cni = self.cni.listen(&self.cfg.node);
+        // The pods the plugin handed over so far are in the first pass.
+        self.cni.reload();
         if let Some(events) = reconciler.kernel().dp.take_events() {
             super::drops::spawn(events, self.tasks.clone());
         }
@@ -198,6 +198,9 @@ impl Daemon {
         let fds: Vec<_> = dups.iter().map(|(r, v6, fd)| (*r, *v6, fd.as_fd())).collect();
         let own_slots = reconciler.register(&fds)?;
         drop(fds);
+        // The plugin is answered by the daemon that serves: a successor takes the socket only
+        // now, so one that fails before taking over leaves it with the serving daemon.
+        let cni = self.cni.listen(&self.cfg.node);
         tracing::info!(count = listeners.len(), "proxy listeners registered in the SOCKMAP");
         let (serve, watcher) = drain::new();
         let proxy_task = tokio::spawn(self.proxy.clone().serve(listeners, watcher));
@@ -398,7 +401,10 @@ impl Daemon {
                     if self.check_slots(term) == Slots::TakenOver {
                         return Event::TakenOver { signalled: false };
                     }
-                    self.cni.prune();
+                    // Only the daemon answering the plugin writes the node's file.
+                    if term.cni.as_ref().is_some_and(super::cni::Listening::owns) {
+                        self.cni.prune();
+                    }
                     Trigger::Safety
                 }
                 () = self.cni.changed() => {
@@ -459,10 +465,9 @@ impl Daemon {
             return Followed::Ended;
         }
         let Some(state) = self.desired.borrow_and_update().clone() else { return Followed::Changed };
-        let mesh_only = self
-            .state
-            .as_deref()
-            .is_some_and(|old| old.workloads == state.workloads && old.annotated == state.annotated);
+        let mesh_only = self.state.as_deref().is_some_and(|old| {
+            old.workloads == state.workloads && old.annotated == state.annotated && old.decided == state.decided
+        });
         if mesh_only {
             self.state = Some(state);
             self.update_proxy(&self.releases.effective());
