@@ -66,8 +66,18 @@ pub enum CniError {
     Json { path: PathBuf, source: serde_json::Error },
 }
 
-/// The IPs the map holds and the interface each is behind, as of the last pass.
-pub(super) type Mapped = Arc<BTreeMap<IpAddr, u32>>;
+/// The IPs the map holds, as of the last pass.
+pub(super) type Mapped = Arc<BTreeMap<IpAddr, Placed>>;
+
+/// Where an IP of the map is, and whose it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Placed {
+    /// The interface it is behind (0: held behind none).
+    pub ifindex: u32,
+    /// The workload (`namespace/name`) the desired state gives it: the identity its
+    /// connections get.
+    pub owner: String,
+}
 
 /// The handed-over pods, in memory and on disk; each change is published.
 pub(super) struct Registry {
@@ -272,8 +282,15 @@ impl Plugin {
         }
     }
 
-    /// What the map holds after a pass: the ADDs waiting for their pods look.
-    pub(super) fn mapped(&self, map: BTreeMap<IpAddr, u32>) {
+    /// What the map holds after a pass, and whose each IP is in `workloads`: the ADDs
+    /// waiting for their pods look.
+    pub(super) fn mapped(&self, map: BTreeMap<IpAddr, u32>, workloads: &WorkloadFile, node: &str) {
+        let owners: BTreeMap<IpAddr, String> =
+            workloads.on_node(node).flat_map(|w| w.ips.iter().map(move |ip| (ip.to_canonical(), w.id()))).collect();
+        let map: BTreeMap<IpAddr, Placed> = map
+            .into_iter()
+            .map(|(ip, ifindex)| (ip, Placed { ifindex, owner: owners.get(&ip).cloned().unwrap_or_default() }))
+            .collect();
         self.mapped.send_if_modified(|now| {
             let changed = **now != map;
             *now = Arc::new(map);
@@ -454,7 +471,8 @@ fn invalid(s: &Sandbox) -> Option<String> {
 }
 
 /// Waits until every address of the pod is in the map behind one of its host-side
-/// interfaces (any interface when it gave none); that interface's name.
+/// interfaces (any interface when it gave none), as this pod's (an address some other
+/// workload still holds would carry that one's identity); that interface's name.
 async fn wait_mapped(s: &Sandbox, mut mapped: watch::Receiver<Mapped>, timeout: Duration) -> Result<String, String> {
     let hosts: BTreeMap<u32, &str> = s
         .host_interfaces
@@ -464,8 +482,13 @@ async fn wait_mapped(s: &Sandbox, mut mapped: watch::Receiver<Mapped>, timeout: 
     if hosts.is_empty() && !s.host_interfaces.is_empty() {
         return Err(format!("none of its host-side interfaces ({}) exists on this node", s.host_interfaces.join(", ")));
     }
-    let placed = |map: &BTreeMap<IpAddr, u32>| -> Option<String> {
-        let ifxs: BTreeSet<u32> = s.ips.iter().map(|ip| map.get(&ip.to_canonical()).copied()).collect::<Option<_>>()?;
+    let id = s.pod.id();
+    let placed = |map: &BTreeMap<IpAddr, Placed>| -> Option<String> {
+        let ifxs: BTreeSet<u32> = s
+            .ips
+            .iter()
+            .map(|ip| map.get(&ip.to_canonical()).filter(|p| p.owner == id).map(|p| p.ifindex))
+            .collect::<Option<_>>()?;
         let ifx = *ifxs.first()?;
         let behind_its_interface = ifxs.len() == 1 && ifx != 0 && (hosts.is_empty() || hosts.contains_key(&ifx));
         behind_its_interface.then(|| hosts.get(&ifx).map_or_else(|| format!("ifindex {ifx}"), |n| (*n).to_owned()))
@@ -559,18 +582,23 @@ mod tests {
         });
         let v4: IpAddr = "10.244.1.10".parse().expect("ip");
         let v6: IpAddr = "fd00:244:1::10".parse().expect("ip");
-        tx.send_replace(Arc::new([(v4, 7)].into()));
-        tx.send_replace(Arc::new([(v4, 7), (v6, 0)].into()));
+        let at = |ifindex: u32, owner: &str| Placed { ifindex, owner: owner.to_owned() };
+        tx.send_replace(Arc::new([(v4, at(7, "lab/a"))].into()));
+        tx.send_replace(Arc::new([(v4, at(7, "lab/a")), (v6, at(0, "lab/a"))].into()));
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiting.is_finished(), "one address held behind none is not enrolled");
-        tx.send_replace(Arc::new([(v4, 7), (v6, 7)].into()));
+        // Behind its interface, but still another pod's: that pod's identity, not a's.
+        tx.send_replace(Arc::new([(v4, at(7, "lab/a")), (v6, at(7, "lab/old"))].into()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "an address still another workload's is not a's");
+        tx.send_replace(Arc::new([(v4, at(7, "lab/a")), (v6, at(7, "lab/a"))].into()));
         assert_eq!(waiting.await.expect("task"), Ok("ifindex 7".to_owned()));
         let (_tx, rx) = watch::channel(Mapped::default());
         let e = wait_mapped(&s, rx, Duration::from_millis(50)).await.expect_err("times out");
         assert!(e.contains("not in the map"), "{e}");
         // Interfaces named that this node does not have: refused at once, never matched loosely.
         let elsewhere = sandbox("lab", "a", &["10.244.1.10"], &["no-such-veth0"]);
-        let (_tx, rx) = watch::channel(Arc::new([(v4, 7)].into()));
+        let (_tx, rx) = watch::channel(Arc::new([(v4, at(7, "lab/a"))].into()));
         let e = wait_mapped(&elsewhere, rx, Duration::from_secs(5)).await.expect_err("refused");
         assert!(e.contains("no-such-veth0"), "{e}");
     }

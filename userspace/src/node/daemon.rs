@@ -184,7 +184,7 @@ impl Daemon {
         self.apply(&mut reconciler);
         reconciler.reconcile(Trigger::Safety).await?;
         self.confirm_releases(&mut reconciler);
-        self.cni.mapped(reconciler.mapped());
+        self.cni.mapped(reconciler.mapped(), &self.releases.effective(), &self.cfg.node);
         self.ready.met(Condition::PodsPlaced);
         if predecessor.is_some() && !self.ready_to_take_over(shutdown).await {
             admin.stop(Duration::from_secs(1)).await;
@@ -513,7 +513,7 @@ impl Daemon {
                 }
                 self.confirm_releases(&mut term.reconciler);
                 self.annotate(&term.reconciler);
-                self.cni.mapped(term.reconciler.mapped());
+                self.cni.mapped(term.reconciler.mapped(), &self.releases.effective(), &self.cfg.node);
                 false
             }
             Err(e) => {
