@@ -6,7 +6,7 @@
 use std::io::{Read as _, Write as _};
 use std::process::ExitCode;
 
-use meshpath::cni::spec::{Code, Invocation, SpecError};
+use meshpath::cni::spec::{Code, Invocation, SpecError, cni_version};
 use meshpath::cni::{self, plugin};
 
 /// A network configuration is a few kilobytes; anything past this is not one.
@@ -15,10 +15,7 @@ const MAX_STDIN: u64 = 1024 * 1024;
 fn main() -> ExitCode {
     let mut stdin = String::new();
     let read = std::io::stdin().take(MAX_STDIN).read_to_string(&mut stdin);
-    let version = serde_json::from_str::<serde_json::Value>(&stdin)
-        .ok()
-        .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_owned))
-        .unwrap_or_else(|| "1.0.0".to_owned());
+    let version = cni_version(&stdin);
     init_log(&stdin);
     let result = match read {
         Err(e) => Err(SpecError::new(Code::BadConfig, format!("reading stdin: {e}"))),

@@ -38,11 +38,7 @@ pub fn socket_path(node: &str) -> PathBuf {
 /// is one log line.
 pub async fn run(inv: &Invocation, stdin: &str) -> Result<String, SpecError> {
     if inv.command == Command::Version {
-        let version = serde_json::from_str::<serde_json::Value>(stdin)
-            .ok()
-            .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_owned))
-            .unwrap_or_else(|| "1.0.0".to_owned());
-        return Ok(super::spec::version_json(&version));
+        return Ok(super::spec::version_json(&super::spec::cni_version(stdin)));
     }
     let conf = NetConf::parse(stdin)?;
     match inv.command {

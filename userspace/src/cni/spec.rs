@@ -249,6 +249,15 @@ impl PrevResult {
     }
 }
 
+/// The `cniVersion` the runtime's configuration on stdin names (1.0.0 when it names none):
+/// what every answer, errors included, carries.
+pub fn cni_version(stdin: &str) -> String {
+    serde_json::from_str::<Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "1.0.0".to_owned())
+}
+
 /// The answer to `VERSION`.
 pub fn version_json(cni_version: &str) -> String {
     json!({ "cniVersion": cni_version, "supportedVersions": SUPPORTED_VERSIONS }).to_string()

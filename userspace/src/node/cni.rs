@@ -83,8 +83,8 @@ pub(super) struct Placed {
 pub(super) struct Registry {
     path: PathBuf,
     tx: watch::Sender<Arc<CniPods>>,
-    /// One writer of the file at a time; the last read's error, logged once.
-    write: std::sync::Mutex<Option<String>>,
+    /// Held while the file is read or written; the last read's error, logged once.
+    last_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Registry {
@@ -92,14 +92,14 @@ impl Registry {
     pub(super) fn open(node: &str) -> Arc<Self> {
         let path = crate::cni::pods_path(node);
         let (tx, _) = watch::channel(Arc::new(CniPods::default()));
-        Arc::new(Self { path, tx, write: std::sync::Mutex::new(None) })
+        Arc::new(Self { path, tx, last_error: std::sync::Mutex::new(None) })
     }
 
     /// Reads the file (a successor may have written it while this daemon stood by). An
     /// unreadable file is logged and set aside: its pods are still enrolled from the source,
     /// as before the plugin, and found again by their namespaces.
     pub(super) fn reload(&self) {
-        let mut last_error = self.write.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last_error = self.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let pods = match read(&self.path) {
             Ok(pods) => pods,
             Err(e) => {
@@ -134,7 +134,7 @@ impl Registry {
     /// Starts from the file as it is (another daemon of the node may have written it last);
     /// a file that could not be read is written whole again, changed or not.
     fn update(&self, change: impl FnOnce(&mut CniPods) -> bool) -> Result<(), CniError> {
-        let mut last_error = self.write.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last_error = self.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut pods = read(&self.path).unwrap_or_else(|_| (**self.tx.borrow()).clone());
         if !change(&mut pods) && last_error.is_none() {
             return Ok(());
@@ -252,11 +252,10 @@ impl Plugin {
         Self { registry, pods, mapped: watch::channel(Mapped::default()).0, ports: BTreeMap::new() }
     }
 
-    /// Starts answering the plugin: the pods are read again (a successor may have taken
-    /// some while this daemon stood by). `None`, logged, when the socket cannot be had:
-    /// the plugin's ADDs then fail and kubelet retries them.
-    pub(super) fn listen(&mut self, node: &str) -> Option<Listening> {
-        self.registry.reload();
+    /// Starts answering the plugin (the pods file is read before each pass anyway).
+    /// `None`, logged, when the socket cannot be had: the plugin's ADDs then fail and
+    /// kubelet retries them.
+    pub(super) fn listen(&self, node: &str) -> Option<Listening> {
         listen(node, self.registry.clone(), self.mapped.subscribe())
             .inspect_err(|e| tracing::error!("the CNI plugin cannot reach this daemon (its pods will not start): {e}"))
             .ok()
