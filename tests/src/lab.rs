@@ -542,12 +542,16 @@ impl Lab {
     fn daemon_error(&self, node: usize, reason: String) -> LabError {
         let log = self.daemon_log_path(node);
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(15).collect();
+        let mut tail: Vec<&str> = text.lines().rev().take(15).collect();
+        tail.reverse();
+        // A long error (a verifier log) pushes its own first line out of the tail.
+        let error = text.lines().find(|l| l.starts_with("meshpath: error:")).filter(|e| !tail.contains(e));
+        let head = error.map(|e| format!("{}\n...\n", e.chars().take(400).collect::<String>())).unwrap_or_default();
         LabError::Daemon {
             node: self.nodes[node].name.clone(),
             reason,
             log: log.display().to_string(),
-            tail: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            tail: format!("{head}{}", tail.join("\n")),
         }
     }
 
