@@ -239,6 +239,26 @@ impl Setup {
         Some(Duration::from_secs_f64(total / ticks))
     }
 
+    /// On-CPU time of every proxy thread so far, exact (from the scheduler), by thread id.
+    /// `/proc/<pid>/stat` counts in clock ticks (10 ms): too coarse for an idle proxy.
+    pub fn proxy_thread_times(&self) -> Option<ThreadTimes> {
+        if self.proxy_pids.is_empty() {
+            return None;
+        }
+        let mut times = ThreadTimes::default();
+        for pid in &self.proxy_pids {
+            for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+                let Ok(tid) = task.file_name().to_string_lossy().parse::<u32>() else { continue };
+                // The first field is the time on a CPU in ns; a thread gone meanwhile is skipped.
+                let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else { continue };
+                if let Some(ns) = stat.split_whitespace().next().and_then(|f| f.parse().ok()) {
+                    times.0.insert(tid, ns);
+                }
+            }
+        }
+        Some(times)
+    }
+
     /// Open file descriptors of the proxies, all together.
     pub fn proxy_fds(&self) -> Option<u64> {
         self.proxy_pids.iter().map(|p| std::fs::read_dir(format!("/proc/{p}/fd")).ok().map(|d| d.count() as u64)).sum()
@@ -665,5 +685,19 @@ pub mod ztunnel {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// On-CPU nanoseconds of each thread of the proxies at one moment.
+#[derive(Default)]
+pub struct ThreadTimes(std::collections::HashMap<u32, u64>);
+
+impl ThreadTimes {
+    /// CPU time spent since `earlier`: by the threads alive at both moments, and all of a
+    /// thread started since. A thread that ended in between loses its share (its time is
+    /// not readable any more).
+    pub fn since(&self, earlier: &ThreadTimes) -> Duration {
+        let ns = self.0.iter().map(|(tid, now)| now.saturating_sub(earlier.0.get(tid).copied().unwrap_or(0))).sum();
+        Duration::from_nanos(ns)
     }
 }

@@ -66,7 +66,7 @@ async fn follow(client: Client, mut rx: watch::Receiver<Wanted>, mut stop: drain
         tokio::select! {
             _ = stop.signalled() => return,
             r = rx.changed() => if r.is_err() { return },
-            () = sleep_until(retry) => {}
+            () = super::sleep_until(retry) => {}
         }
     }
 }
@@ -95,12 +95,5 @@ impl Applied {
                 self.failing.insert(pod.to_owned(), (tokio::time::Instant::now() + backoff, backoff));
             }
         }
-    }
-}
-
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }

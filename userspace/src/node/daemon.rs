@@ -411,7 +411,7 @@ impl Daemon {
                     self.follow_cni(&mut term.reconciler);
                     Trigger::Change
                 }
-                _ = sleep_until(hold_ends) => {
+                _ = super::sleep_until(hold_ends) => {
                     self.releases.expire(tokio::time::Instant::now().into_std());
                     self.apply(&mut term.reconciler);
                     Trigger::Change
@@ -705,14 +705,6 @@ async fn unserved(node: &str) {
 async fn hello(successors: Option<&Successors>) {
     match successors {
         Some(s) => s.hello().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Sleeps until `at`; never without one.
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }

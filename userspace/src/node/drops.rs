@@ -13,6 +13,8 @@ use crate::datapath::Events;
 
 /// One line per reason and interface at most this often.
 const REPORT_INTERVAL: Duration = Duration::from_secs(10);
+/// A reason quiet this long is forgotten.
+const FORGET_AFTER: Duration = Duration::from_secs(60);
 
 /// Follows the events until `stop` is signalled.
 pub(super) fn spawn(events: Events, mut stop: crate::drain::Watcher) {
@@ -25,11 +27,12 @@ pub(super) fn spawn(events: Events, mut stop: crate::drain::Watcher) {
     };
     tokio::spawn(async move {
         let mut reports = Reports::default();
-        let mut flush = tokio::time::interval(REPORT_INTERVAL);
         loop {
+            // No timer while nothing is held back: an idle node does no periodic work here.
+            let due = reports.next_flush().map(tokio::time::Instant::from_std);
             tokio::select! {
                 _ = stop.signalled() => return,
-                _ = flush.tick() => reports.flush(Instant::now()),
+                () = super::sleep_until(due) => reports.flush(Instant::now()),
                 ready = fd.readable_mut() => {
                     let Ok(mut guard) = ready else { return };
                     while let Some(item) = guard.get_inner_mut().next() {
@@ -70,6 +73,15 @@ impl Reports {
         }
     }
 
+    /// When [`Reports::flush`] has something to do: a held-back line to write, or a quiet
+    /// kind to forget.
+    fn next_flush(&self) -> Option<Instant> {
+        let due = |(at, held, _): &(Instant, u64, Option<DropEvent>)| {
+            *at + if *held > 0 { REPORT_INTERVAL } else { FORGET_AFTER }
+        };
+        self.last.values().map(due).min()
+    }
+
     /// Writes what was held back for longer than the interval.
     fn flush(&mut self, now: Instant) {
         for (at, held, last) in self.last.values_mut() {
@@ -83,7 +95,7 @@ impl Reports {
             }
         }
         // Kinds quiet for a while are forgotten: the table stays as small as what happens.
-        self.last.retain(|_, (at, held, _)| *held > 0 || now.duration_since(*at) < 6 * REPORT_INTERVAL);
+        self.last.retain(|_, (at, held, _)| *held > 0 || now.duration_since(*at) < FORGET_AFTER);
     }
 }
 
@@ -126,9 +138,13 @@ mod tests {
             r.event(&event(DropReason::NoRouteBack, 4), t0 + Duration::from_millis(u64::from(i)));
         }
         assert_eq!(r.last[&(DropReason::NoRouteBack as u32)].1, 999 * 5, "held back, with the kernel's count");
+        assert_eq!(r.next_flush(), Some(t0 + REPORT_INTERVAL), "woken when the held-back line is due");
         r.flush(t0 + REPORT_INTERVAL + Duration::from_secs(1));
         assert_eq!(r.last[&(DropReason::NoRouteBack as u32)].1, 0, "written once per interval");
+        let written = t0 + REPORT_INTERVAL + Duration::from_secs(1);
+        assert_eq!(r.next_flush(), Some(written + FORGET_AFTER), "then only to forget the kind");
         r.flush(t0 + 10 * REPORT_INTERVAL);
         assert!(r.last.is_empty(), "quiet kinds are forgotten");
+        assert_eq!(r.next_flush(), None, "no timer on a quiet node");
     }
 }

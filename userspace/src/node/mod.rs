@@ -115,6 +115,14 @@ pub enum NodeError {
 /// cached route lookups). Everything else is driven by changes.
 pub(super) const SAFETY_TICK: Duration = Duration::from_secs(10);
 
+/// Sleeps until `at`; never without one (a timer only while something is due).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs until `shutdown` resolves. On return the listeners are closed, so enrolled traffic
 /// fails closed, while programs, maps and routing stay in the kernel for the next instance.
 pub async fn run(mut cfg: NodeConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), NodeError> {

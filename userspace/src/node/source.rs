@@ -159,12 +159,12 @@ impl FileSource {
         let mut changes = watch_dir(&self.path);
         tokio::spawn(async move {
             loop {
-                // With inotify, the file is looked at when its directory changes (and while a
-                // change settles), plus a forced read now and then; without, every poll.
-                let wait = if changes.is_some() && self.settling.is_none() { FORCED_READ } else { poll };
+                // With inotify, the file is looked at only when its directory changes (and
+                // while a change settles): no timer on an idle node. Without, every poll.
+                let wait = (changes.is_none() || self.settling.is_some()).then(|| tokio::time::Instant::now() + poll);
                 tokio::select! {
                     _ = stop.signalled() => return,
-                    _ = tokio::time::sleep(wait) => {}
+                    () = super::sleep_until(wait) => {}
                     event = next_change(&mut changes) => {
                         if !event {
                             tracing::warn!(path = %self.path.display(), "inotify stopped; polling the workload file instead");
@@ -292,12 +292,57 @@ fn watch_dir(path: &Path) -> Option<Changes> {
     }
 }
 
-/// Waits for the next change in the watched directory; `false` when the watch ended.
-/// Never resolves without a watch.
+/// Waits for the next change in the watched directory; `false` when the watch ended (the
+/// directory itself went, or the stream failed). Never resolves without a watch.
 async fn next_change(changes: &mut Option<Changes>) -> bool {
     use futures::StreamExt as _;
     match changes {
-        Some(c) => matches!(c.next().await, Some(Ok(_))),
+        Some(c) => matches!(c.next().await, Some(Ok(e)) if !e.mask.contains(inotify::EventMask::IGNORED)),
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(n: usize) -> String {
+        let w = |i| format!("  - {{name: w{i}, namespace: ns, serviceAccount: sa, node: n1, ips: [10.244.1.{i}]}}\n");
+        format!("workloads:\n{}", (1..=n).map(w).collect::<String>())
+    }
+
+    /// Writes as operators and ConfigMaps do: a new file renamed over the old one.
+    fn replace(path: &Path, n: usize) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, file(n)).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    async fn until_workloads(rx: &mut StateRx, n: usize, why: &str) {
+        let seen = |s: &Option<Arc<DesiredState>>| s.as_ref().is_some_and(|s| s.workloads.workloads.len() == n);
+        let waited = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(seen)).await;
+        assert!(waited.is_ok_and(|r| r.is_ok()), "{why}: {n} workloads never published");
+    }
+
+    #[tokio::test]
+    async fn the_file_is_followed_by_inotify_and_polled_once_its_directory_goes() {
+        let dir = std::env::temp_dir().join(format!("meshpath-source-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("workloads.yaml");
+        std::fs::write(&path, file(1)).unwrap();
+        let poll = Duration::from_millis(20);
+        let (source, first) = FileSource::open(&path, poll).unwrap();
+        assert_eq!(first.workloads.len(), 1);
+        let (_trigger, watcher) = drain::new();
+        let mut rx = source.spawn(first, Authorization::default(), poll, watcher);
+        replace(&path, 2);
+        until_workloads(&mut rx, 2, "a renamed file").await;
+        // The watched directory goes and comes back: the watch ended, polls take over.
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        replace(&path, 3);
+        until_workloads(&mut rx, 3, "a file in a new directory").await;
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

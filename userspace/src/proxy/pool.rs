@@ -60,6 +60,8 @@ pub struct Pool<E = HboneConnectError> {
     /// once with its error instead of each trying (and timing out) in turn.
     connecting: Mutex<HashMap<PoolKey, Gate<E>>>,
     next_id: AtomicU64,
+    /// Wakes the evictions, which sleep while the pool is empty.
+    filled: tokio::sync::Notify,
 }
 
 /// One connect at a time per key; it holds the last failure.
@@ -77,6 +79,7 @@ impl<E> Pool<E> {
             conns: Mutex::default(),
             connecting: Mutex::default(),
             next_id: AtomicU64::new(1),
+            filled: tokio::sync::Notify::new(),
         })
     }
 
@@ -94,6 +97,8 @@ impl<E> Pool<E> {
             let mut c = lock(&self.connecting);
             c.entry(key.clone()).or_default().clone()
         };
+        // A permit is kept if the evictions are not waiting yet, so none is lost.
+        self.filled.notify_one();
         let queued = Instant::now();
         let mut last_failure = gate.lock().await;
         // Whoever held the gate before us may have made a connection with room, or failed
@@ -164,11 +169,21 @@ impl<E> Pool<E> {
         evicted
     }
 
+    fn is_empty(&self) -> bool {
+        lock(&self.conns).is_empty() && lock(&self.connecting).is_empty()
+    }
+
     /// Evicts periodically until a drain starts (the connections still in use end with
-    /// their streams, the idle ones with the process).
+    /// their streams, the idle ones with the process); an empty pool sleeps until used.
     pub async fn run_evictions(self: Arc<Self>, mut stop: Watcher) {
         let period = (self.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
         loop {
+            if self.is_empty() {
+                tokio::select! {
+                    _ = stop.signalled() => return,
+                    () = self.filled.notified() => {}
+                }
+            }
             tokio::select! {
                 _ = stop.signalled() => return,
                 _ = tokio::time::sleep(period) => {}
@@ -257,5 +272,20 @@ mod tests {
         drop(lease);
         assert_eq!(pool.evict(), 1);
         assert_eq!(pool.stats(), PoolStats::default());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn evictions_sleep_while_empty_and_wake_when_the_pool_is_used() {
+        let pool = Pool::<String>::new(Duration::ZERO);
+        let (_trigger, watcher) = crate::drain::new();
+        tokio::spawn(pool.clone().run_evictions(watcher));
+        for round in 0..2 {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(pool.checkout(&key(), client).await.unwrap());
+            assert_eq!(pool.stats().connections, 1, "round {round}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            assert_eq!(pool.stats(), PoolStats::default(), "round {round}: the idle connection is evicted");
+            assert!(pool.is_empty(), "round {round}: nor is its gate kept");
+        }
     }
 }
