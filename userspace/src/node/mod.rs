@@ -110,9 +110,9 @@ pub enum NodeError {
     Forwarding,
 }
 
-/// The safety tick: even when the kernel announces nothing, every this often the whole
-/// state is looked at again (interfaces, the capture rule and routes, pins, a slice of the
-/// cached route lookups). Everything else is driven by changes.
+/// The safety tick: even when the kernel announces nothing, every this often what it cannot
+/// announce is looked at again (pins, the classifiers, the CNI plugin's pods' namespaces),
+/// and everything once a minute ([`reconcile`]). Everything else is driven by changes.
 pub(super) const SAFETY_TICK: Duration = Duration::from_secs(10);
 
 /// Sleeps until `at`; never without one (a timer only while something is due).
@@ -341,7 +341,7 @@ async fn load_kernel(cfg: &NodeConfig) -> Result<Reconciler<kernel::System>, Nod
         pod_cidrs: cfg.pod_cidrs.clone(),
         netns_dir: cfg.netns_dir.clone(),
     };
-    Ok(Reconciler::new(scope, SAFETY_TICK, kernel::System { routing, dp }))
+    Ok(Reconciler::new(scope, kernel::System { routing, dp }))
 }
 
 /// After a start that did not get to serve (failed, or stopped before its first state):

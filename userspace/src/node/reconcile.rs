@@ -28,6 +28,11 @@ use crate::workloads::WorkloadFile;
 /// How long the map's contents are trusted before they are read again (meshpath is their only
 /// writer; this catches anyone else's edits).
 const FULL_PASS: Duration = Duration::from_secs(60);
+/// What the kernel announces (interfaces, the capture rule and routes, the NAT table, pod
+/// routes) is also looked at again on a safety tick this long after the last such look, in
+/// case a notification went missing unannounced; the safety ticks between check only what
+/// it cannot announce (pins, the classifiers), without a netlink round trip.
+const DEEP_CHECK: Duration = Duration::from_secs(60);
 /// Unresolved IPs with one problem are listed one per line up to this many; beyond, one
 /// summary line says how many and names a few.
 const LISTED_PROBLEMS: usize = 3;
@@ -76,13 +81,13 @@ pub(super) struct Scope {
 pub(super) enum Trigger {
     /// The desired state or the kernel changed.
     Change,
-    /// The safety tick: everything is looked at again, whatever was announced.
+    /// The safety tick: what the kernel cannot announce is looked at again, and every
+    /// [`DEEP_CHECK`] everything, whatever was announced.
     Safety,
 }
 
 pub(super) struct Reconciler<K> {
     scope: Scope,
-    safety_tick: Duration,
     kernel: K,
     desired: Desired,
     routes: RouteCache,
@@ -97,6 +102,8 @@ pub(super) struct Reconciler<K> {
     /// change of meshpath's tables.
     nat: Option<BTreeSet<IpAddr>>,
     last_full: Instant,
+    /// When everything was last looked at whatever the kernel announced.
+    last_deep: Instant,
     /// The desired state changed since the last pass over the workloads.
     dirty: bool,
     /// Interfaces carrying the classifier at the last pass.
@@ -107,13 +114,14 @@ pub(super) struct Reconciler<K> {
     released: Vec<(IpAddr, String)>,
     /// Passes that went through: until one has, no listener may be registered.
     passes: u64,
+    /// Whether the last pass failed.
+    failed: bool,
 }
 
 impl<K: Kernel> Reconciler<K> {
-    pub(super) fn new(scope: Scope, safety_tick: Duration, kernel: K) -> Self {
+    pub(super) fn new(scope: Scope, kernel: K) -> Self {
         Self {
             scope,
-            safety_tick,
             kernel,
             desired: Desired::default(),
             routes: RouteCache::default(),
@@ -122,11 +130,13 @@ impl<K: Kernel> Reconciler<K> {
             map: None,
             nat: None,
             last_full: Instant::now(),
+            last_deep: Instant::now(),
             dirty: true,
             last_attached: BTreeSet::new(),
             carried: Changes::default(),
             released: Vec::new(),
             passes: 0,
+            failed: false,
         }
     }
 
@@ -190,6 +200,7 @@ impl<K: Kernel> Reconciler<K> {
         let mut changes = std::mem::take(&mut self.carried);
         changes.merge(self.kernel.changes());
         let result = self.pass(trigger, &changes).await;
+        self.failed = result.is_err();
         match &result {
             Ok(()) => self.passes += 1,
             Err(_) => self.carried = changes,
@@ -198,8 +209,13 @@ impl<K: Kernel> Reconciler<K> {
     }
 
     async fn pass(&mut self, trigger: Trigger, changes: &Changes) -> Result<(), KernelError> {
-        let safety = trigger == Trigger::Safety || changes.lost;
+        let check = trigger == Trigger::Safety || changes.lost;
+        // After a failed pass, the next tick looks at everything.
+        let safety = changes.lost || (check && (self.failed || self.last_deep.elapsed() >= DEEP_CHECK));
         if safety {
+            self.last_deep = Instant::now();
+        }
+        if check {
             for path in self.kernel.restore_pins()? {
                 tracing::warn!(path = %path.display(), "a pin of this node was deleted behind the daemon; pinned it again");
             }
@@ -210,7 +226,12 @@ impl<K: Kernel> Reconciler<K> {
             self.dirty = true;
         }
         let ifaces = self.ifaces.clone().unwrap_or_default();
-        if safety {
+        // What changes inside a pod's namespace behind a bridge is announced to nobody here:
+        // those namespaces are read again on every tick.
+        if check && ifaces.iter().any(|i| self.is_pod_bridge(i, &ifaces)) {
+            self.dirty = true;
+        }
+        if check {
             let names = ifaces.iter().map(|i| (i.index, i.name.clone())).collect();
             for ifindex in self.kernel.verify_attachments(&names) {
                 tracing::warn!(
@@ -221,7 +242,7 @@ impl<K: Kernel> Reconciler<K> {
             }
         }
         let attached = self.attach(&ifaces, safety || changes.capture).await?;
-        let relisted = self.routes.track(&mut self.kernel, &ifaces, changes, safety, self.safety_tick).await?;
+        let relisted = self.routes.track(&mut self.kernel, &ifaces, changes, safety, DEEP_CHECK).await?;
         self.dirty |= relisted.forgot;
         if safety || changes.capture || self.nat.is_none() {
             self.list_nat_routes().await?;
@@ -388,11 +409,7 @@ impl<K: Kernel> Reconciler<K> {
         ifaces: &[Interface],
         mut routed_via: impl Iterator<Item = &'a u32>,
     ) -> Result<PortClaims, String> {
-        let bridges: BTreeSet<u32> = ifaces
-            .iter()
-            .filter(|i| Topology::of(i, ifaces, &self.scope.pod_cidrs).role == Role::PodBridge)
-            .map(|i| i.index)
-            .collect();
+        let bridges: BTreeSet<u32> = ifaces.iter().filter(|i| self.is_pod_bridge(i, ifaces)).map(|i| i.index).collect();
         if bridges.is_empty() || !routed_via.any(|ifx| bridges.contains(ifx)) {
             return Ok(PortClaims::default());
         }
@@ -400,6 +417,10 @@ impl<K: Kernel> Reconciler<K> {
             Ok(seen) => Ok(PortClaims::confirmed(&seen, ifaces)),
             Err(e) => Err(format!("its pod's port cannot be read: {e} (see --netns-dir)")),
         }
+    }
+
+    fn is_pod_bridge(&self, i: &Interface, ifaces: &[Interface]) -> bool {
+        Topology::of(i, ifaces, &self.scope.pod_cidrs).role == Role::PodBridge
     }
 
     /// The interface a workload IP is enrolled on, or why it is not. An address of the node,
@@ -620,7 +641,7 @@ mod tests {
             pod_cidrs: vec!["10.244.0.0/16".parse().expect("a net"), "fd00::/64".parse().expect("a net")],
             netns_dir: "/run/netns".into(),
         };
-        Reconciler::new(scope, Duration::from_secs(10), k)
+        Reconciler::new(scope, k)
     }
 
     fn desire(r: &mut Reconciler<Fake>, ws: &[Workload], held: &[&str]) {
@@ -635,6 +656,31 @@ mod tests {
 
     fn map(r: &mut Reconciler<Fake>) -> Vec<(String, u32)> {
         r.kernel().map.iter().map(|(ip, i)| (ip.to_string(), *i)).collect()
+    }
+
+    #[tokio::test]
+    async fn safety_ticks_need_no_netlink_and_look_at_everything_once_a_minute() {
+        let mut r = reconciler(node());
+        desire(&mut r, &[workload("a", NODE, &["10.244.1.10"])], &[]);
+        pass(&mut r).await;
+        // An interface the kernel did not announce (a lost notification, say).
+        r.kernel().ifaces.push(veth(5, "vpc"));
+        r.kernel().ops.clear();
+        r.reconcile(Trigger::Safety).await.expect("a pass");
+        assert_eq!(r.kernel().ops, [], "a tick within the minute writes nothing and lists nothing");
+        r.last_deep -= DEEP_CHECK;
+        r.reconcile(Trigger::Safety).await.expect("a pass");
+        let ops = &r.kernel().ops;
+        assert!(ops.contains(&Op::Capture), "the capture rule and routes installed again: {ops:?}");
+        assert!(ops.contains(&Op::Attach(5)), "the interfaces listed again: {ops:?}");
+        // A failed pass makes the next tick look at everything, within the minute too.
+        r.kernel().fail_upsert = Some(ip("10.244.1.11"));
+        desire(&mut r, &[workload("a", NODE, &["10.244.1.10"]), workload("b", NODE, &["10.244.1.11"])], &[]);
+        assert!(r.reconcile(Trigger::Change).await.is_err(), "the map write fails");
+        r.kernel().fail_upsert = None;
+        r.kernel().ops.clear();
+        r.reconcile(Trigger::Safety).await.expect("a pass");
+        assert!(r.kernel().ops.contains(&Op::Capture), "after a failure: {:?}", r.kernel().ops);
     }
 
     #[tokio::test]
