@@ -92,8 +92,9 @@ enum Task {
         #[arg(long, conflicts_with = "soak")]
         quick: bool,
         /// The soak: a minute of churn per path, 10 000 connections held, idle CPU and memory
-        /// (about 5 minutes of fixed waits, 6 with ztunnel, plus building the labs and opening
-        /// the held connections). With MESHPATH_ZTUNNEL set, ztunnel's HBONE runs beside meshpath's.
+        /// (about 5 minutes of fixed waits, 6 with ztunnel; a whole run with ztunnel took 7.5
+        /// minutes on 2 cores, release build done). With MESHPATH_ZTUNNEL set, ztunnel's HBONE
+        /// runs beside meshpath's.
         #[arg(long)]
         soak: bool,
         /// L4 authorization: new HBONE connections per second under the lab's fake istiod with
