@@ -210,6 +210,8 @@ pub mod fake {
         pub routes: BTreeMap<IpAddr, u32>,
         pub sides: Vec<PodSide>,
         pub attached: BTreeSet<u32>,
+        /// Classifiers removed behind the daemon's back (also take them out of `attached`).
+        pub detached: Vec<u32>,
         pub values: BTreeMap<u32, InterfaceValue>,
         pub map: BTreeMap<IpAddr, u32>,
         /// The NAT table's local routes.
@@ -323,7 +325,7 @@ pub mod fake {
         }
 
         fn verify_attachments(&mut self, _: &BTreeMap<u32, String>) -> Vec<u32> {
-            Vec::new()
+            std::mem::take(&mut self.detached)
         }
 
         fn attach(&mut self, ifindex: u32, _: &str) -> Result<()> {

@@ -211,27 +211,29 @@ impl<K: Kernel> Reconciler<K> {
     async fn pass(&mut self, trigger: Trigger, changes: &Changes) -> Result<(), KernelError> {
         let check = trigger == Trigger::Safety || changes.lost;
         // After a failed pass, the next tick looks at everything.
-        let safety = changes.lost || (check && (self.failed || self.last_deep.elapsed() >= DEEP_CHECK));
-        if safety {
+        let deep = changes.lost || (check && (self.failed || self.last_deep.elapsed() >= DEEP_CHECK));
+        if deep {
             self.last_deep = Instant::now();
         }
+        let mut repaired = false;
         if check {
             for path in self.kernel.restore_pins()? {
                 tracing::warn!(path = %path.display(), "a pin of this node was deleted behind the daemon; pinned it again");
+                repaired = true;
             }
         }
-        if safety || changes.interfaces || self.ifaces.is_none() {
+        if deep || changes.interfaces || self.ifaces.is_none() {
             self.ifaces = Some(self.kernel.interfaces().await?);
             // An address may have moved to the node, or off it.
             self.dirty = true;
         }
         let ifaces = self.ifaces.clone().unwrap_or_default();
-        // What changes inside a pod's namespace behind a bridge is announced to nobody here:
-        // those namespaces are read again on every tick.
-        if check && ifaces.iter().any(|i| self.is_pod_bridge(i, &ifaces)) {
-            self.dirty = true;
-        }
         if check {
+            // What changes inside a pod's namespace behind a bridge is announced to nobody
+            // here: those namespaces are read again on every tick.
+            if ifaces.iter().any(|i| self.is_pod_bridge(i, &ifaces)) {
+                self.dirty = true;
+            }
             let names = ifaces.iter().map(|i| (i.index, i.name.clone())).collect();
             for ifindex in self.kernel.verify_attachments(&names) {
                 tracing::warn!(
@@ -239,12 +241,19 @@ impl<K: Kernel> Reconciler<K> {
                     interface = names.get(&ifindex).map(String::as_str).unwrap_or("?"),
                     "a classifier of meshpath was removed behind its back; attaching it again"
                 );
+                repaired = true;
             }
         }
-        let attached = self.attach(&ifaces, safety || changes.capture).await?;
-        let relisted = self.routes.track(&mut self.kernel, &ifaces, changes, safety, DEEP_CHECK).await?;
+        // A tick that found everything in place, with nothing announced, pending or due,
+        // ends here: an idle node's tick is a few system calls.
+        let quiet = !deep && !repaired && !changes.any() && !self.dirty && self.unresolved.is_empty();
+        if trigger == Trigger::Safety && quiet && self.map.is_some() && self.last_full.elapsed() < FULL_PASS {
+            return Ok(());
+        }
+        let attached = self.attach(&ifaces, deep || changes.capture).await?;
+        let relisted = self.routes.track(&mut self.kernel, &ifaces, changes, deep, DEEP_CHECK).await?;
         self.dirty |= relisted.forgot;
-        if safety || changes.capture || self.nat.is_none() {
+        if deep || changes.capture || self.nat.is_none() {
             self.list_nat_routes().await?;
         }
         let full = relisted.relisted || self.map.is_none() || self.last_full.elapsed() >= FULL_PASS;
@@ -597,7 +606,6 @@ fn cidrs(nets: &[IpNet]) -> String {
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsFd;
-    use std::time::Duration;
 
     use meshpath_common::interface::{IF_BRIDGE_PORT, IF_POD};
 
@@ -668,6 +676,17 @@ mod tests {
         r.kernel().ops.clear();
         r.reconcile(Trigger::Safety).await.expect("a pass");
         assert_eq!(r.kernel().ops, [], "a tick within the minute writes nothing and lists nothing");
+        // A classifier gone behind the daemon's back is attached again at the next tick.
+        r.kernel().attached.remove(&3);
+        r.kernel().detached.push(3);
+        r.reconcile(Trigger::Safety).await.expect("a pass");
+        assert_eq!(r.kernel().ops, [Op::Attach(3)], "only the lost classifier attached again");
+        // The map is read again once a minute: an entry deleted behind the daemon comes back.
+        r.kernel().map.remove(&ip("10.244.1.10"));
+        r.last_full -= FULL_PASS;
+        r.reconcile(Trigger::Safety).await.expect("a pass");
+        assert!(r.kernel().ops.contains(&Op::Upsert(ip("10.244.1.10"), 3)), "{:?}", r.kernel().ops);
+        r.kernel().ops.clear();
         r.last_deep -= DEEP_CHECK;
         r.reconcile(Trigger::Safety).await.expect("a pass");
         let ops = &r.kernel().ops;
