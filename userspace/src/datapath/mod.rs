@@ -308,6 +308,41 @@ pub struct Datapath {
     pin_dir: PathBuf,
 }
 
+/// How often a program load the verifier gave up on is tried (libbpf's count).
+const LOAD_ATTEMPTS: u32 = 5;
+
+/// Loads a program, again when the verifier gave up with EAGAIN: it does when a signal is
+/// pending for the loading thread (the daemon handles SIGTERM and SIGINT from its start),
+/// which is no verdict on the program. libbpf retries such loads the same way; CI runs saw
+/// daemons fail their start on one.
+fn load_retrying(name: &'static str, load: impl FnMut() -> std::result::Result<(), ProgramError>) -> Result<()> {
+    let interrupted = |e: &ProgramError| matches!(e, ProgramError::LoadError { io_error, .. } if io_error.kind() == io::ErrorKind::WouldBlock);
+    retrying(load, interrupted, |attempt| {
+        tracing::info!(program = name, attempt, "the verifier was interrupted (EAGAIN); loading again");
+    })
+    .map_err(|source| DatapathError::Program { name, source })
+}
+
+/// Runs `f` until it succeeds, fails otherwise than `interrupted`, or [`LOAD_ATTEMPTS`] ran,
+/// a little longer apart each time.
+fn retrying<E>(
+    mut f: impl FnMut() -> std::result::Result<(), E>,
+    interrupted: impl Fn(&E) -> bool,
+    again: impl Fn(u32),
+) -> std::result::Result<(), E> {
+    let mut attempt = 1;
+    loop {
+        match f() {
+            Err(e) if interrupted(&e) && attempt < LOAD_ATTEMPTS => {
+                again(attempt);
+                std::thread::sleep(std::time::Duration::from_millis(10 * u64::from(attempt)));
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
 impl Datapath {
     /// Loads the object with its maps pinned under the node's directory (reusing pins a
     /// previous instance left), loads the programs and attaches sk_lookup to the current
@@ -337,11 +372,11 @@ impl Datapath {
 
         for hook in Hook::ALL {
             let tc: &mut SchedClassifier = program(&mut ebpf, hook.program())?;
-            tc.load().map_err(|source| DatapathError::Program { name: hook.program(), source })?;
+            load_retrying(hook.program(), || tc.load())?;
         }
 
         let sk: &mut SkLookup = program(&mut ebpf, PROG_SK_LOOKUP)?;
-        sk.load().map_err(|source| DatapathError::Program { name: PROG_SK_LOOKUP, source })?;
+        load_retrying(PROG_SK_LOOKUP, || sk.load())?;
         let netns_path = Path::new("/proc/self/ns/net");
         let netns = File::open(netns_path).map_err(io_err(netns_path))?;
         let id = sk.attach(netns).map_err(|source| DatapathError::Program { name: PROG_SK_LOOKUP, source })?;
@@ -861,6 +896,42 @@ pub fn unpin_all(node: &str) -> Result<Unpinned> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_interrupted_load_is_tried_again_a_few_times_and_nothing_else_is() {
+        let eagain = || io::Error::from(io::ErrorKind::WouldBlock);
+        let interrupted = |e: &io::Error| e.kind() == io::ErrorKind::WouldBlock;
+        let mut calls = 0;
+        let twice = retrying(
+            || {
+                calls += 1;
+                if calls < 3 { Err(eagain()) } else { Ok(()) }
+            },
+            interrupted,
+            |_| {},
+        );
+        assert!(twice.is_ok() && calls == 3, "{twice:?} after {calls} calls");
+        calls = 0;
+        let always = retrying(
+            || {
+                calls += 1;
+                Err(eagain())
+            },
+            interrupted,
+            |_| {},
+        );
+        assert!(always.is_err() && calls == LOAD_ATTEMPTS, "gives up after {LOAD_ATTEMPTS}: {calls}");
+        calls = 0;
+        let refused = retrying(
+            || {
+                calls += 1;
+                Err(io::Error::from(io::ErrorKind::PermissionDenied))
+            },
+            interrupted,
+            |_| {},
+        );
+        assert!(refused.is_err() && calls == 1, "a verdict is not retried: {calls}");
+    }
 
     #[test]
     fn node_names_are_safe_path_components() {
