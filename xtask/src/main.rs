@@ -92,7 +92,7 @@ enum Task {
         #[arg(long, conflicts_with = "soak")]
         quick: bool,
         /// The soak: a minute of churn per path, 10 000 connections held, idle CPU and memory
-        /// (about 5 minutes of fixed waits, 6 with ztunnel; a whole run with ztunnel took 7.5
+        /// (about 6 minutes of fixed waits, 7 with ztunnel; a whole run with ztunnel took 8.1
         /// minutes on 2 cores, release build done). With MESHPATH_ZTUNNEL set, ztunnel's HBONE
         /// runs beside meshpath's.
         #[arg(long)]

@@ -38,7 +38,8 @@ impl Default for SoakConfig {
             slice: Duration::from_secs(10),
             held: 10_000,
             settle: Duration::from_secs(30),
-            idle: Duration::from_secs(20),
+            // A minute: the daemons' once-a-minute pass falls inside it whatever its phase.
+            idle: Duration::from_secs(60),
             concurrency: super::CONCURRENCY,
         }
     }
